@@ -1,0 +1,653 @@
+//! Backends: lifecycle, status streams, routes for proxies, keepalives, termination
+//! candidates and cleanup.
+
+use crate::error::{to_json, Error, Result};
+use crate::events::{emit_ephemeral, NotificationPayload};
+use crate::types::{
+    BackendAddr, BackendMetricsMessage, BackendName, BackendState, BackendStatus,
+    BackendStatusStreamEntry, BearerToken, ClusterName, DroneName, NodeId, RouteInfo,
+    SecretToken, Subdomain,
+};
+use crate::PlaneDatabase;
+use chrono::{DateTime, Utc};
+use futures_util::Stream;
+use sqlx::PgPool;
+use std::time::Duration;
+
+/// Backend operations. Get one from [`PlaneDatabase::backend`].
+pub struct BackendDatabase<'a> {
+    db: &'a PlaneDatabase,
+}
+
+/// A backend as stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BackendRow {
+    /// The backend's name.
+    pub id: BackendName,
+    /// The cluster it runs in.
+    pub cluster: ClusterName,
+    /// When its current state was set (database clock).
+    pub last_status_time: DateTime<Utc>,
+    /// Its current state.
+    pub state: BackendState,
+    /// The last time a proxy reported a connection to it.
+    pub last_keepalive: DateTime<Utc>,
+    /// The drone it was scheduled on.
+    pub drone_id: NodeId,
+    /// When it becomes a termination candidate regardless of activity, if ever.
+    pub expiration_time: Option<DateTime<Utc>>,
+    /// How long it may go without a keepalive, if limited.
+    pub allowed_idle_seconds: Option<i32>,
+    /// The database clock when the row was read, to compute ages against.
+    pub as_of: DateTime<Utc>,
+}
+
+impl BackendRow {
+    /// How long the backend has been in its current state, as of the read.
+    pub fn status_age(&self) -> chrono::Duration {
+        self.as_of - self.last_status_time
+    }
+}
+
+/// The row as selected; converted into [`BackendRow`] in one place, keeping decode errors.
+struct RawBackendRow {
+    id: String,
+    cluster: String,
+    last_status_time: DateTime<Utc>,
+    state: serde_json::Value,
+    last_keepalive: DateTime<Utc>,
+    drone_id: i32,
+    expiration_time: Option<DateTime<Utc>>,
+    allowed_idle_seconds: Option<i32>,
+    as_of: DateTime<Utc>,
+}
+
+impl TryFrom<RawBackendRow> for BackendRow {
+    type Error = Error;
+
+    fn try_from(row: RawBackendRow) -> Result<Self> {
+        let id = BackendName::try_from(row.id.clone())
+            .map_err(|e| Error::decode("backend", "id", &row.id, e))?;
+        let cluster = ClusterName::try_from(row.cluster)
+            .map_err(|e| Error::decode("backend", "cluster", &row.id, e))?;
+        let state = serde_json::from_value(row.state)
+            .map_err(|e| Error::decode("backend", "state", &row.id, e))?;
+        Ok(BackendRow {
+            id,
+            cluster,
+            last_status_time: row.last_status_time,
+            state,
+            last_keepalive: row.last_keepalive,
+            drone_id: NodeId::from(row.drone_id),
+            expiration_time: row.expiration_time,
+            allowed_idle_seconds: row.allowed_idle_seconds,
+            as_of: row.as_of,
+        })
+    }
+}
+
+/// A backend that has been idle or alive for too long; see
+/// [`BackendDatabase::termination_candidates`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct TerminationCandidate {
+    /// The backend.
+    pub backend_id: BackendName,
+    /// Its hard deadline, if any.
+    pub expiration_time: Option<DateTime<Utc>>,
+    /// Its last keepalive.
+    pub last_keepalive: DateTime<Utc>,
+    /// How long it may be idle, if limited.
+    pub allowed_idle_seconds: Option<i32>,
+    /// The database clock at the read.
+    pub as_of: DateTime<Utc>,
+}
+
+/// What a proxy learns from a bearer token.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RouteInfoResult {
+    /// Unknown or expired token, or a backend that is terminating or terminated.
+    NotFound,
+    /// The backend exists but is not ready yet: wait for it (e.g. on its status stream).
+    Pending(PartialRouteInfo),
+    /// The backend is ready at this address.
+    Available(RouteInfo),
+}
+
+/// Everything about a route except the address, which is known once the backend is ready.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PartialRouteInfo {
+    /// The backend.
+    pub backend_id: BackendName,
+    /// The secret handed to the backend with each request (empty for static tokens).
+    pub secret_token: SecretToken,
+    /// The backend's cluster.
+    pub cluster: ClusterName,
+    /// The user the token was issued to.
+    pub user: Option<String>,
+    /// The JSON passed to the backend with each request.
+    pub user_data: Option<serde_json::Value>,
+    /// The backend's subdomain, if any.
+    pub subdomain: Option<Subdomain>,
+}
+
+impl PartialRouteInfo {
+    /// Completes the route with the backend's address.
+    pub fn with_address(self, address: BackendAddr) -> RouteInfo {
+        RouteInfo {
+            backend_id: self.backend_id,
+            address,
+            secret_token: self.secret_token,
+            cluster: self.cluster,
+            user: self.user,
+            user_data: self.user_data,
+            subdomain: self.subdomain,
+        }
+    }
+}
+
+/// What one [`BackendDatabase::cleanup`] call deleted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CleanupReport {
+    /// Terminated backends deleted.
+    pub backends: u64,
+    /// Their state history rows.
+    pub states: u64,
+    /// Their tokens.
+    pub tokens: u64,
+    /// Their actions.
+    pub actions: u64,
+    /// Their (expired) keys.
+    pub keys: u64,
+    /// How many batches (transactions) it took.
+    pub batches: u64,
+}
+
+impl<'a> BackendDatabase<'a> {
+    pub(crate) fn new(db: &'a PlaneDatabase) -> Self {
+        Self { db }
+    }
+
+    /// The backend's status history followed by its live changes, as a stream that ends
+    /// after `terminated` (or if the `PlaneDatabase` is dropped).
+    ///
+    /// It subscribes before reading the history, so no change falls between the two, and
+    /// yields only strictly increasing statuses, so nothing is repeated. If the subscription
+    /// lags, the stream re-reads the history instead of ending. A history row that does not
+    /// decode is skipped with a warning. Errors with `NotFound` for an unknown backend.
+    #[tracing::instrument(skip(self), fields(backend = %backend), err)]
+    pub async fn status_stream(
+        &self,
+        backend: &BackendName,
+    ) -> Result<impl Stream<Item = BackendStatusStreamEntry> + Send + 'static> {
+        let mut sub = self
+            .db
+            .subscribe_with_key::<BackendState>(backend.as_str())
+            .await?;
+        let pool = self.db.pool().clone();
+        let history = read_history(&pool, backend).await?;
+        if history.is_empty() && self.backend(backend).await?.is_none() {
+            return Err(Error::NotFound {
+                what: "backend",
+                id: backend.to_string(),
+            });
+        }
+        let backend = backend.clone();
+
+        Ok(async_stream::stream! {
+            let mut last: Option<BackendStatus> = None;
+            for entry in history {
+                if last.is_none_or(|l| entry.status > l) {
+                    last = Some(entry.status);
+                    yield entry;
+                }
+            }
+            while last != Some(BackendStatus::Terminated) {
+                match sub.next().await {
+                    None => break,
+                    Some(Ok(notification)) => {
+                        let entry = BackendStatusStreamEntry::from_state(
+                            &notification.payload,
+                            notification.timestamp,
+                        );
+                        if last.is_none_or(|l| entry.status > l) {
+                            last = Some(entry.status);
+                            yield entry;
+                        }
+                    }
+                    Some(Err(lagged)) => {
+                        tracing::info!(%backend, missed = lagged.missed, "status stream lagged; re-reading history");
+                        for entry in read_history_retrying(&pool, &backend).await {
+                            if last.is_none_or(|l| entry.status > l) {
+                                last = Some(entry.status);
+                                yield entry;
+                            }
+                        }
+                    }
+                }
+            }
+        })
+    }
+
+    /// The backend, or `None` if there is no such backend.
+    #[tracing::instrument(skip(self), fields(backend = %backend_id), err)]
+    pub async fn backend(&self, backend_id: &BackendName) -> Result<Option<BackendRow>> {
+        let row = sqlx::query_as!(
+            RawBackendRow,
+            r#"
+            select id, cluster, last_status_time, state, last_keepalive, drone_id,
+                   expiration_time, allowed_idle_seconds, now() as "as_of!"
+            from backend
+            where id = $1
+            "#,
+            backend_id.as_str(),
+        )
+        .fetch_optional(self.db.pool())
+        .await?;
+        row.map(BackendRow::try_from).transpose()
+    }
+
+    /// Moves the backend to `new_state` if that is a forward transition (a higher status
+    /// than its current one). In one statement: updates the row, appends the history, emits
+    /// the `backend_state` event, and on `terminated` releases the backend's key.
+    ///
+    /// Returns false, changing nothing, for an unknown backend or a transition that is not
+    /// forward (including a repeat of the current status).
+    #[tracing::instrument(skip(self, new_state), fields(backend = %backend, status = %new_state.status()), err)]
+    pub async fn update_state(&self, backend: &BackendName, new_state: &BackendState) -> Result<bool> {
+        let status = new_state.status();
+        let state = to_json("backend state", new_state)?;
+        let updated = sqlx::query_scalar!(
+            r#"
+            with updated as (
+                update backend set
+                    last_status = $2,
+                    last_status_number = $3,
+                    last_status_time = now(),
+                    cluster_address = $4,
+                    state = $5
+                where id = $1 and last_status_number < $3
+                returning id
+            ),
+            history as (
+                insert into backend_state (backend_id, state, created_at)
+                select id, $5, now() from updated
+            ),
+            released as (
+                delete from backend_key
+                where $6 and id in (select id from updated)
+            ),
+            emitted as (
+                insert into event (kind, key, data, created_at)
+                select $7, id, $5, now() from updated
+            )
+            select count(*) as "updated!" from updated
+            "#,
+            backend.as_str(),
+            status.to_string(),
+            status.as_int(),
+            new_state.address().map(|a| a.to_string()),
+            state,
+            status == BackendStatus::Terminated,
+            BackendState::kind(),
+        )
+        .fetch_one(self.db.pool())
+        .await?;
+        if updated == 0 {
+            tracing::debug!("state update refused: unknown backend or not a forward transition");
+        }
+        Ok(updated > 0)
+    }
+
+    /// Every backend, including terminated ones not yet cleaned up. The result grows with
+    /// history: prefer [`list_alive_backends_for_drone`](Self::list_alive_backends_for_drone)
+    /// on hot paths.
+    #[tracing::instrument(skip(self), err)]
+    pub async fn list_backends(&self) -> Result<Vec<BackendRow>> {
+        let rows = sqlx::query_as!(
+            RawBackendRow,
+            r#"
+            select id, cluster, last_status_time, state, last_keepalive, drone_id,
+                   expiration_time, allowed_idle_seconds, now() as "as_of!"
+            from backend
+            order by id
+            "#,
+        )
+        .fetch_all(self.db.pool())
+        .await?;
+        rows.into_iter().map(BackendRow::try_from).collect()
+    }
+
+    /// The backends of drone `drone` in `cluster` that have not terminated.
+    #[tracing::instrument(skip(self), fields(cluster = %cluster, drone = %drone), err)]
+    pub async fn list_alive_backends_for_drone(
+        &self,
+        cluster: &ClusterName,
+        drone: &DroneName,
+    ) -> Result<Vec<BackendRow>> {
+        let rows = sqlx::query_as!(
+            RawBackendRow,
+            r#"
+            select b.id, b.cluster, b.last_status_time, b.state, b.last_keepalive, b.drone_id,
+                   b.expiration_time, b.allowed_idle_seconds, now() as "as_of!"
+            from backend b
+            where b.drone_id = (select n.id from node n where n.name = $1 and n.cluster = $2)
+              and b.last_status_number < $3
+            order by b.id
+            "#,
+            drone.as_str(),
+            cluster.as_str(),
+            BackendStatus::Terminated.as_int(),
+        )
+        .fetch_all(self.db.pool())
+        .await?;
+        rows.into_iter().map(BackendRow::try_from).collect()
+    }
+
+    /// The route for a static token (`s.…`), which is stored on the backend row.
+    #[tracing::instrument(skip_all, err)]
+    pub async fn route_info_for_static_token(&self, token: &BearerToken) -> Result<RouteInfoResult> {
+        if !token.is_static() {
+            return Ok(RouteInfoResult::NotFound);
+        }
+        let row = sqlx::query!(
+            r#"
+            select id, cluster, last_status_number, cluster_address, subdomain
+            from backend
+            where static_token = $1
+            "#,
+            token.as_str(),
+        )
+        .fetch_optional(self.db.pool())
+        .await?;
+        let Some(row) = row else {
+            return Ok(RouteInfoResult::NotFound);
+        };
+        route_result(RouteParts {
+            backend_id: row.id,
+            cluster: row.cluster,
+            status_number: row.last_status_number,
+            address: row.cluster_address,
+            subdomain: row.subdomain,
+            secret_token: String::new(),
+            user: None,
+            user_data: None,
+        })
+    }
+
+    /// The route for a bearer token: `NotFound` for an unknown or expired token or a
+    /// terminating/terminated backend, `Pending` before the backend is ready, `Available`
+    /// once it is. Static tokens are looked up on the backend row.
+    #[tracing::instrument(skip_all, err)]
+    pub async fn route_info_for_token(&self, token: &BearerToken) -> Result<RouteInfoResult> {
+        if token.is_static() {
+            return self.route_info_for_static_token(token).await;
+        }
+        let digest = token.digest();
+        let row = sqlx::query!(
+            r#"
+            select t.backend_id, t.username, t.auth, t.secret_token,
+                   b.cluster, b.last_status_number, b.cluster_address, b.subdomain
+            from token t
+            join backend b on b.id = t.backend_id
+            where t.token_digest = $1 and t.expiration_time > now()
+            "#,
+            digest.as_slice(),
+        )
+        .fetch_optional(self.db.pool())
+        .await?;
+        let Some(row) = row else {
+            return Ok(RouteInfoResult::NotFound);
+        };
+        route_result(RouteParts {
+            backend_id: row.backend_id,
+            cluster: row.cluster,
+            status_number: row.last_status_number,
+            address: row.cluster_address,
+            subdomain: row.subdomain,
+            secret_token: row.secret_token,
+            user: row.username,
+            user_data: Some(row.auth),
+        })
+    }
+
+    /// Records that a proxy holds a connection to the backend now. Returns false for an
+    /// unknown or terminated backend.
+    #[tracing::instrument(skip(self), fields(backend = %backend_id), err)]
+    pub async fn update_keepalive(&self, backend_id: &BackendName) -> Result<bool> {
+        let result = sqlx::query!(
+            r#"
+            update backend set last_keepalive = now()
+            where id = $1 and last_status_number < $2
+            "#,
+            backend_id.as_str(),
+            BackendStatus::Terminated.as_int(),
+        )
+        .execute(self.db.pool())
+        .await?;
+        Ok(result.rows_affected() > 0)
+    }
+
+    /// Publishes a backend's metrics to live subscribers (key: the backend name). Metrics
+    /// are ephemeral: never stored, lost for nobody but current subscribers.
+    #[tracing::instrument(skip_all, fields(backend = %metrics.backend_id), err)]
+    pub async fn publish_metrics(&self, metrics: &BackendMetricsMessage) -> Result<()> {
+        emit_ephemeral(self.db.pool(), Some(metrics.backend_id.as_str()), metrics).await
+    }
+
+    /// Backends on drone `drone_id` that have started (not `scheduled`), have not
+    /// terminated, and have either gone without a keepalive for longer than they may be
+    /// idle or passed their expiration time.
+    #[tracing::instrument(skip(self), fields(drone = %drone_id), err)]
+    pub async fn termination_candidates(&self, drone_id: NodeId) -> Result<Vec<TerminationCandidate>> {
+        let rows = sqlx::query!(
+            r#"
+            select id, expiration_time, allowed_idle_seconds, last_keepalive, now() as "as_of!"
+            from backend
+            where drone_id = $1
+              and last_status_number > $2
+              and last_status_number < $3
+              and (now() - last_keepalive > make_interval(secs => allowed_idle_seconds)
+                   or now() > expiration_time)
+            order by id
+            "#,
+            drone_id.as_i32(),
+            BackendStatus::Scheduled.as_int(),
+            BackendStatus::Terminated.as_int(),
+        )
+        .fetch_all(self.db.pool())
+        .await?;
+        rows.into_iter()
+            .map(|row| {
+                let backend_id = BackendName::try_from(row.id.clone())
+                    .map_err(|e| Error::decode("backend", "id", &row.id, e))?;
+                Ok(TerminationCandidate {
+                    backend_id,
+                    expiration_time: row.expiration_time,
+                    last_keepalive: row.last_keepalive,
+                    allowed_idle_seconds: row.allowed_idle_seconds,
+                    as_of: row.as_of,
+                })
+            })
+            .collect()
+    }
+
+    /// Deletes backends that terminated more than `min_age_days` days ago, with their
+    /// tokens, actions, state history and expired keys, `batch_size` backends per
+    /// transaction until none are left. A backend whose key has not expired is kept (the
+    /// key still fences it). Returns what was deleted.
+    #[tracing::instrument(skip(self), err)]
+    pub async fn cleanup(&self, min_age_days: i32, batch_size: i32) -> Result<CleanupReport> {
+        if min_age_days < 0 {
+            return Err(Error::InvalidArgument {
+                argument: "min_age_days",
+                reason: format!("must not be negative, got {min_age_days}"),
+            });
+        }
+        if batch_size < 1 {
+            return Err(Error::InvalidArgument {
+                argument: "batch_size",
+                reason: format!("must be at least 1, got {batch_size}"),
+            });
+        }
+        let mut report = CleanupReport::default();
+        loop {
+            let row = sqlx::query!(
+                r#"
+                with doomed as (
+                    select b.id from backend b
+                    where b.last_status_number = $1
+                      and b.last_status_time < now() - make_interval(days => $2)
+                      and not exists (
+                          select 1 from backend_key k where k.id = b.id and k.expires_at >= now()
+                      )
+                    order by b.last_status_time
+                    limit $3
+                    for update skip locked
+                ),
+                tokens as (
+                    delete from token where backend_id in (select id from doomed) returning 1
+                ),
+                actions as (
+                    delete from backend_action where backend_id in (select id from doomed) returning 1
+                ),
+                keys as (
+                    delete from backend_key where id in (select id from doomed) returning 1
+                ),
+                states as (
+                    delete from backend_state where backend_id in (select id from doomed) returning 1
+                ),
+                backends as (
+                    delete from backend where id in (select id from doomed) returning 1
+                )
+                select
+                    (select count(*) from backends) as "backends!",
+                    (select count(*) from states) as "states!",
+                    (select count(*) from tokens) as "tokens!",
+                    (select count(*) from actions) as "actions!",
+                    (select count(*) from keys) as "keys!"
+                "#,
+                BackendStatus::Terminated.as_int(),
+                min_age_days,
+                i64::from(batch_size),
+            )
+            .fetch_one(self.db.pool())
+            .await?;
+            report.batches += 1;
+            report.backends += count(row.backends);
+            report.states += count(row.states);
+            report.tokens += count(row.tokens);
+            report.actions += count(row.actions);
+            report.keys += count(row.keys);
+            if row.backends < i64::from(batch_size) {
+                break;
+            }
+        }
+        tracing::info!(?report, "cleanup finished");
+        Ok(report)
+    }
+}
+
+fn count(n: i64) -> u64 {
+    u64::try_from(n).unwrap_or(0)
+}
+
+/// The columns a route lookup reads, before decoding.
+struct RouteParts {
+    backend_id: String,
+    cluster: String,
+    status_number: i32,
+    address: Option<String>,
+    subdomain: Option<String>,
+    secret_token: String,
+    user: Option<String>,
+    user_data: Option<serde_json::Value>,
+}
+
+fn route_result(parts: RouteParts) -> Result<RouteInfoResult> {
+    let Some(status) = BackendStatus::from_int(parts.status_number) else {
+        return Err(Error::decode(
+            "backend",
+            "last_status_number",
+            &parts.backend_id,
+            format!("unknown status number {}", parts.status_number),
+        ));
+    };
+    if status >= BackendStatus::Terminating {
+        return Ok(RouteInfoResult::NotFound);
+    }
+    let id = &parts.backend_id;
+    let backend_id = BackendName::try_from(id.clone())
+        .map_err(|e| Error::decode("backend", "id", id, e))?;
+    let cluster = ClusterName::try_from(parts.cluster)
+        .map_err(|e| Error::decode("backend", "cluster", id, e))?;
+    let subdomain = parts
+        .subdomain
+        .map(Subdomain::try_from)
+        .transpose()
+        .map_err(|e| Error::decode("backend", "subdomain", id, e))?;
+    let partial = PartialRouteInfo {
+        backend_id,
+        secret_token: SecretToken::from(parts.secret_token),
+        cluster,
+        user: parts.user,
+        user_data: parts.user_data,
+        subdomain,
+    };
+    if status < BackendStatus::Ready {
+        return Ok(RouteInfoResult::Pending(partial));
+    }
+    let Some(address) = parts.address else {
+        return Err(Error::decode(
+            "backend",
+            "cluster_address",
+            id,
+            "backend is ready but has no address",
+        ));
+    };
+    let address = address
+        .parse()
+        .map(BackendAddr)
+        .map_err(|e| Error::decode("backend", "cluster_address", id, e))?;
+    Ok(RouteInfoResult::Available(partial.with_address(address)))
+}
+
+/// The backend's state history in order, skipping (with a warning) rows that do not decode.
+async fn read_history(pool: &PgPool, backend: &BackendName) -> Result<Vec<BackendStatusStreamEntry>> {
+    let rows = sqlx::query!(
+        r#"
+        select id, state, created_at
+        from backend_state
+        where backend_id = $1
+        order by id
+        "#,
+        backend.as_str(),
+    )
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .filter_map(|row| match serde_json::from_value::<BackendState>(row.state) {
+            Ok(state) => Some(BackendStatusStreamEntry::from_state(&state, row.created_at)),
+            Err(error) => {
+                tracing::warn!(%error, row = row.id, %backend, "skipping undecodable backend_state row");
+                None
+            }
+        })
+        .collect())
+}
+
+/// [`read_history`] for a stream that must not end early: retries until the database
+/// answers.
+async fn read_history_retrying(pool: &PgPool, backend: &BackendName) -> Vec<BackendStatusStreamEntry> {
+    let mut delay = Duration::from_millis(50);
+    loop {
+        match read_history(pool, backend).await {
+            Ok(history) => return history,
+            Err(error) => {
+                tracing::warn!(%error, %backend, "re-reading status history failed; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}

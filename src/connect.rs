@@ -1,0 +1,452 @@
+//! `connect`: get or create the backend for a key, and hand out a token to reach it.
+
+use crate::error::{to_json, ConnectError, Error, Result};
+use crate::events::NotificationPayload;
+use crate::types::{
+    BackendActionMessage, BackendActionName, BackendName, BackendState, BackendStatus,
+    BearerToken, ClusterName, DroneName, DronePoolName, KeyConfig, NodeId, SecretToken,
+    Subdomain,
+};
+use crate::PlaneDatabase;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+/// How many times `connect` re-reads a key that changes hands under it before giving up.
+const MAX_ATTEMPTS: u32 = 5;
+
+/// A request for a backend, as a client sends it to a controller.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ConnectRequest {
+    /// The key to get or create a backend for. Without a key a new backend is always
+    /// created (under a fresh random key).
+    #[serde(default)]
+    pub key: Option<KeyConfig>,
+    /// How to create a backend if no live backend holds the key. Without it, only an
+    /// existing backend can be returned.
+    #[serde(default)]
+    pub spawn_config: Option<SpawnConfig>,
+    /// The user the token is issued to; passed to the backend with each request.
+    #[serde(default)]
+    pub user: Option<String>,
+    /// Arbitrary JSON passed to the backend with each request made with the token.
+    #[serde(default)]
+    pub auth: Map<String, Value>,
+}
+
+/// How to create a backend.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SpawnConfig {
+    /// The cluster to run it in.
+    pub cluster: ClusterName,
+    /// The drone pool to run it in (default pool: empty string).
+    #[serde(default)]
+    pub pool: DronePoolName,
+    /// What the drone should run (opaque to the database; passed in the spawn action).
+    pub executable: Value,
+    /// If set, the backend becomes a termination candidate this long after scheduling.
+    #[serde(default)]
+    pub lifetime_limit_seconds: Option<i32>,
+    /// If set, the backend becomes a termination candidate after this long without a
+    /// keepalive.
+    #[serde(default)]
+    pub max_idle_seconds: Option<i32>,
+    /// Give the backend one static token (`s.…`) instead of a token per connect.
+    #[serde(default)]
+    pub use_static_token: bool,
+    /// The subdomain to serve the backend on.
+    #[serde(default)]
+    pub subdomain: Option<Subdomain>,
+}
+
+/// What `connect` returns: the backend and a token to reach it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ConnectResponse {
+    /// The backend.
+    pub backend_id: BackendName,
+    /// Whether this call created it.
+    pub spawned: bool,
+    /// Its status when the call returned.
+    pub status: BackendStatus,
+    /// Its cluster.
+    pub cluster: ClusterName,
+    /// The bearer token to present to a proxy (the static token for static backends).
+    pub token: BearerToken,
+    /// The secret the backend receives with each request made with `token` (none for
+    /// static tokens).
+    pub secret_token: Option<SecretToken>,
+    /// Its subdomain, if any.
+    pub subdomain: Option<Subdomain>,
+    /// The drone it was scheduled on, if this call created it.
+    pub drone: Option<DroneName>,
+    /// The key's fencing token, if this call acquired the key.
+    pub fencing_token: Option<i64>,
+}
+
+/// A live holder of the key, as read.
+struct KeyHolder {
+    backend: BackendName,
+    tag: String,
+    live: bool,
+    status: BackendStatus,
+    cluster: ClusterName,
+    subdomain: Option<Subdomain>,
+    static_token: Option<BearerToken>,
+}
+
+impl PlaneDatabase {
+    /// Gets or creates the backend for a key (namespace, name, tag).
+    ///
+    /// - A live backend holds the key with the same tag: it is returned, with a new token.
+    /// - It holds the key with another tag: [`ConnectError::KeyHeld`].
+    /// - No live backend holds it (none, or its lease expired): with a spawn config a new
+    ///   backend is scheduled on a drone picked by [`DroneDatabase::pick_for_spawn`](crate::drone::DroneDatabase::pick_for_spawn),
+    ///   taking the key over; without one, [`ConnectError::NoSpawnConfig`].
+    ///
+    /// Creating a backend is one atomic statement: the backend row, its `scheduled` history
+    /// row and event, the key (with a new fencing token), the spawn action for the drone and
+    /// its event, and the token. Concurrent connects for one key, from any number of
+    /// controllers, end with exactly one backend, and every caller gets that backend.
+    #[tracing::instrument(skip_all, fields(namespace, key), err)]
+    pub async fn connect(&self, request: &ConnectRequest) -> Result<ConnectResponse, ConnectError> {
+        let key = match &request.key {
+            Some(key) => key.clone(),
+            None => KeyConfig {
+                name: format!("lk-{}", BackendName::new_random().as_str().trim_start_matches("ba-")),
+                ..KeyConfig::default()
+            },
+        };
+        tracing::Span::current().record("namespace", key.namespace.as_str());
+        tracing::Span::current().record("key", key.name.as_str());
+        if let Some(spawn) = &request.spawn_config {
+            check_limits(spawn)?;
+        }
+
+        for _ in 0..MAX_ATTEMPTS {
+            let mut no_drone = None;
+            if let Some(spawn) = &request.spawn_config {
+                match self.drone().pick_for_spawn(&spawn.cluster, &spawn.pool).await? {
+                    Some(drone) => {
+                        if let Some(response) =
+                            self.try_spawn(&key, spawn, request, drone.id, drone.name).await?
+                        {
+                            return Ok(response);
+                        }
+                    }
+                    None => no_drone = Some(spawn),
+                }
+            }
+
+            match self.key_holder(&key).await? {
+                Some(holder) if holder.live => {
+                    if holder.tag != key.tag {
+                        return Err(ConnectError::KeyHeld {
+                            namespace: key.namespace,
+                            name: key.name,
+                            backend: holder.backend,
+                        });
+                    }
+                    return Ok(self.connect_existing(holder, request).await?);
+                }
+                // No live holder: spawn (again) if we can.
+                _ => match (&request.spawn_config, no_drone) {
+                    (None, _) => {
+                        return Err(ConnectError::NoSpawnConfig {
+                            namespace: key.namespace,
+                            name: key.name,
+                        })
+                    }
+                    (Some(_), Some(spawn)) => {
+                        return Err(ConnectError::NoDroneAvailable {
+                            cluster: spawn.cluster.clone(),
+                            pool: spawn.pool.clone(),
+                        })
+                    }
+                    (Some(_), None) => continue,
+                },
+            }
+        }
+        Err(ConnectError::Contended {
+            namespace: key.namespace,
+            name: key.name,
+            attempts: MAX_ATTEMPTS,
+        })
+    }
+
+    /// Creates the backend on `drone` if the key is free or expired. `None` if a live
+    /// backend holds the key.
+    async fn try_spawn(
+        &self,
+        key: &KeyConfig,
+        spawn: &SpawnConfig,
+        request: &ConnectRequest,
+        drone_id: NodeId,
+        drone_name: DroneName,
+    ) -> Result<Option<ConnectResponse>> {
+        let backend_id = BackendName::new_random();
+        let action_id = BackendActionName::new_random();
+        let lease = &self.config().key_lease;
+        let scheduled = BackendState::Scheduled;
+        let (token, secret_token, token_digest) = if spawn.use_static_token {
+            (BearerToken::new_random_static(), None, None)
+        } else {
+            let token = BearerToken::new_random();
+            let digest = token.digest();
+            (token, Some(SecretToken::new_random()), Some(digest))
+        };
+        let static_token = spawn.use_static_token.then(|| token.as_str().to_string());
+
+        // The spawn action is assembled in SQL because the fencing token and the deadlines
+        // are only known inside the statement; its shape is BackendActionMessage's.
+        let fencing_token = sqlx::query_scalar!(
+            r#"
+            with acquired as (
+                insert into backend_key (id, namespace, key_name, tag, expires_at, fencing_token)
+                values ($1, $2, $3, $4, now() + make_interval(secs => $5),
+                        nextval('backend_key_fencing_token_seq'))
+                on conflict (namespace, key_name) do update set
+                    id = excluded.id,
+                    tag = excluded.tag,
+                    expires_at = excluded.expires_at,
+                    fencing_token = excluded.fencing_token,
+                    allow_renew = true
+                where backend_key.expires_at <= now()
+                returning fencing_token, expires_at
+            ),
+            new_backend as (
+                insert into backend (id, cluster, last_status, last_status_number, last_status_time,
+                                     state, drone_id, expiration_time, allowed_idle_seconds,
+                                     last_keepalive, static_token, subdomain)
+                select $1, $6, $7, $8, now(), $9, $10, now() + make_interval(secs => $11),
+                       $12, now(), $13, $14
+                from acquired
+                returning id
+            ),
+            history as (
+                insert into backend_state (backend_id, state, created_at)
+                select id, $9, now() from new_backend
+            ),
+            spawn as (
+                select jsonb_build_object('Spawn', jsonb_build_object(
+                    'executable', $15::jsonb,
+                    'key', jsonb_build_object(
+                        'key', jsonb_build_object('name', $3::text, 'namespace', $2::text, 'tag', $4::text),
+                        'deadlines', jsonb_build_object(
+                            'renew_at', (extract(epoch from now() + make_interval(secs => $16)) * 1000)::bigint,
+                            'soft_terminate_at', (extract(epoch from now() + make_interval(secs => $17)) * 1000)::bigint,
+                            'hard_terminate_at', (extract(epoch from a.expires_at) * 1000)::bigint
+                        ),
+                        'token', a.fencing_token
+                    ),
+                    'static_token', $13::text
+                )) as action
+                from acquired a, new_backend
+            ),
+            spawn_action as (
+                insert into backend_action (id, backend_id, drone_id, action)
+                select $18, $1, $10, action from spawn
+                returning action
+            ),
+            events as (
+                insert into event (kind, key, data, created_at)
+                select $19, $1, $9, now() from new_backend
+                union all
+                select $20, $10::integer::text,
+                       jsonb_build_object('action_id', $18::text, 'backend_id', $1::text,
+                                          'drone_id', $10::integer, 'action', action),
+                       now()
+                from spawn_action
+            ),
+            new_token as (
+                insert into token (token_digest, backend_id, expiration_time, username, auth, secret_token)
+                select $21, id, now() + make_interval(secs => $22), $23, $24, $25
+                from new_backend
+                where $21::bytea is not null
+            )
+            select fencing_token from acquired
+            "#,
+            backend_id.as_str(),
+            key.namespace,
+            key.name,
+            key.tag,
+            lease.hard_terminate_after.as_secs_f64(),
+            spawn.cluster.as_str(),
+            BackendStatus::Scheduled.to_string(),
+            BackendStatus::Scheduled.as_int(),
+            to_json("backend state", &scheduled)?,
+            drone_id.as_i32(),
+            spawn.lifetime_limit_seconds.map(f64::from),
+            spawn.max_idle_seconds,
+            static_token,
+            spawn.subdomain.as_ref().map(Subdomain::as_str),
+            spawn.executable,
+            lease.renew_after.as_secs_f64(),
+            lease.soft_terminate_after.as_secs_f64(),
+            action_id.as_str(),
+            BackendState::kind(),
+            BackendActionMessage::kind(),
+            token_digest,
+            self.config().token_lifetime.as_secs_f64(),
+            request.user,
+            Value::Object(request.auth.clone()),
+            secret_token.as_ref().map(SecretToken::as_str).unwrap_or_default(),
+        )
+        .fetch_optional(self.pool())
+        .await?;
+
+        let Some(fencing_token) = fencing_token else {
+            return Ok(None);
+        };
+        tracing::info!(backend = %backend_id, drone = %drone_name, "scheduled a new backend");
+        Ok(Some(ConnectResponse {
+            backend_id,
+            spawned: true,
+            status: BackendStatus::Scheduled,
+            cluster: spawn.cluster.clone(),
+            token,
+            secret_token,
+            subdomain: spawn.subdomain.clone(),
+            drone: Some(drone_name),
+            fencing_token: Some(fencing_token),
+        }))
+    }
+
+    /// The backend holding the key, if any, and whether its lease is still live.
+    async fn key_holder(&self, key: &KeyConfig) -> Result<Option<KeyHolder>> {
+        let row = sqlx::query!(
+            r#"
+            select k.id, k.tag, k.expires_at > now() as "live!", b.last_status_number,
+                   b.cluster, b.subdomain, b.static_token
+            from backend_key k
+            join backend b on b.id = k.id
+            where k.namespace = $1 and k.key_name = $2
+            "#,
+            key.namespace,
+            key.name,
+        )
+        .fetch_optional(self.pool())
+        .await?;
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        let id = row.id;
+        let backend =
+            BackendName::try_from(id.clone()).map_err(|e| Error::decode("backend_key", "id", &id, e))?;
+        let status = BackendStatus::from_int(row.last_status_number).ok_or_else(|| {
+            Error::decode(
+                "backend",
+                "last_status_number",
+                &id,
+                format!("unknown status number {}", row.last_status_number),
+            )
+        })?;
+        let cluster = ClusterName::try_from(row.cluster)
+            .map_err(|e| Error::decode("backend", "cluster", &id, e))?;
+        let subdomain = row
+            .subdomain
+            .map(Subdomain::try_from)
+            .transpose()
+            .map_err(|e| Error::decode("backend", "subdomain", &id, e))?;
+        Ok(Some(KeyHolder {
+            backend,
+            tag: row.tag,
+            live: row.live,
+            status,
+            cluster,
+            subdomain,
+            static_token: row.static_token.map(BearerToken::from),
+        }))
+    }
+
+    /// Returns an existing backend with a token for this caller.
+    async fn connect_existing(
+        &self,
+        holder: KeyHolder,
+        request: &ConnectRequest,
+    ) -> Result<ConnectResponse> {
+        let (token, secret_token) = match holder.static_token {
+            Some(token) => (token, None),
+            None => {
+                let token = BearerToken::new_random();
+                let secret = SecretToken::new_random();
+                self.insert_token(&holder.backend, &token, &secret, request).await?;
+                (token, Some(secret))
+            }
+        };
+        Ok(ConnectResponse {
+            backend_id: holder.backend,
+            spawned: false,
+            status: holder.status,
+            cluster: holder.cluster,
+            token,
+            secret_token,
+            subdomain: holder.subdomain,
+            drone: None,
+            fencing_token: None,
+        })
+    }
+
+    async fn insert_token(
+        &self,
+        backend: &BackendName,
+        token: &BearerToken,
+        secret: &SecretToken,
+        request: &ConnectRequest,
+    ) -> Result<()> {
+        sqlx::query!(
+            r#"
+            insert into token (token_digest, backend_id, expiration_time, username, auth, secret_token)
+            values ($1, $2, now() + make_interval(secs => $3), $4, $5, $6)
+            "#,
+            token.digest(),
+            backend.as_str(),
+            self.config().token_lifetime.as_secs_f64(),
+            request.user,
+            Value::Object(request.auth.clone()),
+            secret.as_str(),
+        )
+        .execute(self.pool())
+        .await?;
+        Ok(())
+    }
+
+    /// Revokes every token issued to `user` for `backend`. Returns how many were revoked.
+    #[tracing::instrument(skip(self), fields(backend = %backend), err)]
+    pub async fn revoke(&self, backend: &BackendName, user: &str) -> Result<u64> {
+        let result = sqlx::query!(
+            "delete from token where backend_id = $1 and username = $2",
+            backend.as_str(),
+            user,
+        )
+        .execute(self.pool())
+        .await?;
+        Ok(result.rows_affected())
+    }
+
+    /// Deletes expired tokens. Returns how many were deleted.
+    #[tracing::instrument(skip(self), err)]
+    pub async fn clean_up_tokens(&self) -> Result<u64> {
+        let result = sqlx::query!("delete from token where expiration_time <= now()")
+            .execute(self.pool())
+            .await?;
+        Ok(result.rows_affected())
+    }
+}
+
+/// Limits must be positive: a zero or negative lifetime would make the backend a
+/// termination candidate before it starts.
+fn check_limits(spawn: &SpawnConfig) -> Result<()> {
+    for (argument, value) in [
+        ("lifetime_limit_seconds", spawn.lifetime_limit_seconds),
+        ("max_idle_seconds", spawn.max_idle_seconds),
+    ] {
+        if let Some(v) = value {
+            if v <= 0 {
+                return Err(Error::InvalidArgument {
+                    argument,
+                    reason: format!("must be positive, got {v}"),
+                });
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,247 @@
+//! The `PlaneDatabase` facade: owns the pool and the event bus, hands out one small facade
+//! per area.
+
+use crate::backend::BackendDatabase;
+use crate::controller::ControllerDatabase;
+use crate::drone::DroneDatabase;
+use crate::error::{Error, Result};
+use crate::events::{
+    BusConfig, Event, EventBus, EventSubscription, NotificationPayload, Subscription,
+};
+use crate::node::NodeDatabase;
+use sqlx::postgres::PgPoolOptions;
+use sqlx::PgPool;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The schema migrations, embedded at compile time. [`connect_and_migrate`] applies them;
+/// run `MIGRATOR.run(&pool)` yourself to migrate a pool you built. Concurrent runs from
+/// several controllers are safe (sqlx takes an advisory lock).
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!();
+
+/// Tuning for scheduling, keys and tokens, and the event bus. `Config::default()` suits a
+/// controller; each field documents its default.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// How the event bus reads and delivers events.
+    pub bus: BusConfig,
+    /// How drones are picked for new backends.
+    pub scheduler: SchedulerConfig,
+    /// Key lease durations handed to drones with each spawn.
+    pub key_lease: KeyLeaseConfig,
+    /// How long a bearer token issued by `connect` routes. Defaults to 1 hour.
+    pub token_lifetime: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            bus: BusConfig::default(),
+            scheduler: SchedulerConfig::default(),
+            key_lease: KeyLeaseConfig::default(),
+            token_lifetime: Duration::from_secs(3600),
+        }
+    }
+}
+
+/// How [`DroneDatabase::pick_for_spawn`] chooses a drone.
+#[derive(Debug, Clone)]
+pub struct SchedulerConfig {
+    /// How many eligible drones are sampled at random; the least loaded of them wins.
+    /// Defaults to 2 ("the power of two choices": near-even load without every controller
+    /// piling onto the same least-loaded drone). 1 is purely random.
+    pub sample_size: i64,
+    /// A drone not heard from for this long is not picked. Defaults to 30 s.
+    pub drone_heartbeat_timeout: Duration,
+    /// A drone whose controller has not heartbeated for this long is not picked. Defaults
+    /// to 30 s.
+    pub controller_heartbeat_timeout: Duration,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        Self {
+            sample_size: 2,
+            drone_heartbeat_timeout: Duration::from_secs(30),
+            controller_heartbeat_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// The lease a new backend's key starts with, as deadlines relative to its scheduling.
+/// The key expires (may be taken over) at `hard_terminate_after`.
+#[derive(Debug, Clone)]
+pub struct KeyLeaseConfig {
+    /// When the drone should renew the key. Defaults to 30 s.
+    pub renew_after: Duration,
+    /// When the drone should soft-terminate the backend if renewal failed. Defaults to 40 s.
+    pub soft_terminate_after: Duration,
+    /// When the drone should hard-terminate it, and when the key expires. Defaults to 50 s.
+    pub hard_terminate_after: Duration,
+}
+
+impl Default for KeyLeaseConfig {
+    fn default() -> Self {
+        Self {
+            renew_after: Duration::from_secs(30),
+            soft_terminate_after: Duration::from_secs(40),
+            hard_terminate_after: Duration::from_secs(50),
+        }
+    }
+}
+
+/// Opens a pool on `url` (not migrated). See [`connect_and_migrate`].
+pub async fn connect(url: &str) -> Result<PlaneDatabase> {
+    let pool = PgPoolOptions::new()
+        .max_connections(32)
+        .acquire_timeout(Duration::from_secs(10))
+        .connect(url)
+        .await?;
+    Ok(PlaneDatabase::new(pool))
+}
+
+/// Opens a pool on `url` and applies the schema migrations.
+///
+/// ```no_run
+/// # async fn example() -> plane_db::Result<()> {
+/// let db = plane_db::connect_and_migrate("postgres://postgres@127.0.0.1/plane").await?;
+/// db.health_check().await?;
+/// # Ok(()) }
+/// ```
+pub async fn connect_and_migrate(url: &str) -> Result<PlaneDatabase> {
+    let db = connect(url).await?;
+    MIGRATOR.run(db.pool()).await?;
+    Ok(db)
+}
+
+/// The data layer of a controller: cheap to clone (all clones share one pool and one event
+/// bus). The bus stops when the last clone is dropped, which ends every subscription.
+#[derive(Clone)]
+pub struct PlaneDatabase {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    pool: PgPool,
+    bus: EventBus,
+    config: Config,
+}
+
+impl std::fmt::Debug for PlaneDatabase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PlaneDatabase").finish_non_exhaustive()
+    }
+}
+
+impl PlaneDatabase {
+    /// Wraps an existing (migrated) pool with the default [`Config`]. Opens no connection;
+    /// the event bus starts on the first subscription.
+    pub fn new(pool: PgPool) -> Self {
+        Self::with_config(pool, Config::default())
+    }
+
+    /// Wraps an existing (migrated) pool with the given configuration.
+    pub fn with_config(pool: PgPool, config: Config) -> Self {
+        let bus = EventBus::new(pool.clone(), config.bus.clone());
+        Self {
+            inner: Arc::new(Inner { pool, bus, config }),
+        }
+    }
+
+    /// The pool, for callers that run their own queries or transactions (e.g. to
+    /// [`emit`](crate::events::emit) an event together with their own change).
+    pub fn pool(&self) -> &PgPool {
+        &self.inner.pool
+    }
+
+    /// The configuration in use.
+    pub fn config(&self) -> &Config {
+        &self.inner.config
+    }
+
+    /// Checks that the database answers.
+    pub async fn health_check(&self) -> Result<()> {
+        sqlx::query!("select 1 as one").fetch_one(self.pool()).await?;
+        Ok(())
+    }
+
+    /// Backends: lifecycle, routes, keepalives, termination candidates, cleanup.
+    pub fn backend(&self) -> BackendDatabase<'_> {
+        BackendDatabase::new(self)
+    }
+
+    /// Drones: registration, heartbeats, scheduling.
+    pub fn drone(&self) -> DroneDatabase<'_> {
+        DroneDatabase::new(self)
+    }
+
+    /// Nodes (drones, proxies, DNS servers) as registered with a controller.
+    pub fn node(&self) -> NodeDatabase<'_> {
+        NodeDatabase::new(self)
+    }
+
+    /// Controllers' heartbeats.
+    pub fn controller(&self) -> ControllerDatabase<'_> {
+        ControllerDatabase::new(self)
+    }
+
+    /// Subscribes to every event of type `T`. When this returns, the subscription is live:
+    /// every such event committed afterwards will be delivered.
+    pub async fn subscribe<T: NotificationPayload>(&self) -> Result<Subscription<T>> {
+        let shared = self.inner.bus.ensure_started().await?;
+        Ok(Subscription::new(shared, None))
+    }
+
+    /// Subscribes to events of type `T` with the given key (e.g. one backend's states).
+    /// Live on return, like [`subscribe`](Self::subscribe).
+    pub async fn subscribe_with_key<T: NotificationPayload>(
+        &self,
+        key: &str,
+    ) -> Result<Subscription<T>> {
+        let shared = self.inner.bus.ensure_started().await?;
+        Ok(Subscription::new(shared, Some(key.to_string())))
+    }
+
+    /// Subscribes to every event of every kind, undecoded. Live on return.
+    pub async fn subscribe_all_events(&self) -> Result<EventSubscription> {
+        let shared = self.inner.bus.ensure_started().await?;
+        Ok(EventSubscription::new(shared))
+    }
+
+    /// Persisted events with an id greater than `since`, in id order, at most `limit`.
+    ///
+    /// Ids are assigned at insert time, not at commit, so an event committed later may carry
+    /// a smaller id than one already returned: use this to backfill history (e.g. resume a
+    /// stream), and a subscription for what happens next.
+    pub async fn get_events_since(&self, since: i64, limit: i64) -> Result<Vec<Event>> {
+        if limit < 0 {
+            return Err(Error::InvalidArgument {
+                argument: "limit",
+                reason: format!("must not be negative, got {limit}"),
+            });
+        }
+        let rows = sqlx::query!(
+            r#"
+            select id, kind, key, created_at, data
+            from event
+            where id > $1
+            order by id
+            limit $2
+            "#,
+            since,
+            limit,
+        )
+        .fetch_all(self.pool())
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|row| Event {
+                id: Some(row.id),
+                kind: row.kind,
+                key: row.key,
+                created_at: row.created_at,
+                data: row.data,
+            })
+            .collect())
+    }
+}

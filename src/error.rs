@@ -1,0 +1,160 @@
+//! The crate's error type.
+
+use crate::types::{BackendName, ClusterName, DronePoolName};
+
+/// Result alias used throughout the crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong in a plane-db call.
+///
+/// Expected outcomes that a caller branches on (a refused transition, an unknown token) are
+/// not errors: they are `Ok(false)`, `Ok(None)` or an enum such as `RouteInfoResult`. Errors
+/// are for failures, and keep their cause chain.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The database reported an error, or could not be reached.
+    #[error("database error")]
+    Database(#[from] sqlx::Error),
+
+    /// Applying the schema migrations failed.
+    #[error("could not migrate the database")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+
+    /// A row read from the database does not hold what the schema promises.
+    #[error("invalid {column} in {table} row {id:?}")]
+    Decode {
+        /// The table the row came from.
+        table: &'static str,
+        /// The column that could not be decoded.
+        column: &'static str,
+        /// The row's id, as text.
+        id: String,
+        /// Why it could not be decoded.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+
+    /// A value could not be serialized to JSON for storage.
+    #[error("could not serialize {what} to JSON")]
+    Serialize {
+        /// What was being serialized.
+        what: &'static str,
+        /// The serializer's error.
+        #[source]
+        source: serde_json::Error,
+    },
+
+    /// The caller asked about something that does not exist.
+    #[error("{what} {id:?} not found")]
+    NotFound {
+        /// The kind of thing (e.g. "backend", "drone").
+        what: &'static str,
+        /// Its id or name.
+        id: String,
+    },
+
+    /// The caller passed a value the operation cannot accept.
+    #[error("invalid argument {argument}: {reason}")]
+    InvalidArgument {
+        /// The argument's name.
+        argument: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
+}
+
+impl Error {
+    /// Builds a [`Error::Decode`] for a bad column value.
+    pub(crate) fn decode(
+        table: &'static str,
+        column: &'static str,
+        id: impl std::fmt::Display,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> Self {
+        Error::Decode {
+            table,
+            column,
+            id: id.to_string(),
+            source: source.into(),
+        }
+    }
+
+    /// Whether this error means the database could not be reached or the connection broke
+    /// (as opposed to a query that the database refused).
+    pub fn is_connection_error(&self) -> bool {
+        matches!(
+            self,
+            Error::Database(
+                sqlx::Error::Io(_)
+                    | sqlx::Error::PoolTimedOut
+                    | sqlx::Error::PoolClosed
+                    | sqlx::Error::WorkerCrashed
+                    | sqlx::Error::Tls(_)
+            )
+        )
+    }
+}
+
+/// Serializes a value to JSON for storage, as a typed error instead of a panic.
+pub(crate) fn to_json<T: serde::Serialize>(
+    what: &'static str,
+    value: &T,
+) -> Result<serde_json::Value> {
+    serde_json::to_value(value).map_err(|source| Error::Serialize { what, source })
+}
+
+/// Why [`PlaneDatabase::connect`](crate::PlaneDatabase::connect) did not return a backend.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConnectError {
+    /// The key is held by a live backend that was created with a different tag.
+    #[error("key {namespace:?}/{name:?} is held by backend {backend} with a different tag")]
+    KeyHeld {
+        /// The key's namespace.
+        namespace: String,
+        /// The key's name.
+        name: String,
+        /// The backend holding the key.
+        backend: BackendName,
+    },
+
+    /// No live backend holds the key and the request carried no spawn config.
+    #[error("no live backend holds key {namespace:?}/{name:?} and no spawn config was given")]
+    NoSpawnConfig {
+        /// The key's namespace.
+        namespace: String,
+        /// The key's name.
+        name: String,
+    },
+
+    /// No drone can take a new backend in the requested cluster and pool.
+    #[error("no drone available in cluster {cluster} pool {pool:?}")]
+    NoDroneAvailable {
+        /// The requested cluster.
+        cluster: ClusterName,
+        /// The requested pool.
+        pool: DronePoolName,
+    },
+
+    /// The key changed hands too many times while this request was trying to read it.
+    #[error("key {namespace:?}/{name:?} kept changing; gave up after {attempts} attempts")]
+    Contended {
+        /// The key's namespace.
+        namespace: String,
+        /// The key's name.
+        name: String,
+        /// How many attempts were made.
+        attempts: u32,
+    },
+
+    /// Any other failure.
+    #[error(transparent)]
+    Other(#[from] Error),
+}
+
+impl From<sqlx::Error> for ConnectError {
+    fn from(e: sqlx::Error) -> Self {
+        ConnectError::Other(Error::Database(e))
+    }
+}

@@ -1,0 +1,444 @@
+//! The bus task: one listening connection and one reader per `PlaneDatabase`, fanning events
+//! out to subscriber queues.
+
+use super::subscription::{Filter, SubQueue};
+use super::{EphemeralEnvelope, Event, EPHEMERAL_CHANNEL, EVENTS_CHANNEL};
+use crate::error::Result;
+use chrono::Utc;
+use sqlx::postgres::PgListener;
+use sqlx::PgPool;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+use tokio::sync::{watch, Notify, OnceCell};
+
+/// Tuning of the event bus. The defaults suit a controller; each knob says what it costs.
+#[derive(Debug, Clone)]
+pub struct BusConfig {
+    /// How often the bus reads the `event` table even without a wake-up. Wake-ups normally
+    /// arrive within a millisecond; this only bounds the delay if one is lost. Defaults to 1 s;
+    /// each poll is one cheap indexed query.
+    pub poll_interval: Duration,
+    /// How many undelivered events one subscription may hold before it is told it lagged
+    /// ([`Lagged`](super::Lagged)) and its queue is emptied. Memory is used only for events
+    /// actually queued. Defaults to 10,000.
+    pub max_pending_per_subscription: usize,
+    /// How many rows one read of the `event` table fetches at most; a larger backlog is read
+    /// in several pages. Defaults to 1,000.
+    pub fetch_batch_size: i64,
+    /// The longest wait between reconnection attempts of the listening connection or retries
+    /// of a failed read (the wait doubles from 50 ms up to this). Defaults to 5 s.
+    pub max_backoff: Duration,
+}
+
+impl Default for BusConfig {
+    fn default() -> Self {
+        Self {
+            poll_interval: Duration::from_secs(1),
+            max_pending_per_subscription: 10_000,
+            fetch_batch_size: 1_000,
+            max_backoff: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Subscriber queues by filter.
+#[derive(Default)]
+struct Registry {
+    all: Vec<Arc<SubQueue>>,
+    by_kind: HashMap<&'static str, KindSubs>,
+}
+
+#[derive(Default)]
+struct KindSubs {
+    any_key: Vec<Arc<SubQueue>>,
+    by_key: HashMap<String, Vec<Arc<SubQueue>>>,
+}
+
+/// State shared by the bus tasks, the `EventBus` handle and every subscription.
+pub(crate) struct Shared {
+    registry: Mutex<Registry>,
+    closed: AtomicBool,
+    shutdown: watch::Sender<bool>,
+    wake: Notify,
+    max_pending: usize,
+}
+
+impl Shared {
+    fn registry(&self) -> MutexGuard<'_, Registry> {
+        // A panic while holding this lock cannot leave the registry half-updated in a way
+        // that matters (each operation is a single push/remove), so recover from poisoning.
+        self.registry.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
+    /// Completes once the bus is shut down (at once if it already is).
+    async fn closed(&self) {
+        let mut rx = self.shutdown.subscribe();
+        // An error means the sender is gone, which also means shutdown.
+        let _ = rx.wait_for(|closed| *closed).await;
+    }
+
+    pub(crate) fn register(&self, filter: &Filter, queue: Arc<SubQueue>) {
+        let mut reg = self.registry();
+        match filter {
+            Filter::All => reg.all.push(queue),
+            Filter::Kind(kind) => reg.by_kind.entry(kind).or_default().any_key.push(queue),
+            Filter::KindKey(kind, key) => reg
+                .by_kind
+                .entry(kind)
+                .or_default()
+                .by_key
+                .entry(key.clone())
+                .or_default()
+                .push(queue),
+        }
+        // A subscription made after shutdown ends at once instead of waiting forever.
+        if self.is_closed() {
+            close_all(&mut reg);
+        }
+    }
+
+    pub(crate) fn unregister(&self, filter: &Filter, queue: &Arc<SubQueue>) {
+        fn remove(list: &mut Vec<Arc<SubQueue>>, queue: &Arc<SubQueue>) {
+            if let Some(pos) = list.iter().position(|q| Arc::ptr_eq(q, queue)) {
+                list.swap_remove(pos);
+            }
+        }
+        let mut reg = self.registry();
+        match filter {
+            Filter::All => remove(&mut reg.all, queue),
+            Filter::Kind(kind) => {
+                if let Some(subs) = reg.by_kind.get_mut(kind) {
+                    remove(&mut subs.any_key, queue);
+                }
+            }
+            Filter::KindKey(kind, key) => {
+                if let Some(subs) = reg.by_kind.get_mut(kind) {
+                    if let Some(list) = subs.by_key.get_mut(key) {
+                        remove(list, queue);
+                        if list.is_empty() {
+                            subs.by_key.remove(key);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Hands one event to every matching subscriber.
+    fn dispatch(&self, event: Arc<Event>) {
+        let reg = self.registry();
+        for q in &reg.all {
+            q.push(event.clone(), self.max_pending);
+        }
+        if let Some(subs) = reg.by_kind.get(event.kind.as_str()) {
+            for q in &subs.any_key {
+                q.push(event.clone(), self.max_pending);
+            }
+            if let Some(key) = &event.key {
+                if let Some(list) = subs.by_key.get(key) {
+                    for q in list {
+                        q.push(event.clone(), self.max_pending);
+                    }
+                }
+            }
+        }
+    }
+
+    fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        self.shutdown.send_replace(true);
+        close_all(&mut self.registry());
+    }
+}
+
+fn close_all(reg: &mut Registry) {
+    let kinds = reg.by_kind.values();
+    let queues = reg.all.iter().chain(kinds.flat_map(|k| {
+        k.any_key
+            .iter()
+            .chain(k.by_key.values().flat_map(|list| list.iter()))
+    }));
+    for q in queues {
+        q.close();
+    }
+}
+
+/// The handle a `PlaneDatabase` keeps. Starting is lazy (on the first subscription) so that
+/// building a `PlaneDatabase` stays synchronous and costs no connection.
+pub(crate) struct EventBus {
+    shared: Arc<Shared>,
+    pool: PgPool,
+    config: BusConfig,
+    started: OnceCell<()>,
+}
+
+impl EventBus {
+    pub(crate) fn new(pool: PgPool, config: BusConfig) -> Self {
+        let shared = Arc::new(Shared {
+            registry: Mutex::new(Registry::default()),
+            closed: AtomicBool::new(false),
+            shutdown: watch::channel(false).0,
+            wake: Notify::new(),
+            max_pending: config.max_pending_per_subscription.max(1),
+        });
+        Self {
+            shared,
+            pool,
+            config,
+            started: OnceCell::new(),
+        }
+    }
+
+    /// Starts the bus if it is not running, and returns once it is: the listening connection
+    /// is listening and the read cursor is set, so every event committed from now on will be
+    /// delivered to subscribers registered from now on. Fails fast if the database cannot be
+    /// reached; a later call tries again.
+    pub(crate) async fn ensure_started(&self) -> Result<Arc<Shared>> {
+        self.started
+            .get_or_try_init(|| async {
+                let listener = connect_listener(&self.pool).await?;
+                let cursor = current_snapshot(&self.pool).await?;
+                tokio::spawn(listen_loop(
+                    self.shared.clone(),
+                    self.pool.clone(),
+                    listener,
+                    self.config.max_backoff,
+                ));
+                tokio::spawn(read_loop(
+                    self.shared.clone(),
+                    self.pool.clone(),
+                    cursor,
+                    self.config.clone(),
+                ));
+                Ok::<_, crate::Error>(())
+            })
+            .await?;
+        Ok(self.shared.clone())
+    }
+}
+
+impl Drop for EventBus {
+    fn drop(&mut self) {
+        self.shared.close();
+    }
+}
+
+async fn connect_listener(pool: &PgPool) -> Result<PgListener> {
+    let mut listener = PgListener::connect_with(pool).await?;
+    listener
+        .listen_all([EVENTS_CHANNEL, EPHEMERAL_CHANNEL])
+        .await?;
+    Ok(listener)
+}
+
+async fn current_snapshot(pool: &PgPool) -> Result<String> {
+    let snapshot = sqlx::query_scalar!(r#"select pg_current_snapshot()::text as "snapshot!""#)
+        .fetch_one(pool)
+        .await?;
+    Ok(snapshot)
+}
+
+/// Exponential backoff from 50 ms up to a cap.
+struct Backoff {
+    next: Duration,
+    max: Duration,
+}
+
+impl Backoff {
+    const START: Duration = Duration::from_millis(50);
+
+    fn new(max: Duration) -> Self {
+        Self {
+            next: Self::START,
+            max,
+        }
+    }
+
+    fn reset(&mut self) {
+        self.next = Self::START;
+    }
+
+    async fn wait(&mut self, shared: &Shared) {
+        let delay = self.next;
+        self.next = (self.next * 2).min(self.max);
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = shared.closed() => {}
+        }
+    }
+}
+
+/// Owns the listening connection. Wakes the reader on `plane_events`, delivers ephemeral
+/// messages directly, and on a lost connection reconnects with backoff. After every
+/// (re)connection it wakes the reader once more, because notifications sent while the
+/// connection was down are gone; the reader's cursor recovers the events themselves.
+async fn listen_loop(
+    shared: Arc<Shared>,
+    pool: PgPool,
+    mut listener: PgListener,
+    max_backoff: Duration,
+) {
+    let mut backoff = Backoff::new(max_backoff);
+    loop {
+        loop {
+            let received = tokio::select! {
+                r = listener.try_recv() => r,
+                _ = shared.closed() => return,
+            };
+            match received {
+                Ok(Some(notification)) => {
+                    backoff.reset();
+                    if notification.channel() == EPHEMERAL_CHANNEL {
+                        deliver_ephemeral(&shared, notification.payload());
+                    } else {
+                        shared.wake.notify_one();
+                    }
+                }
+                Ok(None) => {
+                    tracing::info!("event bus: listening connection lost; reconnecting");
+                    break;
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "event bus: listening connection failed; reconnecting");
+                    break;
+                }
+            }
+        }
+        if shared.is_closed() {
+            return;
+        }
+        listener = loop {
+            backoff.wait(&shared).await;
+            if shared.is_closed() {
+                return;
+            }
+            match connect_listener(&pool).await {
+                Ok(l) => break l,
+                Err(error) => {
+                    tracing::warn!(%error, "event bus: could not reconnect the listener");
+                }
+            }
+        };
+        tracing::info!("event bus: listening again");
+        shared.wake.notify_one();
+    }
+}
+
+fn deliver_ephemeral(shared: &Shared, payload: &str) {
+    match serde_json::from_str::<EphemeralEnvelope>(payload) {
+        Ok(envelope) => shared.dispatch(Arc::new(Event {
+            id: None,
+            kind: envelope.kind,
+            key: envelope.key,
+            created_at: Utc::now(),
+            data: envelope.data,
+        })),
+        Err(error) => tracing::warn!(%error, "event bus: ignoring malformed ephemeral message"),
+    }
+}
+
+/// Reads newly committed events whenever woken (or every poll interval) and dispatches them.
+async fn read_loop(shared: Arc<Shared>, pool: PgPool, mut cursor: String, config: BusConfig) {
+    let mut backoff = Backoff::new(config.max_backoff);
+    loop {
+        match read_new_events(&shared, &pool, &cursor, config.fetch_batch_size).await {
+            Ok(next) => {
+                cursor = next;
+                backoff.reset();
+                tokio::select! {
+                    _ = shared.wake.notified() => {}
+                    _ = tokio::time::sleep(config.poll_interval) => {}
+                    _ = shared.closed() => {}
+                }
+            }
+            Err(error) => {
+                tracing::warn!(%error, "event bus: reading events failed; retrying");
+                backoff.wait(&shared).await;
+            }
+        }
+        if shared.is_closed() {
+            return;
+        }
+    }
+}
+
+/// Dispatches every event committed after the snapshot `prev` and returns the snapshot to
+/// continue from. See the module docs for why this loses nothing and repeats nothing.
+///
+/// Pages of `batch` rows are read against one fixed target snapshot (the first page's), so a
+/// large backlog is read in bounded steps and the cursor only advances once it is all read.
+async fn read_new_events(
+    shared: &Shared,
+    pool: &PgPool,
+    prev: &str,
+    batch: i64,
+) -> Result<String> {
+    let mut target: Option<String> = None;
+    let mut after = 0_i64;
+    loop {
+        let rows = sqlx::query!(
+            r#"
+            select
+                s.snap::text as "snapshot!",
+                e.id as "id?",
+                e.kind as "kind?",
+                e.key as "key?",
+                e.created_at as "created_at?",
+                e.data as "data?"
+            from (
+                select
+                    coalesce($2::text::pg_snapshot, pg_current_snapshot()) as snap,
+                    $1::text::pg_snapshot as prev
+            ) s
+            left join lateral (
+                select id, kind, key, created_at, data
+                from event
+                where (xid >= pg_snapshot_xmax(s.prev)
+                       or xid = any(array(select pg_snapshot_xip(s.prev))))
+                  and pg_visible_in_snapshot(xid, s.snap)
+                  and id > $3
+                order by id
+                limit $4
+            ) e on true
+            order by e.id
+            "#,
+            prev,
+            target.as_deref(),
+            after,
+            batch,
+        )
+        .fetch_all(pool)
+        .await?;
+
+        let mut count = 0_i64;
+        for row in rows {
+            if target.is_none() {
+                target = Some(row.snapshot.clone());
+            }
+            let (Some(id), Some(kind), Some(created_at), Some(data)) =
+                (row.id, row.kind, row.created_at, row.data)
+            else {
+                continue;
+            };
+            count += 1;
+            after = id;
+            shared.dispatch(Arc::new(Event {
+                id: Some(id),
+                kind,
+                key: row.key,
+                created_at,
+                data,
+            }));
+        }
+        if count < batch {
+            // `target` is always set: the query returns at least one row.
+            return Ok(target.unwrap_or_else(|| prev.to_string()));
+        }
+    }
+}

@@ -1,0 +1,180 @@
+//! The event bus: persisted events written inside the caller's transaction, delivered to
+//! every matching subscriber in the process, plus ephemeral (not persisted) messages.
+//!
+//! # How events travel
+//! A writer inserts a row into `event` in the same transaction as the change it reports
+//! ([`emit`]). A trigger on `event` sends an empty `NOTIFY plane_events`, which only wakes the
+//! readers: the table is the truth. Each [`PlaneDatabase`](crate::PlaneDatabase) runs one bus
+//! task that, when woken (or every [`BusConfig::poll_interval`] in case a wake-up was lost),
+//! reads the rows committed since its previous read and hands each to the matching
+//! subscribers' queues.
+//!
+//! # Reading the table without gaps
+//! Event ids come from a sequence at insert time, but transactions commit in another order,
+//! so "ids above the highest seen" loses events. Instead each row records its writing
+//! transaction (`xid`, an `xid8`), and the bus keeps the snapshot (`pg_snapshot`) of its
+//! previous read. A row is new exactly when it is visible in the current snapshot but was not
+//! visible in the previous one: its transaction was either in progress at the previous read
+//! (listed in that snapshot's `xip`) or started after it (`xid >= xmax`). Nothing else can
+//! have become visible. This is exact (no loss, no duplicates, no time window to tune), it
+//! never waits for other transactions (a transaction left open elsewhere delays nobody but
+//! itself), and each read touches only the rows of transactions that finished since the
+//! previous read, through the index on `xid`. The cursor is process memory, independent of the
+//! listening connection, so after a reconnect the next read returns everything missed.
+//!
+//! # Ephemeral messages
+//! Backend metrics are sent with `pg_notify('plane_ephemeral', …)` and delivered live; they are
+//! never stored.
+
+mod bus;
+mod subscription;
+
+pub use bus::BusConfig;
+pub(crate) use bus::EventBus;
+pub use subscription::{EventSubscription, Lagged, Subscription};
+
+use crate::error::{to_json, Error, Result};
+use crate::types::{BackendActionMessage, BackendMetricsMessage, BackendState};
+use chrono::{DateTime, Utc};
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use sqlx::PgConnection;
+
+/// The channel the `event` trigger notifies (payload-free wake-ups).
+pub(crate) const EVENTS_CHANNEL: &str = "plane_events";
+/// The channel that carries ephemeral messages (payload = [`EphemeralEnvelope`]).
+pub(crate) const EPHEMERAL_CHANNEL: &str = "plane_ephemeral";
+/// Postgres refuses NOTIFY payloads of 8000 bytes or more.
+const MAX_NOTIFY_PAYLOAD: usize = 7999;
+
+/// A type that can travel on the event bus. `kind()` names it in the `event` table and in
+/// subscriptions.
+pub trait NotificationPayload: Serialize + DeserializeOwned + Send + Sync + 'static {
+    /// The event kind, e.g. `"backend_state"`.
+    fn kind() -> &'static str;
+}
+
+impl NotificationPayload for BackendState {
+    fn kind() -> &'static str {
+        "backend_state"
+    }
+}
+
+impl NotificationPayload for BackendActionMessage {
+    fn kind() -> &'static str {
+        "backend_action"
+    }
+}
+
+impl NotificationPayload for BackendMetricsMessage {
+    fn kind() -> &'static str {
+        "backend_metrics"
+    }
+}
+
+/// An event as it travels on the bus, before decoding.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    /// The row id in `event`; `None` for ephemeral messages.
+    pub id: Option<i64>,
+    /// The event kind ([`NotificationPayload::kind`]).
+    pub kind: String,
+    /// The event's key, if any (a backend name, a drone id…).
+    pub key: Option<String>,
+    /// When it was written (database clock) or, for ephemeral messages, received.
+    pub created_at: DateTime<Utc>,
+    /// The payload as JSON.
+    pub data: serde_json::Value,
+}
+
+/// A decoded event delivered to a [`Subscription`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Notification<T> {
+    /// The row id in `event`; `None` for ephemeral messages.
+    pub id: Option<i64>,
+    /// The event's key, if any.
+    pub key: Option<String>,
+    /// When the event was written (database clock).
+    pub timestamp: DateTime<Utc>,
+    /// The decoded payload.
+    pub payload: T,
+}
+
+/// What an ephemeral NOTIFY carries.
+#[derive(Serialize, Deserialize)]
+pub(crate) struct EphemeralEnvelope {
+    pub kind: String,
+    pub key: Option<String>,
+    pub data: serde_json::Value,
+}
+
+/// Writes an event in the caller's transaction (or connection). Subscribers see it once, and
+/// only if, that transaction commits. Returns the event id.
+///
+/// ```no_run
+/// # async fn example(db: &plane_db::PlaneDatabase) -> plane_db::Result<()> {
+/// use plane_db::types::{BackendName, BackendState};
+/// let backend = BackendName::new_random();
+/// let mut txn = db.pool().begin().await?;
+/// // ... the caller's own changes ...
+/// plane_db::events::emit(&mut txn, Some(backend.as_str()), &BackendState::Loading).await?;
+/// txn.commit().await?;
+/// # Ok(()) }
+/// ```
+pub async fn emit<T: NotificationPayload>(
+    conn: &mut PgConnection,
+    key: Option<&str>,
+    payload: &T,
+) -> Result<i64> {
+    let data = to_json(T::kind(), payload)?;
+    let id = sqlx::query_scalar!(
+        r#"insert into event (kind, key, data) values ($1, $2, $3) returning id"#,
+        T::kind(),
+        key,
+        data,
+    )
+    .fetch_one(&mut *conn)
+    .await?;
+    Ok(id)
+}
+
+/// Sends an ephemeral message: delivered live to current subscribers, never stored.
+pub(crate) async fn emit_ephemeral<'c, T: NotificationPayload>(
+    executor: impl sqlx::PgExecutor<'c>,
+    key: Option<&str>,
+    payload: &T,
+) -> Result<()> {
+    let envelope = EphemeralEnvelope {
+        kind: T::kind().to_string(),
+        key: key.map(str::to_string),
+        data: to_json(T::kind(), payload)?,
+    };
+    let text = serde_json::to_string(&envelope).map_err(|source| Error::Serialize {
+        what: T::kind(),
+        source,
+    })?;
+    if text.len() > MAX_NOTIFY_PAYLOAD {
+        return Err(Error::InvalidArgument {
+            argument: "payload",
+            reason: format!(
+                "ephemeral message is {} bytes; NOTIFY takes at most {MAX_NOTIFY_PAYLOAD}",
+                text.len()
+            ),
+        });
+    }
+    sqlx::query!("select pg_notify($1, $2)", EPHEMERAL_CHANNEL, text)
+        .execute(executor)
+        .await?;
+    Ok(())
+}
+
+/// Decodes an event's payload into `T`.
+pub(crate) fn decode<T: NotificationPayload>(
+    event: &Event,
+) -> Result<Notification<T>, serde_json::Error> {
+    Ok(Notification {
+        id: event.id,
+        key: event.key.clone(),
+        timestamp: event.created_at,
+        payload: T::deserialize(&event.data)?,
+    })
+}

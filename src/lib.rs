@@ -1,0 +1,48 @@
+//! # plane-db
+//!
+//! The Postgres-backed data layer of a session-backend orchestrator (Plane-compatible). A
+//! controller embeds it to schedule per-user session backends onto drones, track each
+//! backend's lifecycle, turn bearer tokens into routes for proxies, find backends to
+//! terminate, clean up old rows, and stream status changes over LISTEN/NOTIFY.
+//!
+//! Open it with [`connect_and_migrate`] (or [`connect`], or [`PlaneDatabase::new`] on a pool
+//! of your own), then use the facades: [`PlaneDatabase::backend`], [`PlaneDatabase::drone`],
+//! [`PlaneDatabase::node`], [`PlaneDatabase::controller`], and [`PlaneDatabase::connect`] to
+//! get or create a backend for a key.
+//!
+//! ## Guarantees
+//! - **Events exist exactly when their change committed**: they are written in the same
+//!   transaction ([`events::emit`]).
+//! - **Nothing lost, nothing duplicated**: each subscriber receives every matching event once,
+//!   under any number of concurrent writers on any number of controllers. The bus reads the
+//!   `event` table by transaction visibility, not by id (see [`events`]).
+//! - **Live on return**: when `subscribe*` returns, every event committed afterwards will be
+//!   delivered to it.
+//! - **Survives the connection**: a lost listening connection is re-established with backoff
+//!   and whatever was committed meanwhile is read from the table.
+//! - **A slow subscriber is told**: a subscription that falls too far behind receives
+//!   [`events::Lagged`]; [`backend::BackendDatabase::status_stream`] then re-reads the history
+//!   and carries on, so it never ends early.
+//! - **Forward-only states**: [`backend::BackendDatabase::update_state`] refuses transitions
+//!   that do not move a backend forward.
+//! - **One backend per key**: concurrent [`PlaneDatabase::connect`] calls for a key create
+//!   exactly one backend and all return it.
+//! - **Tokens are stored as digests**: a dump of the `token` table cannot be used to connect.
+
+pub mod backend;
+pub mod connect;
+pub mod controller;
+mod database;
+pub mod drone;
+pub mod error;
+pub mod events;
+pub mod node;
+#[cfg(feature = "testing")]
+pub mod testing;
+pub mod types;
+
+pub use database::{
+    connect, connect_and_migrate, Config, KeyLeaseConfig, PlaneDatabase, SchedulerConfig,
+    MIGRATOR,
+};
+pub use error::{ConnectError, Error, Result};

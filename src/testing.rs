@@ -1,0 +1,1155 @@
+//! Fresh PostgreSQL databases for tests, examples and doctests.
+//!
+//! [`create_database`] creates an empty database with a random name (`plane_test_…`) and
+//! returns its URL; [`TestDatabase::drop_database`] removes it again. Nothing is migrated.
+//!
+//! Which server the databases live on:
+//!
+//! * If the `DATABASE_URL` environment variable is set (and not empty), it names a server on
+//!   which the tests may create and drop databases, e.g.
+//!   `postgres://postgres:postgres@127.0.0.1:5432/postgres`. The harness connects to the
+//!   database in that URL to run `CREATE DATABASE` / `DROP DATABASE`, and the URLs it hands
+//!   out are that URL with the database name replaced (user, password, host, port and query
+//!   parameters are kept).
+//! * Otherwise, the first call in the process starts a throwaway server from the local
+//!   PostgreSQL binaries (`initdb` and `postgres`, found on `PATH` or under
+//!   `/usr/lib/postgresql/<version>/bin`) in a temporary directory, listening on
+//!   `127.0.0.1` on a free port. It is tuned for speed, not durability (`fsync=off`), and is
+//!   stopped and deleted shortly after the process exits. When running as root, the server
+//!   runs as the `postgres` (or else `nobody`) user, because PostgreSQL refuses to run as
+//!   root.
+//!
+//! This module is only compiled with the `testing` cargo feature and only works on Unix.
+
+use std::fmt;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use sqlx::{Connection, Executor, PgConnection};
+
+/// The environment variable naming an existing server to use instead of a throwaway one.
+const DATABASE_URL_VAR: &str = "DATABASE_URL";
+/// Superuser created by `initdb` for the throwaway server.
+const SUPERUSER: &str = "postgres";
+/// Maintenance database of the throwaway server.
+const MAINTENANCE_DB: &str = "postgres";
+/// How long to wait for the throwaway server to accept connections.
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long to wait for a fast shutdown before killing the server.
+const STOP_TIMEOUT: Duration = Duration::from_secs(30);
+/// How many lines of `postgres.log` to put into errors.
+const LOG_TAIL_LINES: usize = 25;
+/// Attempts at starting the throwaway server on a fresh port when the port was taken.
+const PORT_ATTEMPTS: usize = 3;
+
+const NO_POSTGRES_MESSAGE: &str = "no PostgreSQL server found: set DATABASE_URL to a server \
+where tests may create databases (e.g. `docker compose up -d` then \
+DATABASE_URL=postgres://postgres:postgres@127.0.0.1:5432/postgres), or install the \
+PostgreSQL server binaries (initdb, postgres; e.g. `apt install postgresql`)";
+
+/// Errors of the test harness.
+///
+/// `Debug` prints the same text as `Display`, so that `.unwrap()` in a test shows a readable
+/// message.
+#[derive(thiserror::Error)]
+#[non_exhaustive]
+pub enum HarnessError {
+    /// `DATABASE_URL` is unset and no PostgreSQL server binaries were found.
+    #[error("{}", NO_POSTGRES_MESSAGE)]
+    NoPostgres,
+    /// `DATABASE_URL` is set but is not a `postgres://` or `postgresql://` URL.
+    #[error(
+        "DATABASE_URL must be a postgres:// or postgresql:// URL, \
+         e.g. postgres://postgres:postgres@127.0.0.1:5432/postgres"
+    )]
+    InvalidDatabaseUrl,
+    /// Running as root, and no unprivileged user exists to run the throwaway server as.
+    #[error(
+        "running as root, but neither a `postgres` nor a `nobody` user exists in /etc/passwd \
+         to run the throwaway PostgreSQL server as (initdb and postgres refuse to run as \
+         root); create one or set DATABASE_URL"
+    )]
+    NoUnprivilegedUser,
+    /// A file system or process operation failed.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+    /// An external command (such as `initdb`) failed.
+    #[error("`{command}` failed ({status}):\n{output}")]
+    CommandFailed {
+        /// The command that was run.
+        command: String,
+        /// How it exited.
+        status: String,
+        /// Its standard output and standard error.
+        output: String,
+    },
+    /// The throwaway server exited while it was starting.
+    #[error(
+        "the throwaway PostgreSQL server exited during startup ({status}); last lines of {}:\n{log_tail}",
+        log.display()
+    )]
+    ServerExited {
+        /// How it exited.
+        status: String,
+        /// Path of the server log.
+        log: PathBuf,
+        /// The last lines of the server log.
+        log_tail: String,
+    },
+    /// The throwaway server did not accept connections in time.
+    #[error(
+        "the throwaway PostgreSQL server did not accept connections within {timeout:?} \
+         (last attempt: {last_error}); last lines of {}:\n{log_tail}",
+        log.display()
+    )]
+    NotReady {
+        /// How long was waited.
+        timeout: Duration,
+        /// Why the last connection attempt failed.
+        last_error: String,
+        /// Path of the server log.
+        log: PathBuf,
+        /// The last lines of the server log.
+        log_tail: String,
+    },
+    /// The throwaway server did not shut down in time and was killed.
+    #[error("the throwaway PostgreSQL server did not shut down within {0:?} and was killed")]
+    StopTimeout(Duration),
+    /// [`TestServer::stop`] or [`TestServer::start`] was called on the `DATABASE_URL` server.
+    #[error(
+        "stop() and start() only work on the throwaway PostgreSQL server, \
+         not on the server named by DATABASE_URL"
+    )]
+    NotEmbedded,
+    /// The operating system's random number generator failed.
+    #[error("could not get random bytes: {0}")]
+    Random(String),
+    /// A statement on the test server failed (or connecting to it failed).
+    #[error("{context}: {source}")]
+    Database {
+        /// What was being done.
+        context: String,
+        /// The underlying error.
+        #[source]
+        source: sqlx::Error,
+    },
+    /// Setting up the server failed on an earlier call in this process (the message is that
+    /// failure); it is not retried.
+    #[error("the test PostgreSQL server could not be set up earlier in this process: {0}")]
+    EarlierFailure(String),
+}
+
+impl fmt::Debug for HarnessError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+impl HarnessError {
+    fn io(context: impl Into<String>) -> impl FnOnce(io::Error) -> HarnessError {
+        let context = context.into();
+        move |source| HarnessError::Io { context, source }
+    }
+
+    /// The error to hand out again for a setup failure cached in [`SERVER`].
+    fn replay(&self) -> HarnessError {
+        match self {
+            HarnessError::NoPostgres => HarnessError::NoPostgres,
+            HarnessError::InvalidDatabaseUrl => HarnessError::InvalidDatabaseUrl,
+            HarnessError::NoUnprivilegedUser => HarnessError::NoUnprivilegedUser,
+            HarnessError::EarlierFailure(message) => HarnessError::EarlierFailure(message.clone()),
+            other => HarnessError::EarlierFailure(other.to_string()),
+        }
+    }
+}
+
+/// The PostgreSQL server the tests of this process use: either the one named by
+/// `DATABASE_URL` or a throwaway one started by this process.
+///
+/// Get it with [`server`].
+#[derive(Debug)]
+pub struct TestServer {
+    /// URL of the database used to create and drop test databases.
+    maintenance_url: String,
+    /// `None` for the `DATABASE_URL` server.
+    embedded: Option<Embedded>,
+}
+
+/// A throwaway server started by this process.
+#[derive(Debug)]
+struct Embedded {
+    /// The temporary directory holding everything below.
+    root: PathBuf,
+    data_dir: PathBuf,
+    socket_dir: PathBuf,
+    log_path: PathBuf,
+    /// Directory holding `initdb` and `postgres`.
+    bin_dir: PathBuf,
+    port: u16,
+    /// `(uid, gid)` to run PostgreSQL as, when this process runs as root.
+    run_as: Option<(u32, u32)>,
+    /// The running postmaster, if any.
+    postmaster: Mutex<Option<Child>>,
+    /// The shell process that removes everything once this process has exited.
+    reaper: Mutex<Option<Child>>,
+}
+
+static SERVER: OnceLock<Result<TestServer, HarnessError>> = OnceLock::new();
+
+/// Returns the process-wide server: `DATABASE_URL`'s server, or a throwaway one started on
+/// first use.
+///
+/// The first call may block for a few seconds while the throwaway server is initialised and
+/// started (other callers wait for it); it uses only blocking standard-library code, so it
+/// may be called from inside a tokio runtime. If setting up fails, the failure is remembered
+/// and returned by every later call.
+pub fn server() -> Result<&'static TestServer, HarnessError> {
+    let mut first_error = None;
+    let result = SERVER.get_or_init(|| {
+        TestServer::from_environment().map_err(|error| {
+            let cached = error.replay();
+            first_error = Some(error);
+            cached
+        })
+    });
+    if let Some(error) = first_error {
+        return Err(error);
+    }
+    match result {
+        Ok(server) => Ok(server),
+        Err(error) => Err(error.replay()),
+    }
+}
+
+impl TestServer {
+    fn from_environment() -> Result<TestServer, HarnessError> {
+        match std::env::var(DATABASE_URL_VAR) {
+            Ok(url) if !url.trim().is_empty() => TestServer::external(url.trim()),
+            Err(std::env::VarError::NotUnicode(_)) => Err(HarnessError::InvalidDatabaseUrl),
+            _ => TestServer::start_embedded(),
+        }
+    }
+
+    fn external(url: &str) -> Result<TestServer, HarnessError> {
+        if split_url(url).is_none() {
+            return Err(HarnessError::InvalidDatabaseUrl);
+        }
+        Ok(TestServer {
+            maintenance_url: url.to_owned(),
+            embedded: None,
+        })
+    }
+
+    /// Initialises and starts a new throwaway server (independent of the process-wide one).
+    fn start_embedded() -> Result<TestServer, HarnessError> {
+        let started = Instant::now();
+        let bin_dir = find_bin_dir().ok_or(HarnessError::NoPostgres)?;
+        let run_as = match effective_uid() {
+            Some(0) => Some(unprivileged_user()?),
+            _ => None,
+        };
+
+        let root = create_temp_root()?;
+        // From here on, the reaper removes `root` once this process has exited, whatever
+        // happens below.
+        let reaper = spawn_reaper(&root).inspect_err(|_| {
+            let _ = fs::remove_dir_all(&root);
+        })?;
+        let mut embedded = Embedded {
+            data_dir: root.join("data"),
+            socket_dir: root.join("socket"),
+            log_path: root.join("postgres.log"),
+            root,
+            bin_dir,
+            port: 0,
+            run_as,
+            postmaster: Mutex::new(None),
+            reaper: Mutex::new(Some(reaper)),
+        };
+        embedded.prepare_directories()?;
+        embedded.initdb()?;
+
+        let mut attempt = 1;
+        let child = loop {
+            embedded.port = free_port()?;
+            match embedded.launch() {
+                Ok(child) => break child,
+                // Another process took the port between choosing and binding it.
+                Err(HarnessError::ServerExited { ref log_tail, .. })
+                    if attempt < PORT_ATTEMPTS && log_tail.contains("could not bind") =>
+                {
+                    attempt += 1;
+                }
+                Err(error) => return Err(error),
+            }
+        };
+        *lock(&embedded.postmaster) = Some(child);
+
+        tracing::info!(
+            port = embedded.port,
+            dir = %embedded.root.display(),
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "started throwaway PostgreSQL server for tests"
+        );
+        Ok(TestServer {
+            maintenance_url: format!(
+                "postgres://{SUPERUSER}@127.0.0.1:{}/{MAINTENANCE_DB}",
+                embedded.port
+            ),
+            embedded: Some(embedded),
+        })
+    }
+
+    /// Whether this is a throwaway server started by this process (rather than the server
+    /// named by `DATABASE_URL`).
+    pub fn is_embedded(&self) -> bool {
+        self.embedded.is_some()
+    }
+
+    /// URL of a database on this server with the given name (replaces the path of the base
+    /// URL, keeps user/host/port/query).
+    pub fn url_for(&self, database: &str) -> String {
+        with_database(&self.maintenance_url, database)
+            .expect("the server URL was validated when the server was set up")
+    }
+
+    /// Stops the embedded server (fast shutdown) and waits until it is down; error if
+    /// external.
+    ///
+    /// Blocks the calling thread. Stopping a stopped server does nothing. Open connections
+    /// are terminated, and other tests using the server at the same time will fail.
+    pub fn stop(&self) -> Result<(), HarnessError> {
+        let embedded = self.embedded.as_ref().ok_or(HarnessError::NotEmbedded)?;
+        let mut postmaster = lock(&embedded.postmaster);
+        match postmaster.take() {
+            Some(mut child) => embedded.shutdown(&mut child),
+            None => Ok(()),
+        }
+    }
+
+    /// Starts the embedded server again on the same port and data dir and waits until it
+    /// accepts connections.
+    ///
+    /// Blocks the calling thread. Starting a running server does nothing; error if external.
+    pub fn start(&self) -> Result<(), HarnessError> {
+        let embedded = self.embedded.as_ref().ok_or(HarnessError::NotEmbedded)?;
+        let mut postmaster = lock(&embedded.postmaster);
+        if let Some(child) = postmaster.as_mut() {
+            let exited = child.try_wait().map_err(HarnessError::io(
+                "could not check the PostgreSQL server process",
+            ))?;
+            if exited.is_none() {
+                return Ok(());
+            }
+        }
+        *postmaster = Some(embedded.launch()?);
+        Ok(())
+    }
+
+    /// Runs one statement on the maintenance database.
+    async fn execute_maintenance(&self, sql: &str, context: String) -> Result<(), HarnessError> {
+        let mut conn = PgConnection::connect(&self.maintenance_url)
+            .await
+            .map_err(|source| HarnessError::Database {
+                context: format!(
+                    "could not connect to the test server at {}",
+                    redact_password(&self.maintenance_url)
+                ),
+                source,
+            })?;
+        let result = conn.execute(sql).await;
+        let _ = conn.close().await;
+        result
+            .map(drop)
+            .map_err(|source| HarnessError::Database { context, source })
+    }
+}
+
+impl Embedded {
+    fn prepare_directories(&self) -> Result<(), HarnessError> {
+        for dir in [&self.data_dir, &self.socket_dir] {
+            fs::DirBuilder::new()
+                .mode(0o700)
+                .create(dir)
+                .map_err(HarnessError::io(format!(
+                    "could not create {}",
+                    dir.display()
+                )))?;
+        }
+        File::create(&self.log_path).map_err(HarnessError::io(format!(
+            "could not create {}",
+            self.log_path.display()
+        )))?;
+        if let Some((uid, gid)) = self.run_as {
+            for path in [&self.root, &self.data_dir, &self.socket_dir, &self.log_path] {
+                std::os::unix::fs::chown(path, Some(uid), Some(gid)).map_err(HarnessError::io(
+                    format!(
+                        "could not change the owner of {} to uid {uid}",
+                        path.display()
+                    ),
+                ))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// A command running one of the PostgreSQL binaries, as the unprivileged user if needed.
+    fn command(&self, program: &str) -> Command {
+        let mut command = Command::new(self.bin_dir.join(program));
+        // The unprivileged user may not be allowed into the current directory.
+        command.current_dir(&self.root).stdin(Stdio::null());
+        if let Some((uid, gid)) = self.run_as {
+            command.uid(uid).gid(gid);
+        }
+        command
+    }
+
+    fn initdb(&self) -> Result<(), HarnessError> {
+        let mut command = self.command("initdb");
+        command
+            .arg("-D")
+            .arg(&self.data_dir)
+            .args(["-U", SUPERUSER, "--auth=trust", "-E", "UTF8", "--locale=C"])
+            .args(["--no-sync", "--no-instructions"]);
+        let output = command.output().map_err(HarnessError::io(format!(
+            "could not run {}",
+            self.bin_dir.join("initdb").display()
+        )))?;
+        if output.status.success() {
+            return Ok(());
+        }
+        Err(HarnessError::CommandFailed {
+            command: format!("{command:?}"),
+            status: output.status.to_string(),
+            output: format!(
+                "{}{}",
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            ),
+        })
+    }
+
+    /// Starts the postmaster and waits until it accepts connections.
+    fn launch(&self) -> Result<Child, HarnessError> {
+        let log_context = || format!("could not open {}", self.log_path.display());
+        let log = OpenOptions::new()
+            .append(true)
+            .open(&self.log_path)
+            .map_err(HarnessError::io(log_context()))?;
+        let log_err = log.try_clone().map_err(HarnessError::io(log_context()))?;
+
+        let mut command = self.command("postgres");
+        command
+            .arg("-D")
+            .arg(&self.data_dir)
+            .arg("-p")
+            .arg(self.port.to_string())
+            .arg("-k")
+            .arg(&self.socket_dir)
+            .args(["-c", "listen_addresses=127.0.0.1"])
+            .args(["-c", "fsync=off"])
+            .args(["-c", "synchronous_commit=off"])
+            .args(["-c", "full_page_writes=off"])
+            .args(["-c", "max_connections=500"])
+            .args(["-c", "shared_buffers=128MB"])
+            .stdout(log)
+            .stderr(log_err)
+            // Not in the test run's process group: a Ctrl-C of the tests leaves the server to
+            // the reaper instead of killing it halfway.
+            .process_group(0);
+        let mut child = command.spawn().map_err(HarnessError::io(format!(
+            "could not run {}",
+            self.bin_dir.join("postgres").display()
+        )))?;
+        match self.wait_until_ready(&mut child) {
+            Ok(()) => Ok(child),
+            Err(error) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                Err(error)
+            }
+        }
+    }
+
+    fn wait_until_ready(&self, child: &mut Child) -> Result<(), HarnessError> {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            let exited = child.try_wait().map_err(HarnessError::io(
+                "could not check the PostgreSQL server process",
+            ))?;
+            if let Some(status) = exited {
+                return Err(HarnessError::ServerExited {
+                    status: status.to_string(),
+                    log: self.log_path.clone(),
+                    log_tail: log_tail(&self.log_path),
+                });
+            }
+            let last_error = match probe(self.port) {
+                Ok(()) => return Ok(()),
+                Err(error) => error,
+            };
+            if Instant::now() >= deadline {
+                return Err(HarnessError::NotReady {
+                    timeout: READY_TIMEOUT,
+                    last_error,
+                    log: self.log_path.clone(),
+                    log_tail: log_tail(&self.log_path),
+                });
+            }
+            thread::sleep(Duration::from_millis(25));
+        }
+    }
+
+    /// Fast shutdown: SIGINT, then wait (and SIGKILL after [`STOP_TIMEOUT`]).
+    fn shutdown(&self, child: &mut Child) -> Result<(), HarnessError> {
+        let exited = child.try_wait().map_err(HarnessError::io(
+            "could not check the PostgreSQL server process",
+        ))?;
+        if exited.is_some() {
+            return Ok(());
+        }
+        send_signal(child.id(), "INT")?;
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        loop {
+            let exited = child
+                .try_wait()
+                .map_err(HarnessError::io("could not wait for the PostgreSQL server"))?;
+            if exited.is_some() {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(HarnessError::StopTimeout(STOP_TIMEOUT));
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Embedded {
+    // Only runs for servers other than the process-wide one (statics are never dropped);
+    // the process-wide server is cleaned up by the reaper.
+    fn drop(&mut self) {
+        if let Some(mut child) = lock(&self.postmaster).take() {
+            let _ = self.shutdown(&mut child);
+        }
+        if let Some(mut reaper) = lock(&self.reaper).take() {
+            let _ = reaper.kill();
+            let _ = reaper.wait();
+        }
+        let _ = fs::remove_dir_all(&self.root);
+    }
+}
+
+/// A database created by [`create_database`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TestDatabase {
+    /// The database name, `plane_test_` followed by 16 random lowercase letters.
+    pub name: String,
+    /// A URL to connect to the database.
+    pub url: String,
+}
+
+/// `CREATE DATABASE plane_test_<16 random lowercase chars>` on the [`server`] (connecting to
+/// the server's maintenance database: `DATABASE_URL`'s own database, or `postgres` for the
+/// throwaway server). Does not migrate.
+///
+/// The database is not dropped automatically; call [`TestDatabase::drop_database`] when
+/// done (databases left on the throwaway server disappear with it).
+pub async fn create_database() -> Result<TestDatabase, HarnessError> {
+    let server = server()?;
+    let name = format!("plane_test_{}", random_lowercase(16)?);
+    server
+        .execute_maintenance(
+            &format!("CREATE DATABASE {}", quote_identifier(&name)),
+            format!("could not create test database {name}"),
+        )
+        .await?;
+    Ok(TestDatabase {
+        url: server.url_for(&name),
+        name,
+    })
+}
+
+impl TestDatabase {
+    /// `DROP DATABASE ... WITH (FORCE)`: drops the database, terminating any connections to
+    /// it. Dropping a database that no longer exists is not an error.
+    pub async fn drop_database(self) -> Result<(), HarnessError> {
+        server()?
+            .execute_maintenance(
+                &format!(
+                    "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                    quote_identifier(&self.name)
+                ),
+                format!("could not drop test database {}", self.name),
+            )
+            .await
+    }
+}
+
+/// Locks a mutex, ignoring poisoning (the data stays consistent across panics here).
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Splits a `postgres://` / `postgresql://` URL into everything before its path
+/// (`scheme://authority`) and everything after it (`?query#fragment`, possibly empty).
+fn split_url(url: &str) -> Option<(&str, &str)> {
+    let scheme_end = url.find("://")?;
+    let scheme = &url[..scheme_end];
+    if !scheme.eq_ignore_ascii_case("postgres") && !scheme.eq_ignore_ascii_case("postgresql") {
+        return None;
+    }
+    let authority_start = scheme_end + 3;
+    let authority_end = url[authority_start..]
+        .find(&['/', '?', '#'][..])
+        .map_or(url.len(), |i| authority_start + i);
+    let rest = &url[authority_end..];
+    let tail_start = rest.find(&['?', '#'][..]).unwrap_or(rest.len());
+    Some((&url[..authority_end], &rest[tail_start..]))
+}
+
+/// `url` with its database (path) replaced by `database`.
+fn with_database(url: &str, database: &str) -> Option<String> {
+    let (head, tail) = split_url(url)?;
+    Some(format!("{head}/{}{tail}", percent_encode(database)))
+}
+
+/// Percent-encodes everything but unreserved URL characters.
+fn percent_encode(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for byte in text.bytes() {
+        if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'~') {
+            out.push(byte as char);
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    out
+}
+
+/// `url` with the password (if any) replaced by `***`, for error messages.
+fn redact_password(url: &str) -> String {
+    let Some(scheme_end) = url.find("://") else {
+        return url.to_owned();
+    };
+    let authority_start = scheme_end + 3;
+    let authority_end = url[authority_start..]
+        .find(&['/', '?', '#'][..])
+        .map_or(url.len(), |i| authority_start + i);
+    let authority = &url[authority_start..authority_end];
+    let Some(at) = authority.rfind('@') else {
+        return url.to_owned();
+    };
+    let Some(colon) = authority[..at].find(':') else {
+        return url.to_owned();
+    };
+    format!(
+        "{}{}:***{}",
+        &url[..authority_start],
+        &authority[..colon],
+        &url[authority_start + at..]
+    )
+}
+
+/// Quotes an SQL identifier.
+fn quote_identifier(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// `len` random letters `a`–`z`.
+fn random_lowercase(len: usize) -> Result<String, HarnessError> {
+    let mut out = String::with_capacity(len);
+    let mut bytes = [0u8; 32];
+    while out.len() < len {
+        getrandom::fill(&mut bytes).map_err(|error| HarnessError::Random(error.to_string()))?;
+        // 234 = 9 * 26: rejecting larger bytes keeps the letters uniform.
+        for byte in bytes.iter().filter(|&&byte| byte < 234) {
+            if out.len() < len {
+                out.push(char::from(b'a' + byte % 26));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The directory holding both `initdb` and `postgres`: the first such directory on `PATH`,
+/// else the highest version under `/usr/lib/postgresql/<version>/bin`.
+fn find_bin_dir() -> Option<PathBuf> {
+    let has_binaries =
+        |dir: &Path| is_executable(&dir.join("initdb")) && is_executable(&dir.join("postgres"));
+    if let Some(path) = std::env::var_os("PATH") {
+        let from_path = std::env::split_paths(&path)
+            .filter(|dir| dir.is_absolute())
+            .find(|dir| has_binaries(dir));
+        if from_path.is_some() {
+            return from_path;
+        }
+    }
+    fs::read_dir("/usr/lib/postgresql")
+        .ok()?
+        .filter_map(|entry| {
+            let entry = entry.ok()?;
+            let version = parse_version(entry.file_name().to_str()?)?;
+            let bin = entry.path().join("bin");
+            has_binaries(&bin).then_some((version, bin))
+        })
+        .max()
+        .map(|(_, bin)| bin)
+}
+
+/// `"15"` → `[15]`, `"9.6"` → `[9, 6]`; `None` for anything else.
+fn parse_version(name: &str) -> Option<Vec<u32>> {
+    name.split('.').map(|part| part.parse().ok()).collect()
+}
+
+fn is_executable(path: &Path) -> bool {
+    fs::metadata(path)
+        .map(|meta| meta.is_file() && meta.permissions().mode() & 0o111 != 0)
+        .unwrap_or(false)
+}
+
+/// The effective uid of this process, without libc: `/proc/self` belongs to it.
+fn effective_uid() -> Option<u32> {
+    if let Ok(meta) = fs::metadata("/proc/self") {
+        return Some(meta.uid());
+    }
+    let output = Command::new("id").arg("-u").output().ok()?;
+    String::from_utf8(output.stdout).ok()?.trim().parse().ok()
+}
+
+/// `(uid, gid)` of the `postgres` user, else of `nobody`.
+fn unprivileged_user() -> Result<(u32, u32), HarnessError> {
+    let passwd = fs::read_to_string("/etc/passwd")
+        .map_err(HarnessError::io("could not read /etc/passwd"))?;
+    passwd_ids(&passwd, "postgres")
+        .or_else(|| passwd_ids(&passwd, "nobody"))
+        .ok_or(HarnessError::NoUnprivilegedUser)
+}
+
+/// Looks up `(uid, gid)` of `user` in the contents of an `/etc/passwd` file.
+fn passwd_ids(passwd: &str, user: &str) -> Option<(u32, u32)> {
+    passwd.lines().find_map(|line| {
+        let mut fields = line.trim().split(':');
+        if fields.next()? != user {
+            return None;
+        }
+        let _password = fields.next()?;
+        let uid = fields.next()?.trim().parse().ok()?;
+        let gid = fields.next()?.trim().parse().ok()?;
+        Some((uid, gid))
+    })
+}
+
+/// Creates `<temp>/plane-db-pg-<pid>-<random>`.
+fn create_temp_root() -> Result<PathBuf, HarnessError> {
+    let temp = std::env::temp_dir();
+    loop {
+        let path = temp.join(format!(
+            "plane-db-pg-{}-{}",
+            std::process::id(),
+            random_lowercase(8)?
+        ));
+        match fs::DirBuilder::new().mode(0o700).create(&path) {
+            Ok(()) => return Ok(path),
+            Err(error) if error.kind() == io::ErrorKind::AlreadyExists => continue,
+            Err(error) => {
+                return Err(HarnessError::Io {
+                    context: format!("could not create {}", path.display()),
+                    source: error,
+                })
+            }
+        }
+    }
+}
+
+/// A port that was free a moment ago.
+fn free_port() -> Result<u16, HarnessError> {
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .map_err(HarnessError::io("could not find a free port on 127.0.0.1"))?;
+    let port = listener
+        .local_addr()
+        .map_err(HarnessError::io("could not find a free port on 127.0.0.1"))?
+        .port();
+    Ok(port)
+}
+
+/// Sends a signal (`"INT"`, `"KILL"`, …) to a process, without libc.
+fn send_signal(pid: u32, signal: &str) -> Result<(), HarnessError> {
+    let status = Command::new("sh")
+        .args(["-c", "kill -s \"$1\" \"$2\"", "sh", signal])
+        .arg(pid.to_string())
+        .stdin(Stdio::null())
+        .status()
+        .map_err(HarnessError::io(format!(
+            "could not run kill -s {signal} {pid}"
+        )))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(HarnessError::CommandFailed {
+            command: format!("kill -s {signal} {pid}"),
+            status: status.to_string(),
+            output: String::new(),
+        })
+    }
+}
+
+/// The last [`LOG_TAIL_LINES`] lines of a log file.
+fn log_tail(path: &Path) -> String {
+    match fs::read(path) {
+        Ok(bytes) => {
+            let text = String::from_utf8_lossy(&bytes);
+            let lines: Vec<&str> = text.lines().collect();
+            lines[lines.len().saturating_sub(LOG_TAIL_LINES)..].join("\n")
+        }
+        Err(error) => format!("(could not read the log: {error})"),
+    }
+}
+
+/// Checks that the server on `127.0.0.1:port` accepts connections, like `pg_isready`: opens
+/// a connection as the superuser to the maintenance database and waits for `ReadyForQuery`.
+/// Uses only std, so it works whether or not the caller is inside an async runtime.
+fn probe(port: u16) -> Result<(), String> {
+    let address = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    let mut stream = TcpStream::connect_timeout(&address, Duration::from_secs(1))
+        .map_err(|error| format!("connecting to {address}: {error}"))?;
+    let io_error = |error: io::Error| format!("talking to {address}: {error}");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .map_err(io_error)?;
+    stream
+        .set_write_timeout(Some(Duration::from_secs(5)))
+        .map_err(io_error)?;
+
+    // StartupMessage, protocol 3.0.
+    let mut body = 196_608_u32.to_be_bytes().to_vec();
+    for part in ["user", SUPERUSER, "database", MAINTENANCE_DB] {
+        body.extend_from_slice(part.as_bytes());
+        body.push(0);
+    }
+    body.push(0);
+    let mut message = ((body.len() + 4) as u32).to_be_bytes().to_vec();
+    message.extend_from_slice(&body);
+    stream.write_all(&message).map_err(io_error)?;
+
+    loop {
+        let mut header = [0u8; 5];
+        stream.read_exact(&mut header).map_err(io_error)?;
+        let length = u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
+        if !(4..=1 << 20).contains(&length) {
+            return Err(format!("malformed reply from {address}"));
+        }
+        let mut payload = vec![0u8; length - 4];
+        stream.read_exact(&mut payload).map_err(io_error)?;
+        match header[0] {
+            // ReadyForQuery: the server is up; send Terminate.
+            b'Z' => {
+                let _ = stream.write_all(&[b'X', 0, 0, 0, 4]);
+                return Ok(());
+            }
+            // ErrorResponse, e.g. "the database system is starting up".
+            b'E' => return Err(error_response_text(&payload)),
+            // An authentication request other than AuthenticationOk: the server is up.
+            b'R' if payload.get(..4) != Some(&[0, 0, 0, 0][..]) => return Ok(()),
+            // AuthenticationOk, ParameterStatus, BackendKeyData, notices: keep reading.
+            _ => {}
+        }
+    }
+}
+
+/// `"<SQLSTATE>: <message>"` from the body of an ErrorResponse.
+fn error_response_text(payload: &[u8]) -> String {
+    let mut code = "";
+    let mut message = "";
+    for field in payload.split(|&byte| byte == 0) {
+        let Some((&kind, value)) = field.split_first() else {
+            continue;
+        };
+        let value = std::str::from_utf8(value).unwrap_or("");
+        match kind {
+            b'C' => code = value,
+            b'M' => message = value,
+            _ => {}
+        }
+    }
+    format!("server said {code}: {message}")
+}
+
+/// Shell script run detached by [`spawn_reaper`]: waits until the test process (`$1`) is
+/// gone, stops the postmaster whose pid is currently in `$2/data/postmaster.pid` (SIGINT,
+/// then SIGKILL after 10 s), and removes `$2`.
+const REAPER_SCRIPT: &str = r#"# plane-db throwaway PostgreSQL reaper
+owner=$1
+dir=$2
+alive() {
+    kill -0 "$1" 2>/dev/null || return 1
+    if [ -r "/proc/$1/stat" ]; then
+        state=$(sed -e 's/^.*) //' -e 's/ .*$//' "/proc/$1/stat" 2>/dev/null)
+        [ "$state" != Z ] || return 1
+    fi
+    return 0
+}
+ours() {
+    [ -r "/proc/$1/cmdline" ] || return 0
+    tr '\000' '\n' < "/proc/$1/cmdline" | grep -qxF -- "$dir/data"
+}
+while alive "$owner"; do sleep 1; done
+pm=$(head -n 1 "$dir/data/postmaster.pid" 2>/dev/null)
+case "$pm" in ''|*[!0-9]*) pm= ;; esac
+if [ -n "$pm" ] && alive "$pm" && ours "$pm"; then
+    kill -INT "$pm" 2>/dev/null
+    i=0
+    while alive "$pm" && [ "$i" -lt 100 ]; do
+        sleep 0.1 2>/dev/null || sleep 1
+        i=$((i + 1))
+    done
+    if alive "$pm"; then kill -KILL "$pm" 2>/dev/null; sleep 1; fi
+fi
+rm -rf "$dir"
+"#;
+
+/// Starts the detached shell process that cleans up `root` after this process exits.
+fn spawn_reaper(root: &Path) -> Result<Child, HarnessError> {
+    Command::new("sh")
+        .arg("-c")
+        .arg(REAPER_SCRIPT)
+        .arg("plane-db-pg-reaper")
+        .arg(std::process::id().to_string())
+        .arg(root)
+        .current_dir("/")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .process_group(0)
+        .spawn()
+        .map_err(HarnessError::io(
+            "could not start the cleanup process for the throwaway PostgreSQL server (sh)",
+        ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn url_database_is_replaced() {
+        let cases = [
+            (
+                "postgres://postgres:secret@127.0.0.1:5432/postgres",
+                "postgres://postgres:secret@127.0.0.1:5432/plane_test_x",
+            ),
+            (
+                "postgres://u@db.example:6543/main?sslmode=disable&application_name=t",
+                "postgres://u@db.example:6543/plane_test_x?sslmode=disable&application_name=t",
+            ),
+            ("postgres://localhost", "postgres://localhost/plane_test_x"),
+            ("postgres://localhost/", "postgres://localhost/plane_test_x"),
+            (
+                "postgresql://localhost:5432?sslmode=require",
+                "postgresql://localhost:5432/plane_test_x?sslmode=require",
+            ),
+            (
+                "postgres:///postgres?host=/var/run/postgresql",
+                "postgres:///plane_test_x?host=/var/run/postgresql",
+            ),
+            ("POSTGRES://h/a/b#frag", "POSTGRES://h/plane_test_x#frag"),
+        ];
+        for (url, expected) in cases {
+            assert_eq!(
+                with_database(url, "plane_test_x").as_deref(),
+                Some(expected),
+                "{url}"
+            );
+        }
+    }
+
+    #[test]
+    fn url_database_name_is_encoded() {
+        assert_eq!(
+            with_database("postgres://h/db", "a b/c?").as_deref(),
+            Some("postgres://h/a%20b%2Fc%3F")
+        );
+    }
+
+    #[test]
+    fn non_postgres_urls_are_rejected() {
+        for url in ["mysql://h/db", "localhost:5432/db", "", "postgres:/h/db"] {
+            assert_eq!(with_database(url, "x"), None, "{url}");
+        }
+        assert!(matches!(
+            TestServer::external("http://example.com/"),
+            Err(HarnessError::InvalidDatabaseUrl)
+        ));
+        let server = TestServer::external("postgres://u:p@h:1/maint?x=y").unwrap();
+        assert!(!server.is_embedded());
+        assert_eq!(server.url_for("d"), "postgres://u:p@h:1/d?x=y");
+        assert!(matches!(server.stop(), Err(HarnessError::NotEmbedded)));
+        assert!(matches!(server.start(), Err(HarnessError::NotEmbedded)));
+    }
+
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(
+            redact_password("postgres://user:secret@host:5432/db?x=1"),
+            "postgres://user:***@host:5432/db?x=1"
+        );
+        assert_eq!(
+            redact_password("postgres://user@host/db"),
+            "postgres://user@host/db"
+        );
+        assert_eq!(redact_password("postgres://host/db"), "postgres://host/db");
+    }
+
+    #[test]
+    fn passwd_lookup() {
+        let passwd = "\
+root:x:0:0:root:/root:/bin/bash
+nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin
+# a comment
+postgres:x:101:104:PostgreSQL administrator,,,:/var/lib/postgresql:/bin/bash
+postgresql:x:7:8::/:/bin/sh
+broken:x:notanumber:1::/:/bin/sh
+";
+        assert_eq!(passwd_ids(passwd, "postgres"), Some((101, 104)));
+        assert_eq!(passwd_ids(passwd, "nobody"), Some((65534, 65534)));
+        assert_eq!(passwd_ids(passwd, "root"), Some((0, 0)));
+        assert_eq!(passwd_ids(passwd, "postgr"), None);
+        assert_eq!(passwd_ids(passwd, "broken"), None);
+        assert_eq!(passwd_ids("", "postgres"), None);
+    }
+
+    #[test]
+    fn versions_sort_numerically() {
+        assert_eq!(parse_version("15"), Some(vec![15]));
+        assert_eq!(parse_version("9.6"), Some(vec![9, 6]));
+        assert_eq!(parse_version("latest"), None);
+        assert!(parse_version("10") > parse_version("9.6"));
+    }
+
+    #[test]
+    fn random_names_are_lowercase() {
+        let a = random_lowercase(16).unwrap();
+        let b = random_lowercase(16).unwrap();
+        assert_eq!(a.len(), 16);
+        assert!(a.bytes().all(|byte| byte.is_ascii_lowercase()));
+        assert_ne!(a, b);
+    }
+
+    #[test]
+    fn identifiers_are_quoted() {
+        assert_eq!(quote_identifier("plane_test_ab"), "\"plane_test_ab\"");
+        assert_eq!(quote_identifier("a\"b"), "\"a\"\"b\"");
+    }
+
+    async fn current_database(url: &str) -> String {
+        let pool = sqlx::PgPool::connect(url).await.expect("connect");
+        let name: String = sqlx::query_scalar("select current_database()")
+            .fetch_one(&pool)
+            .await
+            .expect("query");
+        pool.close().await;
+        name
+    }
+
+    async fn database_exists(name: &str) -> bool {
+        let server = server().unwrap();
+        let pool = sqlx::PgPool::connect(&server.maintenance_url)
+            .await
+            .expect("connect");
+        let exists: bool =
+            sqlx::query_scalar("select exists (select 1 from pg_database where datname = $1)")
+                .bind(name)
+                .fetch_one(&pool)
+                .await
+                .expect("query");
+        pool.close().await;
+        exists
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn create_connect_and_drop_databases() {
+        let started = Instant::now();
+        let server = server().unwrap();
+        eprintln!(
+            "server ready after {:?} (embedded: {})",
+            started.elapsed(),
+            server.is_embedded()
+        );
+
+        let (first, second) = tokio::join!(create_database(), create_database());
+        let (first, second) = (first.unwrap(), second.unwrap());
+        assert_ne!(first.name, second.name);
+        for db in [&first, &second] {
+            assert!(db.name.starts_with("plane_test_"), "{}", db.name);
+            assert_eq!(db.name.len(), "plane_test_".len() + 16);
+            assert_eq!(db.url, server.url_for(&db.name));
+            assert_eq!(current_database(&db.url).await, db.name);
+        }
+
+        // A connection left open does not prevent dropping (WITH (FORCE)).
+        let open = sqlx::PgPool::connect(&first.url).await.unwrap();
+        sqlx::query("select 1").execute(&open).await.unwrap();
+
+        let (first_name, second_name) = (first.name.clone(), second.name.clone());
+        first.drop_database().await.unwrap();
+        second.drop_database().await.unwrap();
+        assert!(!database_exists(&first_name).await);
+        assert!(!database_exists(&second_name).await);
+        open.close().await;
+    }
+
+    /// Uses its own throwaway server, so that stopping it does not disturb other tests using
+    /// the process-wide one.
+    #[test]
+    fn stop_and_start_embedded_server() {
+        if !server().unwrap().is_embedded() {
+            eprintln!("DATABASE_URL is set: skipping the stop/start test");
+            return;
+        }
+        let started = Instant::now();
+        let own = TestServer::start_embedded().unwrap();
+        eprintln!("second server ready after {:?}", started.elapsed());
+        let embedded = own.embedded.as_ref().unwrap();
+        let root = embedded.root.clone();
+        assert!(probe(embedded.port).is_ok());
+
+        own.stop().unwrap();
+        assert!(probe(embedded.port).is_err());
+        assert!(!embedded.data_dir.join("postmaster.pid").exists());
+        own.stop().unwrap(); // stopping twice is fine
+
+        let restarted = Instant::now();
+        own.start().unwrap();
+        eprintln!("restarted after {:?}", restarted.elapsed());
+        assert!(probe(embedded.port).is_ok());
+        own.start().unwrap(); // starting a running server is fine
+
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let url = own.url_for("postgres");
+        assert_eq!(runtime.block_on(current_database(&url)), "postgres");
+
+        drop(own);
+        assert!(!root.exists(), "{} was not removed", root.display());
+    }
+}
