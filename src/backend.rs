@@ -298,7 +298,8 @@ impl<'a> BackendDatabase<'a> {
         Ok(updated > 0)
     }
 
-    /// Every backend, including terminated ones not yet cleaned up. The result grows with
+    /// Every backend, including terminated ones not yet cleaned up (rows that do not decode
+    /// are skipped with a warning). The result grows with
     /// history: prefer [`list_alive_backends_for_drone`](Self::list_alive_backends_for_drone)
     /// on hot paths.
     #[tracing::instrument(skip(self), err)]
@@ -314,7 +315,7 @@ impl<'a> BackendDatabase<'a> {
         )
         .fetch_all(self.db.pool())
         .await?;
-        rows.into_iter().map(BackendRow::try_from).collect()
+        Ok(decode_rows(rows))
     }
 
     /// The backends of drone `drone` in `cluster` that have not terminated.
@@ -340,7 +341,7 @@ impl<'a> BackendDatabase<'a> {
         )
         .fetch_all(self.db.pool())
         .await?;
-        rows.into_iter().map(BackendRow::try_from).collect()
+        Ok(decode_rows(rows))
     }
 
     /// The route for a static token (`s.…`), which is stored on the backend row.
@@ -456,19 +457,22 @@ impl<'a> BackendDatabase<'a> {
         )
         .fetch_all(self.db.pool())
         .await?;
-        rows.into_iter()
-            .map(|row| {
-                let backend_id = BackendName::try_from(row.id.clone())
-                    .map_err(|e| Error::decode("backend", "id", &row.id, e))?;
-                Ok(TerminationCandidate {
+        Ok(rows
+            .into_iter()
+            .filter_map(|row| match BackendName::try_from(row.id.clone()) {
+                Ok(backend_id) => Some(TerminationCandidate {
                     backend_id,
                     expiration_time: row.expiration_time,
                     last_keepalive: row.last_keepalive,
                     allowed_idle_seconds: row.allowed_idle_seconds,
                     as_of: row.as_of,
-                })
+                }),
+                Err(error) => {
+                    tracing::warn!(%error, id = row.id, "skipping termination candidate with a bad name");
+                    None
+                }
             })
-            .collect()
+            .collect())
     }
 
     /// Deletes backends that terminated more than `min_age_days` days ago, with their
@@ -545,6 +549,20 @@ impl<'a> BackendDatabase<'a> {
         tracing::info!(?report, "cleanup finished");
         Ok(report)
     }
+}
+
+/// Decodes listed rows, skipping (with a warning) any that do not decode, so one bad row
+/// does not hide the others.
+fn decode_rows(rows: Vec<RawBackendRow>) -> Vec<BackendRow> {
+    rows.into_iter()
+        .filter_map(|row| match BackendRow::try_from(row) {
+            Ok(row) => Some(row),
+            Err(error) => {
+                tracing::warn!(error = &error as &dyn std::error::Error, "skipping undecodable backend row");
+                None
+            }
+        })
+        .collect()
 }
 
 fn count(n: i64) -> u64 {

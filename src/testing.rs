@@ -264,8 +264,8 @@ impl TestServer {
         };
 
         let root = create_temp_root()?;
-        // From here on, the reaper removes `root` once this process has exited, whatever
-        // happens below.
+        // If this process exits while the server exists, the reaper stops it and removes
+        // `root`; if setting up fails below, dropping `embedded` does that right away.
         let reaper = spawn_reaper(&root).inspect_err(|_| {
             let _ = fs::remove_dir_all(&root);
         })?;
@@ -418,6 +418,20 @@ impl Embedded {
         command
     }
 
+    /// Error context for failing to run one of the PostgreSQL binaries.
+    fn run_context(&self, program: &str) -> String {
+        let program = self.bin_dir.join(program);
+        match self.run_as {
+            Some((uid, _)) => format!(
+                "could not run {} as uid {uid} in {} (that user needs access to the temporary \
+                 directory and the PostgreSQL binaries)",
+                program.display(),
+                self.root.display()
+            ),
+            None => format!("could not run {}", program.display()),
+        }
+    }
+
     fn initdb(&self) -> Result<(), HarnessError> {
         let mut command = self.command("initdb");
         command
@@ -425,10 +439,9 @@ impl Embedded {
             .arg(&self.data_dir)
             .args(["-U", SUPERUSER, "--auth=trust", "-E", "UTF8", "--locale=C"])
             .args(["--no-sync", "--no-instructions"]);
-        let output = command.output().map_err(HarnessError::io(format!(
-            "could not run {}",
-            self.bin_dir.join("initdb").display()
-        )))?;
+        let output = command
+            .output()
+            .map_err(HarnessError::io(self.run_context("initdb")))?;
         if output.status.success() {
             return Ok(());
         }
@@ -471,10 +484,9 @@ impl Embedded {
             // Not in the test run's process group: a Ctrl-C of the tests leaves the server to
             // the reaper instead of killing it halfway.
             .process_group(0);
-        let mut child = command.spawn().map_err(HarnessError::io(format!(
-            "could not run {}",
-            self.bin_dir.join("postgres").display()
-        )))?;
+        let mut child = command
+            .spawn()
+            .map_err(HarnessError::io(self.run_context("postgres")))?;
         match self.wait_until_ready(&mut child) {
             Ok(()) => Ok(child),
             Err(error) => {

@@ -1,0 +1,469 @@
+//! BackendDatabase: lifecycle, routes, keepalives, termination candidates, cleanup.
+
+use crate::common::*;
+use plane_db::backend::RouteInfoResult;
+use plane_db::types::{
+    BackendAddr, BackendMetricsMessage, BackendName, BackendState, BackendStatus, BearerToken,
+    TerminationReason,
+};
+use plane_db::Error;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn update_state_moves_forward_only() {
+    with_db(|db| async move {
+        drone(&db).await;
+        let backend = spawn(&db).await.backend_id;
+        let states = lifecycle();
+
+        assert!(db.backend().update_state(&backend, &states[0]).await.unwrap());
+        assert!(db.backend().update_state(&backend, &states[2]).await.unwrap(), "skipping ahead is forward");
+        // Backwards and repeated transitions are refused and change nothing.
+        assert!(!db.backend().update_state(&backend, &states[1]).await.unwrap());
+        assert!(!db.backend().update_state(&backend, &states[2]).await.unwrap());
+        assert!(!db.backend().update_state(&backend, &BackendState::Scheduled).await.unwrap());
+
+        let row = db.backend().backend(&backend).await.unwrap().expect("row");
+        assert_eq!(row.state, states[2]);
+        let history: Vec<String> = sqlx::query_scalar(
+            "select state->>'status' from backend_state where backend_id = $1 order by id",
+        )
+        .bind(backend.as_str())
+        .fetch_all(db.pool())
+        .await
+        .unwrap();
+        assert_eq!(history, ["scheduled", "loading", "waiting"]);
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn update_state_of_unknown_backend_is_refused() {
+    with_db(|db| async move {
+        let updated = db
+            .backend()
+            .update_state(&BackendName::new_random(), &BackendState::Loading)
+            .await
+            .unwrap();
+        assert!(!updated);
+        let events: i64 = sqlx::query_scalar("select count(*) from event")
+            .fetch_one(db.pool())
+            .await
+            .unwrap();
+        assert_eq!(events, 0, "a refused update emits nothing");
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn terminated_releases_the_key() {
+    with_db(|db| async move {
+        drone(&db).await;
+        let first = db.connect(&request("k")).await.unwrap();
+        for state in lifecycle() {
+            assert!(db.backend().update_state(&first.backend_id, &state).await.unwrap());
+        }
+        let keys: i64 = sqlx::query_scalar("select count(*) from backend_key")
+            .fetch_one(db.pool())
+            .await
+            .unwrap();
+        assert_eq!(keys, 0);
+        let second = db.connect(&request("k")).await.unwrap();
+        assert!(second.spawned);
+        assert_ne!(second.backend_id, first.backend_id);
+        assert!(second.fencing_token > first.fencing_token);
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backend_lookup_and_listing() {
+    with_db(|db| async move {
+        let d = drone(&db).await;
+        assert!(db.backend().backend(&BackendName::new_random()).await.unwrap().is_none());
+
+        let alive = spawn(&db).await.backend_id;
+        let dead = spawn(&db).await.backend_id;
+        for state in lifecycle() {
+            db.backend().update_state(&dead, &state).await.unwrap();
+        }
+
+        let row = db.backend().backend(&alive).await.unwrap().expect("row");
+        assert_eq!(row.id, alive);
+        assert_eq!(row.cluster, cluster());
+        assert_eq!(row.drone_id, d.id);
+        assert_eq!(row.state, BackendState::Scheduled);
+        assert!(row.status_age() >= chrono::Duration::zero());
+
+        let all: Vec<BackendName> = db
+            .backend()
+            .list_backends()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| r.id)
+            .collect();
+        assert_eq!(all.len(), 2);
+        assert!(all.contains(&alive) && all.contains(&dead));
+
+        let live = db
+            .backend()
+            .list_alive_backends_for_drone(&cluster(), &d.name)
+            .await
+            .unwrap();
+        assert_eq!(live.len(), 1);
+        assert_eq!(live[0].id, alive);
+
+        let other_cluster = "other.test".parse().unwrap();
+        assert!(db
+            .backend()
+            .list_alive_backends_for_drone(&other_cluster, &d.name)
+            .await
+            .unwrap()
+            .is_empty());
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn route_is_pending_then_available_then_gone() {
+    with_db(|db| async move {
+        drone(&db).await;
+        let response = spawn(&db).await;
+        let backend = response.backend_id.clone();
+        let backends = db.backend();
+        let route = || backends.route_info_for_token(&response.token);
+
+        match route().await.unwrap() {
+            RouteInfoResult::Pending(partial) => {
+                assert_eq!(partial.backend_id, backend);
+                assert_eq!(partial.user.as_deref(), Some("alice"));
+                assert_eq!(Some(&partial.secret_token), response.secret_token.as_ref());
+            }
+            other => panic!("expected Pending, got {other:?}"),
+        }
+
+        let states = lifecycle();
+        for state in &states[..4] {
+            db.backend().update_state(&backend, state).await.unwrap();
+        }
+        match route().await.unwrap() {
+            RouteInfoResult::Available(info) => {
+                assert_eq!(info.backend_id, backend);
+                assert_eq!(info.address, BackendAddr(addr(8080)));
+                assert_eq!(info.cluster, cluster());
+            }
+            other => panic!("expected Available, got {other:?}"),
+        }
+
+        db.backend().update_state(&backend, &states[4]).await.unwrap();
+        assert_eq!(route().await.unwrap(), RouteInfoResult::NotFound, "terminating");
+        db.backend().update_state(&backend, &states[5]).await.unwrap();
+        assert_eq!(route().await.unwrap(), RouteInfoResult::NotFound, "terminated");
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_and_expired_tokens_do_not_route() {
+    with_db(|db| async move {
+        drone(&db).await;
+        let response = spawn(&db).await;
+        let unknown = BearerToken::new_random();
+        assert_eq!(
+            db.backend().route_info_for_token(&unknown).await.unwrap(),
+            RouteInfoResult::NotFound
+        );
+        sqlx::query("update token set expiration_time = now() - interval '1 second'")
+            .execute(db.pool())
+            .await
+            .unwrap();
+        assert_eq!(
+            db.backend().route_info_for_token(&response.token).await.unwrap(),
+            RouteInfoResult::NotFound
+        );
+        assert_eq!(db.clean_up_tokens().await.unwrap(), 1);
+        assert_eq!(db.clean_up_tokens().await.unwrap(), 0);
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn static_token_routes() {
+    with_db(|db| async move {
+        drone(&db).await;
+        let mut req = request("static");
+        if let Some(spawn) = req.spawn_config.as_mut() {
+            spawn.use_static_token = true;
+        }
+        let response = db.connect(&req).await.unwrap();
+        assert!(response.token.is_static());
+        assert!(response.secret_token.is_none());
+        let tokens: i64 = sqlx::query_scalar("select count(*) from token")
+            .fetch_one(db.pool())
+            .await
+            .unwrap();
+        assert_eq!(tokens, 0, "a static backend gets no per-connect token");
+
+        assert!(matches!(
+            db.backend().route_info_for_token(&response.token).await.unwrap(),
+            RouteInfoResult::Pending(_)
+        ));
+        for state in &lifecycle()[..4] {
+            db.backend().update_state(&response.backend_id, state).await.unwrap();
+        }
+        match db.backend().route_info_for_static_token(&response.token).await.unwrap() {
+            RouteInfoResult::Available(info) => assert_eq!(info.backend_id, response.backend_id),
+            other => panic!("expected Available, got {other:?}"),
+        }
+        // Connecting again returns the same static token.
+        let again = db.connect(&req).await.unwrap();
+        assert_eq!(again.backend_id, response.backend_id);
+        assert_eq!(again.token, response.token);
+
+        let unknown = BearerToken::new_random_static();
+        assert_eq!(
+            db.backend().route_info_for_token(&unknown).await.unwrap(),
+            RouteInfoResult::NotFound
+        );
+        // A non-static token is never looked up as a static one.
+        assert_eq!(
+            db.backend()
+                .route_info_for_static_token(&BearerToken::new_random())
+                .await
+                .unwrap(),
+            RouteInfoResult::NotFound
+        );
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keepalive_is_refused_for_terminated_and_unknown_backends() {
+    with_db(|db| async move {
+        drone(&db).await;
+        let backend = spawn(&db).await.backend_id;
+        let before = db.backend().backend(&backend).await.unwrap().unwrap().last_keepalive;
+        assert!(db.backend().update_keepalive(&backend).await.unwrap());
+        let after = db.backend().backend(&backend).await.unwrap().unwrap().last_keepalive;
+        assert!(after >= before);
+
+        for state in lifecycle() {
+            db.backend().update_state(&backend, &state).await.unwrap();
+        }
+        assert!(!db.backend().update_keepalive(&backend).await.unwrap());
+        assert!(!db.backend().update_keepalive(&BackendName::new_random()).await.unwrap());
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn termination_candidates_are_idle_or_expired_started_backends() {
+    with_db(|db| async move {
+        let d = drone(&db).await;
+        let idle = spawn(&db).await.backend_id;
+        let expired = spawn(&db).await.backend_id;
+        let fresh = spawn(&db).await.backend_id;
+        let scheduled_idle = spawn(&db).await.backend_id;
+        let terminated_idle = spawn(&db).await.backend_id;
+        for b in [&idle, &expired, &fresh] {
+            db.backend().update_state(b, &BackendState::Loading).await.unwrap();
+        }
+        for state in lifecycle() {
+            db.backend().update_state(&terminated_idle, &state).await.unwrap();
+        }
+        sqlx::query(
+            "update backend set allowed_idle_seconds = 10, last_keepalive = now() - interval '1 minute'
+             where id = any($1)",
+        )
+        .bind(vec![idle.to_string(), scheduled_idle.to_string(), terminated_idle.to_string()])
+        .execute(db.pool())
+        .await
+        .unwrap();
+        sqlx::query("update backend set expiration_time = now() - interval '1 second' where id = $1")
+            .bind(expired.as_str())
+            .execute(db.pool())
+            .await
+            .unwrap();
+        sqlx::query("update backend set allowed_idle_seconds = 3600, expiration_time = now() + interval '1 hour' where id = $1")
+            .bind(fresh.as_str())
+            .execute(db.pool())
+            .await
+            .unwrap();
+
+        let mut found: Vec<BackendName> = db
+            .backend()
+            .termination_candidates(d.id)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|c| c.backend_id)
+            .collect();
+        found.sort();
+        let mut expected = vec![idle, expired];
+        expected.sort();
+        assert_eq!(found, expected);
+
+        let other = drone(&db).await;
+        assert!(db.backend().termination_candidates(other.id).await.unwrap().is_empty());
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cleanup_deletes_only_old_terminated_backends() {
+    with_db(|db| async move {
+        drone(&db).await;
+        let old: Vec<BackendName> = {
+            let mut v = Vec::new();
+            for _ in 0..5 {
+                v.push(spawn(&db).await.backend_id);
+            }
+            v
+        };
+        let recent = spawn(&db).await.backend_id;
+        let alive = spawn(&db).await.backend_id;
+        let old_with_live_key = spawn(&db).await.backend_id;
+        for b in old.iter().chain([&recent]) {
+            for state in lifecycle() {
+                db.backend().update_state(b, &state).await.unwrap();
+            }
+        }
+        // A terminated backend whose key is still held (its lease not expired) is kept.
+        sqlx::query("update backend set last_status = 'terminated', last_status_number = 70 where id = $1")
+            .bind(old_with_live_key.as_str())
+            .execute(db.pool())
+            .await
+            .unwrap();
+        sqlx::query("update backend set last_status_time = now() - interval '10 days' where id = any($1)")
+            .bind(old.iter().chain([&old_with_live_key]).map(|b| b.to_string()).collect::<Vec<_>>())
+            .execute(db.pool())
+            .await
+            .unwrap();
+
+        let report = db.backend().cleanup(7, 2).await.unwrap();
+        assert_eq!(report.backends, 5);
+        assert_eq!(report.states, 5 * 7, "scheduled + six transitions each");
+        assert_eq!(report.tokens, 5);
+        assert_eq!(report.actions, 5);
+        assert_eq!(report.keys, 0, "terminated backends released their keys");
+        assert_eq!(report.batches, 3);
+
+        for b in &old {
+            assert!(db.backend().backend(b).await.unwrap().is_none());
+        }
+        for b in [&recent, &alive, &old_with_live_key] {
+            assert!(db.backend().backend(b).await.unwrap().is_some(), "{b} kept");
+        }
+        let again = db.backend().cleanup(7, 2).await.unwrap();
+        assert_eq!(again.backends, 0);
+
+        assert!(matches!(
+            db.backend().cleanup(7, 0).await,
+            Err(Error::InvalidArgument { argument: "batch_size", .. })
+        ));
+        assert!(matches!(
+            db.backend().cleanup(-1, 10).await,
+            Err(Error::InvalidArgument { argument: "min_age_days", .. })
+        ));
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cleanup_deletes_expired_keys_of_old_backends() {
+    with_db(|db| async move {
+        drone(&db).await;
+        let backend = spawn(&db).await.backend_id;
+        // Terminated without releasing its key (as after a crash), key long expired.
+        sqlx::query(
+            "update backend set last_status = 'terminated', last_status_number = 70,
+             last_status_time = now() - interval '30 days' where id = $1",
+        )
+        .bind(backend.as_str())
+        .execute(db.pool())
+        .await
+        .unwrap();
+        sqlx::query("update backend_key set expires_at = now() - interval '1 day'")
+            .execute(db.pool())
+            .await
+            .unwrap();
+        let report = db.backend().cleanup(7, 100).await.unwrap();
+        assert_eq!((report.backends, report.keys), (1, 1));
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn undecodable_rows_are_errors_not_panics() {
+    with_db(|db| async move {
+        drone(&db).await;
+        let good = spawn(&db).await.backend_id;
+        let bad = spawn(&db).await.backend_id;
+        sqlx::query("update backend set state = '{\"status\": \"exploded\"}' where id = $1")
+            .bind(bad.as_str())
+            .execute(db.pool())
+            .await
+            .unwrap();
+        match db.backend().backend(&bad).await {
+            Err(Error::Decode { table: "backend", column: "state", .. }) => {}
+            other => panic!("expected a decode error, got {other:?}"),
+        }
+        assert!(db.backend().backend(&good).await.unwrap().is_some());
+        let listed = db.backend().list_backends().await.unwrap();
+        assert_eq!(listed.len(), 1, "the bad row is skipped, the good one still listed");
+        assert_eq!(listed[0].id, good);
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_reach_live_subscribers() {
+    with_db(|db| async move {
+        let backend = BackendName::new_random();
+        let mut sub = db
+            .subscribe_with_key::<BackendMetricsMessage>(backend.as_str())
+            .await
+            .unwrap();
+        let metrics = BackendMetricsMessage {
+            backend_id: backend.clone(),
+            mem_used: 1,
+            mem_total: 2,
+            mem_active: 3,
+            mem_inactive: 4,
+            mem_unevictable: 5,
+            mem_limit: 6,
+            cpu_used: 7,
+            sys_cpu: 8,
+        };
+        for _ in 0..100 {
+            db.backend().publish_metrics(&metrics).await.unwrap();
+        }
+        for _ in 0..100 {
+            let n = sub.next().await.expect("open").expect("not lagged");
+            assert_eq!(n.payload, metrics);
+            assert_eq!(n.id, None, "metrics are ephemeral");
+        }
+        let stored: i64 = sqlx::query_scalar("select count(*) from event")
+            .fetch_one(db.pool())
+            .await
+            .unwrap();
+        assert_eq!(stored, 0);
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hard_termination_path_is_forward() {
+    with_db(|db| async move {
+        drone(&db).await;
+        let backend = spawn(&db).await.backend_id;
+        let terminating = BackendState::Loading.to_terminating(TerminationReason::External);
+        let hard = terminating.to_hard_terminating(TerminationReason::External);
+        assert!(db.backend().update_state(&backend, &terminating).await.unwrap());
+        assert!(db.backend().update_state(&backend, &hard).await.unwrap());
+        assert!(!db.backend().update_state(&backend, &terminating).await.unwrap());
+        let row = db.backend().backend(&backend).await.unwrap().unwrap();
+        assert_eq!(row.state.status(), BackendStatus::HardTerminating);
+    })
+    .await
+}

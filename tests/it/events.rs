@@ -1,0 +1,274 @@
+//! The event bus: exactly-once delivery under concurrent writers, live-on-return
+//! subscriptions, a killed listening connection, transactions, lag.
+
+use crate::common::*;
+use plane_db::events::{emit, BusConfig, Lagged};
+use plane_db::types::{BackendName, BackendState, BackendStatus};
+use plane_db::{Config, PlaneDatabase};
+use std::collections::HashMap;
+use std::time::Duration;
+
+/// Counts (key, status) pairs a subscriber received.
+type Seen = HashMap<(String, BackendStatus), usize>;
+
+async fn collect_states(
+    mut sub: plane_db::events::Subscription<BackendState>,
+    expected: usize,
+) -> Seen {
+    let mut seen = Seen::new();
+    let mut total = 0;
+    while total < expected {
+        let n = sub.next().await.expect("bus open").expect("not lagged");
+        let status = n.payload.status();
+        if status == BackendStatus::Scheduled {
+            continue; // connect's own event, committed before the subscription
+        }
+        *seen.entry((n.key.expect("keyed"), status)).or_default() += 1;
+        total += 1;
+    }
+    seen
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_subscriber_gets_every_event_once_under_32_writers() {
+    with_db(|db| async move {
+        drone(&db).await;
+        drone(&db).await;
+        const WRITERS: usize = 32;
+        const BACKENDS_PER_WRITER: usize = 3;
+        let mut backends = Vec::new();
+        for _ in 0..WRITERS * BACKENDS_PER_WRITER {
+            backends.push(spawn(&db).await.backend_id);
+        }
+        let expected = backends.len() * lifecycle().len();
+
+        let mut collectors = Vec::new();
+        for _ in 0..3 {
+            let sub = db.subscribe::<BackendState>().await.unwrap();
+            collectors.push(tokio::spawn(collect_states(sub, expected)));
+        }
+        let mut all = db.subscribe_all_events().await.unwrap();
+
+        let writers: Vec<_> = backends
+            .chunks(BACKENDS_PER_WRITER)
+            .map(|chunk| {
+                let db = db.clone();
+                let chunk = chunk.to_vec();
+                tokio::spawn(async move {
+                    for backend in &chunk {
+                        for state in lifecycle() {
+                            assert!(db.backend().update_state(backend, &state).await.unwrap());
+                        }
+                    }
+                })
+            })
+            .collect();
+        for w in writers {
+            w.await.unwrap();
+        }
+
+        for collector in collectors {
+            let seen = collector.await.unwrap();
+            assert_eq!(seen.len(), expected, "every event received");
+            assert!(seen.values().all(|&n| n == 1), "no event received twice");
+        }
+        let mut untyped = Seen::new();
+        let mut total = 0;
+        while total < expected {
+            let event = all.next().await.unwrap().unwrap();
+            if event.kind != "backend_state" || event.data["status"] == "scheduled" {
+                continue;
+            }
+            let state: BackendState = serde_json::from_value(event.data.clone()).unwrap();
+            *untyped.entry((event.key.clone().unwrap(), state.status())).or_default() += 1;
+            total += 1;
+        }
+        assert_eq!(untyped.len(), expected);
+        assert!(untyped.values().all(|&n| n == 1));
+        // Nothing more is pending for the untyped subscriber.
+        assert!(tokio::time::timeout(Duration::from_millis(300), all.next()).await.is_err());
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscription_is_live_when_it_returns() {
+    with_db(|db| async move {
+        for _ in 0..30 {
+            let key = BackendName::new_random();
+            let mut sub = db.subscribe_with_key::<BackendState>(key.as_str()).await.unwrap();
+            let mut conn = db.pool().acquire().await.unwrap();
+            emit(&mut conn, Some(key.as_str()), &BackendState::Loading).await.unwrap();
+            let n = tokio::time::timeout(Duration::from_secs(5), sub.next())
+                .await
+                .expect("event delivered")
+                .unwrap()
+                .unwrap();
+            assert_eq!(n.payload, BackendState::Loading);
+            assert_eq!(n.key.as_deref(), Some(key.as_str()));
+        }
+    })
+    .await
+}
+
+async fn kill_listeners(db: &PlaneDatabase) -> u64 {
+    let killed: Vec<bool> = sqlx::query_scalar(
+        "select pg_terminate_backend(pid) from pg_stat_activity
+         where datname = current_database() and pid <> pg_backend_pid()
+           and query ilike '%listen%plane_events%'",
+    )
+    .fetch_all(db.pool())
+    .await
+    .unwrap();
+    killed.into_iter().filter(|k| *k).count() as u64
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_listener_loses_nothing() {
+    with_db(|db| async move {
+        const WRITERS: usize = 8;
+        const EVENTS_PER_WRITER: usize = 150;
+        let mut sub = db.subscribe::<BackendState>().await.unwrap();
+        let writers: Vec<_> = (0..WRITERS)
+            .map(|w| {
+                let db = db.clone();
+                tokio::spawn(async move {
+                    for i in 0..EVENTS_PER_WRITER {
+                        let key = format!("w{w}-{i}");
+                        let mut txn = db.pool().begin().await.unwrap();
+                        emit(&mut txn, Some(&key), &BackendState::Loading).await.unwrap();
+                        txn.commit().await.unwrap();
+                        if i % 10 == 0 {
+                            tokio::time::sleep(Duration::from_millis(5)).await;
+                        }
+                    }
+                })
+            })
+            .collect();
+        let mut kills = 0;
+        for _ in 0..5 {
+            tokio::time::sleep(Duration::from_millis(60)).await;
+            kills += kill_listeners(&db).await;
+        }
+        for w in writers {
+            w.await.unwrap();
+        }
+        assert!(kills >= 3, "the listening connection was killed ({kills} times)");
+
+        let mut seen: HashMap<String, usize> = HashMap::new();
+        while seen.len() < WRITERS * EVENTS_PER_WRITER {
+            let n = sub.next().await.unwrap().unwrap();
+            *seen.entry(n.key.unwrap()).or_default() += 1;
+        }
+        assert!(seen.values().all(|&n| n == 1), "no duplicates");
+        assert!(tokio::time::timeout(Duration::from_millis(300), sub.next()).await.is_err());
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_committed_events_are_delivered() {
+    with_db(|db| async move {
+        let mut sub = db.subscribe_with_key::<BackendState>("k").await.unwrap();
+        let mut txn = db.pool().begin().await.unwrap();
+        emit(&mut txn, Some("k"), &BackendState::Loading).await.unwrap();
+        txn.rollback().await.unwrap();
+        let mut txn = db.pool().begin().await.unwrap();
+        let id = emit(&mut txn, Some("k"), &BackendState::Starting).await.unwrap();
+        txn.commit().await.unwrap();
+        let n = sub.next().await.unwrap().unwrap();
+        assert_eq!(n.payload, BackendState::Starting);
+        assert_eq!(n.id, Some(id));
+        assert!(tokio::time::timeout(Duration::from_millis(300), sub.next()).await.is_err());
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_transaction_elsewhere_delays_nobody() {
+    with_db(|db| async move {
+        let mut sub = db.subscribe::<BackendState>().await.unwrap();
+        // Holds an xid (it wrote) and stays open.
+        let mut open = db.pool().begin().await.unwrap();
+        emit(&mut open, Some("slow"), &BackendState::Loading).await.unwrap();
+        let mut conn = db.pool().acquire().await.unwrap();
+        emit(&mut conn, Some("fast"), &BackendState::Loading).await.unwrap();
+        let n = tokio::time::timeout(Duration::from_secs(2), sub.next())
+            .await
+            .expect("not delayed by the open transaction")
+            .unwrap()
+            .unwrap();
+        assert_eq!(n.key.as_deref(), Some("fast"));
+        open.commit().await.unwrap();
+        let n = sub.next().await.unwrap().unwrap();
+        assert_eq!(n.key.as_deref(), Some("slow"), "delivered once it commits");
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_since_an_id() {
+    with_db(|db| async move {
+        let mut conn = db.pool().acquire().await.unwrap();
+        let mut ids = Vec::new();
+        for i in 0..5 {
+            ids.push(emit(&mut conn, Some(&format!("k{i}")), &BackendState::Loading).await.unwrap());
+        }
+        let events = db.get_events_since(ids[1], 2).await.unwrap();
+        let got: Vec<i64> = events.iter().filter_map(|e| e.id).collect();
+        assert_eq!(got, [ids[2], ids[3]]);
+        assert_eq!(events[0].kind, "backend_state");
+        assert_eq!(events[0].key.as_deref(), Some("k2"));
+        assert!(db.get_events_since(ids[4], 10).await.unwrap().is_empty());
+        assert!(db.get_events_since(0, -1).await.is_err());
+    })
+    .await
+}
+
+fn small_queue_config() -> Config {
+    Config {
+        bus: BusConfig {
+            max_pending_per_subscription: 5,
+            ..BusConfig::default()
+        },
+        ..Config::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lagging_subscription_is_told() {
+    with_db_config(small_queue_config(), |db| async move {
+        let mut sub = db.subscribe_with_key::<BackendState>("k").await.unwrap();
+        let mut conn = db.pool().acquire().await.unwrap();
+        for _ in 0..20 {
+            emit(&mut conn, Some("k"), &BackendState::Loading).await.unwrap();
+        }
+        // Wait until the bus has read them all.
+        let mut probe = db.subscribe_with_key::<BackendState>("probe").await.unwrap();
+        emit(&mut conn, Some("probe"), &BackendState::Loading).await.unwrap();
+        probe.next().await.unwrap().unwrap();
+
+        let mut delivered = 0;
+        let mut missed = 0;
+        while delivered + missed < 20 {
+            match tokio::time::timeout(Duration::from_secs(5), sub.next()).await.unwrap().unwrap() {
+                Ok(_) => delivered += 1,
+                Err(Lagged { missed: m }) => missed += m,
+            }
+        }
+        assert!(missed > 0, "the overflow was reported");
+        assert_eq!(delivered + missed, 20, "every event is either delivered or counted as missed");
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscriptions_end_when_the_database_is_dropped() {
+    with_db(|db| async move {
+        let mut sub = db.subscribe::<BackendState>().await.unwrap();
+        drop(db);
+        let end = tokio::time::timeout(Duration::from_secs(5), sub.next()).await.expect("ends");
+        assert!(end.is_none());
+    })
+    .await
+}

@@ -1,0 +1,9 @@
+//! Integration tests against a real Postgres: one binary (one link, one throwaway server),
+//! a module per area. Each test gets a fresh database of its own.
+
+mod backend;
+mod common;
+mod connect;
+mod events;
+mod scheduling;
+mod status_stream;

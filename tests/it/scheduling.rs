@@ -1,0 +1,122 @@
+//! Scheduling inputs: controllers, nodes, drones and picking a drone.
+
+use crate::common::*;
+use plane_db::node::NodeRegistration;
+use plane_db::types::{ControllerName, DroneName, DronePoolName, NodeKind};
+use plane_db::Error;
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn picks_only_eligible_drones() {
+    with_db(|db| async move {
+        let pool = DronePoolName::default();
+        assert_eq!(db.drone().pick_for_spawn(&cluster(), &pool).await.unwrap(), None);
+
+        let good = drone(&db).await;
+        let picked = db.drone().pick_for_spawn(&cluster(), &pool).await.unwrap().unwrap();
+        assert_eq!(picked.id, good.id);
+        assert_eq!(picked.name, good.name);
+
+        // Unready.
+        db.drone().set_ready(good.id, false).await.unwrap();
+        assert_eq!(db.drone().pick_for_spawn(&cluster(), &pool).await.unwrap(), None);
+        db.drone().set_ready(good.id, true).await.unwrap();
+        // Draining.
+        sqlx::query("update drone set draining = true where id = $1")
+            .bind(good.id.as_i32())
+            .execute(db.pool())
+            .await
+            .unwrap();
+        assert_eq!(db.drone().pick_for_spawn(&cluster(), &pool).await.unwrap(), None);
+        sqlx::query("update drone set draining = false").execute(db.pool()).await.unwrap();
+        // Silent.
+        sqlx::query("update drone set last_heartbeat = now() - interval '5 minutes'")
+            .execute(db.pool())
+            .await
+            .unwrap();
+        assert_eq!(db.drone().pick_for_spawn(&cluster(), &pool).await.unwrap(), None);
+        assert!(db.drone().heartbeat(good.id, chrono::Utc::now()).await.unwrap());
+        assert!(db.drone().pick_for_spawn(&cluster(), &pool).await.unwrap().is_some());
+        // Controller offline, or controller silent.
+        db.controller().heartbeat(&good.controller, false, "0.1.0", "abc").await.unwrap();
+        assert_eq!(db.drone().pick_for_spawn(&cluster(), &pool).await.unwrap(), None);
+        db.controller().heartbeat(&good.controller, true, "0.1.0", "abc").await.unwrap();
+        sqlx::query("update controller set last_heartbeat = now() - interval '5 minutes'")
+            .execute(db.pool())
+            .await
+            .unwrap();
+        assert_eq!(db.drone().pick_for_spawn(&cluster(), &pool).await.unwrap(), None);
+        db.controller().heartbeat(&good.controller, true, "0.1.0", "abc").await.unwrap();
+        // Other cluster, other pool.
+        let other_cluster = "other.test".parse().unwrap();
+        assert_eq!(db.drone().pick_for_spawn(&other_cluster, &pool).await.unwrap(), None);
+        let gpu = DronePoolName::from("gpu");
+        assert_eq!(db.drone().pick_for_spawn(&cluster(), &gpu).await.unwrap(), None);
+        let gpu_drone = drone_in(&db, &cluster(), &gpu).await;
+        assert_eq!(db.drone().pick_for_spawn(&cluster(), &gpu).await.unwrap().unwrap().id, gpu_drone.id);
+        assert_eq!(db.drone().pick_for_spawn(&cluster(), &pool).await.unwrap().unwrap().id, good.id);
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spreads_backends_over_drones() {
+    with_db(|db| async move {
+        let a = drone(&db).await;
+        let b = drone(&db).await;
+        let mut per_drone: HashMap<_, usize> = HashMap::new();
+        for _ in 0..20 {
+            let response = spawn(&db).await;
+            *per_drone.entry(response.drone.unwrap()).or_default() += 1;
+        }
+        // With a sample of 2 out of 2 drones the least loaded always wins: an even split.
+        assert_eq!(per_drone.get(&a.name), Some(&10));
+        assert_eq!(per_drone.get(&b.name), Some(&10));
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_registration_returns_a_stable_id_and_checks_the_name() {
+    with_db(|db| async move {
+        let controller = ControllerName::new_random();
+        db.controller().heartbeat(&controller, true, "0.1.0", "abc").await.unwrap();
+        let name = DroneName::new_random();
+        let c = cluster();
+        let registration = NodeRegistration {
+            controller: &controller,
+            kind: NodeKind::Drone,
+            name: name.as_str(),
+            cluster: Some(&c),
+            plane_version: "0.1.0",
+            plane_hash: "abc",
+            ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
+        };
+        let first = db.node().register(&registration).await.unwrap();
+        let again = db.node().register(&registration).await.unwrap();
+        assert_eq!(first, again);
+
+        let wrong = NodeRegistration { kind: NodeKind::Proxy, ..registration.clone() };
+        assert!(matches!(
+            db.node().register(&wrong).await,
+            Err(Error::InvalidArgument { argument: "name", .. })
+        ));
+        // A DNS server has no cluster; registering it twice still finds the same row.
+        let dns = plane_db::types::AcmeDnsServerName::new_random();
+        let dns_registration = NodeRegistration {
+            kind: NodeKind::AcmeDnsServer,
+            name: dns.as_str(),
+            cluster: None,
+            ..registration.clone()
+        };
+        let d1 = db.node().register(&dns_registration).await.unwrap();
+        let d2 = db.node().register(&dns_registration).await.unwrap();
+        assert_eq!(d1, d2);
+        // Heartbeats for unknown drones report false.
+        assert!(!db.drone().heartbeat(plane_db::types::NodeId::from(987_654), chrono::Utc::now()).await.unwrap());
+        assert!(!db.drone().set_ready(plane_db::types::NodeId::from(987_654), true).await.unwrap());
+        db.health_check().await.unwrap();
+    })
+    .await
+}
