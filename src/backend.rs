@@ -5,8 +5,8 @@ use crate::error::{to_json, Error, Result};
 use crate::events::{emit_ephemeral, NotificationPayload};
 use crate::types::{
     BackendAddr, BackendMetricsMessage, BackendName, BackendState, BackendStatus,
-    BackendStatusStreamEntry, BearerToken, ClusterName, DroneName, NodeId, RouteInfo,
-    SecretToken, Subdomain,
+    BackendStatusStreamEntry, BearerToken, ClusterName, DroneName, NodeId, RouteInfo, SecretToken,
+    Subdomain,
 };
 use crate::PlaneDatabase;
 use chrono::{DateTime, Utc};
@@ -253,7 +253,11 @@ impl<'a> BackendDatabase<'a> {
     /// Returns false, changing nothing, for an unknown backend or a transition that is not
     /// forward (including a repeat of the current status).
     #[tracing::instrument(skip(self, new_state), fields(backend = %backend, status = %new_state.status()), err)]
-    pub async fn update_state(&self, backend: &BackendName, new_state: &BackendState) -> Result<bool> {
+    pub async fn update_state(
+        &self,
+        backend: &BackendName,
+        new_state: &BackendState,
+    ) -> Result<bool> {
         let status = new_state.status();
         let state = to_json("backend state", new_state)?;
         let updated = sqlx::query_scalar!(
@@ -346,7 +350,10 @@ impl<'a> BackendDatabase<'a> {
 
     /// The route for a static token (`s.…`), which is stored on the backend row.
     #[tracing::instrument(skip_all, err)]
-    pub async fn route_info_for_static_token(&self, token: &BearerToken) -> Result<RouteInfoResult> {
+    pub async fn route_info_for_static_token(
+        &self,
+        token: &BearerToken,
+    ) -> Result<RouteInfoResult> {
         if !token.is_static() {
             return Ok(RouteInfoResult::NotFound);
         }
@@ -439,7 +446,10 @@ impl<'a> BackendDatabase<'a> {
     /// terminated, and have either gone without a keepalive for longer than they may be
     /// idle or passed their expiration time.
     #[tracing::instrument(skip(self), fields(drone = %drone_id), err)]
-    pub async fn termination_candidates(&self, drone_id: NodeId) -> Result<Vec<TerminationCandidate>> {
+    pub async fn termination_candidates(
+        &self,
+        drone_id: NodeId,
+    ) -> Result<Vec<TerminationCandidate>> {
         let rows = sqlx::query!(
             r#"
             select id, expiration_time, allowed_idle_seconds, last_keepalive, now() as "as_of!"
@@ -558,7 +568,10 @@ fn decode_rows(rows: Vec<RawBackendRow>) -> Vec<BackendRow> {
         .filter_map(|row| match BackendRow::try_from(row) {
             Ok(row) => Some(row),
             Err(error) => {
-                tracing::warn!(error = &error as &dyn std::error::Error, "skipping undecodable backend row");
+                tracing::warn!(
+                    error = &error as &dyn std::error::Error,
+                    "skipping undecodable backend row"
+                );
                 None
             }
         })
@@ -594,8 +607,8 @@ fn route_result(parts: RouteParts) -> Result<RouteInfoResult> {
         return Ok(RouteInfoResult::NotFound);
     }
     let id = &parts.backend_id;
-    let backend_id = BackendName::try_from(id.clone())
-        .map_err(|e| Error::decode("backend", "id", id, e))?;
+    let backend_id =
+        BackendName::try_from(id.clone()).map_err(|e| Error::decode("backend", "id", id, e))?;
     let cluster = ClusterName::try_from(parts.cluster)
         .map_err(|e| Error::decode("backend", "cluster", id, e))?;
     let subdomain = parts
@@ -630,7 +643,10 @@ fn route_result(parts: RouteParts) -> Result<RouteInfoResult> {
 }
 
 /// The backend's state history in order, skipping (with a warning) rows that do not decode.
-async fn read_history(pool: &PgPool, backend: &BackendName) -> Result<Vec<BackendStatusStreamEntry>> {
+async fn read_history(
+    pool: &PgPool,
+    backend: &BackendName,
+) -> Result<Vec<BackendStatusStreamEntry>> {
     let rows = sqlx::query!(
         r#"
         select id, state, created_at
@@ -656,7 +672,10 @@ async fn read_history(pool: &PgPool, backend: &BackendName) -> Result<Vec<Backen
 
 /// [`read_history`] for a stream that must not end early: retries until the database
 /// answers.
-async fn read_history_retrying(pool: &PgPool, backend: &BackendName) -> Vec<BackendStatusStreamEntry> {
+async fn read_history_retrying(
+    pool: &PgPool,
+    backend: &BackendName,
+) -> Vec<BackendStatusStreamEntry> {
     let mut delay = Duration::from_millis(50);
     loop {
         match read_history(pool, backend).await {

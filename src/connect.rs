@@ -3,9 +3,8 @@
 use crate::error::{to_json, ConnectError, Error, Result};
 use crate::events::NotificationPayload;
 use crate::types::{
-    BackendActionMessage, BackendActionName, BackendName, BackendState, BackendStatus,
-    BearerToken, ClusterName, DroneName, DronePoolName, KeyConfig, NodeId, SecretToken,
-    Subdomain,
+    BackendActionMessage, BackendActionName, BackendName, BackendState, BackendStatus, BearerToken,
+    ClusterName, DroneName, DronePoolName, KeyConfig, NodeId, SecretToken, Subdomain,
 };
 use crate::PlaneDatabase;
 use serde::{Deserialize, Serialize};
@@ -111,7 +110,10 @@ impl PlaneDatabase {
         let key = match &request.key {
             Some(key) => key.clone(),
             None => KeyConfig {
-                name: format!("lk-{}", BackendName::new_random().as_str().trim_start_matches("ba-")),
+                name: format!(
+                    "lk-{}",
+                    BackendName::new_random().as_str().trim_start_matches("ba-")
+                ),
                 ..KeyConfig::default()
             },
         };
@@ -124,10 +126,15 @@ impl PlaneDatabase {
         for _ in 0..MAX_ATTEMPTS {
             let mut no_drone = None;
             if let Some(spawn) = &request.spawn_config {
-                match self.drone().pick_for_spawn(&spawn.cluster, &spawn.pool).await? {
+                match self
+                    .drone()
+                    .pick_for_spawn(&spawn.cluster, &spawn.pool)
+                    .await?
+                {
                     Some(drone) => {
-                        if let Some(response) =
-                            self.try_spawn(&key, spawn, request, drone.id, drone.name).await?
+                        if let Some(response) = self
+                            .try_spawn(&key, spawn, request, drone.id, drone.name)
+                            .await?
                         {
                             return Ok(response);
                         }
@@ -329,8 +336,8 @@ impl PlaneDatabase {
             return Ok(None);
         };
         let id = row.id;
-        let backend =
-            BackendName::try_from(id.clone()).map_err(|e| Error::decode("backend_key", "id", &id, e))?;
+        let backend = BackendName::try_from(id.clone())
+            .map_err(|e| Error::decode("backend_key", "id", &id, e))?;
         let status = BackendStatus::from_int(row.last_status_number).ok_or_else(|| {
             Error::decode(
                 "backend",
@@ -368,7 +375,8 @@ impl PlaneDatabase {
             None => {
                 let token = BearerToken::new_random();
                 let secret = SecretToken::new_random();
-                self.insert_token(&holder.backend, &token, &secret, request).await?;
+                self.insert_token(&holder.backend, &token, &secret, request)
+                    .await?;
                 (token, Some(secret))
             }
         };

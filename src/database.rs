@@ -161,7 +161,9 @@ impl PlaneDatabase {
 
     /// Checks that the database answers.
     pub async fn health_check(&self) -> Result<()> {
-        sqlx::query!("select 1 as one").fetch_one(self.pool()).await?;
+        sqlx::query!("select 1 as one")
+            .fetch_one(self.pool())
+            .await?;
         Ok(())
     }
 

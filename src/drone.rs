@@ -129,8 +129,8 @@ impl<'a> DroneDatabase<'a> {
         let Some(row) = row else {
             return Ok(None);
         };
-        let name = DroneName::try_from(row.name)
-            .map_err(|e| Error::decode("node", "name", row.id, e))?;
+        let name =
+            DroneName::try_from(row.name).map_err(|e| Error::decode("node", "name", row.id, e))?;
         Ok(Some(PickedDrone {
             id: NodeId::from(row.id),
             name,

@@ -42,7 +42,11 @@ pub mod testing;
 pub mod types;
 
 pub use database::{
-    connect, connect_and_migrate, Config, KeyLeaseConfig, PlaneDatabase, SchedulerConfig,
-    MIGRATOR,
+    connect, connect_and_migrate, Config, KeyLeaseConfig, PlaneDatabase, SchedulerConfig, MIGRATOR,
 };
 pub use error::{ConnectError, Error, Result};
+
+/// The README's example runs as a doctest, so it stays true.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

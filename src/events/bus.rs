@@ -373,12 +373,7 @@ async fn read_loop(shared: Arc<Shared>, pool: PgPool, mut cursor: String, config
 ///
 /// Pages of `batch` rows are read against one fixed target snapshot (the first page's), so a
 /// large backlog is read in bounded steps and the cursor only advances once it is all read.
-async fn read_new_events(
-    shared: &Shared,
-    pool: &PgPool,
-    prev: &str,
-    batch: i64,
-) -> Result<String> {
+async fn read_new_events(shared: &Shared, pool: &PgPool, prev: &str, batch: i64) -> Result<String> {
     let mut target: Option<String> = None;
     let mut after = 0_i64;
     loop {

@@ -15,12 +15,34 @@ async fn update_state_moves_forward_only() {
         let backend = spawn(&db).await.backend_id;
         let states = lifecycle();
 
-        assert!(db.backend().update_state(&backend, &states[0]).await.unwrap());
-        assert!(db.backend().update_state(&backend, &states[2]).await.unwrap(), "skipping ahead is forward");
+        assert!(db
+            .backend()
+            .update_state(&backend, &states[0])
+            .await
+            .unwrap());
+        assert!(
+            db.backend()
+                .update_state(&backend, &states[2])
+                .await
+                .unwrap(),
+            "skipping ahead is forward"
+        );
         // Backwards and repeated transitions are refused and change nothing.
-        assert!(!db.backend().update_state(&backend, &states[1]).await.unwrap());
-        assert!(!db.backend().update_state(&backend, &states[2]).await.unwrap());
-        assert!(!db.backend().update_state(&backend, &BackendState::Scheduled).await.unwrap());
+        assert!(!db
+            .backend()
+            .update_state(&backend, &states[1])
+            .await
+            .unwrap());
+        assert!(!db
+            .backend()
+            .update_state(&backend, &states[2])
+            .await
+            .unwrap());
+        assert!(!db
+            .backend()
+            .update_state(&backend, &BackendState::Scheduled)
+            .await
+            .unwrap());
 
         let row = db.backend().backend(&backend).await.unwrap().expect("row");
         assert_eq!(row.state, states[2]);
@@ -60,7 +82,11 @@ async fn terminated_releases_the_key() {
         drone(&db).await;
         let first = db.connect(&request("k")).await.unwrap();
         for state in lifecycle() {
-            assert!(db.backend().update_state(&first.backend_id, &state).await.unwrap());
+            assert!(db
+                .backend()
+                .update_state(&first.backend_id, &state)
+                .await
+                .unwrap());
         }
         let keys: i64 = sqlx::query_scalar("select count(*) from backend_key")
             .fetch_one(db.pool())
@@ -79,7 +105,12 @@ async fn terminated_releases_the_key() {
 async fn backend_lookup_and_listing() {
     with_db(|db| async move {
         let d = drone(&db).await;
-        assert!(db.backend().backend(&BackendName::new_random()).await.unwrap().is_none());
+        assert!(db
+            .backend()
+            .backend(&BackendName::new_random())
+            .await
+            .unwrap()
+            .is_none());
 
         let alive = spawn(&db).await.backend_id;
         let dead = spawn(&db).await.backend_id;
@@ -155,10 +186,24 @@ async fn route_is_pending_then_available_then_gone() {
             other => panic!("expected Available, got {other:?}"),
         }
 
-        db.backend().update_state(&backend, &states[4]).await.unwrap();
-        assert_eq!(route().await.unwrap(), RouteInfoResult::NotFound, "terminating");
-        db.backend().update_state(&backend, &states[5]).await.unwrap();
-        assert_eq!(route().await.unwrap(), RouteInfoResult::NotFound, "terminated");
+        db.backend()
+            .update_state(&backend, &states[4])
+            .await
+            .unwrap();
+        assert_eq!(
+            route().await.unwrap(),
+            RouteInfoResult::NotFound,
+            "terminating"
+        );
+        db.backend()
+            .update_state(&backend, &states[5])
+            .await
+            .unwrap();
+        assert_eq!(
+            route().await.unwrap(),
+            RouteInfoResult::NotFound,
+            "terminated"
+        );
     })
     .await
 }
@@ -178,7 +223,10 @@ async fn unknown_and_expired_tokens_do_not_route() {
             .await
             .unwrap();
         assert_eq!(
-            db.backend().route_info_for_token(&response.token).await.unwrap(),
+            db.backend()
+                .route_info_for_token(&response.token)
+                .await
+                .unwrap(),
             RouteInfoResult::NotFound
         );
         assert_eq!(db.clean_up_tokens().await.unwrap(), 1);
@@ -205,13 +253,24 @@ async fn static_token_routes() {
         assert_eq!(tokens, 0, "a static backend gets no per-connect token");
 
         assert!(matches!(
-            db.backend().route_info_for_token(&response.token).await.unwrap(),
+            db.backend()
+                .route_info_for_token(&response.token)
+                .await
+                .unwrap(),
             RouteInfoResult::Pending(_)
         ));
         for state in &lifecycle()[..4] {
-            db.backend().update_state(&response.backend_id, state).await.unwrap();
+            db.backend()
+                .update_state(&response.backend_id, state)
+                .await
+                .unwrap();
         }
-        match db.backend().route_info_for_static_token(&response.token).await.unwrap() {
+        match db
+            .backend()
+            .route_info_for_static_token(&response.token)
+            .await
+            .unwrap()
+        {
             RouteInfoResult::Available(info) => assert_eq!(info.backend_id, response.backend_id),
             other => panic!("expected Available, got {other:?}"),
         }
@@ -242,16 +301,32 @@ async fn keepalive_is_refused_for_terminated_and_unknown_backends() {
     with_db(|db| async move {
         drone(&db).await;
         let backend = spawn(&db).await.backend_id;
-        let before = db.backend().backend(&backend).await.unwrap().unwrap().last_keepalive;
+        let before = db
+            .backend()
+            .backend(&backend)
+            .await
+            .unwrap()
+            .unwrap()
+            .last_keepalive;
         assert!(db.backend().update_keepalive(&backend).await.unwrap());
-        let after = db.backend().backend(&backend).await.unwrap().unwrap().last_keepalive;
+        let after = db
+            .backend()
+            .backend(&backend)
+            .await
+            .unwrap()
+            .unwrap()
+            .last_keepalive;
         assert!(after >= before);
 
         for state in lifecycle() {
             db.backend().update_state(&backend, &state).await.unwrap();
         }
         assert!(!db.backend().update_keepalive(&backend).await.unwrap());
-        assert!(!db.backend().update_keepalive(&BackendName::new_random()).await.unwrap());
+        assert!(!db
+            .backend()
+            .update_keepalive(&BackendName::new_random())
+            .await
+            .unwrap());
     })
     .await
 }
@@ -329,16 +404,25 @@ async fn cleanup_deletes_only_old_terminated_backends() {
             }
         }
         // A terminated backend whose key is still held (its lease not expired) is kept.
-        sqlx::query("update backend set last_status = 'terminated', last_status_number = 70 where id = $1")
-            .bind(old_with_live_key.as_str())
-            .execute(db.pool())
-            .await
-            .unwrap();
-        sqlx::query("update backend set last_status_time = now() - interval '10 days' where id = any($1)")
-            .bind(old.iter().chain([&old_with_live_key]).map(|b| b.to_string()).collect::<Vec<_>>())
-            .execute(db.pool())
-            .await
-            .unwrap();
+        sqlx::query(
+            "update backend set last_status = 'terminated', last_status_number = 70 where id = $1",
+        )
+        .bind(old_with_live_key.as_str())
+        .execute(db.pool())
+        .await
+        .unwrap();
+        sqlx::query(
+            "update backend set last_status_time = now() - interval '10 days' where id = any($1)",
+        )
+        .bind(
+            old.iter()
+                .chain([&old_with_live_key])
+                .map(|b| b.to_string())
+                .collect::<Vec<_>>(),
+        )
+        .execute(db.pool())
+        .await
+        .unwrap();
 
         let report = db.backend().cleanup(7, 2).await.unwrap();
         assert_eq!(report.backends, 5);
@@ -359,11 +443,17 @@ async fn cleanup_deletes_only_old_terminated_backends() {
 
         assert!(matches!(
             db.backend().cleanup(7, 0).await,
-            Err(Error::InvalidArgument { argument: "batch_size", .. })
+            Err(Error::InvalidArgument {
+                argument: "batch_size",
+                ..
+            })
         ));
         assert!(matches!(
             db.backend().cleanup(-1, 10).await,
-            Err(Error::InvalidArgument { argument: "min_age_days", .. })
+            Err(Error::InvalidArgument {
+                argument: "min_age_days",
+                ..
+            })
         ));
     })
     .await
@@ -405,12 +495,20 @@ async fn undecodable_rows_are_errors_not_panics() {
             .await
             .unwrap();
         match db.backend().backend(&bad).await {
-            Err(Error::Decode { table: "backend", column: "state", .. }) => {}
+            Err(Error::Decode {
+                table: "backend",
+                column: "state",
+                ..
+            }) => {}
             other => panic!("expected a decode error, got {other:?}"),
         }
         assert!(db.backend().backend(&good).await.unwrap().is_some());
         let listed = db.backend().list_backends().await.unwrap();
-        assert_eq!(listed.len(), 1, "the bad row is skipped, the good one still listed");
+        assert_eq!(
+            listed.len(),
+            1,
+            "the bad row is skipped, the good one still listed"
+        );
         assert_eq!(listed[0].id, good);
     })
     .await
@@ -459,9 +557,17 @@ async fn hard_termination_path_is_forward() {
         let backend = spawn(&db).await.backend_id;
         let terminating = BackendState::Loading.to_terminating(TerminationReason::External);
         let hard = terminating.to_hard_terminating(TerminationReason::External);
-        assert!(db.backend().update_state(&backend, &terminating).await.unwrap());
+        assert!(db
+            .backend()
+            .update_state(&backend, &terminating)
+            .await
+            .unwrap());
         assert!(db.backend().update_state(&backend, &hard).await.unwrap());
-        assert!(!db.backend().update_state(&backend, &terminating).await.unwrap());
+        assert!(!db
+            .backend()
+            .update_state(&backend, &terminating)
+            .await
+            .unwrap());
         let row = db.backend().backend(&backend).await.unwrap().unwrap();
         assert_eq!(row.state.status(), BackendStatus::HardTerminating);
     })

@@ -43,7 +43,10 @@ where
         .await
         .expect("test timed out");
     pool.close().await;
-    database.drop_database().await.expect("drop the test database");
+    database
+        .drop_database()
+        .await
+        .expect("drop the test database");
 }
 
 pub fn cluster() -> ClusterName {
@@ -132,7 +135,10 @@ pub async fn spawn(db: &PlaneDatabase) -> ConnectResponse {
 
 /// The forward path of a backend's life after `scheduled`.
 pub fn lifecycle() -> Vec<BackendState> {
-    let waiting = BackendState::Scheduled.to_loading().to_starting().to_waiting(addr(8080));
+    let waiting = BackendState::Scheduled
+        .to_loading()
+        .to_starting()
+        .to_waiting(addr(8080));
     let ready = waiting.to_ready(plane_db::types::BackendAddr(addr(8080)));
     let terminating = ready.to_terminating(plane_db::types::TerminationReason::Swept);
     let terminated = terminating.to_terminated(Some(0));

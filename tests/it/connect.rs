@@ -29,7 +29,12 @@ async fn connect_creates_a_backend_with_everything_it_needs() {
         assert!(response.secret_token.is_some());
         assert_eq!(response.subdomain.as_ref().map(|s| s.as_str()), Some("abc"));
 
-        let row = db.backend().backend(&response.backend_id).await.unwrap().unwrap();
+        let row = db
+            .backend()
+            .backend(&response.backend_id)
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(row.drone_id, d.id);
         assert_eq!(row.allowed_idle_seconds, Some(60));
         let lifetime = row.expiration_time.expect("expiration") - row.last_status_time;
@@ -50,7 +55,11 @@ async fn connect_creates_a_backend_with_everything_it_needs() {
         assert_eq!(message.backend_id, response.backend_id);
         assert_eq!(message.drone_id, d.id);
         match &message.action {
-            BackendAction::Spawn { executable, key, static_token } => {
+            BackendAction::Spawn {
+                executable,
+                key,
+                static_token,
+            } => {
                 assert_eq!(executable["image"], "ghcr.io/example/app:1");
                 assert_eq!(key.token, fencing);
                 assert_eq!(key.key.name, "k1");
@@ -67,7 +76,10 @@ async fn connect_creates_a_backend_with_everything_it_needs() {
                 .fetch_one(db.pool())
                 .await
                 .unwrap();
-        assert_eq!(serde_json::from_value::<BackendAction>(stored).unwrap(), message.action);
+        assert_eq!(
+            serde_json::from_value::<BackendAction>(stored).unwrap(),
+            message.action
+        );
 
         // The token is stored as a digest only.
         let raw: i64 = sqlx::query_scalar("select count(*) from token where token_digest = $1")
@@ -77,7 +89,10 @@ async fn connect_creates_a_backend_with_everything_it_needs() {
             .unwrap();
         assert_eq!(raw, 0);
         assert!(matches!(
-            db.backend().route_info_for_token(&response.token).await.unwrap(),
+            db.backend()
+                .route_info_for_token(&response.token)
+                .await
+                .unwrap(),
             RouteInfoResult::Pending(_)
         ));
     })
@@ -103,7 +118,10 @@ async fn connect_to_a_live_key_returns_the_same_backend_with_a_new_token() {
         // Without a spawn config, a live backend is still returned.
         let mut no_spawn = request("k");
         no_spawn.spawn_config = None;
-        assert_eq!(db.connect(&no_spawn).await.unwrap().backend_id, first.backend_id);
+        assert_eq!(
+            db.connect(&no_spawn).await.unwrap().backend_id,
+            first.backend_id
+        );
     })
     .await
 }
@@ -187,7 +205,10 @@ async fn connect_without_a_drone_is_no_drone_available() {
         let d = drone(&db).await;
         let first = db.connect(&request("k")).await.unwrap();
         db.drone().set_ready(d.id, false).await.unwrap();
-        assert_eq!(db.connect(&request("k")).await.unwrap().backend_id, first.backend_id);
+        assert_eq!(
+            db.connect(&request("k")).await.unwrap().backend_id,
+            first.backend_id
+        );
     })
     .await
 }
@@ -255,7 +276,10 @@ async fn connect_rejects_nonpositive_limits() {
         }
         assert!(matches!(
             db.connect(&req).await,
-            Err(ConnectError::Other(Error::InvalidArgument { argument: "max_idle_seconds", .. }))
+            Err(ConnectError::Other(Error::InvalidArgument {
+                argument: "max_idle_seconds",
+                ..
+            }))
         ));
     })
     .await
@@ -267,7 +291,11 @@ async fn hostile_key_strings_are_stored_verbatim() {
         drone(&db).await;
         let hostile = "'; drop table backend; -- \\ \"quoted\" ünïcødé ".repeat(50);
         let mut req = request(&hostile);
-        req.key = Some(KeyConfig { name: hostile.clone(), namespace: hostile.clone(), tag: hostile.clone() });
+        req.key = Some(KeyConfig {
+            name: hostile.clone(),
+            namespace: hostile.clone(),
+            tag: hostile.clone(),
+        });
         req.user = Some(hostile.clone());
         let first = db.connect(&req).await.unwrap();
         let again = db.connect(&req).await.unwrap();
@@ -280,7 +308,10 @@ async fn hostile_key_strings_are_stored_verbatim() {
         // NUL cannot be stored in Postgres text: a typed error, not a panic.
         let mut nul = request("bad\0key");
         nul.user = None;
-        assert!(matches!(db.connect(&nul).await, Err(ConnectError::Other(Error::Database(_)))));
+        assert!(matches!(
+            db.connect(&nul).await,
+            Err(ConnectError::Other(Error::Database(_)))
+        ));
     })
     .await
 }
@@ -296,11 +327,17 @@ async fn revoke_removes_a_users_tokens() {
         assert_eq!(db.revoke(&first.backend_id, "alice").await.unwrap(), 1);
         assert_eq!(db.revoke(&first.backend_id, "alice").await.unwrap(), 0);
         assert_eq!(
-            db.backend().route_info_for_token(&first.token).await.unwrap(),
+            db.backend()
+                .route_info_for_token(&first.token)
+                .await
+                .unwrap(),
             RouteInfoResult::NotFound
         );
         assert!(matches!(
-            db.backend().route_info_for_token(&bobs.token).await.unwrap(),
+            db.backend()
+                .route_info_for_token(&bobs.token)
+                .await
+                .unwrap(),
             RouteInfoResult::Pending(_)
         ));
     })

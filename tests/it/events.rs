@@ -80,13 +80,17 @@ async fn every_subscriber_gets_every_event_once_under_32_writers() {
                 continue;
             }
             let state: BackendState = serde_json::from_value(event.data.clone()).unwrap();
-            *untyped.entry((event.key.clone().unwrap(), state.status())).or_default() += 1;
+            *untyped
+                .entry((event.key.clone().unwrap(), state.status()))
+                .or_default() += 1;
             total += 1;
         }
         assert_eq!(untyped.len(), expected);
         assert!(untyped.values().all(|&n| n == 1));
         // Nothing more is pending for the untyped subscriber.
-        assert!(tokio::time::timeout(Duration::from_millis(300), all.next()).await.is_err());
+        assert!(tokio::time::timeout(Duration::from_millis(300), all.next())
+            .await
+            .is_err());
     })
     .await
 }
@@ -96,9 +100,14 @@ async fn a_subscription_is_live_when_it_returns() {
     with_db(|db| async move {
         for _ in 0..30 {
             let key = BackendName::new_random();
-            let mut sub = db.subscribe_with_key::<BackendState>(key.as_str()).await.unwrap();
+            let mut sub = db
+                .subscribe_with_key::<BackendState>(key.as_str())
+                .await
+                .unwrap();
             let mut conn = db.pool().acquire().await.unwrap();
-            emit(&mut conn, Some(key.as_str()), &BackendState::Loading).await.unwrap();
+            emit(&mut conn, Some(key.as_str()), &BackendState::Loading)
+                .await
+                .unwrap();
             let n = tokio::time::timeout(Duration::from_secs(5), sub.next())
                 .await
                 .expect("event delivered")
@@ -136,7 +145,9 @@ async fn a_killed_listener_loses_nothing() {
                     for i in 0..EVENTS_PER_WRITER {
                         let key = format!("w{w}-{i}");
                         let mut txn = db.pool().begin().await.unwrap();
-                        emit(&mut txn, Some(&key), &BackendState::Loading).await.unwrap();
+                        emit(&mut txn, Some(&key), &BackendState::Loading)
+                            .await
+                            .unwrap();
                         txn.commit().await.unwrap();
                         if i % 10 == 0 {
                             tokio::time::sleep(Duration::from_millis(5)).await;
@@ -153,7 +164,10 @@ async fn a_killed_listener_loses_nothing() {
         for w in writers {
             w.await.unwrap();
         }
-        assert!(kills >= 3, "the listening connection was killed ({kills} times)");
+        assert!(
+            kills >= 3,
+            "the listening connection was killed ({kills} times)"
+        );
 
         let mut seen: HashMap<String, usize> = HashMap::new();
         while seen.len() < WRITERS * EVENTS_PER_WRITER {
@@ -161,7 +175,9 @@ async fn a_killed_listener_loses_nothing() {
             *seen.entry(n.key.unwrap()).or_default() += 1;
         }
         assert!(seen.values().all(|&n| n == 1), "no duplicates");
-        assert!(tokio::time::timeout(Duration::from_millis(300), sub.next()).await.is_err());
+        assert!(tokio::time::timeout(Duration::from_millis(300), sub.next())
+            .await
+            .is_err());
     })
     .await
 }
@@ -171,15 +187,21 @@ async fn only_committed_events_are_delivered() {
     with_db(|db| async move {
         let mut sub = db.subscribe_with_key::<BackendState>("k").await.unwrap();
         let mut txn = db.pool().begin().await.unwrap();
-        emit(&mut txn, Some("k"), &BackendState::Loading).await.unwrap();
+        emit(&mut txn, Some("k"), &BackendState::Loading)
+            .await
+            .unwrap();
         txn.rollback().await.unwrap();
         let mut txn = db.pool().begin().await.unwrap();
-        let id = emit(&mut txn, Some("k"), &BackendState::Starting).await.unwrap();
+        let id = emit(&mut txn, Some("k"), &BackendState::Starting)
+            .await
+            .unwrap();
         txn.commit().await.unwrap();
         let n = sub.next().await.unwrap().unwrap();
         assert_eq!(n.payload, BackendState::Starting);
         assert_eq!(n.id, Some(id));
-        assert!(tokio::time::timeout(Duration::from_millis(300), sub.next()).await.is_err());
+        assert!(tokio::time::timeout(Duration::from_millis(300), sub.next())
+            .await
+            .is_err());
     })
     .await
 }
@@ -190,9 +212,13 @@ async fn an_open_transaction_elsewhere_delays_nobody() {
         let mut sub = db.subscribe::<BackendState>().await.unwrap();
         // Holds an xid (it wrote) and stays open.
         let mut open = db.pool().begin().await.unwrap();
-        emit(&mut open, Some("slow"), &BackendState::Loading).await.unwrap();
+        emit(&mut open, Some("slow"), &BackendState::Loading)
+            .await
+            .unwrap();
         let mut conn = db.pool().acquire().await.unwrap();
-        emit(&mut conn, Some("fast"), &BackendState::Loading).await.unwrap();
+        emit(&mut conn, Some("fast"), &BackendState::Loading)
+            .await
+            .unwrap();
         let n = tokio::time::timeout(Duration::from_secs(2), sub.next())
             .await
             .expect("not delayed by the open transaction")
@@ -212,7 +238,11 @@ async fn events_since_an_id() {
         let mut conn = db.pool().acquire().await.unwrap();
         let mut ids = Vec::new();
         for i in 0..5 {
-            ids.push(emit(&mut conn, Some(&format!("k{i}")), &BackendState::Loading).await.unwrap());
+            ids.push(
+                emit(&mut conn, Some(&format!("k{i}")), &BackendState::Loading)
+                    .await
+                    .unwrap(),
+            );
         }
         let events = db.get_events_since(ids[1], 2).await.unwrap();
         let got: Vec<i64> = events.iter().filter_map(|e| e.id).collect();
@@ -241,23 +271,38 @@ async fn a_lagging_subscription_is_told() {
         let mut sub = db.subscribe_with_key::<BackendState>("k").await.unwrap();
         let mut conn = db.pool().acquire().await.unwrap();
         for _ in 0..20 {
-            emit(&mut conn, Some("k"), &BackendState::Loading).await.unwrap();
+            emit(&mut conn, Some("k"), &BackendState::Loading)
+                .await
+                .unwrap();
         }
         // Wait until the bus has read them all.
-        let mut probe = db.subscribe_with_key::<BackendState>("probe").await.unwrap();
-        emit(&mut conn, Some("probe"), &BackendState::Loading).await.unwrap();
+        let mut probe = db
+            .subscribe_with_key::<BackendState>("probe")
+            .await
+            .unwrap();
+        emit(&mut conn, Some("probe"), &BackendState::Loading)
+            .await
+            .unwrap();
         probe.next().await.unwrap().unwrap();
 
         let mut delivered = 0;
         let mut missed = 0;
         while delivered + missed < 20 {
-            match tokio::time::timeout(Duration::from_secs(5), sub.next()).await.unwrap().unwrap() {
+            match tokio::time::timeout(Duration::from_secs(5), sub.next())
+                .await
+                .unwrap()
+                .unwrap()
+            {
                 Ok(_) => delivered += 1,
                 Err(Lagged { missed: m }) => missed += m,
             }
         }
         assert!(missed > 0, "the overflow was reported");
-        assert_eq!(delivered + missed, 20, "every event is either delivered or counted as missed");
+        assert_eq!(
+            delivered + missed,
+            20,
+            "every event is either delivered or counted as missed"
+        );
     })
     .await
 }
@@ -267,7 +312,9 @@ async fn subscriptions_end_when_the_database_is_dropped() {
     with_db(|db| async move {
         let mut sub = db.subscribe::<BackendState>().await.unwrap();
         drop(db);
-        let end = tokio::time::timeout(Duration::from_secs(5), sub.next()).await.expect("ends");
+        let end = tokio::time::timeout(Duration::from_secs(5), sub.next())
+            .await
+            .expect("ends");
         assert!(end.is_none());
     })
     .await

@@ -11,16 +11,27 @@ use std::net::{IpAddr, Ipv4Addr};
 async fn picks_only_eligible_drones() {
     with_db(|db| async move {
         let pool = DronePoolName::default();
-        assert_eq!(db.drone().pick_for_spawn(&cluster(), &pool).await.unwrap(), None);
+        assert_eq!(
+            db.drone().pick_for_spawn(&cluster(), &pool).await.unwrap(),
+            None
+        );
 
         let good = drone(&db).await;
-        let picked = db.drone().pick_for_spawn(&cluster(), &pool).await.unwrap().unwrap();
+        let picked = db
+            .drone()
+            .pick_for_spawn(&cluster(), &pool)
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(picked.id, good.id);
         assert_eq!(picked.name, good.name);
 
         // Unready.
         db.drone().set_ready(good.id, false).await.unwrap();
-        assert_eq!(db.drone().pick_for_spawn(&cluster(), &pool).await.unwrap(), None);
+        assert_eq!(
+            db.drone().pick_for_spawn(&cluster(), &pool).await.unwrap(),
+            None
+        );
         db.drone().set_ready(good.id, true).await.unwrap();
         // Draining.
         sqlx::query("update drone set draining = true where id = $1")
@@ -28,34 +39,92 @@ async fn picks_only_eligible_drones() {
             .execute(db.pool())
             .await
             .unwrap();
-        assert_eq!(db.drone().pick_for_spawn(&cluster(), &pool).await.unwrap(), None);
-        sqlx::query("update drone set draining = false").execute(db.pool()).await.unwrap();
+        assert_eq!(
+            db.drone().pick_for_spawn(&cluster(), &pool).await.unwrap(),
+            None
+        );
+        sqlx::query("update drone set draining = false")
+            .execute(db.pool())
+            .await
+            .unwrap();
         // Silent.
         sqlx::query("update drone set last_heartbeat = now() - interval '5 minutes'")
             .execute(db.pool())
             .await
             .unwrap();
-        assert_eq!(db.drone().pick_for_spawn(&cluster(), &pool).await.unwrap(), None);
-        assert!(db.drone().heartbeat(good.id, chrono::Utc::now()).await.unwrap());
-        assert!(db.drone().pick_for_spawn(&cluster(), &pool).await.unwrap().is_some());
+        assert_eq!(
+            db.drone().pick_for_spawn(&cluster(), &pool).await.unwrap(),
+            None
+        );
+        assert!(db
+            .drone()
+            .heartbeat(good.id, chrono::Utc::now())
+            .await
+            .unwrap());
+        assert!(db
+            .drone()
+            .pick_for_spawn(&cluster(), &pool)
+            .await
+            .unwrap()
+            .is_some());
         // Controller offline, or controller silent.
-        db.controller().heartbeat(&good.controller, false, "0.1.0", "abc").await.unwrap();
-        assert_eq!(db.drone().pick_for_spawn(&cluster(), &pool).await.unwrap(), None);
-        db.controller().heartbeat(&good.controller, true, "0.1.0", "abc").await.unwrap();
+        db.controller()
+            .heartbeat(&good.controller, false, "0.1.0", "abc")
+            .await
+            .unwrap();
+        assert_eq!(
+            db.drone().pick_for_spawn(&cluster(), &pool).await.unwrap(),
+            None
+        );
+        db.controller()
+            .heartbeat(&good.controller, true, "0.1.0", "abc")
+            .await
+            .unwrap();
         sqlx::query("update controller set last_heartbeat = now() - interval '5 minutes'")
             .execute(db.pool())
             .await
             .unwrap();
-        assert_eq!(db.drone().pick_for_spawn(&cluster(), &pool).await.unwrap(), None);
-        db.controller().heartbeat(&good.controller, true, "0.1.0", "abc").await.unwrap();
+        assert_eq!(
+            db.drone().pick_for_spawn(&cluster(), &pool).await.unwrap(),
+            None
+        );
+        db.controller()
+            .heartbeat(&good.controller, true, "0.1.0", "abc")
+            .await
+            .unwrap();
         // Other cluster, other pool.
         let other_cluster = "other.test".parse().unwrap();
-        assert_eq!(db.drone().pick_for_spawn(&other_cluster, &pool).await.unwrap(), None);
+        assert_eq!(
+            db.drone()
+                .pick_for_spawn(&other_cluster, &pool)
+                .await
+                .unwrap(),
+            None
+        );
         let gpu = DronePoolName::from("gpu");
-        assert_eq!(db.drone().pick_for_spawn(&cluster(), &gpu).await.unwrap(), None);
+        assert_eq!(
+            db.drone().pick_for_spawn(&cluster(), &gpu).await.unwrap(),
+            None
+        );
         let gpu_drone = drone_in(&db, &cluster(), &gpu).await;
-        assert_eq!(db.drone().pick_for_spawn(&cluster(), &gpu).await.unwrap().unwrap().id, gpu_drone.id);
-        assert_eq!(db.drone().pick_for_spawn(&cluster(), &pool).await.unwrap().unwrap().id, good.id);
+        assert_eq!(
+            db.drone()
+                .pick_for_spawn(&cluster(), &gpu)
+                .await
+                .unwrap()
+                .unwrap()
+                .id,
+            gpu_drone.id
+        );
+        assert_eq!(
+            db.drone()
+                .pick_for_spawn(&cluster(), &pool)
+                .await
+                .unwrap()
+                .unwrap()
+                .id,
+            good.id
+        );
     })
     .await
 }
@@ -81,7 +150,10 @@ async fn spreads_backends_over_drones() {
 async fn node_registration_returns_a_stable_id_and_checks_the_name() {
     with_db(|db| async move {
         let controller = ControllerName::new_random();
-        db.controller().heartbeat(&controller, true, "0.1.0", "abc").await.unwrap();
+        db.controller()
+            .heartbeat(&controller, true, "0.1.0", "abc")
+            .await
+            .unwrap();
         let name = DroneName::new_random();
         let c = cluster();
         let registration = NodeRegistration {
@@ -97,10 +169,16 @@ async fn node_registration_returns_a_stable_id_and_checks_the_name() {
         let again = db.node().register(&registration).await.unwrap();
         assert_eq!(first, again);
 
-        let wrong = NodeRegistration { kind: NodeKind::Proxy, ..registration.clone() };
+        let wrong = NodeRegistration {
+            kind: NodeKind::Proxy,
+            ..registration.clone()
+        };
         assert!(matches!(
             db.node().register(&wrong).await,
-            Err(Error::InvalidArgument { argument: "name", .. })
+            Err(Error::InvalidArgument {
+                argument: "name",
+                ..
+            })
         ));
         // A DNS server has no cluster; registering it twice still finds the same row.
         let dns = plane_db::types::AcmeDnsServerName::new_random();
@@ -114,8 +192,16 @@ async fn node_registration_returns_a_stable_id_and_checks_the_name() {
         let d2 = db.node().register(&dns_registration).await.unwrap();
         assert_eq!(d1, d2);
         // Heartbeats for unknown drones report false.
-        assert!(!db.drone().heartbeat(plane_db::types::NodeId::from(987_654), chrono::Utc::now()).await.unwrap());
-        assert!(!db.drone().set_ready(plane_db::types::NodeId::from(987_654), true).await.unwrap());
+        assert!(!db
+            .drone()
+            .heartbeat(plane_db::types::NodeId::from(987_654), chrono::Utc::now())
+            .await
+            .unwrap());
+        assert!(!db
+            .drone()
+            .set_ready(plane_db::types::NodeId::from(987_654), true)
+            .await
+            .unwrap());
         db.health_check().await.unwrap();
     })
     .await

@@ -35,7 +35,11 @@ async fn history_then_live_then_end() {
             got.push(entry);
         }
         let statuses: Vec<BackendStatus> = got.iter().map(|e| e.status).collect();
-        assert_eq!(statuses, all_statuses(), "complete, in order, then the stream ends");
+        assert_eq!(
+            statuses,
+            all_statuses(),
+            "complete, in order, then the stream ends"
+        );
         let last = got.last().unwrap();
         assert_eq!(last.exit_error, Some(false));
         assert!(got.windows(2).all(|w| w[0].time <= w[1].time));
@@ -90,7 +94,9 @@ async fn a_terminated_backends_stream_is_its_history() {
 async fn unknown_backend_stream_is_not_found() {
     with_db(|db| async move {
         match db.backend().status_stream(&BackendName::new_random()).await {
-            Err(Error::NotFound { what: "backend", .. }) => {}
+            Err(Error::NotFound {
+                what: "backend", ..
+            }) => {}
             Err(other) => panic!("expected NotFound, got {other:?}"),
             Ok(_) => panic!("expected NotFound, got a stream"),
         }
