@@ -5,7 +5,7 @@
 //! backend's lifecycle, turn bearer tokens into routes for proxies, find backends to
 //! terminate, clean up old rows, and stream status changes over LISTEN/NOTIFY.
 //!
-//! Open it with [`connect_and_migrate`] (or [`connect`], or [`PlaneDatabase::new`] on a pool
+//! Open it with [`connect_and_migrate`] (or [`connect`](fn@connect), or [`PlaneDatabase::new`] on a pool
 //! of your own), then use the facades: [`PlaneDatabase::backend`], [`PlaneDatabase::drone`],
 //! [`PlaneDatabase::node`], [`PlaneDatabase::controller`], and [`PlaneDatabase::connect`] to
 //! get or create a backend for a key.
@@ -28,6 +28,8 @@
 //! - **One backend per key**: concurrent [`PlaneDatabase::connect`] calls for a key create
 //!   exactly one backend and all return it.
 //! - **Tokens are stored as digests**: a dump of the `token` table cannot be used to connect.
+
+#![warn(missing_docs)]
 
 pub mod backend;
 pub mod connect;
