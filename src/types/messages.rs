@@ -23,6 +23,19 @@ pub struct KeyConfig {
     pub tag: String,
 }
 
+impl KeyConfig {
+    /// A fresh key (`lk-` and 14 random characters) in the default namespace, with no tag.
+    pub fn new_random() -> Self {
+        Self {
+            name: format!(
+                "lk-{}",
+                super::tokens::random_alphanumeric(14, super::tokens::LOWER_ALPHANUMERIC)
+            ),
+            ..Self::default()
+        }
+    }
+}
+
 /// When the holder of a key must act to keep or release it. Each deadline is
 /// serialized as integer milliseconds since the Unix epoch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
