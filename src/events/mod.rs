@@ -22,6 +22,13 @@
 //! previous read, through the index on `xid`. The cursor is process memory, independent of the
 //! listening connection, so after a reconnect the next read returns everything missed.
 //!
+//! # Writer cost
+//! Postgres serialises the commits of transactions that issued NOTIFY (a global lock on its
+//! notification queue). The wake-up is therefore payload-free and one per transaction
+//! (identical notifications in a transaction fold into one), and readers never depend on
+//! its content: coalescing wake-ups per process, or dropping them for polling, changes
+//! latency only, never what is delivered.
+//!
 //! # Ephemeral messages
 //! Backend metrics are sent with `pg_notify('plane_ephemeral', …)` and delivered live; they are
 //! never stored.
