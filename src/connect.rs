@@ -107,16 +107,7 @@ impl PlaneDatabase {
     /// controllers, end with exactly one backend, and every caller gets that backend.
     #[tracing::instrument(skip_all, fields(namespace, key), err)]
     pub async fn connect(&self, request: &ConnectRequest) -> Result<ConnectResponse, ConnectError> {
-        let key = match &request.key {
-            Some(key) => key.clone(),
-            None => KeyConfig {
-                name: format!(
-                    "lk-{}",
-                    BackendName::new_random().as_str().trim_start_matches("ba-")
-                ),
-                ..KeyConfig::default()
-            },
-        };
+        let key = request.key.clone().unwrap_or_else(KeyConfig::new_random);
         tracing::Span::current().record("namespace", key.namespace.as_str());
         tracing::Span::current().record("key", key.name.as_str());
         if let Some(spawn) = &request.spawn_config {
