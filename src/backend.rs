@@ -194,14 +194,13 @@ impl<'a> BackendDatabase<'a> {
         let backend = backend.clone();
 
         Ok(async_stream::stream! {
-            let mut last: Option<BackendStatus> = None;
+            let mut forward = Forward::default();
             for entry in history {
-                if last.is_none_or(|l| entry.status > l) {
-                    last = Some(entry.status);
+                if forward.admit(&entry) {
                     yield entry;
                 }
             }
-            while last != Some(BackendStatus::Terminated) {
+            while !forward.is_terminated() {
                 match sub.next().await {
                     None => break,
                     Some(Ok(notification)) => {
@@ -209,16 +208,14 @@ impl<'a> BackendDatabase<'a> {
                             &notification.payload,
                             notification.timestamp,
                         );
-                        if last.is_none_or(|l| entry.status > l) {
-                            last = Some(entry.status);
+                        if forward.admit(&entry) {
                             yield entry;
                         }
                     }
                     Some(Err(lagged)) => {
                         tracing::info!(%backend, missed = lagged.missed, "status stream lagged; re-reading history");
                         for entry in read_history_retrying(&pool, &backend).await {
-                            if last.is_none_or(|l| entry.status > l) {
-                                last = Some(entry.status);
+                            if forward.admit(&entry) {
                                 yield entry;
                             }
                         }
@@ -594,28 +591,62 @@ struct RouteParts {
     user_data: Option<serde_json::Value>,
 }
 
+/// A backend's identifying columns, decoded in one place for every query that reads them.
+pub(crate) struct BackendIdentity {
+    pub id: BackendName,
+    pub status: BackendStatus,
+    pub cluster: ClusterName,
+    pub subdomain: Option<Subdomain>,
+}
+
+impl BackendIdentity {
+    pub(crate) fn decode(
+        id: String,
+        status_number: i32,
+        cluster: String,
+        subdomain: Option<String>,
+    ) -> Result<Self> {
+        let status = BackendStatus::from_int(status_number).ok_or_else(|| {
+            Error::decode(
+                "backend",
+                "last_status_number",
+                &id,
+                format!("unknown status number {status_number}"),
+            )
+        })?;
+        let cluster = ClusterName::try_from(cluster)
+            .map_err(|e| Error::decode("backend", "cluster", &id, e))?;
+        let subdomain = subdomain
+            .map(Subdomain::try_from)
+            .transpose()
+            .map_err(|e| Error::decode("backend", "subdomain", &id, e))?;
+        let id = BackendName::try_from(id.clone())
+            .map_err(|e| Error::decode("backend", "id", &id, e))?;
+        Ok(Self {
+            id,
+            status,
+            cluster,
+            subdomain,
+        })
+    }
+}
+
 fn route_result(parts: RouteParts) -> Result<RouteInfoResult> {
-    let Some(status) = BackendStatus::from_int(parts.status_number) else {
-        return Err(Error::decode(
-            "backend",
-            "last_status_number",
-            &parts.backend_id,
-            format!("unknown status number {}", parts.status_number),
-        ));
-    };
+    let BackendIdentity {
+        id: backend_id,
+        status,
+        cluster,
+        subdomain,
+    } = BackendIdentity::decode(
+        parts.backend_id,
+        parts.status_number,
+        parts.cluster,
+        parts.subdomain,
+    )?;
     if status >= BackendStatus::Terminating {
         return Ok(RouteInfoResult::NotFound);
     }
-    let id = &parts.backend_id;
-    let backend_id =
-        BackendName::try_from(id.clone()).map_err(|e| Error::decode("backend", "id", id, e))?;
-    let cluster = ClusterName::try_from(parts.cluster)
-        .map_err(|e| Error::decode("backend", "cluster", id, e))?;
-    let subdomain = parts
-        .subdomain
-        .map(Subdomain::try_from)
-        .transpose()
-        .map_err(|e| Error::decode("backend", "subdomain", id, e))?;
+    let id = backend_id.to_string();
     let partial = PartialRouteInfo {
         backend_id,
         secret_token: SecretToken::from(parts.secret_token),
@@ -631,15 +662,36 @@ fn route_result(parts: RouteParts) -> Result<RouteInfoResult> {
         return Err(Error::decode(
             "backend",
             "cluster_address",
-            id,
+            &id,
             "backend is ready but has no address",
         ));
     };
     let address = address
         .parse()
         .map(BackendAddr)
-        .map_err(|e| Error::decode("backend", "cluster_address", id, e))?;
+        .map_err(|e| Error::decode("backend", "cluster_address", &id, e))?;
     Ok(RouteInfoResult::Available(partial.with_address(address)))
+}
+
+/// Lets through only entries whose status is beyond every status seen so far: the history
+/// read and the live subscription overlap, and this is what removes the overlap.
+#[derive(Default)]
+struct Forward {
+    last: Option<BackendStatus>,
+}
+
+impl Forward {
+    fn admit(&mut self, entry: &BackendStatusStreamEntry) -> bool {
+        let admitted = self.last.is_none_or(|last| entry.status > last);
+        if admitted {
+            self.last = Some(entry.status);
+        }
+        admitted
+    }
+
+    fn is_terminated(&self) -> bool {
+        self.last == Some(BackendStatus::Terminated)
+    }
 }
 
 /// The backend's state history in order, skipping (with a warning) rows that do not decode.

@@ -1,5 +1,6 @@
 //! `connect`: get or create the backend for a key, and hand out a token to reach it.
 
+use crate::backend::BackendIdentity;
 use crate::error::{to_json, ConnectError, Error, Result};
 use crate::events::NotificationPayload;
 use crate::types::{
@@ -81,15 +82,14 @@ pub struct ConnectResponse {
     pub fencing_token: Option<i64>,
 }
 
-/// A live holder of the key, as read.
+/// The holder of a key, as read.
 struct KeyHolder {
-    backend: BackendName,
+    identity: BackendIdentity,
     tag: String,
     live: bool,
-    status: BackendStatus,
-    cluster: ClusterName,
-    subdomain: Option<Subdomain>,
-    static_token: Option<BearerToken>,
+    /// The token for this caller: the static token, or one issued with the read (only when
+    /// the holder is live and the tag matches).
+    token: Option<(BearerToken, Option<SecretToken>)>,
 }
 
 impl PlaneDatabase {
@@ -134,16 +134,29 @@ impl PlaneDatabase {
                 }
             }
 
-            match self.key_holder(&key).await? {
+            match self.key_holder(&key, request).await? {
                 Some(holder) if holder.live => {
-                    if holder.tag != key.tag {
+                    let Some((token, secret_token)) =
+                        holder.token.filter(|_| holder.tag == key.tag)
+                    else {
                         return Err(ConnectError::KeyHeld {
                             namespace: key.namespace,
                             name: key.name,
-                            backend: holder.backend,
+                            backend: holder.identity.id,
                         });
-                    }
-                    return Ok(self.connect_existing(holder, request).await?);
+                    };
+                    let identity = holder.identity;
+                    return Ok(ConnectResponse {
+                        backend_id: identity.id,
+                        spawned: false,
+                        status: identity.status,
+                        cluster: identity.cluster,
+                        token,
+                        secret_token,
+                        subdomain: identity.subdomain,
+                        drone: None,
+                        fencing_token: None,
+                    });
                 }
                 // No live holder: spawn (again) if we can.
                 _ => match (&request.spawn_config, no_drone) {
@@ -308,104 +321,65 @@ impl PlaneDatabase {
         }))
     }
 
-    /// The backend holding the key, if any, and whether its lease is still live.
-    async fn key_holder(&self, key: &KeyConfig) -> Result<Option<KeyHolder>> {
+    /// The backend holding the key, if any, and whether its lease is still live. If it is
+    /// live, has the request's tag and no static token, a token for this caller is issued in
+    /// the same statement (one round trip for a reconnect).
+    async fn key_holder(
+        &self,
+        key: &KeyConfig,
+        request: &ConnectRequest,
+    ) -> Result<Option<KeyHolder>> {
+        let token = BearerToken::new_random();
+        let secret = SecretToken::new_random();
         let row = sqlx::query!(
             r#"
-            select k.id, k.tag, k.expires_at > now() as "live!", b.last_status_number,
-                   b.cluster, b.subdomain, b.static_token
-            from backend_key k
-            join backend b on b.id = k.id
-            where k.namespace = $1 and k.key_name = $2
+            with holder as (
+                select k.id, k.tag, k.expires_at > now() as live, b.last_status_number,
+                       b.cluster, b.subdomain, b.static_token
+                from backend_key k
+                join backend b on b.id = k.id
+                where k.namespace = $1 and k.key_name = $2
+            ),
+            issued as (
+                insert into token (token_digest, backend_id, expiration_time, username, auth,
+                                   secret_token)
+                select $4, id, now() + make_interval(secs => $5), $6, $7, $8
+                from holder
+                where live and tag = $3 and static_token is null
+                returning 1
+            )
+            select id as "id!", tag as "tag!", live as "live!",
+                   last_status_number as "last_status_number!", cluster as "cluster!",
+                   subdomain, static_token, exists (select 1 from issued) as "issued!"
+            from holder
             "#,
             key.namespace,
             key.name,
+            key.tag,
+            token.digest(),
+            self.config().token_lifetime.as_secs_f64(),
+            request.user,
+            Value::Object(request.auth.clone()),
+            secret.as_str(),
         )
         .fetch_optional(self.pool())
         .await?;
         let Some(row) = row else {
             return Ok(None);
         };
-        let id = row.id;
-        let backend = BackendName::try_from(id.clone())
-            .map_err(|e| Error::decode("backend_key", "id", &id, e))?;
-        let status = BackendStatus::from_int(row.last_status_number).ok_or_else(|| {
-            Error::decode(
-                "backend",
-                "last_status_number",
-                &id,
-                format!("unknown status number {}", row.last_status_number),
-            )
-        })?;
-        let cluster = ClusterName::try_from(row.cluster)
-            .map_err(|e| Error::decode("backend", "cluster", &id, e))?;
-        let subdomain = row
-            .subdomain
-            .map(Subdomain::try_from)
-            .transpose()
-            .map_err(|e| Error::decode("backend", "subdomain", &id, e))?;
+        let identity =
+            BackendIdentity::decode(row.id, row.last_status_number, row.cluster, row.subdomain)?;
+        let token = match (row.static_token, row.issued) {
+            (Some(token), _) => Some((BearerToken::from(token), None)),
+            (None, true) => Some((token, Some(secret))),
+            (None, false) => None,
+        };
         Ok(Some(KeyHolder {
-            backend,
+            identity,
             tag: row.tag,
             live: row.live,
-            status,
-            cluster,
-            subdomain,
-            static_token: row.static_token.map(BearerToken::from),
-        }))
-    }
-
-    /// Returns an existing backend with a token for this caller.
-    async fn connect_existing(
-        &self,
-        holder: KeyHolder,
-        request: &ConnectRequest,
-    ) -> Result<ConnectResponse> {
-        let (token, secret_token) = match holder.static_token {
-            Some(token) => (token, None),
-            None => {
-                let token = BearerToken::new_random();
-                let secret = SecretToken::new_random();
-                self.insert_token(&holder.backend, &token, &secret, request)
-                    .await?;
-                (token, Some(secret))
-            }
-        };
-        Ok(ConnectResponse {
-            backend_id: holder.backend,
-            spawned: false,
-            status: holder.status,
-            cluster: holder.cluster,
             token,
-            secret_token,
-            subdomain: holder.subdomain,
-            drone: None,
-            fencing_token: None,
-        })
-    }
-
-    async fn insert_token(
-        &self,
-        backend: &BackendName,
-        token: &BearerToken,
-        secret: &SecretToken,
-        request: &ConnectRequest,
-    ) -> Result<()> {
-        sqlx::query!(
-            r#"
-            insert into token (token_digest, backend_id, expiration_time, username, auth, secret_token)
-            values ($1, $2, now() + make_interval(secs => $3), $4, $5, $6)
-            "#,
-            token.digest(),
-            backend.as_str(),
-            self.config().token_lifetime.as_secs_f64(),
-            request.user,
-            Value::Object(request.auth.clone()),
-            secret.as_str(),
-        )
-        .execute(self.pool())
-        .await?;
-        Ok(())
+        }))
     }
 
     /// Revokes every token issued to `user` for `backend`. Returns how many were revoked.

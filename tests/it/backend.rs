@@ -67,10 +67,7 @@ async fn update_state_of_unknown_backend_is_refused() {
             .await
             .unwrap();
         assert!(!updated);
-        let events: i64 = sqlx::query_scalar("select count(*) from event")
-            .fetch_one(db.pool())
-            .await
-            .unwrap();
+        let events = count(&db, "event").await;
         assert_eq!(events, 0, "a refused update emits nothing");
     })
     .await
@@ -88,10 +85,7 @@ async fn terminated_releases_the_key() {
                 .await
                 .unwrap());
         }
-        let keys: i64 = sqlx::query_scalar("select count(*) from backend_key")
-            .fetch_one(db.pool())
-            .await
-            .unwrap();
+        let keys = count(&db, "backend_key").await;
         assert_eq!(keys, 0);
         let second = db.connect(&request("k")).await.unwrap();
         assert!(second.spawned);
@@ -218,10 +212,11 @@ async fn unknown_and_expired_tokens_do_not_route() {
             db.backend().route_info_for_token(&unknown).await.unwrap(),
             RouteInfoResult::NotFound
         );
-        sqlx::query("update token set expiration_time = now() - interval '1 second'")
-            .execute(db.pool())
-            .await
-            .unwrap();
+        exec(
+            &db,
+            "update token set expiration_time = now() - interval '1 second'",
+        )
+        .await;
         assert_eq!(
             db.backend()
                 .route_info_for_token(&response.token)
@@ -246,10 +241,7 @@ async fn static_token_routes() {
         let response = db.connect(&req).await.unwrap();
         assert!(response.token.is_static());
         assert!(response.secret_token.is_none());
-        let tokens: i64 = sqlx::query_scalar("select count(*) from token")
-            .fetch_one(db.pool())
-            .await
-            .unwrap();
+        let tokens = count(&db, "token").await;
         assert_eq!(tokens, 0, "a static backend gets no per-connect token");
 
         assert!(matches!(
@@ -473,10 +465,11 @@ async fn cleanup_deletes_expired_keys_of_old_backends() {
         .execute(db.pool())
         .await
         .unwrap();
-        sqlx::query("update backend_key set expires_at = now() - interval '1 day'")
-            .execute(db.pool())
-            .await
-            .unwrap();
+        exec(
+            &db,
+            "update backend_key set expires_at = now() - interval '1 day'",
+        )
+        .await;
         let report = db.backend().cleanup(7, 100).await.unwrap();
         assert_eq!((report.backends, report.keys), (1, 1));
     })
@@ -541,10 +534,7 @@ async fn metrics_reach_live_subscribers() {
             assert_eq!(n.payload, metrics);
             assert_eq!(n.id, None, "metrics are ephemeral");
         }
-        let stored: i64 = sqlx::query_scalar("select count(*) from event")
-            .fetch_one(db.pool())
-            .await
-            .unwrap();
+        let stored = count(&db, "event").await;
         assert_eq!(stored, 0);
     })
     .await

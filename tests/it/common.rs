@@ -151,3 +151,16 @@ pub fn lifecycle() -> Vec<BackendState> {
         terminated,
     ]
 }
+
+/// Runs a SQL statement without parameters (test set-up: back-dating rows and the like).
+pub async fn exec(db: &PlaneDatabase, sql: &str) {
+    sqlx::query(sql).execute(db.pool()).await.expect(sql);
+}
+
+/// The number of rows in `table`.
+pub async fn count(db: &PlaneDatabase, table: &str) -> i64 {
+    sqlx::query_scalar(&format!("select count(*) from {table}"))
+        .fetch_one(db.pool())
+        .await
+        .expect("count rows")
+}

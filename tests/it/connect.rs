@@ -156,10 +156,7 @@ async fn connect_without_spawn_config_or_backend_is_an_error() {
             db.connect(&req).await,
             Err(ConnectError::NoSpawnConfig { .. })
         ));
-        let backends: i64 = sqlx::query_scalar("select count(*) from backend")
-            .fetch_one(db.pool())
-            .await
-            .unwrap();
+        let backends = count(&db, "backend").await;
         assert_eq!(backends, 0);
     })
     .await
@@ -170,10 +167,11 @@ async fn an_expired_key_is_taken_over_by_a_new_backend() {
     with_db(|db| async move {
         drone(&db).await;
         let first = db.connect(&request("k")).await.unwrap();
-        sqlx::query("update backend_key set expires_at = now() - interval '1 second'")
-            .execute(db.pool())
-            .await
-            .unwrap();
+        exec(
+            &db,
+            "update backend_key set expires_at = now() - interval '1 second'",
+        )
+        .await;
         // Expired and no spawn config: nothing to return.
         let mut no_spawn = request("k");
         no_spawn.spawn_config = None;

@@ -43,15 +43,13 @@ async fn picks_only_eligible_drones() {
             db.drone().pick_for_spawn(&cluster(), &pool).await.unwrap(),
             None
         );
-        sqlx::query("update drone set draining = false")
-            .execute(db.pool())
-            .await
-            .unwrap();
+        exec(&db, "update drone set draining = false").await;
         // Silent.
-        sqlx::query("update drone set last_heartbeat = now() - interval '5 minutes'")
-            .execute(db.pool())
-            .await
-            .unwrap();
+        exec(
+            &db,
+            "update drone set last_heartbeat = now() - interval '5 minutes'",
+        )
+        .await;
         assert_eq!(
             db.drone().pick_for_spawn(&cluster(), &pool).await.unwrap(),
             None
@@ -80,10 +78,11 @@ async fn picks_only_eligible_drones() {
             .heartbeat(&good.controller, true, "0.1.0", "abc")
             .await
             .unwrap();
-        sqlx::query("update controller set last_heartbeat = now() - interval '5 minutes'")
-            .execute(db.pool())
-            .await
-            .unwrap();
+        exec(
+            &db,
+            "update controller set last_heartbeat = now() - interval '5 minutes'",
+        )
+        .await;
         assert_eq!(
             db.drone().pick_for_spawn(&cluster(), &pool).await.unwrap(),
             None
