@@ -53,7 +53,8 @@ async fn main() -> Result<(), Box<dyn Error>> {
             plane_hash: "quickstart",
             ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
         })
-        .await?;
+        .await?
+        .id;
     db.drone()
         .register(drone, true, &DronePoolName::default())
         .await?;

@@ -6,7 +6,7 @@ use crate::events::{emit_ephemeral, NotificationPayload};
 use crate::types::{
     BackendAddr, BackendMetricsMessage, BackendName, BackendState, BackendStatus,
     BackendStatusStreamEntry, BearerToken, ClusterName, DroneName, NodeId, RouteInfo, SecretToken,
-    Subdomain,
+    Subdomain, TerminationKind, TerminationReason,
 };
 use crate::PlaneDatabase;
 use chrono::{DateTime, Utc};
@@ -482,6 +482,131 @@ impl<'a> BackendDatabase<'a> {
             .collect())
     }
 
+    /// Marks the given backends lost: each one that has not terminated moves to
+    /// `terminated` with reason [`lost`](TerminationReason::Lost), exactly as
+    /// [`update_state`](Self::update_state) would record it (history row, event, key
+    /// released). Use it when their drone is gone for good. Returns the backends that were
+    /// marked; unknown and already terminated ones are left alone.
+    #[tracing::instrument(skip(self), fields(count = backends.len()), err)]
+    pub async fn mark_lost(&self, backends: &[BackendName]) -> Result<Vec<BackendName>> {
+        let ids: Vec<String> = backends.iter().map(|b| b.to_string()).collect();
+        let mut marked = Vec::new();
+        for _ in 0..MARK_LOST_ROUNDS {
+            let alive = sqlx::query_as!(
+                AliveRow,
+                r#"
+                select id, last_status_number, state from backend
+                where id = any($1) and last_status_number < $2
+                "#,
+                &ids,
+                BackendStatus::Terminated.as_int(),
+            )
+            .fetch_all(self.db.pool())
+            .await?;
+            if alive.is_empty() {
+                break;
+            }
+            marked.extend(self.terminate_lost(alive).await?);
+        }
+        Ok(marked)
+    }
+
+    /// Marks every backend of drone `drone` in `cluster` that has not terminated as lost, as
+    /// [`mark_lost`](Self::mark_lost) does. Returns the backends that were marked.
+    #[tracing::instrument(skip(self), fields(cluster = %cluster, drone = %drone), err)]
+    pub async fn mark_drone_lost(
+        &self,
+        cluster: &ClusterName,
+        drone: &DroneName,
+    ) -> Result<Vec<BackendName>> {
+        let mut marked = Vec::new();
+        for _ in 0..MARK_LOST_ROUNDS {
+            let alive = sqlx::query_as!(
+                AliveRow,
+                r#"
+                select b.id, b.last_status_number, b.state from backend b
+                where b.drone_id = (select n.id from node n where n.name = $1 and n.cluster = $2)
+                  and b.last_status_number < $3
+                "#,
+                drone.as_str(),
+                cluster.as_str(),
+                BackendStatus::Terminated.as_int(),
+            )
+            .fetch_all(self.db.pool())
+            .await?;
+            if alive.is_empty() {
+                break;
+            }
+            marked.extend(self.terminate_lost(alive).await?);
+        }
+        Ok(marked)
+    }
+
+    /// Moves the given backends to `terminated` (lost) in one statement. Each row is only
+    /// updated if its status is still the one read, so a state change that raced in is
+    /// never overwritten with a stale `last_status`; such rows are simply read again by the
+    /// caller's next round.
+    async fn terminate_lost(&self, alive: Vec<AliveRow>) -> Result<Vec<BackendName>> {
+        let mut ids = Vec::with_capacity(alive.len());
+        let mut expected = Vec::with_capacity(alive.len());
+        let mut states = Vec::with_capacity(alive.len());
+        for row in alive {
+            let lost = lost_state(&row);
+            states.push(to_json("backend state", &lost)?);
+            ids.push(row.id);
+            expected.push(row.last_status_number);
+        }
+        let updated = sqlx::query_scalar!(
+            r#"
+            with input as (
+                select * from unnest($1::text[], $2::integer[], $3::jsonb[]) as i(id, expected, state)
+            ),
+            updated as (
+                update backend b set
+                    last_status = $4,
+                    last_status_number = $5,
+                    last_status_time = now(),
+                    cluster_address = null,
+                    state = i.state
+                from input i
+                where b.id = i.id and b.last_status_number = i.expected
+                returning b.id, i.state
+            ),
+            history as (
+                insert into backend_state (backend_id, state, created_at)
+                select id, state, now() from updated
+            ),
+            released as (
+                delete from backend_key where id in (select id from updated)
+            ),
+            emitted as (
+                insert into event (kind, key, data, created_at)
+                select $6, id, state, now() from updated
+            )
+            select id as "id!" from updated
+            "#,
+            &ids,
+            &expected,
+            &states,
+            BackendStatus::Terminated.to_string(),
+            BackendStatus::Terminated.as_int(),
+            BackendState::kind(),
+        )
+        .fetch_all(self.db.pool())
+        .await?;
+        Ok(updated
+            .into_iter()
+            .filter_map(|id| match BackendName::try_from(id.clone()) {
+                Ok(name) => Some(name),
+                Err(e) => {
+                    let error = Error::decode("backend", "id", &id, e);
+                    tracing::warn!(%error, "marked a backend lost whose id does not decode");
+                    None
+                }
+            })
+            .collect())
+    }
+
     /// Deletes backends that terminated more than `min_age_days` days ago, with their
     /// tokens, actions, state history and expired keys, `batch_size` backends per
     /// transaction until none are left. A backend whose key has not expired is kept (the
@@ -589,6 +714,44 @@ struct RouteParts {
     secret_token: String,
     user: Option<String>,
     user_data: Option<serde_json::Value>,
+}
+
+/// How many times the mark-lost calls re-read backends whose status changed under them.
+const MARK_LOST_ROUNDS: usize = 5;
+
+/// A backend that has not terminated, as the mark-lost calls read it.
+struct AliveRow {
+    id: String,
+    last_status_number: i32,
+    state: serde_json::Value,
+}
+
+/// The terminated state recording that a backend was lost. A termination in progress keeps
+/// its `last_status` and kind; otherwise the current status is the last one. A row whose
+/// state does not decode still gets a correct `last_status` from its status number.
+fn lost_state(row: &AliveRow) -> BackendState {
+    let current = serde_json::from_value::<BackendState>(row.state.clone()).ok();
+    let (last_status, termination) = match current {
+        Some(BackendState::Terminating {
+            last_status,
+            termination,
+            ..
+        }) => (last_status, Some(termination)),
+        Some(BackendState::HardTerminating { last_status, .. }) => {
+            (last_status, Some(TerminationKind::Hard))
+        }
+        Some(state) => (state.status(), None),
+        None => (
+            BackendStatus::from_int(row.last_status_number).unwrap_or(BackendStatus::Scheduled),
+            None,
+        ),
+    };
+    BackendState::Terminated {
+        last_status,
+        termination,
+        reason: Some(TerminationReason::Lost),
+        exit_code: None,
+    }
 }
 
 /// A backend's identifying columns, decoded in one place for every query that reads them.

@@ -1,8 +1,9 @@
 //! Controllers: the processes that embed this crate report that they are alive.
 
-use crate::error::Result;
+use crate::error::{check_text, Error, Result};
 use crate::types::ControllerName;
 use crate::PlaneDatabase;
+use chrono::{DateTime, Utc};
 
 /// Controller heartbeats. Get one from [`PlaneDatabase::controller`].
 pub struct ControllerDatabase<'a> {
@@ -25,6 +26,8 @@ impl<'a> ControllerDatabase<'a> {
         plane_version: &str,
         plane_hash: &str,
     ) -> Result<()> {
+        check_text("plane_version", plane_version)?;
+        check_text("plane_hash", plane_hash)?;
         sqlx::query!(
             r#"
             insert into controller (id, is_online, plane_version, plane_hash, last_heartbeat, ip)
@@ -45,4 +48,65 @@ impl<'a> ControllerDatabase<'a> {
         .await?;
         Ok(())
     }
+
+    /// The controllers that are online: their latest heartbeat said `is_online = true` and
+    /// came within [`SchedulerConfig::controller_heartbeat_timeout`](crate::SchedulerConfig)
+    /// (a controller that died without saying goodbye drops out once it falls silent).
+    /// Ordered by name; rows that do not decode are skipped with a warning.
+    #[tracing::instrument(skip(self), err)]
+    pub async fn online_controllers(&self) -> Result<Vec<ControllerInfo>> {
+        let timeout = self
+            .db
+            .config()
+            .scheduler
+            .controller_heartbeat_timeout
+            .as_secs_f64();
+        let rows = sqlx::query!(
+            r#"
+            select id, plane_version, plane_hash, first_seen, last_heartbeat,
+                   now() as "as_of!"
+            from controller
+            where is_online and last_heartbeat > now() - make_interval(secs => $1)
+            order by id
+            "#,
+            timeout,
+        )
+        .fetch_all(self.db.pool())
+        .await?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|row| match ControllerName::try_from(row.id.clone()) {
+                Ok(name) => Some(ControllerInfo {
+                    name,
+                    plane_version: row.plane_version,
+                    plane_hash: row.plane_hash,
+                    first_seen: row.first_seen,
+                    last_heartbeat: row.last_heartbeat,
+                    heartbeat_age: row.as_of - row.last_heartbeat,
+                }),
+                Err(e) => {
+                    let error = Error::decode("controller", "id", &row.id, e);
+                    tracing::warn!(%error, "skipping a controller row that does not decode");
+                    None
+                }
+            })
+            .collect())
+    }
+}
+
+/// An online controller, as listed by [`ControllerDatabase::online_controllers`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ControllerInfo {
+    /// Its name.
+    pub name: ControllerName,
+    /// The software version it runs.
+    pub plane_version: String,
+    /// The git hash of that version.
+    pub plane_hash: String,
+    /// When it first heartbeated.
+    pub first_seen: DateTime<Utc>,
+    /// When it last heartbeated.
+    pub last_heartbeat: DateTime<Utc>,
+    /// How long ago that was, by the database clock.
+    pub heartbeat_age: chrono::Duration,
 }

@@ -1,13 +1,17 @@
 //! The `PlaneDatabase` facade: owns the pool and the event bus, hands out one small facade
 //! per area.
 
+use crate::acme::AcmeDatabase;
+use crate::actions::BackendActionDatabase;
 use crate::backend::BackendDatabase;
+use crate::cluster::ClusterDatabase;
 use crate::controller::ControllerDatabase;
 use crate::drone::DroneDatabase;
 use crate::error::{Error, Result};
 use crate::events::{
     BusConfig, Event, EventBus, EventSubscription, NotificationPayload, Subscription,
 };
+use crate::keys::KeysDatabase;
 use crate::node::NodeDatabase;
 use sqlx::postgres::PgPoolOptions;
 use sqlx::PgPool;
@@ -185,6 +189,26 @@ impl PlaneDatabase {
     /// Controllers' heartbeats.
     pub fn controller(&self) -> ControllerDatabase<'_> {
         ControllerDatabase::new(self)
+    }
+
+    /// Key leases: renew, prevent renewal, remove expired, look up the holder.
+    pub fn keys(&self) -> KeysDatabase<'_> {
+        KeysDatabase::new(self)
+    }
+
+    /// Actions queued for drones: termination requests, pending actions, acknowledgements.
+    pub fn backend_actions(&self) -> BackendActionDatabase<'_> {
+        BackendActionDatabase::new(self)
+    }
+
+    /// ACME DNS-01 TXT records, leased to one proxy at a time.
+    pub fn acme(&self) -> AcmeDatabase<'_> {
+        AcmeDatabase::new(self)
+    }
+
+    /// Cluster overviews: connected drones and proxies.
+    pub fn cluster(&self) -> ClusterDatabase<'_> {
+        ClusterDatabase::new(self)
     }
 
     /// Subscribes to every event of type `T`. When this returns, the subscription is live:

@@ -1,9 +1,10 @@
 //! Drones: registration, heartbeats and picking one for a new backend.
 
-use crate::error::{Error, Result};
-use crate::types::{BackendStatus, ClusterName, DroneName, DronePoolName, NodeId};
+use crate::error::{check_text, Error, Result};
+use crate::types::{BackendStatus, ClusterName, ControllerName, DroneName, DronePoolName, NodeId};
 use crate::PlaneDatabase;
 use chrono::{DateTime, Utc};
+use std::time::Duration;
 
 /// Drone scheduling inputs. Get one from [`PlaneDatabase::drone`].
 pub struct DroneDatabase<'a> {
@@ -19,6 +20,37 @@ pub struct PickedDrone {
     pub name: DroneName,
 }
 
+/// A drone as listed by [`DroneDatabase::drones_for_pool`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DroneInfo {
+    /// The drone's node id.
+    pub id: NodeId,
+    /// Its name.
+    pub name: DroneName,
+    /// Its cluster.
+    pub cluster: ClusterName,
+    /// Its pool.
+    pub pool: DronePoolName,
+    /// Whether it accepts new backends.
+    pub ready: bool,
+    /// Whether it is draining (never picked for new backends).
+    pub draining: bool,
+    /// When it last heartbeated (database clock).
+    pub last_heartbeat: DateTime<Utc>,
+    /// How long ago that was.
+    pub heartbeat_age: chrono::Duration,
+    /// The drone's own clock at its last heartbeat, if it sent one.
+    pub last_local_time: Option<DateTime<Utc>>,
+    /// The software version it runs.
+    pub plane_version: String,
+    /// The git hash of that version.
+    pub plane_hash: String,
+    /// The controller holding its connection, if any.
+    pub controller: Option<ControllerName>,
+    /// When its latest connection started.
+    pub connected_at: Option<DateTime<Utc>>,
+}
+
 impl<'a> DroneDatabase<'a> {
     pub(crate) fn new(db: &'a PlaneDatabase) -> Self {
         Self { db }
@@ -28,6 +60,7 @@ impl<'a> DroneDatabase<'a> {
     /// in `pool`, or updates its readiness and pool. Counts as a heartbeat.
     #[tracing::instrument(skip(self), fields(drone = %id), err)]
     pub async fn register(&self, id: NodeId, ready: bool, pool: &DronePoolName) -> Result<()> {
+        check_text("pool", pool.as_str())?;
         sqlx::query!(
             r#"
             insert into drone (id, ready, pool, last_heartbeat)
@@ -73,6 +106,115 @@ impl<'a> DroneDatabase<'a> {
         .execute(self.db.pool())
         .await?;
         Ok(result.rows_affected() > 0)
+    }
+
+    /// Puts the drone into draining: it keeps its backends but is never picked for a new
+    /// one. Returns true if this call started the draining, false if it was already
+    /// draining. An unknown drone is [`Error::NotFound`].
+    #[tracing::instrument(skip(self), fields(drone = %id), err)]
+    pub async fn drain(&self, id: NodeId) -> Result<bool> {
+        // `not draining` in the update's own condition (not a read of the old row) keeps
+        // concurrent drains honest: Postgres re-checks it after waiting for the row lock, so
+        // exactly one of them reports that it started the draining.
+        let row = sqlx::query!(
+            r#"
+            with updated as (
+                update drone set draining = true
+                where id = $1 and not draining
+                returning id
+            )
+            select exists (select 1 from updated) as "started!",
+                   exists (select 1 from drone where id = $1) as "known!"
+            "#,
+            id.as_i32(),
+        )
+        .fetch_one(self.db.pool())
+        .await?;
+        if !row.known {
+            return Err(Error::NotFound {
+                what: "drone",
+                id: id.to_string(),
+            });
+        }
+        Ok(row.started)
+    }
+
+    /// The pool the drone belongs to. An unknown drone is [`Error::NotFound`].
+    #[tracing::instrument(skip(self), fields(drone = %id), err)]
+    pub async fn pool(&self, id: NodeId) -> Result<DronePoolName> {
+        let pool = sqlx::query_scalar!("select pool from drone where id = $1", id.as_i32())
+            .fetch_optional(self.db.pool())
+            .await?;
+        pool.map(DronePoolName::from)
+            .ok_or_else(|| Error::NotFound {
+                what: "drone",
+                id: id.to_string(),
+            })
+    }
+
+    /// The drones of `cluster` in `pool` heard from within `seen_within`, newest
+    /// registration first, with their versions, controller, readiness and heartbeat ages
+    /// (by the database clock). Rows that do not decode are skipped with a warning.
+    #[tracing::instrument(skip(self), fields(cluster = %cluster, pool = %pool), err)]
+    pub async fn drones_for_pool(
+        &self,
+        cluster: &ClusterName,
+        pool: &DronePoolName,
+        seen_within: Duration,
+    ) -> Result<Vec<DroneInfo>> {
+        let rows = sqlx::query!(
+            r#"
+            select d.id, n.name, n.cluster as "cluster!", d.pool, d.ready, d.draining,
+                   d.last_heartbeat as "last_heartbeat!", d.last_local_time,
+                   n.plane_version, n.plane_hash, n.controller,
+                   n.last_connection_start_time, now() as "as_of!"
+            from drone d
+            join node n on n.id = d.id
+            where n.cluster = $1
+              and d.pool = $2
+              and d.last_heartbeat > now() - make_interval(secs => $3)
+            order by d.id desc
+            "#,
+            cluster.as_str(),
+            pool.as_str(),
+            seen_within.as_secs_f64(),
+        )
+        .fetch_all(self.db.pool())
+        .await?;
+        let mut drones = Vec::with_capacity(rows.len());
+        for row in rows {
+            let decoded = (|| {
+                Ok(DroneInfo {
+                    id: NodeId::from(row.id),
+                    name: DroneName::try_from(row.name)
+                        .map_err(|e| Error::decode("node", "name", row.id, e))?,
+                    cluster: ClusterName::try_from(row.cluster)
+                        .map_err(|e| Error::decode("node", "cluster", row.id, e))?,
+                    pool: DronePoolName::from(row.pool),
+                    ready: row.ready,
+                    draining: row.draining,
+                    last_heartbeat: row.last_heartbeat,
+                    heartbeat_age: row.as_of - row.last_heartbeat,
+                    last_local_time: row.last_local_time,
+                    plane_version: row.plane_version,
+                    plane_hash: row.plane_hash,
+                    controller: row
+                        .controller
+                        .map(ControllerName::try_from)
+                        .transpose()
+                        .map_err(|e| Error::decode("node", "controller", row.id, e))?,
+                    connected_at: row.last_connection_start_time,
+                })
+            })();
+            match decoded {
+                Ok(drone) => drones.push(drone),
+                Err(error) => {
+                    let error: Error = error;
+                    tracing::warn!(%error, "skipping a drone row that does not decode");
+                }
+            }
+        }
+        Ok(drones)
     }
 
     /// Picks a drone for a new backend in `cluster` and `pool`: ready, heard from within

@@ -158,3 +158,15 @@ impl From<sqlx::Error> for ConnectError {
         ConnectError::Other(Error::Database(e))
     }
 }
+
+/// Postgres `text` cannot hold a NUL character: refuse one up front with a typed error that
+/// names the argument, instead of a database error after a round trip.
+pub(crate) fn check_text(argument: &'static str, value: &str) -> Result<()> {
+    match value.find('\0') {
+        Some(position) => Err(Error::InvalidArgument {
+            argument,
+            reason: format!("contains a NUL character at byte {position}"),
+        }),
+        None => Ok(()),
+    }
+}

@@ -7,8 +7,11 @@
 //!
 //! Open it with [`connect_and_migrate`] (or [`connect`](fn@connect), or [`PlaneDatabase::new`] on a pool
 //! of your own), then use the facades: [`PlaneDatabase::backend`], [`PlaneDatabase::drone`],
-//! [`PlaneDatabase::node`], [`PlaneDatabase::controller`], and [`PlaneDatabase::connect`] to
-//! get or create a backend for a key.
+//! [`PlaneDatabase::node`], [`PlaneDatabase::controller`], [`PlaneDatabase::keys`],
+//! [`PlaneDatabase::backend_actions`], [`PlaneDatabase::acme`], [`PlaneDatabase::cluster`],
+//! and [`PlaneDatabase::connect`] to get or create a backend for a key. Run
+//! [`PlaneDatabase::run_cleanup`] (or [`PlaneDatabase::spawn_cleanup_loop`]) to delete old
+//! rows.
 //!
 //! ## Guarantees
 //! - **Events exist exactly when their change committed**: they are written in the same
@@ -31,18 +34,24 @@
 
 #![warn(missing_docs)]
 
+pub mod acme;
+pub mod actions;
 pub mod backend;
+mod cleanup;
+pub mod cluster;
 pub mod connect;
 pub mod controller;
 mod database;
 pub mod drone;
 pub mod error;
 pub mod events;
+pub mod keys;
 pub mod node;
 #[cfg(feature = "testing")]
 pub mod testing;
 pub mod types;
 
+pub use cleanup::{CleanupConfig, CleanupSummary, CleanupTask};
 pub use database::{
     connect, connect_and_migrate, Config, KeyLeaseConfig, PlaneDatabase, SchedulerConfig, MIGRATOR,
 };

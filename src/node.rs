@@ -1,13 +1,19 @@
 //! Nodes: drones, proxies and DNS servers as they connect to a controller.
+//!
+//! A node is *held* by the controller it is connected to. Each (re)connection gets a new
+//! connection start time; [`NodeDatabase::mark_offline`] names the connection it ends, so a
+//! controller whose connection was superseded (the node reconnected elsewhere) cannot mark
+//! the node offline behind the newer connection's back.
 
 use crate::error::{Error, Result};
-use crate::types::{
-    AcmeDnsServerName, ClusterName, ControllerName, DroneName, NodeId, NodeKind, ProxyName,
-};
+use crate::events::NotificationPayload;
+use crate::types::{AnyNodeName, ClusterName, ControllerName, NodeId, NodeKind};
 use crate::PlaneDatabase;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
 use std::net::IpAddr;
 
-/// Node registration. Get one from [`PlaneDatabase::node`].
+/// Node registration and lookups. Get one from [`PlaneDatabase::node`].
 pub struct NodeDatabase<'a> {
     db: &'a PlaneDatabase,
 }
@@ -31,29 +37,146 @@ pub struct NodeRegistration<'r> {
     pub ip: IpAddr,
 }
 
+/// One connection of a node to a controller, returned by [`NodeDatabase::register`]. Keep
+/// it to end exactly this connection with [`NodeDatabase::mark_offline`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NodeConnection {
+    /// The node's id.
+    pub id: NodeId,
+    /// When this connection started (database clock); identifies the connection.
+    pub connected_at: DateTime<Utc>,
+}
+
+/// Emitted (kind `node_connection`, keyed by the node id) when a node connects or is marked
+/// offline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeConnectionStatusChange {
+    /// The node.
+    pub node_id: NodeId,
+    /// True when it connected, false when it was marked offline.
+    pub connected: bool,
+}
+
+impl NotificationPayload for NodeConnectionStatusChange {
+    fn kind() -> &'static str {
+        "node_connection"
+    }
+}
+
+/// A node as stored, with whether it is active.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeInfo {
+    /// The node's id.
+    pub id: NodeId,
+    /// Its name, tagged with its kind.
+    pub name: AnyNodeName,
+    /// Its cluster, if it belongs to one.
+    pub cluster: Option<ClusterName>,
+    /// The controller holding its connection, if any (online or not).
+    pub controller: Option<ControllerName>,
+    /// Whether the node is active: held by a controller that is online and has heartbeated
+    /// within [`SchedulerConfig::controller_heartbeat_timeout`](crate::SchedulerConfig).
+    pub active: bool,
+    /// The software version it runs.
+    pub plane_version: String,
+    /// The git hash of that version.
+    pub plane_hash: String,
+    /// When its latest connection started.
+    pub connected_at: Option<DateTime<Utc>>,
+}
+
+impl NodeInfo {
+    /// The node's kind.
+    pub fn kind(&self) -> NodeKind {
+        self.name.kind()
+    }
+}
+
+/// The columns every node lookup selects.
+struct NodeRow {
+    id: i32,
+    kind: String,
+    name: String,
+    cluster: Option<String>,
+    controller: Option<String>,
+    active: bool,
+    plane_version: String,
+    plane_hash: String,
+    connected_at: Option<DateTime<Utc>>,
+}
+
+impl TryFrom<NodeRow> for NodeInfo {
+    type Error = Error;
+
+    fn try_from(row: NodeRow) -> Result<Self> {
+        let kind: NodeKind = row
+            .kind
+            .parse()
+            .map_err(|e| Error::decode("node", "kind", row.id, e))?;
+        let name = AnyNodeName::parse(kind, &row.name)
+            .map_err(|e| Error::decode("node", "name", row.id, e))?;
+        let cluster = row
+            .cluster
+            .map(ClusterName::try_from)
+            .transpose()
+            .map_err(|e| Error::decode("node", "cluster", row.id, e))?;
+        let controller = row
+            .controller
+            .map(ControllerName::try_from)
+            .transpose()
+            .map_err(|e| Error::decode("node", "controller", row.id, e))?;
+        Ok(NodeInfo {
+            id: NodeId::from(row.id),
+            name,
+            cluster,
+            controller,
+            active: row.active,
+            plane_version: row.plane_version,
+            plane_hash: row.plane_hash,
+            connected_at: row.connected_at,
+        })
+    }
+}
+
 impl<'a> NodeDatabase<'a> {
     pub(crate) fn new(db: &'a PlaneDatabase) -> Self {
         Self { db }
     }
 
-    /// Registers a node (or re-registers it on a new connection) and returns its id. The
-    /// node is then held by `controller`, and its connection start time is now.
+    /// Registers a node (or re-registers it on a new connection) and emits a
+    /// [`NodeConnectionStatusChange`] with `connected: true`. The node is then held by
+    /// `controller`, and the returned connection is the current one.
     #[tracing::instrument(skip_all, fields(name = registration.name, kind = ?registration.kind), err)]
-    pub async fn register(&self, registration: &NodeRegistration<'_>) -> Result<NodeId> {
-        check_node_name(registration.kind, registration.name)?;
-        let id = sqlx::query_scalar!(
+    pub async fn register(&self, registration: &NodeRegistration<'_>) -> Result<NodeConnection> {
+        AnyNodeName::parse(registration.kind, registration.name).map_err(|e| {
+            Error::InvalidArgument {
+                argument: "name",
+                reason: e.to_string(),
+            }
+        })?;
+        crate::error::check_text("plane_version", registration.plane_version)?;
+        crate::error::check_text("plane_hash", registration.plane_hash)?;
+        let row = sqlx::query!(
             r#"
-            insert into node (kind, name, cluster, plane_version, plane_hash, controller, ip,
-                              last_connection_start_time)
-            values ($1, $2, $3, $4, $5, $6, $7::text::inet, now())
-            on conflict on constraint node_cluster_name_key do update set
-                kind = excluded.kind,
-                plane_version = excluded.plane_version,
-                plane_hash = excluded.plane_hash,
-                controller = excluded.controller,
-                ip = excluded.ip,
-                last_connection_start_time = excluded.last_connection_start_time
-            returning id
+            with registered as (
+                insert into node (kind, name, cluster, plane_version, plane_hash, controller, ip,
+                                  last_connection_start_time)
+                values ($1, $2, $3, $4, $5, $6, $7::text::inet, now())
+                on conflict on constraint node_cluster_name_key do update set
+                    kind = excluded.kind,
+                    plane_version = excluded.plane_version,
+                    plane_hash = excluded.plane_hash,
+                    controller = excluded.controller,
+                    ip = excluded.ip,
+                    last_connection_start_time = excluded.last_connection_start_time
+                returning id, last_connection_start_time
+            ),
+            emitted as (
+                insert into event (kind, key, data, created_at)
+                select $8, id::text, jsonb_build_object('node_id', id, 'connected', true), now()
+                from registered
+            )
+            select id as "id!", last_connection_start_time as "connected_at!" from registered
             "#,
             registration.kind.as_str(),
             registration.name,
@@ -62,22 +185,127 @@ impl<'a> NodeDatabase<'a> {
             registration.plane_hash,
             registration.controller.as_str(),
             registration.ip.to_string(),
+            NodeConnectionStatusChange::kind(),
         )
         .fetch_one(self.db.pool())
         .await?;
-        Ok(NodeId::from(id))
+        Ok(NodeConnection {
+            id: NodeId::from(row.id),
+            connected_at: row.connected_at,
+        })
     }
-}
 
-/// A node's name must be a valid name of its kind.
-fn check_node_name(kind: NodeKind, name: &str) -> Result<()> {
-    let checked = match kind {
-        NodeKind::Drone => DroneName::try_from(name.to_string()).map(drop),
-        NodeKind::Proxy => ProxyName::try_from(name.to_string()).map(drop),
-        NodeKind::AcmeDnsServer => AcmeDnsServerName::try_from(name.to_string()).map(drop),
-    };
-    checked.map_err(|e| Error::InvalidArgument {
-        argument: "name",
-        reason: e.to_string(),
-    })
+    /// Marks a node offline (no longer held by any controller) if `connection` is still its
+    /// current connection and `controller` still holds it, and then emits a
+    /// [`NodeConnectionStatusChange`] with `connected: false`. Returns false, changing
+    /// nothing, if the node has since reconnected (to this or another controller) or is
+    /// unknown: the newer connection wins.
+    #[tracing::instrument(skip(self), fields(node = %connection.id), err)]
+    pub async fn mark_offline(
+        &self,
+        connection: NodeConnection,
+        controller: &ControllerName,
+    ) -> Result<bool> {
+        let updated = sqlx::query_scalar!(
+            r#"
+            with updated as (
+                update node set controller = null
+                where id = $1 and controller = $2 and last_connection_start_time = $3
+                returning id
+            ),
+            emitted as (
+                insert into event (kind, key, data, created_at)
+                select $4, id::text, jsonb_build_object('node_id', id, 'connected', false), now()
+                from updated
+            )
+            select count(*) as "updated!" from updated
+            "#,
+            connection.id.as_i32(),
+            controller.as_str(),
+            connection.connected_at,
+            NodeConnectionStatusChange::kind(),
+        )
+        .fetch_one(self.db.pool())
+        .await?;
+        Ok(updated > 0)
+    }
+
+    /// The id of the node called `name` in `cluster` (`None` for cross-cluster nodes), if
+    /// it has registered.
+    #[tracing::instrument(skip(self), err)]
+    pub async fn id_of(&self, cluster: Option<&ClusterName>, name: &str) -> Result<Option<NodeId>> {
+        let id = sqlx::query_scalar!(
+            "select id from node where cluster is not distinct from $1 and name = $2",
+            cluster.map(ClusterName::as_str),
+            name,
+        )
+        .fetch_optional(self.db.pool())
+        .await?;
+        Ok(id.map(NodeId::from))
+    }
+
+    /// The node with id `id`, if any. A row that does not decode is an error.
+    #[tracing::instrument(skip(self), fields(node = %id), err)]
+    pub async fn get(&self, id: NodeId) -> Result<Option<NodeInfo>> {
+        let timeout = self.controller_timeout();
+        let row = sqlx::query_as!(
+            NodeRow,
+            r#"
+            select n.id, n.kind, n.name, n.cluster, n.controller,
+                   coalesce(c.is_online and c.last_heartbeat > now() - make_interval(secs => $2),
+                            false) as "active!",
+                   n.plane_version, n.plane_hash,
+                   n.last_connection_start_time as connected_at
+            from node n
+            left join controller c on c.id = n.controller
+            where n.id = $1
+            "#,
+            id.as_i32(),
+            timeout,
+        )
+        .fetch_optional(self.db.pool())
+        .await?;
+        row.map(NodeInfo::try_from).transpose()
+    }
+
+    /// Every node, in id order, with whether it is active. Rows that do not decode are
+    /// skipped with a warning.
+    #[tracing::instrument(skip(self), err)]
+    pub async fn list(&self) -> Result<Vec<NodeInfo>> {
+        let timeout = self.controller_timeout();
+        let rows = sqlx::query_as!(
+            NodeRow,
+            r#"
+            select n.id, n.kind, n.name, n.cluster, n.controller,
+                   coalesce(c.is_online and c.last_heartbeat > now() - make_interval(secs => $1),
+                            false) as "active!",
+                   n.plane_version, n.plane_hash,
+                   n.last_connection_start_time as connected_at
+            from node n
+            left join controller c on c.id = n.controller
+            order by n.id
+            "#,
+            timeout,
+        )
+        .fetch_all(self.db.pool())
+        .await?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|row| match NodeInfo::try_from(row) {
+                Ok(node) => Some(node),
+                Err(error) => {
+                    tracing::warn!(%error, "skipping a node row that does not decode");
+                    None
+                }
+            })
+            .collect())
+    }
+
+    fn controller_timeout(&self) -> f64 {
+        self.db
+            .config()
+            .scheduler
+            .controller_heartbeat_timeout
+            .as_secs_f64()
+    }
 }

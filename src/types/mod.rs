@@ -19,8 +19,8 @@ pub use messages::{
     KeyDeadlines, RouteInfo,
 };
 pub use names::{
-    AcmeDnsServerName, BackendActionName, BackendName, ControllerName, DroneName, InvalidNodeKind,
-    NameError, NameErrorReason, NodeKind, ProxyName, MAX_NAME_LEN,
+    AcmeDnsServerName, AnyNodeName, BackendActionName, BackendName, ControllerName, DroneName,
+    InvalidNodeKind, NameError, NameErrorReason, NodeKind, ProxyName, MAX_NAME_LEN,
 };
 pub use state::{
     BackendAddr, BackendState, BackendStatus, BackendStatusStreamEntry, InvalidStatus,

@@ -272,8 +272,67 @@ impl FromStr for NodeKind {
     }
 }
 
+/// The name of any node, tagged by its kind: what node listings return.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum AnyNodeName {
+    /// A drone's name.
+    Drone(DroneName),
+    /// A proxy's name.
+    Proxy(ProxyName),
+    /// An ACME DNS server's name.
+    AcmeDnsServer(AcmeDnsServerName),
+}
+
+impl AnyNodeName {
+    /// Parses `name` as a name of the given kind (its prefix must match the kind).
+    pub fn parse(kind: NodeKind, name: &str) -> Result<Self, NameError> {
+        Ok(match kind {
+            NodeKind::Drone => AnyNodeName::Drone(name.parse()?),
+            NodeKind::Proxy => AnyNodeName::Proxy(name.parse()?),
+            NodeKind::AcmeDnsServer => AnyNodeName::AcmeDnsServer(name.parse()?),
+        })
+    }
+
+    /// The kind of node this name belongs to.
+    pub fn kind(&self) -> NodeKind {
+        match self {
+            AnyNodeName::Drone(_) => NodeKind::Drone,
+            AnyNodeName::Proxy(_) => NodeKind::Proxy,
+            AnyNodeName::AcmeDnsServer(_) => NodeKind::AcmeDnsServer,
+        }
+    }
+
+    /// The name as a string slice.
+    pub fn as_str(&self) -> &str {
+        match self {
+            AnyNodeName::Drone(name) => name.as_str(),
+            AnyNodeName::Proxy(name) => name.as_str(),
+            AnyNodeName::AcmeDnsServer(name) => name.as_str(),
+        }
+    }
+}
+
+impl fmt::Display for AnyNodeName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn any_node_name_checks_the_prefix_of_its_kind() {
+        let drone = AnyNodeName::parse(NodeKind::Drone, "dr-abc").expect("drone name");
+        assert_eq!(drone.kind(), NodeKind::Drone);
+        assert_eq!(drone.as_str(), "dr-abc");
+        assert_eq!(drone.to_string(), "dr-abc");
+        let proxy = AnyNodeName::parse(NodeKind::Proxy, "px-1").expect("proxy name");
+        assert_eq!(proxy.kind(), NodeKind::Proxy);
+        assert!(AnyNodeName::parse(NodeKind::Proxy, "dr-abc").is_err());
+        assert!(AnyNodeName::parse(NodeKind::AcmeDnsServer, "px-1").is_err());
+        assert!(AnyNodeName::parse(NodeKind::Drone, "").is_err());
+    }
+
     use super::*;
 
     fn reason<T: FromStr<Err = NameError>>(s: &str) -> NameErrorReason {

@@ -89,7 +89,8 @@ pub async fn drone_in(db: &PlaneDatabase, cluster: &ClusterName, pool: &DronePoo
             ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
         })
         .await
-        .expect("register node");
+        .expect("register node")
+        .id;
     db.drone()
         .register(id, true, pool)
         .await

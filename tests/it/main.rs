@@ -1,9 +1,14 @@
 //! Integration tests against a real Postgres: one binary (one link, one throwaway server),
 //! a module per area. Each test gets a fresh database of its own.
 
+mod acme;
+mod actions;
 mod backend;
+mod cleanup;
 mod common;
 mod connect;
 mod events;
+mod keys;
+mod nodes;
 mod scheduling;
 mod status_stream;

@@ -1,0 +1,161 @@
+//! Backend actions: what drones are asked to do (spawn, terminate), queued until acknowledged.
+//!
+//! Each action is stored in `backend_action` and emitted (kind `backend_action`, keyed by the
+//! drone id) in the same statement, so a drone's controller can push it live. Until the drone
+//! acknowledges it, [`BackendActionDatabase::pending`] returns it again: that is how an
+//! action sent to a drone that was disconnected, or that crashed before acting, is delivered
+//! again when it asks next.
+
+use crate::error::{to_json, Error, Result};
+use crate::events::NotificationPayload;
+use crate::types::{
+    BackendAction, BackendActionMessage, BackendActionName, BackendName, BackendStatus, NodeId,
+    TerminationKind, TerminationReason,
+};
+use crate::PlaneDatabase;
+
+/// Queued drone actions. Get one from [`PlaneDatabase::backend_actions`].
+pub struct BackendActionDatabase<'a> {
+    db: &'a PlaneDatabase,
+}
+
+/// The outcome of [`BackendActionDatabase::request_termination`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TerminationRequest {
+    /// A terminate action was queued for the backend's drone.
+    Requested {
+        /// The action's id (the drone acknowledges it by this id).
+        action_id: BackendActionName,
+        /// The drone that must carry it out.
+        drone: NodeId,
+    },
+    /// The backend has already terminated; nothing was queued.
+    AlreadyTerminated,
+}
+
+impl<'a> BackendActionDatabase<'a> {
+    pub(crate) fn new(db: &'a PlaneDatabase) -> Self {
+        Self { db }
+    }
+
+    /// Asks the drone running `backend` to terminate it (`kind` soft or hard), for `reason`.
+    /// The action is persisted and emitted keyed by the drone's id, in one statement. An
+    /// unknown backend is [`Error::NotFound`]; a terminated one is
+    /// [`TerminationRequest::AlreadyTerminated`].
+    ///
+    /// This only queues the request: the backend's state changes when its drone reports
+    /// them through [`update_state`](crate::backend::BackendDatabase::update_state).
+    #[tracing::instrument(skip(self), fields(backend = %backend), err)]
+    pub async fn request_termination(
+        &self,
+        backend: &BackendName,
+        kind: TerminationKind,
+        reason: TerminationReason,
+    ) -> Result<TerminationRequest> {
+        let action_id = BackendActionName::new_random();
+        let action = to_json("backend action", &BackendAction::Terminate { kind, reason })?;
+        let row = sqlx::query!(
+            r#"
+            with target as (
+                select id, drone_id from backend
+                where id = $1 and last_status_number < $2
+            ),
+            queued as (
+                insert into backend_action (id, backend_id, drone_id, action)
+                select $3, id, drone_id, $4 from target
+                returning drone_id
+            ),
+            emitted as (
+                insert into event (kind, key, data, created_at)
+                select $5, drone_id::text,
+                       jsonb_build_object('action_id', $3::text, 'backend_id', $1::text,
+                                          'drone_id', drone_id, 'action', $4::jsonb),
+                       now()
+                from queued
+            )
+            select (select drone_id from queued) as "drone_id?",
+                   exists (select 1 from backend where id = $1) as "known!"
+            "#,
+            backend.as_str(),
+            BackendStatus::Terminated.as_int(),
+            action_id.as_str(),
+            action,
+            BackendActionMessage::kind(),
+        )
+        .fetch_one(self.db.pool())
+        .await?;
+        match (row.drone_id, row.known) {
+            (Some(drone), _) => Ok(TerminationRequest::Requested {
+                action_id,
+                drone: NodeId::from(drone),
+            }),
+            (None, true) => Ok(TerminationRequest::AlreadyTerminated),
+            (None, false) => Err(Error::NotFound {
+                what: "backend",
+                id: backend.to_string(),
+            }),
+        }
+    }
+
+    /// The actions queued for `drone` that it has not acknowledged, oldest first, at most
+    /// `limit`. Rows that do not decode are skipped with a warning.
+    #[tracing::instrument(skip(self), fields(drone = %drone), err)]
+    pub async fn pending(&self, drone: NodeId, limit: i64) -> Result<Vec<BackendActionMessage>> {
+        if limit < 0 {
+            return Err(Error::InvalidArgument {
+                argument: "limit",
+                reason: format!("must not be negative, got {limit}"),
+            });
+        }
+        let rows = sqlx::query!(
+            r#"
+            select id, backend_id, drone_id, action
+            from backend_action
+            where drone_id = $1 and acked_at is null
+            order by created_at, id
+            limit $2
+            "#,
+            drone.as_i32(),
+            limit,
+        )
+        .fetch_all(self.db.pool())
+        .await?;
+        let mut actions = Vec::with_capacity(rows.len());
+        for row in rows {
+            let decoded = (|| -> Result<BackendActionMessage> {
+                Ok(BackendActionMessage {
+                    action_id: BackendActionName::try_from(row.id.clone())
+                        .map_err(|e| Error::decode("backend_action", "id", &row.id, e))?,
+                    backend_id: BackendName::try_from(row.backend_id)
+                        .map_err(|e| Error::decode("backend_action", "backend_id", &row.id, e))?,
+                    drone_id: NodeId::from(row.drone_id),
+                    action: serde_json::from_value(row.action)
+                        .map_err(|e| Error::decode("backend_action", "action", &row.id, e))?,
+                })
+            })();
+            match decoded {
+                Ok(action) => actions.push(action),
+                Err(error) => tracing::warn!(%error, "skipping an action row that does not decode"),
+            }
+        }
+        Ok(actions)
+    }
+
+    /// Acknowledges action `action_id` on behalf of `drone`. Only the drone the action was
+    /// queued for can acknowledge it. Returns true if this call acknowledged it; false if the
+    /// action is unknown, belongs to another drone, or was already acknowledged.
+    #[tracing::instrument(skip(self), fields(drone = %drone, action = %action_id), err)]
+    pub async fn ack(&self, action_id: &BackendActionName, drone: NodeId) -> Result<bool> {
+        let result = sqlx::query!(
+            r#"
+            update backend_action set acked_at = now()
+            where id = $1 and drone_id = $2 and acked_at is null
+            "#,
+            action_id.as_str(),
+            drone.as_i32(),
+        )
+        .execute(self.db.pool())
+        .await?;
+        Ok(result.rows_affected() > 0)
+    }
+}

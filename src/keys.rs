@@ -1,0 +1,197 @@
+//! Keys: the leases through which at most one live backend holds a key.
+//!
+//! [`PlaneDatabase::connect`](crate::PlaneDatabase::connect) acquires a key for the backend it
+//! creates; the backend's drone then renews it before each deadline
+//! ([`KeyLeaseConfig`](crate::KeyLeaseConfig)). A key whose lease ran out may be taken over
+//! by a new backend, which gets a larger fencing token, so that anything still acting for
+//! the old holder can be told apart. Termination releases the key.
+
+use crate::backend::BackendIdentity;
+use crate::error::{check_text, Error, Result};
+use crate::types::{
+    AcquiredKey, BackendName, BackendStatus, BearerToken, ClusterName, KeyConfig, KeyDeadlines,
+    Subdomain,
+};
+use crate::PlaneDatabase;
+use chrono::{DateTime, Utc};
+
+/// Key leases. Get one from [`PlaneDatabase::keys`].
+pub struct KeysDatabase<'a> {
+    db: &'a PlaneDatabase,
+}
+
+/// The outcome of [`KeysDatabase::renew`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyRenewal {
+    /// The lease was extended; the drone should act on these deadlines.
+    Renewed(AcquiredKey),
+    /// Renewal was prevented ([`KeysDatabase::prevent_renew`]): the backend should wind down
+    /// by its current deadlines.
+    Prevented,
+    /// The backend holds no key: it never had one, it terminated, or its lease ran out
+    /// (an expired lease is not revived, since another backend may be taking the key over).
+    NotHeld,
+}
+
+/// A key and the backend holding it, as read by [`KeysDatabase::lookup`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyHolder {
+    /// The backend holding the key.
+    pub backend: BackendName,
+    /// The key (namespace, name, and the tag it was acquired with).
+    pub key: KeyConfig,
+    /// The fencing token of this acquisition.
+    pub fencing_token: i64,
+    /// The backend's status.
+    pub status: BackendStatus,
+    /// The backend's cluster.
+    pub cluster: ClusterName,
+    /// The backend's subdomain, if it has one.
+    pub subdomain: Option<Subdomain>,
+    /// The backend's static token, if it was created with one.
+    pub static_token: Option<BearerToken>,
+    /// When the lease runs out unless renewed.
+    pub expires_at: DateTime<Utc>,
+    /// When this was read (database clock), to judge `expires_at` against.
+    pub as_of: DateTime<Utc>,
+}
+
+impl KeyHolder {
+    /// Whether the lease was still running when this was read. A key whose lease ran out
+    /// may be taken over by a new backend.
+    pub fn is_live(&self) -> bool {
+        self.as_of < self.expires_at
+    }
+}
+
+impl<'a> KeysDatabase<'a> {
+    pub(crate) fn new(db: &'a PlaneDatabase) -> Self {
+        Self { db }
+    }
+
+    /// Extends the lease of the key held by `backend` by the configured
+    /// [`KeyLeaseConfig`](crate::KeyLeaseConfig) from now, and returns the new deadlines.
+    /// Refused ([`KeyRenewal::Prevented`]) once renewal has been prevented.
+    #[tracing::instrument(skip(self), fields(backend = %backend), err)]
+    pub async fn renew(&self, backend: &BackendName) -> Result<KeyRenewal> {
+        let lease = &self.db.config().key_lease;
+        // The update's own condition decides, so a renewal and a takeover (which needs the
+        // lease to have run out) can never both succeed.
+        let row = sqlx::query!(
+            r#"
+            with renewed as (
+                update backend_key set expires_at = now() + make_interval(secs => $2)
+                where id = $1 and allow_renew and expires_at > now()
+                returning namespace, key_name, tag, fencing_token
+            )
+            select r.namespace as "namespace?", r.key_name as "key_name?", r.tag as "tag?",
+                   r.fencing_token as "fencing_token?",
+                   (select k.allow_renew from backend_key k where k.id = $1) as "allow_renew?",
+                   now() as "now!"
+            from (select 1) as one
+            left join renewed r on true
+            "#,
+            backend.as_str(),
+            lease.hard_terminate_after.as_secs_f64(),
+        )
+        .fetch_one(self.db.pool())
+        .await?;
+        match (row.namespace, row.key_name, row.tag, row.fencing_token) {
+            (Some(namespace), Some(name), Some(tag), Some(token)) => {
+                let after = |d: std::time::Duration| {
+                    chrono::Duration::from_std(d)
+                        .map(|d| row.now + d)
+                        .map_err(|e| Error::InvalidArgument {
+                            argument: "key_lease",
+                            reason: e.to_string(),
+                        })
+                };
+                Ok(KeyRenewal::Renewed(AcquiredKey {
+                    key: KeyConfig {
+                        name,
+                        namespace,
+                        tag,
+                    },
+                    deadlines: KeyDeadlines {
+                        renew_at: after(lease.renew_after)?,
+                        soft_terminate_at: after(lease.soft_terminate_after)?,
+                        hard_terminate_at: after(lease.hard_terminate_after)?,
+                    },
+                    token,
+                }))
+            }
+            _ if row.allow_renew == Some(false) => Ok(KeyRenewal::Prevented),
+            _ => Ok(KeyRenewal::NotHeld),
+        }
+    }
+
+    /// Prevents further renewals of the key held by `backend`, so that it lapses at its
+    /// current deadlines (how a backend is wound down through its key). Returns true if
+    /// this call prevented it, false if renewal was already prevented or there is no key.
+    #[tracing::instrument(skip(self), fields(backend = %backend), err)]
+    pub async fn prevent_renew(&self, backend: &BackendName) -> Result<bool> {
+        let result = sqlx::query!(
+            "update backend_key set allow_renew = false where id = $1 and allow_renew",
+            backend.as_str(),
+        )
+        .execute(self.db.pool())
+        .await?;
+        Ok(result.rows_affected() > 0)
+    }
+
+    /// Deletes the key held by `backend`, but only if its lease has run out (a live lease
+    /// is never removed). Returns true if a key was deleted.
+    #[tracing::instrument(skip(self), fields(backend = %backend), err)]
+    pub async fn remove_if_expired(&self, backend: &BackendName) -> Result<bool> {
+        let result = sqlx::query!(
+            "delete from backend_key where id = $1 and expires_at <= now()",
+            backend.as_str(),
+        )
+        .execute(self.db.pool())
+        .await?;
+        Ok(result.rows_affected() > 0)
+    }
+
+    /// The backend holding `key` (matched by namespace and name; the tag is returned, not
+    /// compared), with its status, cluster, subdomain and static token. `None` if no backend
+    /// holds it. Check [`KeyHolder::is_live`]: an expired holder may be replaced at any time.
+    #[tracing::instrument(skip(self), fields(namespace = %key.namespace, key = %key.name), err)]
+    pub async fn lookup(&self, key: &KeyConfig) -> Result<Option<KeyHolder>> {
+        check_text("key.namespace", &key.namespace)?;
+        check_text("key.name", &key.name)?;
+        let row = sqlx::query!(
+            r#"
+            select k.id, k.namespace, k.key_name, k.tag, k.fencing_token, k.expires_at,
+                   b.last_status_number, b.cluster, b.subdomain, b.static_token,
+                   now() as "as_of!"
+            from backend_key k
+            join backend b on b.id = k.id
+            where k.namespace = $1 and k.key_name = $2
+            "#,
+            key.namespace,
+            key.name,
+        )
+        .fetch_optional(self.db.pool())
+        .await?;
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        let identity =
+            BackendIdentity::decode(row.id, row.last_status_number, row.cluster, row.subdomain)?;
+        Ok(Some(KeyHolder {
+            backend: identity.id,
+            key: KeyConfig {
+                name: row.key_name,
+                namespace: row.namespace,
+                tag: row.tag,
+            },
+            fencing_token: row.fencing_token,
+            status: identity.status,
+            cluster: identity.cluster,
+            subdomain: identity.subdomain,
+            static_token: row.static_token.map(BearerToken::from),
+            expires_at: row.expires_at,
+            as_of: row.as_of,
+        }))
+    }
+}

@@ -1,0 +1,131 @@
+//! Old events in batches, `run_cleanup`, and the cleanup loop.
+
+use crate::common::*;
+use plane_db::{CleanupConfig, Error};
+use std::time::Duration;
+
+const DAY: Duration = Duration::from_secs(24 * 3600);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn old_events_are_deleted_in_batches() {
+    with_db(|db| async move {
+        exec(
+            &db,
+            "insert into event (kind, key, data, created_at)
+             select 'test', null, '{}', now() - interval '10 days' from generate_series(1, 25)",
+        )
+        .await;
+        exec(
+            &db,
+            "insert into event (kind, key, data, created_at)
+             select 'test', null, '{}', now() - interval '1 day' from generate_series(1, 5)",
+        )
+        .await;
+        assert!(matches!(
+            db.cleanup_events(DAY, 0).await,
+            Err(Error::InvalidArgument {
+                argument: "batch_size",
+                ..
+            })
+        ));
+        assert_eq!(db.cleanup_events(7 * DAY, 10).await.unwrap(), 25);
+        assert_eq!(count(&db, "event").await, 5, "recent events stay");
+        assert_eq!(db.cleanup_events(7 * DAY, 10).await.unwrap(), 0);
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_cleanup_deletes_backends_events_and_expired_tokens() {
+    with_db(|db| async move {
+        drone(&db).await;
+        let old = spawn(&db).await.backend_id;
+        for state in lifecycle() {
+            db.backend().update_state(&old, &state).await.unwrap();
+        }
+        // A live backend with two tokens (its first connect and a reconnect), both expired.
+        let live = db.connect(&request("live-key")).await.unwrap();
+        let reconnect = db.connect(&request("live-key")).await.unwrap();
+        assert_eq!(reconnect.backend_id, live.backend_id);
+        exec(
+            &db,
+            &format!(
+                "update backend set last_status_time = now() - interval '30 days' where id = '{old}'"
+            ),
+        )
+        .await;
+        exec(&db, "update event set created_at = now() - interval '30 days'").await;
+        exec(
+            &db,
+            &format!(
+                "update token set expiration_time = now() - interval '1 minute'
+                 where backend_id = '{}'",
+                live.backend_id
+            ),
+        )
+        .await;
+        assert_eq!(count(&db, "token").await, 3);
+        let events = count(&db, "event").await;
+
+        let summary = db.run_cleanup(&CleanupConfig::default()).await.unwrap();
+        assert_eq!(summary.backends.backends, 1);
+        assert_eq!(summary.backends.states, 7);
+        assert_eq!(summary.backends.tokens, 1);
+        assert_eq!(summary.events as i64, events);
+        assert_eq!(summary.tokens, 2);
+        assert_eq!(count(&db, "event").await, 0);
+        assert_eq!(count(&db, "token").await, 0);
+        assert_eq!(count(&db, "backend").await, 1, "the live backend stays");
+
+        let nothing = db.run_cleanup(&CleanupConfig::default()).await.unwrap();
+        assert_eq!(
+            (nothing.backends.backends, nothing.events, nothing.tokens),
+            (0, 0, 0)
+        );
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cleanup_loop_runs_until_dropped() {
+    with_db(|db| async move {
+        assert!(matches!(
+            db.spawn_cleanup_loop(Duration::ZERO, CleanupConfig::default()),
+            Err(Error::InvalidArgument {
+                argument: "interval",
+                ..
+            })
+        ));
+        let config = CleanupConfig {
+            event_min_age: Duration::from_secs(60),
+            ..CleanupConfig::default()
+        };
+        let old_events = "insert into event (kind, key, data, created_at)
+             select 'test', null, '{}', now() - interval '1 hour' from generate_series(1, 3)";
+        exec(&db, old_events).await;
+        let task = db
+            .spawn_cleanup_loop(Duration::from_millis(100), config)
+            .unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while count(&db, "event").await > 0 {
+            assert!(tokio::time::Instant::now() < deadline, "the loop never ran");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // It keeps running: new old events go too.
+        exec(&db, old_events).await;
+        while count(&db, "event").await > 0 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the loop ran only once"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        task.stop();
+        // Stopped: old events now stay.
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        exec(&db, old_events).await;
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert_eq!(count(&db, "event").await, 3);
+    })
+    .await
+}

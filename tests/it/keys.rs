@@ -1,0 +1,221 @@
+//! Key leases: renew, prevent renewal, remove if expired, look up, fencing tokens.
+
+use crate::common::*;
+use plane_db::keys::KeyRenewal;
+use plane_db::types::{BackendName, BackendStatus, KeyConfig, Subdomain};
+use plane_db::Error;
+
+fn key(name: &str) -> KeyConfig {
+    KeyConfig {
+        name: name.to_string(),
+        namespace: "ns".to_string(),
+        tag: String::new(),
+    }
+}
+
+async fn expire_key(db: &plane_db::PlaneDatabase, backend: &BackendName) {
+    exec(
+        db,
+        &format!(
+            "update backend_key set expires_at = now() - interval '1 second' where id = '{backend}'"
+        ),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renew_extends_the_lease_until_renewal_is_prevented() {
+    with_db(|db| async move {
+        drone(&db).await;
+        let response = db.connect(&request("renew-me")).await.unwrap();
+        let backend = response.backend_id;
+        let before = db
+            .keys()
+            .lookup(&key("renew-me"))
+            .await
+            .unwrap()
+            .expect("held");
+
+        let renewed = match db.keys().renew(&backend).await.unwrap() {
+            KeyRenewal::Renewed(acquired) => acquired,
+            other => panic!("expected a renewal, got {other:?}"),
+        };
+        assert_eq!(renewed.key, key("renew-me"));
+        assert_eq!(
+            Some(renewed.token),
+            response.fencing_token,
+            "renewal keeps the token"
+        );
+        let deadlines = renewed.deadlines;
+        assert!(deadlines.renew_at < deadlines.soft_terminate_at);
+        assert!(deadlines.soft_terminate_at < deadlines.hard_terminate_at);
+        let after = db
+            .keys()
+            .lookup(&key("renew-me"))
+            .await
+            .unwrap()
+            .expect("held");
+        assert!(after.expires_at >= before.expires_at);
+        assert_eq!(
+            after.expires_at.timestamp_millis(),
+            deadlines.hard_terminate_at.timestamp_millis(),
+            "the lease runs to the hard deadline"
+        );
+        let lease = db.config().key_lease.hard_terminate_after.as_secs() as i64;
+        let remaining = after.expires_at - after.as_of;
+        assert!(remaining <= chrono::Duration::seconds(lease));
+        assert!(remaining > chrono::Duration::seconds(lease - 10));
+
+        assert!(db.keys().prevent_renew(&backend).await.unwrap());
+        assert!(
+            !db.keys().prevent_renew(&backend).await.unwrap(),
+            "already prevented"
+        );
+        assert_eq!(
+            db.keys().renew(&backend).await.unwrap(),
+            KeyRenewal::Prevented
+        );
+        let unchanged = db
+            .keys()
+            .lookup(&key("renew-me"))
+            .await
+            .unwrap()
+            .expect("held");
+        assert_eq!(
+            unchanged.expires_at, after.expires_at,
+            "a refused renewal changes nothing"
+        );
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_or_missing_key_is_not_renewed() {
+    with_db(|db| async move {
+        drone(&db).await;
+        let backend = db.connect(&request("lapsed")).await.unwrap().backend_id;
+        expire_key(&db, &backend).await;
+        assert_eq!(
+            db.keys().renew(&backend).await.unwrap(),
+            KeyRenewal::NotHeld
+        );
+        let unknown = BackendName::new_random();
+        assert_eq!(
+            db.keys().renew(&unknown).await.unwrap(),
+            KeyRenewal::NotHeld
+        );
+        assert!(!db.keys().prevent_renew(&unknown).await.unwrap());
+        assert!(!db.keys().remove_if_expired(&unknown).await.unwrap());
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_key_is_never_removed() {
+    with_db(|db| async move {
+        drone(&db).await;
+        let backend = db.connect(&request("remove-me")).await.unwrap().backend_id;
+        assert!(!db.keys().remove_if_expired(&backend).await.unwrap());
+        assert!(db.keys().lookup(&key("remove-me")).await.unwrap().is_some());
+
+        expire_key(&db, &backend).await;
+        let holder = db
+            .keys()
+            .lookup(&key("remove-me"))
+            .await
+            .unwrap()
+            .expect("held");
+        assert!(!holder.is_live());
+        assert!(db.keys().remove_if_expired(&backend).await.unwrap());
+        assert!(
+            !db.keys().remove_if_expired(&backend).await.unwrap(),
+            "already gone"
+        );
+        assert_eq!(db.keys().lookup(&key("remove-me")).await.unwrap(), None);
+        assert_eq!(
+            db.keys().renew(&backend).await.unwrap(),
+            KeyRenewal::NotHeld
+        );
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lookup_returns_the_holder_with_its_backend() {
+    with_db(|db| async move {
+        drone(&db).await;
+        let mut req = request("looked-up");
+        let spawn = req.spawn_config.as_mut().expect("spawn config");
+        spawn.use_static_token = true;
+        spawn.subdomain = Some("team-a".parse::<Subdomain>().unwrap());
+        let response = db.connect(&req).await.unwrap();
+
+        let holder = db
+            .keys()
+            .lookup(&key("looked-up"))
+            .await
+            .unwrap()
+            .expect("held");
+        assert_eq!(holder.backend, response.backend_id);
+        assert_eq!(holder.key, key("looked-up"));
+        assert_eq!(Some(holder.fencing_token), response.fencing_token);
+        assert_eq!(holder.status, BackendStatus::Scheduled);
+        assert_eq!(holder.cluster, cluster());
+        assert_eq!(holder.subdomain, response.subdomain);
+        assert_eq!(holder.static_token.as_ref(), Some(&response.token));
+        assert!(holder.is_live());
+
+        // The namespace is part of the key.
+        let mut other_namespace = key("looked-up");
+        other_namespace.namespace = "elsewhere".into();
+        assert_eq!(db.keys().lookup(&other_namespace).await.unwrap(), None);
+        // A NUL cannot be stored, so it is refused up front.
+        assert!(matches!(
+            db.keys().lookup(&key("nul\0key")).await,
+            Err(Error::InvalidArgument {
+                argument: "key.name",
+                ..
+            })
+        ));
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fencing_token_grows_with_every_acquisition() {
+    with_db(|db| async move {
+        drone(&db).await;
+        let first = db.connect(&request("fenced")).await.unwrap();
+        let t1 = first.fencing_token.expect("token");
+
+        // Released by termination, then acquired again.
+        for state in lifecycle() {
+            db.backend()
+                .update_state(&first.backend_id, &state)
+                .await
+                .unwrap();
+        }
+        assert_eq!(db.keys().lookup(&key("fenced")).await.unwrap(), None);
+        let second = db.connect(&request("fenced")).await.unwrap();
+        assert_ne!(second.backend_id, first.backend_id);
+        let t2 = second.fencing_token.expect("token");
+        assert!(t2 > t1, "{t2} > {t1}");
+
+        // Taken over after its lease ran out.
+        expire_key(&db, &second.backend_id).await;
+        let third = db.connect(&request("fenced")).await.unwrap();
+        assert_ne!(third.backend_id, second.backend_id);
+        let t3 = third.fencing_token.expect("token");
+        assert!(t3 > t2, "{t3} > {t2}");
+        // The old holder can no longer renew.
+        assert_eq!(
+            db.keys().renew(&second.backend_id).await.unwrap(),
+            KeyRenewal::NotHeld
+        );
+        assert!(matches!(
+            db.keys().renew(&third.backend_id).await.unwrap(),
+            KeyRenewal::Renewed(acquired) if acquired.token == t3
+        ));
+    })
+    .await
+}
