@@ -236,21 +236,29 @@ impl PlaneDatabase {
                 insert into backend_state (backend_id, state, created_at)
                 select id, $9, now() from new_backend
             ),
+            drone_clock as (
+                -- The drone acts on the deadlines by its own clock: shift them by how far
+                -- its clock was from ours at its last heartbeat.
+                select coalesce(
+                    (select last_local_time - last_heartbeat from drone where id = $10),
+                    interval '0'
+                ) as skew
+            ),
             spawn as (
                 select jsonb_build_object('Spawn', jsonb_build_object(
                     'executable', $15::jsonb,
                     'key', jsonb_build_object(
                         'key', jsonb_build_object('name', $3::text, 'namespace', $2::text, 'tag', $4::text),
                         'deadlines', jsonb_build_object(
-                            'renew_at', (extract(epoch from now() + make_interval(secs => $16)) * 1000)::bigint,
-                            'soft_terminate_at', (extract(epoch from now() + make_interval(secs => $17)) * 1000)::bigint,
-                            'hard_terminate_at', (extract(epoch from a.expires_at) * 1000)::bigint
+                            'renew_at', (extract(epoch from now() + c.skew + make_interval(secs => $16)) * 1000)::bigint,
+                            'soft_terminate_at', (extract(epoch from now() + c.skew + make_interval(secs => $17)) * 1000)::bigint,
+                            'hard_terminate_at', (extract(epoch from a.expires_at + c.skew) * 1000)::bigint
                         ),
                         'token', a.fencing_token
                     ),
                     'static_token', $13::text
                 )) as action
-                from acquired a, new_backend
+                from acquired a, new_backend, drone_clock c
             ),
             spawn_action as (
                 insert into backend_action (id, backend_id, drone_id, action)

@@ -57,7 +57,8 @@ impl<'a> DroneDatabase<'a> {
     }
 
     /// Registers the drone of node `id` (see [`NodeDatabase::register`](crate::node::NodeDatabase::register))
-    /// in `pool`, or updates its readiness and pool. Counts as a heartbeat.
+    /// in `pool`, or updates its readiness and pool. Counts as a heartbeat; the drone's clock
+    /// is unknown again until its next [`heartbeat`](Self::heartbeat).
     #[tracing::instrument(skip(self), fields(drone = %id), err)]
     pub async fn register(&self, id: NodeId, ready: bool, pool: &DronePoolName) -> Result<()> {
         check_text("pool", pool.as_str())?;
@@ -68,7 +69,8 @@ impl<'a> DroneDatabase<'a> {
             on conflict (id) do update set
                 ready = excluded.ready,
                 pool = excluded.pool,
-                last_heartbeat = excluded.last_heartbeat
+                last_heartbeat = excluded.last_heartbeat,
+                last_local_time = null
             "#,
             id.as_i32(),
             ready,

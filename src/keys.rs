@@ -70,11 +70,33 @@ impl<'a> KeysDatabase<'a> {
     }
 
     /// Extends the lease of the key held by `backend` by the configured
-    /// [`KeyLeaseConfig`](crate::KeyLeaseConfig) from now, and returns the new deadlines.
-    /// Refused ([`KeyRenewal::Prevented`]) once renewal has been prevented.
+    /// [`KeyLeaseConfig`](crate::KeyLeaseConfig) from now, and returns the new deadlines,
+    /// counted from `drone_local_time` (the drone's clock when it asked): the drone acts on
+    /// them by its own clock, so a skewed clock does not stretch the lease. Refused
+    /// ([`KeyRenewal::Prevented`]) once renewal has been prevented.
     #[tracing::instrument(skip(self), fields(backend = %backend), err)]
-    pub async fn renew(&self, backend: &BackendName) -> Result<KeyRenewal> {
+    pub async fn renew(
+        &self,
+        backend: &BackendName,
+        drone_local_time: DateTime<Utc>,
+    ) -> Result<KeyRenewal> {
         let lease = &self.db.config().key_lease;
+        // Computed before the update, so a bad time changes nothing. A date near the end of
+        // chrono's range must not overflow into a panic.
+        let after = |d: std::time::Duration| {
+            chrono::Duration::from_std(d)
+                .ok()
+                .and_then(|d| drone_local_time.checked_add_signed(d))
+                .ok_or_else(|| Error::InvalidArgument {
+                    argument: "drone_local_time",
+                    reason: format!("{drone_local_time} plus the key lease is out of range"),
+                })
+        };
+        let deadlines = KeyDeadlines {
+            renew_at: after(lease.renew_after)?,
+            soft_terminate_at: after(lease.soft_terminate_after)?,
+            hard_terminate_at: after(lease.hard_terminate_after)?,
+        };
         // The update's own condition decides, so a renewal and a takeover (which needs the
         // lease to have run out) can never both succeed.
         let row = sqlx::query!(
@@ -86,8 +108,7 @@ impl<'a> KeysDatabase<'a> {
             )
             select r.namespace as "namespace?", r.key_name as "key_name?", r.tag as "tag?",
                    r.fencing_token as "fencing_token?",
-                   (select k.allow_renew from backend_key k where k.id = $1) as "allow_renew?",
-                   now() as "now!"
+                   (select k.allow_renew from backend_key k where k.id = $1) as "allow_renew?"
             from (select 1) as one
             left join renewed r on true
             "#,
@@ -98,25 +119,13 @@ impl<'a> KeysDatabase<'a> {
         .await?;
         match (row.namespace, row.key_name, row.tag, row.fencing_token) {
             (Some(namespace), Some(name), Some(tag), Some(token)) => {
-                let after = |d: std::time::Duration| {
-                    chrono::Duration::from_std(d)
-                        .map(|d| row.now + d)
-                        .map_err(|e| Error::InvalidArgument {
-                            argument: "key_lease",
-                            reason: e.to_string(),
-                        })
-                };
                 Ok(KeyRenewal::Renewed(AcquiredKey {
                     key: KeyConfig {
                         name,
                         namespace,
                         tag,
                     },
-                    deadlines: KeyDeadlines {
-                        renew_at: after(lease.renew_after)?,
-                        soft_terminate_at: after(lease.soft_terminate_after)?,
-                        hard_terminate_at: after(lease.hard_terminate_after)?,
-                    },
+                    deadlines,
                     token,
                 }))
             }

@@ -36,7 +36,9 @@ async fn renew_extends_the_lease_until_renewal_is_prevented() {
             .unwrap()
             .expect("held");
 
-        let renewed = match db.keys().renew(&backend).await.unwrap() {
+        // The drone's clock runs an hour fast: its deadlines are counted on its clock.
+        let drone_now = chrono::Utc::now() + chrono::Duration::hours(1);
+        let renewed = match db.keys().renew(&backend, drone_now).await.unwrap() {
             KeyRenewal::Renewed(acquired) => acquired,
             other => panic!("expected a renewal, got {other:?}"),
         };
@@ -47,8 +49,17 @@ async fn renew_extends_the_lease_until_renewal_is_prevented() {
             "renewal keeps the token"
         );
         let deadlines = renewed.deadlines;
-        assert!(deadlines.renew_at < deadlines.soft_terminate_at);
-        assert!(deadlines.soft_terminate_at < deadlines.hard_terminate_at);
+        let lease = db.config().key_lease.clone();
+        let secs = |d: std::time::Duration| chrono::Duration::seconds(d.as_secs() as i64);
+        assert_eq!(deadlines.renew_at, drone_now + secs(lease.renew_after));
+        assert_eq!(
+            deadlines.soft_terminate_at,
+            drone_now + secs(lease.soft_terminate_after)
+        );
+        assert_eq!(
+            deadlines.hard_terminate_at,
+            drone_now + secs(lease.hard_terminate_after)
+        );
         let after = db
             .keys()
             .lookup(&key("renew-me"))
@@ -56,15 +67,20 @@ async fn renew_extends_the_lease_until_renewal_is_prevented() {
             .unwrap()
             .expect("held");
         assert!(after.expires_at >= before.expires_at);
-        assert_eq!(
-            after.expires_at.timestamp_millis(),
-            deadlines.hard_terminate_at.timestamp_millis(),
-            "the lease runs to the hard deadline"
-        );
-        let lease = db.config().key_lease.hard_terminate_after.as_secs() as i64;
+        // The stored lease runs on the database's clock.
         let remaining = after.expires_at - after.as_of;
-        assert!(remaining <= chrono::Duration::seconds(lease));
-        assert!(remaining > chrono::Duration::seconds(lease - 10));
+        assert!(remaining <= secs(lease.hard_terminate_after));
+        assert!(remaining > secs(lease.hard_terminate_after) - chrono::Duration::seconds(10));
+        // A time at the end of the calendar is an error, not a panic.
+        assert!(matches!(
+            db.keys()
+                .renew(&backend, chrono::DateTime::<chrono::Utc>::MAX_UTC)
+                .await,
+            Err(Error::InvalidArgument {
+                argument: "drone_local_time",
+                ..
+            })
+        ));
 
         assert!(db.keys().prevent_renew(&backend).await.unwrap());
         assert!(
@@ -72,7 +88,7 @@ async fn renew_extends_the_lease_until_renewal_is_prevented() {
             "already prevented"
         );
         assert_eq!(
-            db.keys().renew(&backend).await.unwrap(),
+            db.keys().renew(&backend, chrono::Utc::now()).await.unwrap(),
             KeyRenewal::Prevented
         );
         let unchanged = db
@@ -96,12 +112,12 @@ async fn an_expired_or_missing_key_is_not_renewed() {
         let backend = db.connect(&request("lapsed")).await.unwrap().backend_id;
         expire_key(&db, &backend).await;
         assert_eq!(
-            db.keys().renew(&backend).await.unwrap(),
+            db.keys().renew(&backend, chrono::Utc::now()).await.unwrap(),
             KeyRenewal::NotHeld
         );
         let unknown = BackendName::new_random();
         assert_eq!(
-            db.keys().renew(&unknown).await.unwrap(),
+            db.keys().renew(&unknown, chrono::Utc::now()).await.unwrap(),
             KeyRenewal::NotHeld
         );
         assert!(!db.keys().prevent_renew(&unknown).await.unwrap());
@@ -133,7 +149,7 @@ async fn a_live_key_is_never_removed() {
         );
         assert_eq!(db.keys().lookup(&key("remove-me")).await.unwrap(), None);
         assert_eq!(
-            db.keys().renew(&backend).await.unwrap(),
+            db.keys().renew(&backend, chrono::Utc::now()).await.unwrap(),
             KeyRenewal::NotHeld
         );
     })
@@ -209,13 +225,50 @@ async fn the_fencing_token_grows_with_every_acquisition() {
         assert!(t3 > t2, "{t3} > {t2}");
         // The old holder can no longer renew.
         assert_eq!(
-            db.keys().renew(&second.backend_id).await.unwrap(),
+            db.keys()
+                .renew(&second.backend_id, chrono::Utc::now())
+                .await
+                .unwrap(),
             KeyRenewal::NotHeld
         );
         assert!(matches!(
-            db.keys().renew(&third.backend_id).await.unwrap(),
+            db.keys().renew(&third.backend_id, chrono::Utc::now()).await.unwrap(),
             KeyRenewal::Renewed(acquired) if acquired.token == t3
         ));
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spawn_deadlines_follow_the_drones_clock() {
+    with_db(|db| async move {
+        let d = drone(&db).await;
+        // The drone's clock is an hour ahead of the database's.
+        assert!(db
+            .drone()
+            .heartbeat(d.id, chrono::Utc::now() + chrono::Duration::hours(1))
+            .await
+            .unwrap());
+        let backend = db.connect(&request("skewed")).await.unwrap().backend_id;
+        let actions = db.backend_actions().pending(d.id, 10).await.unwrap();
+        let plane_db::types::BackendAction::Spawn { key: acquired, .. } = &actions[0].action else {
+            panic!("expected a spawn action");
+        };
+        assert_eq!(actions[0].backend_id, backend);
+        let holder = db
+            .keys()
+            .lookup(&key("skewed"))
+            .await
+            .unwrap()
+            .expect("held");
+        let skew = acquired.deadlines.hard_terminate_at - holder.expires_at;
+        assert!(
+            skew > chrono::Duration::minutes(59) && skew < chrono::Duration::minutes(61),
+            "deadlines shifted by the drone's skew, got {skew}"
+        );
+        let deadlines = acquired.deadlines;
+        assert!(deadlines.renew_at < deadlines.soft_terminate_at);
+        assert!(deadlines.soft_terminate_at < deadlines.hard_terminate_at);
     })
     .await
 }
