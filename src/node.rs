@@ -234,6 +234,7 @@ impl<'a> NodeDatabase<'a> {
     /// it has registered.
     #[tracing::instrument(skip(self), err)]
     pub async fn id_of(&self, cluster: Option<&ClusterName>, name: &str) -> Result<Option<NodeId>> {
+        crate::error::check_text("name", name)?;
         let id = sqlx::query_scalar!(
             "select id from node where cluster is not distinct from $1 and name = $2",
             cluster.map(ClusterName::as_str),
