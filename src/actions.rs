@@ -6,7 +6,7 @@
 //! action sent to a drone that was disconnected, or that crashed before acting, is delivered
 //! again when it asks next.
 
-use crate::error::{to_json, Error, Result};
+use crate::error::{check_non_negative, skip_undecodable, to_json, Error, Result};
 use crate::events::NotificationPayload;
 use crate::types::{
     BackendAction, BackendActionMessage, BackendActionName, BackendName, BackendStatus, NodeId,
@@ -101,12 +101,7 @@ impl<'a> BackendActionDatabase<'a> {
     /// `limit`. Rows that do not decode are skipped with a warning.
     #[tracing::instrument(skip(self), fields(drone = %drone), err)]
     pub async fn pending(&self, drone: NodeId, limit: i64) -> Result<Vec<BackendActionMessage>> {
-        if limit < 0 {
-            return Err(Error::InvalidArgument {
-                argument: "limit",
-                reason: format!("must not be negative, got {limit}"),
-            });
-        }
+        check_non_negative("limit", limit)?;
         let rows = sqlx::query!(
             r#"
             select id, backend_id, drone_id, action
@@ -120,25 +115,17 @@ impl<'a> BackendActionDatabase<'a> {
         )
         .fetch_all(self.db.pool())
         .await?;
-        let mut actions = Vec::with_capacity(rows.len());
-        for row in rows {
-            let decoded = (|| -> Result<BackendActionMessage> {
-                Ok(BackendActionMessage {
-                    action_id: BackendActionName::try_from(row.id.clone())
-                        .map_err(|e| Error::decode("backend_action", "id", &row.id, e))?,
-                    backend_id: BackendName::try_from(row.backend_id)
-                        .map_err(|e| Error::decode("backend_action", "backend_id", &row.id, e))?,
-                    drone_id: NodeId::from(row.drone_id),
-                    action: serde_json::from_value(row.action)
-                        .map_err(|e| Error::decode("backend_action", "action", &row.id, e))?,
-                })
-            })();
-            match decoded {
-                Ok(action) => actions.push(action),
-                Err(error) => tracing::warn!(%error, "skipping an action row that does not decode"),
-            }
-        }
-        Ok(actions)
+        Ok(skip_undecodable(rows.into_iter().map(|row| {
+            Ok(BackendActionMessage {
+                action_id: BackendActionName::try_from(row.id.clone())
+                    .map_err(|e| Error::decode("backend_action", "id", &row.id, e))?,
+                backend_id: BackendName::try_from(row.backend_id)
+                    .map_err(|e| Error::decode("backend_action", "backend_id", &row.id, e))?,
+                drone_id: NodeId::from(row.drone_id),
+                action: serde_json::from_value(row.action)
+                    .map_err(|e| Error::decode("backend_action", "action", &row.id, e))?,
+            })
+        })))
     }
 
     /// Acknowledges action `action_id` on behalf of `drone`. Only the drone the action was

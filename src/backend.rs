@@ -1,7 +1,7 @@
 //! Backends: lifecycle, status streams, routes for proxies, keepalives, termination
 //! candidates and cleanup.
 
-use crate::error::{to_json, Error, Result};
+use crate::error::{skip_undecodable, to_json, Error, Result};
 use crate::events::{emit_ephemeral, NotificationPayload};
 use crate::types::{
     BackendAddr, BackendMetricsMessage, BackendName, BackendState, BackendStatus,
@@ -490,25 +490,7 @@ impl<'a> BackendDatabase<'a> {
     #[tracing::instrument(skip(self), fields(count = backends.len()), err)]
     pub async fn mark_lost(&self, backends: &[BackendName]) -> Result<Vec<BackendName>> {
         let ids: Vec<String> = backends.iter().map(|b| b.to_string()).collect();
-        let mut marked = Vec::new();
-        for _ in 0..MARK_LOST_ROUNDS {
-            let alive = sqlx::query_as!(
-                AliveRow,
-                r#"
-                select id, last_status_number, state from backend
-                where id = any($1) and last_status_number < $2
-                "#,
-                &ids,
-                BackendStatus::Terminated.as_int(),
-            )
-            .fetch_all(self.db.pool())
-            .await?;
-            if alive.is_empty() {
-                break;
-            }
-            marked.extend(self.terminate_lost(alive).await?);
-        }
-        Ok(marked)
+        self.mark_lost_ids(&ids).await
     }
 
     /// Marks every backend of drone `drone` in `cluster` that has not terminated as lost, as
@@ -519,17 +501,33 @@ impl<'a> BackendDatabase<'a> {
         cluster: &ClusterName,
         drone: &DroneName,
     ) -> Result<Vec<BackendName>> {
+        let ids = sqlx::query_scalar!(
+            r#"
+            select b.id from backend b
+            where b.drone_id = (select n.id from node n where n.name = $1 and n.cluster = $2)
+              and b.last_status_number < $3
+            "#,
+            drone.as_str(),
+            cluster.as_str(),
+            BackendStatus::Terminated.as_int(),
+        )
+        .fetch_all(self.db.pool())
+        .await?;
+        self.mark_lost_ids(&ids).await
+    }
+
+    /// Reads which of `ids` have not terminated and marks them lost, again for any whose
+    /// status changed between the read and the update.
+    async fn mark_lost_ids(&self, ids: &[String]) -> Result<Vec<BackendName>> {
         let mut marked = Vec::new();
         for _ in 0..MARK_LOST_ROUNDS {
             let alive = sqlx::query_as!(
                 AliveRow,
                 r#"
-                select b.id, b.last_status_number, b.state from backend b
-                where b.drone_id = (select n.id from node n where n.name = $1 and n.cluster = $2)
-                  and b.last_status_number < $3
+                select id, last_status_number, state from backend
+                where id = any($1) and last_status_number < $2
                 "#,
-                drone.as_str(),
-                cluster.as_str(),
+                ids,
                 BackendStatus::Terminated.as_int(),
             )
             .fetch_all(self.db.pool())
@@ -594,17 +592,9 @@ impl<'a> BackendDatabase<'a> {
         )
         .fetch_all(self.db.pool())
         .await?;
-        Ok(updated
-            .into_iter()
-            .filter_map(|id| match BackendName::try_from(id.clone()) {
-                Ok(name) => Some(name),
-                Err(e) => {
-                    let error = Error::decode("backend", "id", &id, e);
-                    tracing::warn!(%error, "marked a backend lost whose id does not decode");
-                    None
-                }
-            })
-            .collect())
+        Ok(skip_undecodable(updated.into_iter().map(|id| {
+            BackendName::try_from(id.clone()).map_err(|e| Error::decode("backend", "id", &id, e))
+        })))
     }
 
     /// Deletes backends that terminated more than `min_age_days` days ago, with their

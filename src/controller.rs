@@ -1,6 +1,6 @@
 //! Controllers: the processes that embed this crate report that they are alive.
 
-use crate::error::{check_text, Error, Result};
+use crate::error::{check_text, skip_undecodable, Error, Result};
 use crate::types::ControllerName;
 use crate::PlaneDatabase;
 use chrono::{DateTime, Utc};
@@ -73,24 +73,17 @@ impl<'a> ControllerDatabase<'a> {
         )
         .fetch_all(self.db.pool())
         .await?;
-        Ok(rows
-            .into_iter()
-            .filter_map(|row| match ControllerName::try_from(row.id.clone()) {
-                Ok(name) => Some(ControllerInfo {
-                    name,
-                    plane_version: row.plane_version,
-                    plane_hash: row.plane_hash,
-                    first_seen: row.first_seen,
-                    last_heartbeat: row.last_heartbeat,
-                    heartbeat_age: row.as_of - row.last_heartbeat,
-                }),
-                Err(e) => {
-                    let error = Error::decode("controller", "id", &row.id, e);
-                    tracing::warn!(%error, "skipping a controller row that does not decode");
-                    None
-                }
+        Ok(skip_undecodable(rows.into_iter().map(|row| {
+            Ok(ControllerInfo {
+                name: ControllerName::try_from(row.id.clone())
+                    .map_err(|e| Error::decode("controller", "id", &row.id, e))?,
+                plane_version: row.plane_version,
+                plane_hash: row.plane_hash,
+                first_seen: row.first_seen,
+                last_heartbeat: row.last_heartbeat,
+                heartbeat_age: row.as_of - row.last_heartbeat,
             })
-            .collect())
+        })))
     }
 }
 

@@ -7,7 +7,7 @@ use crate::backend::BackendDatabase;
 use crate::cluster::ClusterDatabase;
 use crate::controller::ControllerDatabase;
 use crate::drone::DroneDatabase;
-use crate::error::{Error, Result};
+use crate::error::{check_non_negative, Result};
 use crate::events::{
     BusConfig, Event, EventBus, EventSubscription, NotificationPayload, Subscription,
 };
@@ -240,12 +240,7 @@ impl PlaneDatabase {
     /// a smaller id than one already returned: use this to backfill history (e.g. resume a
     /// stream), and a subscription for what happens next.
     pub async fn get_events_since(&self, since: i64, limit: i64) -> Result<Vec<Event>> {
-        if limit < 0 {
-            return Err(Error::InvalidArgument {
-                argument: "limit",
-                reason: format!("must not be negative, got {limit}"),
-            });
-        }
+        check_non_negative("limit", limit)?;
         let rows = sqlx::query!(
             r#"
             select id, kind, key, created_at, data

@@ -1,6 +1,6 @@
 //! Drones: registration, heartbeats and picking one for a new backend.
 
-use crate::error::{check_text, Error, Result};
+use crate::error::{check_text, skip_undecodable, Error, Result};
 use crate::types::{BackendStatus, ClusterName, ControllerName, DroneName, DronePoolName, NodeId};
 use crate::PlaneDatabase;
 use chrono::{DateTime, Utc};
@@ -183,40 +183,29 @@ impl<'a> DroneDatabase<'a> {
         )
         .fetch_all(self.db.pool())
         .await?;
-        let mut drones = Vec::with_capacity(rows.len());
-        for row in rows {
-            let decoded = (|| {
-                Ok(DroneInfo {
-                    id: NodeId::from(row.id),
-                    name: DroneName::try_from(row.name)
-                        .map_err(|e| Error::decode("node", "name", row.id, e))?,
-                    cluster: ClusterName::try_from(row.cluster)
-                        .map_err(|e| Error::decode("node", "cluster", row.id, e))?,
-                    pool: DronePoolName::from(row.pool),
-                    ready: row.ready,
-                    draining: row.draining,
-                    last_heartbeat: row.last_heartbeat,
-                    heartbeat_age: row.as_of - row.last_heartbeat,
-                    last_local_time: row.last_local_time,
-                    plane_version: row.plane_version,
-                    plane_hash: row.plane_hash,
-                    controller: row
-                        .controller
-                        .map(ControllerName::try_from)
-                        .transpose()
-                        .map_err(|e| Error::decode("node", "controller", row.id, e))?,
-                    connected_at: row.last_connection_start_time,
-                })
-            })();
-            match decoded {
-                Ok(drone) => drones.push(drone),
-                Err(error) => {
-                    let error: Error = error;
-                    tracing::warn!(%error, "skipping a drone row that does not decode");
-                }
-            }
-        }
-        Ok(drones)
+        Ok(skip_undecodable(rows.into_iter().map(|row| {
+            Ok(DroneInfo {
+                id: NodeId::from(row.id),
+                name: DroneName::try_from(row.name)
+                    .map_err(|e| Error::decode("node", "name", row.id, e))?,
+                cluster: ClusterName::try_from(row.cluster)
+                    .map_err(|e| Error::decode("node", "cluster", row.id, e))?,
+                pool: DronePoolName::from(row.pool),
+                ready: row.ready,
+                draining: row.draining,
+                last_heartbeat: row.last_heartbeat,
+                heartbeat_age: row.as_of - row.last_heartbeat,
+                last_local_time: row.last_local_time,
+                plane_version: row.plane_version,
+                plane_hash: row.plane_hash,
+                controller: row
+                    .controller
+                    .map(ControllerName::try_from)
+                    .transpose()
+                    .map_err(|e| Error::decode("node", "controller", row.id, e))?,
+                connected_at: row.last_connection_start_time,
+            })
+        })))
     }
 
     /// Picks a drone for a new backend in `cluster` and `pool`: ready, heard from within

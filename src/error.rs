@@ -170,3 +170,31 @@ pub(crate) fn check_text(argument: &'static str, value: &str) -> Result<()> {
         None => Ok(()),
     }
 }
+
+/// A count such as a limit must not be negative.
+pub(crate) fn check_non_negative(argument: &'static str, value: i64) -> Result<()> {
+    if value < 0 {
+        return Err(Error::InvalidArgument {
+            argument,
+            reason: format!("must not be negative, got {value}"),
+        });
+    }
+    Ok(())
+}
+
+/// Keeps the rows that decoded and logs each one that did not, with its cause, so that one
+/// bad row neither fails a listing nor hides the rows after it.
+pub(crate) fn skip_undecodable<T>(rows: impl IntoIterator<Item = Result<T>>) -> Vec<T> {
+    rows.into_iter()
+        .filter_map(|row| match row {
+            Ok(value) => Some(value),
+            Err(error) => {
+                tracing::warn!(
+                    error = &error as &dyn std::error::Error,
+                    "skipping a row that does not decode"
+                );
+                None
+            }
+        })
+        .collect()
+}

@@ -5,7 +5,7 @@
 //! controller whose connection was superseded (the node reconnected elsewhere) cannot mark
 //! the node offline behind the newer connection's back.
 
-use crate::error::{Error, Result};
+use crate::error::{skip_undecodable, Error, Result};
 use crate::events::NotificationPayload;
 use crate::types::{AnyNodeName, ClusterName, ControllerName, NodeId, NodeKind};
 use crate::PlaneDatabase;
@@ -248,8 +248,28 @@ impl<'a> NodeDatabase<'a> {
     /// The node with id `id`, if any. A row that does not decode is an error.
     #[tracing::instrument(skip(self), fields(node = %id), err)]
     pub async fn get(&self, id: NodeId) -> Result<Option<NodeInfo>> {
-        let timeout = self.controller_timeout();
-        let row = sqlx::query_as!(
+        let row = self.read(Some(id)).await?.pop();
+        row.map(NodeInfo::try_from).transpose()
+    }
+
+    /// Every node, in id order, with whether it is active. Rows that do not decode are
+    /// skipped with a warning.
+    #[tracing::instrument(skip(self), err)]
+    pub async fn list(&self) -> Result<Vec<NodeInfo>> {
+        let rows = self.read(None).await?;
+        Ok(skip_undecodable(rows.into_iter().map(NodeInfo::try_from)))
+    }
+
+    /// The node with id `id`, or every node (the table is small: one row per node ever
+    /// registered).
+    async fn read(&self, id: Option<NodeId>) -> Result<Vec<NodeRow>> {
+        let timeout = self
+            .db
+            .config()
+            .scheduler
+            .controller_heartbeat_timeout
+            .as_secs_f64();
+        let rows = sqlx::query_as!(
             NodeRow,
             r#"
             select n.id, n.kind, n.name, n.cluster, n.controller,
@@ -259,54 +279,14 @@ impl<'a> NodeDatabase<'a> {
                    n.last_connection_start_time as connected_at
             from node n
             left join controller c on c.id = n.controller
-            where n.id = $1
-            "#,
-            id.as_i32(),
-            timeout,
-        )
-        .fetch_optional(self.db.pool())
-        .await?;
-        row.map(NodeInfo::try_from).transpose()
-    }
-
-    /// Every node, in id order, with whether it is active. Rows that do not decode are
-    /// skipped with a warning.
-    #[tracing::instrument(skip(self), err)]
-    pub async fn list(&self) -> Result<Vec<NodeInfo>> {
-        let timeout = self.controller_timeout();
-        let rows = sqlx::query_as!(
-            NodeRow,
-            r#"
-            select n.id, n.kind, n.name, n.cluster, n.controller,
-                   coalesce(c.is_online and c.last_heartbeat > now() - make_interval(secs => $1),
-                            false) as "active!",
-                   n.plane_version, n.plane_hash,
-                   n.last_connection_start_time as connected_at
-            from node n
-            left join controller c on c.id = n.controller
+            where $1::integer is null or n.id = $1
             order by n.id
             "#,
+            id.map(NodeId::as_i32),
             timeout,
         )
         .fetch_all(self.db.pool())
         .await?;
-        Ok(rows
-            .into_iter()
-            .filter_map(|row| match NodeInfo::try_from(row) {
-                Ok(node) => Some(node),
-                Err(error) => {
-                    tracing::warn!(%error, "skipping a node row that does not decode");
-                    None
-                }
-            })
-            .collect())
-    }
-
-    fn controller_timeout(&self) -> f64 {
-        self.db
-            .config()
-            .scheduler
-            .controller_heartbeat_timeout
-            .as_secs_f64()
+        Ok(rows)
     }
 }
