@@ -14,7 +14,7 @@ use plane_db::connect::{ConnectRequest, SpawnConfig};
 use plane_db::node::NodeRegistration;
 use plane_db::types::{
     BackendAddr, BackendState, ClusterName, ControllerName, DroneName, DronePoolName, KeyConfig,
-    NodeKind, TerminationReason,
+    NodeKind, TerminationKind, TerminationReason,
 };
 use std::error::Error;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -121,7 +121,25 @@ async fn main() -> Result<(), Box<dyn Error>> {
         db.backend().update_keepalive(&backend).await?
     );
 
-    // The backend is terminated, its key released, and cleanup removes its rows.
+    // The drone acknowledges its queued spawn action, so it is not delivered again.
+    for action in db.backend_actions().pending(drone, 10).await? {
+        db.backend_actions().ack(&action.action_id, drone).await?;
+    }
+    let state = db.cluster().state(&cluster).await?;
+    for d in &state.drones {
+        println!(
+            "cluster {cluster}: drone {} ready={} live backends={}",
+            d.node.name, d.ready, d.backend_count
+        );
+    }
+
+    // A user stops the backend: a terminate action is queued for its drone, which then
+    // reports the termination. Its key is released, and cleanup removes its rows.
+    let requested = db
+        .backend_actions()
+        .request_termination(&backend, TerminationKind::Soft, TerminationReason::External)
+        .await?;
+    println!("termination requested: {requested:?}");
     let row = db
         .backend()
         .backend(&backend)
