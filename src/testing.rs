@@ -568,6 +568,33 @@ impl Drop for Embedded {
     }
 }
 
+/// Starts a new throwaway server from the local PostgreSQL binaries that belongs to the
+/// caller alone, independent of the process-wide [`server`] (even when `DATABASE_URL` is
+/// set). Use it for tests that [`stop`](TestServer::stop) and [`start`](TestServer::start)
+/// the server: stopping the shared one would break the tests running beside them.
+///
+/// Blocks for a few seconds (`initdb`). Dropping the returned server stops it and deletes
+/// its files. [`HarnessError::NoPostgres`] if no server binaries are installed.
+pub fn private_server() -> Result<TestServer, HarnessError> {
+    TestServer::start_embedded()
+}
+
+impl TestServer {
+    /// Like [`create_database`], on this server rather than the process-wide one.
+    pub async fn create_database(&self) -> Result<TestDatabase, HarnessError> {
+        let name = format!("plane_test_{}", random_lowercase(16)?);
+        self.execute_maintenance(
+            &format!("CREATE DATABASE {}", quote_identifier(&name)),
+            format!("could not create test database {name}"),
+        )
+        .await?;
+        Ok(TestDatabase {
+            url: self.url_for(&name),
+            name,
+        })
+    }
+}
+
 /// A database created by [`create_database`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TestDatabase {
@@ -584,18 +611,7 @@ pub struct TestDatabase {
 /// The database is not dropped automatically; call [`TestDatabase::drop_database`] when
 /// done (databases left on the throwaway server disappear with it).
 pub async fn create_database() -> Result<TestDatabase, HarnessError> {
-    let server = server()?;
-    let name = format!("plane_test_{}", random_lowercase(16)?);
-    server
-        .execute_maintenance(
-            &format!("CREATE DATABASE {}", quote_identifier(&name)),
-            format!("could not create test database {name}"),
-        )
-        .await?;
-    Ok(TestDatabase {
-        url: server.url_for(&name),
-        name,
-    })
+    server()?.create_database().await
 }
 
 impl TestDatabase {
