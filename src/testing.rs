@@ -360,6 +360,33 @@ impl TestServer {
         Ok(())
     }
 
+    /// Runs one of the server's own programs from its binary directory (e.g.
+    /// `pg_resetwal`) on its data directory (`-D` is appended), as the user the server runs
+    /// as, and returns what it printed. For fault tests that alter a stopped server; error if
+    /// external.
+    pub fn run_tool(&self, program: &str, args: &[&str]) -> Result<String, HarnessError> {
+        let embedded = self.embedded.as_ref().ok_or(HarnessError::NotEmbedded)?;
+        let mut command = embedded.command(program);
+        command.args(args).arg("-D").arg(&embedded.data_dir);
+        let output = command
+            .output()
+            .map_err(HarnessError::io(embedded.run_context(program)))?;
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        if output.status.success() {
+            Ok(text)
+        } else {
+            Err(HarnessError::CommandFailed {
+                command: format!("{command:?}"),
+                status: output.status.to_string(),
+                output: text,
+            })
+        }
+    }
+
     /// Runs one statement on the maintenance database.
     async fn execute_maintenance(&self, sql: &str, context: String) -> Result<(), HarnessError> {
         let mut conn = PgConnection::connect(&self.maintenance_url)
@@ -409,7 +436,7 @@ impl Embedded {
 
     /// A command running one of the PostgreSQL binaries, as the unprivileged user if needed.
     fn command(&self, program: &str) -> Command {
-        let mut command = Command::new(self.bin_dir.join(program));
+        let mut command = Command::new(self.program_path(program));
         // The unprivileged user may not be allowed into the current directory.
         command.current_dir(&self.root).stdin(Stdio::null());
         if let Some((uid, gid)) = self.run_as {
@@ -418,9 +445,23 @@ impl Embedded {
         command
     }
 
+    /// Where `program` is: in the binary directory, or else beside the real `postgres`
+    /// binary (the directory on `PATH` may hold links to only a few of them).
+    fn program_path(&self, program: &str) -> PathBuf {
+        let direct = self.bin_dir.join(program);
+        if is_executable(&direct) {
+            return direct;
+        }
+        fs::canonicalize(self.bin_dir.join("postgres"))
+            .ok()
+            .and_then(|postgres| Some(postgres.parent()?.join(program)))
+            .filter(|beside| is_executable(beside))
+            .unwrap_or(direct)
+    }
+
     /// Error context for failing to run one of the PostgreSQL binaries.
     fn run_context(&self, program: &str) -> String {
-        let program = self.bin_dir.join(program);
+        let program = self.program_path(program);
         match self.run_as {
             Some((uid, _)) => format!(
                 "could not run {} as uid {uid} in {} (that user needs access to the temporary \
