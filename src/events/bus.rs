@@ -4,7 +4,7 @@
 use super::subscription::{Filter, SubQueue};
 use super::{EphemeralEnvelope, Event, EPHEMERAL_CHANNEL, EVENTS_CHANNEL};
 use crate::error::Result;
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use sqlx::postgres::PgListener;
 use sqlx::PgPool;
 use std::collections::HashMap;
@@ -203,7 +203,7 @@ impl EventBus {
         self.started
             .get_or_try_init(|| async {
                 let listener = connect_listener(&self.pool).await?;
-                let cursor = current_snapshot(&self.pool).await?;
+                let cursor = current_cursor(&self.pool).await?;
                 tokio::spawn(listen_loop(
                     self.shared.clone(),
                     self.pool.clone(),
@@ -237,11 +237,43 @@ async fn connect_listener(pool: &PgPool) -> Result<PgListener> {
     Ok(listener)
 }
 
-async fn current_snapshot(pool: &PgPool) -> Result<String> {
-    let snapshot = sqlx::query_scalar!(r#"select pg_current_snapshot()::text as "snapshot!""#)
-        .fetch_one(pool)
-        .await?;
-    Ok(snapshot)
+/// Where the reader stands: the snapshot of its previous read, and the start time of the
+/// server that took it.
+///
+/// Snapshots are only comparable on one unbroken run of transaction ids. A restarted server
+/// (crash recovery) or another server (a promoted replica after a failover) may hand out
+/// again transaction ids that the previous snapshot already counts as finished; the start
+/// time tells the reader that this happened (see [`read_new_events`]).
+struct Cursor {
+    snapshot: String,
+    server_started: DateTime<Utc>,
+}
+
+async fn current_cursor(pool: &PgPool) -> Result<Cursor> {
+    let row = sqlx::query!(
+        r#"select pg_current_snapshot()::text as "snapshot!", pg_postmaster_start_time() as "started!""#
+    )
+    .fetch_one(pool)
+    .await?;
+    Ok(Cursor {
+        snapshot: row.snapshot,
+        server_started: row.started,
+    })
+}
+
+/// The first transaction id of the server's latest checkpoint (as `xid8` text): after a
+/// restart or a crash recovery, the first id the server handed out since it came up.
+async fn checkpoint_next_xid(pool: &PgPool) -> Result<String> {
+    let xid = sqlx::query_scalar!(
+        r#"
+        select (split_part(next_xid, ':', 1)::bigint * 4294967296
+                + split_part(next_xid, ':', 2)::bigint)::text as "xid!"
+        from pg_control_checkpoint()
+        "#
+    )
+    .fetch_one(pool)
+    .await?;
+    Ok(xid)
 }
 
 /// Exponential backoff from 50 ms up to a cap.
@@ -344,11 +376,16 @@ fn deliver_ephemeral(shared: &Shared, payload: &str) {
 }
 
 /// Reads newly committed events whenever woken (or every poll interval) and dispatches them.
-async fn read_loop(shared: Arc<Shared>, pool: PgPool, mut cursor: String, config: BusConfig) {
+async fn read_loop(shared: Arc<Shared>, pool: PgPool, mut cursor: Cursor, config: BusConfig) {
     let mut backoff = Backoff::new(config.max_backoff);
     loop {
         match read_new_events(&shared, &pool, &cursor, config.fetch_batch_size).await {
-            Ok(next) => {
+            Ok(None) => {
+                tracing::warn!(
+                    "event bus: the database server changed during a read; reading again"
+                );
+            }
+            Ok(Some(next)) => {
                 cursor = next;
                 backoff.reset();
                 tokio::select! {
@@ -368,19 +405,35 @@ async fn read_loop(shared: Arc<Shared>, pool: PgPool, mut cursor: String, config
     }
 }
 
-/// Dispatches every event committed after the snapshot `prev` and returns the snapshot to
+/// Dispatches every event committed after the snapshot `prev` and returns the cursor to
 /// continue from. See the module docs for why this loses nothing and repeats nothing.
 ///
 /// Pages of `batch` rows are read against one fixed target snapshot (the first page's), so a
 /// large backlog is read in bounded steps and the cursor only advances once it is all read.
-async fn read_new_events(shared: &Shared, pool: &PgPool, prev: &str, batch: i64) -> Result<String> {
-    let mut target: Option<String> = None;
+///
+/// If the server was restarted or replaced since `prev` (its start time changed), transaction
+/// ids may have gone back: a failover to a replica that had not replayed everything, or a
+/// crash that lost the record of an aborted transaction, hands the same ids out again, and
+/// rows written with them would look already read. The read then also takes every row from a
+/// transaction at or after the server's latest checkpoint (which a restart or crash recovery
+/// writes as it comes up). `None` if the server changed between two pages of one read: the
+/// caller reads again (the restart path then applies).
+async fn read_new_events(
+    shared: &Shared,
+    pool: &PgPool,
+    prev: &Cursor,
+    batch: i64,
+) -> Result<Option<Cursor>> {
+    let mut target: Option<Cursor> = None;
     let mut after = 0_i64;
+    // Set once a restart is seen: the lowest transaction id that may be new.
+    let mut restart_floor: Option<String> = None;
     loop {
         let rows = sqlx::query!(
             r#"
             select
                 s.snap::text as "snapshot!",
+                s.started as "started!",
                 e.id as "id?",
                 e.kind as "kind?",
                 e.key as "key?",
@@ -389,12 +442,13 @@ async fn read_new_events(shared: &Shared, pool: &PgPool, prev: &str, batch: i64)
             from (
                 select
                     coalesce($2::text::pg_snapshot, pg_current_snapshot()) as snap,
-                    $1::text::pg_snapshot as prev
+                    $1::text::pg_snapshot as prev,
+                    pg_postmaster_start_time() as started
             ) s
             left join lateral (
                 select id, kind, key, created_at, data
                 from event
-                where (xid >= pg_snapshot_xmax(s.prev)
+                where (xid >= least(pg_snapshot_xmax(s.prev), $5::text::xid8)
                        or xid = any(array(select pg_snapshot_xip(s.prev))))
                   and pg_visible_in_snapshot(xid, s.snap)
                   and id > $3
@@ -403,19 +457,45 @@ async fn read_new_events(shared: &Shared, pool: &PgPool, prev: &str, batch: i64)
             ) e on true
             order by e.id
             "#,
-            prev,
-            target.as_deref(),
+            prev.snapshot,
+            target.as_ref().map(|t| t.snapshot.as_str()),
             after,
             batch,
+            restart_floor.as_deref(),
         )
         .fetch_all(pool)
         .await?;
 
+        // The query returns at least one row, with the snapshot and the server's start time.
+        let Some(first) = rows.first() else {
+            return Ok(Some(target.unwrap_or(Cursor {
+                snapshot: prev.snapshot.clone(),
+                server_started: prev.server_started,
+            })));
+        };
+        match &target {
+            None if first.started != prev.server_started && restart_floor.is_none() => {
+                let floor = checkpoint_next_xid(pool).await?;
+                tracing::warn!(
+                    %floor,
+                    "event bus: the database server restarted or changed; \
+                     re-reading from its latest checkpoint's transaction id"
+                );
+                restart_floor = Some(floor);
+                continue;
+            }
+            None => {
+                target = Some(Cursor {
+                    snapshot: first.snapshot.clone(),
+                    server_started: first.started,
+                })
+            }
+            Some(t) if t.server_started != first.started => return Ok(None),
+            Some(_) => {}
+        }
+
         let mut count = 0_i64;
         for row in rows {
-            if target.is_none() {
-                target = Some(row.snapshot.clone());
-            }
             let (Some(id), Some(kind), Some(created_at), Some(data)) =
                 (row.id, row.kind, row.created_at, row.data)
             else {
@@ -432,8 +512,7 @@ async fn read_new_events(shared: &Shared, pool: &PgPool, prev: &str, batch: i64)
             }));
         }
         if count < batch {
-            // `target` is always set: the query returns at least one row.
-            return Ok(target.unwrap_or_else(|| prev.to_string()));
+            return Ok(target);
         }
     }
 }

@@ -15,6 +15,7 @@ mod common;
 
 mod bad_rows;
 mod connect_race;
+mod failover;
 mod hostile;
 mod listener_kill;
 mod open_transaction;
