@@ -244,9 +244,18 @@ async fn connect_listener(pool: &PgPool) -> Result<PgListener> {
 /// (crash recovery) or another server (a promoted replica after a failover) may hand out
 /// again transaction ids that the previous snapshot already counts as finished; the start
 /// time tells the reader that this happened (see [`read_new_events`]).
+#[derive(Clone)]
 struct Cursor {
     snapshot: String,
     server_started: DateTime<Utc>,
+}
+
+/// A read of several pages that has not finished: the snapshot it reads up to, the last id
+/// it dispatched, and the restart floor it uses (see [`read_new_events`]).
+struct Progress {
+    target: Cursor,
+    after: i64,
+    restart_floor: Option<String>,
 }
 
 async fn current_cursor(pool: &PgPool) -> Result<Cursor> {
@@ -378,8 +387,16 @@ fn deliver_ephemeral(shared: &Shared, payload: &str) {
 /// Reads newly committed events whenever woken (or every poll interval) and dispatches them.
 async fn read_loop(shared: Arc<Shared>, pool: PgPool, mut cursor: Cursor, config: BusConfig) {
     let mut backoff = Backoff::new(config.max_backoff);
+    let mut progress = None;
     loop {
-        match read_new_events(&shared, &pool, &cursor, config.fetch_batch_size).await {
+        let read = read_new_events(
+            &shared,
+            &pool,
+            &cursor,
+            &mut progress,
+            config.fetch_batch_size,
+        );
+        match read.await {
             Ok(None) => {
                 tracing::warn!(
                     "event bus: the database server changed during a read; reading again"
@@ -410,6 +427,9 @@ async fn read_loop(shared: Arc<Shared>, pool: PgPool, mut cursor: Cursor, config
 ///
 /// Pages of `batch` rows are read against one fixed target snapshot (the first page's), so a
 /// large backlog is read in bounded steps and the cursor only advances once it is all read.
+/// `progress` keeps the target and the last id dispatched across calls: a read that fails
+/// between pages (a dropped connection) resumes where it stopped instead of dispatching the
+/// pages already dispatched again.
 ///
 /// If the server was restarted or replaced since `prev` (its start time changed), transaction
 /// ids may have gone back: a failover to a replica that had not replayed everything, or a
@@ -422,13 +442,23 @@ async fn read_new_events(
     shared: &Shared,
     pool: &PgPool,
     prev: &Cursor,
+    progress: &mut Option<Progress>,
     batch: i64,
 ) -> Result<Option<Cursor>> {
-    let mut target: Option<Cursor> = None;
-    let mut after = 0_i64;
-    // Set once a restart is seen: the lowest transaction id that may be new.
-    let mut restart_floor: Option<String> = None;
+    let (mut target, mut after, mut restart_floor) = match progress.take() {
+        Some(p) => (Some(p.target), p.after, p.restart_floor),
+        None => (None, 0, None),
+    };
     loop {
+        // If the query below fails, the next call resumes this read from here (dispatching
+        // is synchronous, so `after` is exact at every await).
+        if let Some(t) = &target {
+            *progress = Some(Progress {
+                target: t.clone(),
+                after,
+                restart_floor: restart_floor.clone(),
+            });
+        }
         let rows = sqlx::query!(
             r#"
             select
@@ -468,6 +498,7 @@ async fn read_new_events(
 
         // The query returns at least one row, with the snapshot and the server's start time.
         let Some(first) = rows.first() else {
+            *progress = None;
             return Ok(Some(target.unwrap_or(Cursor {
                 snapshot: prev.snapshot.clone(),
                 server_started: prev.server_started,
@@ -490,7 +521,10 @@ async fn read_new_events(
                     server_started: first.started,
                 })
             }
-            Some(t) if t.server_started != first.started => return Ok(None),
+            Some(t) if t.server_started != first.started => {
+                *progress = None;
+                return Ok(None);
+            }
             Some(_) => {}
         }
 
@@ -512,6 +546,7 @@ async fn read_new_events(
             }));
         }
         if count < batch {
+            *progress = None;
             return Ok(target);
         }
     }

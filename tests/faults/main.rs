@@ -20,6 +20,7 @@ mod hostile;
 mod listener_kill;
 mod open_transaction;
 mod properties;
+mod reader_kill;
 mod restart;
 mod security;
 mod slow_subscriber;
