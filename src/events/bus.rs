@@ -22,10 +22,10 @@ pub struct BusConfig {
     pub poll_interval: Duration,
     /// How many undelivered events one subscription may hold before it is told it lagged
     /// ([`Lagged`](super::Lagged)) and its queue is emptied. Memory is used only for events
-    /// actually queued. Defaults to 10,000.
+    /// actually queued. Defaults to 10,000; 0 counts as 1.
     pub max_pending_per_subscription: usize,
     /// How many rows one read of the `event` table fetches at most; a larger backlog is read
-    /// in several pages. Defaults to 1,000.
+    /// in several pages. Defaults to 1,000; values below 1 count as 1.
     pub fetch_batch_size: i64,
     /// The longest wait between reconnection attempts of the listening connection or retries
     /// of a failed read (the wait doubles from 50 ms up to this). Defaults to 5 s.
@@ -179,7 +179,9 @@ pub(crate) struct EventBus {
 }
 
 impl EventBus {
-    pub(crate) fn new(pool: PgPool, config: BusConfig) -> Self {
+    pub(crate) fn new(pool: PgPool, mut config: BusConfig) -> Self {
+        // A page of zero rows never finishes a read (and a negative one is an SQL error).
+        config.fetch_batch_size = config.fetch_batch_size.max(1);
         let shared = Arc::new(Shared {
             registry: Mutex::new(Registry::default()),
             closed: AtomicBool::new(false),

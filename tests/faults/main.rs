@@ -13,6 +13,7 @@
 #[path = "../it/common.rs"]
 mod common;
 
+mod bad_config;
 mod bad_rows;
 mod connect_race;
 mod failover;
