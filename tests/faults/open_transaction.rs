@@ -180,3 +180,63 @@ async fn commit_events(conn: &mut PgConnection, prefix: &str) -> HashMap<String,
     }
     committed
 }
+
+/// Events written in savepoints: the bus delivers exactly those whose savepoint was kept and
+/// whose transaction committed, once each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn savepoints_deliver_exactly_what_commits() {
+    with_url(|url| async move {
+        let db = open(&url, 4, Config::default()).await;
+        let mut sub = db.subscribe::<BackendState>().await.unwrap();
+        let mut conn = PgConnection::connect(&url).await.unwrap();
+        let steps = [
+            "begin",
+            "emit top",
+            "savepoint a",
+            "emit kept",
+            "release savepoint a",
+            "savepoint b",
+            "emit dropped",
+            "rollback to savepoint b",
+            "savepoint c",
+            "savepoint d",
+            "emit nested",
+            "release savepoint d",
+            "release savepoint c",
+            "commit",
+            "begin",
+            "savepoint e",
+            "emit aborted",
+            "release savepoint e",
+            "rollback",
+            // The transaction's first write is in a savepoint.
+            "begin",
+            "savepoint f",
+            "emit first-in-savepoint",
+            "release savepoint f",
+            "commit",
+        ];
+        for step in steps {
+            match step.strip_prefix("emit ") {
+                Some(key) => {
+                    emit(&mut conn, Some(key), &BackendState::Loading)
+                        .await
+                        .unwrap();
+                }
+                None => {
+                    sqlx::query(step).execute(&mut conn).await.unwrap();
+                }
+            }
+        }
+        let mut got = Vec::new();
+        while let Ok(Some(Ok(n))) =
+            tokio::time::timeout(Duration::from_millis(1_500), sub.next()).await
+        {
+            got.push(n.key.unwrap());
+        }
+        got.sort();
+        figures("savepoints", &[("delivered", format!("{got:?}"))]);
+        assert_eq!(got, ["first-in-savepoint", "kept", "nested", "top"]);
+    })
+    .await
+}
