@@ -272,19 +272,32 @@ async fn current_cursor(pool: &PgPool) -> Result<Cursor> {
     })
 }
 
-/// The first transaction id of the server's latest checkpoint (as `xid8` text): after a
-/// restart or a crash recovery, the first id the server handed out since it came up.
-async fn checkpoint_next_xid(pool: &PgPool) -> Result<String> {
-    let xid = sqlx::query_scalar!(
+/// The lowest transaction id that a server which restarted or replaced the one `prev` was
+/// taken on may have handed out again, as `xid8` text; `None` if it cannot have reused any.
+///
+/// A restart, and crash recovery, write a checkpoint as the server comes up whose next
+/// transaction id is the first id of the new life: exact. A promoted replica has no
+/// checkpoint of its own yet (its latest is a restartpoint of the old timeline, older than
+/// the promotion), so its checkpoint is only used when the server's counter is visibly behind
+/// `prev` (the replica had not replayed everything); a replica that had caught up reuses
+/// nothing, and re-reading from an old restartpoint would deliver events again.
+async fn reused_xid_floor(pool: &PgPool, prev: &Cursor) -> Result<Option<String>> {
+    let row = sqlx::query!(
         r#"
-        select (split_part(next_xid, ':', 1)::bigint * 4294967296
-                + split_part(next_xid, ':', 2)::bigint)::text as "xid!"
-        from pg_control_checkpoint()
-        "#
+        select
+            (split_part(c.next_xid, ':', 1)::bigint * 4294967296
+             + split_part(c.next_xid, ':', 2)::bigint)::text as "xid!",
+            c.timeline_id = ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int
+                as "own_checkpoint!",
+            pg_snapshot_xmax(pg_current_snapshot()) < pg_snapshot_xmax($1::text::pg_snapshot)
+                as "behind!"
+        from pg_control_checkpoint() c
+        "#,
+        prev.snapshot,
     )
     .fetch_one(pool)
     .await?;
-    Ok(xid)
+    Ok((row.own_checkpoint || row.behind).then_some(row.xid))
 }
 
 /// Exponential backoff from 50 ms up to a cap.
@@ -437,9 +450,8 @@ async fn read_loop(shared: Arc<Shared>, pool: PgPool, mut cursor: Cursor, config
 /// ids may have gone back: a failover to a replica that had not replayed everything, or a
 /// crash that lost the record of an aborted transaction, hands the same ids out again, and
 /// rows written with them would look already read. The read then also takes every row from a
-/// transaction at or after the server's latest checkpoint (which a restart or crash recovery
-/// writes as it comes up). `None` if the server changed between two pages of one read: the
-/// caller reads again (the restart path then applies).
+/// transaction at or after [`reused_xid_floor`]. `None` if the server changed between two pages
+/// of one read: the caller reads again (the restart path then applies).
 async fn read_new_events(
     shared: &Shared,
     pool: &PgPool,
@@ -451,6 +463,7 @@ async fn read_new_events(
         Some(p) => (Some(p.target), p.after, p.restart_floor),
         None => (None, 0, None),
     };
+    let mut restart_checked = false;
     loop {
         // If the query below fails, the next call resumes this read from here (dispatching
         // is synchronous, so `after` is exact at every await).
@@ -507,14 +520,14 @@ async fn read_new_events(
             })));
         };
         match &target {
-            None if first.started != prev.server_started && restart_floor.is_none() => {
-                let floor = checkpoint_next_xid(pool).await?;
+            None if first.started != prev.server_started && !restart_checked => {
+                restart_checked = true;
+                restart_floor = reused_xid_floor(pool, prev).await?;
                 tracing::warn!(
-                    %floor,
+                    floor = restart_floor.as_deref().unwrap_or("none"),
                     "event bus: the database server restarted or changed; \
-                     re-reading from its latest checkpoint's transaction id"
+                     re-reading from the first transaction id it may have reused"
                 );
-                restart_floor = Some(floor);
                 continue;
             }
             None => {
