@@ -283,21 +283,7 @@ impl TestServer {
         embedded.prepare_directories()?;
         embedded.initdb()?;
 
-        let mut attempt = 1;
-        let child = loop {
-            embedded.port = free_port()?;
-            match embedded.launch() {
-                Ok(child) => break child,
-                // Another process took the port between choosing and binding it.
-                Err(HarnessError::ServerExited { ref log_tail, .. })
-                    if attempt < PORT_ATTEMPTS && log_tail.contains("could not bind") =>
-                {
-                    attempt += 1;
-                }
-                Err(error) => return Err(error),
-            }
-        };
-        *lock(&embedded.postmaster) = Some(child);
+        embedded.launch_on_free_port()?;
 
         tracing::info!(
             port = embedded.port,
@@ -358,6 +344,69 @@ impl TestServer {
         }
         *postmaster = Some(embedded.launch()?);
         Ok(())
+    }
+
+    /// Starts a streaming replica of this (embedded, running) server: a new throwaway server
+    /// whose data directory is a base backup of this one (`pg_basebackup -R`), following it
+    /// as a hot standby on a port of its own. Dropping it stops it and deletes its files.
+    /// Blocks; error if external.
+    pub fn replica(&self) -> Result<TestServer, HarnessError> {
+        let primary = self.embedded.as_ref().ok_or(HarnessError::NotEmbedded)?;
+        let root = create_temp_root()?;
+        let reaper = spawn_reaper(&root).inspect_err(|_| {
+            let _ = fs::remove_dir_all(&root);
+        })?;
+        let mut embedded = Embedded {
+            data_dir: root.join("data"),
+            socket_dir: root.join("socket"),
+            log_path: root.join("postgres.log"),
+            root,
+            bin_dir: primary.bin_dir.clone(),
+            port: 0,
+            run_as: primary.run_as,
+            postmaster: Mutex::new(None),
+            reaper: Mutex::new(Some(reaper)),
+        };
+        embedded.prepare_directories()?;
+        let mut command = embedded.command("pg_basebackup");
+        command
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &primary.port.to_string(),
+                "-U",
+                SUPERUSER,
+            ])
+            .args(["-R", "-X", "stream", "-c", "fast", "--no-sync", "-D"])
+            .arg(&embedded.data_dir);
+        let output = command
+            .output()
+            .map_err(HarnessError::io(embedded.run_context("pg_basebackup")))?;
+        if !output.status.success() {
+            return Err(HarnessError::CommandFailed {
+                command: format!("{command:?}"),
+                status: output.status.to_string(),
+                output: format!(
+                    "{}{}",
+                    String::from_utf8_lossy(&output.stdout),
+                    String::from_utf8_lossy(&output.stderr)
+                ),
+            });
+        }
+        embedded.launch_on_free_port()?;
+        Ok(TestServer {
+            maintenance_url: format!(
+                "postgres://{SUPERUSER}@127.0.0.1:{}/{MAINTENANCE_DB}",
+                embedded.port
+            ),
+            embedded: Some(embedded),
+        })
+    }
+
+    /// The port of an embedded server (`None` for the `DATABASE_URL` server).
+    pub fn port(&self) -> Option<u16> {
+        self.embedded.as_ref().map(|e| e.port)
     }
 
     /// Runs one of the server's own programs from its binary directory (e.g.
@@ -443,6 +492,27 @@ impl Embedded {
             command.uid(uid).gid(gid);
         }
         command
+    }
+
+    /// Picks a free port and starts the postmaster on it (retrying if another process took
+    /// the port first).
+    fn launch_on_free_port(&mut self) -> Result<(), HarnessError> {
+        let mut attempt = 1;
+        let child = loop {
+            self.port = free_port()?;
+            match self.launch() {
+                Ok(child) => break child,
+                // Another process took the port between choosing and binding it.
+                Err(HarnessError::ServerExited { ref log_tail, .. })
+                    if attempt < PORT_ATTEMPTS && log_tail.contains("could not bind") =>
+                {
+                    attempt += 1;
+                }
+                Err(error) => return Err(error),
+            }
+        };
+        *lock(&self.postmaster) = Some(child);
+        Ok(())
     }
 
     /// Where `program` is: in the binary directory, or else beside the real `postgres`
