@@ -351,7 +351,10 @@ impl<'a> BackendDatabase<'a> {
         &self,
         token: &BearerToken,
     ) -> Result<RouteInfoResult> {
-        if !token.is_static() {
+        // A token is client input. One with a NUL cannot be stored (Postgres text refuses
+        // it), so it matches nothing; asking would make the server refuse the parameter and
+        // turn an unknown token into a database error.
+        if !token.is_static() || token.as_str().contains('\0') {
             return Ok(RouteInfoResult::NotFound);
         }
         let row = sqlx::query!(

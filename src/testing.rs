@@ -283,21 +283,7 @@ impl TestServer {
         embedded.prepare_directories()?;
         embedded.initdb()?;
 
-        let mut attempt = 1;
-        let child = loop {
-            embedded.port = free_port()?;
-            match embedded.launch() {
-                Ok(child) => break child,
-                // Another process took the port between choosing and binding it.
-                Err(HarnessError::ServerExited { ref log_tail, .. })
-                    if attempt < PORT_ATTEMPTS && log_tail.contains("could not bind") =>
-                {
-                    attempt += 1;
-                }
-                Err(error) => return Err(error),
-            }
-        };
-        *lock(&embedded.postmaster) = Some(child);
+        embedded.launch_on_free_port()?;
 
         tracing::info!(
             port = embedded.port,
@@ -360,6 +346,96 @@ impl TestServer {
         Ok(())
     }
 
+    /// Starts a streaming replica of this (embedded, running) server: a new throwaway server
+    /// whose data directory is a base backup of this one (`pg_basebackup -R`), following it
+    /// as a hot standby on a port of its own. Dropping it stops it and deletes its files.
+    /// Blocks; error if external.
+    pub fn replica(&self) -> Result<TestServer, HarnessError> {
+        let primary = self.embedded.as_ref().ok_or(HarnessError::NotEmbedded)?;
+        let root = create_temp_root()?;
+        let reaper = spawn_reaper(&root).inspect_err(|_| {
+            let _ = fs::remove_dir_all(&root);
+        })?;
+        let mut embedded = Embedded {
+            data_dir: root.join("data"),
+            socket_dir: root.join("socket"),
+            log_path: root.join("postgres.log"),
+            root,
+            bin_dir: primary.bin_dir.clone(),
+            port: 0,
+            run_as: primary.run_as,
+            postmaster: Mutex::new(None),
+            reaper: Mutex::new(Some(reaper)),
+        };
+        embedded.prepare_directories()?;
+        let mut command = embedded.command("pg_basebackup");
+        command
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &primary.port.to_string(),
+                "-U",
+                SUPERUSER,
+            ])
+            .args(["-R", "-X", "stream", "-c", "fast", "--no-sync", "-D"])
+            .arg(&embedded.data_dir);
+        let output = command
+            .output()
+            .map_err(HarnessError::io(embedded.run_context("pg_basebackup")))?;
+        if !output.status.success() {
+            return Err(HarnessError::CommandFailed {
+                command: format!("{command:?}"),
+                status: output.status.to_string(),
+                output: format!(
+                    "{}{}",
+                    String::from_utf8_lossy(&output.stdout),
+                    String::from_utf8_lossy(&output.stderr)
+                ),
+            });
+        }
+        embedded.launch_on_free_port()?;
+        Ok(TestServer {
+            maintenance_url: format!(
+                "postgres://{SUPERUSER}@127.0.0.1:{}/{MAINTENANCE_DB}",
+                embedded.port
+            ),
+            embedded: Some(embedded),
+        })
+    }
+
+    /// The port of an embedded server (`None` for the `DATABASE_URL` server).
+    pub fn port(&self) -> Option<u16> {
+        self.embedded.as_ref().map(|e| e.port)
+    }
+
+    /// Runs one of the server's own programs from its binary directory (e.g.
+    /// `pg_resetwal`) on its data directory (`-D` is appended), as the user the server runs
+    /// as, and returns what it printed. For fault tests that alter a stopped server; error if
+    /// external.
+    pub fn run_tool(&self, program: &str, args: &[&str]) -> Result<String, HarnessError> {
+        let embedded = self.embedded.as_ref().ok_or(HarnessError::NotEmbedded)?;
+        let mut command = embedded.command(program);
+        command.args(args).arg("-D").arg(&embedded.data_dir);
+        let output = command
+            .output()
+            .map_err(HarnessError::io(embedded.run_context(program)))?;
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        if output.status.success() {
+            Ok(text)
+        } else {
+            Err(HarnessError::CommandFailed {
+                command: format!("{command:?}"),
+                status: output.status.to_string(),
+                output: text,
+            })
+        }
+    }
+
     /// Runs one statement on the maintenance database.
     async fn execute_maintenance(&self, sql: &str, context: String) -> Result<(), HarnessError> {
         let mut conn = PgConnection::connect(&self.maintenance_url)
@@ -409,7 +485,7 @@ impl Embedded {
 
     /// A command running one of the PostgreSQL binaries, as the unprivileged user if needed.
     fn command(&self, program: &str) -> Command {
-        let mut command = Command::new(self.bin_dir.join(program));
+        let mut command = Command::new(self.program_path(program));
         // The unprivileged user may not be allowed into the current directory.
         command.current_dir(&self.root).stdin(Stdio::null());
         if let Some((uid, gid)) = self.run_as {
@@ -418,9 +494,44 @@ impl Embedded {
         command
     }
 
+    /// Picks a free port and starts the postmaster on it (retrying if another process took
+    /// the port first).
+    fn launch_on_free_port(&mut self) -> Result<(), HarnessError> {
+        let mut attempt = 1;
+        let child = loop {
+            self.port = free_port()?;
+            match self.launch() {
+                Ok(child) => break child,
+                // Another process took the port between choosing and binding it.
+                Err(HarnessError::ServerExited { ref log_tail, .. })
+                    if attempt < PORT_ATTEMPTS && log_tail.contains("could not bind") =>
+                {
+                    attempt += 1;
+                }
+                Err(error) => return Err(error),
+            }
+        };
+        *lock(&self.postmaster) = Some(child);
+        Ok(())
+    }
+
+    /// Where `program` is: in the binary directory, or else beside the real `postgres`
+    /// binary (the directory on `PATH` may hold links to only a few of them).
+    fn program_path(&self, program: &str) -> PathBuf {
+        let direct = self.bin_dir.join(program);
+        if is_executable(&direct) {
+            return direct;
+        }
+        fs::canonicalize(self.bin_dir.join("postgres"))
+            .ok()
+            .and_then(|postgres| Some(postgres.parent()?.join(program)))
+            .filter(|beside| is_executable(beside))
+            .unwrap_or(direct)
+    }
+
     /// Error context for failing to run one of the PostgreSQL binaries.
     fn run_context(&self, program: &str) -> String {
-        let program = self.bin_dir.join(program);
+        let program = self.program_path(program);
         match self.run_as {
             Some((uid, _)) => format!(
                 "could not run {} as uid {uid} in {} (that user needs access to the temporary \
@@ -568,6 +679,33 @@ impl Drop for Embedded {
     }
 }
 
+/// Starts a new throwaway server from the local PostgreSQL binaries that belongs to the
+/// caller alone, independent of the process-wide [`server`] (even when `DATABASE_URL` is
+/// set). Use it for tests that [`stop`](TestServer::stop) and [`start`](TestServer::start)
+/// the server: stopping the shared one would break the tests running beside them.
+///
+/// Blocks for a few seconds (`initdb`). Dropping the returned server stops it and deletes
+/// its files. [`HarnessError::NoPostgres`] if no server binaries are installed.
+pub fn private_server() -> Result<TestServer, HarnessError> {
+    TestServer::start_embedded()
+}
+
+impl TestServer {
+    /// Like [`create_database`], on this server rather than the process-wide one.
+    pub async fn create_database(&self) -> Result<TestDatabase, HarnessError> {
+        let name = format!("plane_test_{}", random_lowercase(16)?);
+        self.execute_maintenance(
+            &format!("CREATE DATABASE {}", quote_identifier(&name)),
+            format!("could not create test database {name}"),
+        )
+        .await?;
+        Ok(TestDatabase {
+            url: self.url_for(&name),
+            name,
+        })
+    }
+}
+
 /// A database created by [`create_database`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TestDatabase {
@@ -584,18 +722,7 @@ pub struct TestDatabase {
 /// The database is not dropped automatically; call [`TestDatabase::drop_database`] when
 /// done (databases left on the throwaway server disappear with it).
 pub async fn create_database() -> Result<TestDatabase, HarnessError> {
-    let server = server()?;
-    let name = format!("plane_test_{}", random_lowercase(16)?);
-    server
-        .execute_maintenance(
-            &format!("CREATE DATABASE {}", quote_identifier(&name)),
-            format!("could not create test database {name}"),
-        )
-        .await?;
-    Ok(TestDatabase {
-        url: server.url_for(&name),
-        name,
-    })
+    server()?.create_database().await
 }
 
 impl TestDatabase {

@@ -4,7 +4,7 @@
 use super::subscription::{Filter, SubQueue};
 use super::{EphemeralEnvelope, Event, EPHEMERAL_CHANNEL, EVENTS_CHANNEL};
 use crate::error::Result;
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use sqlx::postgres::PgListener;
 use sqlx::PgPool;
 use std::collections::HashMap;
@@ -22,10 +22,10 @@ pub struct BusConfig {
     pub poll_interval: Duration,
     /// How many undelivered events one subscription may hold before it is told it lagged
     /// ([`Lagged`](super::Lagged)) and its queue is emptied. Memory is used only for events
-    /// actually queued. Defaults to 10,000.
+    /// actually queued. Defaults to 10,000; 0 counts as 1.
     pub max_pending_per_subscription: usize,
     /// How many rows one read of the `event` table fetches at most; a larger backlog is read
-    /// in several pages. Defaults to 1,000.
+    /// in several pages. Defaults to 1,000; values below 1 count as 1.
     pub fetch_batch_size: i64,
     /// The longest wait between reconnection attempts of the listening connection or retries
     /// of a failed read (the wait doubles from 50 ms up to this). Defaults to 5 s.
@@ -179,7 +179,9 @@ pub(crate) struct EventBus {
 }
 
 impl EventBus {
-    pub(crate) fn new(pool: PgPool, config: BusConfig) -> Self {
+    pub(crate) fn new(pool: PgPool, mut config: BusConfig) -> Self {
+        // A page of zero rows never finishes a read (and a negative one is an SQL error).
+        config.fetch_batch_size = config.fetch_batch_size.max(1);
         let shared = Arc::new(Shared {
             registry: Mutex::new(Registry::default()),
             closed: AtomicBool::new(false),
@@ -203,7 +205,7 @@ impl EventBus {
         self.started
             .get_or_try_init(|| async {
                 let listener = connect_listener(&self.pool).await?;
-                let cursor = current_snapshot(&self.pool).await?;
+                let cursor = current_cursor(&self.pool).await?;
                 tokio::spawn(listen_loop(
                     self.shared.clone(),
                     self.pool.clone(),
@@ -237,11 +239,65 @@ async fn connect_listener(pool: &PgPool) -> Result<PgListener> {
     Ok(listener)
 }
 
-async fn current_snapshot(pool: &PgPool) -> Result<String> {
-    let snapshot = sqlx::query_scalar!(r#"select pg_current_snapshot()::text as "snapshot!""#)
-        .fetch_one(pool)
-        .await?;
-    Ok(snapshot)
+/// Where the reader stands: the snapshot of its previous read, and the start time of the
+/// server that took it.
+///
+/// Snapshots are only comparable on one unbroken run of transaction ids. A restarted server
+/// (crash recovery) or another server (a promoted replica after a failover) may hand out
+/// again transaction ids that the previous snapshot already counts as finished; the start
+/// time tells the reader that this happened (see [`read_new_events`]).
+#[derive(Clone)]
+struct Cursor {
+    snapshot: String,
+    server_started: DateTime<Utc>,
+}
+
+/// A read of several pages that has not finished: the snapshot it reads up to, the last id
+/// it dispatched, and the restart floor it uses (see [`read_new_events`]).
+struct Progress {
+    target: Cursor,
+    after: i64,
+    restart_floor: Option<String>,
+}
+
+async fn current_cursor(pool: &PgPool) -> Result<Cursor> {
+    let row = sqlx::query!(
+        r#"select pg_current_snapshot()::text as "snapshot!", pg_postmaster_start_time() as "started!""#
+    )
+    .fetch_one(pool)
+    .await?;
+    Ok(Cursor {
+        snapshot: row.snapshot,
+        server_started: row.started,
+    })
+}
+
+/// The lowest transaction id that a server which restarted or replaced the one `prev` was
+/// taken on may have handed out again, as `xid8` text; `None` if it cannot have reused any.
+///
+/// A restart, and crash recovery, write a checkpoint as the server comes up whose next
+/// transaction id is the first id of the new life: exact. A promoted replica has no
+/// checkpoint of its own yet (its latest is a restartpoint of the old timeline, older than
+/// the promotion), so its checkpoint is only used when the server's counter is visibly behind
+/// `prev` (the replica had not replayed everything); a replica that had caught up reuses
+/// nothing, and re-reading from an old restartpoint would deliver events again.
+async fn reused_xid_floor(pool: &PgPool, prev: &Cursor) -> Result<Option<String>> {
+    let row = sqlx::query!(
+        r#"
+        select
+            (split_part(c.next_xid, ':', 1)::bigint * 4294967296
+             + split_part(c.next_xid, ':', 2)::bigint)::text as "xid!",
+            c.timeline_id = ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int
+                as "own_checkpoint!",
+            pg_snapshot_xmax(pg_current_snapshot()) < pg_snapshot_xmax($1::text::pg_snapshot)
+                as "behind!"
+        from pg_control_checkpoint() c
+        "#,
+        prev.snapshot,
+    )
+    .fetch_one(pool)
+    .await?;
+    Ok((row.own_checkpoint || row.behind).then_some(row.xid))
 }
 
 /// Exponential backoff from 50 ms up to a cap.
@@ -344,11 +400,24 @@ fn deliver_ephemeral(shared: &Shared, payload: &str) {
 }
 
 /// Reads newly committed events whenever woken (or every poll interval) and dispatches them.
-async fn read_loop(shared: Arc<Shared>, pool: PgPool, mut cursor: String, config: BusConfig) {
+async fn read_loop(shared: Arc<Shared>, pool: PgPool, mut cursor: Cursor, config: BusConfig) {
     let mut backoff = Backoff::new(config.max_backoff);
+    let mut progress = None;
     loop {
-        match read_new_events(&shared, &pool, &cursor, config.fetch_batch_size).await {
-            Ok(next) => {
+        let read = read_new_events(
+            &shared,
+            &pool,
+            &cursor,
+            &mut progress,
+            config.fetch_batch_size,
+        );
+        match read.await {
+            Ok(None) => {
+                tracing::warn!(
+                    "event bus: the database server changed during a read; reading again"
+                );
+            }
+            Ok(Some(next)) => {
                 cursor = next;
                 backoff.reset();
                 tokio::select! {
@@ -368,19 +437,48 @@ async fn read_loop(shared: Arc<Shared>, pool: PgPool, mut cursor: String, config
     }
 }
 
-/// Dispatches every event committed after the snapshot `prev` and returns the snapshot to
+/// Dispatches every event committed after the snapshot `prev` and returns the cursor to
 /// continue from. See the module docs for why this loses nothing and repeats nothing.
 ///
 /// Pages of `batch` rows are read against one fixed target snapshot (the first page's), so a
 /// large backlog is read in bounded steps and the cursor only advances once it is all read.
-async fn read_new_events(shared: &Shared, pool: &PgPool, prev: &str, batch: i64) -> Result<String> {
-    let mut target: Option<String> = None;
-    let mut after = 0_i64;
+/// `progress` keeps the target and the last id dispatched across calls: a read that fails
+/// between pages (a dropped connection) resumes where it stopped instead of dispatching the
+/// pages already dispatched again.
+///
+/// If the server was restarted or replaced since `prev` (its start time changed), transaction
+/// ids may have gone back: a failover to a replica that had not replayed everything, or a
+/// crash that lost the record of an aborted transaction, hands the same ids out again, and
+/// rows written with them would look already read. The read then also takes every row from a
+/// transaction at or after [`reused_xid_floor`]. `None` if the server changed between two pages
+/// of one read: the caller reads again (the restart path then applies).
+async fn read_new_events(
+    shared: &Shared,
+    pool: &PgPool,
+    prev: &Cursor,
+    progress: &mut Option<Progress>,
+    batch: i64,
+) -> Result<Option<Cursor>> {
+    let (mut target, mut after, mut restart_floor) = match progress.take() {
+        Some(p) => (Some(p.target), p.after, p.restart_floor),
+        None => (None, 0, None),
+    };
+    let mut restart_checked = false;
     loop {
+        // If the query below fails, the next call resumes this read from here (dispatching
+        // is synchronous, so `after` is exact at every await).
+        if let Some(t) = &target {
+            *progress = Some(Progress {
+                target: t.clone(),
+                after,
+                restart_floor: restart_floor.clone(),
+            });
+        }
         let rows = sqlx::query!(
             r#"
             select
                 s.snap::text as "snapshot!",
+                s.started as "started!",
                 e.id as "id?",
                 e.kind as "kind?",
                 e.key as "key?",
@@ -389,12 +487,13 @@ async fn read_new_events(shared: &Shared, pool: &PgPool, prev: &str, batch: i64)
             from (
                 select
                     coalesce($2::text::pg_snapshot, pg_current_snapshot()) as snap,
-                    $1::text::pg_snapshot as prev
+                    $1::text::pg_snapshot as prev,
+                    pg_postmaster_start_time() as started
             ) s
             left join lateral (
                 select id, kind, key, created_at, data
                 from event
-                where (xid >= pg_snapshot_xmax(s.prev)
+                where (xid >= least(pg_snapshot_xmax(s.prev), $5::text::xid8)
                        or xid = any(array(select pg_snapshot_xip(s.prev))))
                   and pg_visible_in_snapshot(xid, s.snap)
                   and id > $3
@@ -403,19 +502,49 @@ async fn read_new_events(shared: &Shared, pool: &PgPool, prev: &str, batch: i64)
             ) e on true
             order by e.id
             "#,
-            prev,
-            target.as_deref(),
+            prev.snapshot,
+            target.as_ref().map(|t| t.snapshot.as_str()),
             after,
             batch,
+            restart_floor.as_deref(),
         )
         .fetch_all(pool)
         .await?;
 
+        // The query returns at least one row, with the snapshot and the server's start time.
+        let Some(first) = rows.first() else {
+            *progress = None;
+            return Ok(Some(target.unwrap_or(Cursor {
+                snapshot: prev.snapshot.clone(),
+                server_started: prev.server_started,
+            })));
+        };
+        match &target {
+            None if first.started != prev.server_started && !restart_checked => {
+                restart_checked = true;
+                restart_floor = reused_xid_floor(pool, prev).await?;
+                tracing::warn!(
+                    floor = restart_floor.as_deref().unwrap_or("none"),
+                    "event bus: the database server restarted or changed; \
+                     re-reading from the first transaction id it may have reused"
+                );
+                continue;
+            }
+            None => {
+                target = Some(Cursor {
+                    snapshot: first.snapshot.clone(),
+                    server_started: first.started,
+                })
+            }
+            Some(t) if t.server_started != first.started => {
+                *progress = None;
+                return Ok(None);
+            }
+            Some(_) => {}
+        }
+
         let mut count = 0_i64;
         for row in rows {
-            if target.is_none() {
-                target = Some(row.snapshot.clone());
-            }
             let (Some(id), Some(kind), Some(created_at), Some(data)) =
                 (row.id, row.kind, row.created_at, row.data)
             else {
@@ -432,8 +561,8 @@ async fn read_new_events(shared: &Shared, pool: &PgPool, prev: &str, batch: i64)
             }));
         }
         if count < batch {
-            // `target` is always set: the query returns at least one row.
-            return Ok(target.unwrap_or_else(|| prev.to_string()));
+            *progress = None;
+            return Ok(target);
         }
     }
 }

@@ -22,6 +22,14 @@
 //! previous read, through the index on `xid`. The cursor is process memory, independent of the
 //! listening connection, so after a reconnect the next read returns everything missed.
 //!
+//! Snapshots compare only within one unbroken run of transaction ids. A server that comes
+//! back with its counter behind the cursor (a failover to a replica that had not replayed
+//! everything, or a crash that lost an unflushed abort) hands out ids the cursor counts as
+//! read. The cursor therefore also records the server's start time; when that changes, the
+//! next read also takes every row from a transaction at or after the server's latest
+//! checkpoint, which a restart or crash recovery writes as the server comes up (see
+//! RELIABILITY.md for what this does and does not cover after a promotion).
+//!
 //! # Writer cost
 //! Postgres serialises the commits of transactions that issued NOTIFY (a global lock on its
 //! notification queue). The wake-up is therefore payload-free and one per transaction

@@ -124,7 +124,7 @@ async fn kill_listeners(db: &PlaneDatabase) -> u64 {
     let killed: Vec<bool> = sqlx::query_scalar(
         "select pg_terminate_backend(pid) from pg_stat_activity
          where datname = current_database() and pid <> pg_backend_pid()
-           and query ilike '%listen%plane_events%'",
+           and query ilike 'listen %plane_events%'",
     )
     .fetch_all(db.pool())
     .await

@@ -1,0 +1,142 @@
+//! Helpers shared by the fault scenarios: fixtures that hand out the database URL (several
+//! scenarios build pools of their own), states by status, figures, listener kills.
+
+use crate::common::addr;
+use plane_db::testing::create_database;
+use plane_db::types::{
+    BackendAddr, BackendState, BackendStatus, TerminationKind, TerminationReason,
+};
+use plane_db::PlaneDatabase;
+use std::future::Future;
+use std::time::Duration;
+
+/// The bound on every scenario: a lost event or a hung reconnect fails the test instead of
+/// hanging the suite.
+pub const SCENARIO_TIMEOUT: Duration = Duration::from_secs(180);
+
+/// Runs `test` with the URL of a fresh, migrated database on the suite's server, bounded by
+/// [`SCENARIO_TIMEOUT`]; drops the database when the test passes.
+pub async fn with_url<F, Fut>(test: F)
+where
+    F: FnOnce(String) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let database = create_database().await.expect("create a test database");
+    migrate(&database.url).await;
+    tokio::time::timeout(SCENARIO_TIMEOUT, test(database.url.clone()))
+        .await
+        .expect("scenario timed out");
+    database
+        .drop_database()
+        .await
+        .expect("drop the test database");
+}
+
+/// Applies the migrations on `url` with a short-lived pool.
+pub async fn migrate(url: &str) {
+    let db = plane_db::connect_and_migrate(url).await.expect("migrate");
+    db.pool().close().await;
+}
+
+/// A pool of `size` connections on `url`, wrapped with `config`.
+pub async fn open(url: &str, size: u32, config: plane_db::Config) -> PlaneDatabase {
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(size)
+        .acquire_timeout(Duration::from_secs(30))
+        .connect(url)
+        .await
+        .expect("connect");
+    PlaneDatabase::with_config(pool, config)
+}
+
+/// A valid state for each status (the address and termination details are fixed).
+pub fn state_for(status: BackendStatus) -> BackendState {
+    let address = BackendAddr(addr(8080));
+    let reason = TerminationReason::Swept;
+    match status {
+        BackendStatus::Scheduled => BackendState::Scheduled,
+        BackendStatus::Loading => BackendState::Loading,
+        BackendStatus::Starting => BackendState::Starting,
+        BackendStatus::Waiting => BackendState::Waiting { address },
+        BackendStatus::Ready => BackendState::Ready { address },
+        BackendStatus::Terminating => BackendState::Terminating {
+            last_status: BackendStatus::Ready,
+            termination: TerminationKind::Soft,
+            reason,
+        },
+        BackendStatus::HardTerminating => BackendState::HardTerminating {
+            last_status: BackendStatus::Ready,
+            reason,
+        },
+        BackendStatus::Terminated => BackendState::Terminated {
+            last_status: BackendStatus::Ready,
+            termination: Some(TerminationKind::Hard),
+            reason: Some(reason),
+            exit_code: Some(0),
+        },
+    }
+}
+
+/// Every status after `scheduled`, in order: the seven updates of a full life.
+pub fn full_life() -> Vec<BackendStatus> {
+    BackendStatus::ALL[1..].to_vec()
+}
+
+/// Prints one line of figures for RELIABILITY.md (visible with `--nocapture`).
+pub fn figures(scenario: &str, fields: &[(&str, String)]) {
+    let fields: Vec<String> = fields.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    println!("FIGURES {scenario}: {}", fields.join(" "));
+}
+
+/// Terminates the bus's listening connections on the current database; returns how many.
+/// Matches the statement the listener last ran (`LISTEN "plane_events"; …`), and not pooled
+/// connections that merely ran a query mentioning it (such as this one).
+pub async fn kill_listeners(db: &PlaneDatabase) -> u64 {
+    let killed: Vec<bool> = sqlx::query_scalar(
+        "select pg_terminate_backend(pid) from pg_stat_activity
+         where datname = current_database() and pid <> pg_backend_pid()
+           and query ilike 'listen %plane_events%'",
+    )
+    .fetch_all(db.pool())
+    .await
+    .expect("kill listeners");
+    killed.into_iter().filter(|k| *k).count() as u64
+}
+
+/// Whether a listening connection is up on the current database.
+pub async fn listener_up(db: &PlaneDatabase) -> bool {
+    sqlx::query_scalar::<_, bool>(
+        "select exists (select 1 from pg_stat_activity
+         where datname = current_database() and pid <> pg_backend_pid()
+           and query ilike 'listen %plane_events%')",
+    )
+    .fetch_one(db.pool())
+    .await
+    .unwrap_or(false)
+}
+
+/// The ids of the persisted events of `kind` (optionally with `key`), from the table.
+pub async fn table_event_ids(db: &PlaneDatabase, kind: &str, key: Option<&str>) -> Vec<i64> {
+    sqlx::query_scalar(
+        "select id from event where kind = $1 and ($2::text is null or key = $2) order by id",
+    )
+    .bind(kind)
+    .bind(key)
+    .fetch_all(db.pool())
+    .await
+    .expect("read event ids")
+}
+
+/// Milliseconds of a duration, for figures.
+pub fn ms(d: Duration) -> String {
+    format!("{}", d.as_millis())
+}
+
+/// The p50 and the maximum of some durations, in milliseconds.
+pub fn p50_max(mut v: Vec<Duration>) -> (String, String) {
+    if v.is_empty() {
+        return ("-".into(), "-".into());
+    }
+    v.sort();
+    (ms(v[v.len() / 2]), ms(v[v.len() - 1]))
+}
