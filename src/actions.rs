@@ -57,8 +57,11 @@ impl<'a> BackendActionDatabase<'a> {
         let row = sqlx::query!(
             r#"
             with target as (
+                -- The lock makes a concurrent termination finish first; the status is then
+                -- checked again, so no action is queued for a backend that just terminated.
                 select id, drone_id from backend
                 where id = $1 and last_status_number < $2
+                for no key update
             ),
             queued as (
                 insert into backend_action (id, backend_id, drone_id, action)

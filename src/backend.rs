@@ -489,7 +489,9 @@ impl<'a> BackendDatabase<'a> {
     /// `terminated` with reason [`lost`](TerminationReason::Lost), exactly as
     /// [`update_state`](Self::update_state) would record it (history row, event, key
     /// released). Use it when their drone is gone for good. Returns the backends that were
-    /// marked; unknown and already terminated ones are left alone.
+    /// marked; unknown and already terminated ones are left alone. A backend whose state
+    /// keeps changing under the call (its drone is evidently not gone) may be left unmarked
+    /// after a few attempts: it is then missing from the result.
     #[tracing::instrument(skip(self), fields(count = backends.len()), err)]
     pub async fn mark_lost(&self, backends: &[BackendName]) -> Result<Vec<BackendName>> {
         let ids: Vec<String> = backends.iter().map(|b| b.to_string()).collect();

@@ -1,9 +1,9 @@
 //! Periodic cleanup: old terminated backends (with everything hanging off them), old events
-//! and expired tokens, in bounded batches so that cleanup never holds long locks or bloats
-//! one transaction.
+//! and expired tokens, each in bounded batches (one transaction each), so that cleanup never
+//! holds locks for long or bloats one transaction.
 
 use crate::backend::CleanupReport;
-use crate::error::{Error, Result};
+use crate::error::{interval_secs, Error, Result};
 use crate::PlaneDatabase;
 use std::time::Duration;
 
@@ -86,7 +86,7 @@ impl PlaneDatabase {
                     for update skip locked
                 )
                 "#,
-                min_age.as_secs_f64(),
+                interval_secs(min_age),
                 i64::from(batch_size),
             )
             .execute(self.pool())

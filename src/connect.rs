@@ -238,11 +238,12 @@ impl PlaneDatabase {
             ),
             drone_clock as (
                 -- The drone acts on the deadlines by its own clock: shift them by how far
-                -- its clock was from ours at its last heartbeat.
-                select coalesce(
+                -- its clock was from ours at its last heartbeat (at most a day either way, so
+                -- an absurd clock cannot push a deadline out of range).
+                select greatest(least(coalesce(
                     (select last_local_time - last_heartbeat from drone where id = $10),
                     interval '0'
-                ) as skew
+                ), interval '1 day'), interval '-1 day') as skew
             ),
             spawn as (
                 select jsonb_build_object('Spawn', jsonb_build_object(
@@ -403,13 +404,32 @@ impl PlaneDatabase {
         Ok(result.rows_affected())
     }
 
-    /// Deletes expired tokens. Returns how many were deleted.
+    /// Deletes expired tokens, 1,000 per transaction until none are left. Returns how many
+    /// were deleted.
     #[tracing::instrument(skip(self), err)]
     pub async fn clean_up_tokens(&self) -> Result<u64> {
-        let result = sqlx::query!("delete from token where expiration_time <= now()")
+        const BATCH: i64 = 1000;
+        let mut deleted = 0;
+        loop {
+            // Through the expiration_time index; SKIP LOCKED lets controllers share the work.
+            let result = sqlx::query!(
+                r#"
+                delete from token where token_digest in (
+                    select token_digest from token
+                    where expiration_time <= now()
+                    limit $1
+                    for update skip locked
+                )
+                "#,
+                BATCH,
+            )
             .execute(self.pool())
             .await?;
-        Ok(result.rows_affected())
+            deleted += result.rows_affected();
+            if result.rows_affected() < BATCH as u64 {
+                return Ok(deleted);
+            }
+        }
     }
 }
 

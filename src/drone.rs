@@ -1,6 +1,6 @@
 //! Drones: registration, heartbeats and picking one for a new backend.
 
-use crate::error::{check_text, skip_undecodable, Error, Result};
+use crate::error::{check_text, interval_secs, skip_undecodable, Error, Result};
 use crate::types::{BackendStatus, ClusterName, ControllerName, DroneName, DronePoolName, NodeId};
 use crate::PlaneDatabase;
 use chrono::{DateTime, Utc};
@@ -154,8 +154,8 @@ impl<'a> DroneDatabase<'a> {
             })
     }
 
-    /// The drones of `cluster` in `pool` heard from within `seen_within`, newest
-    /// registration first, with their versions, controller, readiness and heartbeat ages
+    /// The drones of `cluster` in `pool` heard from within `seen_within` (any length; about
+    /// 100 years or more means all), most recently added first, with their versions, controller, readiness and heartbeat ages
     /// (by the database clock). Rows that do not decode are skipped with a warning.
     #[tracing::instrument(skip(self), fields(cluster = %cluster, pool = %pool), err)]
     pub async fn drones_for_pool(
@@ -179,7 +179,7 @@ impl<'a> DroneDatabase<'a> {
             "#,
             cluster.as_str(),
             pool.as_str(),
-            seen_within.as_secs_f64(),
+            interval_secs(seen_within),
         )
         .fetch_all(self.db.pool())
         .await?;

@@ -171,6 +171,15 @@ pub(crate) fn check_text(argument: &'static str, value: &str) -> Result<()> {
     }
 }
 
+/// The longest duration handed to Postgres as an interval (about 100 years): longer ones
+/// mean "everything" and would push timestamps out of Postgres's range.
+const MAX_INTERVAL_SECS: f64 = 100.0 * 365.25 * 24.0 * 3600.0;
+
+/// `duration` in seconds for `make_interval(secs => …)`, capped at about 100 years.
+pub(crate) fn interval_secs(duration: std::time::Duration) -> f64 {
+    duration.as_secs_f64().min(MAX_INTERVAL_SECS)
+}
+
 /// A count such as a limit must not be negative.
 pub(crate) fn check_non_negative(argument: &'static str, value: i64) -> Result<()> {
     if value < 0 {

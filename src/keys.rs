@@ -99,39 +99,40 @@ impl<'a> KeysDatabase<'a> {
         };
         // The update's own condition decides, so a renewal and a takeover (which needs the
         // lease to have run out) can never both succeed.
-        let row = sqlx::query!(
+        let renewed = sqlx::query!(
             r#"
-            with renewed as (
-                update backend_key set expires_at = now() + make_interval(secs => $2)
-                where id = $1 and allow_renew and expires_at > now()
-                returning namespace, key_name, tag, fencing_token
-            )
-            select r.namespace as "namespace?", r.key_name as "key_name?", r.tag as "tag?",
-                   r.fencing_token as "fencing_token?",
-                   (select k.allow_renew from backend_key k where k.id = $1) as "allow_renew?"
-            from (select 1) as one
-            left join renewed r on true
+            update backend_key set expires_at = now() + make_interval(secs => $2)
+            where id = $1 and allow_renew and expires_at > now()
+            returning namespace, key_name, tag, fencing_token
             "#,
             backend.as_str(),
             lease.hard_terminate_after.as_secs_f64(),
         )
-        .fetch_one(self.db.pool())
+        .fetch_optional(self.db.pool())
         .await?;
-        match (row.namespace, row.key_name, row.tag, row.fencing_token) {
-            (Some(namespace), Some(name), Some(tag), Some(token)) => {
-                Ok(KeyRenewal::Renewed(AcquiredKey {
-                    key: KeyConfig {
-                        name,
-                        namespace,
-                        tag,
-                    },
-                    deadlines,
-                    token,
-                }))
-            }
-            _ if row.allow_renew == Some(false) => Ok(KeyRenewal::Prevented),
-            _ => Ok(KeyRenewal::NotHeld),
+        if let Some(row) = renewed {
+            return Ok(KeyRenewal::Renewed(AcquiredKey {
+                key: KeyConfig {
+                    name: row.key_name,
+                    namespace: row.namespace,
+                    tag: row.tag,
+                },
+                deadlines,
+                token: row.fencing_token,
+            }));
         }
+        // Why not: read after the update (not in its statement, whose snapshot predates a
+        // concurrent prevent_renew that it waited for).
+        let allow_renew = sqlx::query_scalar!(
+            "select allow_renew from backend_key where id = $1",
+            backend.as_str(),
+        )
+        .fetch_optional(self.db.pool())
+        .await?;
+        Ok(match allow_renew {
+            Some(false) => KeyRenewal::Prevented,
+            _ => KeyRenewal::NotHeld,
+        })
     }
 
     /// Prevents further renewals of the key held by `backend`, so that it lapses at its

@@ -27,7 +27,8 @@ pub struct NodeRegistration<'r> {
     pub kind: NodeKind,
     /// The node's name (`dr-…`, `px-…` or `ns-…`).
     pub name: &'r str,
-    /// Its cluster; `None` only for cross-cluster nodes (ACME DNS servers).
+    /// Its cluster; `None` only for cross-cluster nodes (ACME DNS servers): a drone or proxy
+    /// without one is refused.
     pub cluster: Option<&'r ClusterName>,
     /// The software version it runs.
     pub plane_version: &'r str,
@@ -154,6 +155,12 @@ impl<'a> NodeDatabase<'a> {
                 reason: e.to_string(),
             }
         })?;
+        if registration.cluster.is_none() && registration.kind != NodeKind::AcmeDnsServer {
+            return Err(Error::InvalidArgument {
+                argument: "cluster",
+                reason: format!("a {} node needs a cluster", registration.kind),
+            });
+        }
         crate::error::check_text("plane_version", registration.plane_version)?;
         crate::error::check_text("plane_hash", registration.plane_hash)?;
         let row = sqlx::query!(
@@ -236,7 +243,8 @@ impl<'a> NodeDatabase<'a> {
     pub async fn id_of(&self, cluster: Option<&ClusterName>, name: &str) -> Result<Option<NodeId>> {
         crate::error::check_text("name", name)?;
         let id = sqlx::query_scalar!(
-            "select id from node where cluster is not distinct from $1 and name = $2",
+            // Not `is not distinct from`, which cannot use the (cluster, name) index.
+            "select id from node where (cluster = $1 or ($1 is null and cluster is null)) and name = $2",
             cluster.map(ClusterName::as_str),
             name,
         )

@@ -308,3 +308,42 @@ async fn marking_a_drone_lost_terminates_only_its_alive_backends() {
     })
     .await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_termination_request_racing_the_termination_queues_nothing() {
+    with_db(|db| async move {
+        drone(&db).await;
+        let backend = spawn(&db).await.backend_id;
+        // The drone's report of the termination, left uncommitted while a request arrives.
+        let mut tx = db.pool().begin().await.unwrap();
+        sqlx::query(
+            "update backend set last_status = 'terminated', last_status_number = 70 where id = $1",
+        )
+        .bind(backend.as_str())
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+        let request = tokio::spawn({
+            let db = db.clone();
+            let backend = backend.clone();
+            async move {
+                db.backend_actions()
+                    .request_termination(
+                        &backend,
+                        TerminationKind::Soft,
+                        TerminationReason::External,
+                    )
+                    .await
+            }
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        assert!(!request.is_finished(), "the request waits for the row");
+        tx.commit().await.unwrap();
+        assert_eq!(
+            request.await.unwrap().unwrap(),
+            TerminationRequest::AlreadyTerminated
+        );
+        assert_eq!(count(&db, "backend_action").await, 1, "only the spawn");
+    })
+    .await
+}

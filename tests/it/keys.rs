@@ -272,3 +272,28 @@ async fn spawn_deadlines_follow_the_drones_clock() {
     })
     .await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renewal_racing_prevent_renew_says_prevented() {
+    with_db(|db| async move {
+        drone(&db).await;
+        let backend = db.connect(&request("raced")).await.unwrap().backend_id;
+        // prevent_renew's update, left uncommitted while a renewal arrives.
+        let mut tx = db.pool().begin().await.unwrap();
+        sqlx::query("update backend_key set allow_renew = false where id = $1")
+            .bind(backend.as_str())
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        let renewal = tokio::spawn({
+            let db = db.clone();
+            let backend = backend.clone();
+            async move { db.keys().renew(&backend, chrono::Utc::now()).await }
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        assert!(!renewal.is_finished(), "the renewal waits for the row");
+        tx.commit().await.unwrap();
+        assert_eq!(renewal.await.unwrap().unwrap(), KeyRenewal::Prevented);
+    })
+    .await
+}

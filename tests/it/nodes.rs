@@ -215,6 +215,24 @@ async fn mark_offline_by_a_stale_connection_is_refused() {
             .await
             .unwrap();
         assert_eq!(old.id, new.id);
+        // It reconnects once more through the second controller; the cleanup of the
+        // connection it replaced runs late. Same controller, stale connection: refused.
+        let newer = db
+            .node()
+            .register(&registration(
+                &second_controller,
+                NodeKind::Proxy,
+                name.as_str(),
+                &cluster(),
+            ))
+            .await
+            .unwrap();
+        assert!(!db
+            .node()
+            .mark_offline(new, &second_controller)
+            .await
+            .unwrap());
+        let new = newer;
 
         // The first controller notices its (old) connection dropped: refused.
         assert!(!db
@@ -248,15 +266,15 @@ async fn mark_offline_by_a_stale_connection_is_refused() {
             "already offline"
         );
 
-        // Two connects and one disconnect were emitted, in order, keyed by the node.
+        // Three connects and one disconnect were emitted, in order, keyed by the node.
         let mut seen = Vec::new();
-        for _ in 0..3 {
+        for _ in 0..4 {
             let event = events.next().await.expect("open").expect("not lagged");
             assert_eq!(event.key.as_deref(), Some(new.id.to_string().as_str()));
             seen.push(event.payload);
         }
         let connected: Vec<bool> = seen.iter().map(|e| e.connected).collect();
-        assert_eq!(connected, [true, true, false]);
+        assert_eq!(connected, [true, true, true, false]);
         assert!(seen.iter().all(|e| e.node_id == new.id));
     })
     .await
@@ -313,6 +331,18 @@ async fn node_lookups_and_the_active_list() {
         );
         assert_eq!(db.node().id_of(None, "px-nobody").await.unwrap(), None);
         assert_eq!(db.node().get(NodeId::from(987_654)).await.unwrap(), None);
+
+        // Only DNS servers may go without a cluster.
+        let proxy = ProxyName::new_random();
+        assert!(matches!(
+            db.node()
+                .register(&NodeRegistration {
+                    cluster: None,
+                    ..registration(&online, NodeKind::Proxy, proxy.as_str(), &cluster())
+                })
+                .await,
+            Err(Error::InvalidArgument { argument: "cluster", .. })
+        ));
 
         let node = db.node().get(ids[0]).await.unwrap().expect("node");
         assert_eq!(node.name, AnyNodeName::Proxy(names[0].clone()));
