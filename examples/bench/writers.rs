@@ -326,6 +326,7 @@ pub async fn update_state(bench: &mut Bench) -> R<()> {
             ok: got == expected_events,
         },
     );
+    crate::streams::bus_read(bench, &env).await?;
     drop(trigger_db);
     env.finish().await
 }

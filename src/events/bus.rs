@@ -465,6 +465,14 @@ async fn read_loop(shared: Arc<Shared>, pool: PgPool, mut cursor: String, config
 ///
 /// Pages of `batch` rows are read against one fixed target snapshot (the first page's), so a
 /// large backlog is read in bounded steps and the cursor only advances once it is all read.
+///
+/// The statement is prepared once per connection, and after five runs Postgres may switch to
+/// a generic plan that does not know the parameters. Two details keep that plan on the `xid`
+/// index, touching only the new rows: the range `xid >= xmax(prev)` also gets its (implied)
+/// upper bound `xid < xmax(snap)` (a visible row's transaction is below the snapshot's
+/// `xmax`), which Postgres estimates as narrow; and rows are ordered by `id + 0`, which the
+/// primary key cannot supply. With a plain `order by id … limit` the generic plan walked the
+/// primary key through the whole table (83 ms per read at 145,000 events, against 0.14 ms).
 async fn read_new_events(shared: &Shared, pool: &PgPool, prev: &str, batch: i64) -> Result<String> {
     let mut target: Option<String> = None;
     let mut after = 0_i64;
@@ -486,11 +494,11 @@ async fn read_new_events(shared: &Shared, pool: &PgPool, prev: &str, batch: i64)
             left join lateral (
                 select id, kind, key, created_at, data
                 from event
-                where (xid >= pg_snapshot_xmax(s.prev)
+                where ((xid >= pg_snapshot_xmax(s.prev) and xid < pg_snapshot_xmax(s.snap))
                        or xid = any(array(select pg_snapshot_xip(s.prev))))
                   and pg_visible_in_snapshot(xid, s.snap)
                   and id > $3
-                order by id
+                order by id + 0
                 limit $4
             ) e on true
             order by e.id
