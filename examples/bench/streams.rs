@@ -351,7 +351,7 @@ const READ_AFTER: &str = r#"
         where ((xid >= pg_snapshot_xmax(s.prev) and xid < pg_snapshot_xmax(s.snap))
                or xid = any(array(select pg_snapshot_xip(s.prev))))
           and pg_visible_in_snapshot(xid, s.snap)
-          and id > $3
+          and id + 0 > $3
         order by id + 0
         limit $4
     ) e on true
