@@ -178,31 +178,13 @@ async fn plan(env: &Env, sql: &str, drone: NodeId, drone_name: &str) -> R<(bool,
     Ok((uses_index, access))
 }
 
-async fn time_calls<F, Fut>(calls: usize, mut f: F) -> R<Duration>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = R<usize>>,
-{
-    for _ in 0..calls / 5 {
-        f().await?;
-    }
-    let mut samples = Vec::with_capacity(calls);
-    for _ in 0..calls {
-        let t = Instant::now();
-        f().await?;
-        samples.push(t.elapsed());
-    }
-    samples.sort();
-    Ok(pct(&samples, 0.5))
-}
-
-pub async fn hot_queries(bench: &mut Bench) -> R<()> {
+/// A database holding `size` backend rows: 100 live ones on the measured drone (50 idle
+/// past their allowance, so termination candidates, and 50 fresh), the rest terminated, nine
+/// in ten of them on the measured drone and the rest on another.
+async fn hot_env(size: i64) -> R<Env> {
     let mut env = Env::new(1).await?;
     let other = env.add_drone().await?;
-    let (drone, drone_name) = env.drones[0].clone();
-    let sizes: [i64; 3] = bench.pick([10_000, 100_000, 1_000_000], [1_000, 5_000, 20_000]);
-    let calls = bench.pick(300, 30);
-    // 100 live backends on the drone: 50 idle past their allowance (candidates), 50 fresh.
+    let drone = env.drones[0].0;
     for (prefix, age, n) in [("ba-idle-", 3600.0, 50), ("ba-fresh-", 0.0, 50)] {
         BulkBackends {
             prefix,
@@ -216,89 +198,102 @@ pub async fn hot_queries(bench: &mut Bench) -> R<()> {
         .insert(&env)
         .await?;
     }
-    let terminated = lifecycle()[5].clone();
-    let mut loaded = 100_i64;
-    let mut results = Vec::new();
-    for (step, size) in sizes.iter().enumerate() {
-        // Terminated history: nine in ten on this drone, the rest on another.
-        let add = size - loaded;
-        let here = add * 9 / 10;
-        for (d, n, tag) in [(drone, here, "h"), (other, add - here, "o")] {
-            BulkBackends {
-                prefix: &format!("ba-t{step}{tag}-"),
-                n,
-                drone: d,
-                state: terminated.clone(),
-                age_secs: 7200.0,
-                key_expires_in_secs: None,
-                allowed_idle_seconds: Some(600),
-            }
-            .insert(&env)
-            .await?;
+    let add = size - 100;
+    let here = add * 9 / 10;
+    for (d, n, prefix) in [(drone, here, "ba-th-"), (other, add - here, "ba-to-")] {
+        BulkBackends {
+            prefix,
+            n,
+            drone: d,
+            state: lifecycle()[5].clone(),
+            age_secs: 7200.0,
+            key_expires_in_secs: None,
+            allowed_idle_seconds: Some(600),
         }
-        loaded = *size;
-        analyze(&env.pool).await?;
-        let db = env.db.clone();
-        let tc = time_calls(calls, || {
-            let db = db.clone();
-            async move {
-                let c = db.backend().termination_candidates(drone).await?;
-                if c.len() != 50 {
-                    return Err(format!("expected 50 candidates, got {}", c.len()).into());
-                }
-                R::Ok(c.len())
-            }
-        })
+        .insert(&env)
         .await?;
-        let cluster = env.cluster.clone();
-        let name = drone_name.clone();
-        let la = time_calls(calls, || {
-            let db = db.clone();
-            let cluster = cluster.clone();
-            let name = name.clone();
-            async move {
-                let c = db
-                    .backend()
-                    .list_alive_backends_for_drone(&cluster, &name)
-                    .await?;
-                if c.len() != 100 {
-                    return Err(format!("expected 100 live backends, got {}", c.len()).into());
-                }
-                R::Ok(c.len())
-            }
-        })
-        .await?;
-        let tc_plan = plan(&env, TERMINATION_CANDIDATES_SQL, drone, drone_name.as_str()).await?;
-        let la_plan = plan(&env, LIST_ALIVE_SQL, drone, drone_name.as_str()).await?;
-        println!(
-            "   {} rows: termination_candidates {} [{}], list_alive {} [{}]",
-            count(*size as u64),
-            ms(tc),
-            tc_plan.1,
-            ms(la),
-            la_plan.1
-        );
-        results.push((*size, tc, la, tc_plan, la_plan));
     }
-    let (small, tc0, la0, _, _) = results[0].clone();
-    bench
-        .heading("hot queries, median of calls; drone with 100 live backends, the rest terminated");
-    for (size, tc, la, tc_plan, la_plan) in &results {
-        for (name, t, t0, (index, access)) in [
-            ("termination_candidates", tc, tc0, tc_plan),
-            ("list_alive_backends_for_drone", la, la0, la_plan),
-        ] {
-            let last = size == &sizes[2];
+    analyze(&env.pool).await?;
+    Ok(env)
+}
+
+pub async fn hot_queries(bench: &mut Bench) -> R<()> {
+    let sizes: [i64; 3] = bench.pick([10_000, 100_000, 1_000_000], [1_000, 5_000, 20_000]);
+    let calls = bench.pick(400, 40);
+    // One database per size, all loaded at once; the calls then go round-robin over them,
+    // so the sizes are compared at the same moments on a machine whose load drifts.
+    let mut envs = Vec::new();
+    for size in sizes {
+        let t = Instant::now();
+        envs.push(hot_env(size).await?);
+        println!(
+            "   loaded {} backend rows in {:.1} s",
+            count(size as u64),
+            t.elapsed().as_secs_f64()
+        );
+    }
+    let mut tc: Vec<Vec<Duration>> = vec![Vec::new(); envs.len()];
+    let mut la: Vec<Vec<Duration>> = vec![Vec::new(); envs.len()];
+    for round in 0..(calls + calls / 5) {
+        for (k, env) in envs.iter().enumerate() {
+            let (drone, name) = &env.drones[0];
+            let t = Instant::now();
+            let c = env.db.backend().termination_candidates(*drone).await?;
+            let d1 = t.elapsed();
+            if c.len() != 50 {
+                return Err(format!("expected 50 candidates, got {}", c.len()).into());
+            }
+            let t = Instant::now();
+            let c = env
+                .db
+                .backend()
+                .list_alive_backends_for_drone(&env.cluster, name)
+                .await?;
+            let d2 = t.elapsed();
+            if c.len() != 100 {
+                return Err(format!("expected 100 live backends, got {}", c.len()).into());
+            }
+            // The first fifth warms caches and statement plans.
+            if round >= calls / 5 {
+                tc[k].push(d1);
+                la[k].push(d2);
+            }
+        }
+    }
+    bench.heading(&format!(
+        "hot queries, median of {calls} calls round-robin over three databases; a drone with 100 live backends, the rest terminated"
+    ));
+    for (name, samples, sql) in [
+        (
+            "termination_candidates",
+            &mut tc,
+            TERMINATION_CANDIDATES_SQL,
+        ),
+        ("list_alive_backends_for_drone", &mut la, LIST_ALIVE_SQL),
+    ] {
+        for s in samples.iter_mut() {
+            s.sort();
+        }
+        let t0 = pct(&samples[0], 0.5);
+        for (k, size) in sizes.iter().enumerate() {
+            let t = pct(&samples[k], 0.5);
+            let env = &envs[k];
+            let (index, access) = plan(env, sql, env.drones[0].0, env.drones[0].1.as_str()).await?;
+            println!(
+                "   {name}, {} rows: {} [{access}]",
+                count(*size as u64),
+                ms(t)
+            );
             bench.row(
                 format!("{name}, {} backend rows", count(*size as u64)),
-                ms(*t),
-                format!("same query at {} rows", count(small as u64)),
+                ms(t),
+                format!("same query at {} rows", count(sizes[0] as u64)),
                 ms(t0),
                 ratio(t.as_secs_f64(), t0.as_secs_f64()),
-                if last {
+                if k == sizes.len() - 1 {
                     Check::Target {
                         target: format!("<= 1.5x, index used ({access})"),
-                        ok: t.as_secs_f64() <= 1.5 * t0.as_secs_f64() && *index,
+                        ok: t.as_secs_f64() <= 1.5 * t0.as_secs_f64() && index,
                     }
                 } else {
                     Check::None
@@ -306,7 +301,10 @@ pub async fn hot_queries(bench: &mut Bench) -> R<()> {
             );
         }
     }
-    env.finish().await
+    for env in envs {
+        env.finish().await?;
+    }
+    Ok(())
 }
 
 pub async fn cleanup(bench: &mut Bench) -> R<()> {

@@ -72,6 +72,7 @@ pub async fn run(bench: &mut Bench) -> R<()> {
     // Start the bus and warm the pool before the first RSS reading.
     drop(env.db.subscribe_all_events().await?);
     let mut raw_rx = raw_listener(&env, "bench_raw_mem").await?;
+    crate::streams::warm_up(&env).await?;
 
     let (tx, mut rx) = mpsc::unbounded_channel();
     let baseline_rss = rss_bytes()?;

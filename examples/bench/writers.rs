@@ -155,7 +155,7 @@ async fn run_writers(
     backends_total: i64,
     duration: Duration,
     run: usize,
-) -> R<(f64, u64)> {
+) -> R<(u64, Duration)> {
     let per_writer = (backends_total / writers as i64).max(1);
     let prefix = format!("ba-w{run}-");
     BulkBackends {
@@ -212,8 +212,35 @@ async fn run_writers(
     for t in tasks {
         total += t.await??;
     }
-    let elapsed = start.elapsed();
-    Ok((total as f64 / elapsed.as_secs_f64(), total))
+    Ok((total, start.elapsed()))
+}
+
+/// Runs `kinds` in short slices, rotating the order each round, and returns each kind's
+/// overall rate (and count): a machine whose load drifts (other builds) affects all kinds
+/// alike instead of whichever ran during a busy spell.
+async fn interleaved<K: Copy + PartialEq, F, Fut>(
+    kinds: &[K],
+    rounds: usize,
+    mut run: F,
+) -> R<Vec<(K, f64, u64)>>
+where
+    F: FnMut(K) -> Fut,
+    Fut: std::future::Future<Output = R<(u64, Duration)>>,
+{
+    let mut totals: Vec<(K, u64, Duration)> =
+        kinds.iter().map(|k| (*k, 0, Duration::ZERO)).collect();
+    for round in 0..rounds {
+        for i in 0..kinds.len() {
+            let slot = (i + round) % kinds.len();
+            let (n, t) = run(kinds[slot]).await?;
+            totals[slot].1 += n;
+            totals[slot].2 += t;
+        }
+    }
+    Ok(totals
+        .into_iter()
+        .map(|(k, n, t)| (k, n as f64 / t.as_secs_f64(), n))
+        .collect())
 }
 
 pub async fn update_state(bench: &mut Bench) -> R<()> {
@@ -238,36 +265,37 @@ pub async fn update_state(bench: &mut Bench) -> R<()> {
         });
     }
     seed_listener(&env).await?;
-    let duration = bench.pick(Duration::from_secs(3), Duration::from_millis(300));
-    let backends_total = bench.pick(12_000, 600);
+    // Each variant runs `rounds` slices of `slice`, interleaved with the others.
+    let (slice, rounds) = bench.pick(
+        (Duration::from_millis(500), 6),
+        (Duration::from_millis(300), 1),
+    );
+    let backends_total = bench.pick(3_000, 600);
     let mut expected_events = 0_u64;
     let mut run = 0;
-    bench.heading("update_state: state changes/s (distinct backends, 6 transitions each)");
+    bench.heading(&format!(
+        "update_state: state changes/s (distinct backends, 6 transitions each; {rounds} interleaved slices of {} ms per figure)",
+        slice.as_millis()
+    ));
+    let kinds = [
+        Writer::SeedNotify,
+        Writer::SeedNoNotify,
+        Writer::TriggerNotify,
+        Writer::Coalesced,
+    ];
     for writers in [1_usize, 4, 16, 32] {
-        let mut rates = Vec::new();
-        for kind in [
-            Writer::SeedNotify,
-            Writer::SeedNoNotify,
-            Writer::TriggerNotify,
-            Writer::Coalesced,
-        ] {
+        let rates = interleaved(&kinds, rounds, |kind| {
             run += 1;
-            let (rate, n) = run_writers(
-                &env,
-                &trigger_db,
-                kind,
-                writers,
-                backends_total,
-                duration,
-                run,
-            )
-            .await?;
+            run_writers(&env, &trigger_db, kind, writers, backends_total, slice, run)
+        })
+        .await?;
+        for (kind, rate, n) in &rates {
             if matches!(kind, Writer::TriggerNotify | Writer::Coalesced) {
                 expected_events += n;
             }
             println!("   {writers:>2} writers, {:<40} {rate:>8.0}/s", kind.name());
-            rates.push((kind, rate));
         }
+        let rates: Vec<(Writer, f64)> = rates.into_iter().map(|(k, r, _)| (k, r)).collect();
         let rate = |k: Writer| rates.iter().find(|(w, _)| *w == k).map_or(0.0, |r| r.1);
         let ours = rate(Writer::Coalesced);
         let seed = rate(Writer::SeedNotify);
@@ -476,7 +504,7 @@ async fn run_connect(
     callers: usize,
     duration: Duration,
     run: usize,
-) -> R<f64> {
+) -> R<(u64, Duration)> {
     // Every run starts with no live backends, so the drone-load count in the pick query
     // costs the same for each.
     sqlx::query("update backend set last_status_number = 70, last_status = 'terminated'")
@@ -541,7 +569,7 @@ async fn run_connect(
     for t in tasks {
         total += t.await??;
     }
-    Ok(total as f64 / start.elapsed().as_secs_f64())
+    Ok((total, start.elapsed()))
 }
 
 pub async fn connect(bench: &mut Bench) -> R<()> {
@@ -551,21 +579,30 @@ pub async fn connect(bench: &mut Bench) -> R<()> {
     let mut sub = env.db.subscribe_all_events().await?;
     tokio::spawn(async move { while sub.next().await.is_some() {} });
     seed_listener(&env).await?;
-    let duration = bench.pick(Duration::from_secs(2), Duration::from_millis(300));
-    bench.heading("connect: new backends/s (8 drones)");
+    let (slice, rounds) = bench.pick(
+        (Duration::from_millis(500), 4),
+        (Duration::from_millis(300), 1),
+    );
+    bench.heading(&format!(
+        "connect: new backends/s (8 drones; {rounds} interleaved slices of {} ms per figure)",
+        slice.as_millis()
+    ));
     let mut run = 0;
+    let kinds = [
+        Connector::Seed,
+        Connector::TriggerNotify,
+        Connector::Coalesced,
+    ];
     for callers in [1_usize, 16] {
-        let mut rates = Vec::new();
-        for kind in [
-            Connector::Seed,
-            Connector::TriggerNotify,
-            Connector::Coalesced,
-        ] {
+        let rates = interleaved(&kinds, rounds, |kind| {
             run += 1;
-            let rate = run_connect(&env, &trigger_db, kind, callers, duration, run).await?;
+            run_connect(&env, &trigger_db, kind, callers, slice, run)
+        })
+        .await?;
+        for (kind, rate, _) in &rates {
             println!("   {callers:>2} callers, {:<40} {rate:>8.0}/s", kind.name());
-            rates.push((kind, rate));
         }
+        let rates: Vec<(Connector, f64)> = rates.into_iter().map(|(k, r, _)| (k, r)).collect();
         let rate = |k: Connector| rates.iter().find(|(w, _)| *w == k).map_or(0.0, |r| r.1);
         let ours = rate(Connector::Coalesced);
         let seed = rate(Connector::Seed);
