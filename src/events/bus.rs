@@ -40,6 +40,13 @@ pub struct BusConfig {
     /// Either way readers take events from the table, so this changes latency and throughput,
     /// never what is delivered.
     pub coalesce_wakeups: bool,
+    /// With [`coalesce_wakeups`](Self::coalesce_wakeups), the shortest time between two
+    /// wake-ups this process sends to others: commits in between share the next one. Defaults
+    /// to 1 ms, which bounds the NOTIFYs a busy process sends to about 1,000 per second (each
+    /// one a transaction that takes Postgres's notification lock and wakes every listener)
+    /// and adds at most about that much to the delivery latency seen by other processes
+    /// (this process's own bus is woken at each commit, without waiting).
+    pub wake_interval: Duration,
 }
 
 impl Default for BusConfig {
@@ -50,6 +57,7 @@ impl Default for BusConfig {
             fetch_batch_size: 1_000,
             max_backoff: Duration::from_secs(5),
             coalesce_wakeups: true,
+            wake_interval: Duration::from_millis(1),
         }
     }
 }
@@ -242,7 +250,11 @@ impl EventBus {
         // Without a running reader this stores a permit, which costs one extra read later.
         self.shared.wake.notify_one();
         self.waker_started.get_or_init(|| {
-            tokio::spawn(wake_others_loop(self.shared.clone(), self.pool.clone()));
+            tokio::spawn(wake_others_loop(
+                self.shared.clone(),
+                self.pool.clone(),
+                self.config.wake_interval,
+            ));
         });
         self.shared.wake_others.notify_one();
     }
@@ -398,16 +410,28 @@ fn new_wake_id() -> String {
 
 /// Sends one `NOTIFY plane_events` per batch of this process's commits, so
 /// that event buses in other processes wake up. Its payload is only this bus's
-/// [`new_wake_id`], which other buses treat like any wake-up. At most one NOTIFY is in flight; the commits
-/// that finish while it is sent are covered by the next one (`Notify` keeps one permit).
+/// [`new_wake_id`], which other buses treat like any wake-up. At most one NOTIFY is in
+/// flight, and consecutive ones are at least `interval` apart; the commits that finish
+/// meanwhile are covered by the next one (`Notify` keeps one permit).
 /// The NOTIFY runs in its own transaction, after the commits it reports, so a process woken
 /// by it reads them. If sending fails, other processes find the events at their next poll.
-async fn wake_others_loop(shared: Arc<Shared>, pool: PgPool) {
+async fn wake_others_loop(shared: Arc<Shared>, pool: PgPool, interval: Duration) {
+    let mut last_sent: Option<tokio::time::Instant> = None;
     loop {
         tokio::select! {
             _ = shared.wake_others.notified() => {}
             _ = shared.closed() => return,
         }
+        if let Some(last) = last_sent {
+            // Commits that finish meanwhile leave a permit that this NOTIFY covers.
+            tokio::select! {
+                _ = tokio::time::sleep_until(last + interval) => {}
+                _ = shared.closed() => return,
+            }
+        }
+        // Consume a permit stored during the wait: the NOTIFY below covers those commits.
+        let _ = futures_util::FutureExt::now_or_never(shared.wake_others.notified());
+        last_sent = Some(tokio::time::Instant::now());
         // The same statement as ephemeral messages (one prepared statement, one `.sqlx` entry).
         let sent = sqlx::query!("select pg_notify($1, $2)", EVENTS_CHANNEL, &shared.wake_id)
             .execute(&pool)
