@@ -361,6 +361,8 @@ pub async fn update_state(bench: &mut Bench) -> R<()> {
 
 #[derive(Clone, Copy, PartialEq)]
 enum Connector {
+    /// Only the drone pick that both sequences start with.
+    PickOnly,
     Seed,
     TriggerNotify,
     Coalesced,
@@ -369,6 +371,7 @@ enum Connector {
 impl Connector {
     fn name(self) -> &'static str {
         match self {
+            Connector::PickOnly => "the drone pick alone (in both)",
             Connector::Seed => "seed's sequence of statements",
             Connector::TriggerNotify => "connect, NOTIFY in every commit",
             Connector::Coalesced => "connect (coalesced wake-up)",
@@ -542,6 +545,14 @@ async fn run_connect(
             while Instant::now() < deadline {
                 let key = format!("k{run}-{c}-{done}");
                 match kind {
+                    Connector::PickOnly => {
+                        sqlx::query_scalar::<_, i32>(PICK_DRONE)
+                            .bind(&cluster)
+                            .bind(DronePoolName::default().as_str())
+                            .fetch_optional(&pool)
+                            .await?
+                            .ok_or("no drone")?;
+                    }
                     Connector::Seed => seed_connect(&pool, &cluster, &key).await?,
                     Connector::TriggerNotify | Connector::Coalesced => {
                         let response = db
@@ -589,6 +600,7 @@ pub async fn connect(bench: &mut Bench) -> R<()> {
     ));
     let mut run = 0;
     let kinds = [
+        Connector::PickOnly,
         Connector::Seed,
         Connector::TriggerNotify,
         Connector::Coalesced,
@@ -620,6 +632,15 @@ pub async fn connect(bench: &mut Bench) -> R<()> {
             } else {
                 Check::None
             },
+        );
+        let pick = rate(Connector::PickOnly);
+        bench.row(
+            format!("  drone pick alone, {callers} callers (part of both)"),
+            per_s(pick),
+            "",
+            "",
+            "",
+            Check::None,
         );
         let before = rate(Connector::TriggerNotify);
         bench.row(
