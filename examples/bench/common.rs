@@ -325,6 +325,8 @@ pub fn ms(d: Duration) -> String {
 pub fn ratio(a: f64, b: f64) -> String {
     if b == 0.0 {
         "-".into()
+    } else if a / b < 0.1 {
+        format!("{:.4}x", a / b)
     } else {
         format!("{:.2}x", a / b)
     }
@@ -369,4 +371,13 @@ pub fn rss_bytes() -> R<u64> {
 pub async fn analyze(pool: &PgPool) -> R<()> {
     sqlx::query("analyze").execute(pool).await?;
     Ok(())
+}
+
+/// "1 writer", "16 writers".
+pub fn plural(n: usize, what: &str) -> String {
+    if n == 1 {
+        format!("1 {what}")
+    } else {
+        format!("{n} {what}s")
+    }
 }

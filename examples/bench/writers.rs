@@ -308,7 +308,7 @@ pub async fn update_state(bench: &mut Bench) -> R<()> {
             Check::None
         };
         bench.row(
-            format!("update_state, {writers} writers"),
+            format!("update_state, {}", plural(writers, "writer")),
             per_s(ours),
             Writer::SeedNotify.name(),
             per_s(seed),
@@ -317,7 +317,7 @@ pub async fn update_state(bench: &mut Bench) -> R<()> {
         );
         let bare = rate(Writer::SeedNoNotify);
         bench.row(
-            format!("update_state, {writers} writers"),
+            format!("update_state, {}", plural(writers, "writer")),
             per_s(ours),
             Writer::SeedNoNotify.name(),
             per_s(bare),
@@ -326,7 +326,7 @@ pub async fn update_state(bench: &mut Bench) -> R<()> {
         );
         let before = rate(Writer::TriggerNotify);
         bench.row(
-            format!("update_state, {writers} writers (optimisation)"),
+            format!("update_state, {} (optimisation)", plural(writers, "writer")),
             per_s(ours),
             "before: NOTIFY in every commit",
             per_s(before),
@@ -619,7 +619,7 @@ pub async fn connect(bench: &mut Bench) -> R<()> {
         let ours = rate(Connector::Coalesced);
         let seed = rate(Connector::Seed);
         bench.row(
-            format!("connect, {callers} callers"),
+            format!("connect, {}", plural(callers, "caller")),
             per_s(ours),
             Connector::Seed.name(),
             per_s(seed),
@@ -635,7 +635,10 @@ pub async fn connect(bench: &mut Bench) -> R<()> {
         );
         let pick = rate(Connector::PickOnly);
         bench.row(
-            format!("  drone pick alone, {callers} callers (part of both)"),
+            format!(
+                "  drone pick alone, {} (part of both)",
+                plural(callers, "caller")
+            ),
             per_s(pick),
             "",
             "",
@@ -644,7 +647,7 @@ pub async fn connect(bench: &mut Bench) -> R<()> {
         );
         let before = rate(Connector::TriggerNotify);
         bench.row(
-            format!("connect, {callers} callers (optimisation)"),
+            format!("connect, {} (optimisation)", plural(callers, "caller")),
             per_s(ours),
             "before: NOTIFY in every commit",
             per_s(before),
