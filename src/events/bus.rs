@@ -33,8 +33,8 @@ pub struct BusConfig {
     /// Whether this process's own writers (`update_state`, `connect`) coalesce their
     /// wake-ups. When true (the default) their transactions issue no NOTIFY; after each
     /// commit the writer wakes this process's bus directly, and one background task sends a
-    /// single payload-free `NOTIFY plane_events` for all commits since its previous one, so
-    /// that other processes wake too. This takes Postgres's commit-time notification lock out
+    /// single `NOTIFY plane_events` (its payload only identifies this bus) for all commits
+    /// since its previous one, so that other processes wake too. This takes Postgres's commit-time notification lock out
     /// of the writers' commits, which otherwise serialises concurrent writers. When false,
     /// every writing transaction notifies from the `event` trigger (one NOTIFY per commit).
     /// Either way readers take events from the table, so this changes latency and throughput,
