@@ -245,7 +245,9 @@ impl<'a> BackendDatabase<'a> {
 
     /// Moves the backend to `new_state` if that is a forward transition (a higher status
     /// than its current one). In one statement: updates the row, appends the history, emits
-    /// the `backend_state` event, and on `terminated` releases the backend's key.
+    /// the `backend_state` event, and on `terminated` releases the backend's key. The
+    /// event's wake-up is sent after the commit, coalesced with other writers' (see
+    /// [`BusConfig::coalesce_wakeups`](crate::events::BusConfig::coalesce_wakeups)).
     ///
     /// Returns false, changing nothing, for an unknown backend or a transition that is not
     /// forward (including a repeat of the current status).
@@ -277,9 +279,12 @@ impl<'a> BackendDatabase<'a> {
                 delete from backend_key
                 where $6 and id in (select id from updated)
             ),
+            wake as (
+                select set_config('plane.event_wake', $8, true)
+            ),
             emitted as (
                 insert into event (kind, key, data, created_at)
-                select $7, id, $5, now() from updated
+                select $7, id, $5, now() from updated, wake
             )
             select count(*) as "updated!" from updated
             "#,
@@ -290,11 +295,14 @@ impl<'a> BackendDatabase<'a> {
             state,
             status == BackendStatus::Terminated,
             BackendState::kind(),
+            self.db.event_wake_setting(),
         )
         .fetch_one(self.db.pool())
         .await?;
         if updated == 0 {
             tracing::debug!("state update refused: unknown backend or not a forward transition");
+        } else {
+            self.db.events_committed();
         }
         Ok(updated > 0)
     }

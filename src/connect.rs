@@ -266,15 +266,18 @@ impl PlaneDatabase {
                 select $18, $1, $10, action from spawn
                 returning action
             ),
+            wake as (
+                select set_config('plane.event_wake', $26, true)
+            ),
             events as (
                 insert into event (kind, key, data, created_at)
-                select $19, $1, $9, now() from new_backend
+                select $19, $1, $9, now() from new_backend, wake
                 union all
                 select $20, $10::integer::text,
                        jsonb_build_object('action_id', $18::text, 'backend_id', $1::text,
                                           'drone_id', $10::integer, 'action', action),
                        now()
-                from spawn_action
+                from spawn_action, wake
             ),
             new_token as (
                 insert into token (token_digest, backend_id, expiration_time, username, auth, secret_token)
@@ -309,6 +312,7 @@ impl PlaneDatabase {
             request.user,
             Value::Object(request.auth.clone()),
             secret_token.as_ref().map(SecretToken::as_str).unwrap_or_default(),
+            self.event_wake_setting(),
         )
         .fetch_optional(self.pool())
         .await?;
@@ -316,6 +320,7 @@ impl PlaneDatabase {
         let Some(fencing_token) = fencing_token else {
             return Ok(None);
         };
+        self.events_committed();
         tracing::info!(backend = %backend_id, drone = %drone_name, "scheduled a new backend");
         Ok(Some(ConnectResponse {
             backend_id,

@@ -171,6 +171,18 @@ impl PlaneDatabase {
         Ok(())
     }
 
+    /// The `plane.event_wake` value for a transaction of ours that inserts events (see
+    /// [`BusConfig::coalesce_wakeups`]).
+    pub(crate) fn event_wake_setting(&self) -> &'static str {
+        self.inner.bus.event_wake_setting()
+    }
+
+    /// To call after committing a transaction that set `plane.event_wake` to
+    /// [`event_wake_setting`](Self::event_wake_setting) and inserted events.
+    pub(crate) fn events_committed(&self) {
+        self.inner.bus.committed();
+    }
+
     /// Backends: lifecycle, routes, keepalives, termination candidates, cleanup.
     pub fn backend(&self) -> BackendDatabase<'_> {
         BackendDatabase::new(self)

@@ -3,11 +3,10 @@
 //!
 //! # How events travel
 //! A writer inserts a row into `event` in the same transaction as the change it reports
-//! ([`emit`]). A trigger on `event` sends an empty `NOTIFY plane_events`, which only wakes the
-//! readers: the table is the truth. Each [`PlaneDatabase`](crate::PlaneDatabase) runs one bus
-//! task that, when woken (or every [`BusConfig::poll_interval`] in case a wake-up was lost),
-//! reads the rows committed since its previous read and hands each to the matching
-//! subscribers' queues.
+//! ([`emit`]). A `NOTIFY plane_events` only wakes the readers: the table is the truth. Each
+//! [`PlaneDatabase`](crate::PlaneDatabase) runs one bus task that, when woken (or every
+//! [`BusConfig::poll_interval`] in case a wake-up was lost), reads the rows committed since its
+//! previous read and hands each to the matching subscribers' queues.
 //!
 //! # Reading the table without gaps
 //! Event ids come from a sequence at insert time, but transactions commit in another order,
@@ -30,12 +29,23 @@
 //! checkpoint, which a restart or crash recovery writes as the server comes up (see
 //! RELIABILITY.md for what this does and does not cover after a promotion).
 //!
-//! # Writer cost
+//! # Writer cost: coalesced wake-ups
 //! Postgres serialises the commits of transactions that issued NOTIFY (a global lock on its
-//! notification queue). The wake-up is therefore payload-free and one per transaction
-//! (identical notifications in a transaction fold into one), and readers never depend on
-//! its content: coalescing wake-ups per process, or dropping them for polling, changes
-//! latency only, never what is delivered.
+//! notification queue, held through the commit). So the crate's own writers (`update_state`,
+//! `connect`) issue no NOTIFY: their statement sets `plane.event_wake = deferred` for the
+//! transaction, which silences the `event` trigger. After the commit the writer wakes its own
+//! process's bus directly, and one task per bus sends a single `NOTIFY plane_events` for all
+//! of the process's commits since its previous one, at most one per
+//! [`BusConfig::wake_interval`], so that buses in other processes wake too (a bus ignores its
+//! own NOTIFYs: their payload is its random id). Every other insert into `event` ([`emit`] in
+//! a caller's transaction, older versions, manual SQL) still wakes readers from the trigger,
+//! one payload-free NOTIFY per transaction. [`BusConfig::coalesce_wakeups`] turns coalescing
+//! off. Readers never depend on a wake-up's content, so all of this changes latency and
+//! throughput only, never what is delivered; a lost wake-up costs at most one poll interval.
+//!
+//! The read itself is a prepared statement that Postgres may plan generically (without the
+//! parameter values); it is written so that even that plan reads only the new rows through
+//! the index on `xid` (see `read_new_events`).
 //!
 //! # Ephemeral messages
 //! Backend metrics are sent with `pg_notify('plane_ephemeral', …)` and delivered live; they are
@@ -54,7 +64,8 @@ use chrono::{DateTime, Utc};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use sqlx::PgConnection;
 
-/// The channel the `event` trigger notifies (payload-free wake-ups).
+/// The wake-up channel: the `event` trigger notifies it with an empty payload, a bus's
+/// coalesced wake-ups with that bus's id.
 pub(crate) const EVENTS_CHANNEL: &str = "plane_events";
 /// The channel that carries ephemeral messages (payload = [`EphemeralEnvelope`]).
 pub(crate) const EPHEMERAL_CHANNEL: &str = "plane_ephemeral";

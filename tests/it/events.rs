@@ -2,7 +2,7 @@
 //! subscriptions, a killed listening connection, transactions, lag.
 
 use crate::common::*;
-use plane_db::events::{emit, BusConfig, Lagged};
+use plane_db::events::{emit, BusConfig, Lagged, Subscription};
 use plane_db::types::{BackendName, BackendState, BackendStatus};
 use plane_db::{Config, PlaneDatabase};
 use std::collections::HashMap;
@@ -316,6 +316,64 @@ async fn subscriptions_end_when_the_database_is_dropped() {
             .await
             .expect("ends");
         assert!(end.is_none());
+    })
+    .await
+}
+
+/// Wake-ups, not polling, carry events between processes and within one, whichever way the
+/// writer wakes readers (coalesced after commit, or NOTIFY in its transaction): with a one-hour
+/// poll interval, a lost wake-up would time this test out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wake_ups_reach_every_process_without_polling() {
+    let no_polling = |coalesce_wakeups| Config {
+        bus: BusConfig {
+            poll_interval: Duration::from_secs(3600),
+            coalesce_wakeups,
+            ..BusConfig::default()
+        },
+        ..Config::default()
+    };
+    with_db_config(no_polling(true), |writer| async move {
+        // Two more "processes" on the same database, each with its own bus: a reader, and a
+        // writer that notifies in every transaction.
+        let reader = PlaneDatabase::with_config(writer.pool().clone(), no_polling(true));
+        let trigger_writer = PlaneDatabase::with_config(writer.pool().clone(), no_polling(false));
+        drone(&writer).await;
+        let mut elsewhere = reader.subscribe::<BackendState>().await.unwrap();
+        let mut here = writer.subscribe::<BackendState>().await.unwrap();
+
+        // Each change must arrive at both before the next is written: a later wake-up
+        // would otherwise bring an earlier event along and hide a lost one.
+        async fn arrives(subs: [&mut Subscription<BackendState>; 2], status: BackendStatus) {
+            for sub in subs {
+                let n = tokio::time::timeout(Duration::from_secs(10), sub.next())
+                    .await
+                    .expect("woken without polling")
+                    .unwrap()
+                    .unwrap();
+                assert_eq!(n.payload.status(), status);
+            }
+        }
+        let backend = spawn(&writer).await.backend_id;
+        arrives([&mut elsewhere, &mut here], BackendStatus::Scheduled).await;
+        writer
+            .backend()
+            .update_state(&backend, &BackendState::Loading)
+            .await
+            .unwrap();
+        arrives([&mut elsewhere, &mut here], BackendStatus::Loading).await;
+        trigger_writer
+            .backend()
+            .update_state(&backend, &BackendState::Starting)
+            .await
+            .unwrap();
+        arrives([&mut elsewhere, &mut here], BackendStatus::Starting).await;
+        let mut txn = writer.pool().begin().await.unwrap();
+        emit(&mut txn, Some(backend.as_str()), &BackendState::Loading)
+            .await
+            .unwrap();
+        txn.commit().await.unwrap();
+        arrives([&mut elsewhere, &mut here], BackendStatus::Loading).await;
     })
     .await
 }

@@ -1,0 +1,660 @@
+//! Writers: `update_state` and `connect` throughput against the seed's statement patterns.
+
+use crate::common::*;
+use plane_db::connect::{ConnectRequest, SpawnConfig};
+use plane_db::types::{
+    BackendActionName, BackendName, BackendState, BackendStatus, BearerToken, DronePoolName,
+    KeyConfig, SecretToken,
+};
+use plane_db::PlaneDatabase;
+use sqlx::PgPool;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+#[derive(Clone, Copy, PartialEq)]
+enum Writer {
+    /// The seed's `update_state`: begin; update; (delete key); insert history; insert event
+    /// and `pg_notify` with the event as payload; commit.
+    SeedNotify,
+    /// The same without `pg_notify`: what the statements cost without the wake-up.
+    SeedNoNotify,
+    /// `update_state` with one NOTIFY per commit from the trigger (before coalescing).
+    TriggerNotify,
+    /// `update_state` as shipped: wake-ups coalesced per process, after the commit.
+    Coalesced,
+}
+
+impl Writer {
+    fn name(self) -> &'static str {
+        match self {
+            Writer::SeedNotify => "seed pattern + pg_notify",
+            Writer::SeedNoNotify => "seed pattern, no pg_notify",
+            Writer::TriggerNotify => "update_state, NOTIFY in every commit",
+            Writer::Coalesced => "update_state (coalesced wake-up)",
+        }
+    }
+}
+
+/// The seed's `update_state` statements, issued directly. Events go to `seed_event`, which
+/// has no wake-up trigger; `notify` adds the seed's `pg_notify` with the event as payload.
+pub async fn seed_update_state(
+    pool: &PgPool,
+    backend: &str,
+    state: &BackendState,
+    notify: Option<&str>,
+) -> R<bool> {
+    let status = state.status();
+    let json = serde_json::to_value(state)?;
+    let mut txn = pool.begin().await?;
+    let updated = sqlx::query(
+        r#"
+        update backend
+        set last_status = $2, last_status_time = now(), last_status_number = $3,
+            cluster_address = $4, state = $5
+        where id = $1 and (last_status_number < $3 or last_status_number is null)
+        "#,
+    )
+    .bind(backend)
+    .bind(status.to_string())
+    .bind(status.as_int())
+    .bind(state.address().map(|a| a.to_string()))
+    .bind(&json)
+    .execute(&mut *txn)
+    .await?;
+    if updated.rows_affected() == 0 {
+        sqlx::query("select last_status from backend where id = $1")
+            .bind(backend)
+            .fetch_optional(&mut *txn)
+            .await?;
+        return Ok(false);
+    }
+    if status == BackendStatus::Terminated {
+        sqlx::query("delete from backend_key where id = $1")
+            .bind(backend)
+            .execute(&mut *txn)
+            .await?;
+    }
+    sqlx::query("insert into backend_state (backend_id, state) values ($1, $2)")
+        .bind(backend)
+        .bind(&json)
+        .execute(&mut *txn)
+        .await?;
+    seed_emit(&mut txn, "backend_state", backend, &json, notify).await?;
+    txn.commit().await?;
+    Ok(true)
+}
+
+/// The seed's `emit_with_key`: insert the event and, with `notify`, NOTIFY it as payload.
+async fn seed_emit(
+    conn: &mut sqlx::PgConnection,
+    kind: &str,
+    key: &str,
+    data: &serde_json::Value,
+    notify: Option<&str>,
+) -> R<()> {
+    match notify {
+        Some(channel) => {
+            sqlx::query(
+                r#"
+                with e as (
+                    insert into seed_event (kind, key, created_at, data)
+                    values ($1, $2, now(), $3)
+                    returning id, kind, key, created_at, data
+                )
+                select pg_notify($4, json_build_object('id', id, 'kind', kind, 'key', key,
+                                                       'timestamp', created_at,
+                                                       'payload', data)::text)
+                from e
+                "#,
+            )
+            .bind(kind)
+            .bind(key)
+            .bind(data)
+            .bind(channel)
+            .execute(&mut *conn)
+            .await?;
+        }
+        None => {
+            sqlx::query(
+                "insert into seed_event (kind, key, created_at, data) values ($1, $2, now(), $3)",
+            )
+            .bind(kind)
+            .bind(key)
+            .bind(data)
+            .execute(&mut *conn)
+            .await?;
+        }
+    }
+    Ok(())
+}
+
+/// The seed's subscriber side: a connection listening on the seed's channel, receiving
+/// every payload (as the seed's bus did), so that the seed pays for delivering its NOTIFYs
+/// as plane-db pays for reading its events.
+async fn seed_listener(env: &Env) -> R<()> {
+    let mut listener = sqlx::postgres::PgListener::connect_with(&env.pool).await?;
+    listener.listen("plane_seed_events").await?;
+    tokio::spawn(async move {
+        while let Ok(n) = listener.recv().await {
+            if serde_json::from_str::<serde_json::Value>(n.payload()).is_err() {
+                eprintln!("   seed listener: undecodable payload");
+            }
+        }
+    });
+    Ok(())
+}
+
+/// One throughput run: `writers` tasks, each moving its own backends through their six
+/// transitions for `duration`. Returns state changes per second.
+async fn run_writers(
+    env: &Env,
+    trigger_db: &PlaneDatabase,
+    kind: Writer,
+    writers: usize,
+    backends_total: i64,
+    duration: Duration,
+    run: usize,
+) -> R<(u64, Duration)> {
+    let per_writer = (backends_total / writers as i64).max(1);
+    let prefix = format!("ba-w{run}-");
+    BulkBackends {
+        prefix: &prefix,
+        n: per_writer * writers as i64,
+        drone: env.drones[0].0,
+        state: BackendState::Scheduled,
+        age_secs: 0.0,
+        key_expires_in_secs: Some(3600.0),
+        allowed_idle_seconds: None,
+    }
+    .insert(env)
+    .await?;
+    let states = Arc::new(lifecycle());
+    let start = Instant::now();
+    let deadline = start + duration;
+    let mut tasks = Vec::new();
+    for w in 0..writers {
+        let db = match kind {
+            Writer::TriggerNotify => trigger_db.clone(),
+            _ => env.db.clone(),
+        };
+        let pool = env.pool.clone();
+        let states = states.clone();
+        let prefix = prefix.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut done = 0_u64;
+            'backends: for i in 0..per_writer {
+                let id = format!("{prefix}{}", w as i64 * per_writer + i + 1);
+                let name = BackendName::try_from(id.clone())?;
+                for state in states.iter() {
+                    if Instant::now() >= deadline {
+                        break 'backends;
+                    }
+                    let ok = match kind {
+                        Writer::SeedNotify => {
+                            seed_update_state(&pool, &id, state, Some("plane_seed_events")).await?
+                        }
+                        Writer::SeedNoNotify => seed_update_state(&pool, &id, state, None).await?,
+                        Writer::TriggerNotify | Writer::Coalesced => {
+                            db.backend().update_state(&name, state).await?
+                        }
+                    };
+                    if !ok {
+                        return Err(format!("transition refused for {id}").into());
+                    }
+                    done += 1;
+                }
+            }
+            R::Ok(done)
+        }));
+    }
+    let mut total = 0;
+    for t in tasks {
+        total += t.await??;
+    }
+    Ok((total, start.elapsed()))
+}
+
+/// Runs `kinds` in short slices, rotating the order each round, and returns each kind's
+/// overall rate (and count): a machine whose load drifts (other builds) affects all kinds
+/// alike instead of whichever ran during a busy spell.
+async fn interleaved<K: Copy + PartialEq, F, Fut>(
+    kinds: &[K],
+    rounds: usize,
+    mut run: F,
+) -> R<Vec<(K, f64, u64)>>
+where
+    F: FnMut(K) -> Fut,
+    Fut: std::future::Future<Output = R<(u64, Duration)>>,
+{
+    let mut totals: Vec<(K, u64, Duration)> =
+        kinds.iter().map(|k| (*k, 0, Duration::ZERO)).collect();
+    for round in 0..rounds {
+        for i in 0..kinds.len() {
+            let slot = (i + round) % kinds.len();
+            let (n, t) = run(kinds[slot]).await?;
+            totals[slot].1 += n;
+            totals[slot].2 += t;
+        }
+    }
+    Ok(totals
+        .into_iter()
+        .map(|(k, n, t)| (k, n as f64 / t.as_secs_f64(), n))
+        .collect())
+}
+
+pub async fn update_state(bench: &mut Bench) -> R<()> {
+    let env = Env::new(1).await?;
+    let trigger_db = env.trigger_notify_db();
+    // A running bus, as in a controller: every event is read and delivered to one
+    // subscriber, which also checks that nothing was lost.
+    let delivered = Arc::new(AtomicU64::new(0));
+    let mut sub = env.db.subscribe_all_events().await?;
+    {
+        let delivered = delivered.clone();
+        tokio::spawn(async move {
+            while let Some(event) = sub.next().await {
+                match event {
+                    Ok(_) => delivered.fetch_add(1, Ordering::Relaxed),
+                    Err(lagged) => {
+                        eprintln!("   subscriber lagged: {lagged}");
+                        0
+                    }
+                };
+            }
+        });
+    }
+    seed_listener(&env).await?;
+    // Each variant runs `rounds` slices of `slice`, interleaved with the others.
+    let (slice, rounds) = bench.pick(
+        (Duration::from_millis(500), 6),
+        (Duration::from_millis(300), 1),
+    );
+    let backends_total = bench.pick(3_000, 600);
+    let mut expected_events = 0_u64;
+    let mut run = 0;
+    bench.heading(&format!(
+        "update_state: state changes/s (distinct backends, 6 transitions each; {rounds} interleaved slices of {} ms per figure)",
+        slice.as_millis()
+    ));
+    let kinds = [
+        Writer::SeedNotify,
+        Writer::SeedNoNotify,
+        Writer::TriggerNotify,
+        Writer::Coalesced,
+    ];
+    for writers in [1_usize, 4, 16, 32] {
+        let rates = interleaved(&kinds, rounds, |kind| {
+            run += 1;
+            run_writers(&env, &trigger_db, kind, writers, backends_total, slice, run)
+        })
+        .await?;
+        for (kind, rate, n) in &rates {
+            if matches!(kind, Writer::TriggerNotify | Writer::Coalesced) {
+                expected_events += n;
+            }
+            println!("   {writers:>2} writers, {:<40} {rate:>8.0}/s", kind.name());
+        }
+        let rates: Vec<(Writer, f64)> = rates.into_iter().map(|(k, r, _)| (k, r)).collect();
+        let rate = |k: Writer| rates.iter().find(|(w, _)| *w == k).map_or(0.0, |r| r.1);
+        let ours = rate(Writer::Coalesced);
+        let seed = rate(Writer::SeedNotify);
+        let check = if writers >= 16 {
+            Check::Target {
+                target: ">= 1.5x seed".into(),
+                ok: ours >= 1.5 * seed,
+            }
+        } else {
+            Check::None
+        };
+        bench.row(
+            format!("update_state, {}", plural(writers, "writer")),
+            per_s(ours),
+            Writer::SeedNotify.name(),
+            per_s(seed),
+            ratio(ours, seed),
+            check,
+        );
+        let bare = rate(Writer::SeedNoNotify);
+        bench.row(
+            format!("update_state, {}", plural(writers, "writer")),
+            per_s(ours),
+            Writer::SeedNoNotify.name(),
+            per_s(bare),
+            ratio(ours, bare),
+            Check::None,
+        );
+        let before = rate(Writer::TriggerNotify);
+        bench.row(
+            format!("update_state, {} (optimisation)", plural(writers, "writer")),
+            per_s(ours),
+            "before: NOTIFY in every commit",
+            per_s(before),
+            ratio(ours, before),
+            Check::None,
+        );
+    }
+    // Nothing lost: every state change written through plane-db reached the subscriber.
+    let waited = Instant::now();
+    while delivered.load(Ordering::Relaxed) < expected_events
+        && waited.elapsed() < Duration::from_secs(15)
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let got = delivered.load(Ordering::Relaxed);
+    println!("   events delivered to a subscriber: {got} of {expected_events}");
+    bench.row(
+        "events delivered to one subscriber during these runs",
+        count(got),
+        "events written",
+        count(expected_events),
+        ratio(got as f64, expected_events as f64),
+        Check::Target {
+            target: "all, none twice".into(),
+            ok: got == expected_events,
+        },
+    );
+    crate::streams::bus_read(bench, &env).await?;
+    drop(trigger_db);
+    env.finish().await
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Connector {
+    /// Only the drone pick that both sequences start with.
+    PickOnly,
+    Seed,
+    TriggerNotify,
+    Coalesced,
+}
+
+impl Connector {
+    fn name(self) -> &'static str {
+        match self {
+            Connector::PickOnly => "the drone pick alone (in both)",
+            Connector::Seed => "seed's sequence of statements",
+            Connector::TriggerNotify => "connect, NOTIFY in every commit",
+            Connector::Coalesced => "connect (coalesced wake-up)",
+        }
+    }
+}
+
+/// The pick query as the library issues it (the seed's own pick differs; using the same one
+/// on both sides keeps the comparison about the rest of the sequence).
+const PICK_DRONE: &str = r#"
+    with sample as (
+        select d.id, n.name
+        from drone d
+        join node n on n.id = d.id
+        join controller c on c.id = n.controller
+        where n.cluster = $1 and d.pool = $2 and d.ready and not d.draining
+          and d.last_heartbeat > now() - make_interval(secs => 30)
+          and c.is_online and c.last_heartbeat > now() - make_interval(secs => 30)
+        order by random()
+        limit 2
+    )
+    select s.id from sample s
+    order by (select count(*) from backend b where b.drone_id = s.id and b.last_status_number < 70),
+             random()
+    limit 1
+"#;
+
+/// The seed's (Plane 0.5.5) statements for a connect that creates a backend: check the key;
+/// pick a drone; in one transaction insert the backend and key, the history row and its
+/// event (+ NOTIFY), the spawn action and its event (+ NOTIFY); then insert the token.
+async fn seed_connect(pool: &PgPool, cluster: &str, key: &str) -> R<()> {
+    sqlx::query(
+        r#"
+        select k.id, k.tag, k.expires_at > now() as live, b.last_status, b.cluster,
+               b.subdomain, b.static_token
+        from backend_key k left join backend b on b.id = k.id
+        where k.namespace = $1 and k.key_name = $2
+        "#,
+    )
+    .bind("")
+    .bind(key)
+    .fetch_optional(pool)
+    .await?;
+    let drone: i32 = sqlx::query_scalar(PICK_DRONE)
+        .bind(cluster)
+        .bind(DronePoolName::default().as_str())
+        .fetch_optional(pool)
+        .await?
+        .ok_or("no drone")?;
+    let backend = BackendName::new_random();
+    let scheduled = serde_json::to_value(BackendState::Scheduled)?;
+    let mut txn = pool.begin().await?;
+    sqlx::query(
+        r#"
+        with backend_insert as (
+            insert into backend (id, cluster, last_status, last_status_time, last_status_number,
+                                 drone_id, expiration_time, allowed_idle_seconds, last_keepalive,
+                                 state, static_token, subdomain)
+            values ($1, $2, 'scheduled', now(), 10, $3, null, 300, now(), $4, null, null)
+            returning id
+        )
+        insert into backend_key (id, key_name, namespace, tag, expires_at, fencing_token)
+        select $1, $5, '', '', now() + interval '50 seconds',
+               (extract(epoch from now()) * 1000)::bigint
+        from backend_insert
+        returning fencing_token
+        "#,
+    )
+    .bind(backend.as_str())
+    .bind(cluster)
+    .bind(drone)
+    .bind(&scheduled)
+    .bind(key)
+    .fetch_one(&mut *txn)
+    .await?;
+    sqlx::query("insert into backend_state (backend_id, state) values ($1, $2)")
+        .bind(backend.as_str())
+        .bind(&scheduled)
+        .execute(&mut *txn)
+        .await?;
+    seed_emit(
+        &mut txn,
+        "backend_state",
+        backend.as_str(),
+        &scheduled,
+        Some("plane_seed_events"),
+    )
+    .await?;
+    let action_id = BackendActionName::new_random();
+    let action = serde_json::json!({ "Spawn": { "executable": { "image": "bench" },
+        "key": { "key": { "name": key, "namespace": "", "tag": "" }, "token": 1 } } });
+    sqlx::query(
+        "insert into backend_action (id, backend_id, drone_id, action) values ($1, $2, $3, $4)",
+    )
+    .bind(action_id.as_str())
+    .bind(backend.as_str())
+    .bind(drone)
+    .bind(&action)
+    .execute(&mut *txn)
+    .await?;
+    let message = serde_json::json!({ "action_id": action_id.as_str(),
+        "backend_id": backend.as_str(), "drone_id": drone, "action": action });
+    seed_emit(
+        &mut txn,
+        "backend_action",
+        &drone.to_string(),
+        &message,
+        Some("plane_seed_events"),
+    )
+    .await?;
+    txn.commit().await?;
+    let token = BearerToken::new_random();
+    sqlx::query(
+        r#"
+        insert into token (token_digest, backend_id, username, auth, secret_token, expiration_time)
+        values ($1, $2, $3, $4, $5, now() + interval '1 hour')
+        "#,
+    )
+    .bind(token.digest())
+    .bind(backend.as_str())
+    .bind("bench")
+    .bind(serde_json::json!({}))
+    .bind(SecretToken::new_random().as_str())
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+async fn run_connect(
+    env: &Env,
+    trigger_db: &PlaneDatabase,
+    kind: Connector,
+    callers: usize,
+    duration: Duration,
+    run: usize,
+) -> R<(u64, Duration)> {
+    // Every run starts with no live backends, so the drone-load count in the pick query
+    // costs the same for each.
+    sqlx::query("update backend set last_status_number = 70, last_status = 'terminated'")
+        .execute(&env.pool)
+        .await?;
+    env.db
+        .controller()
+        .heartbeat(&env.controller, true, "bench", "bench")
+        .await?;
+    for (id, _) in &env.drones {
+        env.db.drone().heartbeat(*id, chrono::Utc::now()).await?;
+    }
+    let spawn = SpawnConfig {
+        cluster: env.cluster.clone(),
+        pool: DronePoolName::default(),
+        executable: serde_json::json!({ "image": "bench" }),
+        lifetime_limit_seconds: None,
+        max_idle_seconds: Some(300),
+        use_static_token: false,
+        subdomain: None,
+    };
+    let start = Instant::now();
+    let deadline = start + duration;
+    let mut tasks = Vec::new();
+    for c in 0..callers {
+        let db = match kind {
+            Connector::TriggerNotify => trigger_db.clone(),
+            _ => env.db.clone(),
+        };
+        let pool = env.pool.clone();
+        let spawn = spawn.clone();
+        let cluster = env.cluster.to_string();
+        tasks.push(tokio::spawn(async move {
+            let mut done = 0_u64;
+            while Instant::now() < deadline {
+                let key = format!("k{run}-{c}-{done}");
+                match kind {
+                    Connector::PickOnly => {
+                        sqlx::query_scalar::<_, i32>(PICK_DRONE)
+                            .bind(&cluster)
+                            .bind(DronePoolName::default().as_str())
+                            .fetch_optional(&pool)
+                            .await?
+                            .ok_or("no drone")?;
+                    }
+                    Connector::Seed => seed_connect(&pool, &cluster, &key).await?,
+                    Connector::TriggerNotify | Connector::Coalesced => {
+                        let response = db
+                            .connect(&ConnectRequest {
+                                key: Some(KeyConfig {
+                                    name: key,
+                                    ..KeyConfig::default()
+                                }),
+                                spawn_config: Some(spawn.clone()),
+                                user: Some("bench".into()),
+                                auth: serde_json::Map::new(),
+                            })
+                            .await?;
+                        if !response.spawned {
+                            return Err("connect did not spawn".into());
+                        }
+                    }
+                }
+                done += 1;
+            }
+            R::Ok(done)
+        }));
+    }
+    let mut total = 0;
+    for t in tasks {
+        total += t.await??;
+    }
+    Ok((total, start.elapsed()))
+}
+
+pub async fn connect(bench: &mut Bench) -> R<()> {
+    let env = Env::new(8).await?;
+    let trigger_db = env.trigger_notify_db();
+    // A running bus, as in a controller.
+    let mut sub = env.db.subscribe_all_events().await?;
+    tokio::spawn(async move { while sub.next().await.is_some() {} });
+    seed_listener(&env).await?;
+    let (slice, rounds) = bench.pick(
+        (Duration::from_millis(500), 4),
+        (Duration::from_millis(300), 1),
+    );
+    bench.heading(&format!(
+        "connect: new backends/s (8 drones; {rounds} interleaved slices of {} ms per figure)",
+        slice.as_millis()
+    ));
+    let mut run = 0;
+    let kinds = [
+        Connector::PickOnly,
+        Connector::Seed,
+        Connector::TriggerNotify,
+        Connector::Coalesced,
+    ];
+    for callers in [1_usize, 16] {
+        let rates = interleaved(&kinds, rounds, |kind| {
+            run += 1;
+            run_connect(&env, &trigger_db, kind, callers, slice, run)
+        })
+        .await?;
+        for (kind, rate, _) in &rates {
+            println!("   {callers:>2} callers, {:<40} {rate:>8.0}/s", kind.name());
+        }
+        let rates: Vec<(Connector, f64)> = rates.into_iter().map(|(k, r, _)| (k, r)).collect();
+        let rate = |k: Connector| rates.iter().find(|(w, _)| *w == k).map_or(0.0, |r| r.1);
+        let ours = rate(Connector::Coalesced);
+        let seed = rate(Connector::Seed);
+        bench.row(
+            format!("connect, {}", plural(callers, "caller")),
+            per_s(ours),
+            Connector::Seed.name(),
+            per_s(seed),
+            ratio(ours, seed),
+            if callers == 16 {
+                Check::Target {
+                    target: ">= 2x seed".into(),
+                    ok: ours >= 2.0 * seed,
+                }
+            } else {
+                Check::None
+            },
+        );
+        let pick = rate(Connector::PickOnly);
+        bench.row(
+            format!(
+                "  drone pick alone, {} (part of both)",
+                plural(callers, "caller")
+            ),
+            per_s(pick),
+            "",
+            "",
+            "",
+            Check::None,
+        );
+        let before = rate(Connector::TriggerNotify);
+        bench.row(
+            format!("connect, {} (optimisation)", plural(callers, "caller")),
+            per_s(ours),
+            "before: NOTIFY in every commit",
+            per_s(before),
+            ratio(ours, before),
+            Check::None,
+        );
+    }
+    drop(trigger_db);
+    env.finish().await
+}
