@@ -24,10 +24,13 @@
 //! Snapshots compare only within one unbroken run of transaction ids. A server that comes
 //! back with its counter behind the cursor (a failover to a replica that had not replayed
 //! everything, or a crash that lost an unflushed abort) hands out ids the cursor counts as
-//! read. The cursor therefore also records the server's start time; when that changes, the
-//! next read also takes every row from a transaction at or after the server's latest
-//! checkpoint, which a restart or crash recovery writes as the server comes up (see
-//! RELIABILITY.md for what this does and does not cover after a promotion).
+//! read. The cursor therefore also records the server's start time; when that changes and
+//! ids may have been reused (the latest checkpoint is the server's own, as after a restart or
+//! crash recovery, or its counter is behind the cursor), the next read also takes every row
+//! from a transaction at or after that checkpoint. A promoted replica that had caught up
+//! reuses no ids and nothing is read again. Two cases can deliver events twice: a lagging
+//! replica's re-read back to its last restartpoint, and a server change between two pages
+//! of one read, which restarts that read (see RELIABILITY.md).
 //!
 //! # Writer cost: coalesced wake-ups
 //! Postgres serialises the commits of transactions that issued NOTIFY (a global lock on its
