@@ -317,12 +317,24 @@ struct Cursor {
     server_started: DateTime<Utc>,
 }
 
-/// A read of several pages that has not finished: the snapshot it reads up to, the last id
-/// it dispatched, and the restart floor it uses (see [`read_new_events`]).
+/// A read of several pages that has not finished: the snapshot it reads up to (once its first
+/// page is read), the last id it dispatched, and the restart floor it uses; and the reads that
+/// a server change cut short, whose dispatched rows it must not dispatch again (see
+/// [`read_new_events`]).
+#[derive(Default)]
 struct Progress {
-    target: Cursor,
+    target: Option<Cursor>,
     after: i64,
     restart_floor: Option<String>,
+    cut_short: CutShort,
+}
+
+/// Reads cut short by a server change: each one's target snapshot and the last id it
+/// dispatched. It had dispatched exactly its target's visible rows up to that id.
+#[derive(Default, Clone)]
+struct CutShort {
+    targets: Vec<String>,
+    afters: Vec<i64>,
 }
 
 async fn current_cursor(pool: &PgPool) -> Result<Cursor> {
@@ -556,8 +568,7 @@ async fn read_loop(shared: Arc<Shared>, pool: PgPool, mut cursor: Cursor, config
 }
 
 /// Dispatches every event committed after the snapshot `prev` and returns the cursor to
-/// continue from. See the module docs for why this loses nothing and, while the server stays
-/// the same, repeats nothing.
+/// continue from. See the module docs for why this loses nothing and repeats nothing.
 ///
 /// Pages of `batch` rows are read against one fixed target snapshot (the first page's), so a
 /// large backlog is read in bounded steps and the cursor only advances once it is all read.
@@ -570,8 +581,9 @@ async fn read_loop(shared: Arc<Shared>, pool: PgPool, mut cursor: Cursor, config
 /// crash that lost the record of an aborted transaction, hands the same ids out again, and
 /// rows written with them would look already read. The read then also takes every row from a
 /// transaction at or after [`reused_xid_floor`]. `None` if the server changed between two pages
-/// of one read: the caller reads again from `prev` (the restart path then applies), which
-/// dispatches the pages already dispatched a second time.
+/// of one read: the caller reads again from `prev` (the restart path then applies), and that
+/// read skips the rows the cut-short one dispatched (those visible in its target up to its
+/// last id, below the restart floor, where transaction ids are still the old server's).
 ///
 /// The statement is prepared once per connection, and after five runs Postgres may switch to
 /// a generic plan that does not know the parameters. Two details keep that plan on the `xid`
@@ -588,19 +600,22 @@ async fn read_new_events(
     progress: &mut Option<Progress>,
     batch: i64,
 ) -> Result<Option<Cursor>> {
-    let (mut target, mut after, mut restart_floor) = match progress.take() {
-        Some(p) => (Some(p.target), p.after, p.restart_floor),
-        None => (None, 0, None),
-    };
+    let Progress {
+        mut target,
+        mut after,
+        mut restart_floor,
+        mut cut_short,
+    } = progress.take().unwrap_or_default();
     let mut restart_checked = false;
     loop {
         // If the query below fails, the next call resumes this read from here (dispatching
         // is synchronous, so `after` is exact at every await).
-        if let Some(t) = &target {
+        if target.is_some() || !cut_short.targets.is_empty() {
             *progress = Some(Progress {
-                target: t.clone(),
+                target: target.clone(),
                 after,
                 restart_floor: restart_floor.clone(),
+                cut_short: cut_short.clone(),
             });
         }
         let rows = sqlx::query!(
@@ -627,6 +642,12 @@ async fn read_new_events(
                        or xid = any(array(select pg_snapshot_xip(s.prev))))
                   and pg_visible_in_snapshot(xid, s.snap)
                   and id + 0 > $3
+                  and not exists (
+                      select 1 from unnest($6::text[], $7::bigint[]) as c(target, upto)
+                      where id <= c.upto
+                        and pg_visible_in_snapshot(xid, c.target::pg_snapshot)
+                        and ($5::text is null or xid < $5::text::xid8)
+                  )
                 order by id + 0
                 limit $4
             ) e on true
@@ -637,6 +658,8 @@ async fn read_new_events(
             after,
             batch,
             restart_floor.as_deref(),
+            &cut_short.targets,
+            &cut_short.afters,
         )
         .fetch_all(pool)
         .await?;
@@ -667,7 +690,15 @@ async fn read_new_events(
                 })
             }
             Some(t) if t.server_started != first.started => {
-                *progress = None;
+                // Read again from `prev` (the restart path then applies), skipping what this
+                // read already dispatched: its rows are those visible in its target up to
+                // `after`, as long as their transaction ids were not reused.
+                cut_short.targets.push(t.snapshot.clone());
+                cut_short.afters.push(after);
+                *progress = Some(Progress {
+                    cut_short,
+                    ..Progress::default()
+                });
                 return Ok(None);
             }
             Some(_) => {}

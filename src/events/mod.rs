@@ -28,9 +28,9 @@
 //! ids may have been reused (the latest checkpoint is the server's own, as after a restart or
 //! crash recovery, or its counter is behind the cursor), the next read also takes every row
 //! from a transaction at or after that checkpoint. A promoted replica that had caught up
-//! reuses no ids and nothing is read again. Two cases can deliver events twice: a lagging
-//! replica's re-read back to its last restartpoint, and a server change between two pages
-//! of one read, which restarts that read (see RELIABILITY.md).
+//! reuses no ids and nothing is read again. A server change between two pages of one read
+//! restarts that read, skipping what it had already delivered. One case can deliver events
+//! twice: a lagging replica's re-read back to its last restartpoint (see RELIABILITY.md).
 //!
 //! # Writer cost: coalesced wake-ups
 //! Postgres serialises the commits of transactions that issued NOTIFY (a global lock on its

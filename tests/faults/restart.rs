@@ -229,3 +229,106 @@ async fn apply(
         }
     }
 }
+
+/// Events in one big backlog.
+const BACKLOG: usize = 5_000;
+
+/// The server restarts while the bus is in the middle of reading a backlog page by page (one
+/// row per page): the read is cut short, and the read after the restart must deliver the rest
+/// without delivering again what the cut-short read already had.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_restart_between_pages_of_one_read() {
+    let server = match tokio::task::spawn_blocking(private_server).await.unwrap() {
+        Ok(server) => Arc::new(server),
+        Err(HarnessError::NoPostgres) => {
+            eprintln!("no local PostgreSQL binaries: skipping the restart scenario");
+            return;
+        }
+        Err(error) => panic!("could not start a private server: {error}"),
+    };
+    let database = server.create_database().await.unwrap();
+    migrate(&database.url).await;
+    tokio::time::timeout(
+        SCENARIO_TIMEOUT,
+        between_pages(server.clone(), database.url),
+    )
+    .await
+    .expect("scenario timed out");
+    tokio::task::spawn_blocking(move || drop(server))
+        .await
+        .unwrap();
+}
+
+async fn between_pages(server: Arc<plane_db::testing::TestServer>, url: String) {
+    let mut config = Config::default();
+    config.bus.fetch_batch_size = 1;
+    let db = open(&url, 4, config).await;
+    let mut sub = db.subscribe_all_events().await.unwrap();
+    let received = Arc::new(Mutex::new(Vec::<i64>::new()));
+    let collector = {
+        let received = received.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(event)) =
+                tokio::time::timeout(Duration::from_secs(5), sub.next()).await
+            {
+                let event = event.expect("not lagged");
+                received.lock().unwrap().push(event.id.expect("persisted"));
+            }
+        })
+    };
+
+    // One transaction writes the whole backlog, so one read has to page through all of it.
+    let mut tx = db.pool().begin().await.unwrap();
+    for i in 0..BACKLOG {
+        plane_db::events::emit(&mut tx, Some(&format!("k{i}")), &BackendState::Loading)
+            .await
+            .unwrap();
+    }
+    tx.commit().await.unwrap();
+
+    // Once the read is under way, restart the server under it.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while received.lock().unwrap().len() < 100 {
+        assert!(Instant::now() < deadline, "the read never started");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let s = server.clone();
+    tokio::task::spawn_blocking(move || s.stop())
+        .await
+        .unwrap()
+        .unwrap();
+    let before_restart = received.lock().unwrap().len();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let s = server.clone();
+    tokio::task::spawn_blocking(move || s.start())
+        .await
+        .unwrap()
+        .unwrap();
+    let started = Instant::now();
+
+    // The collector stops after 5 s without an event: by then everything, and any duplicate,
+    // has arrived.
+    collector.await.unwrap();
+    let received = received.lock().unwrap().clone();
+    let unique: std::collections::HashSet<i64> = received.iter().copied().collect();
+    figures(
+        "restart_between_pages",
+        &[
+            ("written", BACKLOG.to_string()),
+            ("delivered_before_restart", before_restart.to_string()),
+            ("received", received.len().to_string()),
+            ("unique", unique.len().to_string()),
+            ("duplicated", (received.len() - unique.len()).to_string()),
+            (
+                "recovered_in_s",
+                format!("{:.1}", started.elapsed().as_secs_f64() - 5.0),
+            ),
+        ],
+    );
+    assert!(
+        before_restart < BACKLOG,
+        "the read finished before the restart: the scenario did not happen"
+    );
+    assert_eq!(unique.len(), BACKLOG, "every event delivered");
+    assert_eq!(received.len(), BACKLOG, "no event delivered twice");
+}
