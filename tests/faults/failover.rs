@@ -11,7 +11,6 @@
 
 use crate::support::*;
 use plane_db::events::{emit, Lagged};
-use plane_db::testing::{private_server, HarnessError};
 use plane_db::types::BackendState;
 use plane_db::Config;
 use std::collections::HashMap;
@@ -31,22 +30,7 @@ async fn next_xid(db: &plane_db::PlaneDatabase) -> i64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transaction_ids_going_back_lose_nothing() {
-    let server = match tokio::task::spawn_blocking(private_server).await.unwrap() {
-        Ok(server) => Arc::new(server),
-        Err(HarnessError::NoPostgres) => {
-            eprintln!("no local PostgreSQL binaries: skipping the failover scenario");
-            return;
-        }
-        Err(error) => panic!("could not start a private server: {error}"),
-    };
-    let database = server.create_database().await.unwrap();
-    migrate(&database.url).await;
-    tokio::time::timeout(SCENARIO_TIMEOUT, scenario(server.clone(), database.url))
-        .await
-        .expect("scenario timed out");
-    tokio::task::spawn_blocking(move || drop(server))
-        .await
-        .unwrap();
+    with_private_server("failover", scenario).await;
 }
 
 async fn scenario(server: Arc<plane_db::testing::TestServer>, url: String) {

@@ -8,7 +8,6 @@ use crate::common::{drone, request};
 use crate::support::*;
 use futures_util::StreamExt;
 use plane_db::events::Lagged;
-use plane_db::testing::{private_server, HarnessError};
 use plane_db::types::{BackendName, BackendState, BackendStatus};
 use plane_db::{Config, PlaneDatabase};
 use std::collections::HashMap;
@@ -22,23 +21,7 @@ const DOWN: Duration = Duration::from_millis(1_500);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_restart_mid_stream() {
-    let server = match tokio::task::spawn_blocking(private_server).await.unwrap() {
-        Ok(server) => Arc::new(server),
-        Err(HarnessError::NoPostgres) => {
-            eprintln!("no local PostgreSQL binaries: skipping the restart scenario");
-            return;
-        }
-        Err(error) => panic!("could not start a private server: {error}"),
-    };
-    let database = server.create_database().await.unwrap();
-    migrate(&database.url).await;
-    tokio::time::timeout(SCENARIO_TIMEOUT, scenario(server.clone(), database.url))
-        .await
-        .expect("scenario timed out");
-    // Dropping the server stops it and deletes its files.
-    tokio::task::spawn_blocking(move || drop(server))
-        .await
-        .unwrap();
+    with_private_server("restart", scenario).await;
 }
 
 async fn scenario(server: Arc<plane_db::testing::TestServer>, url: String) {
@@ -238,25 +221,7 @@ const BACKLOG: usize = 5_000;
 /// without delivering again what the cut-short read already had.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_restart_between_pages_of_one_read() {
-    let server = match tokio::task::spawn_blocking(private_server).await.unwrap() {
-        Ok(server) => Arc::new(server),
-        Err(HarnessError::NoPostgres) => {
-            eprintln!("no local PostgreSQL binaries: skipping the restart scenario");
-            return;
-        }
-        Err(error) => panic!("could not start a private server: {error}"),
-    };
-    let database = server.create_database().await.unwrap();
-    migrate(&database.url).await;
-    tokio::time::timeout(
-        SCENARIO_TIMEOUT,
-        between_pages(server.clone(), database.url),
-    )
-    .await
-    .expect("scenario timed out");
-    tokio::task::spawn_blocking(move || drop(server))
-        .await
-        .unwrap();
+    with_private_server("restart", between_pages).await;
 }
 
 async fn between_pages(server: Arc<plane_db::testing::TestServer>, url: String) {

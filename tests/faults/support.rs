@@ -2,12 +2,13 @@
 //! scenarios build pools of their own), states by status, figures, listener kills.
 
 use crate::common::addr;
-use plane_db::testing::create_database;
+use plane_db::testing::{create_database, private_server, HarnessError, TestServer};
 use plane_db::types::{
     BackendAddr, BackendState, BackendStatus, TerminationKind, TerminationReason,
 };
 use plane_db::PlaneDatabase;
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// The bound on every scenario: a lost event or a hung reconnect fails the test instead of
@@ -30,6 +31,33 @@ where
         .drop_database()
         .await
         .expect("drop the test database");
+}
+
+/// Runs `scenario` on a private throwaway server of its own (one it may stop and start
+/// without disturbing other tests), with the URL of a fresh, migrated database there,
+/// bounded by [`SCENARIO_TIMEOUT`]. Skips, saying so, where no local Postgres binaries exist.
+pub async fn with_private_server<F, Fut>(what: &str, scenario: F)
+where
+    F: FnOnce(Arc<TestServer>, String) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let server = match tokio::task::spawn_blocking(private_server).await.unwrap() {
+        Ok(server) => Arc::new(server),
+        Err(HarnessError::NoPostgres) => {
+            eprintln!("no local PostgreSQL binaries: skipping the {what} scenario");
+            return;
+        }
+        Err(error) => panic!("could not start a private server: {error}"),
+    };
+    let database = server.create_database().await.unwrap();
+    migrate(&database.url).await;
+    tokio::time::timeout(SCENARIO_TIMEOUT, scenario(server.clone(), database.url))
+        .await
+        .expect("scenario timed out");
+    // Dropping the server stops it and deletes its files.
+    tokio::task::spawn_blocking(move || drop(server))
+        .await
+        .unwrap();
 }
 
 /// Applies the migrations on `url` with a short-lived pool.
