@@ -1,12 +1,12 @@
 //! Backends: lifecycle, status streams, routes for proxies, keepalives, termination
 //! candidates and cleanup.
 
-use crate::error::{skip_undecodable, to_json, Error, Result};
+use crate::error::{check_batch_size, skip_undecodable, to_json, Error, Result};
 use crate::events::{emit_ephemeral, NotificationPayload};
 use crate::types::{
     BackendAddr, BackendMetricsMessage, BackendName, BackendState, BackendStatus,
     BackendStatusStreamEntry, BearerToken, ClusterName, DroneName, NodeId, RouteInfo, SecretToken,
-    Subdomain, TerminationKind, TerminationReason,
+    Subdomain, TerminationReason,
 };
 use crate::PlaneDatabase;
 use chrono::{DateTime, Utc};
@@ -622,12 +622,7 @@ impl<'a> BackendDatabase<'a> {
                 reason: format!("must not be negative, got {min_age_days}"),
             });
         }
-        if batch_size < 1 {
-            return Err(Error::InvalidArgument {
-                argument: "batch_size",
-                reason: format!("must be at least 1, got {batch_size}"),
-            });
-        }
+        check_batch_size(batch_size)?;
         let mut report = CleanupReport::default();
         loop {
             let row = sqlx::query!(
@@ -729,31 +724,18 @@ struct AliveRow {
     state: serde_json::Value,
 }
 
-/// The terminated state recording that a backend was lost. A termination in progress keeps
-/// its `last_status` and kind; otherwise the current status is the last one. A row whose
-/// state does not decode still gets a correct `last_status` from its status number.
+/// The terminated state recording that a backend was lost. A row whose state does not
+/// decode still gets a correct `last_status` from its status number.
 fn lost_state(row: &AliveRow) -> BackendState {
-    let current = serde_json::from_value::<BackendState>(row.state.clone()).ok();
-    let (last_status, termination) = match current {
-        Some(BackendState::Terminating {
-            last_status,
-            termination,
-            ..
-        }) => (last_status, Some(termination)),
-        Some(BackendState::HardTerminating { last_status, .. }) => {
-            (last_status, Some(TerminationKind::Hard))
-        }
-        Some(state) => (state.status(), None),
-        None => (
-            BackendStatus::from_int(row.last_status_number).unwrap_or(BackendStatus::Scheduled),
-            None,
-        ),
-    };
-    BackendState::Terminated {
-        last_status,
-        termination,
-        reason: Some(TerminationReason::Lost),
-        exit_code: None,
+    match serde_json::from_value::<BackendState>(row.state.clone()) {
+        Ok(current) => current.to_lost(),
+        Err(_) => BackendState::Terminated {
+            last_status: BackendStatus::from_int(row.last_status_number)
+                .unwrap_or(BackendStatus::Scheduled),
+            termination: None,
+            reason: Some(TerminationReason::Lost),
+            exit_code: None,
+        },
     }
 }
 

@@ -3,8 +3,10 @@
 //! holds locks for long or bloats one transaction.
 
 use crate::backend::CleanupReport;
-use crate::error::{interval_secs, Error, Result};
+use crate::error::{check_batch_size, interval_secs, Error, Result};
 use crate::PlaneDatabase;
+use sqlx::postgres::PgQueryResult;
+use std::future::Future;
 use std::time::Duration;
 
 /// What [`PlaneDatabase::run_cleanup`] deletes. `CleanupConfig::default()` keeps a week.
@@ -66,17 +68,11 @@ impl PlaneDatabase {
     /// left. Returns how many were deleted.
     #[tracing::instrument(skip(self), err)]
     pub async fn cleanup_events(&self, min_age: Duration, batch_size: i32) -> Result<u64> {
-        if batch_size < 1 {
-            return Err(Error::InvalidArgument {
-                argument: "batch_size",
-                reason: format!("must be at least 1, got {batch_size}"),
-            });
-        }
-        let mut deleted = 0;
-        loop {
-            // Oldest first through the created_at index; SKIP LOCKED lets two controllers
-            // clean up at once without waiting on each other.
-            let result = sqlx::query!(
+        check_batch_size(batch_size)?;
+        // Oldest first through the created_at index; SKIP LOCKED lets two controllers clean
+        // up at once without waiting on each other.
+        delete_in_batches(batch_size, || {
+            sqlx::query!(
                 r#"
                 delete from event where id in (
                     select id from event
@@ -90,13 +86,31 @@ impl PlaneDatabase {
                 i64::from(batch_size),
             )
             .execute(self.pool())
-            .await?;
-            deleted += result.rows_affected();
-            if result.rows_affected() < batch_size as u64 {
-                break;
-            }
-        }
-        Ok(deleted)
+        })
+        .await
+    }
+
+    /// Deletes expired tokens, 1,000 per transaction until none are left. Returns how many
+    /// were deleted.
+    #[tracing::instrument(skip(self), err)]
+    pub async fn clean_up_tokens(&self) -> Result<u64> {
+        const BATCH: i32 = 1000;
+        // Through the expiration_time index; SKIP LOCKED lets controllers share the work.
+        delete_in_batches(BATCH, || {
+            sqlx::query!(
+                r#"
+                delete from token where token_digest in (
+                    select token_digest from token
+                    where expiration_time <= now()
+                    limit $1
+                    for update skip locked
+                )
+                "#,
+                i64::from(BATCH),
+            )
+            .execute(self.pool())
+        })
+        .await
     }
 
     /// One full cleanup: old terminated backends (see
@@ -161,6 +175,23 @@ impl PlaneDatabase {
             }
         });
         Ok(CleanupTask { handle })
+    }
+}
+
+/// Runs `delete`, a statement that deletes at most `batch` rows in its own transaction,
+/// until it deletes fewer; returns how many rows went in all.
+async fn delete_in_batches<F, Fut>(batch: i32, mut delete: F) -> Result<u64>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = sqlx::Result<PgQueryResult>>,
+{
+    let mut deleted = 0;
+    loop {
+        let affected = delete().await?.rows_affected();
+        deleted += affected;
+        if affected < batch as u64 {
+            return Ok(deleted);
+        }
     }
 }
 

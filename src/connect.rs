@@ -408,34 +408,6 @@ impl PlaneDatabase {
         .await?;
         Ok(result.rows_affected())
     }
-
-    /// Deletes expired tokens, 1,000 per transaction until none are left. Returns how many
-    /// were deleted.
-    #[tracing::instrument(skip(self), err)]
-    pub async fn clean_up_tokens(&self) -> Result<u64> {
-        const BATCH: i64 = 1000;
-        let mut deleted = 0;
-        loop {
-            // Through the expiration_time index; SKIP LOCKED lets controllers share the work.
-            let result = sqlx::query!(
-                r#"
-                delete from token where token_digest in (
-                    select token_digest from token
-                    where expiration_time <= now()
-                    limit $1
-                    for update skip locked
-                )
-                "#,
-                BATCH,
-            )
-            .execute(self.pool())
-            .await?;
-            deleted += result.rows_affected();
-            if result.rows_affected() < BATCH as u64 {
-                return Ok(deleted);
-            }
-        }
-    }
 }
 
 /// Limits must be positive: a zero or negative lifetime would make the backend a

@@ -180,6 +180,17 @@ pub(crate) fn interval_secs(duration: std::time::Duration) -> f64 {
     duration.as_secs_f64().min(MAX_INTERVAL_SECS)
 }
 
+/// A batch size must be at least 1 (a batch of none never finishes).
+pub(crate) fn check_batch_size(batch_size: i32) -> Result<()> {
+    if batch_size < 1 {
+        return Err(Error::InvalidArgument {
+            argument: "batch_size",
+            reason: format!("must be at least 1, got {batch_size}"),
+        });
+    }
+    Ok(())
+}
+
 /// A count such as a limit must not be negative.
 pub(crate) fn check_non_negative(argument: &'static str, value: i64) -> Result<()> {
     if value < 0 {

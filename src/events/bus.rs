@@ -664,14 +664,9 @@ async fn read_new_events(
         .fetch_all(pool)
         .await?;
 
-        // The query returns at least one row, with the snapshot and the server's start time.
-        let Some(first) = rows.first() else {
-            *progress = None;
-            return Ok(Some(target.unwrap_or(Cursor {
-                snapshot: prev.snapshot.clone(),
-                server_started: prev.server_started,
-            })));
-        };
+        // The query always returns a row (a left join on a one-row select), carrying the
+        // snapshot and the server's start time even when no event is new.
+        let first = rows.first().ok_or(sqlx::Error::RowNotFound)?;
         match &target {
             None if first.started != prev.server_started && !restart_checked => {
                 restart_checked = true;

@@ -393,6 +393,27 @@ impl BackendState {
             },
         }
     }
+
+    /// The terminated state recording that the backend was lost with its drone: what
+    /// [`to_terminated`](Self::to_terminated) would give without an exit code (a termination
+    /// in progress keeps its `last_status` and kind), with reason
+    /// [`Lost`](TerminationReason::Lost).
+    pub fn to_lost(&self) -> BackendState {
+        match self.to_terminated(None) {
+            BackendState::Terminated {
+                last_status,
+                termination,
+                ..
+            } => BackendState::Terminated {
+                last_status,
+                termination,
+                reason: Some(TerminationReason::Lost),
+                exit_code: None,
+            },
+            // to_terminated always returns a terminated state.
+            other => other,
+        }
+    }
 }
 
 /// A timestamped, public view of a backend's status, with termination
@@ -454,6 +475,32 @@ impl BackendStatusStreamEntry {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lost_keeps_a_termination_in_progress_and_says_lost() {
+        let ready = BackendState::Ready {
+            address: BackendAddr("10.0.0.1:80".parse().unwrap()),
+        };
+        assert_eq!(
+            ready.to_lost(),
+            BackendState::Terminated {
+                last_status: BackendStatus::Ready,
+                termination: None,
+                reason: Some(TerminationReason::Lost),
+                exit_code: None,
+            }
+        );
+        let hard = ready.to_hard_terminating(TerminationReason::Swept);
+        assert_eq!(
+            hard.to_lost(),
+            BackendState::Terminated {
+                last_status: BackendStatus::Ready,
+                termination: Some(TerminationKind::Hard),
+                reason: Some(TerminationReason::Lost),
+                exit_code: None,
+            }
+        );
+    }
     use chrono::TimeZone;
     use serde_json::json;
 
