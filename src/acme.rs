@@ -24,7 +24,7 @@ impl<'a> AcmeDatabase<'a> {
     /// holder's lease is older than [`ACME_LEASE_TIMEOUT`] (taken over; the old value is
     /// cleared). False if another proxy holds a fresh lease. An unknown `proxy` that would
     /// get the lease is [`Error::NotFound`].
-    #[tracing::instrument(skip(self), fields(cluster = %cluster, proxy = %proxy), err)]
+    #[tracing::instrument(skip(self), fields(cluster = %cluster, proxy = %proxy))]
     pub async fn lease(&self, cluster: &ClusterName, proxy: NodeId) -> Result<bool> {
         let result = sqlx::query!(
             r#"
@@ -56,7 +56,7 @@ impl<'a> AcmeDatabase<'a> {
 
     /// Sets the TXT value of `cluster`, only if `proxy` holds its lease. Returns false,
     /// changing nothing, if it does not.
-    #[tracing::instrument(skip(self, value), fields(cluster = %cluster, proxy = %proxy), err)]
+    #[tracing::instrument(skip(self, value), fields(cluster = %cluster, proxy = %proxy))]
     pub async fn set_txt(&self, cluster: &ClusterName, proxy: NodeId, value: &str) -> Result<bool> {
         check_text("value", value)?;
         let result = sqlx::query!(
@@ -71,7 +71,7 @@ impl<'a> AcmeDatabase<'a> {
     }
 
     /// The TXT value to serve for `cluster`, if one is set.
-    #[tracing::instrument(skip(self), fields(cluster = %cluster), err)]
+    #[tracing::instrument(skip(self), fields(cluster = %cluster))]
     pub async fn txt(&self, cluster: &ClusterName) -> Result<Option<String>> {
         let value = sqlx::query_scalar!(
             "select txt_value from acme_txt_entries where cluster = $1",
@@ -84,7 +84,7 @@ impl<'a> AcmeDatabase<'a> {
 
     /// Releases `proxy`'s lease on `cluster` (and its value). Returns false if `proxy` did
     /// not hold it.
-    #[tracing::instrument(skip(self), fields(cluster = %cluster, proxy = %proxy), err)]
+    #[tracing::instrument(skip(self), fields(cluster = %cluster, proxy = %proxy))]
     pub async fn release(&self, cluster: &ClusterName, proxy: NodeId) -> Result<bool> {
         let result = sqlx::query!(
             "delete from acme_txt_entries where cluster = $1 and leased_by = $2",

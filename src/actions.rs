@@ -45,7 +45,7 @@ impl<'a> BackendActionDatabase<'a> {
     ///
     /// This only queues the request: the backend's state changes when its drone reports
     /// them through [`update_state`](crate::backend::BackendDatabase::update_state).
-    #[tracing::instrument(skip(self), fields(backend = %backend), err)]
+    #[tracing::instrument(skip(self), fields(backend = %backend))]
     pub async fn request_termination(
         &self,
         backend: &BackendName,
@@ -102,7 +102,7 @@ impl<'a> BackendActionDatabase<'a> {
 
     /// The actions queued for `drone` that it has not acknowledged, oldest first, at most
     /// `limit`. Rows that do not decode are skipped with a warning.
-    #[tracing::instrument(skip(self), fields(drone = %drone), err)]
+    #[tracing::instrument(skip(self), fields(drone = %drone))]
     pub async fn pending(&self, drone: NodeId, limit: i64) -> Result<Vec<BackendActionMessage>> {
         check_non_negative("limit", limit)?;
         let rows = sqlx::query!(
@@ -134,7 +134,7 @@ impl<'a> BackendActionDatabase<'a> {
     /// Acknowledges action `action_id` on behalf of `drone`. Only the drone the action was
     /// queued for can acknowledge it. Returns true if this call acknowledged it; false if the
     /// action is unknown, belongs to another drone, or was already acknowledged.
-    #[tracing::instrument(skip(self), fields(drone = %drone, action = %action_id), err)]
+    #[tracing::instrument(skip(self), fields(drone = %drone, action = %action_id))]
     pub async fn ack(&self, action_id: &BackendActionName, drone: NodeId) -> Result<bool> {
         let result = sqlx::query!(
             r#"

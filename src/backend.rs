@@ -1,7 +1,9 @@
 //! Backends: lifecycle, status streams, routes for proxies, keepalives, termination
 //! candidates and cleanup.
 
-use crate::error::{check_batch_size, skip_undecodable, to_json, Error, Result};
+use crate::error::{
+    check_batch_size, check_non_negative, skip_undecodable, to_json, Error, Result,
+};
 use crate::events::{emit_ephemeral, NotificationPayload};
 use crate::types::{
     BackendAddr, BackendMetricsMessage, BackendName, BackendState, BackendStatus,
@@ -102,6 +104,42 @@ pub struct TerminationCandidate {
     pub as_of: DateTime<Utc>,
 }
 
+/// Which backends [`BackendDatabase::list`] returns; every field left `None` matches all.
+///
+/// ```
+/// use plane_db::backend::BackendFilter;
+/// use plane_db::types::BackendStatus;
+///
+/// let ready = BackendFilter {
+///     status: Some(BackendStatus::Ready),
+///     limit: Some(100),
+///     ..BackendFilter::default()
+/// };
+/// assert!(ready.cluster.is_none());
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BackendFilter {
+    /// Only backends of this cluster.
+    pub cluster: Option<ClusterName>,
+    /// Only backends scheduled on this drone.
+    pub drone: Option<NodeId>,
+    /// Only backends whose current status is this one.
+    pub status: Option<BackendStatus>,
+    /// At most this many (in id order). Must not be negative.
+    pub limit: Option<i64>,
+}
+
+/// One row of a backend's state history; see [`BackendDatabase::state_history`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct BackendStateRecord {
+    /// The history row's id (increasing with each change of this backend).
+    pub id: i64,
+    /// When the state was recorded (database clock).
+    pub created_at: DateTime<Utc>,
+    /// The state.
+    pub state: BackendState,
+}
+
 /// What a proxy learns from a bearer token.
 #[derive(Debug, Clone, PartialEq)]
 pub enum RouteInfoResult {
@@ -174,7 +212,7 @@ impl<'a> BackendDatabase<'a> {
     /// yields only strictly increasing statuses, so nothing is repeated. If the subscription
     /// lags, the stream re-reads the history instead of ending. A history row that does not
     /// decode is skipped with a warning. Errors with `NotFound` for an unknown backend.
-    #[tracing::instrument(skip(self), fields(backend = %backend), err)]
+    #[tracing::instrument(skip(self), fields(backend = %backend))]
     pub async fn status_stream(
         &self,
         backend: &BackendName,
@@ -226,7 +264,7 @@ impl<'a> BackendDatabase<'a> {
     }
 
     /// The backend, or `None` if there is no such backend.
-    #[tracing::instrument(skip(self), fields(backend = %backend_id), err)]
+    #[tracing::instrument(skip(self), fields(backend = %backend_id))]
     pub async fn backend(&self, backend_id: &BackendName) -> Result<Option<BackendRow>> {
         let row = sqlx::query_as!(
             RawBackendRow,
@@ -251,7 +289,7 @@ impl<'a> BackendDatabase<'a> {
     ///
     /// Returns false, changing nothing, for an unknown backend or a transition that is not
     /// forward (including a repeat of the current status).
-    #[tracing::instrument(skip(self, new_state), fields(backend = %backend, status = %new_state.status()), err)]
+    #[tracing::instrument(skip(self, new_state), fields(backend = %backend, status = %new_state.status()))]
     pub async fn update_state(
         &self,
         backend: &BackendName,
@@ -311,7 +349,7 @@ impl<'a> BackendDatabase<'a> {
     /// are skipped with a warning). The result grows with
     /// history: prefer [`list_alive_backends_for_drone`](Self::list_alive_backends_for_drone)
     /// on hot paths.
-    #[tracing::instrument(skip(self), err)]
+    #[tracing::instrument(skip(self))]
     pub async fn list_backends(&self) -> Result<Vec<BackendRow>> {
         let rows = sqlx::query_as!(
             RawBackendRow,
@@ -327,8 +365,65 @@ impl<'a> BackendDatabase<'a> {
         Ok(decode_rows(rows))
     }
 
+    /// The backends matching `filter`, in id order, including terminated ones not yet
+    /// cleaned up. Rows that do not decode are skipped with a warning. A negative `limit` is
+    /// [`Error::InvalidArgument`].
+    #[tracing::instrument(skip(self), fields(cluster = ?filter.cluster, drone = ?filter.drone, status = ?filter.status))]
+    pub async fn list(&self, filter: &BackendFilter) -> Result<Vec<BackendRow>> {
+        if let Some(limit) = filter.limit {
+            check_non_negative("limit", limit)?;
+        }
+        let rows = sqlx::query_as!(
+            RawBackendRow,
+            r#"
+            select id, cluster, last_status_time, state, last_keepalive, drone_id,
+                   expiration_time, allowed_idle_seconds, now() as "as_of!"
+            from backend
+            where ($1::text is null or cluster = $1)
+              and ($2::integer is null or drone_id = $2)
+              and ($3::integer is null or last_status_number = $3)
+            order by id
+            limit $4
+            "#,
+            filter.cluster.as_ref().map(ClusterName::as_str),
+            filter.drone.map(NodeId::as_i32),
+            filter.status.map(BackendStatus::as_int),
+            filter.limit,
+        )
+        .fetch_all(self.db.pool())
+        .await?;
+        Ok(decode_rows(rows))
+    }
+
+    /// Every state the backend has been in, oldest first. Empty for an unknown backend (and
+    /// for one whose history was cleaned up). Rows that do not decode are skipped with a
+    /// warning.
+    #[tracing::instrument(skip(self), fields(backend = %backend))]
+    pub async fn state_history(&self, backend: &BackendName) -> Result<Vec<BackendStateRecord>> {
+        let rows = sqlx::query!(
+            r#"
+            select id, state, created_at
+            from backend_state
+            where backend_id = $1
+            order by id
+            "#,
+            backend.as_str(),
+        )
+        .fetch_all(self.db.pool())
+        .await?;
+        Ok(skip_undecodable(rows.into_iter().map(|row| {
+            let state = serde_json::from_value(row.state)
+                .map_err(|e| Error::decode("backend_state", "state", row.id, e))?;
+            Ok(BackendStateRecord {
+                id: row.id,
+                created_at: row.created_at,
+                state,
+            })
+        })))
+    }
+
     /// The backends of drone `drone` in `cluster` that have not terminated.
-    #[tracing::instrument(skip(self), fields(cluster = %cluster, drone = %drone), err)]
+    #[tracing::instrument(skip(self), fields(cluster = %cluster, drone = %drone))]
     pub async fn list_alive_backends_for_drone(
         &self,
         cluster: &ClusterName,
@@ -354,7 +449,7 @@ impl<'a> BackendDatabase<'a> {
     }
 
     /// The route for a static token (`s.…`), which is stored on the backend row.
-    #[tracing::instrument(skip_all, err)]
+    #[tracing::instrument(skip_all)]
     pub async fn route_info_for_static_token(
         &self,
         token: &BearerToken,
@@ -393,7 +488,7 @@ impl<'a> BackendDatabase<'a> {
     /// The route for a bearer token: `NotFound` for an unknown or expired token or a
     /// terminating/terminated backend, `Pending` before the backend is ready, `Available`
     /// once it is. Static tokens are looked up on the backend row.
-    #[tracing::instrument(skip_all, err)]
+    #[tracing::instrument(skip_all)]
     pub async fn route_info_for_token(&self, token: &BearerToken) -> Result<RouteInfoResult> {
         if token.is_static() {
             return self.route_info_for_static_token(token).await;
@@ -428,7 +523,7 @@ impl<'a> BackendDatabase<'a> {
 
     /// Records that a proxy holds a connection to the backend now. Returns false for an
     /// unknown or terminated backend.
-    #[tracing::instrument(skip(self), fields(backend = %backend_id), err)]
+    #[tracing::instrument(skip(self), fields(backend = %backend_id))]
     pub async fn update_keepalive(&self, backend_id: &BackendName) -> Result<bool> {
         let result = sqlx::query!(
             r#"
@@ -445,7 +540,7 @@ impl<'a> BackendDatabase<'a> {
 
     /// Publishes a backend's metrics to live subscribers (key: the backend name). Metrics
     /// are ephemeral: never stored, lost for nobody but current subscribers.
-    #[tracing::instrument(skip_all, fields(backend = %metrics.backend_id), err)]
+    #[tracing::instrument(skip_all, fields(backend = %metrics.backend_id))]
     pub async fn publish_metrics(&self, metrics: &BackendMetricsMessage) -> Result<()> {
         emit_ephemeral(self.db.pool(), Some(metrics.backend_id.as_str()), metrics).await
     }
@@ -453,7 +548,7 @@ impl<'a> BackendDatabase<'a> {
     /// Backends on drone `drone_id` that have started (not `scheduled`), have not
     /// terminated, and have either gone without a keepalive for longer than they may be
     /// idle or passed their expiration time.
-    #[tracing::instrument(skip(self), fields(drone = %drone_id), err)]
+    #[tracing::instrument(skip(self), fields(drone = %drone_id))]
     pub async fn termination_candidates(
         &self,
         drone_id: NodeId,
@@ -500,7 +595,7 @@ impl<'a> BackendDatabase<'a> {
     /// marked; unknown and already terminated ones are left alone. A backend whose state
     /// keeps changing under the call (its drone is evidently not gone) may be left unmarked
     /// after a few attempts: it is then missing from the result.
-    #[tracing::instrument(skip(self), fields(count = backends.len()), err)]
+    #[tracing::instrument(skip(self), fields(count = backends.len()))]
     pub async fn mark_lost(&self, backends: &[BackendName]) -> Result<Vec<BackendName>> {
         let ids: Vec<String> = backends.iter().map(|b| b.to_string()).collect();
         self.mark_lost_ids(&ids).await
@@ -508,7 +603,7 @@ impl<'a> BackendDatabase<'a> {
 
     /// Marks every backend of drone `drone` in `cluster` that has not terminated as lost, as
     /// [`mark_lost`](Self::mark_lost) does. Returns the backends that were marked.
-    #[tracing::instrument(skip(self), fields(cluster = %cluster, drone = %drone), err)]
+    #[tracing::instrument(skip(self), fields(cluster = %cluster, drone = %drone))]
     pub async fn mark_drone_lost(
         &self,
         cluster: &ClusterName,
@@ -614,8 +709,20 @@ impl<'a> BackendDatabase<'a> {
     /// tokens, actions, state history and expired keys, `batch_size` backends per
     /// transaction until none are left. A backend whose key has not expired is kept (the
     /// key still fences it). Returns what was deleted.
-    #[tracing::instrument(skip(self), err)]
+    #[tracing::instrument(skip(self))]
     pub async fn cleanup(&self, min_age_days: i32, batch_size: i32) -> Result<CleanupReport> {
+        self.cleanup_reporting(min_age_days, batch_size, &mut |_| {})
+            .await
+    }
+
+    /// [`cleanup`](Self::cleanup), calling `progress` with the running totals after each
+    /// batch.
+    pub(crate) async fn cleanup_reporting(
+        &self,
+        min_age_days: i32,
+        batch_size: i32,
+        progress: &mut (dyn FnMut(&CleanupReport) + Send),
+    ) -> Result<CleanupReport> {
         if min_age_days < 0 {
             return Err(Error::InvalidArgument {
                 argument: "min_age_days",
@@ -672,6 +779,7 @@ impl<'a> BackendDatabase<'a> {
             report.tokens += count(row.tokens);
             report.actions += count(row.actions);
             report.keys += count(row.keys);
+            progress(&report);
             if row.backends < i64::from(batch_size) {
                 break;
             }

@@ -44,6 +44,40 @@ pub struct CleanupSummary {
     pub tokens: u64,
 }
 
+/// Which part of a cleanup run a [`CleanupProgress`] is about, in the order they run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CleanupPhase {
+    /// Old terminated backends and the rows hanging off them.
+    Backends,
+    /// Old events.
+    Events,
+    /// Expired tokens.
+    Tokens,
+}
+
+impl std::fmt::Display for CleanupPhase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            CleanupPhase::Backends => "backends",
+            CleanupPhase::Events => "events",
+            CleanupPhase::Tokens => "tokens",
+        })
+    }
+}
+
+/// Where a [`PlaneDatabase::run_cleanup_with_progress`] run is: reported after every batch
+/// (each its own transaction), with running totals for the phase.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CleanupProgress {
+    /// The phase the batch belonged to.
+    pub phase: CleanupPhase,
+    /// Rows deleted in this phase so far (backends, not counting their history, for
+    /// [`CleanupPhase::Backends`]).
+    pub deleted: u64,
+    /// Batches run in this phase so far.
+    pub batches: u64,
+}
+
 /// A running [`PlaneDatabase::spawn_cleanup_loop`]. Dropping it (or calling
 /// [`stop`](Self::stop)) stops the loop.
 #[derive(Debug)]
@@ -66,12 +100,24 @@ impl Drop for CleanupTask {
 impl PlaneDatabase {
     /// Deletes events older than `min_age`, `batch_size` per transaction until none are
     /// left. Returns how many were deleted.
-    #[tracing::instrument(skip(self), err)]
+    #[tracing::instrument(skip(self))]
     pub async fn cleanup_events(&self, min_age: Duration, batch_size: i32) -> Result<u64> {
+        self.cleanup_events_reporting(min_age, batch_size, &mut |_, _| {})
+            .await
+    }
+
+    /// [`cleanup_events`](Self::cleanup_events), calling `progress(deleted, batches)` after
+    /// each batch.
+    async fn cleanup_events_reporting(
+        &self,
+        min_age: Duration,
+        batch_size: i32,
+        progress: &mut (dyn FnMut(u64, u64) + Send),
+    ) -> Result<u64> {
         check_batch_size(batch_size)?;
         // Oldest first through the created_at index; SKIP LOCKED lets two controllers clean
         // up at once without waiting on each other.
-        delete_in_batches(batch_size, || {
+        delete_in_batches(batch_size, progress, || {
             sqlx::query!(
                 r#"
                 delete from event where id in (
@@ -92,11 +138,20 @@ impl PlaneDatabase {
 
     /// Deletes expired tokens, 1,000 per transaction until none are left. Returns how many
     /// were deleted.
-    #[tracing::instrument(skip(self), err)]
+    #[tracing::instrument(skip(self))]
     pub async fn clean_up_tokens(&self) -> Result<u64> {
+        self.clean_up_tokens_reporting(&mut |_, _| {}).await
+    }
+
+    /// [`clean_up_tokens`](Self::clean_up_tokens), calling `progress(deleted, batches)` after
+    /// each batch.
+    async fn clean_up_tokens_reporting(
+        &self,
+        progress: &mut (dyn FnMut(u64, u64) + Send),
+    ) -> Result<u64> {
         const BATCH: i32 = 1000;
         // Through the expiration_time index; SKIP LOCKED lets controllers share the work.
-        delete_in_batches(BATCH, || {
+        delete_in_batches(BATCH, progress, || {
             sqlx::query!(
                 r#"
                 delete from token where token_digest in (
@@ -123,16 +178,56 @@ impl PlaneDatabase {
     /// println!("deleted {} backends, {} events", summary.backends.backends, summary.events);
     /// # Ok(()) }
     /// ```
-    #[tracing::instrument(skip(self), err)]
     pub async fn run_cleanup(&self, config: &CleanupConfig) -> Result<CleanupSummary> {
+        self.run_cleanup_with_progress(config, |_| {}).await
+    }
+
+    /// [`run_cleanup`](Self::run_cleanup), calling `progress` after every batch, e.g. to
+    /// show an operator how far a long first cleanup has got.
+    ///
+    /// ```no_run
+    /// # async fn example(db: plane_db::PlaneDatabase) -> plane_db::Result<()> {
+    /// let config = plane_db::CleanupConfig::default();
+    /// let summary = db
+    ///     .run_cleanup_with_progress(&config, |p| eprintln!("{}: {} deleted", p.phase, p.deleted))
+    ///     .await?;
+    /// println!("{} expired tokens deleted", summary.tokens);
+    /// # Ok(()) }
+    /// ```
+    #[tracing::instrument(skip(self, progress))]
+    pub async fn run_cleanup_with_progress(
+        &self,
+        config: &CleanupConfig,
+        mut progress: impl FnMut(CleanupProgress) + Send,
+    ) -> Result<CleanupSummary> {
         let backends = self
             .backend()
-            .cleanup(config.backend_min_age_days, config.batch_size)
+            .cleanup_reporting(config.backend_min_age_days, config.batch_size, &mut |r| {
+                progress(CleanupProgress {
+                    phase: CleanupPhase::Backends,
+                    deleted: r.backends,
+                    batches: r.batches,
+                })
+            })
             .await?;
         let events = self
-            .cleanup_events(config.event_min_age, config.batch_size)
+            .cleanup_events_reporting(config.event_min_age, config.batch_size, &mut |d, b| {
+                progress(CleanupProgress {
+                    phase: CleanupPhase::Events,
+                    deleted: d,
+                    batches: b,
+                })
+            })
             .await?;
-        let tokens = self.clean_up_tokens().await?;
+        let tokens = self
+            .clean_up_tokens_reporting(&mut |d, b| {
+                progress(CleanupProgress {
+                    phase: CleanupPhase::Tokens,
+                    deleted: d,
+                    batches: b,
+                })
+            })
+            .await?;
         let summary = CleanupSummary {
             backends,
             events,
@@ -180,15 +275,23 @@ impl PlaneDatabase {
 
 /// Runs `delete`, a statement that deletes at most `batch` rows in its own transaction,
 /// until it deletes fewer; returns how many rows went in all.
-async fn delete_in_batches<F, Fut>(batch: i32, mut delete: F) -> Result<u64>
+/// Calls `progress(deleted, batches)` after each batch.
+async fn delete_in_batches<F, Fut>(
+    batch: i32,
+    progress: &mut (dyn FnMut(u64, u64) + Send),
+    mut delete: F,
+) -> Result<u64>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = sqlx::Result<PgQueryResult>>,
 {
     let mut deleted = 0;
+    let mut batches = 0;
     loop {
         let affected = delete().await?.rows_affected();
         deleted += affected;
+        batches += 1;
+        progress(deleted, batches);
         if affected < batch as u64 {
             return Ok(deleted);
         }

@@ -59,7 +59,7 @@ impl<'a> ClusterDatabase<'a> {
     /// The drones (readiness, draining, live backend count, heartbeat ages, controller) and
     /// proxies of `cluster` that are held by a controller. Nodes marked offline are left out;
     /// rows that do not decode are skipped with a warning.
-    #[tracing::instrument(skip(self), fields(cluster = %cluster), err)]
+    #[tracing::instrument(skip(self), fields(cluster = %cluster))]
     pub async fn state(&self, cluster: &ClusterName) -> Result<ClusterState> {
         let rows = sqlx::query!(
             r#"

@@ -105,7 +105,7 @@ impl PlaneDatabase {
     /// row and event, the key (with a new fencing token), the spawn action for the drone and
     /// its event, and the token. Concurrent connects for one key, from any number of
     /// controllers, end with exactly one backend, and every caller gets that backend.
-    #[tracing::instrument(skip_all, fields(namespace, key), err)]
+    #[tracing::instrument(skip_all, fields(namespace, key))]
     pub async fn connect(&self, request: &ConnectRequest) -> Result<ConnectResponse, ConnectError> {
         let key = request.key.clone().unwrap_or_else(KeyConfig::new_random);
         tracing::Span::current().record("namespace", key.namespace.as_str());
@@ -397,7 +397,7 @@ impl PlaneDatabase {
     }
 
     /// Revokes every token issued to `user` for `backend`. Returns how many were revoked.
-    #[tracing::instrument(skip(self), fields(backend = %backend), err)]
+    #[tracing::instrument(skip(self), fields(backend = %backend))]
     pub async fn revoke(&self, backend: &BackendName, user: &str) -> Result<u64> {
         let result = sqlx::query!(
             "delete from token where backend_id = $1 and username = $2",

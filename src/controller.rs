@@ -18,7 +18,7 @@ impl<'a> ControllerDatabase<'a> {
     /// Records a heartbeat of `controller` (creating its row on first use). Send one
     /// periodically with `is_online = true`, and one with `false` on shutdown; drones of a
     /// controller that is offline or silent are not scheduled.
-    #[tracing::instrument(skip(self), err)]
+    #[tracing::instrument(skip(self))]
     pub async fn heartbeat(
         &self,
         controller: &ControllerName,
@@ -53,7 +53,7 @@ impl<'a> ControllerDatabase<'a> {
     /// came within [`SchedulerConfig::controller_heartbeat_timeout`](crate::SchedulerConfig)
     /// (a controller that died without saying goodbye drops out once it falls silent).
     /// Ordered by name; rows that do not decode are skipped with a warning.
-    #[tracing::instrument(skip(self), err)]
+    #[tracing::instrument(skip(self))]
     pub async fn online_controllers(&self) -> Result<Vec<ControllerInfo>> {
         let timeout = self
             .db

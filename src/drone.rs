@@ -59,7 +59,7 @@ impl<'a> DroneDatabase<'a> {
     /// Registers the drone of node `id` (see [`NodeDatabase::register`](crate::node::NodeDatabase::register))
     /// in `pool`, or updates its readiness and pool. Counts as a heartbeat; the drone's clock
     /// is unknown again until its next [`heartbeat`](Self::heartbeat).
-    #[tracing::instrument(skip(self), fields(drone = %id), err)]
+    #[tracing::instrument(skip(self), fields(drone = %id))]
     pub async fn register(&self, id: NodeId, ready: bool, pool: &DronePoolName) -> Result<()> {
         check_text("pool", pool.as_str())?;
         sqlx::query!(
@@ -82,7 +82,7 @@ impl<'a> DroneDatabase<'a> {
     }
 
     /// Records a heartbeat with the drone's own clock. Returns false if no such drone.
-    #[tracing::instrument(skip(self), fields(drone = %id), err)]
+    #[tracing::instrument(skip(self), fields(drone = %id))]
     pub async fn heartbeat(&self, id: NodeId, local_time: DateTime<Utc>) -> Result<bool> {
         let result = sqlx::query!(
             r#"
@@ -98,7 +98,7 @@ impl<'a> DroneDatabase<'a> {
     }
 
     /// Sets whether the drone accepts new backends. Returns false if no such drone.
-    #[tracing::instrument(skip(self), fields(drone = %id), err)]
+    #[tracing::instrument(skip(self), fields(drone = %id))]
     pub async fn set_ready(&self, id: NodeId, ready: bool) -> Result<bool> {
         let result = sqlx::query!(
             "update drone set ready = $2 where id = $1",
@@ -113,7 +113,7 @@ impl<'a> DroneDatabase<'a> {
     /// Puts the drone into draining: it keeps its backends but is never picked for a new
     /// one. Returns true if this call started the draining, false if it was already
     /// draining. An unknown drone is [`Error::NotFound`].
-    #[tracing::instrument(skip(self), fields(drone = %id), err)]
+    #[tracing::instrument(skip(self), fields(drone = %id))]
     pub async fn drain(&self, id: NodeId) -> Result<bool> {
         // `not draining` in the update's own condition (not a read of the old row) keeps
         // concurrent drains honest: Postgres re-checks it after waiting for the row lock, so
@@ -142,7 +142,7 @@ impl<'a> DroneDatabase<'a> {
     }
 
     /// The pool the drone belongs to. An unknown drone is [`Error::NotFound`].
-    #[tracing::instrument(skip(self), fields(drone = %id), err)]
+    #[tracing::instrument(skip(self), fields(drone = %id))]
     pub async fn pool(&self, id: NodeId) -> Result<DronePoolName> {
         let pool = sqlx::query_scalar!("select pool from drone where id = $1", id.as_i32())
             .fetch_optional(self.db.pool())
@@ -157,7 +157,7 @@ impl<'a> DroneDatabase<'a> {
     /// The drones of `cluster` in `pool` heard from within `seen_within` (any length; about
     /// 100 years or more means all), most recently added first, with their versions, controller, readiness and heartbeat ages
     /// (by the database clock). Rows that do not decode are skipped with a warning.
-    #[tracing::instrument(skip(self), fields(cluster = %cluster, pool = %pool), err)]
+    #[tracing::instrument(skip(self), fields(cluster = %cluster, pool = %pool))]
     pub async fn drones_for_pool(
         &self,
         cluster: &ClusterName,
@@ -212,7 +212,7 @@ impl<'a> DroneDatabase<'a> {
     /// the heartbeat timeout, not draining, and held by a controller that is online and
     /// heartbeating. Among a random sample of [`SchedulerConfig::sample_size`](crate::SchedulerConfig)
     /// such drones, the one with the fewest live backends wins. `None` if no drone qualifies.
-    #[tracing::instrument(skip(self), fields(cluster = %cluster, pool = %pool), err)]
+    #[tracing::instrument(skip(self), fields(cluster = %cluster, pool = %pool))]
     pub async fn pick_for_spawn(
         &self,
         cluster: &ClusterName,

@@ -74,7 +74,7 @@ impl<'a> KeysDatabase<'a> {
     /// counted from `drone_local_time` (the drone's clock when it asked): the drone acts on
     /// them by its own clock, so a skewed clock does not stretch the lease. Refused
     /// ([`KeyRenewal::Prevented`]) once renewal has been prevented.
-    #[tracing::instrument(skip(self), fields(backend = %backend), err)]
+    #[tracing::instrument(skip(self), fields(backend = %backend))]
     pub async fn renew(
         &self,
         backend: &BackendName,
@@ -138,7 +138,7 @@ impl<'a> KeysDatabase<'a> {
     /// Prevents further renewals of the key held by `backend`, so that it lapses at its
     /// current deadlines (how a backend is wound down through its key). Returns true if
     /// this call prevented it, false if renewal was already prevented or there is no key.
-    #[tracing::instrument(skip(self), fields(backend = %backend), err)]
+    #[tracing::instrument(skip(self), fields(backend = %backend))]
     pub async fn prevent_renew(&self, backend: &BackendName) -> Result<bool> {
         let result = sqlx::query!(
             "update backend_key set allow_renew = false where id = $1 and allow_renew",
@@ -151,7 +151,7 @@ impl<'a> KeysDatabase<'a> {
 
     /// Deletes the key held by `backend`, but only if its lease has run out (a live lease
     /// is never removed). Returns true if a key was deleted.
-    #[tracing::instrument(skip(self), fields(backend = %backend), err)]
+    #[tracing::instrument(skip(self), fields(backend = %backend))]
     pub async fn remove_if_expired(&self, backend: &BackendName) -> Result<bool> {
         let result = sqlx::query!(
             "delete from backend_key where id = $1 and expires_at <= now()",
@@ -165,7 +165,7 @@ impl<'a> KeysDatabase<'a> {
     /// The backend holding `key` (matched by namespace and name; the tag is returned, not
     /// compared), with its status, cluster, subdomain and static token. `None` if no backend
     /// holds it. Check [`KeyHolder::is_live`]: an expired holder may be replaced at any time.
-    #[tracing::instrument(skip(self), fields(namespace = %key.namespace, key = %key.name), err)]
+    #[tracing::instrument(skip(self), fields(namespace = %key.namespace, key = %key.name))]
     pub async fn lookup(&self, key: &KeyConfig) -> Result<Option<KeyHolder>> {
         check_text("key.namespace", &key.namespace)?;
         check_text("key.name", &key.name)?;

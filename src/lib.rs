@@ -51,7 +51,7 @@ pub mod node;
 pub mod testing;
 pub mod types;
 
-pub use cleanup::{CleanupConfig, CleanupSummary, CleanupTask};
+pub use cleanup::{CleanupConfig, CleanupPhase, CleanupProgress, CleanupSummary, CleanupTask};
 pub use database::{
     connect, connect_and_migrate, Config, KeyLeaseConfig, PlaneDatabase, SchedulerConfig, MIGRATOR,
 };

@@ -147,7 +147,7 @@ impl<'a> NodeDatabase<'a> {
     /// Registers a node (or re-registers it on a new connection) and emits a
     /// [`NodeConnectionStatusChange`] with `connected: true`. The node is then held by
     /// `controller`, and the returned connection is the current one.
-    #[tracing::instrument(skip_all, fields(name = registration.name, kind = ?registration.kind), err)]
+    #[tracing::instrument(skip_all, fields(name = registration.name, kind = ?registration.kind))]
     pub async fn register(&self, registration: &NodeRegistration<'_>) -> Result<NodeConnection> {
         AnyNodeName::parse(registration.kind, registration.name).map_err(|e| {
             Error::InvalidArgument {
@@ -207,7 +207,7 @@ impl<'a> NodeDatabase<'a> {
     /// [`NodeConnectionStatusChange`] with `connected: false`. Returns false, changing
     /// nothing, if the node has since reconnected (to this or another controller) or is
     /// unknown: the newer connection wins.
-    #[tracing::instrument(skip(self), fields(node = %connection.id), err)]
+    #[tracing::instrument(skip(self), fields(node = %connection.id))]
     pub async fn mark_offline(
         &self,
         connection: NodeConnection,
@@ -239,7 +239,7 @@ impl<'a> NodeDatabase<'a> {
 
     /// The id of the node called `name` in `cluster` (`None` for cross-cluster nodes), if
     /// it has registered.
-    #[tracing::instrument(skip(self), err)]
+    #[tracing::instrument(skip(self))]
     pub async fn id_of(&self, cluster: Option<&ClusterName>, name: &str) -> Result<Option<NodeId>> {
         crate::error::check_text("name", name)?;
         let id = sqlx::query_scalar!(
@@ -254,7 +254,7 @@ impl<'a> NodeDatabase<'a> {
     }
 
     /// The node with id `id`, if any. A row that does not decode is an error.
-    #[tracing::instrument(skip(self), fields(node = %id), err)]
+    #[tracing::instrument(skip(self), fields(node = %id))]
     pub async fn get(&self, id: NodeId) -> Result<Option<NodeInfo>> {
         let row = self.read(Some(id)).await?.pop();
         row.map(NodeInfo::try_from).transpose()
@@ -262,7 +262,7 @@ impl<'a> NodeDatabase<'a> {
 
     /// Every node, in id order, with whether it is active. Rows that do not decode are
     /// skipped with a warning.
-    #[tracing::instrument(skip(self), err)]
+    #[tracing::instrument(skip(self))]
     pub async fn list(&self) -> Result<Vec<NodeInfo>> {
         let rows = self.read(None).await?;
         Ok(skip_undecodable(rows.into_iter().map(NodeInfo::try_from)))
