@@ -31,6 +31,15 @@ where
     F: FnOnce(PlaneDatabase) -> Fut,
     Fut: Future<Output = ()>,
 {
+    with_db_url(config, |db, _| test(db)).await
+}
+
+/// [`with_db_config`], also passing the database's URL (for tests that run the CLI on it).
+pub async fn with_db_url<F, Fut>(config: Config, test: F)
+where
+    F: FnOnce(PlaneDatabase, String) -> Fut,
+    Fut: Future<Output = ()>,
+{
     let database = create_database().await.expect("create a test database");
     let pool = plane_db::connect(&database.url)
         .await
@@ -39,7 +48,7 @@ where
         .clone();
     plane_db::MIGRATOR.run(&pool).await.expect("migrate");
     let db = PlaneDatabase::with_config(pool.clone(), config);
-    tokio::time::timeout(TEST_TIMEOUT, test(db))
+    tokio::time::timeout(TEST_TIMEOUT, test(db, database.url.clone()))
         .await
         .expect("test timed out");
     pool.close().await;

@@ -5,6 +5,7 @@ mod acme;
 mod actions;
 mod backend;
 mod cleanup;
+mod cli;
 mod common;
 mod connect;
 mod events;

@@ -1,0 +1,928 @@
+//! `plane-db`: see and fix a plane-db database from a shell.
+//!
+//! Built with the `cli` feature: `cargo run --features cli -- --help`. Every listing prints
+//! an aligned table (coloured on a terminal, plain when piped) or, with `--json`, JSON for
+//! scripts. Errors are one line on stderr; the exit code says what went wrong (see
+//! [`Failure::exit_code`]).
+
+mod output;
+
+use chrono::Utc;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use output::{age, json, json_line, printable, time, Cell, Table, Tone};
+use plane_db::backend::{BackendFilter, BackendRow};
+use plane_db::types::{BackendName, BackendStatus, ClusterName, DroneName, NodeId, NodeKind};
+use plane_db::{CleanupConfig, CleanupPhase, PlaneDatabase};
+use serde_json::json;
+use std::collections::HashSet;
+use std::io::{self, IsTerminal, Write};
+use std::process::ExitCode;
+use std::time::Duration;
+
+#[derive(Parser)]
+#[command(
+    name = "plane-db",
+    version,
+    about = "See and fix the state of a plane-db database.",
+    after_help = "Exit codes: 0 success, 1 failure (database, I/O), 2 bad usage, 3 not found."
+)]
+struct Cli {
+    /// The database, as a Postgres URL.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true, global = true)]
+    database_url: Option<String>,
+    /// Print JSON instead of a table (streams print one JSON object per line).
+    #[arg(long, global = true)]
+    json: bool,
+    /// When to colour tables: `auto` colours on a terminal unless NO_COLOR is set.
+    #[arg(long, value_enum, default_value_t = ColorMode::Auto, global = true)]
+    color: ColorMode,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ColorMode {
+    Auto,
+    Always,
+    Never,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Apply the schema migrations this build knows.
+    Migrate,
+    /// List backends, newest states included (terminated ones until cleaned up).
+    Backends(BackendsArgs),
+    /// Show one backend and its state history.
+    Backend {
+        /// The backend's id.
+        id: String,
+    },
+    /// List nodes (drones, proxies, DNS servers); only active ones unless --all.
+    Nodes {
+        /// Include nodes that are not active (no online controller holds them).
+        #[arg(long)]
+        all: bool,
+        /// Only nodes of this cluster.
+        #[arg(long)]
+        cluster: Option<String>,
+    },
+    /// List events, or follow them as they are committed.
+    Events(EventsArgs),
+    /// Print a backend's status changes until it has terminated.
+    Watch {
+        /// The backend's id.
+        id: String,
+    },
+    /// List a drone's backends that are idle or past their expiration time.
+    TerminationCandidates(DroneArgs),
+    /// Stop a backend's key from being renewed, so the key expires and the drone stops it.
+    PreventRenew {
+        /// The backend's id.
+        id: String,
+    },
+    /// Mark backends terminated (reason `lost`): the given ones, or every live backend of a drone.
+    MarkLost {
+        /// The backends' ids.
+        #[arg(required_unless_present = "drone", conflicts_with = "drone")]
+        ids: Vec<String>,
+        /// The drone's cluster (needed with a drone name).
+        #[arg(long)]
+        cluster: Option<String>,
+        /// Every live backend of this drone (a name, or a numeric node id).
+        #[arg(long)]
+        drone: Option<String>,
+    },
+    /// Delete old terminated backends, old events and expired tokens, in batches.
+    Cleanup {
+        /// Delete backends that terminated, and events written, more than this many days ago.
+        #[arg(long, default_value_t = 7, value_parser = clap::value_parser!(i32).range(0..))]
+        min_age_days: i32,
+        /// Rows per transaction.
+        #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(i32).range(1..))]
+        batch_size: i32,
+    },
+}
+
+#[derive(Args)]
+struct BackendsArgs {
+    /// Only backends of this cluster.
+    #[arg(long)]
+    cluster: Option<String>,
+    /// Only backends of this drone (a name, which needs --cluster, or a numeric node id).
+    #[arg(long)]
+    drone: Option<String>,
+    /// Only backends in this status (scheduled, loading, starting, waiting, ready,
+    /// terminating, hard-terminating, terminated).
+    #[arg(long)]
+    status: Option<String>,
+    /// Print at most this many.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(i64).range(0..))]
+    limit: i64,
+}
+
+#[derive(Args)]
+struct EventsArgs {
+    /// Keep printing events as they are committed, until interrupted.
+    #[arg(long)]
+    follow: bool,
+    /// Start after this event id (without it, --follow prints only new events).
+    #[arg(long)]
+    since: Option<i64>,
+    /// Only events of this kind (e.g. backend_state, node_connection, backend_action).
+    #[arg(long)]
+    kind: Option<String>,
+    /// Without --follow: print at most this many.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(i64).range(0..))]
+    limit: i64,
+}
+
+#[derive(Args)]
+struct DroneArgs {
+    /// The drone's cluster (needed with a drone name).
+    #[arg(long)]
+    cluster: Option<String>,
+    /// The drone: a name, or a numeric node id.
+    #[arg(long)]
+    drone: String,
+}
+
+/// Why a command failed, and so which exit code it ends with.
+#[derive(Debug)]
+enum Failure {
+    /// The command line or an argument's value is wrong.
+    Usage(String),
+    /// What the command names does not exist.
+    NotFound(String),
+    /// The database or the output failed.
+    Other(String),
+}
+
+impl Failure {
+    /// 2 for bad usage (as clap's own usage errors), 3 for not found, 1 for anything else.
+    fn exit_code(&self) -> u8 {
+        match self {
+            Failure::Other(_) => 1,
+            Failure::Usage(_) => 2,
+            Failure::NotFound(_) => 3,
+        }
+    }
+
+    fn message(&self) -> &str {
+        match self {
+            Failure::Usage(m) | Failure::NotFound(m) | Failure::Other(m) => m,
+        }
+    }
+}
+
+impl From<plane_db::Error> for Failure {
+    fn from(error: plane_db::Error) -> Self {
+        match error {
+            plane_db::Error::NotFound { .. } => Failure::NotFound(error.to_string()),
+            plane_db::Error::InvalidArgument { .. } => Failure::Usage(error.to_string()),
+            other => Failure::Other(one_line(&other)),
+        }
+    }
+}
+
+impl From<io::Error> for Failure {
+    fn from(error: io::Error) -> Self {
+        Failure::Other(format!("cannot write output: {error}"))
+    }
+}
+
+/// The error and its causes on one line, skipping a cause whose text the line already has
+/// (some errors repeat their source in their own message).
+fn one_line(error: &dyn std::error::Error) -> String {
+    let mut line = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !line.contains(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+        source = cause.source();
+    }
+    printable(&line)
+}
+
+type Outcome = Result<(), Failure>;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => return fail(&Failure::Other(format!("cannot start: {error}"))),
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(failure) => fail(&failure),
+    }
+}
+
+fn fail(failure: &Failure) -> ExitCode {
+    eprintln!("plane-db: {}", failure.message());
+    ExitCode::from(failure.exit_code())
+}
+
+/// Logs go to stderr, filtered by `RUST_LOG` (e.g. `RUST_LOG=plane_db=debug` shows every
+/// operation's span); warnings only by default, so a skipped undecodable row is visible.
+fn init_logging() {
+    let filter = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|spec| spec.parse::<tracing_subscriber::filter::Targets>().ok())
+        .unwrap_or_else(|| {
+            tracing_subscriber::filter::Targets::new()
+                .with_default(tracing_subscriber::filter::LevelFilter::WARN)
+        });
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let _ = tracing_subscriber::registry()
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(io::stderr)
+                .with_ansi(io::stderr().is_terminal()),
+        )
+        .with(filter)
+        .try_init();
+}
+
+/// What the command prints to, and how.
+struct Out {
+    json: bool,
+    color: bool,
+}
+
+async fn run(cli: Cli) -> Outcome {
+    let url = cli
+        .database_url
+        .filter(|url| !url.is_empty())
+        .ok_or_else(|| {
+            Failure::Usage("no database: pass --database-url or set DATABASE_URL".to_string())
+        })?;
+    let out = Out {
+        json: cli.json,
+        color: match cli.color {
+            ColorMode::Always => true,
+            ColorMode::Never => false,
+            ColorMode::Auto => io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none(),
+        },
+    };
+    let db = open(&url).await?;
+    match cli.command {
+        Command::Migrate => migrate(&db, &out).await,
+        Command::Backends(args) => backends(&db, &out, args).await,
+        Command::Backend { id } => backend(&db, &out, &backend_name(&id)?).await,
+        Command::Nodes { all, cluster } => nodes(&db, &out, all, cluster.as_deref()).await,
+        Command::Events(args) => events(&db, &out, args).await,
+        Command::Watch { id } => watch(&db, &out, &backend_name(&id)?).await,
+        Command::TerminationCandidates(args) => termination_candidates(&db, &out, args).await,
+        Command::PreventRenew { id } => prevent_renew(&db, &out, &backend_name(&id)?).await,
+        Command::MarkLost {
+            ids,
+            cluster,
+            drone,
+        } => mark_lost(&db, &out, ids, cluster.as_deref(), drone.as_deref()).await,
+        Command::Cleanup {
+            min_age_days,
+            batch_size,
+        } => cleanup(&db, &out, min_age_days, batch_size).await,
+    }
+}
+
+/// Opens a small pool: the CLI runs one statement at a time (two while following, for the
+/// listener). The URL is never echoed, since it may hold a password.
+async fn open(url: &str) -> Result<PlaneDatabase, Failure> {
+    use sqlx::postgres::{PgConnectOptions, PgConnection, PgPoolOptions};
+    use sqlx::Connection;
+    let options: PgConnectOptions = url
+        .parse()
+        .map_err(|e| Failure::Usage(format!("invalid database URL: {}", one_line(&e))))?;
+    // One connection up front, because a pool retries until its timeout and then reports
+    // only that it timed out; this says why (refused, bad password, no such database).
+    PgConnection::connect_with(&options)
+        .await
+        .map_err(|e| Failure::Other(format!("cannot connect to the database: {}", one_line(&e))))?
+        .close()
+        .await
+        .map_err(|e| Failure::Other(format!("cannot connect to the database: {}", one_line(&e))))?;
+    let pool = PgPoolOptions::new()
+        .max_connections(2)
+        .acquire_timeout(Duration::from_secs(10))
+        .connect_lazy_with(options);
+    Ok(PlaneDatabase::new(pool))
+}
+
+async fn migrate(db: &PlaneDatabase, out: &Out) -> Outcome {
+    plane_db::MIGRATOR
+        .run(db.pool())
+        .await
+        .map_err(|e| Failure::Other(format!("migration failed: {}", one_line(&e))))?;
+    let latest = plane_db::MIGRATOR.iter().map(|m| m.version).max();
+    let mut stdout = io::stdout().lock();
+    if out.json {
+        json(&mut stdout, &json!({ "schema_version": latest }))?;
+    } else {
+        match latest {
+            Some(version) => writeln!(stdout, "schema is up to date (version {version})")?,
+            None => writeln!(stdout, "no migrations to apply")?,
+        }
+    }
+    Ok(())
+}
+
+async fn backends(db: &PlaneDatabase, out: &Out, args: BackendsArgs) -> Outcome {
+    let cluster = args.cluster.as_deref().map(cluster_name).transpose()?;
+    let drone = match &args.drone {
+        Some(drone) => Some(drone_id(db, cluster.as_ref(), drone).await?),
+        None => None,
+    };
+    let status = args
+        .status
+        .as_deref()
+        .map(|s| s.parse::<BackendStatus>())
+        .transpose()
+        .map_err(|e| Failure::Usage(e.to_string()))?;
+    let filter = BackendFilter {
+        cluster,
+        drone,
+        status,
+        limit: Some(args.limit),
+    };
+    let rows = db.backend().list(&filter).await?;
+    let mut stdout = io::stdout().lock();
+    if out.json {
+        json(&mut stdout, &rows.iter().map(backend_json).collect())?;
+    } else {
+        let now = Utc::now();
+        let mut table = Table::new(&["ID", "CLUSTER", "DRONE", "STATUS", "SINCE", "KEEPALIVE"]);
+        for row in &rows {
+            let status = row.state.status();
+            table.row(vec![
+                Cell::new(row.id.as_str()),
+                Cell::new(row.cluster.as_str()),
+                Cell::new(row.drone_id.to_string()),
+                Cell::toned(status.as_str(), Tone::of_status(status)),
+                Cell::new(age(row.last_status_time, row.as_of.max(now))),
+                Cell::new(age(row.last_keepalive, row.as_of.max(now))),
+            ]);
+        }
+        print_table(&mut stdout, &table, out, "no backends match")?;
+    }
+    if rows.len() as i64 == args.limit && args.limit > 0 {
+        eprintln!(
+            "plane-db: showing the first {} backends; pass --limit to see more",
+            args.limit
+        );
+    }
+    Ok(())
+}
+
+fn backend_json(row: &BackendRow) -> serde_json::Value {
+    json!({
+        "id": row.id,
+        "cluster": row.cluster,
+        "drone_id": row.drone_id,
+        "status": row.state.status(),
+        "state": row.state,
+        "last_status_time": row.last_status_time,
+        "last_keepalive": row.last_keepalive,
+        "expiration_time": row.expiration_time,
+        "allowed_idle_seconds": row.allowed_idle_seconds,
+    })
+}
+
+async fn backend(db: &PlaneDatabase, out: &Out, id: &BackendName) -> Outcome {
+    let row = db
+        .backend()
+        .backend(id)
+        .await?
+        .ok_or_else(|| Failure::NotFound(format!("backend {:?} not found", id.as_str())))?;
+    let history = db.backend().state_history(id).await?;
+    let mut stdout = io::stdout().lock();
+    if out.json {
+        let mut value = backend_json(&row);
+        value["history"] = history
+            .iter()
+            .map(|h| json!({ "id": h.id, "created_at": h.created_at, "state": h.state }))
+            .collect();
+        return Ok(json(&mut stdout, &value)?);
+    }
+    let status = row.state.status();
+    let mut fields = Table::new(&["FIELD", "VALUE"]);
+    let field = |name: &str, value: Cell| vec![Cell::new(name), value];
+    fields.row(field("id", Cell::new(row.id.as_str())));
+    fields.row(field("cluster", Cell::new(row.cluster.as_str())));
+    fields.row(field("drone", Cell::new(row.drone_id.to_string())));
+    fields.row(field(
+        "status",
+        Cell::toned(status.as_str(), Tone::of_status(status)),
+    ));
+    fields.row(field(
+        "address",
+        Cell::opt(row.state.address().map(|a| a.to_string())),
+    ));
+    fields.row(field(
+        "since",
+        Cell::new(format!(
+            "{} ({})",
+            time(row.last_status_time),
+            age(row.last_status_time, row.as_of)
+        )),
+    ));
+    fields.row(field(
+        "last keepalive",
+        Cell::new(format!(
+            "{} ({})",
+            time(row.last_keepalive),
+            age(row.last_keepalive, row.as_of)
+        )),
+    ));
+    fields.row(field("expires", Cell::opt(row.expiration_time.map(time))));
+    fields.row(field(
+        "allowed idle",
+        Cell::opt(row.allowed_idle_seconds.map(|s| format!("{s}s"))),
+    ));
+    fields.print(&mut stdout, out.color)?;
+    writeln!(stdout)?;
+    let mut table = Table::new(&["#", "TIME", "STATUS", "DETAIL"]);
+    for record in &history {
+        let status = record.state.status();
+        table.row(vec![
+            Cell::new(record.id.to_string()),
+            Cell::new(time(record.created_at)),
+            Cell::toned(status.as_str(), Tone::of_status(status)),
+            Cell::new(state_detail(&record.state)),
+        ]);
+    }
+    print_table(&mut stdout, &table, out, "no state history (cleaned up?)")?;
+    Ok(())
+}
+
+/// What a state carries beyond its status, compactly: address, termination reason and
+/// kind, exit code.
+fn state_detail(state: &plane_db::types::BackendState) -> String {
+    let entry = plane_db::types::BackendStatusStreamEntry::from_state(state, Utc::now());
+    let mut parts = Vec::new();
+    if let Some(address) = state.address() {
+        parts.push(format!("address={address}"));
+    }
+    if let Some(reason) = entry.termination_reason {
+        parts.push(format!("reason={reason}"));
+    }
+    if let Some(kind) = entry.termination_kind {
+        parts.push(format!("kind={kind}"));
+    }
+    if let plane_db::types::BackendState::Terminated {
+        exit_code: Some(code),
+        ..
+    } = state
+    {
+        parts.push(format!("exit_code={code}"));
+    }
+    parts.join(" ")
+}
+
+async fn nodes(db: &PlaneDatabase, out: &Out, all: bool, cluster: Option<&str>) -> Outcome {
+    let cluster = cluster.map(cluster_name).transpose()?;
+    let nodes: Vec<_> = db
+        .node()
+        .list()
+        .await?
+        .into_iter()
+        .filter(|n| all || n.active)
+        .filter(|n| cluster.is_none() || n.cluster == cluster)
+        .collect();
+    let mut stdout = io::stdout().lock();
+    if out.json {
+        let value = nodes
+            .iter()
+            .map(|n| {
+                json!({
+                    "id": n.id,
+                    "kind": n.kind().as_str(),
+                    "name": n.name.as_str(),
+                    "cluster": n.cluster,
+                    "controller": n.controller,
+                    "active": n.active,
+                    "plane_version": n.plane_version,
+                    "plane_hash": n.plane_hash,
+                    "connected_at": n.connected_at,
+                })
+            })
+            .collect();
+        return Ok(json(&mut stdout, &value)?);
+    }
+    let now = Utc::now();
+    let mut table = Table::new(&[
+        "ID",
+        "KIND",
+        "NAME",
+        "CLUSTER",
+        "CONTROLLER",
+        "ACTIVE",
+        "VERSION",
+        "CONNECTED",
+    ]);
+    for node in &nodes {
+        let kind = match node.kind() {
+            NodeKind::Drone => "drone",
+            NodeKind::Proxy => "proxy",
+            NodeKind::AcmeDnsServer => "dns",
+        };
+        table.row(vec![
+            Cell::new(node.id.to_string()),
+            Cell::new(kind),
+            Cell::new(node.name.as_str()),
+            Cell::opt(node.cluster.as_ref().map(ClusterName::as_str)),
+            Cell::opt(node.controller.as_ref().map(|c| c.as_str())),
+            if node.active {
+                Cell::toned("yes", Tone::Good)
+            } else {
+                Cell::toned("no", Tone::Dim)
+            },
+            Cell::new(&node.plane_version),
+            Cell::opt(node.connected_at.map(|at| age(at, now))),
+        ]);
+    }
+    let empty = if all {
+        "no nodes"
+    } else {
+        "no active nodes (--all shows the others)"
+    };
+    print_table(&mut stdout, &table, out, empty)?;
+    Ok(())
+}
+
+fn event_json(event: &plane_db::events::Event) -> serde_json::Value {
+    json!({
+        "id": event.id,
+        "kind": event.kind,
+        "key": event.key,
+        "created_at": event.created_at,
+        "data": event.data,
+    })
+}
+
+/// One event as a line of text: id, time, kind, key and the payload as compact JSON.
+fn event_line(event: &plane_db::events::Event) -> String {
+    printable(&format!(
+        "{}  {}  {}  {}  {}",
+        event
+            .id
+            .map_or_else(|| "-".to_string(), |id| id.to_string()),
+        time(event.created_at),
+        event.kind,
+        event.key.as_deref().unwrap_or("-"),
+        event.data,
+    ))
+}
+
+async fn events(db: &PlaneDatabase, out: &Out, args: EventsArgs) -> Outcome {
+    let wanted = |event: &plane_db::events::Event| {
+        args.kind.as_deref().is_none_or(|kind| event.kind == kind)
+    };
+    let mut stdout = io::stdout().lock();
+    if !args.follow {
+        let mut events = Vec::new();
+        let mut since = args.since.unwrap_or(0);
+        // Pages through the table, so a kind filter still finds --limit matching events.
+        while (events.len() as i64) < args.limit {
+            let page = db.get_events_since(since, 1000).await?;
+            let Some(last) = page.last().and_then(|e| e.id) else {
+                break;
+            };
+            since = last;
+            events.extend(page.into_iter().filter(|e| wanted(e)));
+        }
+        events.truncate(usize::try_from(args.limit).unwrap_or(usize::MAX));
+        if out.json {
+            return Ok(json(&mut stdout, &events.iter().map(event_json).collect())?);
+        }
+        let mut table = Table::new(&["ID", "TIME", "KIND", "KEY", "DATA"]);
+        for event in &events {
+            table.row(vec![
+                Cell::opt(event.id.map(|id| id.to_string())),
+                Cell::new(time(event.created_at)),
+                Cell::new(&event.kind),
+                Cell::opt(event.key.as_deref()),
+                Cell::new(event.data.to_string()),
+            ]);
+        }
+        return Ok(print_table(&mut stdout, &table, out, "no events")?);
+    }
+
+    // Subscribe first, then read the backlog: an event committed in between is in both,
+    // and is printed once (the backlog's ids are remembered). An event committed later
+    // with a smaller id than the backlog's last is still live-only, so nothing is missed.
+    let mut subscription = db.subscribe_all_events().await?;
+    let mut printed = HashSet::new();
+    if let Some(mut since) = args.since {
+        loop {
+            let page = db.get_events_since(since, 1000).await?;
+            let Some(last) = page.last().and_then(|e| e.id) else {
+                break;
+            };
+            since = last;
+            for event in page {
+                printed.extend(event.id);
+                if wanted(&event) {
+                    print_event(&mut stdout, out, &event)?;
+                }
+            }
+        }
+    }
+    while let Some(next) = subscription.next().await {
+        match next {
+            Ok(event) => {
+                if event.id.is_some_and(|id| printed.remove(&id)) || !wanted(&event) {
+                    continue;
+                }
+                print_event(&mut stdout, out, &event)?;
+            }
+            Err(lagged) => eprintln!(
+                "plane-db: fell behind and missed {} events; they are in the table (--since)",
+                lagged.missed
+            ),
+        }
+    }
+    Ok(())
+}
+
+fn print_event(out_: &mut impl Write, out: &Out, event: &plane_db::events::Event) -> Outcome {
+    if out.json {
+        json_line(out_, &event_json(event))?;
+    } else {
+        writeln!(out_, "{}", event_line(event))?;
+        out_.flush()?;
+    }
+    Ok(())
+}
+
+async fn watch(db: &PlaneDatabase, out: &Out, id: &BackendName) -> Outcome {
+    use futures_util::StreamExt;
+    let stream = db.backend().status_stream(id).await?;
+    let mut stream = std::pin::pin!(stream);
+    let mut stdout = io::stdout().lock();
+    while let Some(entry) = stream.next().await {
+        if out.json {
+            let value = serde_json::to_value(&entry)
+                .map_err(|e| Failure::Other(format!("cannot print a status: {e}")))?;
+            json_line(&mut stdout, &value)?;
+            continue;
+        }
+        let mut detail = Vec::new();
+        if let Some(reason) = entry.termination_reason {
+            detail.push(format!("reason={reason}"));
+        }
+        if let Some(kind) = entry.termination_kind {
+            detail.push(format!("kind={kind}"));
+        }
+        if let Some(exit_error) = entry.exit_error {
+            detail.push(format!("exit_error={exit_error}"));
+        }
+        let status = if out.color {
+            match Tone::of_status(entry.status) {
+                Tone::Good => format!("\x1b[32m{}\x1b[0m", entry.status),
+                Tone::Busy => format!("\x1b[33m{}\x1b[0m", entry.status),
+                Tone::Bad => format!("\x1b[31m{}\x1b[0m", entry.status),
+                Tone::Dim => format!("\x1b[2m{}\x1b[0m", entry.status),
+                Tone::Plain => entry.status.to_string(),
+            }
+        } else {
+            entry.status.to_string()
+        };
+        writeln!(
+            stdout,
+            "{}  {status}  {}",
+            time(entry.time),
+            detail.join(" ")
+        )?;
+        stdout.flush()?;
+    }
+    Ok(())
+}
+
+async fn termination_candidates(db: &PlaneDatabase, out: &Out, args: DroneArgs) -> Outcome {
+    let cluster = args.cluster.as_deref().map(cluster_name).transpose()?;
+    let drone = drone_id(db, cluster.as_ref(), &args.drone).await?;
+    let candidates = db.backend().termination_candidates(drone).await?;
+    let mut stdout = io::stdout().lock();
+    if out.json {
+        let value = candidates
+            .iter()
+            .map(|c| {
+                json!({
+                    "backend_id": c.backend_id,
+                    "expiration_time": c.expiration_time,
+                    "last_keepalive": c.last_keepalive,
+                    "allowed_idle_seconds": c.allowed_idle_seconds,
+                })
+            })
+            .collect();
+        return Ok(json(&mut stdout, &value)?);
+    }
+    let mut table = Table::new(&["BACKEND", "WHY", "LAST KEEPALIVE", "EXPIRES"]);
+    for candidate in &candidates {
+        let expired = candidate
+            .expiration_time
+            .is_some_and(|at| at < candidate.as_of);
+        table.row(vec![
+            Cell::new(candidate.backend_id.as_str()),
+            Cell::toned(if expired { "expired" } else { "idle" }, Tone::Bad),
+            Cell::new(age(candidate.last_keepalive, candidate.as_of)),
+            Cell::opt(candidate.expiration_time.map(time)),
+        ]);
+    }
+    print_table(&mut stdout, &table, out, "no termination candidates")?;
+    Ok(())
+}
+
+async fn prevent_renew(db: &PlaneDatabase, out: &Out, id: &BackendName) -> Outcome {
+    if db.backend().backend(id).await?.is_none() {
+        return Err(Failure::NotFound(format!(
+            "backend {:?} not found",
+            id.as_str()
+        )));
+    }
+    let prevented = db.keys().prevent_renew(id).await?;
+    let mut stdout = io::stdout().lock();
+    if out.json {
+        json(
+            &mut stdout,
+            &json!({ "backend_id": id, "prevented": prevented }),
+        )?;
+    } else if prevented {
+        writeln!(
+            stdout,
+            "{id}: key renewal prevented; the key expires at its deadline"
+        )?;
+    } else {
+        writeln!(
+            stdout,
+            "{id}: nothing to do (renewal already prevented, or the backend holds no key)"
+        )?;
+    }
+    Ok(())
+}
+
+async fn mark_lost(
+    db: &PlaneDatabase,
+    out: &Out,
+    ids: Vec<String>,
+    cluster: Option<&str>,
+    drone: Option<&str>,
+) -> Outcome {
+    let marked = match drone {
+        Some(drone) => {
+            let cluster = cluster.map(cluster_name).transpose()?;
+            let id = drone_id(db, cluster.as_ref(), drone).await?;
+            let node = db
+                .node()
+                .get(id)
+                .await?
+                .ok_or_else(|| Failure::NotFound(format!("drone {id} not found")))?;
+            let (Some(cluster), plane_db::types::AnyNodeName::Drone(name)) =
+                (node.cluster, node.name)
+            else {
+                return Err(Failure::Usage(format!("node {id} is not a drone")));
+            };
+            db.backend().mark_drone_lost(&cluster, &name).await?
+        }
+        None => {
+            let names = ids
+                .iter()
+                .map(|id| backend_name(id))
+                .collect::<Result<Vec<_>, _>>()?;
+            db.backend().mark_lost(&names).await?
+        }
+    };
+    let mut stdout = io::stdout().lock();
+    if out.json {
+        json(&mut stdout, &json!({ "marked": marked }))?;
+    } else {
+        for backend in &marked {
+            writeln!(stdout, "{backend}")?;
+        }
+        eprintln!(
+            "plane-db: marked {} backend(s) lost (unknown and already terminated ones are left alone)",
+            marked.len()
+        );
+    }
+    Ok(())
+}
+
+async fn cleanup(db: &PlaneDatabase, out: &Out, min_age_days: i32, batch_size: i32) -> Outcome {
+    let config = CleanupConfig {
+        backend_min_age_days: min_age_days,
+        event_min_age: Duration::from_secs(u64::from(min_age_days.unsigned_abs()) * 86_400),
+        batch_size,
+    };
+    // Progress goes to stderr: rewritten in place on a terminal, one line per phase when
+    // not, so a log of the run stays short.
+    let terminal = io::stderr().is_terminal();
+    let mut current: Option<(CleanupPhase, u64, u64)> = None;
+    let summary = db
+        .run_cleanup_with_progress(&config, |p| {
+            if let Some((phase, deleted, batches)) = current {
+                if phase != p.phase && !terminal {
+                    eprintln!(
+                        "plane-db: cleanup {phase}: {deleted} deleted in {batches} batch(es)"
+                    );
+                }
+            }
+            if terminal {
+                eprint!(
+                    "\r\x1b[Kplane-db: cleanup {}: {} deleted in {} batch(es)",
+                    p.phase, p.deleted, p.batches
+                );
+            }
+            current = Some((p.phase, p.deleted, p.batches));
+        })
+        .await;
+    if terminal {
+        eprintln!();
+    } else if let Some((phase, deleted, batches)) = current {
+        eprintln!("plane-db: cleanup {phase}: {deleted} deleted in {batches} batch(es)");
+    }
+    let summary = summary?;
+    let mut stdout = io::stdout().lock();
+    let b = &summary.backends;
+    if out.json {
+        json(
+            &mut stdout,
+            &json!({
+                "backends": b.backends,
+                "backend_states": b.states,
+                "backend_tokens": b.tokens,
+                "backend_actions": b.actions,
+                "backend_keys": b.keys,
+                "events": summary.events,
+                "expired_tokens": summary.tokens,
+            }),
+        )?;
+    } else {
+        let mut table = Table::new(&["DELETED", "ROWS"]);
+        for (what, count) in [
+            ("backends", b.backends),
+            ("  their state history", b.states),
+            ("  their tokens", b.tokens),
+            ("  their actions", b.actions),
+            ("  their keys", b.keys),
+            ("events", summary.events),
+            ("expired tokens", summary.tokens),
+        ] {
+            table.row(vec![Cell::new(what), Cell::new(count.to_string())]);
+        }
+        table.print(&mut stdout, out.color)?;
+    }
+    Ok(())
+}
+
+/// Prints the table, or `empty` to stderr when it has no rows (so a script reading stdout
+/// gets only the header).
+fn print_table(stdout: &mut impl Write, table: &Table, out: &Out, empty: &str) -> io::Result<()> {
+    table.print(stdout, out.color)?;
+    if table.is_empty() {
+        eprintln!("plane-db: {empty}");
+    }
+    Ok(())
+}
+
+fn backend_name(id: &str) -> Result<BackendName, Failure> {
+    id.parse()
+        .map_err(|e| Failure::Usage(format!("invalid backend id {:?}: {e}", printable(id))))
+}
+
+fn cluster_name(name: &str) -> Result<ClusterName, Failure> {
+    name.parse()
+        .map_err(|e| Failure::Usage(format!("invalid cluster {:?}: {e}", printable(name))))
+}
+
+/// A drone given as a numeric node id, or by name within `cluster`.
+async fn drone_id(
+    db: &PlaneDatabase,
+    cluster: Option<&ClusterName>,
+    drone: &str,
+) -> Result<NodeId, Failure> {
+    if let Ok(id) = drone.parse::<i32>() {
+        return Ok(NodeId::from(id));
+    }
+    let name: DroneName = drone
+        .parse()
+        .map_err(|e| Failure::Usage(format!("invalid drone {:?}: {e}", printable(drone))))?;
+    let cluster = cluster.ok_or_else(|| {
+        Failure::Usage(format!(
+            "drone {name} is a name: pass its --cluster too (or the drone's numeric id)"
+        ))
+    })?;
+    db.node()
+        .id_of(Some(cluster), name.as_str())
+        .await?
+        .ok_or_else(|| Failure::NotFound(format!("drone {name} not found in cluster {cluster}")))
+}

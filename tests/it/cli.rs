@@ -1,0 +1,526 @@
+//! The `plane-db` operator binary, run as a child process against a real database.
+
+use crate::common::{
+    cluster, drone, drone_in, exec, lifecycle, spawn, with_db_url, Drone, TEST_TIMEOUT,
+};
+use plane_db::types::{BackendName, BackendState, BackendStatus, DronePoolName};
+use plane_db::{Config, PlaneDatabase};
+use serde_json::Value;
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+
+const BIN: &str = env!("CARGO_BIN_EXE_plane-db");
+
+/// Runs the binary to completion with `DATABASE_URL=url` and stdout piped.
+fn run(url: &str, args: &[&str]) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .env("DATABASE_URL", url)
+        .env_remove("NO_COLOR")
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("run plane-db")
+}
+
+/// Runs it, asserts success, and parses stdout as JSON.
+fn run_json(url: &str, args: &[&str]) -> Value {
+    let output = run(url, &[args, &["--json"]].concat());
+    assert!(
+        output.status.success(),
+        "plane-db {args:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).expect("stdout is JSON")
+}
+
+fn stdout(output: &Output) -> String {
+    String::from_utf8(output.stdout.clone()).expect("utf-8 stdout")
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8(output.stderr.clone()).expect("utf-8 stderr")
+}
+
+/// Asserts the run failed with `code` and exactly one line on stderr containing `needle`.
+fn assert_fails(output: &Output, code: i32, needle: &str) {
+    let err = stderr(output);
+    assert_eq!(output.status.code(), Some(code), "stderr: {err}");
+    assert_eq!(err.lines().count(), 1, "one line on stderr: {err:?}");
+    assert!(err.starts_with("plane-db: "), "{err:?}");
+    assert!(err.contains(needle), "{err:?} should mention {needle:?}");
+}
+
+fn ids(value: &Value, field: &str) -> Vec<String> {
+    let mut ids: Vec<String> = value
+        .as_array()
+        .expect("a JSON array")
+        .iter()
+        .map(|v| v[field].as_str().expect("a string id").to_string())
+        .collect();
+    ids.sort();
+    ids
+}
+
+fn sorted(mut names: Vec<String>) -> Vec<String> {
+    names.sort();
+    names
+}
+
+/// Starts the binary with stdout piped; its lines arrive on the returned channel.
+fn start(url: &str, args: &[&str]) -> (Child, mpsc::Receiver<String>) {
+    let mut child = Command::new(BIN)
+        .args(args)
+        .env("DATABASE_URL", url)
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start plane-db");
+    let out = child.stdout.take().expect("piped stdout");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    (child, rx)
+}
+
+/// The next line from a started binary (blocking the test thread, bounded).
+fn next_line(rx: &mpsc::Receiver<String>) -> String {
+    rx.recv_timeout(TEST_TIMEOUT)
+        .expect("a line from plane-db before the timeout")
+}
+
+async fn ready(db: &PlaneDatabase, backend: &BackendName) {
+    for state in lifecycle().into_iter().take(4) {
+        assert!(db.backend().update_state(backend, &state).await.unwrap());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backends_are_listed_and_filtered() {
+    with_db_url(Config::default(), |db, url| async move {
+        let a = drone(&db).await;
+        let other: plane_db::types::ClusterName = "other.test".parse().unwrap();
+        let b = drone_in(&db, &other, &DronePoolName::default()).await;
+        let first = spawn(&db).await.backend_id;
+        let second = spawn(&db).await.backend_id;
+        ready(&db, &second).await;
+        // The third goes to the only drone of the other cluster.
+        let mut request = crate::common::request("elsewhere");
+        request.spawn_config.as_mut().unwrap().cluster = other.clone();
+        let third = db.connect(&request).await.unwrap().backend_id;
+
+        let all = run_json(&url, &["backends"]);
+        assert_eq!(
+            ids(&all, "id"),
+            sorted(vec![
+                first.to_string(),
+                second.to_string(),
+                third.to_string()
+            ])
+        );
+        let in_other = run_json(&url, &["backends", "--cluster", other.as_str()]);
+        assert_eq!(ids(&in_other, "id"), vec![third.to_string()]);
+        assert_eq!(in_other[0]["drone_id"], b.id.as_i32());
+        let by_id = run_json(&url, &["backends", "--drone", &a.id.to_string()]);
+        assert_eq!(
+            ids(&by_id, "id"),
+            sorted(vec![first.to_string(), second.to_string()])
+        );
+        let by_name = run_json(
+            &url,
+            &[
+                "backends",
+                "--drone",
+                a.name.as_str(),
+                "--cluster",
+                cluster().as_str(),
+            ],
+        );
+        assert_eq!(by_name, by_id);
+        let ready_ones = run_json(&url, &["backends", "--status", "ready"]);
+        assert_eq!(ids(&ready_ones, "id"), vec![second.to_string()]);
+        assert_eq!(ready_ones[0]["status"], "ready");
+        let limited = run_json(&url, &["backends", "--limit", "1"]);
+        assert_eq!(limited.as_array().unwrap().len(), 1);
+
+        // Piped text: an aligned table without colour codes.
+        let text = run(&url, &["backends", "--status", "ready"]);
+        assert!(text.status.success());
+        let text = stdout(&text);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 2, "{text}");
+        assert!(lines[0].starts_with("ID "), "{text}");
+        assert_eq!(
+            lines[0].find("STATUS"),
+            lines[1].find("ready"),
+            "columns align: {text}"
+        );
+        assert!(!text.contains('\x1b'), "no colour when piped: {text:?}");
+        let coloured = stdout(&run(
+            &url,
+            &["backends", "--status", "ready", "--color", "always"],
+        ));
+        assert!(coloured.contains("\x1b[32mready\x1b[0m"), "{coloured:?}");
+
+        // Usage mistakes are one line and exit code 2.
+        assert_fails(
+            &run(&url, &["backends", "--drone", a.name.as_str()]),
+            2,
+            "--cluster",
+        );
+        assert_fails(
+            &run(&url, &["backends", "--status", "bogus"]),
+            2,
+            "invalid backend status",
+        );
+        assert_fails(
+            &run(
+                &url,
+                &[
+                    "backends",
+                    "--drone",
+                    "dr-nosuch",
+                    "--cluster",
+                    "plane.test",
+                ],
+            ),
+            3,
+            "not found",
+        );
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_backend_shows_its_history_or_is_not_found() {
+    with_db_url(Config::default(), |db, url| async move {
+        drone(&db).await;
+        let backend = spawn(&db).await.backend_id;
+        for state in lifecycle() {
+            db.backend().update_state(&backend, &state).await.unwrap();
+        }
+        let shown = run_json(&url, &["backend", backend.as_str()]);
+        assert_eq!(shown["id"], backend.as_str());
+        assert_eq!(shown["status"], "terminated");
+        let history: Vec<&str> = shown["history"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|h| h["state"]["status"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            history,
+            [
+                "scheduled",
+                "loading",
+                "starting",
+                "waiting",
+                "ready",
+                "terminating",
+                "terminated"
+            ]
+        );
+
+        let text = stdout(&run(&url, &["backend", backend.as_str()]));
+        assert!(text.contains("address=10.0.0.1:8080"), "{text}");
+        assert!(text.contains("reason=swept"), "{text}");
+
+        assert_fails(&run(&url, &["backend", "ba-nosuch"]), 3, "not found");
+        assert_fails(
+            &run(&url, &["backend", "not a name"]),
+            2,
+            "invalid backend id",
+        );
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_show_active_ones_unless_all() {
+    with_db_url(Config::default(), |db, url| async move {
+        let online = drone(&db).await;
+        let gone: Drone = drone(&db).await;
+        db.controller()
+            .heartbeat(&gone.controller, false, "0.1.0", "abc")
+            .await
+            .unwrap();
+
+        let active = run_json(&url, &["nodes"]);
+        assert_eq!(ids(&active, "name"), vec![online.name.to_string()]);
+        assert_eq!(active[0]["kind"], "Drone");
+        assert_eq!(active[0]["active"], true);
+        let all = run_json(&url, &["nodes", "--all"]);
+        assert_eq!(
+            ids(&all, "name"),
+            sorted(vec![online.name.to_string(), gone.name.to_string()])
+        );
+        let elsewhere = run_json(&url, &["nodes", "--all", "--cluster", "other.test"]);
+        assert_eq!(elsewhere, Value::Array(vec![]));
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_are_listed_by_kind_and_followed_without_duplicates() {
+    with_db_url(Config::default(), |db, url| async move {
+        drone(&db).await;
+        let backend = spawn(&db).await.backend_id;
+        db.backend()
+            .update_state(&backend, &BackendState::Loading)
+            .await
+            .unwrap();
+
+        let states = run_json(&url, &["events", "--kind", "backend_state"]);
+        let states = states.as_array().unwrap();
+        assert_eq!(states.len(), 2, "scheduled and loading: {states:?}");
+        assert!(states.iter().all(|e| e["kind"] == "backend_state"));
+        assert!(states.iter().all(|e| e["key"] == backend.as_str()));
+        let first_id = states[0]["id"].as_i64().unwrap();
+        let after = run_json(&url, &["events", "--since", &first_id.to_string()]);
+        assert!(after
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|e| e["id"].as_i64().unwrap() > first_id));
+
+        // Follow from the start: the backlog, then live events, each once.
+        let (mut child, lines) = start(
+            &url,
+            &[
+                "events",
+                "--follow",
+                "--json",
+                "--since",
+                "0",
+                "--kind",
+                "backend_state",
+            ],
+        );
+        let mut seen = Vec::new();
+        for _ in 0..2 {
+            seen.push(serde_json::from_str::<Value>(&next_line(&lines)).unwrap());
+        }
+        for state in lifecycle().into_iter().skip(1) {
+            db.backend().update_state(&backend, &state).await.unwrap();
+        }
+        for _ in 0..5 {
+            seen.push(serde_json::from_str::<Value>(&next_line(&lines)).unwrap());
+        }
+        let statuses: Vec<&str> = seen
+            .iter()
+            .map(|e| e["data"]["status"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            statuses,
+            [
+                "scheduled",
+                "loading",
+                "starting",
+                "waiting",
+                "ready",
+                "terminating",
+                "terminated"
+            ]
+        );
+        let mut ids: Vec<i64> = seen.iter().map(|e| e["id"].as_i64().unwrap()).collect();
+        ids.sort();
+        ids.dedup();
+        assert_eq!(ids.len(), seen.len(), "no event printed twice");
+        // Nothing beyond the seven (a duplicate would arrive right behind them).
+        let extra = lines.recv_timeout(std::time::Duration::from_millis(500));
+        assert!(extra.is_err(), "unexpected extra event: {extra:?}");
+        child.kill().unwrap();
+        child.wait().unwrap();
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_prints_statuses_until_terminated() {
+    with_db_url(Config::default(), |db, url| async move {
+        drone(&db).await;
+        let backend = spawn(&db).await.backend_id;
+        let (mut child, lines) = start(&url, &["watch", backend.as_str(), "--json"]);
+        let first: Value = serde_json::from_str(&next_line(&lines)).unwrap();
+        assert_eq!(first["status"], "scheduled");
+        for state in lifecycle() {
+            db.backend().update_state(&backend, &state).await.unwrap();
+        }
+        let mut statuses = vec![first["status"].as_str().unwrap().to_string()];
+        while let Ok(line) = lines.recv_timeout(TEST_TIMEOUT) {
+            let entry: Value = serde_json::from_str(&line).unwrap();
+            statuses.push(entry["status"].as_str().unwrap().to_string());
+        }
+        let status = child.wait().unwrap();
+        assert!(status.success(), "watch exits 0 once terminated");
+        assert_eq!(
+            statuses,
+            [
+                "scheduled",
+                "loading",
+                "starting",
+                "waiting",
+                "ready",
+                "terminating",
+                "terminated"
+            ]
+        );
+
+        assert_fails(&run(&url, &["watch", "ba-nosuch"]), 3, "not found");
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn termination_candidates_prevent_renew_and_mark_lost() {
+    with_db_url(Config::default(), |db, url| async move {
+        let d = drone(&db).await;
+        let idle = spawn(&db).await.backend_id;
+        let busy = spawn(&db).await.backend_id;
+        for backend in [&idle, &busy] {
+            db.backend()
+                .update_state(backend, &BackendState::Loading)
+                .await
+                .unwrap();
+        }
+        exec(
+            &db,
+            &format!(
+                "update backend set allowed_idle_seconds = 1,
+                     last_keepalive = now() - interval '1 hour' where id = '{idle}'"
+            ),
+        )
+        .await;
+        let candidates = run_json(
+            &url,
+            &[
+                "termination-candidates",
+                "--cluster",
+                cluster().as_str(),
+                "--drone",
+                d.name.as_str(),
+            ],
+        );
+        assert_eq!(ids(&candidates, "backend_id"), vec![idle.to_string()]);
+        let text = stdout(&run(
+            &url,
+            &["termination-candidates", "--drone", &d.id.to_string()],
+        ));
+        assert!(
+            text.contains(idle.as_str()) && text.contains("idle"),
+            "{text}"
+        );
+
+        let once = run_json(&url, &["prevent-renew", idle.as_str()]);
+        assert_eq!(once["prevented"], true);
+        let twice = run_json(&url, &["prevent-renew", idle.as_str()]);
+        assert_eq!(twice["prevented"], false);
+        assert_fails(&run(&url, &["prevent-renew", "ba-nosuch"]), 3, "not found");
+
+        let marked = run_json(&url, &["mark-lost", idle.as_str(), "ba-nosuch"]);
+        assert_eq!(marked["marked"], serde_json::json!([idle.as_str()]));
+        let row = db.backend().backend(&idle).await.unwrap().unwrap();
+        assert_eq!(row.state.status(), BackendStatus::Terminated);
+
+        let by_drone = run_json(
+            &url,
+            &[
+                "mark-lost",
+                "--drone",
+                d.name.as_str(),
+                "--cluster",
+                cluster().as_str(),
+            ],
+        );
+        assert_eq!(by_drone["marked"], serde_json::json!([busy.as_str()]));
+        let again = run_json(&url, &["mark-lost", "--drone", &d.id.to_string()]);
+        assert_eq!(again["marked"], serde_json::json!([]));
+
+        // Neither ids nor a drone is a usage error from the argument parser.
+        let neither = run(&url, &["mark-lost"]);
+        assert_eq!(neither.status.code(), Some(2));
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cleanup_reports_progress_and_a_summary() {
+    with_db_url(Config::default(), |db, url| async move {
+        drone(&db).await;
+        let mut old = Vec::new();
+        for _ in 0..3 {
+            let backend = spawn(&db).await.backend_id;
+            for state in lifecycle() {
+                db.backend().update_state(&backend, &state).await.unwrap();
+            }
+            old.push(backend);
+        }
+        let kept = spawn(&db).await.backend_id;
+        exec(
+            &db,
+            "update backend set last_status_time = now() - interval '30 days'
+             where last_status = 'terminated'",
+        )
+        .await;
+        exec(
+            &db,
+            "update event set created_at = now() - interval '30 days'",
+        )
+        .await;
+
+        let output = run(
+            &url,
+            &[
+                "cleanup",
+                "--min-age-days",
+                "7",
+                "--batch-size",
+                "2",
+                "--json",
+            ],
+        );
+        assert!(output.status.success(), "{}", stderr(&output));
+        let summary: Value = serde_json::from_slice(&output.stdout).unwrap();
+        assert_eq!(summary["backends"], 3);
+        assert_eq!(summary["backend_states"], 21);
+        assert!(summary["events"].as_u64().unwrap() >= 22, "{summary}");
+        let progress = stderr(&output);
+        assert!(
+            progress.contains("cleanup backends: 3 deleted in 2 batch(es)"),
+            "{progress}"
+        );
+        assert!(progress.contains("cleanup events:"), "{progress}");
+        assert!(db.backend().backend(&kept).await.unwrap().is_some());
+        for backend in &old {
+            assert!(db.backend().backend(backend).await.unwrap().is_none());
+        }
+
+        let bad = run(&url, &["cleanup", "--batch-size", "0"]);
+        assert_eq!(bad.status.code(), Some(2));
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_and_usage_errors_are_one_line() {
+    // No database at all.
+    let output = Command::new(BIN)
+        .arg("backends")
+        .env_remove("DATABASE_URL")
+        .output()
+        .unwrap();
+    assert_fails(&output, 2, "DATABASE_URL");
+    // A server that refuses: the reason, not a pool timeout.
+    let output = run("postgres://postgres@127.0.0.1:1/none", &["backends"]);
+    assert_fails(&output, 1, "cannot connect to the database");
+    assert!(stderr(&output).to_lowercase().contains("refused"));
+    let output = run("not a url", &["backends"]);
+    assert_fails(&output, 2, "invalid database URL");
+}
