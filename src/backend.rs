@@ -449,7 +449,7 @@ impl<'a> BackendDatabase<'a> {
     }
 
     /// The route for a static token (`s.…`), which is stored on the backend row.
-    #[tracing::instrument(skip_all)]
+    #[tracing::instrument(skip_all, fields(backend = tracing::field::Empty))]
     pub async fn route_info_for_static_token(
         &self,
         token: &BearerToken,
@@ -473,6 +473,7 @@ impl<'a> BackendDatabase<'a> {
         let Some(row) = row else {
             return Ok(RouteInfoResult::NotFound);
         };
+        tracing::Span::current().record("backend", row.id.as_str());
         route_result(RouteParts {
             backend_id: row.id,
             cluster: row.cluster,
@@ -488,7 +489,7 @@ impl<'a> BackendDatabase<'a> {
     /// The route for a bearer token: `NotFound` for an unknown or expired token or a
     /// terminating/terminated backend, `Pending` before the backend is ready, `Available`
     /// once it is. Static tokens are looked up on the backend row.
-    #[tracing::instrument(skip_all)]
+    #[tracing::instrument(skip_all, fields(backend = tracing::field::Empty))]
     pub async fn route_info_for_token(&self, token: &BearerToken) -> Result<RouteInfoResult> {
         if token.is_static() {
             return self.route_info_for_static_token(token).await;
@@ -509,6 +510,7 @@ impl<'a> BackendDatabase<'a> {
         let Some(row) = row else {
             return Ok(RouteInfoResult::NotFound);
         };
+        tracing::Span::current().record("backend", row.backend_id.as_str());
         route_result(RouteParts {
             backend_id: row.backend_id,
             cluster: row.cluster,

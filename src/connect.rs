@@ -105,11 +105,33 @@ impl PlaneDatabase {
     /// row and event, the key (with a new fencing token), the spawn action for the drone and
     /// its event, and the token. Concurrent connects for one key, from any number of
     /// controllers, end with exactly one backend, and every caller gets that backend.
-    #[tracing::instrument(skip_all, fields(namespace, key))]
+    #[tracing::instrument(
+        skip_all,
+        fields(namespace, key, cluster, backend = tracing::field::Empty, drone = tracing::field::Empty)
+    )]
     pub async fn connect(&self, request: &ConnectRequest) -> Result<ConnectResponse, ConnectError> {
         let key = request.key.clone().unwrap_or_else(KeyConfig::new_random);
-        tracing::Span::current().record("namespace", key.namespace.as_str());
-        tracing::Span::current().record("key", key.name.as_str());
+        let span = tracing::Span::current();
+        span.record("namespace", key.namespace.as_str());
+        span.record("key", key.name.as_str());
+        if let Some(spawn) = &request.spawn_config {
+            span.record("cluster", spawn.cluster.as_str());
+        }
+        let response = self.connect_key(request, key).await?;
+        // The backend is only known now; later log lines in this span carry it.
+        span.record("backend", response.backend_id.as_str());
+        if let Some(drone) = &response.drone {
+            span.record("drone", drone.as_str());
+        }
+        Ok(response)
+    }
+
+    /// [`connect`](Self::connect) for the resolved key.
+    async fn connect_key(
+        &self,
+        request: &ConnectRequest,
+        key: KeyConfig,
+    ) -> Result<ConnectResponse, ConnectError> {
         if let Some(spawn) = &request.spawn_config {
             check_limits(spawn)?;
         }

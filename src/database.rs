@@ -95,6 +95,8 @@ impl Default for KeyLeaseConfig {
 }
 
 /// Opens a pool on `url` (not migrated). See [`connect_and_migrate`].
+// The URL is not recorded: it may hold a password.
+#[tracing::instrument(skip_all)]
 pub async fn connect(url: &str) -> Result<PlaneDatabase> {
     let pool = PgPoolOptions::new()
         .max_connections(32)
@@ -112,6 +114,7 @@ pub async fn connect(url: &str) -> Result<PlaneDatabase> {
 /// db.health_check().await?;
 /// # Ok(()) }
 /// ```
+#[tracing::instrument(skip_all)]
 pub async fn connect_and_migrate(url: &str) -> Result<PlaneDatabase> {
     let db = connect(url).await?;
     MIGRATOR.run(db.pool()).await?;
@@ -164,6 +167,7 @@ impl PlaneDatabase {
     }
 
     /// Checks that the database answers.
+    #[tracing::instrument(skip(self))]
     pub async fn health_check(&self) -> Result<()> {
         sqlx::query!("select 1 as one")
             .fetch_one(self.pool())
@@ -225,6 +229,7 @@ impl PlaneDatabase {
 
     /// Subscribes to every event of type `T`. When this returns, the subscription is live:
     /// every such event committed afterwards will be delivered.
+    #[tracing::instrument(skip(self), fields(kind = T::kind()))]
     pub async fn subscribe<T: NotificationPayload>(&self) -> Result<Subscription<T>> {
         let shared = self.inner.bus.ensure_started().await?;
         Ok(Subscription::new(shared, None))
@@ -232,6 +237,7 @@ impl PlaneDatabase {
 
     /// Subscribes to events of type `T` with the given key (e.g. one backend's states).
     /// Live on return, like [`subscribe`](Self::subscribe).
+    #[tracing::instrument(skip(self), fields(kind = T::kind()))]
     pub async fn subscribe_with_key<T: NotificationPayload>(
         &self,
         key: &str,
@@ -241,6 +247,7 @@ impl PlaneDatabase {
     }
 
     /// Subscribes to every event of every kind, undecoded. Live on return.
+    #[tracing::instrument(skip(self))]
     pub async fn subscribe_all_events(&self) -> Result<EventSubscription> {
         let shared = self.inner.bus.ensure_started().await?;
         Ok(EventSubscription::new(shared))
@@ -251,6 +258,7 @@ impl PlaneDatabase {
     /// Ids are assigned at insert time, not at commit, so an event committed later may carry
     /// a smaller id than one already returned: use this to backfill history (e.g. resume a
     /// stream), and a subscription for what happens next.
+    #[tracing::instrument(skip(self))]
     pub async fn get_events_since(&self, since: i64, limit: i64) -> Result<Vec<Event>> {
         check_non_negative("limit", limit)?;
         let rows = sqlx::query!(

@@ -149,6 +149,7 @@ pub(crate) struct EphemeralEnvelope {
 /// txn.commit().await?;
 /// # Ok(()) }
 /// ```
+#[tracing::instrument(skip(conn, payload), fields(kind = T::kind()))]
 pub async fn emit<T: NotificationPayload>(
     conn: &mut PgConnection,
     key: Option<&str>,

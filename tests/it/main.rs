@@ -13,3 +13,4 @@ mod keys;
 mod nodes;
 mod scheduling;
 mod status_stream;
+mod tracing_spans;

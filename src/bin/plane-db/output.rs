@@ -133,7 +133,8 @@ impl Table {
                 }
                 line.extend(std::iter::repeat_n(' ', pad));
             }
-            writeln!(out, "{line}")?;
+            // An empty last cell would leave the separator behind.
+            writeln!(out, "{}", line.trim_end())?;
         }
         Ok(())
     }
