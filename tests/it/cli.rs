@@ -524,3 +524,36 @@ async fn connection_and_usage_errors_are_one_line() {
     let output = run("not a url", &["backends"]);
     assert_fails(&output, 2, "invalid database URL");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_values_cannot_rewrite_the_terminal() {
+    with_db_url(Config::default(), |db, url| async move {
+        let controller = plane_db::types::ControllerName::new_random();
+        db.controller()
+            .heartbeat(&controller, true, "0.1.0", "abc")
+            .await
+            .unwrap();
+        db.node()
+            .register(&plane_db::node::NodeRegistration {
+                controller: &controller,
+                kind: plane_db::types::NodeKind::Proxy,
+                name: "px-hostile",
+                cluster: Some(&cluster()),
+                plane_version: "1.0\x1b[2J\nfake row",
+                plane_hash: "abc",
+                ip: std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
+            })
+            .await
+            .unwrap();
+        let output = run(&url, &["nodes", "--color", "always"]);
+        assert!(output.status.success(), "{}", stderr(&output));
+        let text = stdout(&output);
+        assert_eq!(text.lines().count(), 2, "header and one row: {text:?}");
+        assert!(text.contains("1.0\\u{1b}[2J\\nfake row"), "{text:?}");
+        assert!(!text.contains("\x1b[2J"), "{text:?}");
+        // JSON keeps the value as stored, escaped by JSON itself.
+        let json = run_json(&url, &["nodes"]);
+        assert_eq!(json[0]["plane_version"], "1.0\x1b[2J\nfake row");
+    })
+    .await
+}
