@@ -95,9 +95,12 @@ type BoxError = Box<dyn StdError + Send + Sync>;
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
+    // Logs go to stderr, so stdout holds only the address and the walkthrough.
     tracing_subscriber::fmt()
         .with_max_level(tracing::Level::INFO)
         .with_target(false)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let options = match Options::parse(std::env::args().skip(1)) {
         Ok(Some(options)) => options,
