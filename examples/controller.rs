@@ -176,18 +176,15 @@ impl Options {
 
 /// Sets everything up, serves until Ctrl-C, then says goodbye as a controller.
 async fn run(options: Options) -> Result<(), BoxError> {
-    let (db, database) = match std::env::var("DATABASE_URL") {
+    let (db, throwaway) = match std::env::var("DATABASE_URL") {
         Ok(url) if !url.trim().is_empty() => {
             tracing::info!("using the DATABASE_URL database");
-            (plane_db::connect_and_migrate(url.trim()).await?, None)
+            (plane_db::connect_and_migrate(url.trim()).await?, false)
         }
         _ => {
             let database = plane_db::testing::create_database().await?;
             tracing::info!(database = %database.name, "using a throwaway Postgres (no DATABASE_URL)");
-            (
-                plane_db::connect_and_migrate(&database.url).await?,
-                Some(database),
-            )
+            (plane_db::connect_and_migrate(&database.url).await?, true)
         }
     };
 
@@ -197,7 +194,7 @@ async fn run(options: Options) -> Result<(), BoxError> {
         .await?;
     tokio::spawn(heartbeat_loop(db.clone(), controller.clone()));
 
-    let demo = if options.demo_drone.unwrap_or(database.is_some()) {
+    let demo = if options.demo_drone.unwrap_or(throwaway) {
         let drone = DemoDrone::register(&db, &controller, &options.cluster).await?;
         tracing::info!(drone = %drone.name, cluster = %drone.cluster, "demo drone registered");
         tokio::spawn(drone.clone().run(db.clone(), Duration::from_secs(1)));
@@ -218,16 +215,13 @@ async fn run(options: Options) -> Result<(), BoxError> {
             tracing::info!("shutting down");
         }
     }
-    // Open status streams are not waited for: they would keep the process up until their
-    // backends terminate. Going offline stops the scheduler from picking our drones.
+    // Going offline stops the scheduler from picking this controller's drones. Open status
+    // streams are not waited for (they last until their backends terminate), nor is the pool
+    // closed under them: returning ends every task. A throwaway database goes with its
+    // server when the process exits.
     db.controller()
         .heartbeat(&controller, false, VERSION, "example")
         .await?;
-    db.pool().close().await;
-    drop(db);
-    if let Some(database) = database {
-        database.drop_database().await?;
-    }
     Ok(())
 }
 
@@ -691,13 +685,13 @@ impl IntoResponse for ApiError {
             None if self.status.is_server_error() => tracing::warn!(
                 status = self.status.as_u16(),
                 code = self.code,
-                message = %self.message,
+                detail = %self.message,
                 "request refused"
             ),
             None => tracing::debug!(
                 status = self.status.as_u16(),
                 code = self.code,
-                message = %self.message,
+                detail = %self.message,
                 "bad request"
             ),
         }
