@@ -129,7 +129,7 @@ pub enum ConnectError {
     },
 
     /// No drone can take a new backend in the requested cluster and pool.
-    #[error("no drone available in cluster {cluster} pool {pool:?}")]
+    #[error("no drone available in cluster {cluster} pool {:?}", pool.as_str())]
     NoDroneAvailable {
         /// The requested cluster.
         cluster: ClusterName,

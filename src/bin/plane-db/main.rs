@@ -697,12 +697,8 @@ async fn watch(db: &PlaneDatabase, out: &Out, id: &BackendName) -> Outcome {
         } else {
             entry.status.to_string()
         };
-        writeln!(
-            stdout,
-            "{}  {status}  {}",
-            time(entry.time),
-            detail.join(" ")
-        )?;
+        let line = format!("{}  {status}  {}", time(entry.time), detail.join(" "));
+        writeln!(stdout, "{}", line.trim_end())?;
         stdout.flush()?;
     }
     Ok(())

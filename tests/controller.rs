@@ -1,0 +1,674 @@
+//! The example HTTP controller (examples/controller.rs), driven over TCP with a real HTTP
+//! client, on a fresh database each: connect, status, the SSE status stream (exact ids,
+//! resumption with `Last-Event-ID`, end at termination), terminate, route lookups, the
+//! error answers, and the demo drone the README walkthrough relies on.
+
+#[path = "../examples/controller.rs"]
+#[allow(dead_code)] // `main` and the command line are not used here.
+mod controller;
+
+#[path = "it/common.rs"]
+#[allow(dead_code)] // The shared fixtures include some this binary does not use.
+mod common;
+
+use common::*;
+use plane_db::types::{
+    BackendAction, BackendAddr, BackendName, BackendState, BackendStatus, BackendStatusStreamEntry,
+    ControllerName, TerminationKind, TerminationReason,
+};
+use plane_db::PlaneDatabase;
+use reqwest::{Client, StatusCode};
+use serde_json::{json, Value};
+use std::future::IntoFuture;
+use std::time::Duration;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// How long any single read may take before the test fails instead of hanging. Only a
+/// bound: nothing asserts on timing.
+const STEP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The controller's router served on 127.0.0.1 on a free port.
+struct Server {
+    base: String,
+    shutdown: oneshot::Sender<()>,
+    task: JoinHandle<std::io::Result<()>>,
+}
+
+impl Server {
+    async fn start(db: &PlaneDatabase) -> Server {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let (shutdown, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(
+            axum::serve(listener, controller::router(db.clone()))
+                .with_graceful_shutdown(async {
+                    let _ = stopped.await;
+                })
+                .into_future(),
+        );
+        Server {
+            base,
+            shutdown,
+            task,
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// Stops accepting, waits for the open connections to finish (every stream a test
+    /// leaves open has ended by then), so the database can be dropped.
+    async fn stop(self) {
+        let _ = self.shutdown.send(());
+        tokio::time::timeout(STEP_TIMEOUT, self.task)
+            .await
+            .expect("the server stops")
+            .unwrap()
+            .unwrap();
+    }
+}
+
+/// One server-sent event.
+#[derive(Debug, Clone, PartialEq)]
+struct SseEvent {
+    id: Option<String>,
+    data: String,
+}
+
+impl SseEvent {
+    fn entry(&self) -> BackendStatusStreamEntry {
+        serde_json::from_str(&self.data).unwrap()
+    }
+
+    /// The event id and the status it carries.
+    fn id_and_status(&self) -> (i32, BackendStatus) {
+        let id = self.id.as_deref().expect("every event has an id");
+        (id.parse().unwrap(), self.entry().status)
+    }
+}
+
+/// A minimal SSE client over a streamed reqwest response.
+struct SseClient {
+    response: reqwest::Response,
+    buffer: Vec<u8>,
+}
+
+impl SseClient {
+    async fn open(client: &Client, url: &str, last_event_id: Option<&str>) -> SseClient {
+        let mut request = client.get(url);
+        if let Some(id) = last_event_id {
+            request = request.header("Last-Event-ID", id);
+        }
+        let response = request.send().await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(
+            response.headers()["content-type"].to_str().unwrap(),
+            "text/event-stream"
+        );
+        SseClient {
+            response,
+            buffer: Vec::new(),
+        }
+    }
+
+    /// The next event (comments such as keep-alives are skipped), or `None` once the server
+    /// has ended the stream.
+    async fn next(&mut self) -> Option<SseEvent> {
+        loop {
+            if let Some(end) = self.buffer.windows(2).position(|w| w == b"\n\n") {
+                let block: Vec<u8> = self.buffer.drain(..end + 2).collect();
+                if let Some(event) = parse_event(std::str::from_utf8(&block).unwrap()) {
+                    return Some(event);
+                }
+                continue;
+            }
+            let chunk = tokio::time::timeout(STEP_TIMEOUT, self.response.chunk())
+                .await
+                .expect("an event or the end of the stream")
+                .unwrap();
+            match chunk {
+                Some(bytes) => self.buffer.extend_from_slice(&bytes),
+                None => {
+                    assert!(self.buffer.is_empty(), "stream ended inside an event");
+                    return None;
+                }
+            }
+        }
+    }
+
+    /// Every remaining event, until the server ends the stream.
+    async fn rest(&mut self) -> Vec<SseEvent> {
+        let mut events = Vec::new();
+        while let Some(event) = self.next().await {
+            events.push(event);
+        }
+        events
+    }
+}
+
+fn parse_event(block: &str) -> Option<SseEvent> {
+    let mut id = None;
+    let mut data: Option<String> = None;
+    for line in block.lines() {
+        if line.is_empty() || line.starts_with(':') {
+            continue;
+        }
+        let (field, value) = line.split_once(':').unwrap_or((line, ""));
+        let value = value.strip_prefix(' ').unwrap_or(value);
+        match field {
+            "id" => id = Some(value.to_string()),
+            "data" => match &mut data {
+                Some(data) => {
+                    data.push('\n');
+                    data.push_str(value);
+                }
+                None => data = Some(value.to_string()),
+            },
+            _ => {}
+        }
+    }
+    data.map(|data| SseEvent { id, data })
+}
+
+fn ids_and_statuses(events: &[SseEvent]) -> Vec<(i32, BackendStatus)> {
+    events.iter().map(SseEvent::id_and_status).collect()
+}
+
+fn pairs(statuses: &[BackendStatus]) -> Vec<(i32, BackendStatus)> {
+    statuses.iter().map(|s| (s.as_int(), *s)).collect()
+}
+
+/// Sends a request and returns the status code and JSON body.
+async fn json_of(request: reqwest::RequestBuilder) -> (StatusCode, Value) {
+    let response = request.send().await.unwrap();
+    let status = response.status();
+    let body = response.json::<Value>().await.unwrap();
+    (status, body)
+}
+
+/// Asserts an error answer: the status code and the error code of the JSON body.
+async fn assert_error(request: reqwest::RequestBuilder, status: StatusCode, code: &str) {
+    let (got, body) = json_of(request).await;
+    assert_eq!(got, status, "{body}");
+    assert_eq!(body["error"], code, "{body}");
+    assert!(
+        body["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "{body}"
+    );
+}
+
+fn backend_of(body: &Value) -> BackendName {
+    body["backend_id"].as_str().unwrap().parse().unwrap()
+}
+
+fn ready_address() -> BackendAddr {
+    BackendAddr(addr(8080))
+}
+
+/// The states a drone reports on its way to ready.
+fn startup() -> Vec<BackendState> {
+    let waiting = BackendState::Starting.to_waiting(addr(8080));
+    vec![
+        BackendState::Loading,
+        BackendState::Starting,
+        waiting.clone(),
+        waiting.to_ready(ready_address()),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_stream_resumes_exactly_and_ends_at_termination() {
+    with_db(|db| async move {
+        let drone = drone(&db).await;
+        let server = Server::start(&db).await;
+        let client = Client::new();
+
+        let (status, body) =
+            json_of(client.post(server.url("/connect")).json(&request("doc-1"))).await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        assert_eq!(body["spawned"], true);
+        assert_eq!(body["status"], "scheduled");
+        assert_eq!(body["drone"], drone.name.as_str());
+        assert!(body["token"].as_str().is_some_and(|t| !t.is_empty()));
+        let backend = backend_of(&body);
+        let stream_url = format!("/backend/{backend}/status-stream");
+        assert_eq!(body["status_stream_url"], stream_url);
+        let stream_url = server.url(&stream_url);
+
+        // The same key again: the same backend, not created again.
+        let (status, again) =
+            json_of(client.post(server.url("/connect")).json(&request("doc-1"))).await;
+        assert_eq!(status, StatusCode::OK, "{again}");
+        assert_eq!(backend_of(&again), backend);
+        assert_eq!(again["spawned"], false);
+
+        let (status, body) =
+            json_of(client.get(server.url(&format!("/backend/{backend}/status")))).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(body["backend_id"], backend.as_str());
+        assert_eq!(body["status"], "scheduled");
+        assert_eq!(body["event_id"], 10);
+        assert_eq!(body["address"], Value::Null);
+
+        // History first, then each state as the drone writes it, with its status number.
+        let mut stream = SseClient::open(&client, &stream_url, None).await;
+        let first = stream.next().await.unwrap();
+        assert_eq!(first.id_and_status(), (10, BackendStatus::Scheduled));
+        let startup = startup();
+        for (state, id) in startup[..2].iter().zip([20, 30]) {
+            assert!(db.backend().update_state(&backend, state).await.unwrap());
+            let event = stream.next().await.unwrap();
+            assert_eq!(event.id_and_status(), (id, state.status()));
+        }
+
+        // The client goes away after event 30; the drone carries on meanwhile.
+        drop(stream);
+        for state in &startup[2..] {
+            assert!(db.backend().update_state(&backend, state).await.unwrap());
+        }
+        let (_, body) =
+            json_of(client.get(server.url(&format!("/backend/{backend}/status")))).await;
+        assert_eq!(body["status"], "ready");
+        assert_eq!(body["event_id"], 50);
+        assert_eq!(body["address"], ready_address().to_string());
+
+        // Resuming after 30 gives 40 and 50: nothing seen again, nothing skipped.
+        let mut resumed = SseClient::open(&client, &stream_url, Some("30")).await;
+        let mut got = vec![resumed.next().await.unwrap(), resumed.next().await.unwrap()];
+        assert_eq!(
+            ids_and_statuses(&got),
+            pairs(&[BackendStatus::Waiting, BackendStatus::Ready])
+        );
+
+        // Terminate through the controller; the drone finds the action and reports.
+        let (status, body) = json_of(
+            client
+                .post(server.url(&format!("/backend/{backend}/terminate")))
+                .json(&json!({"kind": "soft"})),
+        )
+        .await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+        assert_eq!(body["result"], "requested");
+        assert_eq!(body["kind"], "soft");
+        assert_eq!(body["drone_id"], json!(drone.id));
+        let action_id = body["action_id"].as_str().unwrap();
+        let queued = db.backend_actions().pending(drone.id, 10).await.unwrap();
+        let action = queued
+            .iter()
+            .find(|a| a.action_id.as_str() == action_id)
+            .expect("the terminate action is queued for the drone");
+        assert_eq!(action.backend_id, backend);
+        assert_eq!(
+            action.action,
+            BackendAction::Terminate {
+                kind: TerminationKind::Soft,
+                reason: TerminationReason::External
+            }
+        );
+        let terminating = startup[3].to_terminating(TerminationReason::External);
+        assert!(db
+            .backend()
+            .update_state(&backend, &terminating)
+            .await
+            .unwrap());
+        assert!(db
+            .backend()
+            .update_state(&backend, &terminating.to_terminated(Some(0)))
+            .await
+            .unwrap());
+
+        // The resumed stream carries on to the end and then closes.
+        got.extend(resumed.rest().await);
+        assert_eq!(
+            ids_and_statuses(&got),
+            pairs(&[
+                BackendStatus::Waiting,
+                BackendStatus::Ready,
+                BackendStatus::Terminating,
+                BackendStatus::Terminated
+            ])
+        );
+        let last = got.last().unwrap().entry();
+        assert_eq!(last.termination_reason, Some(TerminationReason::External));
+        assert_eq!(last.termination_kind, Some(TerminationKind::Soft));
+        assert_eq!(last.exit_error, Some(false));
+
+        // A new client gets the whole history, and the stream ends by itself.
+        let all = SseClient::open(&client, &stream_url, None)
+            .await
+            .rest()
+            .await;
+        let mut everything = vec![BackendStatus::Scheduled];
+        everything.extend(startup.iter().map(BackendState::status));
+        everything.extend([BackendStatus::Terminating, BackendStatus::Terminated]);
+        assert_eq!(ids_and_statuses(&all), pairs(&everything));
+
+        // Resuming from any event gives exactly what follows it.
+        for (i, status) in everything.iter().enumerate() {
+            let id = status.as_int().to_string();
+            if *status == BackendStatus::Terminated {
+                continue;
+            }
+            let rest = SseClient::open(&client, &stream_url, Some(&id))
+                .await
+                .rest()
+                .await;
+            assert_eq!(
+                ids_and_statuses(&rest),
+                pairs(&everything[i + 1..]),
+                "after {id}"
+            );
+        }
+
+        // After the last event there is nothing more: 204 tells the client to stop.
+        let response = client
+            .get(&stream_url)
+            .header("Last-Event-ID", "70")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::NO_CONTENT);
+
+        let (status, body) =
+            json_of(client.post(server.url(&format!("/backend/{backend}/terminate")))).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert_eq!(body["result"], "already_terminated");
+        assert_eq!(body["action_id"], Value::Null);
+
+        drop(client);
+        server.stop().await;
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn route_lookup_by_path_and_header() {
+    with_db(|db| async move {
+        drone(&db).await;
+        let server = Server::start(&db).await;
+        let client = Client::new();
+        let (status, body) =
+            json_of(client.post(server.url("/connect")).json(&request("doc-2"))).await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        let backend = backend_of(&body);
+        let token = body["token"].as_str().unwrap().to_string();
+        let secret = body["secret_token"].clone();
+        assert!(secret.as_str().is_some_and(|s| !s.is_empty()));
+
+        // Not ready yet: pending, without an address.
+        let (status, route) = json_of(client.get(server.url(&format!("/route/{token}")))).await;
+        assert_eq!(status, StatusCode::OK, "{route}");
+        assert_eq!(route["status"], "pending");
+        assert_eq!(route["backend_id"], backend.as_str());
+        assert_eq!(route["address"], Value::Null);
+        assert_eq!(route["secret_token"], secret);
+        assert_eq!(route["user"], "alice");
+        assert_eq!(route["cluster"], cluster().to_string());
+
+        for state in startup() {
+            assert!(db.backend().update_state(&backend, &state).await.unwrap());
+        }
+        let (status, by_path) = json_of(client.get(server.url(&format!("/route/{token}")))).await;
+        assert_eq!(status, StatusCode::OK, "{by_path}");
+        assert_eq!(by_path["status"], "ready");
+        assert_eq!(by_path["address"], ready_address().to_string());
+        assert_eq!(by_path["secret_token"], secret);
+        let (status, by_header) =
+            json_of(client.get(server.url("/route")).bearer_auth(&token)).await;
+        assert_eq!(status, StatusCode::OK, "{by_header}");
+        assert_eq!(by_header, by_path);
+
+        // Unknown tokens, and a header that carries none.
+        assert_error(
+            client.get(server.url("/route/not-a-token-we-issued")),
+            StatusCode::NOT_FOUND,
+            "unknown_token",
+        )
+        .await;
+        assert_error(
+            client.get(server.url("/route")).bearer_auth("s.unknown"),
+            StatusCode::NOT_FOUND,
+            "unknown_token",
+        )
+        .await;
+        assert_error(
+            client.get(server.url("/route")),
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+        )
+        .await;
+
+        // Once the backend is terminating, its token routes nowhere.
+        let terminating = startup()[3].to_terminating(TerminationReason::External);
+        assert!(db
+            .backend()
+            .update_state(&backend, &terminating)
+            .await
+            .unwrap());
+        assert_error(
+            client.get(server.url(&format!("/route/{token}"))),
+            StatusCode::NOT_FOUND,
+            "unknown_token",
+        )
+        .await;
+
+        drop(client);
+        server.stop().await;
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_unknown_ids_and_no_drone() {
+    with_db(|db| async move {
+        let server = Server::start(&db).await;
+        let client = Client::new();
+        let connect = || client.post(server.url("/connect"));
+
+        // No drone yet: nothing can be scheduled.
+        assert_error(
+            connect().json(&request("doc-3")),
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no_drone",
+        )
+        .await;
+        drone(&db).await;
+
+        assert_error(
+            connect().body("{not json"),
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+        )
+        .await;
+        assert_error(
+            connect().json(&json!({})),
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+        )
+        .await;
+        let mut bad_cluster = serde_json::to_value(request("doc-3")).unwrap();
+        bad_cluster["spawn_config"]["cluster"] = json!("not a cluster!");
+        assert_error(
+            connect().json(&bad_cluster),
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+        )
+        .await;
+        let mut bad_idle = request("doc-3");
+        if let Some(spawn) = &mut bad_idle.spawn_config {
+            spawn.max_idle_seconds = Some(-1);
+        }
+        assert_error(
+            connect().json(&bad_idle),
+            StatusCode::BAD_REQUEST,
+            "invalid_argument",
+        )
+        .await;
+        // Only a key, and no backend holds it.
+        let mut no_spawn = request("doc-nobody");
+        no_spawn.spawn_config = None;
+        assert_error(
+            connect().json(&no_spawn),
+            StatusCode::NOT_FOUND,
+            "no_backend",
+        )
+        .await;
+        // The key is held under another tag.
+        let (status, _) = json_of(connect().json(&request("doc-3"))).await;
+        assert_eq!(status, StatusCode::CREATED);
+        let mut other_tag = request("doc-3");
+        if let Some(key) = &mut other_tag.key {
+            key.tag = "v2".into();
+        }
+        assert_error(connect().json(&other_tag), StatusCode::CONFLICT, "key_held").await;
+
+        // Backend ids: malformed, and well-formed but unknown.
+        let unknown = BackendName::new_random();
+        for path in ["status", "status-stream"] {
+            assert_error(
+                client.get(server.url(&format!("/backend/Not_A_Name/{path}"))),
+                StatusCode::BAD_REQUEST,
+                "invalid_backend_id",
+            )
+            .await;
+            assert_error(
+                client.get(server.url(&format!("/backend/{unknown}/{path}"))),
+                StatusCode::NOT_FOUND,
+                "unknown_backend",
+            )
+            .await;
+        }
+        assert_error(
+            client.post(server.url("/backend/Not_A_Name/terminate")),
+            StatusCode::BAD_REQUEST,
+            "invalid_backend_id",
+        )
+        .await;
+        assert_error(
+            client.post(server.url(&format!("/backend/{unknown}/terminate"))),
+            StatusCode::NOT_FOUND,
+            "unknown_backend",
+        )
+        .await;
+
+        // A live backend, asked badly.
+        let backend = spawn(&db).await.backend_id;
+        for bad_id in ["abc", "15", "-1", "99999999999"] {
+            assert_error(
+                client
+                    .get(server.url(&format!("/backend/{backend}/status-stream")))
+                    .header("Last-Event-ID", bad_id),
+                StatusCode::BAD_REQUEST,
+                "invalid_last_event_id",
+            )
+            .await;
+        }
+        for bad_body in [
+            r#"{"kind": "medium"}"#,
+            r#"{"kind": "soft", "now": true}"#,
+            "[",
+        ] {
+            assert_error(
+                client
+                    .post(server.url(&format!("/backend/{backend}/terminate")))
+                    .body(bad_body),
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+            )
+            .await;
+        }
+        // None of those queued anything.
+        assert_eq!(
+            count(&db, "backend_action where action ? 'Terminate'").await,
+            0
+        );
+
+        assert_error(
+            client.get(server.url("/no/such/route")),
+            StatusCode::NOT_FOUND,
+            "no_such_route",
+        )
+        .await;
+
+        drop(client);
+        server.stop().await;
+    })
+    .await
+}
+
+/// The README walkthrough with only HTTP calls: the demo drone takes the backend to ready,
+/// and carries out a hard termination.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_drone_runs_the_walkthrough() {
+    with_db(|db| async move {
+        let controller_name = ControllerName::new_random();
+        db.controller()
+            .heartbeat(&controller_name, true, "0.1.0", "test")
+            .await
+            .unwrap();
+        let demo = controller::DemoDrone::register(&db, &controller_name, &cluster())
+            .await
+            .unwrap();
+        let drone_task = tokio::spawn(demo.clone().run(db.clone(), Duration::ZERO));
+        let server = Server::start(&db).await;
+        let client = Client::new();
+
+        let (status, body) =
+            json_of(client.post(server.url("/connect")).json(&request("doc-4"))).await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        assert_eq!(body["drone"], demo.name.as_str());
+        let backend = backend_of(&body);
+        let token = body["token"].as_str().unwrap().to_string();
+        let stream_url = server.url(&format!("/backend/{backend}/status-stream"));
+
+        let mut stream = SseClient::open(&client, &stream_url, None).await;
+        let mut got = Vec::new();
+        while got.last().map(SseEvent::id_and_status) != Some((50, BackendStatus::Ready)) {
+            got.push(stream.next().await.expect("the stream reaches ready"));
+        }
+        assert_eq!(
+            ids_and_statuses(&got),
+            pairs(&[
+                BackendStatus::Scheduled,
+                BackendStatus::Loading,
+                BackendStatus::Starting,
+                BackendStatus::Waiting,
+                BackendStatus::Ready
+            ])
+        );
+        let (_, route) = json_of(client.get(server.url(&format!("/route/{token}")))).await;
+        assert_eq!(route["status"], "ready");
+
+        let (status, body) = json_of(
+            client
+                .post(server.url(&format!("/backend/{backend}/terminate")))
+                .json(&json!({"kind": "hard"})),
+        )
+        .await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+        let rest = stream.rest().await;
+        assert_eq!(
+            ids_and_statuses(&rest),
+            pairs(&[BackendStatus::HardTerminating, BackendStatus::Terminated])
+        );
+        let last = rest[1].entry();
+        assert_eq!(last.termination_kind, Some(TerminationKind::Hard));
+        assert_eq!(last.termination_reason, Some(TerminationReason::External));
+        assert_eq!(last.exit_error, Some(true));
+        // The drone acknowledged both actions.
+        assert!(db
+            .backend_actions()
+            .pending(demo.id, 10)
+            .await
+            .unwrap()
+            .is_empty());
+
+        drop(client);
+        server.stop().await;
+        drone_task.abort();
+        let _ = drone_task.await;
+    })
+    .await
+}
