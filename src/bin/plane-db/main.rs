@@ -600,7 +600,13 @@ async fn events(db: &PlaneDatabase, out: &Out, args: EventsArgs) -> Outcome {
             since = last;
             events.extend(page.into_iter().filter(|e| wanted(e)));
         }
-        events.truncate(usize::try_from(args.limit).unwrap_or(usize::MAX));
+        let limit = usize::try_from(args.limit).unwrap_or(usize::MAX);
+        if events.len() >= limit && limit > 0 {
+            eprintln!(
+                "plane-db: showing the first {limit} events; pass --since with the last id to see more"
+            );
+        }
+        events.truncate(limit);
         if out.json {
             return Ok(json(&mut stdout, &events.iter().map(event_json).collect())?);
         }
