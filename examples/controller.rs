@@ -394,9 +394,9 @@ async fn status_stream(
 ) -> Result<Response, ApiError> {
     let id = backend_id(id)?;
     let after = last_event_id(&headers)?;
-    // Checked here, not left to `status_stream`, because the library logs its errors at
-    // error level and an unknown id is the client's mistake; and the 204 below needs to
-    // know the backend exists.
+    // Checked first so that an unknown id is answered as `unknown_backend` (404) whatever
+    // the library's error for it, and because the 204 below needs to know the backend
+    // exists.
     if db.backend().backend(&id).await?.is_none() {
         return Err(unknown_backend(&id));
     }
@@ -502,7 +502,7 @@ async fn terminate(
             })?
             .kind
     };
-    // Checked first for the same reason as in `status_stream`.
+    // Checked first, as in `status_stream`, so an unknown id is `unknown_backend`.
     if db.backend().backend(&id).await?.is_none() {
         return Err(unknown_backend(&id));
     }

@@ -368,7 +368,7 @@ impl<'a> BackendDatabase<'a> {
     /// The backends matching `filter`, in id order, including terminated ones not yet
     /// cleaned up. Rows that do not decode are skipped with a warning. A negative `limit` is
     /// [`Error::InvalidArgument`].
-    #[tracing::instrument(skip(self), fields(cluster = ?filter.cluster, drone = ?filter.drone, status = ?filter.status))]
+    #[tracing::instrument(skip_all, fields(cluster = ?filter.cluster, drone = ?filter.drone, status = ?filter.status))]
     pub async fn list(&self, filter: &BackendFilter) -> Result<Vec<BackendRow>> {
         if let Some(limit) = filter.limit {
             check_non_negative("limit", limit)?;

@@ -178,6 +178,7 @@ impl PlaneDatabase {
     /// println!("deleted {} backends, {} events", summary.backends.backends, summary.events);
     /// # Ok(()) }
     /// ```
+    #[tracing::instrument(skip(self))]
     pub async fn run_cleanup(&self, config: &CleanupConfig) -> Result<CleanupSummary> {
         self.run_cleanup_with_progress(config, |_| {}).await
     }

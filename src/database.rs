@@ -253,6 +253,17 @@ impl PlaneDatabase {
         Ok(EventSubscription::new(shared))
     }
 
+    /// The id of the newest stored event, `None` if there are none: where to start
+    /// [`get_events_since`](Self::get_events_since) to read only what is stored from now on.
+    #[tracing::instrument(skip(self))]
+    pub async fn latest_event_id(&self) -> Result<Option<i64>> {
+        // Reads the primary key index backwards: one row, whatever the table's size.
+        let id = sqlx::query_scalar!("select max(id) from event")
+            .fetch_one(self.pool())
+            .await?;
+        Ok(id)
+    }
+
     /// Persisted events with an id greater than `since`, in id order, at most `limit`.
     ///
     /// Ids are assigned at insert time, not at commit, so an event committed later may carry

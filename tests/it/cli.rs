@@ -67,8 +67,46 @@ fn sorted(mut names: Vec<String>) -> Vec<String> {
     names
 }
 
-/// Starts the binary with stdout piped; its lines arrive on the returned channel.
-fn start(url: &str, args: &[&str]) -> (Child, mpsc::Receiver<String>) {
+/// A started binary, killed when dropped (so a failed assertion leaves nothing running).
+struct Running {
+    child: Child,
+    /// Its stdout, line by line.
+    lines: mpsc::Receiver<String>,
+}
+
+impl Running {
+    /// The next line (blocking the test thread, bounded).
+    fn next_line(&self) -> String {
+        self.lines
+            .recv_timeout(TEST_TIMEOUT)
+            .expect("a line from plane-db before the timeout")
+    }
+
+    /// Waits (bounded) for it to exit by itself; its exit status.
+    fn wait(&mut self) -> std::process::ExitStatus {
+        let deadline = std::time::Instant::now() + TEST_TIMEOUT;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("poll plane-db") {
+                return status;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "plane-db did not exit before the timeout"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts the binary with stdout piped.
+fn start(url: &str, args: &[&str]) -> Running {
     let mut child = Command::new(BIN)
         .args(args)
         .env("DATABASE_URL", url)
@@ -87,13 +125,7 @@ fn start(url: &str, args: &[&str]) -> (Child, mpsc::Receiver<String>) {
             }
         }
     });
-    (child, rx)
-}
-
-/// The next line from a started binary (blocking the test thread, bounded).
-fn next_line(rx: &mpsc::Receiver<String>) -> String {
-    rx.recv_timeout(TEST_TIMEOUT)
-        .expect("a line from plane-db before the timeout")
+    Running { child, lines: rx }
 }
 
 async fn ready(db: &PlaneDatabase, backend: &BackendName) {
@@ -194,6 +226,11 @@ async fn backends_are_listed_and_filtered() {
             3,
             "not found",
         );
+        assert_fails(
+            &run(&url, &["backends", "--drone", "424242"]),
+            3,
+            "not found",
+        );
     })
     .await
 }
@@ -290,8 +327,18 @@ async fn events_are_listed_by_kind_and_followed_without_duplicates() {
             .iter()
             .all(|e| e["id"].as_i64().unwrap() > first_id));
 
-        // Follow from the start: the backlog, then live events, each once.
-        let (mut child, lines) = start(
+        // Follow from the start: the backlog, then live events, each once. One event is
+        // written before the follow starts but committed after its backlog read: it comes
+        // live only, although its id is below the backlog's last.
+        let mut late = db.pool().begin().await.unwrap();
+        plane_db::events::emit(&mut late, Some("late"), &BackendState::Loading)
+            .await
+            .unwrap();
+        db.backend()
+            .update_state(&backend, &BackendState::Starting)
+            .await
+            .unwrap();
+        let follow = start(
             &url,
             &[
                 "events",
@@ -304,21 +351,35 @@ async fn events_are_listed_by_kind_and_followed_without_duplicates() {
             ],
         );
         let mut seen = Vec::new();
-        for _ in 0..2 {
-            seen.push(serde_json::from_str::<Value>(&next_line(&lines)).unwrap());
+        for _ in 0..3 {
+            seen.push(serde_json::from_str::<Value>(&follow.next_line()).unwrap());
         }
-        for state in lifecycle().into_iter().skip(1) {
+        late.commit().await.unwrap();
+        for state in lifecycle().into_iter().skip(2) {
             db.backend().update_state(&backend, &state).await.unwrap();
         }
         for _ in 0..5 {
-            seen.push(serde_json::from_str::<Value>(&next_line(&lines)).unwrap());
+            seen.push(serde_json::from_str::<Value>(&follow.next_line()).unwrap());
         }
-        let statuses: Vec<&str> = seen
+        let keyed: Vec<(&str, &str)> = seen
             .iter()
-            .map(|e| e["data"]["status"].as_str().unwrap())
+            .map(|e| {
+                (
+                    e["key"].as_str().unwrap(),
+                    e["data"]["status"].as_str().unwrap(),
+                )
+            })
+            .collect();
+        // One backend's events come in its order; the late one, from another transaction,
+        // may come anywhere after the backlog (the bus orders by visibility, not by id).
+        let b = backend.as_str();
+        let ours: Vec<&str> = keyed
+            .iter()
+            .filter(|(k, _)| *k == b)
+            .map(|(_, s)| *s)
             .collect();
         assert_eq!(
-            statuses,
+            ours,
             [
                 "scheduled",
                 "loading",
@@ -329,15 +390,98 @@ async fn events_are_listed_by_kind_and_followed_without_duplicates() {
                 "terminated"
             ]
         );
-        let mut ids: Vec<i64> = seen.iter().map(|e| e["id"].as_i64().unwrap()).collect();
-        ids.sort();
-        ids.dedup();
-        assert_eq!(ids.len(), seen.len(), "no event printed twice");
-        // Nothing beyond the seven (a duplicate would arrive right behind them).
-        let extra = lines.recv_timeout(std::time::Duration::from_millis(500));
+        let late_at = keyed.iter().position(|(k, _)| *k == "late");
+        assert!(late_at.is_some_and(|at| at >= 3), "{keyed:?}");
+        let ids: Vec<i64> = seen.iter().map(|e| e["id"].as_i64().unwrap()).collect();
+        let late_id = seen[late_at.unwrap()]["id"].as_i64().unwrap();
+        assert!(late_id < ids[2], "the late event has a smaller id: {ids:?}");
+        let mut unique = ids.clone();
+        unique.sort();
+        unique.dedup();
+        assert_eq!(unique.len(), ids.len(), "no event printed twice: {ids:?}");
+        // Nothing beyond the eight (a duplicate would arrive right behind them).
+        let extra = follow
+            .lines
+            .recv_timeout(std::time::Duration::from_millis(500));
         assert!(extra.is_err(), "unexpected extra event: {extra:?}");
-        child.kill().unwrap();
-        child.wait().unwrap();
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn following_events_recovers_what_a_full_queue_dropped() {
+    with_db_url(Config::default(), |db, url| async move {
+        // Without --since: only what is committed from now on. A queue of 10 cannot hold a
+        // transaction of 500 events, so the subscription drops most of them and the CLI
+        // reads them again from the table.
+        db.health_check().await.unwrap();
+        let mut before = db.pool().begin().await.unwrap();
+        plane_db::events::emit(&mut before, Some("before"), &BackendState::Loading)
+            .await
+            .unwrap();
+        before.commit().await.unwrap();
+        let mut follow = start(
+            &url,
+            &["events", "--follow", "--json", "--max-pending", "10"],
+        );
+        // It is following once a live event comes through: probe until one does (the
+        // process takes a moment to start and subscribe).
+        let mut probes = 0;
+        let first = loop {
+            let mut probe = db.pool().begin().await.unwrap();
+            plane_db::events::emit(&mut probe, Some("probe"), &BackendState::Loading)
+                .await
+                .unwrap();
+            probe.commit().await.unwrap();
+            probes += 1;
+            assert!(probes < 600, "the follow never printed a probe");
+            if let Ok(line) = follow
+                .lines
+                .recv_timeout(std::time::Duration::from_millis(200))
+            {
+                break serde_json::from_str::<Value>(&line).unwrap();
+            }
+        };
+        assert_eq!(first["key"], "probe", "nothing from before the follow");
+
+        let mut burst = db.pool().begin().await.unwrap();
+        for n in 0..500 {
+            plane_db::events::emit(
+                &mut burst,
+                Some(&format!("burst-{n}")),
+                &BackendState::Loading,
+            )
+            .await
+            .unwrap();
+        }
+        burst.commit().await.unwrap();
+        // Probes still in flight may come first; they are not part of the count.
+        let mut keys = Vec::new();
+        while keys.len() < 500 {
+            let event: Value = serde_json::from_str(&follow.next_line()).unwrap();
+            let key = event["key"].as_str().unwrap().to_string();
+            assert!(key != "before", "nothing from before the follow");
+            if key != "probe" {
+                keys.push(key);
+            }
+        }
+        keys.sort();
+        let mut expected: Vec<String> = (0..500).map(|n| format!("burst-{n}")).collect();
+        expected.sort();
+        assert_eq!(keys, expected, "every event of the burst, once");
+        let extra = follow
+            .lines
+            .recv_timeout(std::time::Duration::from_millis(500));
+        assert!(extra.is_err(), "unexpected extra event: {extra:?}");
+
+        let _ = follow.child.kill();
+        let _ = follow.wait();
+        let mut stderr = String::new();
+        std::io::Read::read_to_string(follow.child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+        assert!(
+            stderr.contains("re-reading them from the table"),
+            "{stderr}"
+        );
     })
     .await
 }
@@ -347,19 +491,18 @@ async fn watch_prints_statuses_until_terminated() {
     with_db_url(Config::default(), |db, url| async move {
         drone(&db).await;
         let backend = spawn(&db).await.backend_id;
-        let (mut child, lines) = start(&url, &["watch", backend.as_str(), "--json"]);
-        let first: Value = serde_json::from_str(&next_line(&lines)).unwrap();
+        let mut watch = start(&url, &["watch", backend.as_str(), "--json"]);
+        let first: Value = serde_json::from_str(&watch.next_line()).unwrap();
         assert_eq!(first["status"], "scheduled");
         for state in lifecycle() {
             db.backend().update_state(&backend, &state).await.unwrap();
         }
         let mut statuses = vec![first["status"].as_str().unwrap().to_string()];
-        while let Ok(line) = lines.recv_timeout(TEST_TIMEOUT) {
+        while let Ok(line) = watch.lines.recv_timeout(TEST_TIMEOUT) {
             let entry: Value = serde_json::from_str(&line).unwrap();
             statuses.push(entry["status"].as_str().unwrap().to_string());
         }
-        let status = child.wait().unwrap();
-        assert!(status.success(), "watch exits 0 once terminated");
+        assert!(watch.wait().success(), "watch exits 0 once terminated");
         assert_eq!(
             statuses,
             [
@@ -554,6 +697,21 @@ async fn hostile_values_cannot_rewrite_the_terminal() {
         // JSON keeps the value as stored, escaped by JSON itself.
         let json = run_json(&url, &["nodes"]);
         assert_eq!(json[0]["plane_version"], "1.0\x1b[2J\nfake row");
+
+        // Event keys are free text too.
+        let mut txn = db.pool().begin().await.unwrap();
+        plane_db::events::emit(
+            &mut txn,
+            Some("key\x1b]0;owned\x07"),
+            &BackendState::Loading,
+        )
+        .await
+        .unwrap();
+        txn.commit().await.unwrap();
+        let output = run(&url, &["events", "--kind", "backend_state"]);
+        let text = stdout(&output);
+        assert!(text.contains("key\\u{1b}]0;owned\\u{7}"), "{text:?}");
+        assert!(!text.contains('\x1b') && !text.contains('\x07'), "{text:?}");
     })
     .await
 }

@@ -11,8 +11,9 @@ use chrono::Utc;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use output::{age, json, json_line, printable, time, Cell, Table, Tone};
 use plane_db::backend::{BackendFilter, BackendRow};
-use plane_db::types::{BackendName, BackendStatus, ClusterName, DroneName, NodeId, NodeKind};
-use plane_db::{CleanupConfig, CleanupPhase, PlaneDatabase};
+use plane_db::events::Event;
+use plane_db::types::{BackendName, BackendStatus, ClusterName, DroneName, NodeId};
+use plane_db::{CleanupConfig, CleanupProgress, PlaneDatabase};
 use serde_json::json;
 use std::collections::HashSet;
 use std::io::{self, IsTerminal, Write};
@@ -96,7 +97,7 @@ enum Command {
     /// Delete old terminated backends, old events and expired tokens, in batches.
     Cleanup {
         /// Delete backends that terminated, and events written, more than this many days ago.
-        #[arg(long, default_value_t = 7, value_parser = clap::value_parser!(i32).range(0..))]
+        #[arg(long, default_value_t = 7, value_parser = clap::value_parser!(i32).range(0..=36_500))]
         min_age_days: i32,
         /// Rows per transaction.
         #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(i32).range(1..))]
@@ -135,6 +136,10 @@ struct EventsArgs {
     /// Without --follow: print at most this many.
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(i64).range(0..))]
     limit: i64,
+    /// How many live events may wait to be printed before the subscription drops them (and
+    /// they are re-read from the table). Small values exercise that path in tests.
+    #[arg(long, default_value_t = 100_000, hide = true)]
+    max_pending: usize,
 }
 
 #[derive(Args)]
@@ -156,21 +161,25 @@ enum Failure {
     NotFound(String),
     /// The database or the output failed.
     Other(String),
+    /// Whoever read the output stopped reading (`plane-db … | head`): not a failure.
+    Stopped,
 }
 
 impl Failure {
     /// 2 for bad usage (as clap's own usage errors), 3 for not found, 1 for anything else.
     fn exit_code(&self) -> u8 {
         match self {
+            Failure::Stopped => 0,
             Failure::Other(_) => 1,
             Failure::Usage(_) => 2,
             Failure::NotFound(_) => 3,
         }
     }
 
-    fn message(&self) -> &str {
+    fn message(&self) -> Option<&str> {
         match self {
-            Failure::Usage(m) | Failure::NotFound(m) | Failure::Other(m) => m,
+            Failure::Usage(m) | Failure::NotFound(m) | Failure::Other(m) => Some(m),
+            Failure::Stopped => None,
         }
     }
 }
@@ -187,6 +196,9 @@ impl From<plane_db::Error> for Failure {
 
 impl From<io::Error> for Failure {
     fn from(error: io::Error) -> Self {
+        if error.kind() == io::ErrorKind::BrokenPipe {
+            return Failure::Stopped;
+        }
         Failure::Other(format!("cannot write output: {error}"))
     }
 }
@@ -226,7 +238,9 @@ fn main() -> ExitCode {
 }
 
 fn fail(failure: &Failure) -> ExitCode {
-    eprintln!("plane-db: {}", failure.message());
+    if let Some(message) = failure.message() {
+        eprintln!("plane-db: {message}");
+    }
     ExitCode::from(failure.exit_code())
 }
 
@@ -246,6 +260,8 @@ fn init_logging() {
         .with(
             tracing_subscriber::fmt::layer()
                 .with_writer(io::stderr)
+                // A line as each operation's span closes, with its fields and timing.
+                .with_span_events(tracing_subscriber::fmt::format::FmtSpan::CLOSE)
                 .with_ansi(io::stderr().is_terminal()),
         )
         .with(filter)
@@ -270,10 +286,18 @@ async fn run(cli: Cli) -> Outcome {
         color: match cli.color {
             ColorMode::Always => true,
             ColorMode::Never => false,
-            ColorMode::Auto => io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none(),
+            // NO_COLOR counts only when set to something (the convention's own rule).
+            ColorMode::Auto => {
+                io::stdout().is_terminal()
+                    && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
+            }
         },
     };
-    let db = open(&url).await?;
+    let mut config = plane_db::Config::default();
+    if let Command::Events(args) = &cli.command {
+        config.bus.max_pending_per_subscription = args.max_pending;
+    }
+    let db = open(&url, config).await?;
     match cli.command {
         Command::Migrate => migrate(&db, &out).await,
         Command::Backends(args) => backends(&db, &out, args).await,
@@ -297,7 +321,7 @@ async fn run(cli: Cli) -> Outcome {
 
 /// Opens a small pool: the CLI runs one statement at a time (two while following, for the
 /// listener). The URL is never echoed, since it may hold a password.
-async fn open(url: &str) -> Result<PlaneDatabase, Failure> {
+async fn open(url: &str, config: plane_db::Config) -> Result<PlaneDatabase, Failure> {
     use sqlx::postgres::{PgConnectOptions, PgConnection, PgPoolOptions};
     use sqlx::Connection;
     let options: PgConnectOptions = url
@@ -315,7 +339,7 @@ async fn open(url: &str) -> Result<PlaneDatabase, Failure> {
         .max_connections(2)
         .acquire_timeout(Duration::from_secs(10))
         .connect_lazy_with(options);
-    Ok(PlaneDatabase::new(pool))
+    Ok(PlaneDatabase::with_config(pool, config))
 }
 
 async fn migrate(db: &PlaneDatabase, out: &Out) -> Outcome {
@@ -348,13 +372,16 @@ async fn backends(db: &PlaneDatabase, out: &Out, args: BackendsArgs) -> Outcome 
         .map(|s| s.parse::<BackendStatus>())
         .transpose()
         .map_err(|e| Failure::Usage(e.to_string()))?;
+    // One more than asked, to know whether the listing was cut.
     let filter = BackendFilter {
         cluster,
         drone,
         status,
-        limit: Some(args.limit),
+        limit: Some(args.limit.saturating_add(1)),
     };
-    let rows = db.backend().list(&filter).await?;
+    let mut rows = db.backend().list(&filter).await?;
+    let cut = rows.len() as i64 > args.limit;
+    rows.truncate(usize::try_from(args.limit).unwrap_or(usize::MAX));
     let mut stdout = io::stdout().lock();
     if out.json {
         json(&mut stdout, &rows.iter().map(backend_json).collect())?;
@@ -374,7 +401,7 @@ async fn backends(db: &PlaneDatabase, out: &Out, args: BackendsArgs) -> Outcome 
         }
         print_table(&mut stdout, &table, out, "no backends match")?;
     }
-    if rows.len() as i64 == args.limit && args.limit > 0 {
+    if cut {
         eprintln!(
             "plane-db: showing the first {} backends; pass --limit to see more",
             args.limit
@@ -530,14 +557,9 @@ async fn nodes(db: &PlaneDatabase, out: &Out, all: bool, cluster: Option<&str>) 
         "CONNECTED",
     ]);
     for node in &nodes {
-        let kind = match node.kind() {
-            NodeKind::Drone => "drone",
-            NodeKind::Proxy => "proxy",
-            NodeKind::AcmeDnsServer => "dns",
-        };
         table.row(vec![
             Cell::new(node.id.to_string()),
-            Cell::new(kind),
+            Cell::new(node.kind().as_str()),
             Cell::new(node.name.as_str()),
             Cell::opt(node.cluster.as_ref().map(ClusterName::as_str)),
             Cell::opt(node.controller.as_ref().map(|c| c.as_str())),
@@ -559,7 +581,7 @@ async fn nodes(db: &PlaneDatabase, out: &Out, all: bool, cluster: Option<&str>) 
     Ok(())
 }
 
-fn event_json(event: &plane_db::events::Event) -> serde_json::Value {
+fn event_json(event: &Event) -> serde_json::Value {
     json!({
         "id": event.id,
         "kind": event.kind,
@@ -570,7 +592,7 @@ fn event_json(event: &plane_db::events::Event) -> serde_json::Value {
 }
 
 /// One event as a line of text: id, time, kind, key and the payload as compact JSON.
-fn event_line(event: &plane_db::events::Event) -> String {
+fn event_line(event: &Event) -> String {
     printable(&format!(
         "{}  {}  {}  {}  {}",
         event
@@ -584,29 +606,25 @@ fn event_line(event: &plane_db::events::Event) -> String {
 }
 
 async fn events(db: &PlaneDatabase, out: &Out, args: EventsArgs) -> Outcome {
-    let wanted = |event: &plane_db::events::Event| {
-        args.kind.as_deref().is_none_or(|kind| event.kind == kind)
-    };
+    let wanted = |event: &Event| args.kind.as_deref().is_none_or(|kind| event.kind == kind);
     let mut stdout = io::stdout().lock();
     if !args.follow {
-        let mut events = Vec::new();
-        let mut since = args.since.unwrap_or(0);
-        // Pages through the table, so a kind filter still finds --limit matching events.
-        while (events.len() as i64) < args.limit {
-            let page = db.get_events_since(since, 1000).await?;
-            let Some(last) = page.last().and_then(|e| e.id) else {
-                break;
-            };
-            since = last;
-            events.extend(page.into_iter().filter(|e| wanted(e)));
-        }
         let limit = usize::try_from(args.limit).unwrap_or(usize::MAX);
-        if events.len() >= limit && limit > 0 {
+        // One more than asked, to know whether the listing was cut.
+        let mut events = Vec::new();
+        read_events_after(db, args.since.unwrap_or(0), |event| {
+            if wanted(&event) {
+                events.push(event);
+            }
+            Ok(events.len() <= limit)
+        })
+        .await?;
+        if events.len() > limit {
+            events.truncate(limit);
             eprintln!(
                 "plane-db: showing the first {limit} events; pass --since with the last id to see more"
             );
         }
-        events.truncate(limit);
         if out.json {
             return Ok(json(&mut stdout, &events.iter().map(event_json).collect())?);
         }
@@ -623,49 +641,71 @@ async fn events(db: &PlaneDatabase, out: &Out, args: EventsArgs) -> Outcome {
         return Ok(print_table(&mut stdout, &table, out, "no events")?);
     }
 
-    // Subscribe first, then read the backlog: an event committed in between is in both,
-    // and is printed once (the backlog's ids are remembered). An event committed later
-    // with a smaller id than the backlog's last is still live-only, so nothing is missed.
+    // Subscribe first, then read the stored events: one committed in between is in both,
+    // and `printed` keeps it from being printed twice. Without --since, following starts at
+    // the latest stored event, as if it had been given.
     let mut subscription = db.subscribe_all_events().await?;
+    let floor = match args.since {
+        Some(since) => since,
+        None => db.latest_event_id().await?.unwrap_or(0),
+    };
     let mut printed = HashSet::new();
-    if let Some(mut since) = args.since {
-        loop {
-            let page = db.get_events_since(since, 1000).await?;
-            let Some(last) = page.last().and_then(|e| e.id) else {
-                break;
-            };
-            since = last;
-            for event in page {
-                printed.extend(event.id);
-                if wanted(&event) {
-                    print_event(&mut stdout, out, &event)?;
-                }
-            }
+    let mut print_once = |event: Event| -> Result<bool, Failure> {
+        if event.id.is_none_or(|id| printed.insert(id)) && wanted(&event) {
+            print_event(&mut stdout, out, &event)?;
         }
+        Ok(true)
+    };
+    if args.since.is_some() {
+        read_events_after(db, floor, &mut print_once).await?;
     }
     while let Some(next) = subscription.next().await {
         match next {
             Ok(event) => {
-                if event.id.is_some_and(|id| printed.remove(&id)) || !wanted(&event) {
-                    continue;
-                }
-                print_event(&mut stdout, out, &event)?;
+                print_once(Event::clone(&event))?;
             }
-            Err(lagged) => eprintln!(
-                "plane-db: fell behind and missed {} events; they are in the table (--since)",
-                lagged.missed
-            ),
+            // The subscription dropped events it could not hold; every stored one is in
+            // the table, so read it again from the floor, skipping what was printed.
+            Err(lagged) => {
+                eprintln!(
+                    "plane-db: fell behind by {} events; re-reading them from the table",
+                    lagged.missed
+                );
+                read_events_after(db, floor, &mut print_once).await?;
+            }
         }
     }
     Ok(())
 }
 
-fn print_event(out_: &mut impl Write, out: &Out, event: &plane_db::events::Event) -> Outcome {
+/// Reads the stored events with ids above `since` in id order, a page at a time, handing
+/// each to `each` until it answers false or there are no more.
+async fn read_events_after(
+    db: &PlaneDatabase,
+    mut since: i64,
+    mut each: impl FnMut(Event) -> Result<bool, Failure>,
+) -> Outcome {
+    const PAGE: i64 = 1000;
+    loop {
+        let page = db.get_events_since(since, PAGE).await?;
+        let Some(last) = page.last().and_then(|e| e.id) else {
+            return Ok(());
+        };
+        since = last;
+        for event in page {
+            if !each(event)? {
+                return Ok(());
+            }
+        }
+    }
+}
+
+fn print_event(stdout: &mut impl Write, out: &Out, event: &Event) -> Outcome {
     if out.json {
-        json_line(out_, &event_json(event))?;
+        json_line(stdout, &event_json(event))?;
     } else {
-        writeln!(out_, "{}", event_line(event))?;
-        out_.flush()?;
+        writeln!(stdout, "{}", event_line(event))?;
+        stdout.flush()?;
     }
     Ok(())
 }
@@ -692,17 +732,7 @@ async fn watch(db: &PlaneDatabase, out: &Out, id: &BackendName) -> Outcome {
         if let Some(exit_error) = entry.exit_error {
             detail.push(format!("exit_error={exit_error}"));
         }
-        let status = if out.color {
-            match Tone::of_status(entry.status) {
-                Tone::Good => format!("\x1b[32m{}\x1b[0m", entry.status),
-                Tone::Busy => format!("\x1b[33m{}\x1b[0m", entry.status),
-                Tone::Bad => format!("\x1b[31m{}\x1b[0m", entry.status),
-                Tone::Dim => format!("\x1b[2m{}\x1b[0m", entry.status),
-                Tone::Plain => entry.status.to_string(),
-            }
-        } else {
-            entry.status.to_string()
-        };
+        let status = Tone::of_status(entry.status).paint(entry.status.as_str(), out.color);
         let line = format!("{}  {status}  {}", time(entry.time), detail.join(" "));
         writeln!(stdout, "{}", line.trim_end())?;
         stdout.flush()?;
@@ -828,29 +858,27 @@ async fn cleanup(db: &PlaneDatabase, out: &Out, min_age_days: i32, batch_size: i
     // Progress goes to stderr: rewritten in place on a terminal, one line per phase when
     // not, so a log of the run stays short.
     let terminal = io::stderr().is_terminal();
-    let mut current: Option<(CleanupPhase, u64, u64)> = None;
+    let line = |p: &CleanupProgress| {
+        format!(
+            "plane-db: cleanup {}: {} deleted in {} batch(es)",
+            p.phase, p.deleted, p.batches
+        )
+    };
+    let mut current: Option<CleanupProgress> = None;
     let summary = db
         .run_cleanup_with_progress(&config, |p| {
-            if let Some((phase, deleted, batches)) = current {
-                if phase != p.phase && !terminal {
-                    eprintln!(
-                        "plane-db: cleanup {phase}: {deleted} deleted in {batches} batch(es)"
-                    );
-                }
+            match current {
+                _ if terminal => eprint!("\r\x1b[K{}", line(&p)),
+                Some(previous) if previous.phase != p.phase => eprintln!("{}", line(&previous)),
+                _ => {}
             }
-            if terminal {
-                eprint!(
-                    "\r\x1b[Kplane-db: cleanup {}: {} deleted in {} batch(es)",
-                    p.phase, p.deleted, p.batches
-                );
-            }
-            current = Some((p.phase, p.deleted, p.batches));
+            current = Some(p);
         })
         .await;
-    if terminal {
-        eprintln!();
-    } else if let Some((phase, deleted, batches)) = current {
-        eprintln!("plane-db: cleanup {phase}: {deleted} deleted in {batches} batch(es)");
+    match current {
+        Some(_) if terminal => eprintln!(),
+        Some(last) => eprintln!("{}", line(&last)),
+        None => {}
     }
     let summary = summary?;
     let mut stdout = io::stdout().lock();
@@ -913,7 +941,15 @@ async fn drone_id(
     drone: &str,
 ) -> Result<NodeId, Failure> {
     if let Ok(id) = drone.parse::<i32>() {
-        return Ok(NodeId::from(id));
+        let id = NodeId::from(id);
+        return match db.node().get(id).await? {
+            Some(node) if node.kind() == plane_db::types::NodeKind::Drone => Ok(id),
+            Some(node) => Err(Failure::Usage(format!(
+                "node {id} is a {}, not a drone",
+                node.kind()
+            ))),
+            None => Err(Failure::NotFound(format!("drone {id} not found"))),
+        };
     }
     let name: DroneName = drone
         .parse()

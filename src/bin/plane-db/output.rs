@@ -10,6 +10,8 @@ use std::io::{self, Write};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Tone {
     Plain,
+    /// Headers.
+    Bold,
     Good,
     Busy,
     Bad,
@@ -20,10 +22,19 @@ impl Tone {
     fn ansi(self) -> Option<&'static str> {
         match self {
             Tone::Plain => None,
+            Tone::Bold => Some("1"),
             Tone::Good => Some("32"),
             Tone::Busy => Some("33"),
             Tone::Bad => Some("31"),
             Tone::Dim => Some("2"),
+        }
+    }
+
+    /// `text` in this tone when `color` is on, as is otherwise.
+    pub fn paint(self, text: &str, color: bool) -> String {
+        match self.ansi().filter(|_| color) {
+            Some(code) => format!("\x1b[{code}m{text}\x1b[0m"),
+            None => text.to_string(),
         }
     }
 
@@ -122,15 +133,8 @@ impl Table {
                 } else {
                     widths[column] - cell.text.chars().count()
                 };
-                let code = if index == 0 {
-                    Some("1")
-                } else {
-                    cell.tone.ansi()
-                };
-                match code.filter(|_| color) {
-                    Some(code) => line.push_str(&format!("\x1b[{code}m{}\x1b[0m", cell.text)),
-                    None => line.push_str(&cell.text),
-                }
+                let tone = if index == 0 { Tone::Bold } else { cell.tone };
+                line.push_str(&tone.paint(&cell.text, color));
                 line.extend(std::iter::repeat_n(' ', pad));
             }
             // An empty last cell would leave the separator behind.
