@@ -563,3 +563,121 @@ async fn hard_termination_path_is_forward() {
     })
     .await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backends_are_listed_by_filter() {
+    use plane_db::backend::BackendFilter;
+    with_db(|db| async move {
+        let a = drone(&db).await;
+        let b = drone(&db).await;
+        // Scheduling picks the drone with fewer live backends, so these alternate drones.
+        let mut ids = Vec::new();
+        for _ in 0..4 {
+            ids.push(spawn(&db).await.backend_id);
+        }
+        db.backend()
+            .update_state(&ids[0], &BackendState::Loading)
+            .await
+            .unwrap();
+        let list = |filter: BackendFilter| {
+            let db = db.clone();
+            async move {
+                db.backend()
+                    .list(&filter)
+                    .await
+                    .unwrap()
+                    .into_iter()
+                    .map(|row| row.id)
+                    .collect::<Vec<_>>()
+            }
+        };
+        let mut all = ids.clone();
+        all.sort();
+        assert_eq!(list(BackendFilter::default()).await, all);
+        let on_a = list(BackendFilter {
+            drone: Some(a.id),
+            ..BackendFilter::default()
+        })
+        .await;
+        let on_b = list(BackendFilter {
+            drone: Some(b.id),
+            ..BackendFilter::default()
+        })
+        .await;
+        assert_eq!(on_a.len() + on_b.len(), 4);
+        assert!(on_a.iter().all(|id| !on_b.contains(id)));
+        assert_eq!(
+            list(BackendFilter {
+                status: Some(BackendStatus::Loading),
+                ..BackendFilter::default()
+            })
+            .await,
+            vec![ids[0].clone()]
+        );
+        assert_eq!(
+            list(BackendFilter {
+                cluster: Some("other.test".parse().unwrap()),
+                ..BackendFilter::default()
+            })
+            .await,
+            Vec::<BackendName>::new()
+        );
+        assert_eq!(
+            list(BackendFilter {
+                cluster: Some(cluster()),
+                limit: Some(2),
+                ..BackendFilter::default()
+            })
+            .await,
+            all[..2].to_vec()
+        );
+        assert!(matches!(
+            db.backend()
+                .list(&BackendFilter {
+                    limit: Some(-1),
+                    ..BackendFilter::default()
+                })
+                .await,
+            Err(Error::InvalidArgument {
+                argument: "limit",
+                ..
+            })
+        ));
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn state_history_is_every_state_in_order() {
+    with_db(|db| async move {
+        drone(&db).await;
+        let backend = spawn(&db).await.backend_id;
+        for state in lifecycle() {
+            db.backend().update_state(&backend, &state).await.unwrap();
+        }
+        // A refused backwards step adds nothing.
+        assert!(!db
+            .backend()
+            .update_state(&backend, &BackendState::Loading)
+            .await
+            .unwrap());
+        let history = db.backend().state_history(&backend).await.unwrap();
+        let mut expected = vec![BackendState::Scheduled];
+        expected.extend(lifecycle());
+        assert_eq!(
+            history.iter().map(|r| r.state.clone()).collect::<Vec<_>>(),
+            expected
+        );
+        assert!(history.windows(2).all(|w| w[0].id < w[1].id));
+        assert!(history
+            .windows(2)
+            .all(|w| w[0].created_at <= w[1].created_at));
+        assert!(db
+            .backend()
+            .state_history(&BackendName::new_random())
+            .await
+            .unwrap()
+            .is_empty());
+    })
+    .await
+}

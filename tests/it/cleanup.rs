@@ -129,3 +129,81 @@ async fn the_cleanup_loop_runs_until_dropped() {
     })
     .await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cleanup_reports_progress_after_every_batch() {
+    use plane_db::{CleanupPhase, CleanupProgress};
+    with_db(|db| async move {
+        drone(&db).await;
+        for _ in 0..5 {
+            let backend = spawn(&db).await.backend_id;
+            for state in lifecycle() {
+                db.backend().update_state(&backend, &state).await.unwrap();
+            }
+        }
+        exec(
+            &db,
+            "update backend set last_status_time = now() - interval '30 days'",
+        )
+        .await;
+        exec(
+            &db,
+            "update event set created_at = now() - interval '30 days'",
+        )
+        .await;
+        let events = count(&db, "event").await as u64;
+
+        let mut seen: Vec<CleanupProgress> = Vec::new();
+        let config = CleanupConfig {
+            batch_size: 2,
+            ..CleanupConfig::default()
+        };
+        let summary = db
+            .run_cleanup_with_progress(&config, |p| seen.push(p))
+            .await
+            .unwrap();
+        assert_eq!(summary.backends.backends, 5);
+        assert_eq!(summary.events, events);
+
+        let phase = |phase: CleanupPhase| -> Vec<(u64, u64)> {
+            seen.iter()
+                .filter(|p| p.phase == phase)
+                .map(|p| (p.deleted, p.batches))
+                .collect()
+        };
+        // 5 backends in batches of 2: 2, 4, 5 (the short batch ends the phase).
+        assert_eq!(phase(CleanupPhase::Backends), [(2, 1), (4, 2), (5, 3)]);
+        let event_progress = phase(CleanupPhase::Events);
+        assert_eq!(event_progress.last(), Some(&(events, events / 2 + 1)));
+        assert!(event_progress
+            .windows(2)
+            .all(|w| w[0].0 < w[1].0 || w[1].0 == events));
+        assert_eq!(phase(CleanupPhase::Tokens).len(), 1, "one (empty) batch");
+        // The phases come in order.
+        let order: Vec<CleanupPhase> = seen.iter().map(|p| p.phase).collect();
+        let mut sorted = order.clone();
+        sorted.sort_by_key(|p| *p as u8);
+        assert_eq!(order, sorted);
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn latest_event_id_is_the_newest_stored() {
+    with_db(|db| async move {
+        assert_eq!(db.latest_event_id().await.unwrap(), None);
+        exec(
+            &db,
+            "insert into event (kind, key, data) select 'test', null, '{}' from generate_series(1, 3)",
+        )
+        .await;
+        let newest = db
+            .get_events_since(0, 10)
+            .await
+            .unwrap()
+            .last()
+            .and_then(|e| e.id);
+        assert_eq!(db.latest_event_id().await.unwrap(), newest);
+    })
+    .await
+}
