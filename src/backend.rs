@@ -400,26 +400,7 @@ impl<'a> BackendDatabase<'a> {
     /// warning.
     #[tracing::instrument(skip(self), fields(backend = %backend))]
     pub async fn state_history(&self, backend: &BackendName) -> Result<Vec<BackendStateRecord>> {
-        let rows = sqlx::query!(
-            r#"
-            select id, state, created_at
-            from backend_state
-            where backend_id = $1
-            order by id
-            "#,
-            backend.as_str(),
-        )
-        .fetch_all(self.db.pool())
-        .await?;
-        Ok(skip_undecodable(rows.into_iter().map(|row| {
-            let state = serde_json::from_value(row.state)
-                .map_err(|e| Error::decode("backend_state", "state", row.id, e))?;
-            Ok(BackendStateRecord {
-                id: row.id,
-                created_at: row.created_at,
-                state,
-            })
-        })))
+        read_state_records(self.db.pool(), backend).await
     }
 
     /// The backends of drone `drone` in `cluster` that have not terminated.
@@ -953,10 +934,10 @@ impl Forward {
 }
 
 /// The backend's state history in order, skipping (with a warning) rows that do not decode.
-async fn read_history(
+async fn read_state_records(
     pool: &PgPool,
     backend: &BackendName,
-) -> Result<Vec<BackendStatusStreamEntry>> {
+) -> Result<Vec<BackendStateRecord>> {
     let rows = sqlx::query!(
         r#"
         select id, state, created_at
@@ -968,15 +949,26 @@ async fn read_history(
     )
     .fetch_all(pool)
     .await?;
-    Ok(rows
-        .into_iter()
-        .filter_map(|row| match serde_json::from_value::<BackendState>(row.state) {
-            Ok(state) => Some(BackendStatusStreamEntry::from_state(&state, row.created_at)),
-            Err(error) => {
-                tracing::warn!(%error, row = row.id, %backend, "skipping undecodable backend_state row");
-                None
-            }
+    Ok(skip_undecodable(rows.into_iter().map(|row| {
+        let state = serde_json::from_value(row.state)
+            .map_err(|e| Error::decode("backend_state", "state", row.id, e))?;
+        Ok(BackendStateRecord {
+            id: row.id,
+            created_at: row.created_at,
+            state,
         })
+    })))
+}
+
+/// The backend's state history as status stream entries.
+async fn read_history(
+    pool: &PgPool,
+    backend: &BackendName,
+) -> Result<Vec<BackendStatusStreamEntry>> {
+    Ok(read_state_records(pool, backend)
+        .await?
+        .iter()
+        .map(|record| BackendStatusStreamEntry::from_state(&record.state, record.created_at))
         .collect())
 }
 

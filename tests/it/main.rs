@@ -13,4 +13,3 @@ mod keys;
 mod nodes;
 mod scheduling;
 mod status_stream;
-mod tracing_spans;

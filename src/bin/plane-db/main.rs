@@ -494,17 +494,13 @@ async fn backend(db: &PlaneDatabase, out: &Out, id: &BackendName) -> Outcome {
 /// What a state carries beyond its status, compactly: address, termination reason and
 /// kind, exit code.
 fn state_detail(state: &plane_db::types::BackendState) -> String {
-    let entry = plane_db::types::BackendStatusStreamEntry::from_state(state, Utc::now());
     let mut parts = Vec::new();
     if let Some(address) = state.address() {
         parts.push(format!("address={address}"));
     }
-    if let Some(reason) = entry.termination_reason {
-        parts.push(format!("reason={reason}"));
-    }
-    if let Some(kind) = entry.termination_kind {
-        parts.push(format!("kind={kind}"));
-    }
+    parts.extend(termination_detail(
+        &plane_db::types::BackendStatusStreamEntry::from_state(state, Utc::now()),
+    ));
     if let plane_db::types::BackendState::Terminated {
         exit_code: Some(code),
         ..
@@ -513,6 +509,18 @@ fn state_detail(state: &plane_db::types::BackendState) -> String {
         parts.push(format!("exit_code={code}"));
     }
     parts.join(" ")
+}
+
+/// A status entry's termination details as `name=value` words (none before terminating).
+fn termination_detail(entry: &plane_db::types::BackendStatusStreamEntry) -> Vec<String> {
+    let mut parts = Vec::new();
+    if let Some(reason) = entry.termination_reason {
+        parts.push(format!("reason={reason}"));
+    }
+    if let Some(kind) = entry.termination_kind {
+        parts.push(format!("kind={kind}"));
+    }
+    parts
 }
 
 async fn nodes(db: &PlaneDatabase, out: &Out, all: bool, cluster: Option<&str>) -> Outcome {
@@ -722,13 +730,7 @@ async fn watch(db: &PlaneDatabase, out: &Out, id: &BackendName) -> Outcome {
             json_line(&mut stdout, &value)?;
             continue;
         }
-        let mut detail = Vec::new();
-        if let Some(reason) = entry.termination_reason {
-            detail.push(format!("reason={reason}"));
-        }
-        if let Some(kind) = entry.termination_kind {
-            detail.push(format!("kind={kind}"));
-        }
+        let mut detail = termination_detail(&entry);
         if let Some(exit_error) = entry.exit_error {
             detail.push(format!("exit_error={exit_error}"));
         }

@@ -1,7 +1,14 @@
 //! Every database operation runs in a span carrying its identifiers, so an operator can
 //! follow one backend through the logs; errors are returned, not logged by the library.
+//!
+//! A test binary of its own: the capturing subscriber is the process's global default, so
+//! no other test's threads can race it for `tracing`'s per-callsite interest cache.
 
-use crate::common::{cluster, drone, request, with_db};
+#[path = "it/common.rs"]
+#[allow(dead_code)] // The shared fixtures include some this binary does not use.
+mod common;
+
+use common::{cluster, drone, request, with_db};
 use plane_db::types::{BackendState, TerminationKind, TerminationReason};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -94,13 +101,11 @@ impl Captured {
     }
 }
 
-// A current-thread runtime, so every span of the test is created on the thread the
-// capturing subscriber is the default of.
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operations_run_in_spans_that_carry_their_identifiers() {
     let captured = Captured::default();
     let subscriber = tracing_subscriber::registry().with(captured.clone());
-    let _guard = tracing::subscriber::set_default(subscriber);
+    tracing::subscriber::set_global_default(subscriber).expect("the only subscriber");
 
     with_db(|db| {
         let captured = captured.clone();
