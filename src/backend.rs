@@ -348,21 +348,9 @@ impl<'a> BackendDatabase<'a> {
     /// Every backend, including terminated ones not yet cleaned up (rows that do not decode
     /// are skipped with a warning). The result grows with
     /// history: prefer [`list_alive_backends_for_drone`](Self::list_alive_backends_for_drone)
-    /// on hot paths.
-    #[tracing::instrument(skip(self))]
+    /// on hot paths. The same as [`list`](Self::list) with no filter.
     pub async fn list_backends(&self) -> Result<Vec<BackendRow>> {
-        let rows = sqlx::query_as!(
-            RawBackendRow,
-            r#"
-            select id, cluster, last_status_time, state, last_keepalive, drone_id,
-                   expiration_time, allowed_idle_seconds, now() as "as_of!"
-            from backend
-            order by id
-            "#,
-        )
-        .fetch_all(self.db.pool())
-        .await?;
-        Ok(decode_rows(rows))
+        self.list(&BackendFilter::default()).await
     }
 
     /// The backends matching `filter`, in id order, including terminated ones not yet

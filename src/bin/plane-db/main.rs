@@ -363,7 +363,7 @@ async fn migrate(db: &PlaneDatabase, out: &Out) -> Outcome {
 async fn backends(db: &PlaneDatabase, out: &Out, args: BackendsArgs) -> Outcome {
     let cluster = args.cluster.as_deref().map(cluster_name).transpose()?;
     let drone = match &args.drone {
-        Some(drone) => Some(drone_id(db, cluster.as_ref(), drone).await?),
+        Some(drone) => Some(find_drone(db, cluster.as_ref(), drone).await?.id),
         None => None,
     };
     let status = args
@@ -386,7 +386,7 @@ async fn backends(db: &PlaneDatabase, out: &Out, args: BackendsArgs) -> Outcome 
     if out.json {
         json(&mut stdout, &rows.iter().map(backend_json).collect())?;
     } else {
-        let now = Utc::now();
+        // Ages are on the database clock (`as_of`), as the times themselves are.
         let mut table = Table::new(&["ID", "CLUSTER", "DRONE", "STATUS", "SINCE", "KEEPALIVE"]);
         for row in &rows {
             let status = row.state.status();
@@ -395,8 +395,8 @@ async fn backends(db: &PlaneDatabase, out: &Out, args: BackendsArgs) -> Outcome 
                 Cell::new(row.cluster.as_str()),
                 Cell::new(row.drone_id.to_string()),
                 Cell::toned(status.as_str(), Tone::of_status(status)),
-                Cell::new(age(row.last_status_time, row.as_of.max(now))),
-                Cell::new(age(row.last_keepalive, row.as_of.max(now))),
+                Cell::new(age(row.last_status_time, row.as_of)),
+                Cell::new(age(row.last_keepalive, row.as_of)),
             ]);
         }
         print_table(&mut stdout, &table, out, "no backends match")?;
@@ -744,7 +744,7 @@ async fn watch(db: &PlaneDatabase, out: &Out, id: &BackendName) -> Outcome {
 
 async fn termination_candidates(db: &PlaneDatabase, out: &Out, args: DroneArgs) -> Outcome {
     let cluster = args.cluster.as_deref().map(cluster_name).transpose()?;
-    let drone = drone_id(db, cluster.as_ref(), &args.drone).await?;
+    let drone = find_drone(db, cluster.as_ref(), &args.drone).await?.id;
     let candidates = db.backend().termination_candidates(drone).await?;
     let mut stdout = io::stdout().lock();
     if out.json {
@@ -815,18 +815,10 @@ async fn mark_lost(
     let marked = match drone {
         Some(drone) => {
             let cluster = cluster.map(cluster_name).transpose()?;
-            let id = drone_id(db, cluster.as_ref(), drone).await?;
-            let node = db
-                .node()
-                .get(id)
+            let drone = find_drone(db, cluster.as_ref(), drone).await?;
+            db.backend()
+                .mark_drone_lost(&drone.cluster, &drone.name)
                 .await?
-                .ok_or_else(|| Failure::NotFound(format!("drone {id} not found")))?;
-            let (Some(cluster), plane_db::types::AnyNodeName::Drone(name)) =
-                (node.cluster, node.name)
-            else {
-                return Err(Failure::Usage(format!("node {id} is not a drone")));
-            };
-            db.backend().mark_drone_lost(&cluster, &name).await?
         }
         None => {
             let names = ids
@@ -936,21 +928,34 @@ fn cluster_name(name: &str) -> Result<ClusterName, Failure> {
         .map_err(|e| Failure::Usage(format!("invalid cluster {:?}: {e}", printable(name))))
 }
 
-/// A drone given as a numeric node id, or by name within `cluster`.
-async fn drone_id(
+/// A drone the command line names.
+struct Drone {
+    id: NodeId,
+    cluster: ClusterName,
+    name: DroneName,
+}
+
+/// The drone given as a numeric node id, or by name within `cluster`: one lookup either way.
+async fn find_drone(
     db: &PlaneDatabase,
     cluster: Option<&ClusterName>,
     drone: &str,
-) -> Result<NodeId, Failure> {
+) -> Result<Drone, Failure> {
     if let Ok(id) = drone.parse::<i32>() {
         let id = NodeId::from(id);
-        return match db.node().get(id).await? {
-            Some(node) if node.kind() == plane_db::types::NodeKind::Drone => Ok(id),
-            Some(node) => Err(Failure::Usage(format!(
+        let node = db
+            .node()
+            .get(id)
+            .await?
+            .ok_or_else(|| Failure::NotFound(format!("drone {id} not found")))?;
+        return match (node.cluster, node.name) {
+            (Some(cluster), plane_db::types::AnyNodeName::Drone(name)) => {
+                Ok(Drone { id, cluster, name })
+            }
+            (_, other) => Err(Failure::Usage(format!(
                 "node {id} is a {}, not a drone",
-                node.kind()
+                other.kind()
             ))),
-            None => Err(Failure::NotFound(format!("drone {id} not found"))),
         };
     }
     let name: DroneName = drone
@@ -961,8 +966,14 @@ async fn drone_id(
             "drone {name} is a name: pass its --cluster too (or the drone's numeric id)"
         ))
     })?;
-    db.node()
+    let id = db
+        .node()
         .id_of(Some(cluster), name.as_str())
         .await?
-        .ok_or_else(|| Failure::NotFound(format!("drone {name} not found in cluster {cluster}")))
+        .ok_or_else(|| Failure::NotFound(format!("drone {name} not found in cluster {cluster}")))?;
+    Ok(Drone {
+        id,
+        cluster: cluster.clone(),
+        name,
+    })
 }
