@@ -7,7 +7,7 @@ use crate::error::Result;
 use chrono::{DateTime, Utc};
 use sqlx::postgres::PgListener;
 use sqlx::PgPool;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -270,7 +270,7 @@ impl EventBus {
         self.started
             .get_or_try_init(|| async {
                 let listener = connect_listener(&self.pool).await?;
-                let cursor = current_cursor(&self.pool).await?;
+                let (cursor, seen) = current_cursor(&self.pool).await?;
                 tokio::spawn(listen_loop(
                     self.shared.clone(),
                     self.pool.clone(),
@@ -281,6 +281,7 @@ impl EventBus {
                     self.shared.clone(),
                     self.pool.clone(),
                     cursor,
+                    seen,
                     self.config.clone(),
                 ));
                 Ok::<_, crate::Error>(())
@@ -304,8 +305,8 @@ async fn connect_listener(pool: &PgPool) -> Result<PgListener> {
     Ok(listener)
 }
 
-/// Where the reader stands: the snapshot of its previous read, and the start time of the
-/// server that took it.
+/// Where the reader stands: the snapshot of its previous read, the start time of the server
+/// that took it, and when it was taken (the server's clock).
 ///
 /// Snapshots are only comparable on one unbroken run of transaction ids. A restarted server
 /// (crash recovery) or another server (a promoted replica after a failover) may hand out
@@ -315,6 +316,42 @@ async fn connect_listener(pool: &PgPool) -> Result<PgListener> {
 struct Cursor {
     snapshot: String,
     server_started: DateTime<Utc>,
+    taken_at: DateTime<Utc>,
+}
+
+/// How many recently dispatched events the reader remembers (id and transaction id), to
+/// skip them if a read after a server change meets them again. 16 bytes each.
+const RECENT_EVENTS: usize = 65_536;
+
+/// What the reader knows about the rows it has seen, for the read after a server change (see
+/// [`restart_floor`]).
+#[derive(Default)]
+struct Seen {
+    /// The highest transaction id of a row visible in the cursor's snapshot (when the bus
+    /// started, or dispatched since).
+    high_xid: Option<i64>,
+    /// The most recently dispatched rows, `(id, xid)`, oldest first, at most
+    /// [`RECENT_EVENTS`].
+    recent: VecDeque<(i64, i64)>,
+}
+
+impl Seen {
+    fn record(&mut self, id: i64, xid: i64) {
+        self.high_xid = Some(self.high_xid.map_or(xid, |h| h.max(xid)));
+        if self.recent.len() == RECENT_EVENTS {
+            self.recent.pop_front();
+        }
+        self.recent.push_back((id, xid));
+    }
+}
+
+/// The lower bound a read after a server change applies, and the dispatched rows at or above
+/// it that the read must skip.
+#[derive(Clone)]
+struct RestartFloor {
+    /// As `xid8` text.
+    xid: String,
+    skip: Arc<HashSet<(i64, i64)>>,
 }
 
 /// A read of several pages that has not finished: the snapshot it reads up to (once its first
@@ -325,7 +362,7 @@ struct Cursor {
 struct Progress {
     target: Option<Cursor>,
     after: i64,
-    restart_floor: Option<String>,
+    restart_floor: Option<RestartFloor>,
     cut_short: CutShort,
 }
 
@@ -337,44 +374,114 @@ struct CutShort {
     afters: Vec<i64>,
 }
 
-async fn current_cursor(pool: &PgPool) -> Result<Cursor> {
-    let row = sqlx::query!(
-        r#"select pg_current_snapshot()::text as "snapshot!", pg_postmaster_start_time() as "started!""#
-    )
-    .fetch_one(pool)
-    .await?;
-    Ok(Cursor {
-        snapshot: row.snapshot,
-        server_started: row.started,
-    })
-}
-
-/// The lowest transaction id that a server which restarted or replaced the one `prev` was
-/// taken on may have handed out again, as `xid8` text; `None` if it cannot have reused any.
-///
-/// A restart, and crash recovery, write a checkpoint as the server comes up whose next
-/// transaction id is the first id of the new life: exact. A promoted replica has no
-/// checkpoint of its own yet (its latest is a restartpoint of the old timeline, older than
-/// the promotion), so its checkpoint is only used when the server's counter is visibly behind
-/// `prev` (the replica had not replayed everything); a replica that had caught up reuses
-/// nothing, and re-reading from an old restartpoint would deliver events again.
-async fn reused_xid_floor(pool: &PgPool, prev: &Cursor) -> Result<Option<String>> {
+/// The cursor to start from (the current snapshot), and the highest transaction id of a row
+/// visible in it: read backwards on the `xid` index, skipping the rows of transactions still
+/// in progress.
+async fn current_cursor(pool: &PgPool) -> Result<(Cursor, Seen)> {
     let row = sqlx::query!(
         r#"
         select
-            (split_part(c.next_xid, ':', 1)::bigint * 4294967296
-             + split_part(c.next_xid, ':', 2)::bigint)::text as "xid!",
-            c.timeline_id = ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int
-                as "own_checkpoint!",
-            pg_snapshot_xmax(pg_current_snapshot()) < pg_snapshot_xmax($1::text::pg_snapshot)
-                as "behind!"
-        from pg_control_checkpoint() c
-        "#,
-        prev.snapshot,
+            pg_current_snapshot()::text as "snapshot!",
+            pg_postmaster_start_time() as "started!",
+            statement_timestamp() as "taken_at!",
+            (select xid::text::bigint from event
+             where pg_visible_in_snapshot(xid, pg_current_snapshot())
+             order by xid desc limit 1) as high_xid
+        "#
     )
     .fetch_one(pool)
     .await?;
-    Ok((row.own_checkpoint || row.behind).then_some(row.xid))
+    let cursor = Cursor {
+        snapshot: row.snapshot,
+        server_started: row.started,
+        taken_at: row.taken_at,
+    };
+    let seen = Seen {
+        high_xid: row.high_xid,
+        recent: VecDeque::new(),
+    };
+    Ok((cursor, seen))
+}
+
+/// The lowest transaction id that a server which restarted or replaced the one `prev` was
+/// taken on may have handed out again (as `xid8` text), and the dispatched rows at or above
+/// it, which the read after the change must skip.
+///
+/// It is the least of three bounds, all computed with ordinary functions (no
+/// `pg_control_checkpoint()`, no WAL functions, so it works for an unprivileged role and on
+/// any server):
+///
+/// 1. One above the highest transaction id of a row the reader has seen visible. A new
+///    server's first transaction id is above every transaction whose commit it has: after a
+///    restart or crash recovery, every commit the reader saw (durable commits; see
+///    RELIABILITY.md on `synchronous_commit`), and after a switchover, everything. This bound
+///    alone is exact in those cases: nothing the reader has seen lies above it.
+/// 2. The lowest transaction id of a row created (by the server's clock) at or after the
+///    previous read's snapshot was taken: a row visible in that snapshot was created before
+///    it (`created_at` is its transaction's start), so such a row is new. This catches rows
+///    that reused ids *below* the first bound, which happens when the new server lost
+///    transactions the reader had seen (a replica that had not replayed the tail) or its
+///    counter was moved back. It assumes the new server's clock is not behind the old one's
+///    by more than the time the change took (a failover takes seconds; a restart keeps the
+///    clock).
+/// 3. The oldest transaction still running, so that transactions of the new server that
+///    commit later are covered too.
+///
+/// When the second bound is the lowest, rows the reader already dispatched may lie above the
+/// floor: they are skipped by `(id, xid)`, as far as the reader remembers them
+/// ([`RECENT_EVENTS`]).
+async fn restart_floor(pool: &PgPool, prev: &Cursor, seen: &Seen) -> Result<RestartFloor> {
+    let row = sqlx::query!(
+        r#"
+        select
+            least(
+                ($1::bigint + 1)::text::xid8,
+                (select min(xid) from event
+                 where created_at >= $2
+                   and pg_visible_in_snapshot(xid, pg_current_snapshot())),
+                pg_snapshot_xmin(pg_current_snapshot())
+            )::text::bigint as "floor!"
+        "#,
+        seen.high_xid,
+        prev.taken_at,
+    )
+    .fetch_one(pool)
+    .await?;
+    let skip: HashSet<(i64, i64)> = seen
+        .recent
+        .iter()
+        .copied()
+        .filter(|&(_, xid)| xid >= row.floor)
+        .collect();
+    let went_back = seen.high_xid.is_some_and(|high| row.floor <= high);
+    if went_back {
+        let oldest_remembered = seen.recent.front().map(|&(_, xid)| xid);
+        tracing::warn!(
+            floor = row.floor,
+            highest_seen = seen.high_xid,
+            skipping = skip.len(),
+            "event bus: the new server reuses transaction ids of rows already read; \
+             re-reading from the first reused id, skipping the events already delivered"
+        );
+        if oldest_remembered.is_some_and(|oldest| oldest > row.floor)
+            && seen.recent.len() == RECENT_EVENTS
+        {
+            tracing::warn!(
+                "event bus: the re-read reaches below the events remembered; \
+                 older events in it may be delivered again"
+            );
+        }
+    } else {
+        tracing::info!(
+            floor = row.floor,
+            "event bus: the database server restarted or changed; reading from the first \
+             transaction id it may have reused"
+        );
+    }
+    Ok(RestartFloor {
+        xid: row.floor.to_string(),
+        skip: Arc::new(skip),
+    })
 }
 
 /// Exponential backoff from 50 ms up to a cap.
@@ -530,7 +637,13 @@ fn deliver_ephemeral(shared: &Shared, payload: &str) {
 }
 
 /// Reads newly committed events whenever woken (or every poll interval) and dispatches them.
-async fn read_loop(shared: Arc<Shared>, pool: PgPool, mut cursor: Cursor, config: BusConfig) {
+async fn read_loop(
+    shared: Arc<Shared>,
+    pool: PgPool,
+    mut cursor: Cursor,
+    mut seen: Seen,
+    config: BusConfig,
+) {
     let mut backoff = Backoff::new(config.max_backoff);
     let mut progress = None;
     loop {
@@ -538,6 +651,7 @@ async fn read_loop(shared: Arc<Shared>, pool: PgPool, mut cursor: Cursor, config
             &shared,
             &pool,
             &cursor,
+            &mut seen,
             &mut progress,
             config.fetch_batch_size,
         );
@@ -580,10 +694,11 @@ async fn read_loop(shared: Arc<Shared>, pool: PgPool, mut cursor: Cursor, config
 /// ids may have gone back: a failover to a replica that had not replayed everything, or a
 /// crash that lost the record of an aborted transaction, hands the same ids out again, and
 /// rows written with them would look already read. The read then also takes every row from a
-/// transaction at or after [`reused_xid_floor`]. `None` if the server changed between two pages
-/// of one read: the caller reads again from `prev` (the restart path then applies), and that
-/// read skips the rows the cut-short one dispatched (those visible in its target up to its
-/// last id, below the restart floor, where transaction ids are still the old server's).
+/// transaction at or after [`restart_floor`], skipping the rows above it that were already
+/// dispatched. `None` if the server changed between two pages of one read: the caller reads
+/// again from `prev` (the restart path then applies), and that read skips the rows the
+/// cut-short one dispatched (those visible in its target up to its last id, below the restart
+/// floor, where transaction ids are still the old server's).
 ///
 /// The statement is prepared once per connection, and after five runs Postgres may switch to
 /// a generic plan that does not know the parameters. Two details keep that plan on the `xid`
@@ -597,6 +712,7 @@ async fn read_new_events(
     shared: &Shared,
     pool: &PgPool,
     prev: &Cursor,
+    seen: &mut Seen,
     progress: &mut Option<Progress>,
     batch: i64,
 ) -> Result<Option<Cursor>> {
@@ -623,7 +739,9 @@ async fn read_new_events(
             select
                 s.snap::text as "snapshot!",
                 s.started as "started!",
+                s.taken_at as "taken_at!",
                 e.id as "id?",
+                e.xid::text::bigint as "xid?",
                 e.kind as "kind?",
                 e.key as "key?",
                 e.created_at as "created_at?",
@@ -632,10 +750,11 @@ async fn read_new_events(
                 select
                     coalesce($2::text::pg_snapshot, pg_current_snapshot()) as snap,
                     $1::text::pg_snapshot as prev,
-                    pg_postmaster_start_time() as started
+                    pg_postmaster_start_time() as started,
+                    statement_timestamp() as taken_at
             ) s
             left join lateral (
-                select id, kind, key, created_at, data
+                select id, xid, kind, key, created_at, data
                 from event
                 where ((xid >= least(pg_snapshot_xmax(s.prev), $5::text::xid8)
                         and xid < pg_snapshot_xmax(s.snap))
@@ -657,7 +776,7 @@ async fn read_new_events(
             target.as_ref().map(|t| t.snapshot.as_str()),
             after,
             batch,
-            restart_floor.as_deref(),
+            restart_floor.as_ref().map(|f| f.xid.as_str()),
             &cut_short.targets,
             &cut_short.afters,
         )
@@ -670,18 +789,14 @@ async fn read_new_events(
         match &target {
             None if first.started != prev.server_started && !restart_checked => {
                 restart_checked = true;
-                restart_floor = reused_xid_floor(pool, prev).await?;
-                tracing::warn!(
-                    floor = restart_floor.as_deref().unwrap_or("none"),
-                    "event bus: the database server restarted or changed; \
-                     re-reading from the first transaction id it may have reused"
-                );
+                restart_floor = Some(self::restart_floor(pool, prev, seen).await?);
                 continue;
             }
             None => {
                 target = Some(Cursor {
                     snapshot: first.snapshot.clone(),
                     server_started: first.started,
+                    taken_at: first.taken_at,
                 })
             }
             Some(t) if t.server_started != first.started => {
@@ -701,13 +816,21 @@ async fn read_new_events(
 
         let mut count = 0_i64;
         for row in rows {
-            let (Some(id), Some(kind), Some(created_at), Some(data)) =
-                (row.id, row.kind, row.created_at, row.data)
+            let (Some(id), Some(xid), Some(kind), Some(created_at), Some(data)) =
+                (row.id, row.xid, row.kind, row.created_at, row.data)
             else {
                 continue;
             };
             count += 1;
             after = id;
+            if restart_floor
+                .as_ref()
+                .is_some_and(|f| f.skip.contains(&(id, xid)))
+            {
+                // Already dispatched before the server change (its id was reused below).
+                continue;
+            }
+            seen.record(id, xid);
             shared.dispatch(Arc::new(Event {
                 id: Some(id),
                 kind,
@@ -718,7 +841,17 @@ async fn read_new_events(
         }
         if count < batch {
             *progress = None;
+            if let Some(xmax) = target.as_ref().and_then(|t| snapshot_xmax(&t.snapshot)) {
+                // Rows above the new cursor's `xmax` are not visible in it (after transaction
+                // ids went back, rows of the old server's may lie there).
+                seen.high_xid = seen.high_xid.map(|high| high.min(xmax - 1));
+            }
             return Ok(target);
         }
     }
+}
+
+/// The `xmax` of a snapshot in Postgres's text form (`xmin:xmax:xip,…`).
+fn snapshot_xmax(snapshot: &str) -> Option<i64> {
+    snapshot.split(':').nth(1)?.parse().ok()
 }
