@@ -13,12 +13,16 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
-    /// The database reported an error, or could not be reached.
-    #[error("database error")]
+    /// The database reported an error, or could not be reached. The message names the
+    /// cause on the same line (e.g. `database error: error occurred while attempting to
+    /// establish a TLS connection: invalid peer certificate: UnknownIssuer`); the cause is
+    /// also the error's [`source`](std::error::Error::source).
+    #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
 
-    /// Applying the schema migrations failed.
-    #[error("could not migrate the database")]
+    /// Applying the schema migrations failed. The message names the cause on the same line,
+    /// which is also the error's [`source`](std::error::Error::source).
+    #[error("could not migrate the database: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
 
     /// A row read from the database does not hold what the schema promises.
