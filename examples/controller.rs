@@ -721,13 +721,17 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// An error and its causes on one line.
+/// An error and its causes on one line, skipping a cause whose text the line already has
+/// (plane-db's errors name their cause in their own message).
 fn error_chain(error: &(dyn StdError + 'static)) -> String {
     let mut text = error.to_string();
     let mut source = error.source();
     while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
         source = cause.source();
     }
     text

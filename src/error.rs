@@ -13,12 +13,16 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
-    /// The database reported an error, or could not be reached.
-    #[error("database error")]
+    /// The database reported an error, or could not be reached. The message names the
+    /// cause on the same line (e.g. `database error: error occurred while attempting to
+    /// establish a TLS connection: invalid peer certificate: UnknownIssuer`); the cause is
+    /// also the error's [`source`](std::error::Error::source).
+    #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
 
-    /// Applying the schema migrations failed.
-    #[error("could not migrate the database")]
+    /// Applying the schema migrations failed. The message names the cause on the same line,
+    /// which is also the error's [`source`](std::error::Error::source).
+    #[error("could not migrate the database: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
 
     /// A row read from the database does not hold what the schema promises.
@@ -217,4 +221,39 @@ pub(crate) fn skip_undecodable<T>(rows: impl IntoIterator<Item = Result<T>>) -> 
             }
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::error::Error as _;
+
+    #[test]
+    fn database_errors_name_their_cause_on_one_line_and_keep_it_as_source() {
+        let cause = "error occurred while attempting to establish a TLS connection: \
+                     server does not support TLS";
+        let error = Error::from(sqlx::Error::Tls("server does not support TLS".into()));
+        assert_eq!(error.to_string(), format!("database error: {cause}"));
+        assert_eq!(
+            error.source().map(|s| s.to_string()).as_deref(),
+            Some(cause)
+        );
+        assert!(error.is_connection_error());
+
+        let connect = ConnectError::from(sqlx::Error::PoolTimedOut);
+        assert_eq!(
+            connect.to_string(),
+            "database error: pool timed out while waiting for an open connection"
+        );
+
+        let migrate = Error::from(sqlx::migrate::MigrateError::Execute(
+            sqlx::Error::PoolTimedOut,
+        ));
+        assert_eq!(
+            migrate.to_string(),
+            "could not migrate the database: while executing migrations: \
+             pool timed out while waiting for an open connection"
+        );
+        assert!(migrate.source().is_some());
+    }
 }

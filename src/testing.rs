@@ -151,6 +151,26 @@ pub enum HarnessError {
     /// failure); it is not retried.
     #[error("the test PostgreSQL server could not be set up earlier in this process: {0}")]
     EarlierFailure(String),
+    /// [`private_tls_server`] needs the `openssl` command to make its certificates, and it
+    /// is not on `PATH`.
+    #[error(
+        "the `openssl` command was not found on PATH: the TLS test server's CA and \
+         certificates are made with it (install it, e.g. `apt install openssl`)"
+    )]
+    NoOpenssl,
+    /// The server configured by [`private_tls_server`] does not offer TLS.
+    #[error(
+        "the TLS test server does not offer TLS ({reason}); last lines of {}:\n{log_tail}",
+        log.display()
+    )]
+    TlsNotOffered {
+        /// What the server answered to an `SSLRequest`.
+        reason: String,
+        /// Path of the server log.
+        log: PathBuf,
+        /// The last lines of the server log.
+        log_tail: String,
+    },
 }
 
 impl fmt::Debug for HarnessError {
@@ -738,6 +758,278 @@ impl TestDatabase {
                 format!("could not drop test database {}", self.name),
             )
             .await
+    }
+}
+
+/// The command that makes the TLS test server's certificates.
+const OPENSSL: &str = "openssl";
+/// How long the test certificates are valid, in days.
+const CERT_DAYS: u32 = 2;
+/// The `openssl` configuration of the test certificates: extensions for a CA, and for a
+/// server certificate valid for the host name `localhost` only (no IP address, so that
+/// `127.0.0.1` with `sslmode=verify-full` is a host-name mismatch).
+const OPENSSL_CONFIG: &str = "\
+[req]
+distinguished_name = subject
+prompt = no
+
+[subject]
+CN = plane-db test
+
+[ca_ext]
+basicConstraints = critical, CA:TRUE
+keyUsage = critical, keyCertSign, cRLSign
+subjectKeyIdentifier = hash
+
+[server_ext]
+basicConstraints = critical, CA:FALSE
+keyUsage = critical, digitalSignature
+extendedKeyUsage = serverAuth
+subjectAltName = DNS:localhost
+subjectKeyIdentifier = hash
+authorityKeyIdentifier = keyid
+";
+
+/// A throwaway server with TLS on, made by [`private_tls_server`], and the CA files a
+/// client needs to verify it.
+///
+/// Its certificate is signed by [`ca_cert`](Self::ca_cert) and valid for the host name
+/// `localhost` only. The server accepts both TLS and plain connections (as a server with
+/// `ssl = on` and the default `host` lines of `pg_hba.conf` does), on `127.0.0.1` only; a
+/// client connecting to `localhost` reaches it there. Dropping it stops the server and
+/// deletes its files, certificates included.
+#[derive(Debug)]
+pub struct TlsTestServer {
+    server: TestServer,
+    ca_cert: PathBuf,
+    unrelated_ca_cert: PathBuf,
+}
+
+/// Starts a private throwaway server (as [`private_server`]) with TLS on: makes a CA and a
+/// server certificate for `localhost` signed by it with the `openssl` command, plus a
+/// second, unrelated CA (for tests of a wrong `sslrootcert`), and turns on `ssl` with them.
+///
+/// Blocks for a few seconds. [`HarnessError::NoOpenssl`] if `openssl` is not installed,
+/// [`HarnessError::NoPostgres`] if the server binaries are not.
+pub fn private_tls_server() -> Result<TlsTestServer, HarnessError> {
+    // Before initdb, so that a missing openssl is reported at once.
+    run_openssl(Path::new("/"), "version", &[])?;
+    let server = TestServer::start_embedded()?;
+    let embedded = server.embedded.as_ref().ok_or(HarnessError::NotEmbedded)?;
+
+    let dir = embedded.root.join("tls");
+    // Readable by the server's user (which may not be this process's).
+    fs::DirBuilder::new()
+        .mode(0o755)
+        .create(&dir)
+        .map_err(HarnessError::io(format!(
+            "could not create {}",
+            dir.display()
+        )))?;
+    let config = dir.join("openssl.cnf");
+    fs::write(&config, OPENSSL_CONFIG).map_err(HarnessError::io(format!(
+        "could not write {}",
+        config.display()
+    )))?;
+    let new_key = "-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes";
+    for (name, subject) in [
+        ("ca", "/CN=plane-db test CA"),
+        ("unrelated-ca", "/CN=plane-db unrelated test CA"),
+    ] {
+        run_openssl(
+            &dir,
+            &format!(
+                "req -x509 -new {new_key} -keyout {name}.key -out {name}.crt -days {CERT_DAYS} \
+                 -config openssl.cnf -extensions ca_ext"
+            ),
+            &["-subj", subject],
+        )?;
+    }
+    run_openssl(
+        &dir,
+        &format!("req -new {new_key} -keyout server.key -out server.csr -config openssl.cnf"),
+        &["-subj", "/CN=localhost"],
+    )?;
+    run_openssl(
+        &dir,
+        &format!(
+            "x509 -req -in server.csr -CA ca.crt -CAkey ca.key -CAcreateserial -CAserial ca.srl \
+             -out server.crt -days {CERT_DAYS} -extfile openssl.cnf -extensions server_ext"
+        ),
+        &[],
+    )?;
+
+    // PostgreSQL refuses a key file that others can read, or that belongs to another user
+    // (root apart).
+    let (server_cert, server_key) = (dir.join("server.crt"), dir.join("server.key"));
+    fs::set_permissions(&server_key, fs::Permissions::from_mode(0o600)).map_err(
+        HarnessError::io(format!("could not make {} private", server_key.display())),
+    )?;
+    if let Some((uid, gid)) = embedded.run_as {
+        for path in [&server_cert, &server_key] {
+            std::os::unix::fs::chown(path, Some(uid), Some(gid)).map_err(HarnessError::io(
+                format!(
+                    "could not change the owner of {} to uid {uid}",
+                    path.display()
+                ),
+            ))?;
+        }
+    }
+
+    // The settings go into postgresql.conf (later lines win), read at the restart.
+    server.stop()?;
+    let conf_path = embedded.data_dir.join("postgresql.conf");
+    let mut conf = OpenOptions::new()
+        .append(true)
+        .open(&conf_path)
+        .map_err(HarnessError::io(format!(
+            "could not open {}",
+            conf_path.display()
+        )))?;
+    let setting = |path: &Path| path.display().to_string().replace('\'', "''");
+    writeln!(
+        conf,
+        "\n# TLS for the plane-db tests\nssl = on\nssl_cert_file = '{}'\nssl_key_file = '{}'",
+        setting(&server_cert),
+        setting(&server_key)
+    )
+    .map_err(HarnessError::io(format!(
+        "could not write {}",
+        conf_path.display()
+    )))?;
+    drop(conf);
+    server.start()?;
+
+    // The server must now answer an SSLRequest with 'S'.
+    if let Err(reason) = offers_tls(embedded.port) {
+        return Err(HarnessError::TlsNotOffered {
+            reason,
+            log: embedded.log_path.clone(),
+            log_tail: log_tail(&embedded.log_path),
+        });
+    }
+    Ok(TlsTestServer {
+        ca_cert: dir.join("ca.crt"),
+        unrelated_ca_cert: dir.join("unrelated-ca.crt"),
+        server,
+    })
+}
+
+impl TlsTestServer {
+    /// The server, e.g. to [`stop`](TestServer::stop) and [`start`](TestServer::start) it.
+    /// Its [`url_for`](TestServer::url_for) URLs name `127.0.0.1` without an `sslmode`
+    /// (sqlx's default, `prefer`, encrypts without verifying).
+    pub fn server(&self) -> &TestServer {
+        &self.server
+    }
+
+    /// The port the server listens on (on `127.0.0.1`).
+    pub fn port(&self) -> u16 {
+        self.server.port().unwrap_or_default()
+    }
+
+    /// The PEM file of the CA that signed the server's certificate: the `sslrootcert` that
+    /// verifies it.
+    pub fn ca_cert(&self) -> &Path {
+        &self.ca_cert
+    }
+
+    /// The PEM file of a CA that has nothing to do with the server: an `sslrootcert` that
+    /// must not verify it.
+    pub fn unrelated_ca_cert(&self) -> &Path {
+        &self.unrelated_ca_cert
+    }
+
+    /// `postgres://postgres@{host}:{port}/{database}?{params}`, the parameters
+    /// percent-encoded, e.g. `url("localhost", "db", &[("sslmode", "verify-full"),
+    /// ("sslrootcert", path)])`.
+    pub fn url(&self, host: &str, database: &str, params: &[(&str, &str)]) -> String {
+        let mut url = format!(
+            "postgres://{SUPERUSER}@{host}:{}/{}",
+            self.port(),
+            percent_encode(database)
+        );
+        for (i, (key, value)) in params.iter().enumerate() {
+            url.push(if i == 0 { '?' } else { '&' });
+            url.push_str(&percent_encode(key));
+            url.push('=');
+            url.push_str(&percent_encode(value));
+        }
+        url
+    }
+
+    /// The URL of `database` as a careful client names it: host `localhost`,
+    /// `sslmode=verify-full`, `sslrootcert` the [`ca_cert`](Self::ca_cert).
+    pub fn verify_full_url(&self, database: &str) -> String {
+        let ca = self.ca_cert.to_string_lossy();
+        self.url(
+            "localhost",
+            database,
+            &[("sslmode", "verify-full"), ("sslrootcert", &ca)],
+        )
+    }
+
+    /// Like [`create_database`], on this server. Its `url` is the
+    /// [`verify_full_url`](Self::verify_full_url).
+    pub async fn create_database(&self) -> Result<TestDatabase, HarnessError> {
+        let database = self.server.create_database().await?;
+        Ok(TestDatabase {
+            url: self.verify_full_url(&database.name),
+            name: database.name,
+        })
+    }
+}
+
+/// Runs `openssl` in `dir` with the words of `args`, then `extra` (arguments that hold
+/// spaces); [`HarnessError::NoOpenssl`] if it is not installed.
+fn run_openssl(dir: &Path, args: &str, extra: &[&str]) -> Result<(), HarnessError> {
+    let mut command = Command::new(OPENSSL);
+    command
+        .args(args.split_whitespace())
+        .args(extra)
+        .current_dir(dir)
+        .stdin(Stdio::null());
+    let output = command.output().map_err(|source| match source.kind() {
+        io::ErrorKind::NotFound => HarnessError::NoOpenssl,
+        _ => HarnessError::Io {
+            context: format!("could not run {OPENSSL}"),
+            source,
+        },
+    })?;
+    if output.status.success() {
+        return Ok(());
+    }
+    Err(HarnessError::CommandFailed {
+        command: format!("{command:?}"),
+        status: output.status.to_string(),
+        output: format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        ),
+    })
+}
+
+/// Whether the server on `127.0.0.1:port` answers an `SSLRequest` with `S` (willing to
+/// start TLS). Std only, like [`probe`]; the connection is closed without a handshake.
+fn offers_tls(port: u16) -> Result<(), String> {
+    let address = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    let mut stream = TcpStream::connect_timeout(&address, Duration::from_secs(1))
+        .map_err(|error| format!("connecting to {address}: {error}"))?;
+    let io_error = |error: io::Error| format!("talking to {address}: {error}");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .map_err(io_error)?;
+    // SSLRequest: length 8, then the code 80877103.
+    let mut request = 8_u32.to_be_bytes().to_vec();
+    request.extend_from_slice(&80_877_103_u32.to_be_bytes());
+    stream.write_all(&request).map_err(io_error)?;
+    let mut answer = [0u8; 1];
+    stream.read_exact(&mut answer).map_err(io_error)?;
+    match answer[0] {
+        b'S' => Ok(()),
+        b'N' => Err("it answered N to an SSLRequest".to_owned()),
+        other => Err(format!("it answered {other:#04x} to an SSLRequest")),
     }
 }
 

@@ -27,3 +27,4 @@ mod restart;
 mod security;
 mod slow_subscriber;
 mod support;
+mod tls;
