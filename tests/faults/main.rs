@@ -18,6 +18,7 @@ mod bad_rows;
 mod connect_race;
 mod failover;
 mod hostile;
+mod least_privilege;
 mod listener_kill;
 mod open_transaction;
 mod promotion;
