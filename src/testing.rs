@@ -1138,6 +1138,10 @@ pub struct PgBouncerOptions {
     /// `("ignore_startup_parameters", "extra_float_digits")`. None by default: the tests
     /// show what works with PgBouncer's defaults.
     pub settings: Vec<(String, String)>,
+    /// Databases with settings of their own, as `(name, settings)`: e.g.
+    /// `("plane", "pool_mode=session")` writes `plane = host=… port=… pool_mode=session`
+    /// before the entry that passes every other name through. None by default.
+    pub databases: Vec<(String, String)>,
 }
 
 impl PgBouncerOptions {
@@ -1147,13 +1151,15 @@ impl PgBouncerOptions {
             mode,
             pool_size: 20,
             settings: Vec::new(),
+            databases: Vec::new(),
         }
     }
 }
 
 /// A PgBouncer started by [`TestServer::pgbouncer`], listening on `127.0.0.1` on a port of
 /// its own, in front of that server (every database name is passed through). It lets the
-/// server's superuser in without a password, like the server. Dropping it stops it and
+/// server's superuser in without a password, like the server, also to its admin console
+/// ([`admin_url`](Self::admin_url)). Dropping it stops it and
 /// deletes its files (a cleanup process does so if the test process dies first).
 #[derive(Debug)]
 pub struct TestPgBouncer {
@@ -1197,7 +1203,10 @@ impl TestServer {
         if let Some((uid, gid)) = embedded.run_as {
             for path in [&bouncer.root, &auth_file, &bouncer.log_path] {
                 std::os::unix::fs::chown(path, Some(uid), Some(gid)).map_err(HarnessError::io(
-                    format!("could not change the owner of {} to uid {uid}", path.display()),
+                    format!(
+                        "could not change the owner of {} to uid {uid}",
+                        path.display()
+                    ),
                 ))?;
             }
         }
@@ -1254,6 +1263,12 @@ impl TestPgBouncer {
         )
     }
 
+    /// A URL for its admin console (`SHOW CLIENTS`, `SHOW POOLS`, …; simple queries only,
+    /// and connect without the `extra_float_digits` startup parameter).
+    pub fn admin_url(&self) -> String {
+        self.url_for("pgbouncer")
+    }
+
     /// The last lines of its log, for messages of failed tests.
     pub fn log_tail(&self) -> String {
         log_tail(&self.log_path)
@@ -1296,7 +1311,9 @@ impl TestPgBouncer {
         let deadline = Instant::now() + PGBOUNCER_READY_TIMEOUT;
         loop {
             match child.try_wait() {
-                Ok(Some(status)) => return Err(failed(format!("exited during startup ({status})"))),
+                Ok(Some(status)) => {
+                    return Err(failed(format!("exited during startup ({status})")))
+                }
                 Ok(None) => {}
                 Err(error) => {
                     let _ = child.kill();
@@ -1349,9 +1366,14 @@ fn pgbouncer_config(
     server_port: u16,
     auth_file: &Path,
 ) -> String {
-    let mut text = format!(
-        "[databases]\n\
-         * = host=127.0.0.1 port={server_port}\n\
+    let mut text = String::from("[databases]\n");
+    for (name, settings) in &options.databases {
+        text.push_str(&format!(
+            "{name} = host=127.0.0.1 port={server_port} {settings}\n"
+        ));
+    }
+    text.push_str(&format!(
+        "* = host=127.0.0.1 port={server_port}\n\
          \n\
          [pgbouncer]\n\
          listen_addr = 127.0.0.1\n\
@@ -1362,11 +1384,12 @@ fn pgbouncer_config(
          pool_mode = {}\n\
          default_pool_size = {}\n\
          max_client_conn = 500\n\
-         server_login_retry = 1\n",
+         server_login_retry = 1\n\
+         admin_users = {SUPERUSER}\n",
         auth_file.display(),
         options.mode.as_str(),
         options.pool_size,
-    );
+    ));
     for (name, value) in &options.settings {
         text.push_str(&format!("{name} = {value}\n"));
     }

@@ -20,6 +20,7 @@ mod failover;
 mod hostile;
 mod listener_kill;
 mod open_transaction;
+mod pooler;
 mod promotion;
 mod properties;
 mod reader_kill;
