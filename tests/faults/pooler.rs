@@ -11,7 +11,8 @@
 //!   `SET` leaks to other clients; the library sets none; server-side defaults apply).
 //! - Hygiene: the pool's and the listener's `application_name`, `statement_timeout`,
 //!   `idle_in_transaction_session_timeout`, and a listener that an `idle_session_timeout`
-//!   does not end.
+//!   does not end; and why settings are `SET` after connecting rather than startup
+//!   parameters (PgBouncer refuses `options` and `extra_float_digits`, or drops `options`).
 //! - The cost of PgBouncer (session mode) and of turning sqlx's statement cache off, measured
 //!   on route lookups in one run (printed, not asserted).
 //!
@@ -778,6 +779,69 @@ async fn cost_of_pgbouncer_and_of_no_statement_cache() {
             for db in [direct, no_cache, bounced] {
                 db.pool().close().await;
             }
+        })
+        .await;
+}
+
+/// Why the library leaves out `extra_float_digits` behind a pooler and applies its settings
+/// with `SET` rather than the `options` startup parameter: PgBouncer refuses both by
+/// default, and with `ignore_startup_parameters = options` it drops the settings silently.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgbouncer_refuses_or_drops_startup_parameters() {
+    let fixture = Fixture::start(|_| Some(bouncer_options(PgBouncerMode::Session, 5))).await;
+    fixture
+        .run(|fx| async move {
+            let url: PgConnectOptions = fx.bouncer_url().parse().unwrap();
+            // sqlx sends extra_float_digits by default.
+            let refused = PgConnection::connect_with(&url).await.err();
+            let refused = refused.expect("PgBouncer refuses extra_float_digits");
+            assert!(
+                refused
+                    .to_string()
+                    .contains("unsupported startup parameter"),
+                "{refused}"
+            );
+            let with_options = url
+                .clone()
+                .extra_float_digits(None)
+                .options([("statement_timeout", "5000")]);
+            let refused = PgConnection::connect_with(&with_options).await.err();
+            let refused = refused.expect("PgBouncer refuses options");
+            assert!(
+                refused
+                    .to_string()
+                    .contains("unsupported startup parameter: options"),
+                "{refused}"
+            );
+
+            // Told to ignore `options`, PgBouncer lets the client in without its settings.
+            let s = fx.server.clone();
+            let ignoring = tokio::task::spawn_blocking(move || {
+                s.pgbouncer(&PgBouncerOptions {
+                    settings: vec![("ignore_startup_parameters".into(), "options".into())],
+                    ..bouncer_options(PgBouncerMode::Session, 5)
+                })
+            })
+            .await
+            .unwrap()
+            .unwrap();
+            let url: PgConnectOptions = ignoring.url_for(&fx.database).parse().unwrap();
+            let mut conn = PgConnection::connect_with(
+                &url.extra_float_digits(None)
+                    .options([("statement_timeout", "5000")]),
+            )
+            .await
+            .unwrap();
+            let shown: String = conn
+                .fetch_one("show statement_timeout")
+                .await
+                .unwrap()
+                .get(0);
+            assert_eq!(shown, "0", "the setting was dropped");
+            let _ = conn.close().await;
+            tokio::task::spawn_blocking(move || drop(ignoring))
+                .await
+                .unwrap();
         })
         .await;
 }
