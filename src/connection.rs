@@ -467,7 +467,9 @@ fn apply_settings(conn: &mut PgConnection, settings: Arc<str>) -> BoxFuture<'_, 
 }
 
 /// The pool of the event bus's listening connection: one connection, opened on the first
-/// subscription (and again after a loss), never closed for being idle or old. `settings`
+/// subscription (and again after a loss), never closed for being idle or old. Room for two:
+/// a listener whose connection failed with a server error (e.g. terminated) still holds it
+/// while the bus opens the next one; the dead one is closed when it is given back. `settings`
 /// run on it first, then `idle_session_timeout` (Postgres 14 and later) is turned off: the
 /// connection is idle by design, between notifications.
 pub(crate) fn listener_pool(
@@ -480,7 +482,7 @@ pub(crate) fn listener_pool(
          WHERE name = 'idle_session_timeout';"
     );
     let pool_options = PgPoolOptions::new()
-        .max_connections(1)
+        .max_connections(2)
         .min_connections(0)
         .idle_timeout(None)
         .max_lifetime(None)

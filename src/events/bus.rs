@@ -303,6 +303,9 @@ impl Drop for EventBus {
 /// Opens the listening connection from its own pool (`EventBus::listener`).
 async fn connect_listener(pool: &PgPool) -> Result<PgListener> {
     let mut listener = PgListener::connect_with(pool).await?;
+    // `listen_loop` replaces a listener whose connection was lost: it must give its
+    // connection back rather than open another one from the small pool by itself.
+    listener.eager_reconnect(false);
     listener
         .listen_all([EVENTS_CHANNEL, EPHEMERAL_CHANNEL])
         .await?;
