@@ -38,7 +38,8 @@ const MAX_APPLICATION_NAME: usize = 63;
 /// | startup parameter `extra_float_digits` | sent (sqlx's default) | not sent | not sent |
 ///
 /// **`Transaction` needs a pooler that supports protocol-level prepared statements**, such
-/// as PgBouncer 1.21 or later with `max_prepared_statements` above 0. sqlx prepares every
+/// as PgBouncer 1.21 or later with `max_prepared_statements` above 0 (the test suite runs
+/// PgBouncer 1.18 only, so this combination is not tested here). sqlx prepares every
 /// query as a named statement on the server connection and binds it in a second message
 /// exchange; a transaction-mode pooler without that support (PgBouncer 1.18, as tested by
 /// `tests/faults/pooler.rs`) lets another client's server connection receive the second
