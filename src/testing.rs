@@ -1466,6 +1466,39 @@ fn spawn_pgbouncer_reaper(root: &Path, pid: u32) -> Result<Child, HarnessError> 
 }
 
 #[cfg(test)]
+mod pgbouncer_tests {
+    use super::*;
+
+    #[test]
+    fn pgbouncer_config_text() {
+        let options = PgBouncerOptions {
+            pool_size: 3,
+            settings: vec![("ignore_startup_parameters".into(), "options".into())],
+            databases: vec![("plane".into(), "pool_mode=session".into())],
+            ..PgBouncerOptions::new(PgBouncerMode::Transaction)
+        };
+        let text = pgbouncer_config(&options, 7000, 5433, Path::new("/tmp/x/users.txt"));
+        let lines: Vec<&str> = text.lines().collect();
+        let plane = lines
+            .iter()
+            .position(|l| *l == "plane = host=127.0.0.1 port=5433 pool_mode=session");
+        let rest = lines
+            .iter()
+            .position(|l| *l == "* = host=127.0.0.1 port=5433");
+        assert!(plane.is_some() && plane < rest, "{text}");
+        for line in [
+            "listen_port = 7000",
+            "pool_mode = transaction",
+            "default_pool_size = 3",
+            "auth_file = /tmp/x/users.txt",
+            "ignore_startup_parameters = options",
+        ] {
+            assert!(lines.contains(&line), "{line} in {text}");
+        }
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
