@@ -5,6 +5,9 @@ use crate::acme::AcmeDatabase;
 use crate::actions::BackendActionDatabase;
 use crate::backend::BackendDatabase;
 use crate::cluster::ClusterDatabase;
+use crate::connection::{
+    listener_options_for, listener_pool, ConnectOptions, DEFAULT_APPLICATION_NAME,
+};
 use crate::controller::ControllerDatabase;
 use crate::drone::DroneDatabase;
 use crate::error::{check_non_negative, Result};
@@ -13,7 +16,7 @@ use crate::events::{
 };
 use crate::keys::KeysDatabase;
 use crate::node::NodeDatabase;
-use sqlx::postgres::PgPoolOptions;
+use sqlx::postgres::PgConnectOptions;
 use sqlx::PgPool;
 use std::sync::Arc;
 use std::time::Duration;
@@ -94,19 +97,18 @@ impl Default for KeyLeaseConfig {
     }
 }
 
-/// Opens a pool on `url` (not migrated). See [`connect_and_migrate`].
+/// Opens a pool on `url` (not migrated) with the default [`ConnectOptions`]: 32 connections,
+/// `application_name` `plane-db` (the listening connection `plane-db-listener`), a 30 s
+/// `statement_timeout`. See [`connect_and_migrate`], and [`ConnectOptions`] to change them
+/// or to run behind a pooler.
 // The URL is not recorded: it may hold a password.
 #[tracing::instrument(skip_all)]
 pub async fn connect(url: &str) -> Result<PlaneDatabase> {
-    let pool = PgPoolOptions::new()
-        .max_connections(32)
-        .acquire_timeout(Duration::from_secs(10))
-        .connect(url)
-        .await?;
-    Ok(PlaneDatabase::new(pool))
+    ConnectOptions::new(url)?.connect().await
 }
 
-/// Opens a pool on `url` and applies the schema migrations.
+/// Applies the schema migrations on `url`, then opens a pool on it, with the default
+/// [`ConnectOptions`] (see [`connect`]).
 ///
 /// ```no_run
 /// # async fn example() -> plane_db::Result<()> {
@@ -116,9 +118,7 @@ pub async fn connect(url: &str) -> Result<PlaneDatabase> {
 /// ```
 #[tracing::instrument(skip_all)]
 pub async fn connect_and_migrate(url: &str) -> Result<PlaneDatabase> {
-    let db = connect(url).await?;
-    MIGRATOR.run(db.pool()).await?;
-    Ok(db)
+    ConnectOptions::new(url)?.connect_and_migrate().await
 }
 
 /// The data layer of a controller: cheap to clone (all clones share one pool and one event
@@ -143,13 +143,40 @@ impl std::fmt::Debug for PlaneDatabase {
 impl PlaneDatabase {
     /// Wraps an existing (migrated) pool with the default [`Config`]. Opens no connection;
     /// the event bus starts on the first subscription.
+    ///
+    /// The bus's listening connection is one more connection, outside the pool, opened with
+    /// the pool's connect options and named after its `application_name` (or `plane-db`)
+    /// followed by `-listener`. Use [`with_listener`](Self::with_listener) when the pool goes
+    /// through a transaction-mode pooler.
     pub fn new(pool: PgPool) -> Self {
         Self::with_config(pool, Config::default())
     }
 
-    /// Wraps an existing (migrated) pool with the given configuration.
+    /// Wraps an existing (migrated) pool with the given configuration (see
+    /// [`new`](Self::new)).
     pub fn with_config(pool: PgPool, config: Config) -> Self {
-        let bus = EventBus::new(pool.clone(), config.bus.clone());
+        let listener = listener_options_for(&pool);
+        Self::with_listener(pool, listener, config)
+    }
+
+    /// Wraps an existing (migrated) pool; the event bus's listening connection uses
+    /// `listener`, e.g. straight to Postgres while the pool goes through a transaction-mode
+    /// pooler (`LISTEN` needs a session of its own). Its `application_name` is
+    /// `plane-db-listener` unless `listener` sets one; `idle_session_timeout` is turned off
+    /// on it. [`ConnectOptions`] builds both for you.
+    pub fn with_listener(pool: PgPool, listener: PgConnectOptions, config: Config) -> Self {
+        let listener = match listener.get_application_name() {
+            Some(name) if !name.is_empty() => listener,
+            _ => listener.application_name(&format!("{DEFAULT_APPLICATION_NAME}-listener")),
+        };
+        let acquire_timeout = pool.options().get_acquire_timeout();
+        let listener = listener_pool(listener, String::new(), acquire_timeout);
+        Self::with_listener_pool(pool, listener, config)
+    }
+
+    /// `listener`: a pool of one connection (see [`listener_pool`]).
+    pub(crate) fn with_listener_pool(pool: PgPool, listener: PgPool, config: Config) -> Self {
+        let bus = EventBus::new(pool.clone(), listener, config.bus.clone());
         Self {
             inner: Arc::new(Inner { pool, bus, config }),
         }

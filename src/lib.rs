@@ -5,7 +5,8 @@
 //! backend's lifecycle, turn bearer tokens into routes for proxies, find backends to
 //! terminate, clean up old rows, and stream status changes over LISTEN/NOTIFY.
 //!
-//! Open it with [`connect_and_migrate`] (or [`connect`](fn@connect), or [`PlaneDatabase::new`] on a pool
+//! Open it with [`connect_and_migrate`] (or [`connect`](fn@connect), or [`ConnectOptions`] to
+//! size the pool, set timeouts or run behind PgBouncer, or [`PlaneDatabase::new`] on a pool
 //! of your own), then use the facades: [`PlaneDatabase::backend`], [`PlaneDatabase::drone`],
 //! [`PlaneDatabase::node`], [`PlaneDatabase::controller`], [`PlaneDatabase::keys`],
 //! [`PlaneDatabase::backend_actions`], [`PlaneDatabase::acme`], [`PlaneDatabase::cluster`],
@@ -40,6 +41,7 @@ pub mod backend;
 mod cleanup;
 pub mod cluster;
 pub mod connect;
+mod connection;
 pub mod controller;
 mod database;
 pub mod drone;
@@ -52,6 +54,7 @@ pub mod testing;
 pub mod types;
 
 pub use cleanup::{CleanupConfig, CleanupPhase, CleanupProgress, CleanupSummary, CleanupTask};
+pub use connection::{ConnectOptions, PoolerMode};
 pub use database::{
     connect, connect_and_migrate, Config, KeyLeaseConfig, PlaneDatabase, SchedulerConfig, MIGRATOR,
 };

@@ -135,6 +135,19 @@ pub enum HarnessError {
          not on the server named by DATABASE_URL"
     )]
     NotEmbedded,
+    /// No `pgbouncer` binary was found for [`TestServer::pgbouncer`].
+    #[error("{}", NO_PGBOUNCER_MESSAGE)]
+    NoPgBouncer,
+    /// The test PgBouncer exited while starting, or did not accept connections in time.
+    #[error("the test PgBouncer {what}; last lines of {}:\n{log_tail}", log.display())]
+    PgBouncer {
+        /// What went wrong.
+        what: String,
+        /// Path of its log.
+        log: PathBuf,
+        /// The last lines of its log.
+        log_tail: String,
+    },
     /// The operating system's random number generator failed.
     #[error("could not get random bytes: {0}")]
     Random(String),
@@ -1374,6 +1387,407 @@ fn spawn_reaper(root: &Path) -> Result<Child, HarnessError> {
         .map_err(HarnessError::io(
             "could not start the cleanup process for the throwaway PostgreSQL server (sh)",
         ))
+}
+
+// PgBouncer in front of a throwaway server, for the tests of running behind a pooler.
+
+const NO_PGBOUNCER_MESSAGE: &str = "no pgbouncer binary found (looked on PATH and in \
+/usr/sbin, /usr/local/sbin, /usr/local/bin): install it (e.g. `apt-get install pgbouncer`) \
+to run the tests of running behind PgBouncer";
+
+/// How long to wait for the test PgBouncer to accept connections.
+const PGBOUNCER_READY_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// PgBouncer's `pool_mode`: when a client's server connection goes back to PgBouncer's pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PgBouncerMode {
+    /// When the client disconnects: a client keeps one server session, so session state
+    /// (`SET`, `LISTEN`, prepared statements) works as on a direct connection.
+    Session,
+    /// At the end of each transaction (and after each statement outside one): session state
+    /// left on a server connection is seen by whichever client gets it next.
+    Transaction,
+}
+
+impl PgBouncerMode {
+    fn as_str(self) -> &'static str {
+        match self {
+            PgBouncerMode::Session => "session",
+            PgBouncerMode::Transaction => "transaction",
+        }
+    }
+}
+
+/// How [`TestServer::pgbouncer`] configures its PgBouncer.
+#[derive(Debug, Clone)]
+pub struct PgBouncerOptions {
+    /// The pool mode.
+    pub mode: PgBouncerMode,
+    /// Server connections per database and user (`default_pool_size`). Defaults to 20
+    /// (PgBouncer's own default).
+    pub pool_size: u32,
+    /// Further `[pgbouncer]` settings, written to its configuration file as given, e.g.
+    /// `("ignore_startup_parameters", "extra_float_digits")`. None by default: the tests
+    /// show what works with PgBouncer's defaults.
+    pub settings: Vec<(String, String)>,
+    /// Databases with settings of their own, as `(name, settings)`: e.g.
+    /// `("plane", "pool_mode=session")` writes `plane = host=… port=… pool_mode=session`
+    /// before the entry that passes every other name through. None by default.
+    pub databases: Vec<(String, String)>,
+}
+
+impl PgBouncerOptions {
+    /// PgBouncer's defaults in the given mode.
+    pub fn new(mode: PgBouncerMode) -> Self {
+        Self {
+            mode,
+            pool_size: 20,
+            settings: Vec::new(),
+            databases: Vec::new(),
+        }
+    }
+}
+
+/// A PgBouncer started by [`TestServer::pgbouncer`], listening on `127.0.0.1` on a port of
+/// its own, in front of that server (every database name is passed through). It lets the
+/// server's superuser in without a password, like the server, also to its admin console
+/// ([`admin_url`](Self::admin_url)). Dropping it stops it and
+/// deletes its files (a cleanup process does so if the test process dies first).
+#[derive(Debug)]
+pub struct TestPgBouncer {
+    root: PathBuf,
+    log_path: PathBuf,
+    port: u16,
+    mode: PgBouncerMode,
+    child: Mutex<Option<Child>>,
+    reaper: Mutex<Option<Child>>,
+}
+
+impl TestServer {
+    /// Starts a PgBouncer in front of this (embedded, running) server: configuration and
+    /// auth file in a temporary directory of its own, a free port on `127.0.0.1`, run as the
+    /// server's unprivileged user when this process runs as root (PgBouncer refuses root).
+    /// Blocks until it accepts connections (it then has opened one server connection).
+    ///
+    /// [`HarnessError::NoPgBouncer`] if no `pgbouncer` binary is installed,
+    /// [`HarnessError::NotEmbedded`] for the `DATABASE_URL` server.
+    pub fn pgbouncer(&self, options: &PgBouncerOptions) -> Result<TestPgBouncer, HarnessError> {
+        let embedded = self.embedded.as_ref().ok_or(HarnessError::NotEmbedded)?;
+        let binary = find_pgbouncer().ok_or(HarnessError::NoPgBouncer)?;
+        let root = create_temp_root()?;
+        let mut bouncer = TestPgBouncer {
+            log_path: root.join("pgbouncer.log"),
+            root,
+            port: 0,
+            mode: options.mode,
+            child: Mutex::new(None),
+            reaper: Mutex::new(None),
+        };
+        // From here on, dropping `bouncer` removes the directory (and stops the process).
+        let auth_file = bouncer.root.join("users.txt");
+        fs::write(&auth_file, format!("\"{SUPERUSER}\" \"\"\n")).map_err(HarnessError::io(
+            format!("could not write {}", auth_file.display()),
+        ))?;
+        File::create(&bouncer.log_path).map_err(HarnessError::io(format!(
+            "could not create {}",
+            bouncer.log_path.display()
+        )))?;
+        if let Some((uid, gid)) = embedded.run_as {
+            for path in [&bouncer.root, &auth_file, &bouncer.log_path] {
+                std::os::unix::fs::chown(path, Some(uid), Some(gid)).map_err(HarnessError::io(
+                    format!(
+                        "could not change the owner of {} to uid {uid}",
+                        path.display()
+                    ),
+                ))?;
+            }
+        }
+
+        let mut attempt = 1;
+        let child = loop {
+            bouncer.port = free_port()?;
+            let config = bouncer.config_path();
+            let text = pgbouncer_config(options, bouncer.port, embedded.port, &auth_file);
+            fs::write(&config, text).map_err(HarnessError::io(format!(
+                "could not write {}",
+                config.display()
+            )))?;
+            match bouncer.launch(&binary, embedded.run_as) {
+                Ok(child) => break child,
+                // Another process took the port between choosing and binding it.
+                Err(HarnessError::PgBouncer { ref log_tail, .. })
+                    if attempt < PORT_ATTEMPTS && log_tail.contains("in use") =>
+                {
+                    attempt += 1;
+                }
+                Err(error) => return Err(error),
+            }
+        };
+        let pid = child.id();
+        *lock(&bouncer.child) = Some(child);
+        *lock(&bouncer.reaper) = Some(spawn_pgbouncer_reaper(&bouncer.root, pid)?);
+        tracing::info!(
+            port = bouncer.port,
+            mode = options.mode.as_str(),
+            "started PgBouncer for tests"
+        );
+        Ok(bouncer)
+    }
+}
+
+impl TestPgBouncer {
+    /// The port it listens on (on `127.0.0.1`).
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Its pool mode.
+    pub fn mode(&self) -> PgBouncerMode {
+        self.mode
+    }
+
+    /// A URL for `database` on the server behind it, through it.
+    pub fn url_for(&self, database: &str) -> String {
+        format!(
+            "postgres://{SUPERUSER}@127.0.0.1:{}/{}",
+            self.port,
+            percent_encode(database)
+        )
+    }
+
+    /// A URL for its admin console (`SHOW CLIENTS`, `SHOW POOLS`, …; simple queries only,
+    /// and connect without the `extra_float_digits` startup parameter).
+    pub fn admin_url(&self) -> String {
+        self.url_for("pgbouncer")
+    }
+
+    /// The last lines of its log, for messages of failed tests.
+    pub fn log_tail(&self) -> String {
+        log_tail(&self.log_path)
+    }
+
+    fn config_path(&self) -> PathBuf {
+        self.root.join("pgbouncer.ini")
+    }
+
+    /// Starts `pgbouncer` in the foreground (logging to its log file) and waits until it
+    /// accepts connections.
+    fn launch(&self, binary: &Path, run_as: Option<(u32, u32)>) -> Result<Child, HarnessError> {
+        let log_context = || format!("could not open {}", self.log_path.display());
+        let log = OpenOptions::new()
+            .append(true)
+            .open(&self.log_path)
+            .map_err(HarnessError::io(log_context()))?;
+        let log_err = log.try_clone().map_err(HarnessError::io(log_context()))?;
+        let mut command = Command::new(binary);
+        command
+            .arg(self.config_path())
+            .current_dir(&self.root)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log_err)
+            .process_group(0);
+        if let Some((uid, gid)) = run_as {
+            command.uid(uid).gid(gid);
+        }
+        let mut child = command.spawn().map_err(HarnessError::io(format!(
+            "could not run {}{}",
+            binary.display(),
+            run_as.map_or(String::new(), |(uid, _)| format!(" as uid {uid}"))
+        )))?;
+        let failed = |what: String| HarnessError::PgBouncer {
+            what,
+            log: self.log_path.clone(),
+            log_tail: log_tail(&self.log_path),
+        };
+        let deadline = Instant::now() + PGBOUNCER_READY_TIMEOUT;
+        loop {
+            match child.try_wait() {
+                Ok(Some(status)) => {
+                    return Err(failed(format!("exited during startup ({status})")))
+                }
+                Ok(None) => {}
+                Err(error) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return Err(failed(format!("could not be checked: {error}")));
+                }
+            }
+            let last_error = match probe(self.port) {
+                Ok(()) => return Ok(child),
+                Err(error) => error,
+            };
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(failed(format!(
+                    "did not accept connections within {PGBOUNCER_READY_TIMEOUT:?} (last \
+                     attempt: {last_error})"
+                )));
+            }
+            thread::sleep(Duration::from_millis(25));
+        }
+    }
+}
+
+impl Drop for TestPgBouncer {
+    fn drop(&mut self) {
+        if let Some(mut child) = lock(&self.child).take() {
+            // SIGTERM is PgBouncer's immediate shutdown (SIGINT would wait for clients).
+            if matches!(child.try_wait(), Ok(None)) && send_signal(child.id(), "TERM").is_ok() {
+                let deadline = Instant::now() + STOP_TIMEOUT;
+                while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
+                    thread::sleep(Duration::from_millis(20));
+                }
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if let Some(mut reaper) = lock(&self.reaper).take() {
+            let _ = reaper.kill();
+            let _ = reaper.wait();
+        }
+        let _ = fs::remove_dir_all(&self.root);
+    }
+}
+
+/// The text of `pgbouncer.ini`.
+fn pgbouncer_config(
+    options: &PgBouncerOptions,
+    port: u16,
+    server_port: u16,
+    auth_file: &Path,
+) -> String {
+    let mut text = String::from("[databases]\n");
+    for (name, settings) in &options.databases {
+        text.push_str(&format!(
+            "{name} = host=127.0.0.1 port={server_port} {settings}\n"
+        ));
+    }
+    text.push_str(&format!(
+        "* = host=127.0.0.1 port={server_port}\n\
+         \n\
+         [pgbouncer]\n\
+         listen_addr = 127.0.0.1\n\
+         listen_port = {port}\n\
+         unix_socket_dir =\n\
+         auth_type = trust\n\
+         auth_file = {}\n\
+         pool_mode = {}\n\
+         default_pool_size = {}\n\
+         max_client_conn = 500\n\
+         server_login_retry = 1\n\
+         admin_users = {SUPERUSER}\n",
+        auth_file.display(),
+        options.mode.as_str(),
+        options.pool_size,
+    ));
+    for (name, value) in &options.settings {
+        text.push_str(&format!("{name} = {value}\n"));
+    }
+    text
+}
+
+/// The `pgbouncer` binary: on `PATH`, else where distributions install it.
+fn find_pgbouncer() -> Option<PathBuf> {
+    let on_path = std::env::var_os("PATH").and_then(|path| {
+        std::env::split_paths(&path)
+            .filter(|dir| dir.is_absolute())
+            .map(|dir| dir.join("pgbouncer"))
+            .find(|candidate| is_executable(candidate))
+    });
+    on_path.or_else(|| {
+        ["/usr/sbin", "/usr/local/sbin", "/usr/local/bin"]
+            .iter()
+            .map(|dir| Path::new(dir).join("pgbouncer"))
+            .find(|candidate| is_executable(candidate))
+    })
+}
+
+/// Shell script run detached by [`spawn_pgbouncer_reaper`]: waits until the test process
+/// (`$1`) is gone, stops the PgBouncer `$3` if it still runs on `$2/pgbouncer.ini` (SIGTERM,
+/// then SIGKILL after 10 s), and removes `$2`.
+const PGBOUNCER_REAPER_SCRIPT: &str = r#"# plane-db test PgBouncer reaper
+owner=$1
+dir=$2
+pid=$3
+alive() {
+    kill -0 "$1" 2>/dev/null || return 1
+    if [ -r "/proc/$1/stat" ]; then
+        state=$(sed -e 's/^.*) //' -e 's/ .*$//' "/proc/$1/stat" 2>/dev/null)
+        [ "$state" != Z ] || return 1
+    fi
+    return 0
+}
+ours() {
+    [ -r "/proc/$1/cmdline" ] || return 0
+    tr '\000' '\n' < "/proc/$1/cmdline" | grep -qxF -- "$dir/pgbouncer.ini"
+}
+while alive "$owner"; do sleep 1; done
+if alive "$pid" && ours "$pid"; then
+    kill -TERM "$pid" 2>/dev/null
+    i=0
+    while alive "$pid" && [ "$i" -lt 100 ]; do
+        sleep 0.1 2>/dev/null || sleep 1
+        i=$((i + 1))
+    done
+    if alive "$pid"; then kill -KILL "$pid" 2>/dev/null; fi
+fi
+rm -rf "$dir"
+"#;
+
+/// Starts the detached shell process that stops PgBouncer `pid` and removes `root` after
+/// this process exits.
+fn spawn_pgbouncer_reaper(root: &Path, pid: u32) -> Result<Child, HarnessError> {
+    Command::new("sh")
+        .arg("-c")
+        .arg(PGBOUNCER_REAPER_SCRIPT)
+        .arg("plane-db-pgbouncer-reaper")
+        .arg(std::process::id().to_string())
+        .arg(root)
+        .arg(pid.to_string())
+        .current_dir("/")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .process_group(0)
+        .spawn()
+        .map_err(HarnessError::io(
+            "could not start the cleanup process for the test PgBouncer (sh)",
+        ))
+}
+
+#[cfg(test)]
+mod pgbouncer_tests {
+    use super::*;
+
+    #[test]
+    fn pgbouncer_config_text() {
+        let options = PgBouncerOptions {
+            pool_size: 3,
+            settings: vec![("ignore_startup_parameters".into(), "options".into())],
+            databases: vec![("plane".into(), "pool_mode=session".into())],
+            ..PgBouncerOptions::new(PgBouncerMode::Transaction)
+        };
+        let text = pgbouncer_config(&options, 7000, 5433, Path::new("/tmp/x/users.txt"));
+        let lines: Vec<&str> = text.lines().collect();
+        let plane = lines
+            .iter()
+            .position(|l| *l == "plane = host=127.0.0.1 port=5433 pool_mode=session");
+        let rest = lines
+            .iter()
+            .position(|l| *l == "* = host=127.0.0.1 port=5433");
+        assert!(plane.is_some() && plane < rest, "{text}");
+        for line in [
+            "listen_port = 7000",
+            "pool_mode = transaction",
+            "default_pool_size = 3",
+            "auth_file = /tmp/x/users.txt",
+            "ignore_startup_parameters = options",
+        ] {
+            assert!(lines.contains(&line), "{line} in {text}");
+        }
+    }
 }
 
 #[cfg(test)]

@@ -201,13 +201,16 @@ fn close_all(reg: &mut Registry) {
 pub(crate) struct EventBus {
     shared: Arc<Shared>,
     pool: PgPool,
+    /// Where the listening connection comes from: a pool of one connection, which may reach
+    /// Postgres another way than `pool` (see `PlaneDatabase::with_listener`).
+    listener: PgPool,
     config: BusConfig,
     started: OnceCell<()>,
     waker_started: std::sync::OnceLock<()>,
 }
 
 impl EventBus {
-    pub(crate) fn new(pool: PgPool, mut config: BusConfig) -> Self {
+    pub(crate) fn new(pool: PgPool, listener: PgPool, mut config: BusConfig) -> Self {
         // A page of zero rows never finishes a read (and a negative one is an SQL error).
         config.fetch_batch_size = config.fetch_batch_size.max(1);
         let shared = Arc::new(Shared {
@@ -222,6 +225,7 @@ impl EventBus {
         Self {
             shared,
             pool,
+            listener,
             config,
             started: OnceCell::new(),
             waker_started: std::sync::OnceLock::new(),
@@ -269,11 +273,11 @@ impl EventBus {
     pub(crate) async fn ensure_started(&self) -> Result<Arc<Shared>> {
         self.started
             .get_or_try_init(|| async {
-                let listener = connect_listener(&self.pool).await?;
+                let listener = connect_listener(&self.listener).await?;
                 let (cursor, seen) = current_cursor(&self.pool).await?;
                 tokio::spawn(listen_loop(
                     self.shared.clone(),
-                    self.pool.clone(),
+                    self.listener.clone(),
                     listener,
                     self.config.max_backoff,
                 ));
@@ -297,8 +301,12 @@ impl Drop for EventBus {
     }
 }
 
+/// Opens the listening connection from its own pool (`EventBus::listener`).
 async fn connect_listener(pool: &PgPool) -> Result<PgListener> {
     let mut listener = PgListener::connect_with(pool).await?;
+    // `listen_loop` replaces a listener whose connection was lost: it must give its
+    // connection back rather than open another one from the small pool by itself.
+    listener.eager_reconnect(false);
     listener
         .listen_all([EVENTS_CHANNEL, EPHEMERAL_CHANNEL])
         .await?;

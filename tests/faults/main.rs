@@ -21,6 +21,7 @@ mod hostile;
 mod least_privilege;
 mod listener_kill;
 mod open_transaction;
+mod pooler;
 mod promotion;
 mod properties;
 mod reader_kill;

@@ -1,0 +1,614 @@
+//! How a [`PlaneDatabase`] opens its connections: [`ConnectOptions`] (the URLs, the pool's
+//! size and timeouts, the settings every connection gets) and [`PoolerMode`] (what sits
+//! between this process and Postgres).
+//!
+//! A process holds one pool (at most [`ConnectOptions::max_connections`]) and one listening
+//! connection for the event bus, opened on the first subscription. Each says who it is in
+//! `pg_stat_activity.application_name`: `plane-db` and `plane-db-listener` by default (and
+//! `plane-db-migrate` while migrations run).
+
+use crate::database::{Config, PlaneDatabase, MIGRATOR};
+use crate::error::{Error, Result};
+use futures_util::future::BoxFuture;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{Connection, Executor, PgConnection, PgPool};
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The application name prefix when the caller sets none (neither with
+/// [`ConnectOptions::application_name`] nor in the URL nor in `PGAPPNAME`).
+pub(crate) const DEFAULT_APPLICATION_NAME: &str = "plane-db";
+const LISTENER_SUFFIX: &str = "-listener";
+const MIGRATE_SUFFIX: &str = "-migrate";
+/// Postgres keeps the first 63 bytes of an application name (`NAMEDATALEN - 1`).
+const MAX_APPLICATION_NAME: usize = 63;
+
+/// What sits between this process and Postgres on the main URL.
+///
+/// PgBouncer (and poolers like it) hand each client connection a server connection either
+/// for the client's whole session or for one transaction at a time. What the library does
+/// differently in each case:
+///
+/// | | `Direct` | `Session` | `Transaction` |
+/// |---|---|---|---|
+/// | the bus's `LISTEN` connection | main URL | main URL, or the direct URL if given | the direct URL (required) |
+/// | migrations ([`ConnectOptions::connect_and_migrate`]) | main URL | main URL | the direct URL |
+/// | `statement_timeout`, `idle_in_transaction_session_timeout` | `SET` on each new connection | `SET` on each new connection | not set: set them on the server (see below) |
+/// | startup parameter `extra_float_digits` | sent (sqlx's default) | not sent | not sent |
+///
+/// **`Transaction` needs a pooler that supports protocol-level prepared statements**, such
+/// as PgBouncer 1.21 or later with `max_prepared_statements` above 0 (the test suite runs
+/// PgBouncer 1.18 only, so this combination is not tested here). sqlx prepares every
+/// query as a named statement on the server connection and binds it in a second message
+/// exchange; a transaction-mode pooler without that support (PgBouncer 1.18, as tested by
+/// `tests/faults/pooler.rs`) lets another client's server connection receive the second
+/// half. The result is `prepared statement "sqlx_s_1" already exists` / `does not exist`
+/// errors with sqlx's default statement cache; a statement cache of 0 does not help (sqlx
+/// 0.8 then still names every statement, and never deallocates them); and unnamed statements
+/// (`persistent(false)`) silently return *another client's query's* results. With such a
+/// pooler, put plane-db's database in session mode (`[databases] plane = … pool_mode=session`
+/// in `pgbouncer.ini`) and use [`PoolerMode::Session`].
+///
+/// In transaction mode a `SET` would stay on the server connection and apply to whichever
+/// client gets it next, so the library sets nothing; give plane-db's role its defaults on
+/// the server instead, e.g. `ALTER ROLE plane SET statement_timeout = '30s'` and
+/// `ALTER ROLE plane SET idle_in_transaction_session_timeout = '60s'` (they apply to every
+/// new session of that role, direct or through the pooler). `application_name` is a startup
+/// parameter that PgBouncer tracks per client, so it is right in every mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum PoolerMode {
+    /// No pooler: the main URL reaches Postgres itself. The default.
+    #[default]
+    Direct,
+    /// A pooler in session mode (PgBouncer `pool_mode = session`): a client connection keeps
+    /// one server session until it closes, so everything works as direct, `LISTEN`
+    /// included. Costs one server connection per pooled client connection: the pooler
+    /// bounds and shares connections between processes, it does not multiplex them.
+    Session,
+    /// A pooler in transaction mode (PgBouncer `pool_mode = transaction`) that supports
+    /// protocol-level prepared statements; see the type's documentation. Needs
+    /// [`ConnectOptions::direct_url`]: `LISTEN` and the migrations' advisory lock need a
+    /// session of their own.
+    Transaction,
+}
+
+/// How to open a [`PlaneDatabase`]: the main URL and, behind a pooler, a direct one; the
+/// pool's size and timeouts; the settings each connection gets; and the [`Config`].
+/// Every default is documented on its setter, with its reason.
+///
+/// ```no_run
+/// # async fn example() -> plane_db::Result<()> {
+/// use plane_db::{ConnectOptions, PoolerMode};
+/// use std::time::Duration;
+///
+/// // Queries through PgBouncer; the event bus's LISTEN connection and the migrations
+/// // straight to Postgres.
+/// let db = ConnectOptions::new("postgres://plane:secret@pgbouncer:6432/plane")?
+///     .pooler(PoolerMode::Transaction)
+///     .direct_url("postgres://plane:secret@db:5432/plane")?
+///     .application_name("controller-eu1")
+///     .max_connections(16)
+///     .statement_timeout(Some(Duration::from_secs(10)))
+///     .connect_and_migrate()
+///     .await?;
+/// db.health_check().await?;
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct ConnectOptions {
+    main: PgConnectOptions,
+    direct: Option<PgConnectOptions>,
+    pooler: PoolerMode,
+    application_name: Option<String>,
+    max_connections: u32,
+    acquire_timeout: Duration,
+    idle_timeout: Option<Duration>,
+    max_lifetime: Option<Duration>,
+    statement_timeout: Option<Duration>,
+    idle_in_transaction_session_timeout: Option<Duration>,
+    config: Config,
+}
+
+impl fmt::Debug for ConnectOptions {
+    // `PgConnectOptions`'s own `Debug` prints the password.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let endpoint = |o: &PgConnectOptions| {
+            format!(
+                "{}@{}:{}/{}",
+                o.get_username(),
+                o.get_host(),
+                o.get_port(),
+                o.get_database().unwrap_or("")
+            )
+        };
+        f.debug_struct("ConnectOptions")
+            .field("main", &endpoint(&self.main))
+            .field("direct", &self.direct.as_ref().map(endpoint))
+            .field("pooler", &self.pooler)
+            .field("application_name", &self.application_prefix())
+            .field("max_connections", &self.max_connections)
+            .field("acquire_timeout", &self.acquire_timeout)
+            .field("idle_timeout", &self.idle_timeout)
+            .field("max_lifetime", &self.max_lifetime)
+            .field("statement_timeout", &self.statement_timeout)
+            .field(
+                "idle_in_transaction_session_timeout",
+                &self.idle_in_transaction_session_timeout,
+            )
+            .field("config", &self.config)
+            .finish()
+    }
+}
+
+impl ConnectOptions {
+    /// Options for the database at `url` (`postgres://user:password@host:port/database?…`,
+    /// with libpq's parameters such as `sslmode`), with every default below.
+    /// [`Error::InvalidArgument`] if it does not parse.
+    pub fn new(url: &str) -> Result<Self> {
+        Ok(Self::from_pg_options(parse_url("url", url)?))
+    }
+
+    /// Options for a database described by sqlx's options (for settings a URL cannot
+    /// carry), with every default below.
+    pub fn from_pg_options(options: PgConnectOptions) -> Self {
+        Self {
+            main: options,
+            direct: None,
+            pooler: PoolerMode::Direct,
+            application_name: None,
+            max_connections: 32,
+            acquire_timeout: Duration::from_secs(10),
+            idle_timeout: Some(Duration::from_secs(600)),
+            max_lifetime: Some(Duration::from_secs(1800)),
+            statement_timeout: Some(Duration::from_secs(30)),
+            idle_in_transaction_session_timeout: Some(Duration::from_secs(60)),
+            config: Config::default(),
+        }
+    }
+
+    /// A URL that reaches Postgres itself, for the connections that need a session of their
+    /// own when the main URL goes through a pooler: the event bus's `LISTEN` connection and
+    /// the migrations. Required with [`PoolerMode::Transaction`]; with
+    /// [`PoolerMode::Session`] it moves the listening connection off the pooler. None by
+    /// default (everything uses the main URL).
+    pub fn direct_url(self, url: &str) -> Result<Self> {
+        Ok(self.direct_pg_options(parse_url("direct_url", url)?))
+    }
+
+    /// [`direct_url`](Self::direct_url), given as sqlx's options.
+    pub fn direct_pg_options(mut self, options: PgConnectOptions) -> Self {
+        self.direct = Some(options);
+        self
+    }
+
+    /// What sits between this process and Postgres on the main URL. Defaults to
+    /// [`PoolerMode::Direct`].
+    pub fn pooler(mut self, mode: PoolerMode) -> Self {
+        self.pooler = mode;
+        self
+    }
+
+    /// The `application_name` of the pool's connections; the listening connection gets
+    /// this name followed by `-listener`, and the migrations' connection `-migrate`, so that
+    /// `pg_stat_activity` tells them apart. Defaults to the URL's `application_name` (or
+    /// the `PGAPPNAME` environment variable), else `plane-db`. Cut to 54 bytes, so that the
+    /// suffixes fit in Postgres's 63.
+    pub fn application_name(mut self, name: &str) -> Self {
+        self.application_name = Some(name.to_string());
+        self
+    }
+
+    /// The most connections the pool opens. Defaults to 32: the benchmarks reach the
+    /// library's write throughput with 32 concurrent writers, and 3 controllers (3 × 33
+    /// connections with their listeners) stay within Postgres's default `max_connections`
+    /// of 100. Each connection costs a Postgres backend process (a few MB).
+    pub fn max_connections(mut self, max: u32) -> Self {
+        self.max_connections = max;
+        self
+    }
+
+    /// How long a call waits for a free connection of the pool (or for a new one to open)
+    /// before failing with a pool timeout. Defaults to 10 s: long enough to ride out a
+    /// burst or a brief restart, short enough that a caller gets an error rather than a
+    /// hang when the database is unreachable or the pool is exhausted.
+    pub fn acquire_timeout(mut self, timeout: Duration) -> Self {
+        self.acquire_timeout = timeout;
+        self
+    }
+
+    /// How long a pooled connection may sit unused before the pool closes it. Defaults to
+    /// 10 minutes (sqlx's default): a quiet controller gives its connections back to the
+    /// server (and to a pooler) without reopening them for every burst. `None` keeps them.
+    pub fn idle_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.idle_timeout = timeout;
+        self
+    }
+
+    /// How long a pooled connection lives before the pool replaces it (when it is next
+    /// returned). Defaults to 30 minutes (sqlx's default): bounds the memory a long-lived
+    /// Postgres backend accumulates (caches, prepared statements), and moves connections to a
+    /// new server behind a changed DNS name or load balancer. `None` keeps them.
+    pub fn max_lifetime(mut self, lifetime: Option<Duration>) -> Self {
+        self.max_lifetime = lifetime;
+        self
+    }
+
+    /// `statement_timeout` on each connection: Postgres cancels a statement (lock waits
+    /// included) that runs longer, with SQLSTATE 57014. Defaults to 30 s: the library's own
+    /// statements take milliseconds (a cleanup batch or an event page at most a few hundred),
+    /// so only a stuck one reaches it, and it then frees its pool slot and its locks instead
+    /// of holding them until someone notices. Raise it if you run long queries of your own
+    /// through [`PlaneDatabase::pool`]. `None` leaves the server's setting (for the role or
+    /// database); `Some(Duration::ZERO)` turns it off. Migrations run without it. Not set in
+    /// [`PoolerMode::Transaction`] (see there).
+    pub fn statement_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.statement_timeout = timeout;
+        self
+    }
+
+    /// `idle_in_transaction_session_timeout` on each connection: Postgres ends a session
+    /// whose transaction sits idle (no statement running) for longer, releasing its locks
+    /// and letting vacuum clean up behind it. Defaults to 60 s: the library's transactions
+    /// never wait between statements, so only a caller's forgotten transaction (or a hung
+    /// process) reaches it. The listening connection is never inside a transaction, so this
+    /// cannot end it. `None` leaves the server's setting; `Some(Duration::ZERO)` turns it
+    /// off. Not set in [`PoolerMode::Transaction`] (see there).
+    pub fn idle_in_transaction_session_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.idle_in_transaction_session_timeout = timeout;
+        self
+    }
+
+    /// The scheduling, key, token and event-bus tuning. Defaults to `Config::default()`.
+    pub fn config(mut self, config: Config) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// Opens the pool (one connection right away, so that a wrong URL or an unreachable
+    /// server fails here) and returns the database; the listening connection opens on the
+    /// first subscription. Does not migrate.
+    #[tracing::instrument(skip_all, fields(pooler = ?self.pooler))]
+    pub async fn connect(self) -> Result<PlaneDatabase> {
+        self.check()?;
+        let pool = self
+            .pool_options()
+            .connect_with(self.main_options())
+            .await?;
+        let listener = self.listener_pool(&pool);
+        Ok(PlaneDatabase::with_listener_pool(
+            pool,
+            listener,
+            self.config,
+        ))
+    }
+
+    /// Applies the schema migrations (on a connection of their own, without a statement
+    /// timeout, through the direct URL in [`PoolerMode::Transaction`]), then
+    /// [`connect`](Self::connect)s.
+    #[tracing::instrument(skip_all, fields(pooler = ?self.pooler))]
+    pub async fn connect_and_migrate(self) -> Result<PlaneDatabase> {
+        self.check()?;
+        self.migrate().await?;
+        self.connect().await
+    }
+
+    /// Refuses a configuration that cannot work, before any connection is made.
+    fn check(&self) -> Result<()> {
+        if self.pooler == PoolerMode::Transaction && self.direct.is_none() {
+            return Err(Error::InvalidArgument {
+                argument: "direct_url",
+                reason: "PoolerMode::Transaction needs a direct URL to Postgres for the event \
+                         bus's LISTEN connection and the migrations (a transaction-mode \
+                         pooler shares sessions between clients)"
+                    .to_string(),
+            });
+        }
+        if self.max_connections == 0 {
+            return Err(Error::InvalidArgument {
+                argument: "max_connections",
+                reason: "must be at least 1".to_string(),
+            });
+        }
+        Ok(())
+    }
+
+    /// The application name prefix: the caller's, the URL's (or `PGAPPNAME`), or the default.
+    fn application_prefix(&self) -> String {
+        let name = self
+            .application_name
+            .as_deref()
+            .or(self.main.get_application_name())
+            .filter(|name| !name.is_empty())
+            .unwrap_or(DEFAULT_APPLICATION_NAME);
+        truncate(name, MAX_APPLICATION_NAME - LISTENER_SUFFIX.len()).to_string()
+    }
+
+    fn through_pooler(&self) -> bool {
+        self.pooler != PoolerMode::Direct
+    }
+
+    fn main_options(&self) -> PgConnectOptions {
+        let options = self
+            .main
+            .clone()
+            .application_name(&self.application_prefix());
+        if self.through_pooler() {
+            // PgBouncer refuses startup parameters it does not know unless told to ignore
+            // them. Postgres 12 and later print floats exactly without it.
+            options.extra_float_digits(None)
+        } else {
+            options
+        }
+    }
+
+    /// Where the connections that need a session of their own go.
+    fn session_target(&self) -> &PgConnectOptions {
+        self.direct.as_ref().unwrap_or(&self.main)
+    }
+
+    fn pool_options(&self) -> PgPoolOptions {
+        let options = PgPoolOptions::new()
+            .max_connections(self.max_connections)
+            .acquire_timeout(self.acquire_timeout)
+            .idle_timeout(self.idle_timeout)
+            .max_lifetime(self.max_lifetime);
+        let settings = match self.pooler {
+            // A SET would stay on the pooler's server connection, for other clients.
+            PoolerMode::Transaction => String::new(),
+            PoolerMode::Direct | PoolerMode::Session => session_settings(&[
+                ("statement_timeout", self.statement_timeout),
+                (
+                    "idle_in_transaction_session_timeout",
+                    self.idle_in_transaction_session_timeout,
+                ),
+            ]),
+        };
+        with_settings(options, settings)
+    }
+
+    fn listener_pool(&self, pool: &PgPool) -> PgPool {
+        let options = self
+            .session_target()
+            .clone()
+            .application_name(&format!("{}{LISTENER_SUFFIX}", self.application_prefix()))
+            .extra_float_digits(None);
+        // The same timeouts as the pool (harmless: the connection only runs LISTEN and is
+        // never inside a transaction), and no idle-session timeout, which would end it.
+        let settings = session_settings(&[
+            ("statement_timeout", self.statement_timeout),
+            (
+                "idle_in_transaction_session_timeout",
+                self.idle_in_transaction_session_timeout,
+            ),
+        ]);
+        listener_pool(options, settings, pool.options().get_acquire_timeout())
+    }
+
+    async fn migrate(&self) -> Result<()> {
+        let options = self
+            .session_target()
+            .clone()
+            .application_name(&format!("{}{MIGRATE_SUFFIX}", self.application_prefix()))
+            .extra_float_digits(None);
+        let mut conn = PgConnection::connect_with(&options).await?;
+        // A migration may rewrite a table or build an index: no statement timeout (a role
+        // default included) may cut it short.
+        let settings = session_settings(&[
+            ("statement_timeout", Some(Duration::ZERO)),
+            (
+                "idle_in_transaction_session_timeout",
+                self.idle_in_transaction_session_timeout,
+            ),
+        ]);
+        conn.execute(settings.as_str()).await?;
+        let migrated = MIGRATOR.run(&mut conn).await;
+        let _ = conn.close().await;
+        migrated?;
+        Ok(())
+    }
+}
+
+fn parse_url(argument: &'static str, url: &str) -> Result<PgConnectOptions> {
+    let scheme = url.split_once("://").map(|(scheme, _)| scheme);
+    if !scheme
+        .is_some_and(|s| s.eq_ignore_ascii_case("postgres") || s.eq_ignore_ascii_case("postgresql"))
+    {
+        return Err(Error::InvalidArgument {
+            argument,
+            reason: "must be a postgres:// or postgresql:// URL".to_string(),
+        });
+    }
+    url.parse()
+        .map_err(|error: sqlx::Error| Error::InvalidArgument {
+            argument,
+            // sqlx's message names what is wrong, not the URL (which may hold a password).
+            reason: error.to_string(),
+        })
+}
+
+/// `SET name = value;` for each setting given, value in milliseconds (a non-zero duration
+/// below 1 ms counts as 1 ms, since 0 turns the timeout off; Postgres takes at most
+/// `i32::MAX` ms, about 24.8 days). Run with the simple query protocol, in one round trip.
+fn session_settings(settings: &[(&str, Option<Duration>)]) -> String {
+    let mut sql = String::new();
+    for (name, value) in settings {
+        if let Some(value) = value {
+            sql.push_str(&format!("SET {name} = {};", millis(*value)));
+        }
+    }
+    sql
+}
+
+fn millis(duration: Duration) -> u64 {
+    if duration.is_zero() {
+        return 0;
+    }
+    let ms = duration.as_nanos().div_ceil(1_000_000);
+    ms.clamp(1, i32::MAX as u128) as u64
+}
+
+/// Runs `settings` (if any) on every new connection of the pool.
+fn with_settings(options: PgPoolOptions, settings: String) -> PgPoolOptions {
+    if settings.is_empty() {
+        return options;
+    }
+    let settings: Arc<str> = settings.into();
+    options.after_connect(move |conn, _| apply_settings(conn, settings.clone()))
+}
+
+fn apply_settings(conn: &mut PgConnection, settings: Arc<str>) -> BoxFuture<'_, sqlx::Result<()>> {
+    Box::pin(async move {
+        // A string without arguments runs with the simple query protocol: no prepared
+        // statement, all statements in one round trip.
+        conn.execute(&*settings).await?;
+        Ok(())
+    })
+}
+
+/// The pool of the event bus's listening connection: one connection, opened on the first
+/// subscription (and again after a loss), never closed for being idle or old. Room for two:
+/// a listener whose connection failed with a server error (e.g. terminated) still holds it
+/// while the bus opens the next one; the dead one is closed when it is given back. `settings`
+/// run on it first, then `idle_session_timeout` (Postgres 14 and later) is turned off: the
+/// connection is idle by design, between notifications.
+pub(crate) fn listener_pool(
+    options: PgConnectOptions,
+    settings: String,
+    acquire_timeout: Duration,
+) -> PgPool {
+    let settings = format!(
+        "{settings}SELECT set_config(name, '0', false) FROM pg_settings \
+         WHERE name = 'idle_session_timeout';"
+    );
+    let pool_options = PgPoolOptions::new()
+        .max_connections(2)
+        .min_connections(0)
+        .idle_timeout(None)
+        .max_lifetime(None)
+        .acquire_timeout(acquire_timeout);
+    with_settings(pool_options, settings).connect_lazy_with(options)
+}
+
+/// The listening connection's options for a pool built by the caller: the pool's, named
+/// after its application name (or `plane-db`) followed by `-listener`.
+pub(crate) fn listener_options_for(pool: &PgPool) -> PgConnectOptions {
+    let options = pool.connect_options().as_ref().clone();
+    let prefix = options
+        .get_application_name()
+        .filter(|name| !name.is_empty())
+        .unwrap_or(DEFAULT_APPLICATION_NAME);
+    let name = format!(
+        "{}{LISTENER_SUFFIX}",
+        truncate(prefix, MAX_APPLICATION_NAME - LISTENER_SUFFIX.len())
+    );
+    options.application_name(&name)
+}
+
+/// The longest prefix of `text` of at most `max` bytes that ends on a character boundary.
+fn truncate(text: &str, max: usize) -> &str {
+    if text.len() <= max {
+        return text;
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settings_are_milliseconds() {
+        assert_eq!(millis(Duration::ZERO), 0);
+        assert_eq!(
+            millis(Duration::from_micros(1)),
+            1,
+            "never 0, which means off"
+        );
+        assert_eq!(millis(Duration::from_micros(1_500)), 2);
+        assert_eq!(millis(Duration::from_secs(30)), 30_000);
+        assert_eq!(millis(Duration::from_secs(u64::MAX)), i32::MAX as u64);
+        assert_eq!(
+            session_settings(&[
+                ("statement_timeout", Some(Duration::from_secs(30))),
+                ("idle_in_transaction_session_timeout", None),
+            ]),
+            "SET statement_timeout = 30000;"
+        );
+        assert_eq!(session_settings(&[("statement_timeout", None)]), "");
+    }
+
+    #[test]
+    fn application_names() {
+        let options = ConnectOptions::new("postgres://u@h/db").unwrap();
+        // PGAPPNAME, when the test runner has it, is the caller's choice like the URL's.
+        let expected = std::env::var("PGAPPNAME")
+            .ok()
+            .filter(|n| !n.is_empty())
+            .unwrap_or_else(|| "plane-db".to_string());
+        assert_eq!(options.application_prefix(), expected);
+        let options = ConnectOptions::new("postgres://u@h/db?application_name=ctl").unwrap();
+        assert_eq!(options.application_prefix(), "ctl");
+        assert_eq!(
+            options.application_name("mine").application_prefix(),
+            "mine"
+        );
+        let long = "é".repeat(40);
+        let options = ConnectOptions::new("postgres://u@h/db")
+            .unwrap()
+            .application_name(&long);
+        let prefix = options.application_prefix();
+        assert!(prefix.len() <= 54 && prefix.len() >= 53, "{}", prefix.len());
+        assert!(long.starts_with(&prefix));
+    }
+
+    #[test]
+    fn bad_urls_and_settings_are_refused() {
+        assert!(matches!(
+            ConnectOptions::new("mysql://h/db"),
+            Err(Error::InvalidArgument {
+                argument: "url",
+                ..
+            })
+        ));
+        let options = ConnectOptions::new("postgres://u@h/db").unwrap();
+        assert!(matches!(
+            options.clone().direct_url("not a url"),
+            Err(Error::InvalidArgument {
+                argument: "direct_url",
+                ..
+            })
+        ));
+        assert!(matches!(
+            options.clone().pooler(PoolerMode::Transaction).check(),
+            Err(Error::InvalidArgument {
+                argument: "direct_url",
+                ..
+            })
+        ));
+        assert!(matches!(
+            options.clone().max_connections(0).check(),
+            Err(Error::InvalidArgument {
+                argument: "max_connections",
+                ..
+            })
+        ));
+        assert!(options.check().is_ok());
+    }
+
+    #[test]
+    fn debug_hides_the_password() {
+        let options = ConnectOptions::new("postgres://u:hunter2@h/db")
+            .unwrap()
+            .direct_url("postgres://u:hunter3@d/db")
+            .unwrap();
+        let text = format!("{options:?}");
+        assert!(!text.contains("hunter"), "{text}");
+        assert!(text.contains("u@h:5432/db"), "{text}");
+    }
+}
