@@ -55,6 +55,7 @@ pub use cleanup::{CleanupConfig, CleanupPhase, CleanupProgress, CleanupSummary, 
 pub use database::{
     connect, connect_and_migrate, Config, KeyLeaseConfig, PlaneDatabase, SchedulerConfig, MIGRATOR,
 };
+pub use database::{migrate, MigrationReport};
 pub use error::{ConnectError, Error, Result};
 
 /// The README's example runs as a doctest, so it stays true.
