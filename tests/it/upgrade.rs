@@ -128,17 +128,25 @@ async fn this_build_works_on_a_schema_a_newer_build_migrated() {
     expected.push(FUTURE);
     assert_eq!(applied_versions(&pool).await, expected);
 
-    // sqlx's strict runner refuses this database: what an older controller used to hit.
+    // sqlx's strict runner refuses this database: what an older controller used to hit. It
+    // returns that error still holding its advisory lock on the connection, so it runs on a
+    // pool of its own, closed (which releases the lock) before anything else migrates.
+    let strict = PgPool::connect(&database.url).await.expect("connect");
     assert!(matches!(
-        plane_db::MIGRATOR.run(&pool).await,
+        plane_db::MIGRATOR.run(&strict).await,
         Err(sqlx::migrate::MigrateError::VersionMissing(FUTURE))
     ));
+    strict.close().await;
 
     // This build starts, twice (a restart), and says what it found.
-    let db = plane_db::connect_and_migrate(&database.url)
+    let db = tokio::time::timeout(TEST_TIMEOUT, plane_db::connect_and_migrate(&database.url))
         .await
+        .expect("connect_and_migrate finishes")
         .expect("this build starts on the newer schema");
-    let report = plane_db::migrate(db.pool()).await.expect("migrate again");
+    let report = tokio::time::timeout(TEST_TIMEOUT, plane_db::migrate(db.pool()))
+        .await
+        .expect("migrate finishes")
+        .expect("migrate again");
     assert!(report.applied.is_empty(), "{report:?}");
     assert_eq!(report.newer_unknown, vec![FUTURE]);
     assert_eq!(report.latest_known, Some(latest_known()));
@@ -302,8 +310,9 @@ async fn an_edited_migration_stays_an_error() {
         .await
         .expect("tamper with the checksum");
 
-    let error = plane_db::connect_and_migrate(&database.url)
+    let error = tokio::time::timeout(TEST_TIMEOUT, plane_db::connect_and_migrate(&database.url))
         .await
+        .expect("connect_and_migrate finishes")
         .expect_err("an edited migration is refused");
     match &error {
         Error::Schema(SchemaError::ChecksumMismatch { version, .. }) => {
