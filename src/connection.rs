@@ -7,7 +7,7 @@
 //! `pg_stat_activity.application_name`: `plane-db` and `plane-db-listener` by default (and
 //! `plane-db-migrate` while migrations run).
 
-use crate::database::{Config, PlaneDatabase, MIGRATOR};
+use crate::database::{migrate_on, Config, PlaneDatabase};
 use crate::error::{Error, Result};
 use futures_util::future::BoxFuture;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
@@ -403,7 +403,9 @@ impl ConnectOptions {
             ),
         ]);
         conn.execute(settings.as_str()).await?;
-        let migrated = MIGRATOR.run(&mut conn).await;
+        // A connection of its own, closed afterwards (which also releases the migration lock
+        // if unlocking failed).
+        let (migrated, _) = migrate_on(&mut conn).await;
         let _ = conn.close().await;
         migrated?;
         Ok(())

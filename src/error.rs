@@ -25,6 +25,11 @@ pub enum Error {
     #[error("could not migrate the database: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
 
+    /// The database's applied migrations do not fit this build's (see
+    /// [`migrate`](crate::migrate)).
+    #[error("the database's schema does not fit this build")]
+    Schema(#[from] SchemaError),
+
     /// A row read from the database does not hold what the schema promises.
     #[error("invalid {column} in {table} row {id:?}")]
     Decode {
@@ -65,6 +70,54 @@ pub enum Error {
         argument: &'static str,
         /// What is wrong with it.
         reason: String,
+    },
+}
+
+/// How the database's applied migrations contradict this build's (see
+/// [`migrate`](crate::migrate) and the policy on [`MIGRATOR`](crate::MIGRATOR)).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SchemaError {
+    /// A migration of this build is applied with a different text (its recorded checksum
+    /// differs): a committed migration was edited.
+    #[error(
+        "migration {version} ({description}) was applied from a different text than this \
+         build's (checksum mismatch): a committed migration was edited; restore its applied \
+         text and put the change in a new migration"
+    )]
+    ChecksumMismatch {
+        /// The migration's version.
+        version: i64,
+        /// This build's description of it.
+        description: String,
+    },
+
+    /// The database has a migration that this build does not know and that is older than
+    /// this build's newest: the database and the build have diverging histories.
+    #[error(
+        "the database has migration {version}, which this build does not know and which is \
+         older than this build's newest migration {latest_known}: the database and this \
+         build have diverging migration histories"
+    )]
+    UnknownOlder {
+        /// The unknown applied migration's version.
+        version: i64,
+        /// This build's newest migration.
+        latest_known: i64,
+    },
+
+    /// A migration of this build is not applied, but the database already has a newer one
+    /// that this build does not know: the newer build that migrated it skipped ours.
+    #[error(
+        "this build's migration {version} is not applied, but the database already has the \
+         newer migration {newer}, which this build does not know: refusing to apply an older \
+         migration under a newer schema"
+    )]
+    MissingBeforeNewer {
+        /// This build's unapplied migration.
+        version: i64,
+        /// The oldest of the unknown, newer migrations applied in the database.
+        newer: i64,
     },
 }
 

@@ -58,6 +58,7 @@ pub use connection::{ConnectOptions, PoolerMode};
 pub use database::{
     connect, connect_and_migrate, Config, KeyLeaseConfig, PlaneDatabase, SchedulerConfig, MIGRATOR,
 };
+pub use database::{migrate, MigrationReport};
 pub use error::{ConnectError, Error, Result};
 
 /// The README's example runs as a doctest, so it stays true.

@@ -1,7 +1,7 @@
 //! The `plane-db` operator binary, run as a child process against a real database.
 
 use crate::common::{
-    cluster, drone, drone_in, exec, lifecycle, spawn, with_db_url, Drone, TEST_TIMEOUT,
+    cluster, count, drone, drone_in, exec, lifecycle, spawn, with_db_url, Drone, TEST_TIMEOUT,
 };
 use plane_db::types::{BackendName, BackendState, BackendStatus, DronePoolName};
 use plane_db::{Config, PlaneDatabase};
@@ -687,6 +687,141 @@ async fn hostile_values_cannot_rewrite_the_terminal() {
         let text = stdout(&output);
         assert!(text.contains("key\\u{1b}]0;owned\\u{7}"), "{text:?}");
         assert!(!text.contains('\x1b') && !text.contains('\x07'), "{text:?}");
+    })
+    .await
+}
+
+/// Spawns a backend with a static token; the token.
+async fn static_backend(db: &PlaneDatabase, key: &str) -> (BackendName, String) {
+    let mut request = crate::common::request(key);
+    request
+        .spawn_config
+        .as_mut()
+        .expect("a spawn config")
+        .use_static_token = true;
+    let response = db.connect(&request).await.unwrap();
+    let token = response.token.to_string();
+    assert!(token.starts_with("s."), "a static token: {token:?}");
+    (response.backend_id, token)
+}
+
+/// Asserts none of `secrets` appears in the output (stdout and stderr) of `args`.
+fn assert_hidden(what: &str, text: &str, secrets: &[&str]) {
+    for secret in secrets {
+        assert!(
+            !text.contains(secret),
+            "{what} printed the secret {secret:?}: {text}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_and_secrets_are_redacted_unless_asked_for() {
+    with_db_url(Config::default(), |db, url| async move {
+        drone(&db).await;
+        let (backend, token) = static_backend(&db, "static-key").await;
+        for state in lifecycle() {
+            db.backend().update_state(&backend, &state).await.unwrap();
+        }
+        // The spawn action and its event carry the token as stored.
+        let stored: String = sqlx::query_scalar(
+            "select data::text from event where kind = 'backend_action' and key is not null",
+        )
+        .fetch_one(db.pool())
+        .await
+        .unwrap();
+        assert!(stored.contains(&token), "{stored}");
+        // Another writer's event, with secrets under other names.
+        exec(
+            &db,
+            &format!(
+                r#"insert into event (kind, key, data) values ('custom', 'k', '{{
+                    "secret_token": "sekrit-value",
+                    "auth": {{"password": "hunter2-value"}},
+                    "note": "copied {token} here",
+                    "fencing": {{"token": 7}}}}')"#
+            ),
+        )
+        .await;
+        let secrets = [token.as_str(), &token[2..], "sekrit-value", "hunter2-value"];
+
+        let b = backend.as_str();
+        let commands: [&[&str]; 10] = [
+            &["events"],
+            &["events", "--json"],
+            &["events", "--color", "always"],
+            &["backend", b],
+            &["backend", b, "--json"],
+            &["backends"],
+            &["backends", "--json"],
+            &["watch", b],
+            &["watch", b, "--json"],
+            &["nodes", "--all", "--json"],
+        ];
+        for args in commands {
+            let output = run(&url, args);
+            assert!(output.status.success(), "{args:?}: {}", stderr(&output));
+            let text = format!("{}{}", stdout(&output), stderr(&output));
+            assert_hidden(&format!("plane-db {args:?}"), &text, &secrets);
+        }
+        // Redacted where they were, the rest left alone.
+        let actions = run_json(&url, &["events", "--kind", "backend_action"]);
+        assert_eq!(
+            actions[0]["data"]["action"]["Spawn"]["static_token"],
+            "s.****"
+        );
+        assert_eq!(actions[0]["data"]["backend_id"], b);
+        assert!(actions[0]["data"]["action"]["Spawn"]["key"]["token"].is_i64());
+        let custom = run_json(&url, &["events", "--kind", "custom"]);
+        assert_eq!(custom[0]["data"]["secret_token"], "****");
+        assert_eq!(custom[0]["data"]["auth"]["password"], "****");
+        assert_eq!(custom[0]["data"]["note"], "copied s.**** here");
+        assert_eq!(custom[0]["data"]["fencing"]["token"], 7);
+        let table = stdout(&run(&url, &["events", "--kind", "backend_action"]));
+        assert!(table.contains(r#""static_token":"s.****""#), "{table}");
+
+        // Following: the backlog and a live event alike.
+        let stored = count(&db, "event").await;
+        for json in [false, true] {
+            let mut args = vec!["events", "--follow", "--since", "0"];
+            if json {
+                args.push("--json");
+            }
+            let follow = start(&url, &args);
+            let mut lines = Vec::new();
+            for _ in 0..stored {
+                lines.push(follow.next_line());
+            }
+            let (_, live_token) = static_backend(&db, &format!("live-{json}")).await;
+            // The live backend's two events: its state, then its spawn action.
+            for _ in 0..2 {
+                lines.push(follow.next_line());
+            }
+            let text = lines.join("\n");
+            assert_hidden("events --follow", &text, &secrets);
+            assert_hidden("events --follow", &text, &[&live_token]);
+            assert_eq!(text.matches("s.****").count(), 3, "{text}");
+        }
+
+        // --show-secrets prints them as stored.
+        let shown = run_json(
+            &url,
+            &["events", "--kind", "backend_action", "--show-secrets"],
+        );
+        assert_eq!(shown[0]["data"]["action"]["Spawn"]["static_token"], *token);
+        let table = stdout(&run(&url, &["events", "--show-secrets"]));
+        for secret in secrets {
+            assert!(table.contains(secret), "{secret:?} missing: {table}");
+        }
+        let latest = db.latest_event_id().await.unwrap().unwrap_or(0).to_string();
+        let follow = start(
+            &url,
+            &["events", "--follow", "--show-secrets", "--since", &latest],
+        );
+        let (_, live_token) = static_backend(&db, "shown-live").await;
+        let _state = follow.next_line();
+        let next = follow.next_line();
+        assert!(next.contains(&live_token), "{next}");
     })
     .await
 }

@@ -174,3 +174,176 @@ pub async fn count(db: &PlaneDatabase, table: &str) -> i64 {
         .await
         .expect("count rows")
 }
+
+/// A controller's everyday work on `db`, each step asserted: a drone, a backend for a key,
+/// connecting again by the key, its route pending and then available, its whole lifecycle
+/// seen in order by a keyed subscription, the drone's spawn action and its acknowledgement,
+/// a keepalive, the route gone once it terminated, and cleanup deleting it. Tests run it as
+/// another build or another role would.
+pub async fn everyday_work(db: &PlaneDatabase) {
+    use plane_db::backend::RouteInfoResult;
+    let drone = drone(db).await;
+    let key = format!("work-{}", BackendName::new_random());
+    let first = db.connect(&request(&key)).await.expect("connect");
+    assert!(first.spawned);
+    let backend = first.backend_id.clone();
+    let mut states = db
+        .subscribe_with_key::<BackendState>(backend.as_str())
+        .await
+        .expect("subscribe to the backend's states");
+    let again = db.connect(&request(&key)).await.expect("connect by key");
+    assert!(!again.spawned);
+    assert_eq!(again.backend_id, backend);
+
+    let pending = db
+        .backend_actions()
+        .pending(drone.id, 10)
+        .await
+        .expect("pending actions");
+    assert_eq!(pending.len(), 1, "the spawn action");
+    assert!(db
+        .backend_actions()
+        .ack(&pending[0].action_id, drone.id)
+        .await
+        .expect("ack"));
+
+    let backends = db.backend();
+    let route = || backends.route_info_for_token(&again.token);
+    assert!(
+        matches!(route().await.expect("route"), RouteInfoResult::Pending(_)),
+        "a scheduled backend's route is pending"
+    );
+    let lifecycle = lifecycle();
+    for state in &lifecycle[..4] {
+        assert!(db
+            .backend()
+            .update_state(&backend, state)
+            .await
+            .expect("update state"));
+    }
+    match route().await.expect("route") {
+        RouteInfoResult::Available(info) => assert_eq!(info.backend_id, backend),
+        other => panic!("a ready backend's route is available, got {other:?}"),
+    }
+    assert!(db
+        .backend()
+        .update_keepalive(&backend)
+        .await
+        .expect("keepalive"));
+    for state in &lifecycle[4..] {
+        assert!(db
+            .backend()
+            .update_state(&backend, state)
+            .await
+            .expect("update state"));
+    }
+    for expected in &lifecycle {
+        let seen = tokio::time::timeout(Duration::from_secs(30), states.next())
+            .await
+            .expect("the state arrives")
+            .expect("bus open")
+            .expect("not lagged");
+        assert_eq!(seen.payload.status(), expected.status());
+    }
+    assert_eq!(
+        route().await.expect("route"),
+        RouteInfoResult::NotFound,
+        "a terminated backend has no route"
+    );
+
+    exec(
+        db,
+        &format!(
+            "update backend set last_status_time = now() - interval '30 days' where id = '{backend}'"
+        ),
+    )
+    .await;
+    let summary = db
+        .run_cleanup(&plane_db::CleanupConfig::default())
+        .await
+        .expect("cleanup");
+    assert_eq!(summary.backends.backends, 1, "the old backend is deleted");
+    assert!(db
+        .backend()
+        .backend(&backend)
+        .await
+        .expect("read backend")
+        .is_none());
+}
+
+/// The bus under concurrent writers: `writers` tasks take 5 backends each through 5 state
+/// changes, and one subscription to every event receives each of those state events exactly
+/// once, by id: the same ids as the table holds, and nothing more.
+pub async fn bus_delivers_each_event_once(db: &PlaneDatabase, writers: usize) {
+    const BACKENDS_PER_WRITER: usize = 5;
+    const STATES: usize = 5;
+    drone(db).await;
+    let mut backends = Vec::new();
+    for _ in 0..writers * BACKENDS_PER_WRITER {
+        backends.push(spawn(db).await.backend_id);
+    }
+    let floor = db
+        .latest_event_id()
+        .await
+        .expect("latest event")
+        .unwrap_or(0);
+    let mut all = db.subscribe_all_events().await.expect("subscribe");
+    let tasks: Vec<_> = backends
+        .chunks(BACKENDS_PER_WRITER)
+        .map(|chunk| {
+            let db = db.clone();
+            let chunk = chunk.to_vec();
+            tokio::spawn(async move {
+                for backend in &chunk {
+                    for state in lifecycle().iter().take(STATES) {
+                        assert!(db
+                            .backend()
+                            .update_state(backend, state)
+                            .await
+                            .expect("update state"));
+                    }
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.expect("writer");
+    }
+    let expected = writers * BACKENDS_PER_WRITER * STATES;
+    let mut received = std::collections::HashSet::new();
+    let mut earlier = std::collections::HashSet::new();
+    while received.len() < expected {
+        let event = tokio::time::timeout(Duration::from_secs(30), all.next())
+            .await
+            .unwrap_or_else(|_| panic!("only {} of {expected} events arrived", received.len()))
+            .expect("bus open")
+            .expect("not lagged");
+        let id = event.id.expect("a stored event has an id");
+        // The spawns' own events, committed before the subscription, may arrive too if the
+        // bus had not read them yet; each at most once as well.
+        if id <= floor {
+            assert!(earlier.insert(id), "event {id} delivered twice");
+            continue;
+        }
+        assert_eq!(
+            event.kind, "backend_state",
+            "only state changes were written"
+        );
+        assert!(received.insert(id), "event {id} delivered twice");
+    }
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), all.next())
+            .await
+            .is_err(),
+        "nothing more is delivered"
+    );
+    let stored: std::collections::HashSet<i64> =
+        sqlx::query_scalar("select id from event where id > $1")
+            .bind(floor)
+            .fetch_all(db.pool())
+            .await
+            .expect("read event ids")
+            .into_iter()
+            .collect();
+    assert_eq!(received, stored, "exactly the stored events, by id");
+}

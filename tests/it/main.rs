@@ -10,6 +10,8 @@ mod common;
 mod connect;
 mod events;
 mod keys;
+mod least_privilege;
 mod nodes;
 mod scheduling;
 mod status_stream;
+mod upgrade;

@@ -9,7 +9,7 @@ mod output;
 
 use chrono::Utc;
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use output::{age, json, json_line, printable, time, Cell, Table, Tone};
+use output::{age, printable, redact, time, Cell, Table, Tone};
 use plane_db::backend::{BackendFilter, BackendRow};
 use plane_db::events::Event;
 use plane_db::types::{BackendName, BackendStatus, ClusterName, DroneName, NodeId};
@@ -37,6 +37,11 @@ struct Cli {
     /// When to colour tables: `auto` colours on a terminal unless NO_COLOR is set.
     #[arg(long, value_enum, default_value_t = ColorMode::Auto, global = true)]
     color: ColorMode,
+    /// Print tokens and other secrets as stored. By default they are redacted: static tokens
+    /// (in spawn actions and their events), secret tokens, and any value named like a token,
+    /// secret or password, in tables and JSON alike.
+    #[arg(long, global = true)]
+    show_secrets: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -272,6 +277,28 @@ fn init_logging() {
 struct Out {
     json: bool,
     color: bool,
+    show_secrets: bool,
+}
+
+impl Out {
+    /// `value` as it may be printed: secrets redacted unless `--show-secrets`.
+    fn shown<'v>(&self, value: &'v serde_json::Value) -> std::borrow::Cow<'v, serde_json::Value> {
+        if self.show_secrets {
+            std::borrow::Cow::Borrowed(value)
+        } else {
+            std::borrow::Cow::Owned(redact(value))
+        }
+    }
+
+    /// Prints `value` as pretty JSON (secrets redacted unless `--show-secrets`).
+    fn json(&self, stdout: &mut impl Write, value: &serde_json::Value) -> io::Result<()> {
+        output::json(stdout, &self.shown(value))
+    }
+
+    /// Prints `value` as one line of JSON (secrets redacted unless `--show-secrets`).
+    fn json_line(&self, stdout: &mut impl Write, value: &serde_json::Value) -> io::Result<()> {
+        output::json_line(stdout, &self.shown(value))
+    }
 }
 
 async fn run(cli: Cli) -> Outcome {
@@ -292,6 +319,7 @@ async fn run(cli: Cli) -> Outcome {
                     && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
             }
         },
+        show_secrets: cli.show_secrets,
     };
     let mut config = plane_db::Config::default();
     if let Command::Events(args) = &cli.command {
@@ -342,22 +370,52 @@ async fn open(url: &str, config: plane_db::Config) -> Result<PlaneDatabase, Fail
     Ok(PlaneDatabase::with_config(pool, config))
 }
 
+/// Applies this build's missing migrations (`plane_db::migrate`: a database that a newer
+/// build migrated is accepted, a diverging or edited one refused).
 async fn migrate(db: &PlaneDatabase, out: &Out) -> Outcome {
-    plane_db::MIGRATOR
-        .run(db.pool())
+    let report = plane_db::migrate(db.pool())
         .await
         .map_err(|e| Failure::Other(format!("migration failed: {}", one_line(&e))))?;
-    let latest = plane_db::MIGRATOR.iter().map(|m| m.version).max();
     let mut stdout = io::stdout().lock();
     if out.json {
-        json(&mut stdout, &json!({ "schema_version": latest }))?;
+        out.json(
+            &mut stdout,
+            &json!({
+                "schema_version": report.latest_known,
+                "applied": report.applied,
+                "newer_unknown": report.newer_unknown,
+            }),
+        )?;
     } else {
-        match latest {
-            Some(version) => writeln!(stdout, "schema is up to date (version {version})")?,
-            None => writeln!(stdout, "no migrations to apply")?,
+        match (report.latest_known, report.applied.is_empty()) {
+            (None, _) => writeln!(stdout, "this build has no migrations")?,
+            (Some(version), true) => writeln!(stdout, "schema is up to date (version {version})")?,
+            (Some(version), false) => writeln!(
+                stdout,
+                "applied {} migration(s) ({}); schema is at version {version}",
+                report.applied.len(),
+                list_versions(&report.applied)
+            )?,
         }
     }
+    if !report.newer_unknown.is_empty() {
+        eprintln!(
+            "plane-db: the database also has {} newer migration(s) that this build does not know \
+             ({}): a newer plane-db migrated it, which is fine while migrations only add to the schema",
+            report.newer_unknown.len(),
+            list_versions(&report.newer_unknown)
+        );
+    }
     Ok(())
+}
+
+/// Migration versions as `1, 2, 3`.
+fn list_versions(versions: &[i64]) -> String {
+    versions
+        .iter()
+        .map(i64::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 async fn backends(db: &PlaneDatabase, out: &Out, args: BackendsArgs) -> Outcome {
@@ -384,7 +442,7 @@ async fn backends(db: &PlaneDatabase, out: &Out, args: BackendsArgs) -> Outcome 
     rows.truncate(usize::try_from(args.limit).unwrap_or(usize::MAX));
     let mut stdout = io::stdout().lock();
     if out.json {
-        json(&mut stdout, &rows.iter().map(backend_json).collect())?;
+        out.json(&mut stdout, &rows.iter().map(backend_json).collect())?;
     } else {
         // Ages are on the database clock (`as_of`), as the times themselves are.
         let mut table = Table::new(&["ID", "CLUSTER", "DRONE", "STATUS", "SINCE", "KEEPALIVE"]);
@@ -438,7 +496,7 @@ async fn backend(db: &PlaneDatabase, out: &Out, id: &BackendName) -> Outcome {
             .iter()
             .map(|h| json!({ "id": h.id, "created_at": h.created_at, "state": h.state }))
             .collect();
-        return Ok(json(&mut stdout, &value)?);
+        return Ok(out.json(&mut stdout, &value)?);
     }
     let status = row.state.status();
     let mut fields = Table::new(&["FIELD", "VALUE"]);
@@ -551,7 +609,7 @@ async fn nodes(db: &PlaneDatabase, out: &Out, all: bool, cluster: Option<&str>) 
                 })
             })
             .collect();
-        return Ok(json(&mut stdout, &value)?);
+        return Ok(out.json(&mut stdout, &value)?);
     }
     let now = Utc::now();
     let mut table = Table::new(&[
@@ -599,8 +657,9 @@ fn event_json(event: &Event) -> serde_json::Value {
     })
 }
 
-/// One event as a line of text: id, time, kind, key and the payload as compact JSON.
-fn event_line(event: &Event) -> String {
+/// One event as a line of text: id, time, kind, key and the payload as compact JSON
+/// (secrets redacted unless `--show-secrets`).
+fn event_line(event: &Event, out: &Out) -> String {
     printable(&format!(
         "{}  {}  {}  {}  {}",
         event
@@ -609,7 +668,7 @@ fn event_line(event: &Event) -> String {
         time(event.created_at),
         event.kind,
         event.key.as_deref().unwrap_or("-"),
-        event.data,
+        out.shown(&event.data),
     ))
 }
 
@@ -634,7 +693,7 @@ async fn events(db: &PlaneDatabase, out: &Out, args: EventsArgs) -> Outcome {
             );
         }
         if out.json {
-            return Ok(json(&mut stdout, &events.iter().map(event_json).collect())?);
+            return Ok(out.json(&mut stdout, &events.iter().map(event_json).collect())?);
         }
         let mut table = Table::new(&["ID", "TIME", "KIND", "KEY", "DATA"]);
         for event in &events {
@@ -643,7 +702,7 @@ async fn events(db: &PlaneDatabase, out: &Out, args: EventsArgs) -> Outcome {
                 Cell::new(time(event.created_at)),
                 Cell::new(&event.kind),
                 Cell::opt(event.key.as_deref()),
-                Cell::new(event.data.to_string()),
+                Cell::new(out.shown(&event.data).to_string()),
             ]);
         }
         return Ok(print_table(&mut stdout, &table, out, "no events")?);
@@ -710,9 +769,9 @@ async fn read_events_after(
 
 fn print_event(stdout: &mut impl Write, out: &Out, event: &Event) -> Outcome {
     if out.json {
-        json_line(stdout, &event_json(event))?;
+        out.json_line(stdout, &event_json(event))?;
     } else {
-        writeln!(stdout, "{}", event_line(event))?;
+        writeln!(stdout, "{}", event_line(event, out))?;
         stdout.flush()?;
     }
     Ok(())
@@ -727,7 +786,7 @@ async fn watch(db: &PlaneDatabase, out: &Out, id: &BackendName) -> Outcome {
         if out.json {
             let value = serde_json::to_value(&entry)
                 .map_err(|e| Failure::Other(format!("cannot print a status: {e}")))?;
-            json_line(&mut stdout, &value)?;
+            out.json_line(&mut stdout, &value)?;
             continue;
         }
         let mut detail = termination_detail(&entry);
@@ -759,7 +818,7 @@ async fn termination_candidates(db: &PlaneDatabase, out: &Out, args: DroneArgs) 
                 })
             })
             .collect();
-        return Ok(json(&mut stdout, &value)?);
+        return Ok(out.json(&mut stdout, &value)?);
     }
     let mut table = Table::new(&["BACKEND", "WHY", "LAST KEEPALIVE", "EXPIRES"]);
     for candidate in &candidates {
@@ -787,7 +846,7 @@ async fn prevent_renew(db: &PlaneDatabase, out: &Out, id: &BackendName) -> Outco
     let prevented = db.keys().prevent_renew(id).await?;
     let mut stdout = io::stdout().lock();
     if out.json {
-        json(
+        out.json(
             &mut stdout,
             &json!({ "backend_id": id, "prevented": prevented }),
         )?;
@@ -830,7 +889,7 @@ async fn mark_lost(
     };
     let mut stdout = io::stdout().lock();
     if out.json {
-        json(&mut stdout, &json!({ "marked": marked }))?;
+        out.json(&mut stdout, &json!({ "marked": marked }))?;
     } else {
         for backend in &marked {
             writeln!(stdout, "{backend}")?;
@@ -878,7 +937,7 @@ async fn cleanup(db: &PlaneDatabase, out: &Out, min_age_days: i32, batch_size: i
     let mut stdout = io::stdout().lock();
     let b = &summary.backends;
     if out.json {
-        json(
+        out.json(
             &mut stdout,
             &json!({
                 "backends": b.backends,
