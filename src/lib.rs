@@ -24,9 +24,12 @@
 //!   delivered to it.
 //! - **Survives the connection**: a lost listening connection is re-established with backoff
 //!   and whatever was committed meanwhile is read from the table.
-//! - **A slow subscriber is told**: a subscription that falls too far behind receives
-//!   [`events::Lagged`]; [`backend::BackendDatabase::status_stream`] then re-reads the history
-//!   and carries on, so it never ends early.
+//! - **A slow subscriber catches up**: a subscription whose queue is full is paused, and once
+//!   it has read what it holds it reads what it missed from the `event` table, exactly where
+//!   it stopped, then carries on live. Only what cannot be read back is reported as
+//!   [`events::Lagged`] (ephemeral messages, or a server change during the pause);
+//!   [`backend::BackendDatabase::status_stream`] then re-reads the history, so it never ends
+//!   early.
 //! - **Forward-only states**: [`backend::BackendDatabase::update_state`] refuses transitions
 //!   that do not move a backend forward.
 //! - **One backend per key**: concurrent [`PlaneDatabase::connect`] calls for a key create

@@ -20,9 +20,12 @@ pub struct BusConfig {
     /// arrive within a millisecond; this only bounds the delay if one is lost. Defaults to 1 s;
     /// each poll is one cheap indexed query.
     pub poll_interval: Duration,
-    /// How many undelivered events one subscription may hold before it is told it lagged
-    /// ([`Lagged`](super::Lagged)) and its queue is emptied. Memory is used only for events
-    /// actually queued. Defaults to 10,000; 0 counts as 1.
+    /// How many undelivered events one subscription may hold. Beyond it the subscription is
+    /// paused (nothing more is queued for it); once its consumer has read what it holds, it
+    /// reads the stored events it did not get from the `event` table, a page at a time, and
+    /// goes on live: nothing is lost, and memory stays bounded by this limit. Ephemeral
+    /// messages dropped meanwhile are reported as [`Lagged`](super::Lagged). Memory is used
+    /// only for events actually queued. Defaults to 10,000; 0 counts as 1.
     pub max_pending_per_subscription: usize,
     /// How many rows one read of the `event` table fetches at most; a larger backlog is read
     /// in several pages. Defaults to 1,000; values below 1 count as 1.
@@ -63,11 +66,39 @@ impl Default for BusConfig {
     }
 }
 
-/// Subscriber queues by filter.
+/// Subscriber queues by filter, and where the bus stands in its dispatching (kept under the
+/// same lock, so that a subscription resuming after a pause sees a position and the events
+/// dispatched after it consistently).
 #[derive(Default)]
-struct Registry {
+pub(crate) struct Registry {
     all: Vec<Arc<SubQueue>>,
     by_kind: HashMap<&'static str, KindSubs>,
+    /// The position of the last stored event dispatched.
+    pub(crate) last: Option<Position>,
+    /// Bumped before and after every read that two snapshots do not describe (a read after a
+    /// server change): a catch-up across such a read is not exact.
+    epoch: u64,
+}
+
+/// Where the bus stood when it dispatched a stored event: the read's previous and target
+/// snapshots and the event's id. The rows that read dispatched are those visible in `target`
+/// and not in `prev`, in id order; so two positions of the same epoch delimit exactly the
+/// events dispatched between them (see `subscription::CatchUp`).
+#[derive(Clone, Debug)]
+pub(crate) struct Position {
+    pub(crate) prev: Arc<str>,
+    pub(crate) target: Arc<str>,
+    pub(crate) id: i64,
+    pub(crate) epoch: u64,
+    /// False for positions inside a read after a server change.
+    pub(crate) exact: bool,
+}
+
+/// The read being dispatched, as [`Position`]s are built from it.
+struct ReadSpan {
+    prev: Arc<str>,
+    target: Arc<str>,
+    exact: bool,
 }
 
 #[derive(Default)]
@@ -79,6 +110,8 @@ struct KindSubs {
 /// State shared by the bus tasks, the `EventBus` handle and every subscription.
 pub(crate) struct Shared {
     registry: Mutex<Registry>,
+    /// For subscriptions' catch-up reads.
+    pub(crate) pool: PgPool,
     closed: AtomicBool,
     shutdown: watch::Sender<bool>,
     wake: Notify,
@@ -93,7 +126,7 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    fn registry(&self) -> MutexGuard<'_, Registry> {
+    pub(crate) fn registry(&self) -> MutexGuard<'_, Registry> {
         // A panic while holding this lock cannot leave the registry half-updated in a way
         // that matters (each operation is a single push/remove), so recover from poisoning.
         self.registry.lock().unwrap_or_else(|e| e.into_inner())
@@ -157,24 +190,45 @@ impl Shared {
         }
     }
 
-    /// Hands one event to every matching subscriber.
-    fn dispatch(&self, event: Arc<Event>) {
-        let reg = self.registry();
+    /// Hands one event to every matching subscriber. `span` is the read a stored event came
+    /// from (`None` for an ephemeral message).
+    fn dispatch(&self, event: Arc<Event>, span: Option<&ReadSpan>) {
+        let mut reg = self.registry();
+        let position = match (span, event.id) {
+            (Some(span), Some(id)) => {
+                let position = Position {
+                    prev: span.prev.clone(),
+                    target: span.target.clone(),
+                    id,
+                    epoch: reg.epoch,
+                    exact: span.exact,
+                };
+                reg.last = Some(position.clone());
+                Some(position)
+            }
+            _ => None,
+        };
+        let position = position.as_ref();
         for q in &reg.all {
-            q.push(event.clone(), self.max_pending);
+            q.push(event.clone(), position, self.max_pending);
         }
         if let Some(subs) = reg.by_kind.get(event.kind.as_str()) {
             for q in &subs.any_key {
-                q.push(event.clone(), self.max_pending);
+                q.push(event.clone(), position, self.max_pending);
             }
             if let Some(key) = &event.key {
                 if let Some(list) = subs.by_key.get(key) {
                     for q in list {
-                        q.push(event.clone(), self.max_pending);
+                        q.push(event.clone(), position, self.max_pending);
                     }
                 }
             }
         }
+    }
+
+    /// Marks the start or the end of a read that two snapshots do not describe.
+    fn bump_epoch(&self) {
+        self.registry().epoch += 1;
     }
 
     fn close(&self) {
@@ -215,6 +269,7 @@ impl EventBus {
         config.fetch_batch_size = config.fetch_batch_size.max(1);
         let shared = Arc::new(Shared {
             registry: Mutex::new(Registry::default()),
+            pool: pool.clone(),
             closed: AtomicBool::new(false),
             shutdown: watch::channel(false).0,
             wake: Notify::new(),
@@ -633,13 +688,16 @@ async fn wake_others_loop(shared: Arc<Shared>, pool: PgPool, interval: Duration)
 
 fn deliver_ephemeral(shared: &Shared, payload: &str) {
     match serde_json::from_str::<EphemeralEnvelope>(payload) {
-        Ok(envelope) => shared.dispatch(Arc::new(Event {
-            id: None,
-            kind: envelope.kind,
-            key: envelope.key,
-            created_at: Utc::now(),
-            data: envelope.data,
-        })),
+        Ok(envelope) => shared.dispatch(
+            Arc::new(Event {
+                id: None,
+                kind: envelope.kind,
+                key: envelope.key,
+                created_at: Utc::now(),
+                data: envelope.data,
+            }),
+            None,
+        ),
         Err(error) => tracing::warn!(%error, "event bus: ignoring malformed ephemeral message"),
     }
 }
@@ -731,6 +789,9 @@ async fn read_new_events(
         mut cut_short,
     } = progress.take().unwrap_or_default();
     let mut restart_checked = false;
+    // Whether this call marked the start of an inexact read (see `Registry::epoch`); a read
+    // resumed by a later call marks it again, which only makes more positions inexact.
+    let mut epoch_bumped = false;
     loop {
         // If the query below fails, the next call resumes this read from here (dispatching
         // is synchronous, so `after` is exact at every await).
@@ -822,6 +883,18 @@ async fn read_new_events(
             Some(_) => {}
         }
 
+        let span = match &target {
+            Some(t) => ReadSpan {
+                prev: prev.snapshot.as_str().into(),
+                target: t.snapshot.as_str().into(),
+                exact: restart_floor.is_none() && cut_short.targets.is_empty(),
+            },
+            None => return Err(sqlx::Error::RowNotFound.into()),
+        };
+        if !span.exact && !epoch_bumped {
+            epoch_bumped = true;
+            shared.bump_epoch();
+        }
         let mut count = 0_i64;
         for row in rows {
             let (Some(id), Some(xid), Some(kind), Some(created_at), Some(data)) =
@@ -839,16 +912,22 @@ async fn read_new_events(
                 continue;
             }
             seen.record(id, xid);
-            shared.dispatch(Arc::new(Event {
-                id: Some(id),
-                kind,
-                key: row.key,
-                created_at,
-                data,
-            }));
+            shared.dispatch(
+                Arc::new(Event {
+                    id: Some(id),
+                    kind,
+                    key: row.key,
+                    created_at,
+                    data,
+                }),
+                Some(&span),
+            );
         }
         if count < batch {
             *progress = None;
+            if epoch_bumped {
+                shared.bump_epoch();
+            }
             if let Some(xmax) = target.as_ref().and_then(|t| snapshot_xmax(&t.snapshot)) {
                 // Rows above the new cursor's `xmax` are not visible in it (after transaction
                 // ids went back, rows of the old server's may lie there).

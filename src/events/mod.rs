@@ -24,14 +24,26 @@
 //! Snapshots compare only within one unbroken run of transaction ids. A server that comes
 //! back with its counter behind the cursor (a failover to a replica that had not replayed
 //! everything, or a crash that lost an unflushed abort) hands out ids the cursor counts as
-//! read. The cursor therefore also records the server's start time; when that changes and
-//! ids may have been reused (the latest checkpoint is the server's own, as after a restart or
-//! crash recovery, or its counter is behind the cursor), the next read also takes every row
-//! from a transaction at or after that checkpoint. A promoted replica that had caught up
-//! reuses no ids and nothing is read again. A server change between two pages of one read
-//! restarts that read, skipping what it had already delivered. One case can deliver events
-//! twice: a lagging replica's re-read back to its last restartpoint (see RELIABILITY.md).
+//! read. The cursor therefore also records the server's start time; when that changes, the
+//! next read also takes every row from a transaction at or above a floor computed from what
+//! the bus has seen, with ordinary functions only (no `pg_control_checkpoint()`, so it works
+//! for an unprivileged role): one above the highest transaction id of a row it has seen, or
+//! lower if rows created since its previous read carry lower ids (the ids went back). Rows
+//! above the floor that it already delivered are skipped by `(id, xid)`. After a restart,
+//! crash recovery or a switchover the floor is exactly the first new id; nothing is read
+//! twice. A server change between two pages of one read restarts that read, skipping what it
+//! had already delivered. See `restart_floor` in the bus and RELIABILITY.md for the limits.
 //!
+//! # A slow subscriber
+//! Each subscription has a queue of at most [`BusConfig::max_pending_per_subscription`]
+//! events. When it is full the bus pauses the subscription at the event it could not queue;
+//! once the consumer has read what the queue holds, the subscription reads the events it did
+//! not get from the table (those the bus dispatched between the pause and the moment it
+//! resumed, delimited by the snapshots of the bus's reads), a page at a time, and then
+//! continues with its queue, which has been filling again since it resumed. Nothing is lost
+//! or repeated and memory stays bounded. [`Lagged`] reports only what cannot be read back:
+//! ephemeral messages, and stored events when the database server changed during the pause.
+
 //! # Writer cost: coalesced wake-ups
 //! Postgres serialises the commits of transactions that issued NOTIFY (a global lock on its
 //! notification queue, held through the commit). So the crate's own writers (`update_state`,

@@ -1,7 +1,7 @@
-//! A slow subscriber under a burst of 10,000 events for its key: it is told (a plain
-//! subscription gets `Lagged` with the exact number dropped, and can resynchronise from the
-//! table) or resynced (a status stream re-reads the history), is never ended silently, and
-//! ends with the complete sequence.
+//! A slow subscriber under a burst of 10,000 events for its key: its queue overflows, the
+//! bus pauses it, and once it has drained what it holds it catches up from the table exactly
+//! where it stopped: every event delivered once, in order, nothing reported missed. A status
+//! stream left unpolled through the burst is complete and in order too.
 
 use crate::common::{drone, spawn};
 use crate::support::*;
@@ -137,15 +137,8 @@ async fn slow_subscriber(max_pending: usize) {
         let table = table_event_ids(&db, "backend_state", Some(&key)).await;
         // Events written after the subscription: everything but `scheduled`.
         let written = table.len() - 1;
-        // Resynchronise: whatever the subscriber did not get is in the table.
         let got: HashSet<i64> = ids.iter().copied().collect();
-        let resynced: Vec<i64> = table[1..]
-            .iter()
-            .filter(|id| !got.contains(id))
-            .copied()
-            .collect();
-        let mut complete: Vec<i64> = ids.iter().chain(&resynced).copied().collect();
-        complete.sort();
+        let lost = table[1..].iter().filter(|id| !got.contains(id)).count();
 
         figures(
             &format!("slow_subscriber(queue={max_pending})"),
@@ -155,30 +148,21 @@ async fn slow_subscriber(max_pending: usize) {
                 ("reported_missed", missed.to_string()),
                 ("lag_reports", lag_reports.to_string()),
                 ("duplicated", (ids.len() - got.len()).to_string()),
-                (
-                    "silently_lost",
-                    (written as u64 - ids.len() as u64 - missed).to_string(),
-                ),
-                ("resynced_from_table", resynced.len().to_string()),
+                ("lost", lost.to_string()),
                 ("status_stream", format!("{}/8 in order", statuses.len())),
                 ("burst_ms", ms(burst_ms)),
             ],
         );
 
         assert_eq!(written, BURST + life.len());
-        assert!(missed > 0, "the subscriber was never told it lagged");
-        assert_eq!(got.len(), ids.len(), "duplicates delivered");
-        assert_eq!(
-            ids.len() as u64 + missed,
-            written as u64,
-            "every event is delivered or counted as missed"
-        );
-        assert_eq!(
-            resynced.len() as u64,
-            missed,
-            "the table holds exactly what was missed"
-        );
-        assert_eq!(complete, table[1..], "complete sequence after resync");
+        // The queue holds fewer events than were written, so the subscriber was paused and
+        // caught up (with the default queue it read nothing during the burst).
+        assert!(max_pending < written);
+        assert_eq!((missed, lag_reports), (0, 0), "nothing reported missed");
+        assert_eq!(lost, 0, "every event delivered");
+        assert_eq!(got.len(), ids.len(), "no event delivered twice");
+        // One writer: commit order is id order, and delivery keeps it.
+        assert_eq!(ids, table[1..], "delivered in order");
         assert_eq!(
             statuses,
             BackendStatus::ALL,
