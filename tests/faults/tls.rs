@@ -385,14 +385,15 @@ async fn every_sslmode_is_honoured_by_the_pool_and_the_listener() {
     .expect("scenario timed out");
 }
 
-/// Waits (at most 10 s) for the listening connection of `application`; whether it is
-/// encrypted.
+/// Waits (at most 10 s) for the listening connection of `application` (named
+/// `<application>-listener`); whether it is encrypted.
 async fn wait_for_listener(observer: &PlaneDatabase, application: &str) -> bool {
     let started = Instant::now();
     loop {
         let found: Option<bool> = sqlx::query_scalar(
             "select s.ssl from pg_stat_ssl s join pg_stat_activity a using (pid)
-             where a.application_name = $1 and a.query ilike 'listen %plane_events%'",
+             where a.application_name = $1 || '-listener'
+               and a.query ilike 'listen %plane_events%'",
         )
         .bind(application)
         .fetch_optional(observer.pool())

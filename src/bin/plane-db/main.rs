@@ -141,8 +141,8 @@ struct EventsArgs {
     /// Without --follow: print at most this many.
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(i64).range(0..))]
     limit: i64,
-    /// How many live events may wait to be printed before the subscription drops them (and
-    /// they are re-read from the table). Small values exercise that path in tests.
+    /// How many live events may wait to be printed before the subscription pauses (and then
+    /// catches up from the table). Small values exercise that path in tests.
     #[arg(long, default_value_t = 100_000, hide = true)]
     max_pending: usize,
 }
@@ -709,36 +709,38 @@ async fn events(db: &PlaneDatabase, out: &Out, args: EventsArgs) -> Outcome {
     }
 
     // Subscribe first, then read the stored events: one committed in between is in both,
-    // and `printed` keeps it from being printed twice. Without --since, following starts at
-    // the latest stored event, as if it had been given.
+    // and `backlog` keeps it from being printed twice. Only the backlog's ids are kept: a
+    // live event is never repeated by the subscription (a full queue pauses it and it catches
+    // up from the table), so memory stays flat however long the follow runs. Without
+    // --since, following starts at the latest stored event, as if it had been given.
     let mut subscription = db.subscribe_all_events().await?;
-    let floor = match args.since {
-        Some(since) => since,
-        None => db.latest_event_id().await?.unwrap_or(0),
-    };
-    let mut printed = HashSet::new();
-    let mut print_once = |event: Event| -> Result<bool, Failure> {
-        if event.id.is_none_or(|id| printed.insert(id)) && wanted(&event) {
-            print_event(&mut stdout, out, &event)?;
-        }
-        Ok(true)
-    };
-    if args.since.is_some() {
-        read_events_after(db, floor, &mut print_once).await?;
+    let mut backlog = HashSet::new();
+    if let Some(since) = args.since {
+        read_events_after(db, since, |event: Event| {
+            if event.id.is_none_or(|id| backlog.insert(id)) && wanted(&event) {
+                print_event(&mut stdout, out, &event)?;
+            }
+            Ok(true)
+        })
+        .await?;
     }
     while let Some(next) = subscription.next().await {
         match next {
             Ok(event) => {
-                print_once(Event::clone(&event))?;
+                let repeat = event.id.is_some_and(|id| backlog.contains(&id));
+                if !repeat && wanted(&event) {
+                    print_event(&mut stdout, out, &event)?;
+                }
             }
-            // The subscription dropped events it could not hold; every stored one is in
-            // the table, so read it again from the floor, skipping what was printed.
+            // Only what the subscription could not read back: ephemeral messages, or stored
+            // events when the database server changed while it was behind.
             Err(lagged) => {
                 eprintln!(
-                    "plane-db: fell behind by {} events; re-reading them from the table",
+                    "plane-db: fell behind by {} events that could not be read back \
+                     (ephemeral messages, or the database server changed meanwhile); \
+                     `plane-db events --since ID` lists what is stored",
                     lagged.missed
                 );
-                read_events_after(db, floor, &mut print_once).await?;
             }
         }
     }
