@@ -494,7 +494,7 @@ async fn a_long_follow_with_a_tiny_queue_prints_every_event_once_in_flat_memory(
         let mut probes = 0;
         loop {
             plane_db::events::emit(
-                &mut *db.pool().acquire().await.unwrap(),
+                &mut db.pool().acquire().await.unwrap(),
                 Some("probe"),
                 &BackendState::Loading,
             )
