@@ -2,7 +2,7 @@
 //! scenarios build pools of their own), states by status, figures, listener kills.
 
 use crate::common::addr;
-use plane_db::testing::{create_database, private_server, HarnessError, TestServer};
+use plane_db::testing::{create_database, private_server, TestServer};
 use plane_db::types::{
     BackendAddr, BackendState, BackendStatus, TerminationKind, TerminationReason,
 };
@@ -35,7 +35,7 @@ where
 
 /// Runs `scenario` on a private throwaway server of its own (one it may stop and start
 /// without disturbing other tests), with the URL of a fresh, migrated database there,
-/// bounded by [`SCENARIO_TIMEOUT`]. Skips, saying so, where no local Postgres binaries exist.
+/// bounded by [`SCENARIO_TIMEOUT`]. Fails where no local Postgres binaries exist.
 pub async fn with_private_server<F, Fut>(what: &str, scenario: F)
 where
     F: FnOnce(Arc<TestServer>, String) -> Fut,
@@ -43,11 +43,9 @@ where
 {
     let server = match tokio::task::spawn_blocking(private_server).await.unwrap() {
         Ok(server) => Arc::new(server),
-        Err(HarnessError::NoPostgres) => {
-            eprintln!("no local PostgreSQL binaries: skipping the {what} scenario");
-            return;
-        }
-        Err(error) => panic!("could not start a private server: {error}"),
+        // No local Postgres binaries fails too: these scenarios need a server of their own,
+        // and a scenario that did not run must not pass.
+        Err(error) => panic!("could not start a private server for the {what} scenario: {error}"),
     };
     let database = server.create_database().await.unwrap();
     migrate(&database.url).await;
