@@ -3,7 +3,7 @@
 
 use crate::common::*;
 use plane_db::events::{emit, BusConfig, Lagged, Subscription};
-use plane_db::types::{BackendName, BackendState, BackendStatus};
+use plane_db::types::{BackendMetricsMessage, BackendName, BackendState, BackendStatus};
 use plane_db::{Config, PlaneDatabase};
 use std::collections::HashMap;
 use std::time::Duration;
@@ -266,16 +266,23 @@ fn small_queue_config() -> Config {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_lagging_subscription_is_told() {
+async fn a_lagging_subscription_catches_up_from_the_table() {
     with_db_config(small_queue_config(), |db| async move {
         let mut sub = db.subscribe_with_key::<BackendState>("k").await.unwrap();
         let mut conn = db.pool().acquire().await.unwrap();
+        let mut written = Vec::new();
         for _ in 0..20 {
-            emit(&mut conn, Some("k"), &BackendState::Loading)
+            written.push(
+                emit(&mut conn, Some("k"), &BackendState::Loading)
+                    .await
+                    .unwrap(),
+            );
+            // Another key's events in between: the catch-up reads only this key's.
+            emit(&mut conn, Some("other"), &BackendState::Loading)
                 .await
                 .unwrap();
         }
-        // Wait until the bus has read them all.
+        // Wait until the bus has read them all: the queue (5) overflowed long before.
         let mut probe = db
             .subscribe_with_key::<BackendState>("probe")
             .await
@@ -284,25 +291,83 @@ async fn a_lagging_subscription_is_told() {
             .await
             .unwrap();
         probe.next().await.unwrap().unwrap();
+        // One more after the pause: it comes after the catch-up, not before.
+        written.push(
+            emit(&mut conn, Some("k"), &BackendState::Loading)
+                .await
+                .unwrap(),
+        );
 
-        let mut delivered = 0;
-        let mut missed = 0;
-        while delivered + missed < 20 {
+        let mut delivered = Vec::new();
+        while delivered.len() < written.len() {
             match tokio::time::timeout(Duration::from_secs(5), sub.next())
                 .await
+                .expect("the subscription delivers")
                 .unwrap()
+            {
+                Ok(n) => {
+                    assert_eq!(n.key.as_deref(), Some("k"));
+                    delivered.push(n.id.unwrap());
+                }
+                Err(lagged) => panic!("stored events are caught up, not reported: {lagged}"),
+            }
+        }
+        assert_eq!(delivered, written, "every event once, in order");
+        let extra = tokio::time::timeout(Duration::from_millis(300), sub.next()).await;
+        assert!(
+            extra.is_err(),
+            "nothing more: {:?}",
+            extra.map(|e| e.map(|r| r.is_ok()))
+        );
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropped_ephemeral_messages_are_reported() {
+    with_db_config(small_queue_config(), |db| async move {
+        let mut sub = db.subscribe_all_events().await.unwrap();
+        let mut probe = db
+            .subscribe_with_key::<BackendMetricsMessage>("probe")
+            .await
+            .unwrap();
+        let send = |key: &str, data: &str| {
+            format!(
+                "select pg_notify('plane_ephemeral', \
+                 '{{\"kind\":\"backend_metrics\",\"key\":{key},\"data\":{data}}}')"
+            )
+        };
+        for n in 0..20 {
+            let sql = send("null", &format!("{{\"n\":{n}}}"));
+            sqlx::query(&sql).execute(db.pool()).await.unwrap();
+        }
+        // The listener receives messages in order: once the probe arrives, all 20 have been
+        // dispatched.
+        let metrics = r#"{"backend_id":"ba-probe","mem_used":1,"mem_total":1,"mem_active":1,"mem_inactive":1,"mem_unevictable":1,"mem_limit":1,"cpu_used":1,"sys_cpu":1}"#;
+        sqlx::query(&send("\"probe\"", metrics))
+            .execute(db.pool())
+            .await
+            .unwrap();
+        tokio::time::timeout(Duration::from_secs(5), probe.next())
+            .await
+            .expect("the probe arrives")
+            .unwrap()
+            .unwrap();
+        // They are not stored, so what the queue (5) could not hold is reported (the probe
+        // counts too: 21 in all).
+        let mut delivered = 0;
+        let mut missed = 0;
+        while delivered + missed < 21 {
+            match tokio::time::timeout(Duration::from_secs(5), sub.next())
+                .await
+                .expect("the subscription answers")
                 .unwrap()
             {
                 Ok(_) => delivered += 1,
                 Err(Lagged { missed: m }) => missed += m,
             }
         }
-        assert!(missed > 0, "the overflow was reported");
-        assert_eq!(
-            delivered + missed,
-            20,
-            "every event is either delivered or counted as missed"
-        );
+        assert_eq!((delivered, missed), (5, 16));
     })
     .await
 }
