@@ -19,7 +19,6 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-const APP_ROLE: &str = "plane_app";
 /// Transaction ids burnt before the events, so that the counter can be moved back into them
 /// without reusing the ids of the schema's own rows.
 const BURN: usize = 1_500;
@@ -28,18 +27,6 @@ const BATCH: usize = 40;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unprivileged_role_through_restart_and_reused_ids() {
     with_private_server("least_privilege", scenario).await;
-}
-
-/// Runs one statement as the superuser on `url`'s database.
-async fn as_superuser(url: &str, sql: &str) {
-    let mut conn = PgConnection::connect(url)
-        .await
-        .expect("superuser connection");
-    sqlx::raw_sql(sql)
-        .execute(&mut conn)
-        .await
-        .unwrap_or_else(|e| panic!("{sql}: {e}"));
-    conn.close().await.ok();
 }
 
 /// A `backend_state` event for `key`; returns its id and transaction id.
@@ -54,14 +41,6 @@ async fn insert_event(pool: &sqlx::PgPool, key: &str) -> i64 {
         .await
         .unwrap();
     id
-}
-
-fn app_url(url: &str) -> String {
-    url.replacen(
-        "postgres://postgres@",
-        &format!("postgres://{APP_ROLE}@"),
-        1,
-    )
 }
 
 async fn next_xid(conn: &mut PgConnection) -> i64 {
@@ -111,22 +90,9 @@ async fn settle(got: &Mutex<(Vec<i64>, u64)>, expected: &[i64]) -> (usize, u32, 
 }
 
 async fn scenario(server: Arc<plane_db::testing::TestServer>, url: String) {
-    // The roles: the schema belongs to the superuser that migrated it; the application role
-    // gets only the rights it needs, and two functions are revoked from everyone.
-    let database = url.rsplit('/').next().unwrap().to_string();
-    as_superuser(
-        &url,
-        &format!(
-            "create role {APP_ROLE} login;
-             grant connect on database \"{database}\" to {APP_ROLE};
-             grant usage on schema public to {APP_ROLE};
-             grant select, insert, update, delete on all tables in schema public to {APP_ROLE};
-             grant usage, select on all sequences in schema public to {APP_ROLE};
-             revoke execute on function pg_control_checkpoint() from public;
-             revoke execute on function pg_walfile_name(pg_lsn) from public;"
-        ),
-    )
-    .await;
+    // The schema belongs to the superuser that migrated it; the application role gets only
+    // the rights it needs, and two functions are revoked from everyone.
+    create_app_role(&url).await;
     let db = open(&app_url(&url), 8, Config::default()).await;
     let is_superuser: bool =
         sqlx::query_scalar("select rolsuper from pg_roles where rolname = current_user")

@@ -128,6 +128,9 @@ async fn setup() -> Option<(Arc<TestServer>, Arc<TestServer>, String)> {
     };
     let database = primary.create_database().await.unwrap();
     migrate(&database.url).await;
+    // The controller connects as an unprivileged role (with the functions a checkpoint-based
+    // floor needed revoked); the replica copies the role.
+    create_app_role(&database.url).await;
     let p = primary.clone();
     let replica = match blocking(move || p.replica()).await {
         Ok(replica) => Arc::new(replica),
@@ -182,7 +185,10 @@ async fn switchover_to_a_caught_up_replica() {
     };
     tokio::time::timeout(SCENARIO_TIMEOUT, async {
         let forwarder = Forwarder::start(primary.port().unwrap()).await;
-        let url = format!("postgres://postgres@127.0.0.1:{}/{name}", forwarder.port);
+        let url = app_url(&format!(
+            "postgres://postgres@127.0.0.1:{}/{name}",
+            forwarder.port
+        ));
         let db = open(&url, 4, Config::default()).await;
         let mut rx = subscribe_channel(db.subscribe::<BackendState>().await.unwrap());
         let mut delivered = HashMap::new();
@@ -240,7 +246,10 @@ async fn failover_to_a_lagging_replica() {
     };
     tokio::time::timeout(SCENARIO_TIMEOUT, async {
         let forwarder = Forwarder::start(primary.port().unwrap()).await;
-        let url = format!("postgres://postgres@127.0.0.1:{}/{name}", forwarder.port);
+        let url = app_url(&format!(
+            "postgres://postgres@127.0.0.1:{}/{name}",
+            forwarder.port
+        ));
         let db = open(&url, 4, Config::default()).await;
         let mut rx = subscribe_channel(db.subscribe::<BackendState>().await.unwrap());
         let mut delivered = HashMap::new();

@@ -166,3 +166,48 @@ pub fn p50_max(mut v: Vec<Duration>) -> (String, String) {
     v.sort();
     (ms(v[v.len() / 2]), ms(v[v.len() - 1]))
 }
+
+/// The unprivileged application role of the least-privilege scenarios.
+pub const APP_ROLE: &str = "plane_app";
+
+/// Runs statements as the superuser on `url`'s database.
+pub async fn as_superuser(url: &str, sql: &str) {
+    use sqlx::Connection;
+    let mut conn = sqlx::PgConnection::connect(url)
+        .await
+        .expect("superuser connection");
+    sqlx::raw_sql(sql)
+        .execute(&mut conn)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    conn.close().await.ok();
+}
+
+/// Creates [`APP_ROLE`] on `url`'s server (a private one: roles are server-wide) with only
+/// row rights on `url`'s database, and revokes `pg_control_checkpoint()` and
+/// `pg_walfile_name()` from PUBLIC, as hardened and managed servers may.
+pub async fn create_app_role(url: &str) {
+    let database = url.rsplit('/').next().expect("a database in the URL");
+    as_superuser(
+        url,
+        &format!(
+            "create role {APP_ROLE} login;
+             grant connect on database \"{database}\" to {APP_ROLE};
+             grant usage on schema public to {APP_ROLE};
+             grant select, insert, update, delete on all tables in schema public to {APP_ROLE};
+             grant usage, select on all sequences in schema public to {APP_ROLE};
+             revoke execute on function pg_control_checkpoint() from public;
+             revoke execute on function pg_walfile_name(pg_lsn) from public;"
+        ),
+    )
+    .await;
+}
+
+/// `url` with [`APP_ROLE`] as its user instead of the superuser.
+pub fn app_url(url: &str) -> String {
+    url.replacen(
+        "postgres://postgres@",
+        &format!("postgres://{APP_ROLE}@"),
+        1,
+    )
+}
