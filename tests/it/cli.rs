@@ -153,7 +153,7 @@ async fn backends_are_listed_and_filtered() {
         ready(&db, &second).await;
         // The third goes to the only drone of the other cluster.
         let mut request = crate::common::request("elsewhere");
-        request.spawn_config.as_mut().unwrap().cluster = other.clone();
+        request.spawn_config.as_mut().unwrap().cluster = Some(other.clone());
         let third = db.connect(&request).await.unwrap().backend_id;
 
         let all = run_json(&url, &["backends"]);

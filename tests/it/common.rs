@@ -113,7 +113,8 @@ pub async fn drone_in(db: &PlaneDatabase, cluster: &ClusterName, pool: &DronePoo
 
 pub fn spawn_config() -> SpawnConfig {
     SpawnConfig {
-        cluster: cluster(),
+        id: None,
+        cluster: Some(cluster()),
         pool: DronePoolName::default(),
         executable: serde_json::json!({"image": "ghcr.io/example/app:1"}),
         lifetime_limit_seconds: None,
