@@ -26,7 +26,8 @@
 //! | `GET /route/{token}` or `GET /route` with `Authorization: Bearer …` | the route a proxy needs |
 //!
 //! Errors are JSON, `{"error": "<code>", "message": "<what went wrong>"}`, with 400 for bad
-//! input, 404 for an unknown backend or token, 409 for a key held under another tag, 503
+//! input (a spawn config without a cluster included), 404 for an unknown backend or token,
+//! 409 for a key held under another tag or a backend `id` already taken, 503
 //! when no drone can take a backend, and 500 otherwise (details only in the log).
 //!
 //! # Resuming the status stream
@@ -338,6 +339,12 @@ fn connect_error(error: ConnectError) -> ApiError {
     let message = error.to_string();
     match error {
         ConnectError::KeyHeld { .. } => ApiError::new(StatusCode::CONFLICT, "key_held", message),
+        ConnectError::BackendIdTaken { .. } => {
+            ApiError::new(StatusCode::CONFLICT, "backend_id_taken", message)
+        }
+        ConnectError::NoClusterProvided => {
+            ApiError::new(StatusCode::BAD_REQUEST, "no_cluster", message)
+        }
         ConnectError::NoSpawnConfig { .. } => ApiError::not_found("no_backend", message),
         ConnectError::NoDroneAvailable { .. } => {
             ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "no_drone", message)

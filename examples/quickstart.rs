@@ -67,7 +67,8 @@ async fn main() -> Result<(), Box<dyn Error>> {
             ..KeyConfig::default()
         }),
         spawn_config: Some(SpawnConfig {
-            cluster: cluster.clone(),
+            id: None,
+            cluster: Some(cluster.clone()),
             pool: DronePoolName::default(),
             executable: serde_json::json!({ "image": "ghcr.io/example/editor:latest" }),
             lifetime_limit_seconds: Some(3600),

@@ -24,6 +24,14 @@ impl<'a> AcmeDatabase<'a> {
     /// holder's lease is older than [`ACME_LEASE_TIMEOUT`] (taken over; the old value is
     /// cleared). False if another proxy holds a fresh lease. An unknown `proxy` that would
     /// get the lease is [`Error::NotFound`].
+    ///
+    /// Unlike Plane 0.5.5, which refuses the holder too until its lease is a minute old, the
+    /// holder's request is granted and restarts the minute: a proxy that retries after a
+    /// lost answer gets the lease it holds instead of waiting it out, and a challenge that
+    /// takes longer than a minute can be kept from being taken over. Plane 0.5.5's proxies
+    /// ask again within the minute only when an answer went missing (they wait a minute
+    /// after a refusal, five after a failed challenge, and never release a lease), so
+    /// otherwise they see the same answers from both.
     #[tracing::instrument(skip(self), fields(cluster = %cluster, proxy = %proxy))]
     pub async fn lease(&self, cluster: &ClusterName, proxy: NodeId) -> Result<bool> {
         let result = sqlx::query!(

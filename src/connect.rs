@@ -1,7 +1,7 @@
 //! `connect`: get or create the backend for a key, and hand out a token to reach it.
 
 use crate::backend::BackendIdentity;
-use crate::error::{to_json, ConnectError, Error, Result};
+use crate::error::{interval_secs, to_json, ConnectError, Error, Result};
 use crate::events::NotificationPayload;
 use crate::types::{
     BackendActionMessage, BackendActionName, BackendName, BackendState, BackendStatus, BearerToken,
@@ -33,11 +33,20 @@ pub struct ConnectRequest {
     pub auth: Map<String, Value>,
 }
 
-/// How to create a backend.
+/// How to create a backend (Plane 0.5.5's `SpawnConfig`, same JSON).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SpawnConfig {
-    /// The cluster to run it in.
-    pub cluster: ClusterName,
+    /// The name to give the new backend. Without it a fresh `ba-…` name is generated, which
+    /// is what most callers want. A name an existing backend has (running, or terminated but
+    /// not yet cleaned up) is [`ConnectError::BackendIdTaken`]. Any valid
+    /// [`BackendName`] is accepted, including Plane's prefix-less names.
+    #[serde(default)]
+    pub id: Option<BackendName>,
+    /// The cluster to run it in. Without it, [`Config::default_cluster`](crate::Config::default_cluster);
+    /// without both, [`ConnectError::NoClusterProvided`] (only when a backend must be
+    /// spawned: connecting to a live backend by its key needs no cluster).
+    #[serde(default)]
+    pub cluster: Option<ClusterName>,
     /// The drone pool to run it in (default pool: empty string).
     #[serde(default)]
     pub pool: DronePoolName,
@@ -82,6 +91,16 @@ pub struct ConnectResponse {
     pub fencing_token: Option<i64>,
 }
 
+/// What [`PlaneDatabase::try_spawn`] did.
+enum Spawn {
+    /// It created the backend.
+    Spawned(ConnectResponse),
+    /// A live backend holds the key: nothing was created.
+    KeyHeld,
+    /// The requested backend name is taken: nothing was created.
+    IdTaken(BackendName),
+}
+
 /// The holder of a key, as read.
 struct KeyHolder {
     identity: BackendIdentity,
@@ -96,10 +115,13 @@ impl PlaneDatabase {
     /// Gets or creates the backend for a key (namespace, name, tag).
     ///
     /// - A live backend holds the key with the same tag: it is returned, with a new token.
-    /// - It holds the key with another tag: [`ConnectError::KeyHeld`].
+    /// - It holds the key with another tag: [`ConnectError::KeyHeld`], with both tags.
     /// - No live backend holds it (none, or its lease expired): with a spawn config a new
     ///   backend is scheduled on a drone picked by [`DroneDatabase::pick_for_spawn`](crate::drone::DroneDatabase::pick_for_spawn),
-    ///   taking the key over; without one, [`ConnectError::NoSpawnConfig`].
+    ///   taking the key over; without one, [`ConnectError::NoSpawnConfig`]. It is spawned in
+    ///   the spawn config's cluster, or [`Config::default_cluster`](crate::Config::default_cluster)
+    ///   ([`ConnectError::NoClusterProvided`] without both), under the spawn config's `id` if
+    ///   it gives one ([`ConnectError::BackendIdTaken`] if a backend has that name).
     ///
     /// Creating a backend is one atomic statement: the backend row, its `scheduled` history
     /// row and event, the key (with a new fencing token), the spawn action for the drone and
@@ -114,8 +136,8 @@ impl PlaneDatabase {
         let span = tracing::Span::current();
         span.record("namespace", key.namespace.as_str());
         span.record("key", key.name.as_str());
-        if let Some(spawn) = &request.spawn_config {
-            span.record("cluster", spawn.cluster.as_str());
+        if let Some(cluster) = self.spawn_cluster(request) {
+            span.record("cluster", cluster.as_str());
         }
         let response = self.connect_key(request, key).await?;
         // The backend is only known now; later log lines in this span carry it.
@@ -124,6 +146,16 @@ impl PlaneDatabase {
             span.record("drone", drone.as_str());
         }
         Ok(response)
+    }
+
+    /// The cluster a backend of this request would be spawned in: the spawn config's, or
+    /// the configured default.
+    fn spawn_cluster<'r>(&'r self, request: &'r ConnectRequest) -> Option<&'r ClusterName> {
+        let spawn = request.spawn_config.as_ref()?;
+        spawn
+            .cluster
+            .as_ref()
+            .or(self.config().default_cluster.as_ref())
     }
 
     /// [`connect`](Self::connect) for the resolved key.
@@ -135,24 +167,24 @@ impl PlaneDatabase {
         if let Some(spawn) = &request.spawn_config {
             check_limits(spawn)?;
         }
+        let cluster = self.spawn_cluster(request);
 
         for _ in 0..MAX_ATTEMPTS {
-            let mut no_drone = None;
-            if let Some(spawn) = &request.spawn_config {
-                match self
-                    .drone()
-                    .pick_for_spawn(&spawn.cluster, &spawn.pool)
-                    .await?
-                {
+            let mut no_drone = false;
+            let mut id_taken = None;
+            if let (Some(spawn), Some(cluster)) = (&request.spawn_config, cluster) {
+                match self.drone().pick_for_spawn(cluster, &spawn.pool).await? {
                     Some(drone) => {
-                        if let Some(response) = self
-                            .try_spawn(&key, spawn, request, drone.id, drone.name)
+                        match self
+                            .try_spawn(&key, spawn, cluster, request, drone.id, drone.name)
                             .await?
                         {
-                            return Ok(response);
+                            Spawn::Spawned(response) => return Ok(response),
+                            Spawn::KeyHeld => {}
+                            Spawn::IdTaken(backend) => id_taken = Some(backend),
                         }
                     }
-                    None => no_drone = Some(spawn),
+                    None => no_drone = true,
                 }
             }
 
@@ -165,6 +197,8 @@ impl PlaneDatabase {
                             namespace: key.namespace,
                             name: key.name,
                             backend: holder.identity.id,
+                            key_tag: holder.tag,
+                            request_tag: key.tag,
                         });
                     };
                     let identity = holder.identity;
@@ -181,21 +215,28 @@ impl PlaneDatabase {
                     });
                 }
                 // No live holder: spawn (again) if we can.
-                _ => match (&request.spawn_config, no_drone) {
-                    (None, _) => {
+                _ => {
+                    let Some(spawn) = &request.spawn_config else {
                         return Err(ConnectError::NoSpawnConfig {
                             namespace: key.namespace,
                             name: key.name,
-                        })
+                        });
+                    };
+                    let Some(cluster) = cluster else {
+                        return Err(ConnectError::NoClusterProvided);
+                    };
+                    // The name's holder committed (Postgres reports a unique violation only
+                    // then) and it does not hold this key: no retry can succeed.
+                    if let Some(backend) = id_taken {
+                        return Err(ConnectError::BackendIdTaken { backend });
                     }
-                    (Some(_), Some(spawn)) => {
+                    if no_drone {
                         return Err(ConnectError::NoDroneAvailable {
-                            cluster: spawn.cluster.clone(),
+                            cluster: cluster.clone(),
                             pool: spawn.pool.clone(),
-                        })
+                        });
                     }
-                    (Some(_), None) => continue,
-                },
+                }
             }
         }
         Err(ConnectError::Contended {
@@ -205,17 +246,17 @@ impl PlaneDatabase {
         })
     }
 
-    /// Creates the backend on `drone` if the key is free or expired. `None` if a live
-    /// backend holds the key.
+    /// Creates the backend on `drone` if the key is free or expired.
     async fn try_spawn(
         &self,
         key: &KeyConfig,
         spawn: &SpawnConfig,
+        cluster: &ClusterName,
         request: &ConnectRequest,
         drone_id: NodeId,
         drone_name: DroneName,
-    ) -> Result<Option<ConnectResponse>> {
-        let backend_id = BackendName::new_random();
+    ) -> Result<Spawn> {
+        let backend_id = spawn.id.clone().unwrap_or_else(BackendName::new_random);
         let action_id = BackendActionName::new_random();
         let lease = &self.config().key_lease;
         let scheduled = BackendState::Scheduled;
@@ -243,7 +284,7 @@ impl PlaneDatabase {
                     fencing_token = excluded.fencing_token,
                     allow_renew = true
                 where backend_key.expires_at <= now()
-                returning fencing_token, expires_at
+                returning fencing_token
             ),
             new_backend as (
                 insert into backend (id, cluster, last_status, last_status_number, last_status_time,
@@ -275,7 +316,7 @@ impl PlaneDatabase {
                         'deadlines', jsonb_build_object(
                             'renew_at', (extract(epoch from now() + c.skew + make_interval(secs => $16)) * 1000)::bigint,
                             'soft_terminate_at', (extract(epoch from now() + c.skew + make_interval(secs => $17)) * 1000)::bigint,
-                            'hard_terminate_at', (extract(epoch from a.expires_at + c.skew) * 1000)::bigint
+                            'hard_terminate_at', (extract(epoch from now() + c.skew + make_interval(secs => $27)) * 1000)::bigint
                         ),
                         'token', a.fencing_token
                     ),
@@ -313,8 +354,8 @@ impl PlaneDatabase {
             key.namespace,
             key.name,
             key.tag,
-            lease.hard_terminate_after.as_secs_f64(),
-            spawn.cluster.as_str(),
+            interval_secs(lease.expires_after()),
+            cluster.as_str(),
             BackendStatus::Scheduled.to_string(),
             BackendStatus::Scheduled.as_int(),
             to_json("backend state", &scheduled)?,
@@ -335,20 +376,32 @@ impl PlaneDatabase {
             Value::Object(request.auth.clone()),
             secret_token.as_ref().map(SecretToken::as_str).unwrap_or_default(),
             self.event_wake_setting(),
+            interval_secs(lease.hard_terminate_after),
         )
         .fetch_optional(self.pool())
-        .await?;
+        .await;
 
-        let Some(fencing_token) = fencing_token else {
-            return Ok(None);
+        let fencing_token = match fencing_token {
+            Ok(Some(fencing_token)) => fencing_token,
+            Ok(None) => return Ok(Spawn::KeyHeld),
+            // A caller-chosen name that a backend already has: as that backend's row or as
+            // the holder of another key.
+            Err(sqlx::Error::Database(e))
+                if spawn.id.is_some()
+                    && e.is_unique_violation()
+                    && matches!(e.constraint(), Some("backend_pkey" | "backend_key_pkey")) =>
+            {
+                return Ok(Spawn::IdTaken(backend_id));
+            }
+            Err(e) => return Err(e.into()),
         };
         self.events_committed();
         tracing::info!(backend = %backend_id, drone = %drone_name, "scheduled a new backend");
-        Ok(Some(ConnectResponse {
+        Ok(Spawn::Spawned(ConnectResponse {
             backend_id,
             spawned: true,
             status: BackendStatus::Scheduled,
-            cluster: spawn.cluster.clone(),
+            cluster: cluster.clone(),
             token,
             secret_token,
             subdomain: spawn.subdomain.clone(),

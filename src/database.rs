@@ -16,6 +16,7 @@ use crate::events::{
 };
 use crate::keys::KeysDatabase;
 use crate::node::NodeDatabase;
+use crate::types::ClusterName;
 use sqlx::postgres::PgConnectOptions;
 use sqlx::PgPool;
 use std::sync::Arc;
@@ -52,6 +53,10 @@ pub struct Config {
     pub key_lease: KeyLeaseConfig,
     /// How long a bearer token issued by `connect` routes. Defaults to 1 hour.
     pub token_lifetime: Duration,
+    /// The cluster a backend is spawned in when its spawn config names none (Plane's
+    /// controller option of the same name). Defaults to none: then a spawn config without
+    /// a cluster is [`ConnectError::NoClusterProvided`](crate::ConnectError::NoClusterProvided).
+    pub default_cluster: Option<ClusterName>,
 }
 
 impl Default for Config {
@@ -61,6 +66,7 @@ impl Default for Config {
             scheduler: SchedulerConfig::default(),
             key_lease: KeyLeaseConfig::default(),
             token_lifetime: Duration::from_secs(3600),
+            default_cluster: None,
         }
     }
 }
@@ -89,16 +95,36 @@ impl Default for SchedulerConfig {
     }
 }
 
-/// The lease a new backend's key starts with, as deadlines relative to its scheduling.
-/// The key expires (may be taken over) at `hard_terminate_after`.
+/// The lease of a backend's key, as deadlines relative to its scheduling or to a renewal.
+///
+/// The drone is told to renew at `renew_after`, to soft-terminate the backend at
+/// `soft_terminate_after` and to hard-terminate it at `hard_terminate_after` if renewal
+/// failed; the key itself expires (and may be taken over by a new backend) only
+/// `expiration_margin` later, [`expires_after`](Self::expires_after) in all. As in Plane 0.5.5
+/// (renew 30 s, soft 40 s, hard 50 s, expiry 60 s), a key outlives the hard-terminate
+/// deadline, so a backend has been stopped before another can take its key, even if the
+/// drone's clock or its connection lags a little.
 #[derive(Debug, Clone)]
 pub struct KeyLeaseConfig {
     /// When the drone should renew the key. Defaults to 30 s.
     pub renew_after: Duration,
     /// When the drone should soft-terminate the backend if renewal failed. Defaults to 40 s.
     pub soft_terminate_after: Duration,
-    /// When the drone should hard-terminate it, and when the key expires. Defaults to 50 s.
+    /// When the drone should hard-terminate it if renewal failed. Defaults to 50 s.
     pub hard_terminate_after: Duration,
+    /// How long after the hard-terminate deadline the key stays held. Defaults to 10 s
+    /// (Plane's margin). A renewal within it is granted; a `connect` for the key within it
+    /// gets the existing backend. Zero makes the key expire at the hard-terminate deadline.
+    pub expiration_margin: Duration,
+}
+
+impl KeyLeaseConfig {
+    /// How long after its scheduling or renewal a key expires:
+    /// `hard_terminate_after + expiration_margin` (60 s by default).
+    pub fn expires_after(&self) -> Duration {
+        self.hard_terminate_after
+            .saturating_add(self.expiration_margin)
+    }
 }
 
 impl Default for KeyLeaseConfig {
@@ -107,6 +133,7 @@ impl Default for KeyLeaseConfig {
             renew_after: Duration::from_secs(30),
             soft_terminate_after: Duration::from_secs(40),
             hard_terminate_after: Duration::from_secs(50),
+            expiration_margin: Duration::from_secs(10),
         }
     }
 }

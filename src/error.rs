@@ -166,13 +166,34 @@ pub(crate) fn to_json<T: serde::Serialize>(
 #[non_exhaustive]
 pub enum ConnectError {
     /// The key is held by a live backend that was created with a different tag.
-    #[error("key {namespace:?}/{name:?} is held by backend {backend} with a different tag")]
+    #[error(
+        "key {namespace:?}/{name:?} is held by backend {backend} with tag {key_tag:?}, \
+         not the requested {request_tag:?}"
+    )]
     KeyHeld {
         /// The key's namespace.
         namespace: String,
         /// The key's name.
         name: String,
         /// The backend holding the key.
+        backend: BackendName,
+        /// The tag the holder acquired the key with (Plane's `key_tag`).
+        key_tag: String,
+        /// The tag of the request (Plane's `request_tag`).
+        request_tag: String,
+    },
+
+    /// A backend must be spawned, but its spawn config names no cluster and no
+    /// [`Config::default_cluster`](crate::Config::default_cluster) is set.
+    #[error("no cluster in the spawn config, and no default cluster is configured")]
+    NoClusterProvided,
+
+    /// The spawn config asks for a backend name ([`SpawnConfig::id`](crate::connect::SpawnConfig::id))
+    /// that an existing backend already has (running or terminated: names are never reused
+    /// while the row exists).
+    #[error("backend name {backend} is taken by an existing backend")]
+    BackendIdTaken {
+        /// The requested name.
         backend: BackendName,
     },
 

@@ -2,12 +2,15 @@
 //!
 //! [`PlaneDatabase::connect`](crate::PlaneDatabase::connect) acquires a key for the backend it
 //! creates; the backend's drone then renews it before each deadline
-//! ([`KeyLeaseConfig`](crate::KeyLeaseConfig)). A key whose lease ran out may be taken over
-//! by a new backend, which gets a larger fencing token, so that anything still acting for
-//! the old holder can be told apart. Termination releases the key.
+//! ([`KeyLeaseConfig`](crate::KeyLeaseConfig)). The key expires
+//! [`expiration_margin`](crate::KeyLeaseConfig::expiration_margin) after the hard-terminate
+//! deadline (60 s after scheduling or renewal by default, as in Plane 0.5.5). A key whose
+//! lease ran out may be taken over by a new backend, which gets a larger fencing token, so
+//! that anything still acting for the old holder can be told apart; until then, its holder's
+//! renewal revives it (as Plane's `renew_key` does). Termination releases the key.
 
 use crate::backend::BackendIdentity;
-use crate::error::{check_text, Error, Result};
+use crate::error::{check_text, interval_secs, Error, Result};
 use crate::types::{
     AcquiredKey, BackendName, BackendStatus, BearerToken, ClusterName, KeyConfig, KeyDeadlines,
     Subdomain,
@@ -28,8 +31,9 @@ pub enum KeyRenewal {
     /// Renewal was prevented ([`KeysDatabase::prevent_renew`]): the backend should wind down
     /// by its current deadlines.
     Prevented,
-    /// The backend holds no key: it never had one, it terminated, or its lease ran out
-    /// (an expired lease is not revived, since another backend may be taking the key over).
+    /// The backend holds no key: it never had one, it terminated, its key was removed
+    /// ([`KeysDatabase::remove_if_expired`]), or another backend took the key over after
+    /// the lease ran out. (A lease that ran out but that nobody took over is revived.)
     NotHeld,
 }
 
@@ -74,6 +78,14 @@ impl<'a> KeysDatabase<'a> {
     /// counted from `drone_local_time` (the drone's clock when it asked): the drone acts on
     /// them by its own clock, so a skewed clock does not stretch the lease. Refused
     /// ([`KeyRenewal::Prevented`]) once renewal has been prevented.
+    ///
+    /// As in Plane 0.5.5, a lease that has run out is **revived** as long as the backend
+    /// still holds the key, i.e. no other backend has taken it over (and it was not
+    /// removed): nobody else acquired the key in between, so the backend keeps its fencing
+    /// token. Once another backend has taken the key over, the old holder's renewal is
+    /// [`KeyRenewal::NotHeld`]. A renewal and a takeover never both succeed: the takeover
+    /// needs the lease to have run out when it locks the key's row, the renewal needs the
+    /// row to still name this backend when it locks it.
     #[tracing::instrument(skip(self), fields(backend = %backend))]
     pub async fn renew(
         &self,
@@ -97,16 +109,19 @@ impl<'a> KeysDatabase<'a> {
             soft_terminate_at: after(lease.soft_terminate_after)?,
             hard_terminate_at: after(lease.hard_terminate_after)?,
         };
-        // The update's own condition decides, so a renewal and a takeover (which needs the
-        // lease to have run out) can never both succeed.
+        // The update's own condition decides, so a renewal and a takeover can never both
+        // succeed: a takeover rewrites the row's id (and waits for a renewal holding the
+        // row, then sees the renewed lease and gives up); a renewal waiting for a takeover
+        // re-reads the row and finds another id. No expiry condition: an expired lease
+        // that is still this backend's is revived, with its fencing token.
         let renewed = sqlx::query!(
             r#"
             update backend_key set expires_at = now() + make_interval(secs => $2)
-            where id = $1 and allow_renew and expires_at > now()
+            where id = $1 and allow_renew
             returning namespace, key_name, tag, fencing_token
             "#,
             backend.as_str(),
-            lease.hard_terminate_after.as_secs_f64(),
+            interval_secs(lease.expires_after()),
         )
         .fetch_optional(self.db.pool())
         .await?;

@@ -521,7 +521,8 @@ async fn run_connect(
         env.db.drone().heartbeat(*id, chrono::Utc::now()).await?;
     }
     let spawn = SpawnConfig {
-        cluster: env.cluster.clone(),
+        id: None,
+        cluster: Some(env.cluster.clone()),
         pool: DronePoolName::default(),
         executable: serde_json::json!({ "image": "bench" }),
         lifetime_limit_seconds: None,

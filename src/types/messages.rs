@@ -285,13 +285,53 @@ mod tests {
         assert_eq!(back, message);
 
         // Names are validated on the way in.
-        let bad = json.replace("\"ba-abc\"", "\"dr-abc\"");
+        let bad = json.replace("\"ba-abc\"", "\"ba_abc\"");
         let err = serde_json::from_str::<BackendActionMessage>(&bad).unwrap_err();
         assert!(
             err.to_string()
-                .contains("invalid backend name: expected prefix \"ba-\""),
+                .contains("invalid backend name: character '_' at position 2"),
             "{err}"
         );
+        let bad = json.replace("\"ak-123\"", "\"123\"");
+        let err = serde_json::from_str::<BackendActionMessage>(&bad).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("invalid backend action name: expected prefix \"ak-\""),
+            "{err}"
+        );
+    }
+
+    /// Plane 0.5.5 makes backend names without a prefix (14 characters from `[a-z0-9]`):
+    /// every message that carries one is read and written back unchanged.
+    #[test]
+    fn plane_made_backend_names_in_every_message() {
+        let plane = "5gnlc2uthninii";
+        let action = format!(
+            r#"{{"action_id":"ak-h3ez8rlgt1cmjv","backend_id":"{plane}","drone_id":7,"action":{{"Terminate":{{"kind":"soft","reason":"keyexpired"}}}}}}"#
+        );
+        let message: BackendActionMessage = serde_json::from_str(&action).unwrap();
+        assert_eq!(message.backend_id.as_str(), plane);
+        assert_eq!(serde_json::to_string(&message).unwrap(), action);
+
+        let metrics = format!(
+            r#"{{"backend_id":"{plane}","mem_used":1,"mem_total":2,"mem_active":3,"mem_inactive":4,"mem_unevictable":5,"mem_limit":6,"cpu_used":7,"sys_cpu":8}}"#
+        );
+        let message: BackendMetricsMessage = serde_json::from_str(&metrics).unwrap();
+        assert_eq!(message.backend_id.as_str(), plane);
+        assert_eq!(serde_json::to_string(&message).unwrap(), metrics);
+
+        let route = json!({
+            "backend_id": plane,
+            "address": "10.0.0.5:8080",
+            "secret_token": "sekrit",
+            "cluster": "plane.test",
+            "user": null,
+            "user_data": null,
+            "subdomain": null,
+        });
+        let info: RouteInfo = serde_json::from_value(route.clone()).unwrap();
+        assert_eq!(info.backend_id.as_str(), plane);
+        assert_eq!(serde_json::to_value(&info).unwrap(), route);
     }
 
     #[test]

@@ -1,11 +1,19 @@
 //! Names of the entities of a cluster (backends, drones, controllers, ...),
 //! and the kinds of nodes.
 //!
-//! Every entity name is its type's prefix (for example `ba-` for a backend)
-//! followed by at least one lowercase ASCII letter, digit or `-`, and is at
-//! most [`MAX_NAME_LEN`] characters long in total. The name types can only be
-//! built through validation (parsing, `TryFrom<String>`, deserialization) or
-//! by generating a random name.
+//! The names follow Plane 0.5.5's rules:
+//!
+//! - A **backend** name has no prefix: it is 1 to [`MAX_NAME_LEN`] characters, each a
+//!   lowercase ASCII letter, digit or `-` (Plane makes names like `5gnlc2uthninii`; a caller
+//!   may choose one, see `SpawnConfig::id`). plane-db generates `ba-` names, which follow
+//!   the same rule.
+//! - Every other entity name is its type's prefix (`dr-` for a drone, `co-` for a
+//!   controller, `px-` for a proxy, `ns-` for an ACME DNS server, `ak-` for a backend
+//!   action) followed by at least one lowercase ASCII letter, digit or `-`, at most
+//!   [`MAX_NAME_LEN`] characters long in total.
+//!
+//! The name types can only be built through validation (parsing, `TryFrom<String>`,
+//! deserialization) or by generating a random name.
 
 use super::tokens::{random_alphanumeric, LOWER_ALPHANUMERIC};
 use serde::{Deserialize, Serialize, Serializer};
@@ -41,6 +49,9 @@ pub enum NameErrorReason {
     /// The name is only the prefix, with nothing after it.
     #[error("nothing after the prefix")]
     Empty,
+    /// The name is the empty string (for a backend name, which has no prefix).
+    #[error("the name is empty")]
+    EmptyName,
     /// The name contains a character that is not allowed.
     #[error("character {ch:?} at position {position} is not a lowercase letter, digit or '-'")]
     InvalidChar {
@@ -60,14 +71,18 @@ pub enum NameErrorReason {
     },
 }
 
-/// Checks `value` against the rules for a name with the given prefix.
+/// Checks `value` against the rules for a name with the given prefix (`""` for none).
 fn validate_name(value: &str, prefix: &'static str, kind: &'static str) -> Result<(), NameError> {
     let fail = |reason| Err(NameError { kind, reason });
     let Some(rest) = value.strip_prefix(prefix) else {
         return fail(NameErrorReason::MissingPrefix { expected: prefix });
     };
     if rest.is_empty() {
-        return fail(NameErrorReason::Empty);
+        return fail(if prefix.is_empty() {
+            NameErrorReason::EmptyName
+        } else {
+            NameErrorReason::Empty
+        });
     }
     // The prefix is ASCII, so its length in bytes is its length in characters.
     let prefix_chars = prefix.len();
@@ -90,40 +105,13 @@ fn validate_name(value: &str, prefix: &'static str, kind: &'static str) -> Resul
     Ok(())
 }
 
-/// Defines one validated entity-name newtype.
-macro_rules! entity_name {
-    ($(#[$attr:meta])* $ty:ident, prefix = $prefix:literal, kind = $kind:literal) => {
-        $(#[$attr])*
-        #[doc = ""]
-        #[doc = concat!(
-            "A valid ", $kind, " name is `", $prefix, "` followed by at least one ",
-            "lowercase ASCII letter, digit or `-`, at most 45 characters in total. ",
-            "It serializes as a plain string and is validated when deserialized."
-        )]
-        #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Deserialize)]
-        #[serde(try_from = "String")]
-        pub struct $ty(String);
-
+/// The accessors and conversions every name type shares; `$prefix` is checked by parsing
+/// (`""` for none).
+macro_rules! name_impls {
+    ($ty:ident, prefix = $prefix:literal, kind = $kind:literal) => {
         impl $ty {
-            #[doc = concat!("The prefix of every ", $kind, " name: `", $prefix, "`.")]
-            pub const PREFIX: &'static str = $prefix;
-
             /// The kind of entity, as used in error messages.
             pub const KIND: &'static str = $kind;
-
-            #[doc = concat!(
-                "Generates a fresh random ", $kind, " name: `", $prefix,
-                "` followed by 14 random characters from `[a-z0-9]`, ",
-                "drawn from the operating system's CSPRNG."
-            )]
-            ///
-            /// # Panics
-            ///
-            /// Panics if the operating system's random number generator fails.
-            pub fn new_random() -> Self {
-                let suffix = random_alphanumeric(RANDOM_SUFFIX_LEN, LOWER_ALPHANUMERIC);
-                Self(format!("{}{}", $prefix, suffix))
-            }
 
             /// The name as a string slice.
             pub fn as_str(&self) -> &str {
@@ -180,12 +168,73 @@ macro_rules! entity_name {
     };
 }
 
-entity_name!(
-    /// The name of a backend (a session process run on a drone).
-    BackendName,
-    prefix = "ba-",
-    kind = "backend"
-);
+/// Defines one validated, prefixed entity-name newtype.
+macro_rules! entity_name {
+    ($(#[$attr:meta])* $ty:ident, prefix = $prefix:literal, kind = $kind:literal) => {
+        $(#[$attr])*
+        #[doc = ""]
+        #[doc = concat!(
+            "A valid ", $kind, " name is `", $prefix, "` followed by at least one ",
+            "lowercase ASCII letter, digit or `-`, at most 45 characters in total. ",
+            "It serializes as a plain string and is validated when deserialized."
+        )]
+        #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Deserialize)]
+        #[serde(try_from = "String")]
+        pub struct $ty(String);
+
+        impl $ty {
+            #[doc = concat!("The prefix of every ", $kind, " name: `", $prefix, "`.")]
+            pub const PREFIX: &'static str = $prefix;
+
+            #[doc = concat!(
+                "Generates a fresh random ", $kind, " name: `", $prefix,
+                "` followed by 14 random characters from `[a-z0-9]`, ",
+                "drawn from the operating system's CSPRNG."
+            )]
+            ///
+            /// # Panics
+            ///
+            /// Panics if the operating system's random number generator fails.
+            pub fn new_random() -> Self {
+                let suffix = random_alphanumeric(RANDOM_SUFFIX_LEN, LOWER_ALPHANUMERIC);
+                Self(format!("{}{}", $prefix, suffix))
+            }
+        }
+
+        name_impls!($ty, prefix = $prefix, kind = $kind);
+    };
+}
+
+/// The name of a backend (a session process run on a drone).
+///
+/// As in Plane 0.5.5, a backend name has **no prefix**: a valid backend name is 1 to 45
+/// characters, each a lowercase ASCII letter, digit or `-`. So the names Plane makes
+/// (14 random characters such as `5gnlc2uthninii`), the names a caller chooses
+/// (`SpawnConfig::id`) and the `ba-` names plane-db makes ([`new_random`](Self::new_random))
+/// are all accepted. It serializes as a plain string and is validated when deserialized.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Deserialize)]
+#[serde(try_from = "String")]
+pub struct BackendName(String);
+
+impl BackendName {
+    /// The prefix of the names [`new_random`](Self::new_random) makes: `ba-`. Parsing does
+    /// not require it.
+    pub const RANDOM_PREFIX: &'static str = "ba-";
+
+    /// Generates a fresh random backend name: `ba-` followed by 14 random characters from
+    /// `[a-z0-9]` (as many as a name Plane makes), drawn from the operating system's CSPRNG.
+    /// The prefix is only a convenience for people reading logs: nothing relies on it.
+    ///
+    /// # Panics
+    ///
+    /// Panics if the operating system's random number generator fails.
+    pub fn new_random() -> Self {
+        let suffix = random_alphanumeric(RANDOM_SUFFIX_LEN, LOWER_ALPHANUMERIC);
+        Self(format!("{}{}", Self::RANDOM_PREFIX, suffix))
+    }
+}
+
+name_impls!(BackendName, prefix = "", kind = "backend");
 
 entity_name!(
     /// The name of a drone (a node that runs backends).
@@ -344,7 +393,7 @@ mod tests {
 
     #[test]
     fn prefixes_and_kinds() {
-        assert_eq!(BackendName::PREFIX, "ba-");
+        assert_eq!(BackendName::RANDOM_PREFIX, "ba-");
         assert_eq!(DroneName::PREFIX, "dr-");
         assert_eq!(ControllerName::PREFIX, "co-");
         assert_eq!(ProxyName::PREFIX, "px-");
@@ -360,7 +409,22 @@ mod tests {
 
     #[test]
     fn valid_names_parse() {
-        for s in ["ba-a", "ba-0", "ba--", "ba-abc-123", "ba-x-", "ba-9z9z"] {
+        // Backend names have no prefix: Plane's (`5gnlc2uthninii`), ours (`ba-…`), any.
+        for s in [
+            "ba-a",
+            "ba-0",
+            "ba--",
+            "ba-abc-123",
+            "ba-x-",
+            "ba-9z9z",
+            "5gnlc2uthninii",
+            "a",
+            "-",
+            "ba",
+            "ba-",
+            "dr-abc",
+            "my-backend-1",
+        ] {
             let name: BackendName = s.parse().unwrap();
             assert_eq!(name.as_str(), s);
             assert_eq!(name.to_string(), s);
@@ -381,24 +445,34 @@ mod tests {
     #[test]
     fn missing_prefix() {
         assert_eq!(
-            reason::<BackendName>("dr-abc"),
-            NameErrorReason::MissingPrefix { expected: "ba-" }
-        );
-        assert_eq!(
-            reason::<BackendName>(""),
-            NameErrorReason::MissingPrefix { expected: "ba-" }
-        );
-        assert_eq!(
-            reason::<BackendName>("ba"),
-            NameErrorReason::MissingPrefix { expected: "ba-" }
-        );
-        assert_eq!(
-            reason::<BackendName>("BA-abc"),
-            NameErrorReason::MissingPrefix { expected: "ba-" }
-        );
-        assert_eq!(
             reason::<DroneName>("ba-abc"),
             NameErrorReason::MissingPrefix { expected: "dr-" }
+        );
+        assert_eq!(
+            reason::<DroneName>(""),
+            NameErrorReason::MissingPrefix { expected: "dr-" }
+        );
+        assert_eq!(
+            reason::<DroneName>("dr"),
+            NameErrorReason::MissingPrefix { expected: "dr-" }
+        );
+        // Plane checks only the two letters ("drone-1" is a Plane drone name); we keep the
+        // dash (COMPATIBILITY.md).
+        assert_eq!(
+            reason::<DroneName>("drone-1"),
+            NameErrorReason::MissingPrefix { expected: "dr-" }
+        );
+        assert_eq!(
+            reason::<ControllerName>("ba-abc"),
+            NameErrorReason::MissingPrefix { expected: "co-" }
+        );
+        assert_eq!(
+            reason::<ProxyName>("PX-abc"),
+            NameErrorReason::MissingPrefix { expected: "px-" }
+        );
+        assert_eq!(
+            reason::<AcmeDnsServerName>("dr-abc"),
+            NameErrorReason::MissingPrefix { expected: "ns-" }
         );
         assert_eq!(
             reason::<BackendActionName>("ba-abc"),
@@ -408,8 +482,10 @@ mod tests {
 
     #[test]
     fn empty_after_prefix() {
-        assert_eq!(reason::<BackendName>("ba-"), NameErrorReason::Empty);
+        assert_eq!(reason::<DroneName>("dr-"), NameErrorReason::Empty);
         assert_eq!(reason::<AcmeDnsServerName>("ns-"), NameErrorReason::Empty);
+        // A backend name has no prefix: only the empty string is empty.
+        assert_eq!(reason::<BackendName>(""), NameErrorReason::EmptyName);
     }
 
     #[test]
@@ -475,6 +551,15 @@ mod tests {
 
     #[test]
     fn length_boundaries() {
+        let plane_at_max = "7".repeat(45);
+        assert_eq!(
+            plane_at_max.parse::<BackendName>().unwrap().as_str(),
+            plane_at_max
+        );
+        assert_eq!(
+            reason::<BackendName>(&"7".repeat(46)),
+            NameErrorReason::TooLong { len: 46, max: 45 }
+        );
         let at_max = format!("ba-{}", "a".repeat(42));
         assert_eq!(at_max.len(), 45);
         assert_eq!(at_max.parse::<BackendName>().unwrap().as_str(), at_max);
@@ -495,11 +580,19 @@ mod tests {
 
     #[test]
     fn error_messages() {
-        let err = "xx-abc".parse::<BackendName>().unwrap_err();
-        assert_eq!(err.kind, "backend");
+        let err = "xx-abc".parse::<DroneName>().unwrap_err();
+        assert_eq!(err.kind, "drone");
         assert_eq!(
             err.to_string(),
-            "invalid backend name: expected prefix \"ba-\""
+            "invalid drone name: expected prefix \"dr-\""
+        );
+        let err = "".parse::<BackendName>().unwrap_err();
+        assert_eq!(err.kind, "backend");
+        assert_eq!(err.to_string(), "invalid backend name: the name is empty");
+        let err = "5gnlc2uthninIi".parse::<BackendName>().unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "invalid backend name: character 'I' at position 12 is not a lowercase letter, digit or '-'"
         );
         let err = "ba-abX".parse::<BackendName>().unwrap_err();
         assert_eq!(
@@ -571,7 +664,14 @@ mod tests {
         let back: BackendName = serde_json::from_str("\"ba-abc\"").unwrap();
         assert_eq!(back, name);
 
-        for bad in ["\"dr-abc\"", "\"ba-\"", "\"ba-ABC\"", "\"\"", "12", "null"] {
+        // Plane's names, and names that look like other entities' (no prefix rule).
+        for good in ["5gnlc2uthninii", "dr-abc", "ba-", "x"] {
+            let json = format!("\"{good}\"");
+            let back: BackendName = serde_json::from_str(&json).unwrap();
+            assert_eq!(back.as_str(), good);
+            assert_eq!(serde_json::to_string(&back).unwrap(), json);
+        }
+        for bad in ["\"ba-ABC\"", "\"\"", "\"a_b\"", "12", "null"] {
             assert!(
                 serde_json::from_str::<BackendName>(bad).is_err(),
                 "{bad} should not deserialize"

@@ -147,7 +147,7 @@ async fn undecodable_rows_are_reported_or_skipped() {
         assert!(is_decode(&e), "{e:?}");
         let mut spawn_odd = request("odd-key");
         spawn_odd.spawn_config = Some(plane_db::connect::SpawnConfig {
-            cluster: odd,
+            cluster: Some(odd),
             ..spawn_config()
         });
         assert!(matches!(db.connect(&spawn_odd).await, Err(ConnectError::Other(Error::Decode { .. }))));

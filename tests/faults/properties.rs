@@ -21,7 +21,7 @@ use std::fmt::{Debug, Display};
 use std::str::FromStr;
 use std::time::Duration;
 
-/// The documented rule for names, written independently of the parser.
+/// The documented rule for prefixed names, written independently of the parser.
 fn name_rule(s: &str, prefix: &str) -> bool {
     match s.strip_prefix(prefix) {
         Some(rest) => {
@@ -33,6 +33,13 @@ fn name_rule(s: &str, prefix: &str) -> bool {
         }
         None => false,
     }
+}
+
+/// The documented rule for backend names (Plane 0.5.5's: no prefix), written independently
+/// of the parser: 1 to 45 characters, each a lowercase ASCII letter, digit or `-`.
+fn backend_name_rule(s: &str) -> bool {
+    (1..=MAX_NAME_LEN).contains(&s.chars().count())
+        && s.chars().all(|c| matches!(c, 'a'..='z' | '0'..='9' | '-'))
 }
 
 /// Parses `s` every way the type offers and checks they agree with each other and with
@@ -81,6 +88,9 @@ fn strings() -> impl Strategy<Value = String> {
         "[a-zA-Z0-9\\-]{0,70}(\\.[a-zA-Z0-9\\-]{0,70}){0,4}(:[0-9]{0,6})?",
         "[0-9]{1,3}(\\.[0-9]{1,3}){3}(:[0-9]{1,5})?",
         "[a-z\\-]{0,20}",
+        // Plane-made backend names (14 characters) and names near the length limit.
+        "[a-z0-9]{14}",
+        "[a-z0-9\\-]{40,50}",
     ]
 }
 
@@ -89,7 +99,7 @@ proptest! {
 
     #[test]
     fn names_accept_exactly_the_documented_rule(s in strings()) {
-        check_parser::<BackendName>(&s, Some(name_rule(&s, "ba-")));
+        check_parser::<BackendName>(&s, Some(backend_name_rule(&s)));
         check_parser::<DroneName>(&s, Some(name_rule(&s, "dr-")));
         check_parser::<ControllerName>(&s, Some(name_rule(&s, "co-")));
         check_parser::<ProxyName>(&s, Some(name_rule(&s, "px-")));

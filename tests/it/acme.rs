@@ -128,3 +128,55 @@ async fn txt_values_are_stored_verbatim_or_refused() {
     })
     .await
 }
+
+/// Plane 0.5.5 refuses a lease to the proxy that already holds it until its lease is a
+/// minute old; plane-db grants it and restarts the minute (COMPATIBILITY.md says why).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_holder_may_lease_again_within_the_minute_which_extends_it() {
+    with_db(|db| async move {
+        let (p1, p2) = (proxy(&db).await, proxy(&db).await);
+        let acme = db.acme();
+        let c = cluster();
+        assert!(acme.lease(&c, p1).await.unwrap());
+        assert!(acme.set_txt(&c, p1, "challenge").await.unwrap());
+        exec(
+            &db,
+            "update acme_txt_entries set leased_at = now() - interval '50 seconds'",
+        )
+        .await;
+        assert!(
+            acme.lease(&c, p1).await.unwrap(),
+            "the holder's second lease within the minute is granted"
+        );
+        let age: f64 = sqlx::query_scalar(
+            "select extract(epoch from now() - leased_at)::float8 from acme_txt_entries",
+        )
+        .fetch_one(db.pool())
+        .await
+        .unwrap();
+        assert!(age < 5.0, "the minute starts again: {age} s old");
+        assert_eq!(acme.txt(&c).await.unwrap().as_deref(), Some("challenge"));
+        // 50 s after the first lease plus 11 s: over a minute since the first lease, but
+        // the renewed lease is 11 s old, so another proxy still cannot take it.
+        exec(
+            &db,
+            "update acme_txt_entries set leased_at = now() - interval '11 seconds'",
+        )
+        .await;
+        assert!(!acme.lease(&c, p2).await.unwrap());
+        exec(
+            &db,
+            "update acme_txt_entries set leased_at = now() - interval '61 seconds'",
+        )
+        .await;
+        assert!(
+            acme.lease(&c, p2).await.unwrap(),
+            "a stale lease is taken over"
+        );
+        assert!(
+            !acme.lease(&c, p1).await.unwrap(),
+            "the former holder is refused like any other proxy"
+        );
+    })
+    .await
+}

@@ -1,7 +1,8 @@
 //! The `plane-db` operator binary, run as a child process against a real database.
 
 use crate::common::{
-    cluster, count, drone, drone_in, exec, lifecycle, spawn, with_db_url, Drone, TEST_TIMEOUT,
+    cluster, count, drone, drone_in, exec, lifecycle, plane_made_name, request_named, spawn,
+    with_db_url, Drone, TEST_TIMEOUT,
 };
 use plane_db::types::{BackendName, BackendState, BackendStatus, DronePoolName};
 use plane_db::{Config, PlaneDatabase};
@@ -153,7 +154,7 @@ async fn backends_are_listed_and_filtered() {
         ready(&db, &second).await;
         // The third goes to the only drone of the other cluster.
         let mut request = crate::common::request("elsewhere");
-        request.spawn_config.as_mut().unwrap().cluster = other.clone();
+        request.spawn_config.as_mut().unwrap().cluster = Some(other.clone());
         let third = db.connect(&request).await.unwrap().backend_id;
 
         let all = run_json(&url, &["backends"]);
@@ -928,6 +929,91 @@ async fn tokens_and_secrets_are_redacted_unless_asked_for() {
         let _state = follow.next_line();
         let next = follow.next_line();
         assert!(next.contains(&live_token), "{next}");
+    })
+    .await
+}
+
+/// Backend names as Plane 0.5.5 makes them (no prefix), and one it accepts with a leading
+/// dash (given after `--`), through every command that takes or prints a backend.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plane_made_backend_names_work_in_every_command() {
+    with_db_url(Config::default(), |db, url| async move {
+        let d = drone(&db).await;
+        let plane = plane_made_name();
+        let dashed: BackendName = "-dashed".parse().unwrap();
+        for (key, id) in [("plane", &plane), ("dashed", &dashed)] {
+            let response = db.connect(&request_named(key, id)).await.unwrap();
+            assert_eq!(&response.backend_id, id);
+        }
+        ready(&db, &plane).await;
+
+        let listed = run_json(&url, &["backends"]);
+        assert_eq!(
+            ids(&listed, "id"),
+            sorted(vec![plane.to_string(), dashed.to_string()])
+        );
+        let shown = run_json(&url, &["backend", plane.as_str()]);
+        assert_eq!(shown["id"], plane.as_str());
+        assert_eq!(shown["status"], "ready");
+        let text = stdout(&run(&url, &["backend", plane.as_str()]));
+        assert!(text.contains(plane.as_str()), "{text}");
+        // A name starting with '-' reads as an option unless it follows `--`.
+        let dashed_shown = run(&url, &["backend", "--json", "--", dashed.as_str()]);
+        assert!(dashed_shown.status.success(), "{}", stderr(&dashed_shown));
+        let dashed_shown: Value = serde_json::from_slice(&dashed_shown.stdout).unwrap();
+        assert_eq!(dashed_shown["id"], dashed.as_str());
+
+        // The spawn actions' events name the backends unchanged.
+        let actions = run_json(&url, &["events", "--kind", "backend_action"]);
+        let named: Vec<&str> = actions
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["data"]["backend_id"].as_str().expect("a backend id"))
+            .collect();
+        assert!(named.contains(&plane.as_str()), "{actions}");
+
+        exec(
+            &db,
+            &format!(
+                "update backend set allowed_idle_seconds = 1,
+                     last_keepalive = now() - interval '1 hour' where id = '{plane}'"
+            ),
+        )
+        .await;
+        let candidates = run_json(
+            &url,
+            &["termination-candidates", "--drone", &d.id.to_string()],
+        );
+        assert_eq!(ids(&candidates, "backend_id"), vec![plane.to_string()]);
+
+        let prevented = run_json(&url, &["prevent-renew", plane.as_str()]);
+        assert_eq!(prevented["prevented"], true);
+
+        let mut watch = start(&url, &["watch", plane.as_str(), "--json"]);
+        let mut statuses = Vec::new();
+        for _ in 0..5 {
+            let entry: Value = serde_json::from_str(&watch.next_line()).unwrap();
+            statuses.push(entry["status"].as_str().unwrap().to_string());
+        }
+        assert_eq!(statuses, every_status()[..5]);
+        let marked = run(
+            &url,
+            &["mark-lost", "--json", plane.as_str(), "--", dashed.as_str()],
+        );
+        assert!(marked.status.success(), "{}", stderr(&marked));
+        let marked: Value = serde_json::from_slice(&marked.stdout).unwrap();
+        let mut marked: Vec<String> = marked["marked"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap().to_string())
+            .collect();
+        marked.sort();
+        assert_eq!(marked, sorted(vec![plane.to_string(), dashed.to_string()]));
+        let last: Value = serde_json::from_str(&watch.next_line()).unwrap();
+        assert_eq!(last["status"], "terminated");
+        assert!(watch.wait().success(), "watch ends after terminated");
     })
     .await
 }

@@ -113,7 +113,8 @@ pub async fn drone_in(db: &PlaneDatabase, cluster: &ClusterName, pool: &DronePoo
 
 pub fn spawn_config() -> SpawnConfig {
     SpawnConfig {
-        cluster: cluster(),
+        id: None,
+        cluster: Some(cluster()),
         pool: DronePoolName::default(),
         executable: serde_json::json!({"image": "ghcr.io/example/app:1"}),
         lifetime_limit_seconds: None,
@@ -121,6 +122,25 @@ pub fn spawn_config() -> SpawnConfig {
         use_static_token: false,
         subdomain: None,
     }
+}
+
+/// A backend name as Plane 0.5.5 makes them: 14 characters from `[a-z0-9]`, no prefix
+/// (like `5gnlc2uthninii`).
+pub fn plane_made_name() -> BackendName {
+    let random = BackendName::new_random();
+    let name = &random.as_str()[BackendName::RANDOM_PREFIX.len()..];
+    assert_eq!(name.len(), 14);
+    assert!(!name.starts_with("ba-"));
+    name.parse().expect("a Plane-made name parses")
+}
+
+/// [`request`] for a backend named `id` (`SpawnConfig::id`).
+pub fn request_named(key: &str, id: &BackendName) -> ConnectRequest {
+    let mut req = request(key);
+    if let Some(spawn) = req.spawn_config.as_mut() {
+        spawn.id = Some(id.clone());
+    }
+    req
 }
 
 pub fn request(key: &str) -> ConnectRequest {

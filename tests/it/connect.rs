@@ -3,8 +3,11 @@
 use crate::common::*;
 use plane_db::backend::RouteInfoResult;
 use plane_db::connect::ConnectRequest;
-use plane_db::types::{BackendAction, BackendActionMessage, BackendStatus, KeyConfig};
-use plane_db::{ConnectError, Error};
+use plane_db::connect::SpawnConfig;
+use plane_db::types::{
+    BackendAction, BackendActionMessage, BackendName, BackendStatus, ClusterName, KeyConfig,
+};
+use plane_db::{Config, ConnectError, Error};
 use std::collections::HashSet;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -136,10 +139,40 @@ async fn connect_with_another_tag_is_key_held() {
             key.tag = "v2".to_string();
         }
         match db.connect(&other).await {
-            Err(ConnectError::KeyHeld { backend, name, .. }) => {
+            Err(error @ ConnectError::KeyHeld { .. }) => {
+                let message = error.to_string();
+                let ConnectError::KeyHeld {
+                    backend,
+                    name,
+                    namespace,
+                    key_tag,
+                    request_tag,
+                } = error
+                else {
+                    unreachable!()
+                };
                 assert_eq!(backend, first.backend_id);
-                assert_eq!(name, "k");
+                assert_eq!((namespace.as_str(), name.as_str()), ("ns", "k"));
+                // The holder's tag, as Plane's KeyHeld carries it, and the request's.
+                assert_eq!(key_tag, "");
+                assert_eq!(request_tag, "v2");
+                assert!(
+                    message.contains("with tag \"\", not the requested \"v2\""),
+                    "{message}"
+                );
             }
+            other => panic!("expected KeyHeld, got {other:?}"),
+        }
+        // And the other way round: the holder's tag is reported, whatever the request's.
+        let mut tagged = request("tagged");
+        tagged.key.as_mut().unwrap().tag = "blue".into();
+        db.connect(&tagged).await.unwrap();
+        match db.connect(&request("tagged")).await {
+            Err(ConnectError::KeyHeld {
+                key_tag,
+                request_tag,
+                ..
+            }) => assert_eq!((key_tag.as_str(), request_tag.as_str()), ("blue", "")),
             other => panic!("expected KeyHeld, got {other:?}"),
         }
     })
@@ -340,4 +373,232 @@ async fn revoke_removes_a_users_tokens() {
         ));
     })
     .await
+}
+
+async fn table_counts(db: &plane_db::PlaneDatabase) -> (i64, i64, i64, i64) {
+    sqlx::query_as(
+        "select (select count(*) from backend), (select count(*) from backend_key),
+                (select count(*) from backend_action), (select count(*) from token)",
+    )
+    .fetch_one(db.pool())
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_caller_may_name_the_backend() {
+    with_db(|db| async move {
+        drone(&db).await;
+        let id = plane_made_name();
+        let first = db.connect(&request_named("named", &id)).await.unwrap();
+        assert!(first.spawned);
+        assert_eq!(first.backend_id, id);
+        let row = db.backend().backend(&id).await.unwrap().expect("stored");
+        assert_eq!(row.id, id);
+        // Connecting by the key again gets it (with or without the id).
+        let again = db.connect(&request_named("named", &id)).await.unwrap();
+        assert!(!again.spawned);
+        assert_eq!(again.backend_id, id);
+        assert_eq!(db.connect(&request("named")).await.unwrap().backend_id, id);
+        // Our own generated names still start with ba-.
+        let generated = db.connect(&request("unnamed")).await.unwrap().backend_id;
+        assert!(generated.as_str().starts_with("ba-"), "{generated}");
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_name_already_taken_is_a_typed_error() {
+    with_db(|db| async move {
+        drone(&db).await;
+        let id = plane_made_name();
+        db.connect(&request_named("first-key", &id)).await.unwrap();
+        let before = table_counts(&db).await;
+
+        // Taken by a live backend holding another key.
+        match db.connect(&request_named("second-key", &id)).await {
+            Err(error @ ConnectError::BackendIdTaken { .. }) => {
+                assert_eq!(
+                    error.to_string(),
+                    format!("backend name {id} is taken by an existing backend")
+                );
+                let ConnectError::BackendIdTaken { backend } = error else {
+                    unreachable!()
+                };
+                assert_eq!(backend, id);
+            }
+            other => panic!("expected BackendIdTaken, got {other:?}"),
+        }
+        assert_eq!(table_counts(&db).await, before, "nothing was written");
+
+        // Taken by a terminated backend (its row remains until cleanup), which holds no key.
+        for state in lifecycle() {
+            assert!(db.backend().update_state(&id, &state).await.unwrap());
+        }
+        assert!(matches!(
+            db.connect(&request_named("third-key", &id)).await,
+            Err(ConnectError::BackendIdTaken { backend }) if backend == id
+        ));
+        // Its own key, now free: the name is still taken.
+        assert!(matches!(
+            db.connect(&request_named("first-key", &id)).await,
+            Err(ConnectError::BackendIdTaken { .. })
+        ));
+
+        // A backend whose key expired: the takeover under the same name is refused too.
+        let other = plane_made_name();
+        db.connect(&request_named("expiring", &other)).await.unwrap();
+        exec(
+            &db,
+            &format!("update backend_key set expires_at = now() - interval '1 second' where id = '{other}'"),
+        )
+        .await;
+        assert!(matches!(
+            db.connect(&request_named("expiring", &other)).await,
+            Err(ConnectError::BackendIdTaken { .. })
+        ));
+        // A fresh name takes the expired key over.
+        assert!(db.connect(&request("expiring")).await.unwrap().spawned);
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_connects_with_one_name_make_one_backend() {
+    with_db(|db| async move {
+        drone(&db).await;
+        drone(&db).await;
+        for round in 0..5 {
+            // Different keys: one wins, every other caller is told the name is taken.
+            let id = plane_made_name();
+            let tasks: Vec<_> = (0..8)
+                .map(|i| {
+                    let db = db.clone();
+                    let req = request_named(&format!("name-race-{round}-{i}"), &id);
+                    tokio::spawn(async move { db.connect(&req).await })
+                })
+                .collect();
+            let (mut spawned, mut taken) = (0, 0);
+            for task in tasks {
+                match task.await.unwrap() {
+                    Ok(response) => {
+                        assert!(response.spawned);
+                        assert_eq!(response.backend_id, id);
+                        spawned += 1;
+                    }
+                    Err(ConnectError::BackendIdTaken { backend }) => {
+                        assert_eq!(backend, id);
+                        taken += 1;
+                    }
+                    Err(other) => panic!("round {round}: unexpected {other:?}"),
+                }
+            }
+            assert_eq!((spawned, taken), (1, 7), "round {round}");
+
+            // The same key: one spawns it, the others get it.
+            let id = plane_made_name();
+            let tasks: Vec<_> = (0..8)
+                .map(|_| {
+                    let db = db.clone();
+                    let req = request_named(&format!("same-key-{round}"), &id);
+                    tokio::spawn(async move { db.connect(&req).await })
+                })
+                .collect();
+            let mut spawned = 0;
+            for task in tasks {
+                let response = task.await.unwrap().unwrap();
+                assert_eq!(response.backend_id, id);
+                spawned += usize::from(response.spawned);
+            }
+            assert_eq!(spawned, 1, "round {round}");
+        }
+        let (backends, keys, actions, _) = table_counts(&db).await;
+        assert_eq!((backends, keys, actions), (10, 10, 10));
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spawn_config_without_a_cluster_uses_the_default_or_is_refused() {
+    with_db(|db| async move {
+        drone(&db).await;
+        let mut req = request("clusterless");
+        req.spawn_config.as_mut().unwrap().cluster = None;
+        match db.connect(&req).await {
+            Err(error @ ConnectError::NoClusterProvided) => assert_eq!(
+                error.to_string(),
+                "no cluster in the spawn config, and no default cluster is configured"
+            ),
+            other => panic!("expected NoClusterProvided, got {other:?}"),
+        }
+        assert_eq!(table_counts(&db).await, (0, 0, 0, 0), "nothing was written");
+
+        // A live backend is found by its key without a cluster (as in Plane).
+        let first = db.connect(&request("clusterless")).await.unwrap();
+        let again = db.connect(&req).await.unwrap();
+        assert!(!again.spawned);
+        assert_eq!(again.backend_id, first.backend_id);
+    })
+    .await;
+
+    let elsewhere: ClusterName = "elsewhere.test".parse().unwrap();
+    let config = Config {
+        default_cluster: Some(cluster()),
+        ..Config::default()
+    };
+    with_db_config(config, |db| async move {
+        let d = drone(&db).await;
+        let other = drone_in(&db, &elsewhere, &Default::default()).await;
+        let mut req = request("defaulted");
+        req.spawn_config.as_mut().unwrap().cluster = None;
+        let response = db.connect(&req).await.unwrap();
+        assert!(response.spawned);
+        assert_eq!(response.cluster, cluster());
+        assert_eq!(response.drone, Some(d.name));
+        // A cluster in the spawn config wins over the default.
+        let mut req = request("explicit");
+        req.spawn_config.as_mut().unwrap().cluster = Some(elsewhere.clone());
+        let response = db.connect(&req).await.unwrap();
+        assert_eq!(response.cluster, elsewhere);
+        assert_eq!(response.drone, Some(other.name));
+    })
+    .await
+}
+
+#[test]
+fn spawn_config_reads_plane_json() {
+    // As a Plane 0.5.5 client sends it: no cluster, an id, the pool left out.
+    let config: SpawnConfig = serde_json::from_value(serde_json::json!({
+        "id": "5gnlc2uthninii",
+        "executable": {"image": "ghcr.io/example/app:1"},
+        "lifetime_limit_seconds": null,
+        "max_idle_seconds": 300,
+        "subdomain": null
+    }))
+    .unwrap();
+    assert_eq!(
+        config.id.as_ref().map(BackendName::as_str),
+        Some("5gnlc2uthninii")
+    );
+    assert_eq!(config.cluster, None);
+    assert!(config.pool.as_str().is_empty());
+    assert!(!config.use_static_token);
+    let back = serde_json::to_value(&config).unwrap();
+    assert_eq!(back["id"], "5gnlc2uthninii");
+    assert_eq!(back["cluster"], serde_json::Value::Null);
+    // Neither field is required, and a bad name is refused with the reason.
+    let minimal: SpawnConfig =
+        serde_json::from_value(serde_json::json!({"executable": {}, "cluster": "plane.test"}))
+            .unwrap();
+    assert_eq!((minimal.id, minimal.cluster), (None, Some(cluster())));
+    let error = serde_json::from_value::<SpawnConfig>(
+        serde_json::json!({"executable": {}, "id": "Bad_Name"}),
+    )
+    .unwrap_err();
+    assert!(
+        error
+            .to_string()
+            .contains("invalid backend name: character 'B' at position 0"),
+        "{error}"
+    );
 }

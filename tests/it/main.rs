@@ -7,6 +7,7 @@ mod backend;
 mod cleanup;
 mod cli;
 mod common;
+mod compat;
 mod connect;
 mod events;
 mod keys;
