@@ -19,6 +19,8 @@
 //!
 //! | Route | What |
 //! |---|---|
+//! | `GET /` | a live page: the backends and their statuses, a connect form, terminate buttons |
+//! | `GET /backends` | the backends (at most 100, terminated ones until cleanup) with their statuses |
 //! | `POST /connect` | a [`ConnectRequest`] as JSON: get or create the backend of a key; 201 when created |
 //! | `GET /backend/{id}/status` | the backend's current status |
 //! | `GET /backend/{id}/status-stream` | SSE: its status history, then live changes, until `terminated` |
@@ -285,6 +287,8 @@ async fn heartbeat_loop(db: PlaneDatabase, controller: ControllerName) {
 /// The controller's HTTP routes over `db` (see the module documentation).
 pub fn router(db: PlaneDatabase) -> Router {
     Router::new()
+        .route("/", get(page))
+        .route("/backends", get(backends))
         .route("/connect", post(connect))
         .route("/backend/{id}/status", get(status))
         .route("/backend/{id}/status-stream", get(status_stream))
@@ -293,6 +297,57 @@ pub fn router(db: PlaneDatabase) -> Router {
         .route("/route", get(route_by_header))
         .fallback(|| async { ApiError::not_found("no_such_route", "no such route") })
         .with_state(db)
+}
+
+/// `GET /`: the live page ([`PAGE`]).
+async fn page() -> impl IntoResponse {
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
+        PAGE,
+    )
+}
+
+/// How many backends `GET /backends` lists at most.
+const BACKENDS_LIMIT: i64 = 100;
+
+/// One entry of `GET /backends`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct BackendListEntry {
+    /// The backend.
+    pub backend_id: BackendName,
+    /// Its cluster.
+    pub cluster: ClusterName,
+    /// Its current status.
+    pub status: BackendStatus,
+    /// The status number, usable as `Last-Event-ID` on its status stream.
+    pub event_id: i32,
+}
+
+/// `GET /backends`: the backends with their current statuses (at most [`BACKENDS_LIMIT`],
+/// in id order).
+async fn backends(
+    State(db): State<PlaneDatabase>,
+) -> Result<Json<Vec<BackendListEntry>>, ApiError> {
+    let rows = db
+        .backend()
+        .list(&plane_db::backend::BackendFilter {
+            limit: Some(BACKENDS_LIMIT),
+            ..Default::default()
+        })
+        .await?;
+    Ok(Json(
+        rows.into_iter()
+            .map(|row| BackendListEntry {
+                status: row.state.status(),
+                event_id: row.state.status().as_int(),
+                backend_id: row.id,
+                cluster: row.cluster,
+            })
+            .collect(),
+    ))
 }
 
 /// What `POST /connect` answers: the library's response and where to follow the backend.
@@ -923,3 +978,155 @@ async fn report_termination(
         .await?;
     Ok(())
 }
+
+/// The page `GET /` serves: one static document, no framework and no build step. It lists
+/// the backends (`GET /backends`) and follows each live one over its status stream with the
+/// browser's own `EventSource`, which reconnects by itself after a dropped connection and
+/// sends `Last-Event-ID`, so the server resumes after the last status shown. Every status
+/// received is appended to the backend's "seen" list as it arrives (nothing is filtered
+/// client-side), so a status shown twice or missing would be visible there. Browsers allow
+/// about six connections per host over HTTP/1.1, so it follows at most five backends at once
+/// and keeps one connection for its own requests.
+const PAGE: &str = r#"<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<title>plane-db controller</title>
+<style>
+  body { font: 14px/1.4 system-ui, sans-serif; margin: 2em; color: #222; }
+  h1 { font-size: 1.4em; }
+  form { display: flex; gap: .8em; align-items: end; flex-wrap: wrap; margin-bottom: 1em; }
+  label { display: flex; flex-direction: column; font-size: .85em; color: #555; }
+  input { font: inherit; padding: .2em .4em; }
+  table { border-collapse: collapse; min-width: 40em; }
+  th, td { text-align: left; padding: .35em .8em; border-bottom: 1px solid #ddd; }
+  th { font-size: .85em; color: #555; }
+  td.id { font-family: ui-monospace, monospace; }
+  .status { font-weight: 600; }
+  .good { color: #17803d; } .busy { color: #a15c00; } .bad { color: #b42318; } .dim { color: #888; }
+  .seen span { display: inline-block; margin-right: .4em; padding: 0 .35em; border-radius: .3em;
+               background: #f1f1f1; font-size: .85em; }
+  #message { min-height: 1.4em; color: #555; }
+</style>
+</head>
+<body>
+<h1>Backends</h1>
+<form id="connect">
+  <label>Key <input id="key" name="key" required value="doc-42"></label>
+  <label>Cluster <input id="cluster" name="cluster" required value="plane.example"></label>
+  <label>Image <input id="image" name="image" required value="ghcr.io/example/editor"></label>
+  <button id="connect-button" type="submit">Connect</button>
+</form>
+<p id="message" role="status"></p>
+<table>
+  <thead><tr><th>Backend</th><th>Cluster</th><th>Status</th><th>Seen</th><th></th></tr></thead>
+  <tbody id="rows"></tbody>
+</table>
+<script>
+"use strict";
+const MAX_STREAMS = 5;
+const TONES = { ready: "good", scheduled: "busy", loading: "busy", starting: "busy",
+  waiting: "busy", terminating: "bad", "hard-terminating": "bad", terminated: "dim" };
+const backends = new Map();
+const message = document.getElementById("message");
+
+function say(text) { message.textContent = text; }
+
+function row(id, cluster) {
+  let b = backends.get(id);
+  if (b) return b;
+  const tr = document.createElement("tr");
+  tr.dataset.backend = id;
+  const cell = (cls) => { const td = document.createElement("td"); td.className = cls; tr.append(td); return td; };
+  cell("id").textContent = id;
+  cell("cluster").textContent = cluster || "";
+  const status = cell("status");
+  const seen = cell("seen");
+  const button = document.createElement("button");
+  button.textContent = "Terminate";
+  button.className = "terminate";
+  button.addEventListener("click", () => terminate(id));
+  cell("actions").append(button);
+  document.getElementById("rows").append(tr);
+  b = { tr, status, seen, button, source: null };
+  backends.set(id, b);
+  return b;
+}
+
+function setStatus(b, status) {
+  b.status.textContent = status;
+  b.status.className = "status " + (TONES[status] || "");
+  b.button.disabled = status === "terminated";
+}
+
+function follow(id) {
+  const b = backends.get(id);
+  if (b.source) return;
+  const open = [...backends.values()].filter((x) => x.source).length;
+  if (open >= MAX_STREAMS) { b.status.title = "not followed: too many open streams"; return; }
+  const source = new EventSource("/backend/" + encodeURIComponent(id) + "/status-stream");
+  b.source = source;
+  source.onmessage = (event) => {
+    const entry = JSON.parse(event.data);
+    const span = document.createElement("span");
+    span.textContent = entry.status;
+    span.dataset.eventId = event.lastEventId;
+    b.seen.append(span);
+    setStatus(b, entry.status);
+    b.tr.dataset.reconnecting = "";
+    if (entry.status === "terminated") { source.close(); b.source = null; }
+  };
+  source.onerror = () => {
+    // The browser reconnects by itself (sending Last-Event-ID) unless it gave up.
+    if (source.readyState === EventSource.CLOSED) { b.source = null; }
+    else { b.tr.dataset.reconnecting = "yes"; }
+  };
+}
+
+async function call(method, url, body) {
+  const response = await fetch(url, {
+    method, headers: body ? { "content-type": "application/json" } : {},
+    body: body ? JSON.stringify(body) : undefined,
+  });
+  const text = await response.text();
+  let json = null;
+  try { json = text ? JSON.parse(text) : null; } catch (e) { /* not JSON */ }
+  if (!response.ok) throw new Error((json && json.message) || response.status + " " + response.statusText);
+  return json;
+}
+
+async function terminate(id) {
+  try {
+    const answer = await call("POST", "/backend/" + encodeURIComponent(id) + "/terminate");
+    say(id + ": " + answer.result.replace("_", " "));
+  } catch (error) { say(id + ": " + error.message); }
+}
+
+document.getElementById("connect").addEventListener("submit", async (event) => {
+  event.preventDefault();
+  const key = document.getElementById("key").value;
+  const cluster = document.getElementById("cluster").value;
+  const image = document.getElementById("image").value;
+  try {
+    const answer = await call("POST", "/connect", {
+      key: { name: key }, spawn_config: { cluster, executable: { image } } });
+    row(answer.backend_id, cluster);
+    follow(answer.backend_id);
+    say(key + ": " + (answer.spawned ? "new backend " : "backend ") + answer.backend_id);
+  } catch (error) { say(key + ": " + error.message); }
+});
+
+(async () => {
+  try {
+    for (const entry of await call("GET", "/backends")) {
+      const b = row(entry.backend_id, entry.cluster);
+      if (entry.status === "terminated") setStatus(b, entry.status);
+      else follow(entry.backend_id);
+    }
+  } catch (error) { say("cannot list backends: " + error.message); }
+  document.body.dataset.loaded = "yes";
+})();
+</script>
+</body>
+</html>
+"#;

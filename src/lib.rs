@@ -52,6 +52,7 @@ pub mod error;
 pub mod events;
 pub mod keys;
 pub mod node;
+pub mod status;
 #[cfg(feature = "testing")]
 pub mod testing;
 pub mod types;

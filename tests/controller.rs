@@ -7,6 +7,9 @@
 #[allow(dead_code)] // `main` and the command line are not used here.
 mod controller;
 
+#[path = "controller/browser.rs"]
+mod browser;
+
 #[path = "it/common.rs"]
 #[allow(dead_code)] // The shared fixtures include some this binary does not use.
 mod common;
@@ -671,4 +674,142 @@ async fn demo_drone_runs_the_walkthrough() {
         let _ = drone_task.await;
     })
     .await
+}
+
+/// What the page shows: each backend row's id, status and the statuses it has received.
+async fn shown(page: &mut browser::Page) -> Vec<(String, String, Vec<String>)> {
+    let rows = page
+        .eval(
+            r#"[...document.querySelectorAll("tr[data-backend]")].map((tr) => [
+                tr.dataset.backend,
+                tr.querySelector(".status").textContent,
+                [...tr.querySelectorAll(".seen span")].map((s) => s.textContent)])"#,
+        )
+        .await;
+    serde_json::from_value(rows).expect("rows as [id, status, [seen]]")
+}
+
+/// Waits (bounded) until the page shows one backend whose received statuses are `seen`;
+/// returns its id.
+async fn wait_shown(page: &mut browser::Page, seen: &[&str]) -> String {
+    let deadline = tokio::time::Instant::now() + STEP_TIMEOUT;
+    loop {
+        let rows = shown(page).await;
+        if let [(id, status, got)] = rows.as_slice() {
+            if got == seen {
+                assert_eq!(Some(status.as_str()), seen.last().copied());
+                return id.clone();
+            }
+            // Never more than was sent, never twice: a prefix on the way there.
+            assert!(
+                got.len() < seen.len() && got[..] == seen[..got.len()],
+                "the page shows {got:?}, expected the way to {seen:?}"
+            );
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the page never showed {seen:?}: {rows:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_page_follows_a_backend_live_in_a_real_browser() {
+    with_db(|db| async move {
+        let drone = drone(&db).await;
+        let server = Server::start(&db).await;
+        let upstream: std::net::SocketAddr = server.base["http://".len()..].parse().unwrap();
+        let proxy = browser::Proxy::start(upstream).await;
+        let chromium = browser::Browser::start(&proxy.url("/")).await;
+        let mut page = chromium.page(&proxy.url("/")).await;
+        let deadline = tokio::time::Instant::now() + STEP_TIMEOUT;
+        while page.eval("document.body.dataset.loaded === 'yes'").await != true {
+            assert!(tokio::time::Instant::now() < deadline, "the page never loaded");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(shown(&mut page).await.is_empty());
+
+        // The connect form, as a user fills it in.
+        page.eval(&format!(
+            r#"document.getElementById("key").value = "page-key";
+               document.getElementById("cluster").value = "{}";
+               document.getElementById("connect-button").click(); true"#,
+            cluster()
+        ))
+        .await;
+        let backend = wait_shown(&mut page, &["scheduled"]).await;
+        let backend: BackendName = backend.parse().unwrap();
+        let states = lifecycle();
+        for state in &states[..2] {
+            assert!(db.backend().update_state(&backend, state).await.unwrap());
+        }
+        wait_shown(&mut page, &["scheduled", "loading", "starting"]).await;
+
+        // The server side drops the stream mid-way; two statuses happen while it is down.
+        assert!(proxy.cut() >= 1, "the status stream was open");
+        for state in &states[2..4] {
+            assert!(db.backend().update_state(&backend, state).await.unwrap());
+        }
+        let all_ready = ["scheduled", "loading", "starting", "waiting", "ready"];
+        wait_shown(&mut page, &all_ready).await;
+        assert_eq!(
+            proxy.last_event_ids(),
+            vec!["30".to_string()],
+            "the browser resumed after `starting` (30)"
+        );
+
+        // The terminate button asks the drone; the drone then reports the way out.
+        page.eval(&format!(
+            r#"document.querySelector('tr[data-backend="{backend}"] button.terminate').click(); true"#
+        ))
+        .await;
+        let deadline = tokio::time::Instant::now() + STEP_TIMEOUT;
+        loop {
+            let pending = db.backend_actions().pending(drone.id, 10).await.unwrap();
+            let asked = pending.iter().any(|m| {
+                m.backend_id == backend && matches!(m.action, BackendAction::Terminate { .. })
+            });
+            if asked {
+                break;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "no termination requested");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        for state in &states[4..] {
+            assert!(db.backend().update_state(&backend, state).await.unwrap());
+        }
+        let everything: Vec<&str> = std::iter::once(BackendState::Scheduled)
+            .chain(states.iter().cloned())
+            .map(|s| s.status().as_str())
+            .collect();
+        wait_shown(&mut page, &everything).await;
+        let message = page
+            .eval(r#"document.getElementById("message").textContent"#)
+            .await;
+        assert_eq!(message, format!("{backend}: requested"));
+        let disabled = page
+            .eval(r#"document.querySelector("button.terminate").disabled"#)
+            .await;
+        assert_eq!(disabled, true, "a terminated backend cannot be terminated");
+
+        // A reload lists it, terminated, without following it again.
+        page.eval("setTimeout(() => location.reload(), 0); true").await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let deadline = tokio::time::Instant::now() + STEP_TIMEOUT;
+        loop {
+            let rows = shown(&mut page).await;
+            if rows == vec![(backend.to_string(), "terminated".to_string(), Vec::new())] {
+                break;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "after reload: {rows:?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+
+        drop(page);
+        drop(chromium);
+        drop(proxy);
+        server.stop().await;
+    })
+    .await;
 }

@@ -1017,3 +1017,142 @@ async fn plane_made_backend_names_work_in_every_command() {
     })
     .await
 }
+
+/// A connection to `url` named `application_name` that has begun a transaction and written
+/// (an uncommitted event), so it holds a transaction id; and its server pid.
+async fn open_writer(url: &str, application_name: &str) -> (sqlx::PgConnection, i32) {
+    use sqlx::Connection;
+    let options: sqlx::postgres::PgConnectOptions = url.parse().expect("test URL");
+    let mut conn = sqlx::PgConnection::connect_with(&options.application_name(application_name))
+        .await
+        .expect("connect the writer");
+    let pid: i32 = sqlx::query_scalar("select pg_backend_pid()")
+        .fetch_one(&mut conn)
+        .await
+        .expect("writer pid");
+    sqlx::query("begin")
+        .execute(&mut conn)
+        .await
+        .expect("begin");
+    sqlx::query("insert into event (kind, data) values ('left_open', '{}')")
+        .execute(&mut conn)
+        .await
+        .expect("write in the open transaction");
+    (conn, pid)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_names_the_open_transaction_and_counts_what_exists() {
+    with_db_url(Config::default(), |db, url| async move {
+        let a = drone(&db).await;
+        let gpu = DronePoolName::from("gpu");
+        let b = drone_in(&db, &cluster(), &gpu).await;
+        assert!(db.drone().drain(b.id).await.unwrap());
+        spawn(&db).await;
+        let readied = spawn(&db).await.backend_id;
+        ready(&db, &readied).await;
+        let ended = spawn(&db).await.backend_id;
+        for state in lifecycle() {
+            assert!(db.backend().update_state(&ended, &state).await.unwrap());
+        }
+        let oldest_event: i64 =
+            sqlx::query_scalar("select id from event order by created_at, id limit 1")
+                .fetch_one(db.pool())
+                .await
+                .unwrap();
+
+        let (writer, pid) = open_writer(&url, "status-test-writer").await;
+        // Other tests share the server: a transaction of theirs that began before ours may
+        // still be open for a moment, so ask until ours is the oldest (bounded).
+        let mut status = Value::Null;
+        for _ in 0..40 {
+            status = run_json(&url, &["status"]);
+            if status["oldest_transaction"]["pid"] == pid {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+        }
+        let tx = &status["oldest_transaction"];
+        assert_eq!(tx["pid"], pid, "{status:#}");
+        assert_eq!(tx["application_name"], "status-test-writer", "{status:#}");
+        assert_eq!(tx["state"], "idle in transaction", "{status:#}");
+        assert_eq!(tx["holds_bus"], true, "{status:#}");
+        assert!(tx["xid"].as_i64().is_some(), "{status:#}");
+        assert!(tx["age_seconds"].as_f64().unwrap() >= 0.0, "{status:#}");
+
+        assert_eq!(
+            ids(&status["controllers"], "name"),
+            sorted(vec![a.controller.to_string(), b.controller.to_string()])
+        );
+        assert_eq!(
+            status["drones"],
+            serde_json::json!([
+                {"cluster": cluster().as_str(), "pool": "", "state": "ready", "count": 1},
+                {"cluster": cluster().as_str(), "pool": "gpu", "state": "draining", "count": 1},
+            ]),
+            "{status:#}"
+        );
+        assert_eq!(
+            status["backends"],
+            serde_json::json!({"scheduled": 1, "ready": 1, "terminated": 1}),
+            "{status:#}"
+        );
+        let events = &status["events"];
+        assert_eq!(events["oldest_id"], oldest_event, "{status:#}");
+        assert!(events["oldest_at"].is_string(), "{status:#}");
+        assert!(events["bytes"].as_i64().unwrap() > 0, "{status:#}");
+        assert!(events["rows_estimate"].as_i64().is_some(), "{status:#}");
+        assert_eq!(
+            status["last_cleanup"],
+            serde_json::json!({"recorded": false, "at": null})
+        );
+
+        // The table, piped: sections in order, no colour codes, the writer's pid and name.
+        let text = run(&url, &["status"]);
+        assert!(text.status.success(), "{}", stderr(&text));
+        let text = stdout(&text);
+        assert!(!text.contains('\x1b'), "{text}");
+        let mut at = 0;
+        for heading in [
+            "CONTROLLERS ONLINE: 2\n",
+            "\nDRONES: 2\n",
+            "\nBACKENDS: 3\n",
+            "\nOLDEST OPEN TRANSACTION\n",
+            "\nEVENTS\n",
+            "\nLAST CLEANUP: unknown (cleanup runs are not recorded in the database)\n",
+        ] {
+            let found = text[at..]
+                .find(heading)
+                .unwrap_or_else(|| panic!("{heading:?} after byte {at}: {text}"));
+            at += found + heading.len();
+        }
+        let backend_lines: Vec<Vec<&str>> = text
+            .lines()
+            .skip_while(|l| !l.starts_with("BACKENDS"))
+            .skip(2)
+            .take(3)
+            .map(|l| l.split_whitespace().collect())
+            .collect();
+        assert_eq!(
+            backend_lines,
+            vec![
+                vec!["scheduled", "1"],
+                vec!["ready", "1"],
+                vec!["terminated", "1"]
+            ],
+            "{text}"
+        );
+        let writer_line = text
+            .lines()
+            .find(|l| l.starts_with(&format!("{pid} ")))
+            .unwrap_or_else(|| panic!("a line for pid {pid}: {text}"));
+        assert!(writer_line.contains("status-test-writer"), "{text}");
+        assert!(writer_line.contains("idle in transaction"), "{text}");
+
+        // Once it ends (closing rolls it back), it holds nothing back any more.
+        sqlx::Connection::close(writer).await.unwrap();
+        let after = run_json(&url, &["status"]);
+        assert_ne!(after["oldest_transaction"]["pid"], pid, "{after:#}");
+    })
+    .await;
+}

@@ -57,6 +57,9 @@ enum ColorMode {
 enum Command {
     /// Apply the schema migrations this build knows.
     Migrate,
+    /// One screen: controllers online, drones, backends by status, the open transaction
+    /// holding back the event bus, the event table's size and oldest event, last cleanup.
+    Status,
     /// List backends, newest states included (terminated ones until cleaned up).
     Backends(BackendsArgs),
     /// Show one backend and its state history.
@@ -328,6 +331,7 @@ async fn run(cli: Cli) -> Outcome {
     let db = open(&url, config).await?;
     match cli.command {
         Command::Migrate => migrate(&db, &out).await,
+        Command::Status => status(&db, &out).await,
         Command::Backends(args) => backends(&db, &out, args).await,
         Command::Backend { id } => backend(&db, &out, &backend_name(&id)?).await,
         Command::Nodes { all, cluster } => nodes(&db, &out, all, cluster.as_deref()).await,
@@ -966,6 +970,180 @@ async fn cleanup(db: &PlaneDatabase, out: &Out, min_age_days: i32, batch_size: i
         }
         table.print(&mut stdout, out.color)?;
     }
+    Ok(())
+}
+
+/// What `status` says of the last cleanup: the schema records no cleanup runs.
+const LAST_CLEANUP_UNKNOWN: &str = "unknown (cleanup runs are not recorded in the database)";
+
+/// Bytes as an operator reads them (`512 B`, `3.2 MiB`).
+fn bytes(count: i64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = count as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{count} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
+async fn status(db: &PlaneDatabase, out: &Out) -> Outcome {
+    let status = db.status().await?;
+    let now = status.as_of;
+    let mut stdout = io::stdout().lock();
+    let tx = status.oldest_transaction.as_ref();
+    if out.json {
+        let value = json!({
+            "as_of": status.as_of,
+            "controllers": status.controllers.iter().map(|c| json!({
+                "name": c.name,
+                "plane_version": c.plane_version,
+                "last_heartbeat": c.last_heartbeat,
+                "heartbeat_age_seconds": c.heartbeat_age.num_milliseconds() as f64 / 1000.0,
+            })).collect::<Vec<_>>(),
+            "drones": status.drones.iter().map(|d| json!({
+                "cluster": d.cluster,
+                "pool": d.pool,
+                "state": d.condition.as_str(),
+                "count": d.count,
+            })).collect::<Vec<_>>(),
+            "backends": status.backends.iter().map(|(s, count)| (s.as_str().to_string(), json!(count)))
+                .collect::<serde_json::Map<_, _>>(),
+            "oldest_transaction": tx.map(|t| json!({
+                "pid": t.pid,
+                "application_name": t.application_name,
+                "database": t.database,
+                "user": t.user,
+                "state": t.state,
+                "transaction_start": t.transaction_start,
+                "age_seconds": t.age.map(|a| a.num_milliseconds() as f64 / 1000.0),
+                "xid": t.xid,
+                "xmin": t.xmin,
+                "xid_age": t.xid_age,
+                "holds_bus": t.holds_bus(),
+            })),
+            "events": {
+                "rows_estimate": status.events.rows_estimate,
+                "bytes": status.events.bytes,
+                "oldest_id": status.events.oldest_id,
+                "oldest_at": status.events.oldest_at,
+            },
+            "last_cleanup": { "recorded": false, "at": null },
+        });
+        return Ok(out.json(&mut stdout, &value)?);
+    }
+    let heading = |text: &str| Tone::Bold.paint(text, out.color);
+
+    writeln!(
+        stdout,
+        "{}",
+        heading(&format!("CONTROLLERS ONLINE: {}", status.controllers.len()))
+    )?;
+    if !status.controllers.is_empty() {
+        let mut table = Table::new(&["NAME", "VERSION", "LAST HEARTBEAT"]);
+        for c in &status.controllers {
+            table.row(vec![
+                Cell::new(c.name.as_str()),
+                Cell::new(&c.plane_version),
+                Cell::new(age(c.last_heartbeat, now)),
+            ]);
+        }
+        table.print(&mut stdout, out.color)?;
+    }
+
+    let total: i64 = status.drones.iter().map(|d| d.count).sum();
+    writeln!(stdout, "\n{}", heading(&format!("DRONES: {total}")))?;
+    if !status.drones.is_empty() {
+        let mut table = Table::new(&["CLUSTER", "POOL", "STATE", "COUNT"]);
+        for d in &status.drones {
+            use plane_db::status::DroneCondition;
+            let tone = match d.condition {
+                DroneCondition::Ready => Tone::Good,
+                DroneCondition::NotReady | DroneCondition::Draining => Tone::Busy,
+                DroneCondition::Stale | DroneCondition::Offline => Tone::Bad,
+            };
+            table.row(vec![
+                Cell::opt(d.cluster.as_ref().map(ClusterName::as_str)),
+                if d.pool.is_default() {
+                    Cell::toned("(default)", Tone::Dim)
+                } else {
+                    Cell::new(d.pool.as_str())
+                },
+                Cell::toned(d.condition.as_str(), tone),
+                Cell::new(d.count.to_string()),
+            ]);
+        }
+        table.print(&mut stdout, out.color)?;
+    }
+
+    let total: i64 = status.backends.iter().map(|(_, count)| count).sum();
+    writeln!(stdout, "\n{}", heading(&format!("BACKENDS: {total}")))?;
+    if !status.backends.is_empty() {
+        let mut table = Table::new(&["STATUS", "COUNT"]);
+        for (s, count) in &status.backends {
+            table.row(vec![
+                Cell::toned(s.as_str(), Tone::of_status(*s)),
+                Cell::new(count.to_string()),
+            ]);
+        }
+        table.print(&mut stdout, out.color)?;
+    }
+
+    writeln!(stdout, "\n{}", heading("OLDEST OPEN TRANSACTION"))?;
+    match tx {
+        None => writeln!(stdout, "none")?,
+        Some(t) => {
+            let mut table = Table::new(&[
+                "PID",
+                "APPLICATION",
+                "DATABASE",
+                "STATE",
+                "OPEN FOR",
+                "XID AGE",
+                "HOLDS",
+            ]);
+            table.row(vec![
+                Cell::new(t.pid.to_string()),
+                Cell::opt(t.application_name.as_deref().filter(|a| !a.is_empty())),
+                Cell::opt(t.database.as_deref()),
+                Cell::opt(t.state.as_deref()),
+                Cell::opt(t.transaction_start.map(|at| age(at, now))),
+                Cell::opt(t.xid_age.map(|a| a.to_string())),
+                if t.holds_bus() {
+                    Cell::toned("event bus, vacuum", Tone::Busy)
+                } else {
+                    Cell::toned("vacuum", Tone::Dim)
+                },
+            ]);
+            table.print(&mut stdout, out.color)?;
+        }
+    }
+
+    writeln!(stdout, "\n{}", heading("EVENTS"))?;
+    let events = &status.events;
+    let mut table = Table::new(&["ROWS (ESTIMATE)", "SIZE", "OLDEST"]);
+    table.row(vec![
+        Cell::opt(events.rows_estimate.map(|n| n.to_string())),
+        Cell::new(bytes(events.bytes)),
+        Cell::opt(
+            events
+                .oldest_id
+                .zip(events.oldest_at)
+                .map(|(id, at)| format!("#{id}, {} ({})", time(at), age(at, now))),
+        ),
+    ]);
+    table.print(&mut stdout, out.color)?;
+
+    writeln!(
+        stdout,
+        "\n{} {LAST_CLEANUP_UNKNOWN}",
+        heading("LAST CLEANUP:")
+    )?;
     Ok(())
 }
 
