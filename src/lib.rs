@@ -52,6 +52,7 @@ pub mod error;
 pub mod events;
 pub mod keys;
 pub mod node;
+mod plane055;
 #[cfg(feature = "testing")]
 pub mod testing;
 pub mod types;
@@ -62,6 +63,7 @@ pub use database::{
     connect, connect_and_migrate, Config, KeyLeaseConfig, PlaneDatabase, SchedulerConfig, MIGRATOR,
 };
 pub use database::{migrate, MigrationReport};
+pub use plane055::PlaneConversionReport;
 pub use error::{ConnectError, Error, Result};
 
 /// The README's example runs as a doctest, so it stays true.
