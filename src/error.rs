@@ -148,7 +148,9 @@ pub enum SchemaError {
         "the database has Plane migrations but not exactly Plane 0.5.5's (unknown: {}; \
          missing: {}; applied from another text: {}): only a database migrated by Plane \
          0.5.5 is converted",
-        list(unexpected), list(missing), list(edited)
+        list(unexpected),
+        list(missing),
+        list(edited)
     )]
     PlaneUnrecognized {
         /// Applied migrations that are not Plane 0.5.5's.

@@ -63,8 +63,8 @@ pub use database::{
     connect, connect_and_migrate, Config, KeyLeaseConfig, PlaneDatabase, SchedulerConfig, MIGRATOR,
 };
 pub use database::{migrate, MigrationReport};
-pub use plane055::PlaneConversionReport;
 pub use error::{ConnectError, Error, Result};
+pub use plane055::PlaneConversionReport;
 
 /// The README's example runs as a doctest, so it stays true.
 #[cfg(doctest)]

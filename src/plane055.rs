@@ -446,7 +446,10 @@ mod tests {
         );
         let message = error.to_string();
         assert!(message.contains("older than 0.5.5"), "{message}");
-        assert!(message.contains("20240625170232, 20240709213841"), "{message}");
+        assert!(
+            message.contains("20240625170232, 20240709213841"),
+            "{message}"
+        );
     }
 
     #[test]
@@ -474,7 +477,10 @@ mod tests {
             error,
             SchemaError::PlaneUnrecognized { ref edited, .. } if edited == &vec![20231027092522]
         ));
-        assert!(error.to_string().contains("exactly Plane 0.5.5's"), "{error}");
+        assert!(
+            error.to_string().contains("exactly Plane 0.5.5's"),
+            "{error}"
+        );
     }
 
     #[test]
@@ -486,7 +492,8 @@ mod tests {
         assert_eq!(names, expected);
         for (name, sql) in &script.steps {
             assert!(
-                sql.lines().any(|line| !line.trim().is_empty() && !line.starts_with("--")),
+                sql.lines()
+                    .any(|line| !line.trim().is_empty() && !line.starts_with("--")),
                 "step {name:?} has no statement"
             );
         }

@@ -18,11 +18,16 @@
 --   backend: last_status_number, nullable in Plane (rows from before its migration
 --       20240625170232 have none), is derived from last_status, which is also written in
 --       plane-db's spelling (Plane wrote capitalised statuses before 20240206210023).
---   backend_action: backend_id, nullable in Plane though it always set it, is taken from the
---       action's JSON (BackendActionMessage.backend_id) where it is missing.
+--   backend_action: Plane's action column holds the whole BackendActionMessage
+--       ({action_id, backend_id, drone_id, action}); plane-db's holds its BackendAction (the
+--       message's action), the rest being the row's columns. backend_id, nullable in Plane
+--       though it always set it, is taken from the message where it is missing.
 --   token: Plane keeps each bearer token in clear (column token); plane-db keeps its SHA-256
 --       (token_digest), which is computed here, so every token Plane issued still routes.
---   event: ids are kept; xid (the writing transaction) is this conversion's.
+--   event: ids, kinds and payloads are kept (the payloads have the same JSON shapes); xid
+--       (the writing transaction) is this conversion's. Plane wrote node_connection events
+--       without a key, plane-db keys them by the node id: the key is derived from the
+--       payload's node_id.
 -- Sequences continue above Plane's: serial ids from the old sequences, and fencing tokens
 -- (Plane's were the acquisition time in epoch milliseconds) from the current time.
 -- Plane's tables are dropped at the end: a kept copy of its token table would hold every
@@ -159,8 +164,13 @@ select setval('backend_key_fencing_token_seq', greatest(
 ));
 
 -- step: copy actions
+-- A row whose JSON is not a message (Plane never wrote one) is kept as it is.
 insert into backend_action (id, backend_id, drone_id, action, created_at, acked_at)
-select id, coalesce(backend_id, action ->> 'backend_id'), drone_id, action, created_at, acked_at
+select id, coalesce(backend_id, action ->> 'backend_id'), drone_id,
+       case when jsonb_typeof(action -> 'action') = 'object' then action -> 'action'
+            else action
+       end,
+       created_at, acked_at
 from plane055_backend_action;
 
 -- step: copy tokens
@@ -174,7 +184,9 @@ from plane055_token;
 -- The transaction set plane.event_wake to 'deferred', so the wake trigger stays silent
 -- (nothing listens yet). A bus started later reads only events committed after its start.
 insert into event (id, kind, key, created_at, data)
-select id, kind, key, created_at, data
+select id, kind,
+       coalesce(key, case when kind = 'node_connection' then data ->> 'node_id' end),
+       created_at, data
 from plane055_event;
 
 -- step: copy ACME TXT records

@@ -12,6 +12,7 @@ mod events;
 mod keys;
 mod least_privilege;
 mod nodes;
+mod plane055;
 mod scheduling;
 mod status_stream;
 mod upgrade;
