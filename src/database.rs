@@ -123,8 +123,8 @@ pub async fn connect(url: &str) -> Result<PlaneDatabase> {
 }
 
 /// Applies the schema migrations on `url` with the rules of [`migrate`] (so it also starts
-/// against a database that a newer build migrated, and needs no DDL privilege when the
-/// schema is up to date), then opens a pool on it, with the default [`ConnectOptions`] (see
+/// against a database that a newer build migrated, converts one that Plane 0.5.5 migrated,
+/// and needs no DDL privilege when the schema is up to date), then opens a pool on it, with the default [`ConnectOptions`] (see
 /// [`connect`]).
 ///
 /// ```no_run

@@ -10,7 +10,8 @@
 //! of your own), then use the facades: [`PlaneDatabase::backend`], [`PlaneDatabase::drone`],
 //! [`PlaneDatabase::node`], [`PlaneDatabase::controller`], [`PlaneDatabase::keys`],
 //! [`PlaneDatabase::backend_actions`], [`PlaneDatabase::acme`], [`PlaneDatabase::cluster`],
-//! and [`PlaneDatabase::connect`] to get or create a backend for a key. Run
+//! and [`PlaneDatabase::connect`] to get or create a backend for a key. A database that
+//! Plane 0.5.5 migrated is converted in place when migrated (see [`migrate`]). Run
 //! [`PlaneDatabase::run_cleanup`] (or [`PlaneDatabase::spawn_cleanup_loop`]) to delete old
 //! rows.
 //!

@@ -1011,6 +1011,22 @@ async fn check_converted(db: &PlaneDatabase, pool: &PgPool, fx: &PlaneFixture) {
         ]
     );
 
+    // Plane's termination states read back.
+    let gone = db
+        .backend()
+        .state_history(&"ba-gone".parse().expect("a name"))
+        .await
+        .expect("ba-gone's history");
+    let statuses: Vec<BackendStatus> = gone.iter().map(|r| r.state.status()).collect();
+    assert_eq!(
+        statuses,
+        [
+            BackendStatus::Scheduled,
+            BackendStatus::Terminating,
+            BackendStatus::Terminated
+        ]
+    );
+
     // The key and its fencing token (Plane's: milliseconds since the epoch).
     let holder = db
         .keys()
