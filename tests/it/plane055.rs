@@ -289,6 +289,8 @@ struct PlaneFixture {
     expired_token: String,
     /// The spawn action of ba-loading, not acknowledged.
     pending_action: String,
+    /// A termination of ba-ready, not acknowledged (queued after `pending_action`).
+    pending_terminate: String,
     /// The spawn action of ba-ready, acknowledged.
     acked_action: String,
     max_event_id: i64,
@@ -441,32 +443,40 @@ async fn plane_create_backend(
     .expect("Plane: create backend with key");
     plane_state_change(&mut tx, backend, &scheduled).await;
     let now = chrono::Utc::now().timestamp_millis();
+    let spawn = json!({"Spawn": {
+        "executable": {"image": "ghcr.io/example/app:1", "env": {"A": "1"}},
+        "key": {
+            "key": {"name": key, "namespace": "", "tag": ""},
+            "deadlines": {
+                "renew_at": now + 30_000,
+                "soft_terminate_at": now + 40_000,
+                "hard_terminate_at": now + 40_000,
+            },
+            "token": fencing_token,
+        },
+        "static_token": static_token,
+    }});
+    let action_id = plane_create_pending_action(&mut tx, backend, drone, spawn).await;
+    tx.commit().await.expect("commit");
+    (fencing_token, action_id)
+}
+
+/// Plane's `create_pending_action`: the action, as a whole BackendActionMessage, and its
+/// event (keyed by the drone). Returns the action's id.
+async fn plane_create_pending_action(
+    conn: &mut sqlx::PgConnection,
+    backend: &str,
+    drone: i32,
+    action: Value,
+) -> String {
     let action_id = format!("ak-{}", &BackendName::new_random().as_str()[3..]);
     let message = json!({
         "action_id": action_id,
         "backend_id": backend,
         "drone_id": drone,
-        "action": {"Spawn": {
-            "executable": {"image": "ghcr.io/example/app:1", "env": {"A": "1"}},
-            "key": {
-                "key": {"name": key, "namespace": "", "tag": ""},
-                "deadlines": {
-                    "renew_at": now + 30_000,
-                    "soft_terminate_at": now + 40_000,
-                    "hard_terminate_at": now + 40_000,
-                },
-                "token": fencing_token,
-            },
-            "static_token": static_token,
-        }},
+        "action": action,
     });
-    plane_emit(
-        &mut tx,
-        "backend_action",
-        Some(&drone.to_string()),
-        &message,
-    )
-    .await;
+    plane_emit(conn, "backend_action", Some(&drone.to_string()), &message).await;
     sqlx::query(
         r#"insert into "backend_action" ("id", "action", "drone_id", "backend_id")
            values ($1, $2, $3, $4)"#,
@@ -475,11 +485,10 @@ async fn plane_create_backend(
     .bind(&message)
     .bind(drone)
     .bind(backend)
-    .execute(&mut *tx)
+    .execute(&mut *conn)
     .await
     .expect("Plane: create pending action");
-    tx.commit().await.expect("commit");
-    (fencing_token, action_id)
+    action_id
 }
 
 /// Plane's `emit_state_change`: the history row and its event.
@@ -642,6 +651,16 @@ async fn write_plane_rows(pool: &PgPool) -> PlaneFixture {
     )
     .await;
     plane_update_state(pool, "ba-loading", json!({"status": "loading"})).await;
+    // A termination requested for ba-ready, not yet acknowledged.
+    let mut conn = pool.acquire().await.expect("a connection");
+    let pending_terminate = plane_create_pending_action(
+        &mut conn,
+        "ba-ready",
+        drone_alpha,
+        json!({"Terminate": {"kind": "soft", "reason": "external"}}),
+    )
+    .await;
+    drop(conn);
 
     // ba-gone: terminated (key released), an expired token, and a status number that is
     // missing, as on rows from before Plane's migration 20240625170232.
@@ -749,6 +768,7 @@ async fn write_plane_rows(pool: &PgPool) -> PlaneFixture {
         prefixless_token,
         expired_token,
         pending_action,
+        pending_terminate,
         acked_action,
         max_event_id: i64::from(count_i32(pool, "select max(id) from event").await),
         max_state_id: i64::from(count_i32(pool, "select max(id) from backend_state").await),
@@ -1032,8 +1052,7 @@ async fn check_converted(db: &PlaneDatabase, pool: &PgPool, fx: &PlaneFixture) {
         .keys()
         .lookup(&KeyConfig {
             name: "doc-1".into(),
-            namespace: String::new(),
-            tag: String::new(),
+            ..KeyConfig::default()
         })
         .await
         .expect("look the key up")
@@ -1059,9 +1078,25 @@ async fn check_converted(db: &PlaneDatabase, pool: &PgPool, fx: &PlaneFixture) {
         .await
         .expect("pending actions");
     let ids: Vec<&str> = pending.iter().map(|a| a.action_id.as_str()).collect();
-    assert_eq!(ids, [fx.pending_action.as_str()]);
-    assert_ne!(ids[0], fx.acked_action);
+    assert_eq!(
+        ids,
+        [fx.pending_action.as_str(), fx.pending_terminate.as_str()]
+    );
+    assert!(!ids.contains(&fx.acked_action.as_str()));
     assert_eq!(pending[0].backend_id.as_str(), "ba-loading");
+    assert_eq!(pending[1].backend_id.as_str(), "ba-ready");
+    assert_eq!(pending[1].drone_id, NodeId::from(fx.drone_alpha));
+    assert!(
+        matches!(
+            pending[1].action,
+            BackendAction::Terminate {
+                kind: plane_db::types::TerminationKind::Soft,
+                reason: plane_db::types::TerminationReason::External
+            }
+        ),
+        "{:?}",
+        pending[1].action
+    );
     let BackendAction::Spawn {
         key,
         executable,
@@ -1081,7 +1116,8 @@ async fn check_converted(db: &PlaneDatabase, pool: &PgPool, fx: &PlaneFixture) {
     assert_eq!(
         count(
             pool,
-            "select count(*) from backend_action where action ? 'action_id' or not action ? 'Spawn'"
+            "select count(*) from backend_action \
+             where action ? 'action_id' or not (action ? 'Spawn' or action ? 'Terminate')"
         )
         .await,
         0
@@ -1197,12 +1233,10 @@ async fn check_still_works(db: &PlaneDatabase, pool: &PgPool, fx: &PlaneFixture)
         .connect(&ConnectRequest {
             key: Some(KeyConfig {
                 name: "doc-1".into(),
-                namespace: String::new(),
-                tag: String::new(),
+                ..KeyConfig::default()
             }),
-            spawn_config: None,
             user: Some("bob".into()),
-            auth: serde_json::Map::new(),
+            ..ConnectRequest::default()
         })
         .await
         .expect("connect to Plane's backend by key");
@@ -1223,12 +1257,10 @@ async fn check_still_works(db: &PlaneDatabase, pool: &PgPool, fx: &PlaneFixture)
         .connect(&ConnectRequest {
             key: Some(KeyConfig {
                 name: "doc-new".into(),
-                namespace: String::new(),
-                tag: String::new(),
+                ..KeyConfig::default()
             }),
             spawn_config: Some(spawn),
-            user: None,
-            auth: serde_json::Map::new(),
+            ..ConnectRequest::default()
         })
         .await
         .expect("spawn a new backend");
