@@ -294,6 +294,9 @@ struct PlaneFixture {
     /// The spawn action of ba-ready, acknowledged.
     acked_action: String,
     max_event_id: i64,
+    /// Where Plane's event id sequence stood: past `max_event_id` (ids taken by inserts
+    /// that rolled back).
+    event_sequence: i64,
     max_state_id: i64,
     max_node_id: i32,
     events: i64,
@@ -753,7 +756,25 @@ async fn write_plane_rows(pool: &PgPool) -> PlaneFixture {
         .await
         .expect("Plane: set cluster dns");
 
+    // Inserts that rolled back took ids: Plane's sequence is past the largest id.
+    let mut tx = pool.begin().await.expect("begin");
+    for _ in 0..3 {
+        plane_emit(
+            &mut tx,
+            "node_connection",
+            None,
+            &json!({"node_id": 0, "connected": false}),
+        )
+        .await;
+    }
+    tx.rollback().await.expect("roll back");
+    let event_sequence: i64 = sqlx::query_scalar("select last_value::bigint from event_id_seq")
+        .fetch_one(pool)
+        .await
+        .expect("Plane's event sequence");
+
     PlaneFixture {
+        event_sequence,
         cluster,
         controller,
         drone_alpha,
@@ -1169,6 +1190,7 @@ async fn check_converted(db: &PlaneDatabase, pool: &PgPool, fx: &PlaneFixture) {
     let events = db.get_events_since(0, 1000).await.expect("read events");
     assert_eq!(events.len() as i64, fx.events);
     assert_eq!(events.last().and_then(|e| e.id), Some(fx.max_event_id));
+    assert!(fx.event_sequence > fx.max_event_id, "{fx:?}");
     // Plane wrote node_connection events without a key; plane-db keys them by the node.
     assert!(events.iter().any(|e| e.kind == "node_connection"
         && e.key.as_deref() == Some(&*fx.drone_alpha.to_string())
@@ -1216,8 +1238,8 @@ async fn check_still_works(db: &PlaneDatabase, pool: &PgPool, fx: &PlaneFixture)
         .expect("not lagged");
     assert_eq!(event.payload, BackendState::Starting);
     assert!(
-        event.id.expect("a stored event") > fx.max_event_id,
-        "event ids continue above Plane's"
+        event.id.expect("a stored event") > fx.event_sequence,
+        "event ids continue above Plane's sequence"
     );
     let state_id: i64 = sqlx::query_scalar("select max(id) from backend_state")
         .fetch_one(pool)
