@@ -284,8 +284,9 @@ impl ConnectOptions {
         ))
     }
 
-    /// Applies the schema migrations (on a connection of their own, without a statement
-    /// timeout, through the direct URL in [`PoolerMode::Transaction`]), then
+    /// Applies the schema migrations with the rules of [`migrate`](crate::migrate) (on a
+    /// connection of their own, without a statement timeout, through the direct URL in
+    /// [`PoolerMode::Transaction`]; a database that Plane 0.5.5 migrated is converted), then
     /// [`connect`](Self::connect)s.
     #[tracing::instrument(skip_all, fields(pooler = ?self.pooler))]
     pub async fn connect_and_migrate(self) -> Result<PlaneDatabase> {

@@ -16,6 +16,7 @@ use crate::events::{
 };
 use crate::keys::KeysDatabase;
 use crate::node::NodeDatabase;
+use crate::plane055::{self, PlaneConversionReport};
 use crate::types::ClusterName;
 use sqlx::postgres::PgConnectOptions;
 use sqlx::PgPool;
@@ -149,8 +150,8 @@ pub async fn connect(url: &str) -> Result<PlaneDatabase> {
 }
 
 /// Applies the schema migrations on `url` with the rules of [`migrate`] (so it also starts
-/// against a database that a newer build migrated, and needs no DDL privilege when the
-/// schema is up to date), then opens a pool on it, with the default [`ConnectOptions`] (see
+/// against a database that a newer build migrated, converts one that Plane 0.5.5 migrated,
+/// and needs no DDL privilege when the schema is up to date), then opens a pool on it, with the default [`ConnectOptions`] (see
 /// [`connect`]).
 ///
 /// ```no_run
@@ -380,6 +381,9 @@ pub struct MigrationReport {
     pub newer_unknown: Vec<i64>,
     /// This build's newest migration (applied now); `None` if it has none.
     pub latest_known: Option<i64>,
+    /// Set when this call converted a database that Plane 0.5.5 migrated: what it copied.
+    /// `None` otherwise (also when another controller converted it first).
+    pub converted_from_plane: Option<PlaneConversionReport>,
 }
 
 /// Applies the migrations of [`MIGRATOR`] that the database lacks, under the additive policy
@@ -396,10 +400,23 @@ pub struct MigrationReport {
 /// - an applied migration whose text differs from this build's is refused
 ///   ([`SchemaError::ChecksumMismatch`](crate::error::SchemaError::ChecksumMismatch)).
 ///
+/// A database that **Plane 0.5.5** migrated (its `_sqlx_migrations` holds exactly Plane
+/// 0.5.5's versions and checksums) is converted in place first, in one transaction: its
+/// tables are replaced by plane-db's, with every row copied over (bearer tokens become their
+/// SHA-256 digests, so every token Plane issued still routes; backend names, keys, fencing
+/// tokens, actions and events are kept), and then this build's later migrations are applied
+/// as usual ([`MigrationReport::converted_from_plane`] says what was copied). A conversion
+/// that fails changes nothing ([`Error::PlaneConversion`](crate::Error::PlaneConversion)).
+/// A database with only the first of Plane 0.5.5's migrations (an older Plane) is refused
+/// ([`SchemaError::PlaneOlder`](crate::error::SchemaError::PlaneOlder)), and so is one
+/// with other Plane migrations, unknown ones or edited ones
+/// ([`SchemaError::PlaneUnrecognized`](crate::error::SchemaError::PlaneUnrecognized)). See
+/// the README, "Moving from Plane 0.5.5".
+///
 /// When every migration of this build is applied, it only reads `_sqlx_migrations`: an
 /// application role without DDL privileges can run it. Otherwise it takes sqlx's advisory
 /// lock (the one `MIGRATOR.run` takes) and reads again under it, so controllers migrating one
-/// database at the same time apply each migration once.
+/// database at the same time apply each migration once (and convert a Plane database once).
 #[tracing::instrument(skip_all)]
 pub async fn migrate(pool: &PgPool) -> Result<MigrationReport> {
     let mut conn = pool.acquire().await?;
@@ -428,11 +445,13 @@ async fn migrate_inner(conn: &mut sqlx::PgConnection) -> Result<(MigrationReport
         .collect();
     let mut poisoned = false;
     let up_to_date = match applied_migrations(&mut *conn).await? {
+        // Plane 0.5.5's database: converted under the lock.
+        Some(applied) if plane055::is_plane_055(&applied)? => None,
         Some(applied) => Some(plan(&known, &applied)?).filter(|plan| plan.to_apply.is_empty()),
         None => None,
     };
     let report = match up_to_date {
-        Some(plan) => plan.report(Vec::new()),
+        Some(plan) => plan.report(Vec::new(), None),
         None => {
             conn.lock().await?;
             let outcome = apply_locked(&mut *conn, &known).await?;
@@ -486,14 +505,22 @@ async fn apply_locked(
     if let Some(version) = conn.dirty_version().await? {
         return Err(MigrateError::Dirty(version).into());
     }
-    let applied = conn.list_applied_migrations().await?;
+    let mut applied = conn.list_applied_migrations().await?;
+    // Read under the lock: another controller may have converted it meanwhile.
+    let converted = if plane055::is_plane_055(&applied)? {
+        let report = plane055::convert(&mut *conn, known).await?;
+        applied = conn.list_applied_migrations().await?;
+        Some(report)
+    } else {
+        None
+    };
     let plan = plan(known, &applied)?;
     let mut done = Vec::with_capacity(plan.to_apply.len());
     for migration in &plan.to_apply {
         conn.apply(migration).await?;
         done.push(migration.version);
     }
-    Ok(plan.report(done))
+    Ok(plan.report(done, converted))
 }
 
 /// What to apply, and the applied migrations newer than this build's.
@@ -505,11 +532,16 @@ struct Plan<'a> {
 }
 
 impl Plan<'_> {
-    fn report(self, applied: Vec<i64>) -> MigrationReport {
+    fn report(
+        self,
+        applied: Vec<i64>,
+        converted_from_plane: Option<PlaneConversionReport>,
+    ) -> MigrationReport {
         MigrationReport {
             applied,
             newer_unknown: self.newer_unknown,
             latest_known: self.latest_known,
+            converted_from_plane,
         }
     }
 }

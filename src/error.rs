@@ -30,6 +30,11 @@ pub enum Error {
     #[error("the database's schema does not fit this build")]
     Schema(#[from] SchemaError),
 
+    /// Converting a database that Plane 0.5.5 migrated failed; the conversion was rolled
+    /// back, and the database is as Plane left it (see [`migrate`](crate::migrate)).
+    #[error(transparent)]
+    PlaneConversion(#[from] PlaneConversionError),
+
     /// A row read from the database does not hold what the schema promises.
     #[error("invalid {column} in {table} row {id:?}")]
     Decode {
@@ -119,6 +124,119 @@ pub enum SchemaError {
         /// The oldest of the unknown, newer migrations applied in the database.
         newer: i64,
     },
+
+    /// The database was migrated by a Plane older than 0.5.5: its Plane migrations are the
+    /// first ones of Plane 0.5.5's, not all of them. Only a database that Plane 0.5.5
+    /// migrated is converted.
+    #[error(
+        "the database was migrated by a Plane older than 0.5.5 (its newest Plane migration is \
+         {newest_applied}; it lacks {} of Plane 0.5.5's, {}): start a Plane 0.5.5 controller \
+         on it once, so that it migrates to 0.5.5, then convert it",
+        missing.len(), list(missing)
+    )]
+    PlaneOlder {
+        /// The newest Plane migration applied.
+        newest_applied: i64,
+        /// Plane 0.5.5's migrations that are not applied.
+        missing: Vec<i64>,
+    },
+
+    /// The database has Plane migrations, but not exactly Plane 0.5.5's: some are missing
+    /// (not as a prefix), some are unknown (a newer Plane, or a fork), or some were applied
+    /// from a different text. Only a database that Plane 0.5.5 migrated is converted.
+    #[error(
+        "the database has Plane migrations but not exactly Plane 0.5.5's (unknown: {}; \
+         missing: {}; applied from another text: {}): only a database migrated by Plane \
+         0.5.5 is converted",
+        list(unexpected),
+        list(missing),
+        list(edited)
+    )]
+    PlaneUnrecognized {
+        /// Applied migrations that are not Plane 0.5.5's.
+        unexpected: Vec<i64>,
+        /// Plane 0.5.5's migrations that are not applied.
+        missing: Vec<i64>,
+        /// Plane 0.5.5's migrations applied with another checksum.
+        edited: Vec<i64>,
+    },
+}
+
+/// Versions as `1, 2, 3`, or `none`.
+fn list(versions: &[i64]) -> String {
+    if versions.is_empty() {
+        return "none".to_string();
+    }
+    versions
+        .iter()
+        .map(i64::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Why a database that Plane 0.5.5 migrated could not be converted. The conversion runs in
+/// one transaction: after any of these, nothing was changed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PlaneConversionError {
+    /// A step of the conversion failed in the database.
+    #[error(
+        "converting the Plane 0.5.5 database failed at step {step:?} (rolled back, nothing \
+         was changed): {source}"
+    )]
+    Step {
+        /// The step (as named in the conversion script, e.g. `copy backends`).
+        step: &'static str,
+        /// The database's error.
+        #[source]
+        source: sqlx::Error,
+    },
+
+    /// A backend's status is none that Plane 0.5.5 (or an earlier Plane) writes.
+    #[error(
+        "cannot convert the Plane 0.5.5 database: backend {backend:?} has status {status:?}, \
+         which is no Plane status ({others} other backend(s) too); nothing was changed"
+    )]
+    UnknownStatus {
+        /// The first such backend, in id order.
+        backend: String,
+        /// Its status.
+        status: String,
+        /// How many more backends have an unknown status.
+        others: usize,
+    },
+
+    /// A backend action names no existing backend (neither in its `backend_id` column nor in
+    /// its JSON), which plane-db's schema cannot hold.
+    #[error(
+        "cannot convert the Plane 0.5.5 database: backend action {action:?} belongs to no \
+         backend ({others} other action(s) too); delete it, or let Plane clean it up, and \
+         convert again; nothing was changed"
+    )]
+    ActionWithoutBackend {
+        /// The first such action, in id order.
+        action: String,
+        /// How many more actions have no backend.
+        others: usize,
+    },
+
+    /// A table's copy wrote a different number of rows than Plane's table holds.
+    #[error(
+        "converting the Plane 0.5.5 database copied {converted} of {plane} row(s) of table \
+         {table}; rolled back, nothing was changed"
+    )]
+    RowCountMismatch {
+        /// Plane's table.
+        table: &'static str,
+        /// The rows to copy.
+        plane: i64,
+        /// The rows copied.
+        converted: u64,
+    },
+
+    /// The conversion script lacks a step this build runs: a defect of the build.
+    #[error("the Plane 0.5.5 conversion script has no step {0:?} (a defect of this build)")]
+    MissingStep(&'static str),
 }
 
 impl Error {

@@ -10,7 +10,8 @@
 //! of your own), then use the facades: [`PlaneDatabase::backend`], [`PlaneDatabase::drone`],
 //! [`PlaneDatabase::node`], [`PlaneDatabase::controller`], [`PlaneDatabase::keys`],
 //! [`PlaneDatabase::backend_actions`], [`PlaneDatabase::acme`], [`PlaneDatabase::cluster`],
-//! and [`PlaneDatabase::connect`] to get or create a backend for a key. Run
+//! and [`PlaneDatabase::connect`] to get or create a backend for a key. A database that
+//! Plane 0.5.5 migrated is converted in place when migrated (see [`migrate`]). Run
 //! [`PlaneDatabase::run_cleanup`] (or [`PlaneDatabase::spawn_cleanup_loop`]) to delete old
 //! rows.
 //!
@@ -52,6 +53,7 @@ pub mod error;
 pub mod events;
 pub mod keys;
 pub mod node;
+mod plane055;
 pub mod status;
 #[cfg(feature = "testing")]
 pub mod testing;
@@ -64,6 +66,7 @@ pub use database::{
 };
 pub use database::{migrate, MigrationReport};
 pub use error::{ConnectError, Error, Result};
+pub use plane055::PlaneConversionReport;
 
 /// The README's example runs as a doctest, so it stays true.
 #[cfg(doctest)]

@@ -13,6 +13,7 @@ mod events;
 mod keys;
 mod least_privilege;
 mod nodes;
+mod plane055;
 mod scheduling;
 mod status_stream;
 mod upgrade;

@@ -55,7 +55,8 @@ enum ColorMode {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Apply the schema migrations this build knows.
+    /// Apply the schema migrations this build knows (and convert a database that Plane
+    /// 0.5.5 migrated, in place).
     Migrate,
     /// One screen: controllers online, drones, backends by status, the open transaction
     /// holding back the event bus, the event table's size and oldest event, last cleanup.
@@ -375,7 +376,8 @@ async fn open(url: &str, config: plane_db::Config) -> Result<PlaneDatabase, Fail
 }
 
 /// Applies this build's missing migrations (`plane_db::migrate`: a database that a newer
-/// build migrated is accepted, a diverging or edited one refused).
+/// build migrated is accepted, a diverging or edited one refused, one that Plane 0.5.5
+/// migrated converted in place).
 async fn migrate(db: &PlaneDatabase, out: &Out) -> Outcome {
     let report = plane_db::migrate(db.pool())
         .await
@@ -388,9 +390,41 @@ async fn migrate(db: &PlaneDatabase, out: &Out) -> Outcome {
                 "schema_version": report.latest_known,
                 "applied": report.applied,
                 "newer_unknown": report.newer_unknown,
+                "converted_from_plane": report.converted_from_plane.as_ref().map(|c| json!({
+                    "controllers": c.controllers,
+                    "nodes": c.nodes,
+                    "nodes_merged": c.nodes_merged,
+                    "drones": c.drones,
+                    "backends": c.backends,
+                    "backend_states": c.backend_states,
+                    "backend_keys": c.backend_keys,
+                    "backend_actions": c.backend_actions,
+                    "tokens": c.tokens,
+                    "events": c.events,
+                    "acme_txt_entries": c.acme_txt_entries,
+                })),
             }),
         )?;
     } else {
+        if let Some(c) = &report.converted_from_plane {
+            writeln!(
+                stdout,
+                "converted the Plane 0.5.5 database in place: {} backend(s), {} state(s), \
+                 {} key(s), {} token(s), {} action(s), {} event(s), {} node(s) ({} merged), \
+                 {} drone(s), {} controller(s), {} ACME TXT record(s)",
+                c.backends,
+                c.backend_states,
+                c.backend_keys,
+                c.tokens,
+                c.backend_actions,
+                c.events,
+                c.nodes,
+                c.nodes_merged,
+                c.drones,
+                c.controllers,
+                c.acme_txt_entries
+            )?;
+        }
         match (report.latest_known, report.applied.is_empty()) {
             (None, _) => writeln!(stdout, "this build has no migrations")?,
             (Some(version), true) => writeln!(stdout, "schema is up to date (version {version})")?,
