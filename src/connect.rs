@@ -117,7 +117,8 @@ impl PlaneDatabase {
         if let Some(spawn) = &request.spawn_config {
             span.record("cluster", spawn.cluster.as_str());
         }
-        let response = self.connect_key(request, key).await?;
+        let response =
+            crate::metrics::timed_connect(self.pool(), self.connect_key(request, key)).await?;
         // The backend is only known now; later log lines in this span carry it.
         span.record("backend", response.backend_id.as_str());
         if let Some(drone) = &response.drone {

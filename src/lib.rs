@@ -51,6 +51,7 @@ pub mod drone;
 pub mod error;
 pub mod events;
 pub mod keys;
+pub mod metrics;
 pub mod node;
 #[cfg(feature = "testing")]
 pub mod testing;
