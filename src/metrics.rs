@@ -182,34 +182,35 @@ pub fn describe() {
 /// The `kind` label of an event kind: the crate's own payload types by name, anything else
 /// as `other` (kinds come from the `event` table, so they are not trusted to be few).
 pub(crate) fn kind_label(kind: &str) -> &'static str {
-    match kind {
-        "backend_state" => "backend_state",
-        "backend_action" => "backend_action",
-        "backend_metrics" => "backend_metrics",
-        _ => "other",
-    }
+    KindTally::LABELS[KindTally::index(kind)]
 }
 
 /// Per-kind tallies of events, added to a counter once per page rather than once per event.
 #[derive(Default)]
-pub(crate) struct KindTally([u64; 4]);
+pub(crate) struct KindTally([u64; 5]);
 
 impl KindTally {
-    const LABELS: [&'static str; 4] = [
+    /// The crate's own event kinds (every `NotificationPayload` it defines), then `other`.
+    const LABELS: [&'static str; 5] = [
         "backend_state",
         "backend_action",
         "backend_metrics",
+        "node_connection",
         "other",
     ];
 
-    pub(crate) fn add(&mut self, kind: &str) {
-        let i = match kind_label(kind) {
+    fn index(kind: &str) -> usize {
+        match kind {
             "backend_state" => 0,
             "backend_action" => 1,
             "backend_metrics" => 2,
-            _ => 3,
-        };
-        self.0[i] += 1;
+            "node_connection" => 3,
+            _ => 4,
+        }
+    }
+
+    pub(crate) fn add(&mut self, kind: &str) {
+        self.0[Self::index(kind)] += 1;
     }
 
     /// Adds the tallies to `counter` (labelled `kind`) and resets them.
@@ -435,12 +436,21 @@ mod tests {
 
     #[test]
     fn kinds_are_bounded() {
-        assert_eq!(kind_label("backend_state"), "backend_state");
+        use crate::events::NotificationPayload;
+        // Every payload type of the crate has its own label.
+        for kind in [
+            crate::types::BackendState::kind(),
+            crate::types::BackendActionMessage::kind(),
+            crate::types::BackendMetricsMessage::kind(),
+            crate::node::NodeConnectionStatusChange::kind(),
+        ] {
+            assert_eq!(kind_label(kind), kind);
+        }
         assert_eq!(kind_label("anything a caller emits"), "other");
         let mut tally = KindTally::default();
         tally.add("backend_action");
         tally.add("x");
         tally.add("x");
-        assert_eq!(tally.0, [0, 1, 0, 2]);
+        assert_eq!(tally.0, [0, 1, 0, 0, 2]);
     }
 }
