@@ -420,6 +420,37 @@ mod tests {
         assert_eq!(seen.len(), 21);
     }
 
+    /// Every `plane_db_…` name in `text`, less the suffixes Prometheus adds to histograms.
+    fn names_in(text: &str) -> std::collections::BTreeSet<String> {
+        let known = |name: &str| ALL.iter().any(|m| m.name == name);
+        let mut names = std::collections::BTreeSet::new();
+        let mut rest = text;
+        while let Some(start) = rest.find("plane_db_") {
+            let tail = &rest[start..];
+            let end = tail
+                .find(|c: char| !(c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'))
+                .unwrap_or(tail.len());
+            let name = &tail[..end];
+            let base = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|suffix| name.strip_suffix(suffix).filter(|base| known(base)))
+                .unwrap_or(name);
+            names.insert(base.to_string());
+            rest = &tail[end..];
+        }
+        names
+    }
+
+    #[test]
+    fn dashboard_and_metrics_md_use_exactly_these_names() {
+        let all: std::collections::BTreeSet<String> =
+            ALL.iter().map(|m| m.name.to_string()).collect();
+        let dashboard = include_str!("../docs/grafana-dashboard.json");
+        assert_eq!(names_in(dashboard), all, "docs/grafana-dashboard.json");
+        let doc = include_str!("../METRICS.md");
+        assert_eq!(names_in(doc), all, "METRICS.md");
+    }
+
     #[test]
     fn operation_names_are_listed() {
         for op in [
