@@ -26,6 +26,7 @@
 //! | `GET /backend/{id}/status-stream` | SSE: its status history, then live changes, until `terminated` |
 //! | `POST /backend/{id}/terminate` | queue a termination (`{"kind":"hard"}` for hard; soft without a body) |
 //! | `GET /route/{token}` or `GET /route` with `Authorization: Bearer …` | the route a proxy needs |
+//! | `GET /metrics` | the library's metrics in Prometheus text format (see METRICS.md) |
 //!
 //! Errors are JSON, `{"error": "<code>", "message": "<what went wrong>"}`, with 400 for bad
 //! input (a spawn config without a cluster included), 404 for an unknown backend or token,
@@ -69,6 +70,9 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use chrono::Utc;
 use futures_util::{Stream, StreamExt};
+use metrics_exporter_prometheus::{
+    Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
+};
 use plane_db::actions::TerminationRequest;
 use plane_db::backend::RouteInfoResult;
 use plane_db::connect::{ConnectRequest, ConnectResponse};
@@ -179,6 +183,13 @@ impl Options {
 
 /// Sets everything up, serves until Ctrl-C, then says goodbye as a controller.
 async fn run(options: Options) -> Result<(), BoxError> {
+    // The recorder goes in before the database, so that the library's metrics are described.
+    let recorder = prometheus_recorder();
+    let metrics_handle = recorder.handle();
+    metrics::set_global_recorder(recorder)?;
+    plane_db::metrics::describe();
+    tokio::spawn(metrics_upkeep(metrics_handle.clone()));
+
     // The throwaway database's URL is printed for the CLI; a DATABASE_URL is not (it may
     // hold a password), and the CLI reads it from the environment anyway.
     let (db, throwaway_url) = match std::env::var("DATABASE_URL") {
@@ -220,7 +231,8 @@ async fn run(options: Options) -> Result<(), BoxError> {
         throwaway_url.as_deref(),
     );
 
-    let server = axum::serve(listener, router(db.clone()));
+    let app = router(db.clone()).merge(metrics_router(metrics_handle));
+    let server = axum::serve(listener, app);
     tokio::select! {
         served = server => served?,
         signal = tokio::signal::ctrl_c() => {
@@ -348,6 +360,46 @@ async fn backends(
             })
             .collect(),
     ))
+}
+
+/// Histogram buckets of every `…_seconds` metric: 1 ms to 30 s, so that a dashboard can
+/// compute quantiles (`histogram_quantile`) across controllers.
+const SECONDS_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+/// A Prometheus recorder for the library's metrics, with histogram buckets for durations.
+/// `main` installs it process-wide; the HTTP test installs one for its own thread.
+pub fn prometheus_recorder() -> PrometheusRecorder {
+    PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".to_string()), SECONDS_BUCKETS)
+        // Only an empty bucket list is refused, and this one is not empty.
+        .unwrap_or_else(|_| PrometheusBuilder::new())
+        .build_recorder()
+}
+
+/// `GET /metrics`: what `handle`'s recorder holds, in Prometheus text format.
+pub fn metrics_router(handle: PrometheusHandle) -> Router {
+    Router::new().route(
+        "/metrics",
+        get(|State(handle): State<PrometheusHandle>| async move {
+            (
+                [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+                handle.render(),
+            )
+        })
+        .with_state(handle),
+    )
+}
+
+/// Folds recorded histogram samples into their buckets every few seconds, so that memory
+/// stays bounded between scrapes.
+async fn metrics_upkeep(handle: PrometheusHandle) {
+    let mut interval = tokio::time::interval(Duration::from_secs(5));
+    loop {
+        interval.tick().await;
+        handle.run_upkeep();
+    }
 }
 
 /// What `POST /connect` answers: the library's response and where to follow the backend.

@@ -5,6 +5,7 @@ use crate::error::{
     check_batch_size, check_non_negative, skip_undecodable, to_json, Error, Result,
 };
 use crate::events::{emit_ephemeral, NotificationPayload};
+use crate::metrics::{self, Operation};
 use crate::types::{
     BackendAddr, BackendMetricsMessage, BackendName, BackendState, BackendStatus,
     BackendStatusStreamEntry, BearerToken, ClusterName, DroneName, NodeId, RouteInfo, SecretToken,
@@ -295,6 +296,17 @@ impl<'a> BackendDatabase<'a> {
         backend: &BackendName,
         new_state: &BackendState,
     ) -> Result<bool> {
+        let update = self.update_state_inner(backend, new_state);
+        metrics::timed(Operation::UpdateState, self.db.pool(), update).await
+    }
+
+    /// [`update_state`](Self::update_state), without its metrics.
+    async fn update_state_inner(
+        &self,
+        backend: &BackendName,
+        new_state: &BackendState,
+    ) -> Result<bool> {
+        let mut conn = metrics::acquire(Operation::UpdateState, self.db.pool()).await?;
         let status = new_state.status();
         let state = to_json("backend state", new_state)?;
         let updated = sqlx::query_scalar!(
@@ -335,8 +347,9 @@ impl<'a> BackendDatabase<'a> {
             BackendState::kind(),
             self.db.event_wake_setting(),
         )
-        .fetch_one(self.db.pool())
+        .fetch_one(&mut *conn)
         .await?;
+        drop(conn);
         if updated == 0 {
             tracing::debug!("state update refused: unknown backend or not a forward transition");
         } else {
@@ -423,6 +436,16 @@ impl<'a> BackendDatabase<'a> {
         &self,
         token: &BearerToken,
     ) -> Result<RouteInfoResult> {
+        let lookup = self.route_info_for_static_token_inner(token);
+        metrics::timed(Operation::RouteInfoForStaticToken, self.db.pool(), lookup).await
+    }
+
+    /// [`route_info_for_static_token`](Self::route_info_for_static_token), without its
+    /// metrics.
+    async fn route_info_for_static_token_inner(
+        &self,
+        token: &BearerToken,
+    ) -> Result<RouteInfoResult> {
         // A token is client input. One with a NUL cannot be stored (Postgres text refuses
         // it), so it matches nothing; asking would make the server refuse the parameter and
         // turn an unknown token into a database error.
@@ -437,7 +460,9 @@ impl<'a> BackendDatabase<'a> {
             "#,
             token.as_str(),
         )
-        .fetch_optional(self.db.pool())
+        .fetch_optional(
+            &mut *metrics::acquire(Operation::RouteInfoForStaticToken, self.db.pool()).await?,
+        )
         .await?;
         let Some(row) = row else {
             return Ok(RouteInfoResult::NotFound);
@@ -460,6 +485,12 @@ impl<'a> BackendDatabase<'a> {
     /// once it is. Static tokens are looked up on the backend row.
     #[tracing::instrument(skip_all, fields(backend = tracing::field::Empty))]
     pub async fn route_info_for_token(&self, token: &BearerToken) -> Result<RouteInfoResult> {
+        let lookup = self.route_info_for_token_inner(token);
+        metrics::timed(Operation::RouteInfoForToken, self.db.pool(), lookup).await
+    }
+
+    /// [`route_info_for_token`](Self::route_info_for_token), without its metrics.
+    async fn route_info_for_token_inner(&self, token: &BearerToken) -> Result<RouteInfoResult> {
         if token.is_static() {
             return self.route_info_for_static_token(token).await;
         }
@@ -474,7 +505,7 @@ impl<'a> BackendDatabase<'a> {
             "#,
             digest.as_slice(),
         )
-        .fetch_optional(self.db.pool())
+        .fetch_optional(&mut *metrics::acquire(Operation::RouteInfoForToken, self.db.pool()).await?)
         .await?;
         let Some(row) = row else {
             return Ok(RouteInfoResult::NotFound);
@@ -496,6 +527,12 @@ impl<'a> BackendDatabase<'a> {
     /// unknown or terminated backend.
     #[tracing::instrument(skip(self), fields(backend = %backend_id))]
     pub async fn update_keepalive(&self, backend_id: &BackendName) -> Result<bool> {
+        let update = self.update_keepalive_inner(backend_id);
+        metrics::timed(Operation::UpdateKeepalive, self.db.pool(), update).await
+    }
+
+    /// [`update_keepalive`](Self::update_keepalive), without its metrics.
+    async fn update_keepalive_inner(&self, backend_id: &BackendName) -> Result<bool> {
         let result = sqlx::query!(
             r#"
             update backend set last_keepalive = now()
@@ -504,7 +541,7 @@ impl<'a> BackendDatabase<'a> {
             backend_id.as_str(),
             BackendStatus::Terminated.as_int(),
         )
-        .execute(self.db.pool())
+        .execute(&mut *metrics::acquire(Operation::UpdateKeepalive, self.db.pool()).await?)
         .await?;
         Ok(result.rows_affected() > 0)
     }
@@ -750,6 +787,12 @@ impl<'a> BackendDatabase<'a> {
             report.tokens += count(row.tokens);
             report.actions += count(row.actions);
             report.keys += count(row.keys);
+            // Each batch is committed: count it even if a later one fails.
+            metrics::cleanup_deleted("backend", count(row.backends));
+            metrics::cleanup_deleted("backend_state", count(row.states));
+            metrics::cleanup_deleted("token", count(row.tokens));
+            metrics::cleanup_deleted("backend_action", count(row.actions));
+            metrics::cleanup_deleted("backend_key", count(row.keys));
             progress(&report);
             if row.backends < i64::from(batch_size) {
                 break;

@@ -117,7 +117,7 @@ impl PlaneDatabase {
         check_batch_size(batch_size)?;
         // Oldest first through the created_at index; SKIP LOCKED lets two controllers clean
         // up at once without waiting on each other.
-        delete_in_batches(batch_size, progress, || {
+        delete_in_batches("event", batch_size, progress, || {
             sqlx::query!(
                 r#"
                 delete from event where id in (
@@ -151,7 +151,7 @@ impl PlaneDatabase {
     ) -> Result<u64> {
         const BATCH: i32 = 1000;
         // Through the expiration_time index; SKIP LOCKED lets controllers share the work.
-        delete_in_batches(BATCH, progress, || {
+        delete_in_batches("token", BATCH, progress, || {
             sqlx::query!(
                 r#"
                 delete from token where token_digest in (
@@ -197,6 +197,18 @@ impl PlaneDatabase {
     /// ```
     #[tracing::instrument(skip(self, progress))]
     pub async fn run_cleanup_with_progress(
+        &self,
+        config: &CleanupConfig,
+        progress: impl FnMut(CleanupProgress) + Send,
+    ) -> Result<CleanupSummary> {
+        let started = std::time::Instant::now();
+        let result = self.run_cleanup_phases(config, progress).await;
+        crate::metrics::cleanup_run(started.elapsed(), result.is_ok());
+        result
+    }
+
+    /// The phases of [`run_cleanup_with_progress`](Self::run_cleanup_with_progress).
+    async fn run_cleanup_phases(
         &self,
         config: &CleanupConfig,
         mut progress: impl FnMut(CleanupProgress) + Send,
@@ -278,6 +290,7 @@ impl PlaneDatabase {
 /// until it deletes fewer; returns how many rows went in all.
 /// Calls `progress(deleted, batches)` after each batch.
 async fn delete_in_batches<F, Fut>(
+    table: &'static str,
     batch: i32,
     progress: &mut (dyn FnMut(u64, u64) + Send),
     mut delete: F,
@@ -290,6 +303,7 @@ where
     let mut batches = 0;
     loop {
         let affected = delete().await?.rows_affected();
+        crate::metrics::cleanup_deleted(table, affected);
         deleted += affected;
         batches += 1;
         progress(deleted, batches);

@@ -139,7 +139,8 @@ impl PlaneDatabase {
         if let Some(cluster) = self.spawn_cluster(request) {
             span.record("cluster", cluster.as_str());
         }
-        let response = self.connect_key(request, key).await?;
+        let response =
+            crate::metrics::timed_connect(self.pool(), self.connect_key(request, key)).await?;
         // The backend is only known now; later log lines in this span carry it.
         span.record("backend", response.backend_id.as_str());
         if let Some(drone) = &response.drone {

@@ -52,6 +52,7 @@ pub mod drone;
 pub mod error;
 pub mod events;
 pub mod keys;
+pub mod metrics;
 pub mod node;
 mod plane055;
 pub mod status;

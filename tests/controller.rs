@@ -40,11 +40,15 @@ struct Server {
 
 impl Server {
     async fn start(db: &PlaneDatabase) -> Server {
+        Server::serve(controller::router(db.clone())).await
+    }
+
+    async fn serve(app: axum::Router) -> Server {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
         let (shutdown, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(
-            axum::serve(listener, controller::router(db.clone()))
+            axum::serve(listener, app)
                 .with_graceful_shutdown(async {
                     let _ = stopped.await;
                 })
@@ -812,4 +816,278 @@ async fn the_page_follows_a_backend_live_in_a_real_browser() {
         server.stop().await;
     })
     .await;
+}
+
+/// One sample of a Prometheus text page: the value of `name` with exactly these labels.
+fn sample(page: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let mut wanted: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
+    wanted.sort();
+    page.lines()
+        .filter(|line| !line.starts_with('#'))
+        .find_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let (metric, mut got) = match series.split_once('{') {
+                Some((metric, rest)) => (
+                    metric,
+                    rest.trim_end_matches('}')
+                        .split(',')
+                        .filter(|l| !l.is_empty())
+                        .map(str::to_string)
+                        .collect::<Vec<_>>(),
+                ),
+                None => (series, Vec::new()),
+            };
+            got.sort();
+            (metric == name && got == wanted).then(|| value.parse().unwrap())
+        })
+}
+
+/// Every series of `name` (any labels), as lines.
+fn series<'a>(page: &'a str, name: &str) -> Vec<&'a str> {
+    page.lines()
+        .filter(|line| {
+            line.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+        })
+        .collect()
+}
+
+/// `/metrics` after a whole lifecycle (connect, ready, two route lookups, keepalives, hard
+/// termination, cleanup): the figures are exactly what the lifecycle did. A current-thread
+/// runtime with a recorder local to this thread: every task of this test (the bus, the demo
+/// drone, the server) records into it, and the other tests of this binary (on other threads)
+/// do not.
+#[tokio::test(flavor = "current_thread")]
+async fn metrics_page_counts_a_lifecycle() {
+    use plane_db::metrics as m;
+    let recorder = controller::prometheus_recorder();
+    let handle = recorder.handle();
+    let _local = metrics::set_default_local_recorder(&recorder);
+    with_db(|db| async move {
+        // The bus starts with this subscription, before any event is written.
+        let mut all = db.subscribe_all_events().await.unwrap();
+        let controller_name = ControllerName::new_random();
+        db.controller()
+            .heartbeat(&controller_name, true, "0.1.0", "test")
+            .await
+            .unwrap();
+        let demo = controller::DemoDrone::register(&db, &controller_name, &cluster())
+            .await
+            .unwrap();
+        let drone_task = tokio::spawn(demo.clone().run(db.clone(), Duration::ZERO));
+        let app = controller::router(db.clone()).merge(controller::metrics_router(handle));
+        let server = Server::serve(app).await;
+        let client = Client::new();
+        let scrape = || async {
+            let response = client.get(server.url("/metrics")).send().await.unwrap();
+            assert_eq!(response.status(), StatusCode::OK);
+            response.text().await.unwrap()
+        };
+
+        let (status, body) =
+            json_of(client.post(server.url("/connect")).json(&request("doc-m"))).await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        let backend = backend_of(&body);
+        let token = body["token"].as_str().unwrap().to_string();
+        let stream_url = server.url(&format!("/backend/{backend}/status-stream"));
+        let mut stream = SseClient::open(&client, &stream_url, None).await;
+        while stream
+            .next()
+            .await
+            .expect("the stream reaches ready")
+            .id_and_status()
+            != (50, BackendStatus::Ready)
+        {}
+        let (status, _) = json_of(client.get(server.url(&format!("/route/{token}")))).await;
+        assert_eq!(status, StatusCode::OK);
+        let (status, _) = json_of(client.get(server.url("/route/no-such-token"))).await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        assert!(db.backend().update_keepalive(&backend).await.unwrap());
+        let (status, body) = json_of(
+            client
+                .post(server.url(&format!("/backend/{backend}/terminate")))
+                .json(&json!({"kind": "hard"})),
+        )
+        .await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+        stream.rest().await;
+        assert!(!db.backend().update_keepalive(&backend).await.unwrap());
+        // Wait until the bus has read the terminated event.
+        loop {
+            let event = tokio::time::timeout(STEP_TIMEOUT, all.next())
+                .await
+                .expect("the bus delivers the terminated event")
+                .unwrap()
+                .unwrap();
+            if event.kind == "backend_state" && event.data["status"] == "terminated" {
+                break;
+            }
+        }
+
+        // What the lifecycle wrote, from the database.
+        let written: Vec<(String, i64)> =
+            sqlx::query_as("select kind, count(*) from event group by kind order by kind")
+                .fetch_all(db.pool())
+                .await
+                .unwrap();
+        let total: i64 = written.iter().map(|(_, n)| n).sum();
+        let history: i64 =
+            sqlx::query_scalar("select count(*) from backend_state where backend_id = $1")
+                .bind(backend.as_str())
+                .fetch_one(db.pool())
+                .await
+                .unwrap();
+        assert!(total >= 9 && history == 7, "{written:?}, {history} states");
+
+        // The bus may still be reading events committed after `terminated` (an action ack
+        // writes none, but wait for whatever was written to be read, then compare exactly).
+        let deadline = tokio::time::Instant::now() + STEP_TIMEOUT;
+        let page = loop {
+            let page = scrape().await;
+            let read: f64 = written
+                .iter()
+                .filter_map(|(kind, _)| sample(&page, m::BUS_EVENTS_READ_TOTAL, &[("kind", kind)]))
+                .sum();
+            if read >= total as f64 || tokio::time::Instant::now() > deadline {
+                break page;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        // Every event written was read once, by kind; and each one's delivery delay recorded.
+        for (kind, count) in &written {
+            assert_eq!(
+                sample(&page, m::BUS_EVENTS_READ_TOTAL, &[("kind", kind)]),
+                Some(*count as f64),
+                "events read of kind {kind}\n{page}"
+            );
+        }
+        assert_eq!(
+            series(&page, m::BUS_EVENTS_READ_TOTAL).len(),
+            written.len(),
+            "{page}"
+        );
+        let delay_count = format!("{}_count", m::BUS_DELIVERY_DELAY_SECONDS);
+        assert_eq!(
+            sample(&page, &delay_count, &[]),
+            Some(total as f64),
+            "{page}"
+        );
+        // One connect, accepted; each state after `scheduled` (written by connect) was one
+        // accepted update_state; one route found and one not; one keepalive of each.
+        let ops = |op: &str, outcome: &str| {
+            sample(
+                &page,
+                m::OPERATIONS_TOTAL,
+                &[("operation", op), ("outcome", outcome)],
+            )
+        };
+        assert_eq!(ops("connect", "accepted"), Some(1.0), "{page}");
+        assert_eq!(ops("update_state", "accepted"), Some((history - 1) as f64));
+        assert_eq!(ops("route_info_for_token", "accepted"), Some(1.0));
+        assert_eq!(ops("route_info_for_token", "not_found"), Some(1.0));
+        assert_eq!(ops("update_keepalive", "accepted"), Some(1.0));
+        assert_eq!(ops("update_keepalive", "not_found"), Some(1.0));
+        let op_series = series(&page, m::OPERATIONS_TOTAL);
+        let connects: Vec<_> = op_series
+            .iter()
+            .filter(|l| l.contains("\"connect\""))
+            .collect();
+        assert_eq!(connects.len(), 1, "{connects:?}");
+        let durations = format!("{}_count", m::OPERATION_DURATION_SECONDS);
+        let timed = |op: &str, outcome: &str| {
+            sample(
+                &page,
+                &durations,
+                &[("operation", op), ("outcome", outcome)],
+            )
+        };
+        assert_eq!(timed("connect", "accepted"), Some(1.0));
+        assert_eq!(
+            timed("update_state", "accepted"),
+            Some((history - 1) as f64)
+        );
+        // Every update_state waited for a connection once, and the wait was recorded.
+        let acquires = format!("{}_count", m::POOL_ACQUIRE_DURATION_SECONDS);
+        let update_states: f64 = op_series
+            .iter()
+            .filter(|l| l.contains("\"update_state\""))
+            .map(|l| l.rsplit_once(' ').unwrap().1.parse::<f64>().unwrap())
+            .sum();
+        assert_eq!(
+            sample(&page, &acquires, &[("operation", "update_state")]),
+            Some(update_states)
+        );
+        // This test's subscription to everything and the drone's to its actions are open.
+        assert_eq!(
+            sample(&page, m::BUS_SUBSCRIPTIONS, &[("kind", "all")]),
+            Some(1.0)
+        );
+        assert_eq!(
+            sample(&page, m::BUS_SUBSCRIPTIONS, &[("kind", "backend_action")]),
+            Some(1.0)
+        );
+        // Nothing lagged, nothing caught up, no reconnect, no server change.
+        for name in [
+            m::BUS_LAGGED_TOTAL,
+            m::BUS_EVENTS_MISSED_TOTAL,
+            m::BUS_CATCH_UPS_TOTAL,
+            m::BUS_LISTENER_RECONNECTS_TOTAL,
+            m::BUS_RESTART_READS_TOTAL,
+        ] {
+            assert!(series(&page, name).is_empty(), "{name} moved\n{page}");
+        }
+        let size = sample(&page, m::POOL_CONNECTIONS, &[]).expect("pool size sampled");
+        let idle = sample(&page, m::POOL_IDLE_CONNECTIONS, &[]).expect("idle sampled");
+        assert!(
+            size >= 1.0 && idle <= size,
+            "{size} connections, {idle} idle"
+        );
+        // Help texts reached the exporter.
+        assert!(
+            page.contains(&format!("# HELP {} ", m::BUS_EVENTS_READ_TOTAL)),
+            "{page}"
+        );
+
+        // Cleanup of everything: the rows deleted per table are the summary's.
+        drop(all);
+        let summary = db
+            .run_cleanup(&plane_db::CleanupConfig {
+                backend_min_age_days: 0,
+                event_min_age: Duration::ZERO,
+                batch_size: 1000,
+            })
+            .await
+            .unwrap();
+        assert_eq!(summary.backends.backends, 1, "{summary:?}");
+        assert_eq!(summary.events, total as u64, "{summary:?}");
+        let page = scrape().await;
+        let deleted = |table: &str| {
+            sample(&page, m::CLEANUP_ROWS_DELETED_TOTAL, &[("table", table)]).unwrap_or(0.0)
+        };
+        assert_eq!(deleted("backend"), 1.0);
+        assert_eq!(deleted("backend_state"), summary.backends.states as f64);
+        assert_eq!(deleted("backend_state"), history as f64);
+        assert_eq!(deleted("backend_action"), summary.backends.actions as f64);
+        assert_eq!(deleted("event"), total as f64);
+        assert_eq!(
+            deleted("token"),
+            (summary.backends.tokens + summary.tokens) as f64
+        );
+        let runs = format!("{}_count", m::CLEANUP_DURATION_SECONDS);
+        assert_eq!(
+            sample(&page, &runs, &[("outcome", "ok")]),
+            Some(1.0),
+            "{page}"
+        );
+        assert_eq!(
+            sample(&page, m::BUS_SUBSCRIPTIONS, &[("kind", "all")]),
+            Some(0.0)
+        );
+
+        drop(client);
+        server.stop().await;
+        drone_task.abort();
+        let _ = drone_task.await;
+    })
+    .await
 }

@@ -156,6 +156,26 @@ async fn operations_run_in_spans_that_carry_their_identifiers() {
             let lost = captured.span_with("mark_drone_lost", "drone", d.name.as_str());
             assert_eq!(lost["cluster"], cluster().as_str());
 
+            // Spans and metrics share operation names (METRICS.md): every `operation` label
+            // of the metrics is the name of a span its call opens.
+            db.backend()
+                .update_keepalive(&response.backend_id)
+                .await
+                .unwrap();
+            db.backend()
+                .route_info_for_static_token(&plane_db::types::BearerToken::from(
+                    "s.unknown".to_string(),
+                ))
+                .await
+                .unwrap();
+            for operation in plane_db::metrics::OPERATIONS {
+                assert!(
+                    !captured.spans(operation).is_empty(),
+                    "no span named {operation}"
+                );
+            }
+            captured.span_with("update_keepalive", "backend", &backend);
+
             // A failure is returned to the caller, who logs it once; the library stays quiet.
             let unknown = plane_db::types::NodeId::from(i32::MAX);
             assert!(db.drone().drain(unknown).await.is_err());

@@ -4,6 +4,7 @@
 use super::subscription::{Filter, SubQueue};
 use super::{EphemeralEnvelope, Event, EPHEMERAL_CHANNEL, EVENTS_CHANNEL};
 use crate::error::Result;
+use crate::metrics as m;
 use chrono::{DateTime, Utc};
 use sqlx::postgres::PgListener;
 use sqlx::PgPool;
@@ -226,6 +227,27 @@ impl Shared {
         }
     }
 
+    /// Sets the gauges of the deepest queue and the paused subscriptions (one pass over the
+    /// subscriptions, once per read).
+    fn sample_queues(&self) {
+        let reg = self.registry();
+        let kinds = reg.by_kind.values();
+        let queues = reg.all.iter().chain(kinds.flat_map(|k| {
+            k.any_key
+                .iter()
+                .chain(k.by_key.values().flat_map(|list| list.iter()))
+        }));
+        let (mut deepest, mut paused) = (0_usize, 0_usize);
+        for q in queues {
+            let (len, is_paused) = q.depth();
+            deepest = deepest.max(len);
+            paused += usize::from(is_paused);
+        }
+        drop(reg);
+        metrics::gauge!(m::BUS_DEEPEST_QUEUE_EVENTS).set(deepest as f64);
+        metrics::gauge!(m::BUS_PAUSED_SUBSCRIPTIONS).set(paused as f64);
+    }
+
     /// Marks the start or the end of a read that two snapshots do not describe.
     fn bump_epoch(&self) {
         self.registry().epoch += 1;
@@ -267,6 +289,8 @@ impl EventBus {
     pub(crate) fn new(pool: PgPool, listener: PgPool, mut config: BusConfig) -> Self {
         // A page of zero rows never finishes a read (and a negative one is an SQL error).
         config.fetch_batch_size = config.fetch_batch_size.max(1);
+        // Cheap, and makes the help texts reach a recorder installed before this bus.
+        m::describe();
         let shared = Arc::new(Shared {
             registry: Mutex::new(Registry::default()),
             pool: pool.clone(),
@@ -517,6 +541,12 @@ async fn restart_floor(pool: &PgPool, prev: &Cursor, seen: &Seen) -> Result<Rest
         .filter(|&(_, xid)| xid >= row.floor)
         .collect();
     let went_back = seen.high_xid.is_some_and(|high| row.floor <= high);
+    let bound = if went_back {
+        "ids_went_back"
+    } else {
+        "precise"
+    };
+    metrics::counter!(m::BUS_RESTART_READS_TOTAL, "bound" => bound).increment(1);
     if went_back {
         let oldest_remembered = seen.recent.front().map(|&(_, xid)| xid);
         tracing::warn!(
@@ -614,6 +644,7 @@ async fn listen_loop(
                 }
             }
         }
+        metrics::counter!(m::BUS_LISTENER_DISCONNECTS_TOTAL).increment(1);
         if shared.is_closed() {
             return;
         }
@@ -630,6 +661,7 @@ async fn listen_loop(
             }
         };
         tracing::info!("event bus: listening again");
+        metrics::counter!(m::BUS_LISTENER_RECONNECTS_TOTAL).increment(1);
         shared.wake.notify_one();
     }
 }
@@ -721,7 +753,17 @@ async fn read_loop(
             &mut progress,
             config.fetch_batch_size,
         );
-        match read.await {
+        let started = std::time::Instant::now();
+        let read = read.await;
+        let outcome = match &read {
+            Ok(Some(_)) => "ok",
+            Ok(None) => "server_changed",
+            Err(_) => "error",
+        };
+        m::bus_read(started.elapsed(), outcome);
+        m::sample_pool(&pool);
+        shared.sample_queues();
+        match read {
             Ok(None) => {
                 tracing::warn!(
                     "event bus: the database server changed during a read; reading again"
@@ -896,6 +938,11 @@ async fn read_new_events(
             shared.bump_epoch();
         }
         let mut count = 0_i64;
+        // The delay from commit to dispatch, measured from the event's `created_at` (its
+        // transaction's start on the server's clock: the commit time is not recorded) to now.
+        let delay = metrics::histogram!(m::BUS_DELIVERY_DELAY_SECONDS);
+        let now = Utc::now();
+        let mut kinds = m::KindTally::default();
         for row in rows {
             let (Some(id), Some(xid), Some(kind), Some(created_at), Some(data)) =
                 (row.id, row.xid, row.kind, row.created_at, row.data)
@@ -912,6 +959,8 @@ async fn read_new_events(
                 continue;
             }
             seen.record(id, xid);
+            kinds.add(&kind);
+            delay.record((now - created_at).to_std().map_or(0.0, |d| d.as_secs_f64()));
             shared.dispatch(
                 Arc::new(Event {
                     id: Some(id),
@@ -923,6 +972,7 @@ async fn read_new_events(
                 Some(&span),
             );
         }
+        kinds.flush(m::BUS_EVENTS_READ_TOTAL);
         if count < batch {
             *progress = None;
             if epoch_bumped {

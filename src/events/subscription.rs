@@ -4,6 +4,7 @@
 
 use super::bus::{Position, Shared};
 use super::{decode, Event, Notification, NotificationPayload};
+use crate::metrics as m;
 use std::collections::VecDeque;
 use std::marker::PhantomData;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -18,6 +19,14 @@ pub(crate) enum Filter {
 }
 
 impl Filter {
+    /// The `kind` label of its subscriptions' gauge.
+    fn label(&self) -> &'static str {
+        match self {
+            Filter::All => "all",
+            Filter::Kind(kind) | Filter::KindKey(kind, _) => m::kind_label(kind),
+        }
+    }
+
     fn kind(&self) -> Option<&'static str> {
         match self {
             Filter::All => None,
@@ -99,6 +108,12 @@ impl SubQueue {
             }
         }
         self.ready.notify_one();
+    }
+
+    /// How many events it holds, and whether it is paused.
+    pub(crate) fn depth(&self) -> (usize, bool) {
+        let st = self.state();
+        (st.items.len(), st.paused_at.is_some())
     }
 
     pub(crate) fn close(&self) {
@@ -184,6 +199,7 @@ impl CatchUp {
         .fetch_all(&shared.pool)
         .await?;
         self.done = (rows.len() as i64) < CATCH_UP_PAGE;
+        metrics::counter!(m::BUS_EVENTS_CAUGHT_UP_TOTAL).increment(rows.len() as u64);
         for row in rows {
             self.after = row.id;
             self.page.push_back(Arc::new(Event {
@@ -212,6 +228,12 @@ pub struct Lagged {
     pub missed: u64,
 }
 
+/// Records a [`Lagged`] report.
+fn lagged(cause: &'static str, missed: u64) {
+    metrics::counter!(m::BUS_LAGGED_TOTAL, "cause" => cause).increment(1);
+    metrics::counter!(m::BUS_EVENTS_MISSED_TOTAL, "cause" => cause).increment(missed);
+}
+
 /// The registration shared by typed and untyped subscriptions; unregisters on drop.
 struct Registration {
     shared: Arc<Shared>,
@@ -224,6 +246,7 @@ impl Registration {
     fn new(shared: Arc<Shared>, filter: Filter) -> Self {
         let queue = Arc::new(SubQueue::new());
         shared.register(&filter, queue.clone());
+        metrics::gauge!(m::BUS_SUBSCRIPTIONS, "kind" => filter.label()).increment(1.0);
         Self {
             shared,
             filter,
@@ -257,11 +280,15 @@ impl Registration {
             }
             match self.queue.next().await {
                 Next::Event(event) => return Some(Ok(event)),
-                Next::Lagged(missed) => return Some(Err(Lagged { missed })),
+                Next::Lagged(missed) => {
+                    lagged("ephemeral", missed);
+                    return Some(Err(Lagged { missed }));
+                }
                 Next::Closed => return None,
                 Next::Paused => {
-                    if let Err(lagged) = self.resume() {
-                        return Some(Err(lagged));
+                    if let Err(report) = self.resume() {
+                        lagged("server_changed", report.missed);
+                        return Some(Err(report));
                     }
                 }
             }
@@ -283,6 +310,7 @@ impl Registration {
         if !(from.exact && to.exact && from.epoch == to.epoch) {
             return Err(Lagged { missed: dropped });
         }
+        metrics::counter!(m::BUS_CATCH_UPS_TOTAL).increment(1);
         self.catch_up = Some(CatchUp {
             from,
             to,
@@ -297,6 +325,7 @@ impl Registration {
 impl Drop for Registration {
     fn drop(&mut self) {
         self.shared.unregister(&self.filter, &self.queue);
+        metrics::gauge!(m::BUS_SUBSCRIPTIONS, "kind" => self.filter.label()).decrement(1.0);
     }
 }
 

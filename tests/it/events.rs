@@ -265,8 +265,13 @@ fn small_queue_config() -> Config {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+/// On a current-thread runtime with a recorder local to this thread, so that the catch-up
+/// metrics counted are this test's alone.
+#[tokio::test(flavor = "current_thread")]
 async fn a_lagging_subscription_catches_up_from_the_table() {
+    let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+    let handle = recorder.handle();
+    let _local = metrics::set_default_local_recorder(&recorder);
     with_db_config(small_queue_config(), |db| async move {
         let mut sub = db.subscribe_with_key::<BackendState>("k").await.unwrap();
         let mut conn = db.pool().acquire().await.unwrap();
@@ -318,6 +323,24 @@ async fn a_lagging_subscription_catches_up_from_the_table() {
             extra.is_err(),
             "nothing more: {:?}",
             extra.map(|e| e.map(|r| r.is_ok()))
+        );
+        // One catch-up, which read back the 15 events of "k" the full queue (5) did not
+        // take, and the post-pause one if the bus had read it before the catch-up began.
+        let page = handle.render();
+        let value = |name: &str| {
+            page.lines()
+                .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse::<f64>().ok())
+        };
+        assert_eq!(
+            value(plane_db::metrics::BUS_CATCH_UPS_TOTAL),
+            Some(1.0),
+            "{page}"
+        );
+        let caught_up = value(plane_db::metrics::BUS_EVENTS_CAUGHT_UP_TOTAL);
+        assert!(matches!(caught_up, Some(15.0) | Some(16.0)), "{page}");
+        assert!(
+            !page.contains(plane_db::metrics::BUS_LAGGED_TOTAL),
+            "{page}"
         );
     })
     .await

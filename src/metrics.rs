@@ -1,0 +1,487 @@
+//! Metrics, recorded through the [`metrics`](https://docs.rs/metrics) facade: the library
+//! records, the application chooses the exporter (Prometheus, StatsD, …) by installing a
+//! recorder. Without one, every call here is a no-op costing an atomic load.
+//!
+//! Every metric name is a constant of this module, listed with its type, labels and meaning
+//! in [`ALL`]; call [`describe`] once after installing a recorder so that the exporter knows
+//! the units and help texts. METRICS.md in the repository lists them all with the alerts
+//! worth setting, and `docs/grafana-dashboard.json` is a dashboard over them.
+//!
+//! Labels are bounded: an operation name, an outcome, an event kind among the crate's own
+//! payload types (others are counted as `other`), a table name. Never a backend id, a key or a
+//! token.
+//!
+//! # Operations and spans
+//! The `operation` label of [`OPERATION_DURATION_SECONDS`] and [`OPERATIONS_TOTAL`] is the
+//! name of the tracing span of the same call (the method's name, which
+//! `#[tracing::instrument]` gives its span): a spike of `operation="update_state"` is
+//! followed in the traces by the spans named `update_state`. See [`OPERATIONS`].
+
+use sqlx::PgPool;
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+/// Stored events the bus read and dispatched, by `kind`.
+pub const BUS_EVENTS_READ_TOTAL: &str = "plane_db_bus_events_read_total";
+/// Reads of the `event` table by the bus, by `outcome` (`ok`, `error`, `server_changed`).
+pub const BUS_READS_TOTAL: &str = "plane_db_bus_reads_total";
+/// How long one read of the `event` table took (all its pages), in seconds.
+pub const BUS_READ_DURATION_SECONDS: &str = "plane_db_bus_read_duration_seconds";
+/// From an event's `created_at` to its dispatch to the subscriber queues, in seconds.
+pub const BUS_DELIVERY_DELAY_SECONDS: &str = "plane_db_bus_delivery_delay_seconds";
+/// Times the bus's listening connection was lost.
+pub const BUS_LISTENER_DISCONNECTS_TOTAL: &str = "plane_db_bus_listener_disconnects_total";
+/// Times the bus's listening connection was re-established.
+pub const BUS_LISTENER_RECONNECTS_TOTAL: &str = "plane_db_bus_listener_reconnects_total";
+/// Reads after a database server change (restart, failover), by `bound`.
+pub const BUS_RESTART_READS_TOTAL: &str = "plane_db_bus_restart_reads_total";
+/// [`Lagged`](crate::events::Lagged) reports handed to subscribers, by `cause`.
+pub const BUS_LAGGED_TOTAL: &str = "plane_db_bus_lagged_total";
+/// Events missed by subscribers (the sum of the `Lagged` reports' `missed`), by `cause`.
+pub const BUS_EVENTS_MISSED_TOTAL: &str = "plane_db_bus_events_missed_total";
+/// Catch-ups from the `event` table started by paused subscriptions.
+pub const BUS_CATCH_UPS_TOTAL: &str = "plane_db_bus_catch_ups_total";
+/// Events read back from the `event` table by catch-ups.
+pub const BUS_EVENTS_CAUGHT_UP_TOTAL: &str = "plane_db_bus_events_caught_up_total";
+/// Open subscriptions, by `kind` (`all` for [`subscribe_all_events`](crate::PlaneDatabase::subscribe_all_events)).
+pub const BUS_SUBSCRIPTIONS: &str = "plane_db_bus_subscriptions";
+/// Subscriptions paused (their queue was full) at the bus's last read.
+pub const BUS_PAUSED_SUBSCRIPTIONS: &str = "plane_db_bus_paused_subscriptions";
+/// The most events queued for one subscription, at the bus's last read.
+pub const BUS_DEEPEST_QUEUE_EVENTS: &str = "plane_db_bus_deepest_queue_events";
+/// Connections the pool holds (busy and idle), sampled by the bus and by operations.
+pub const POOL_CONNECTIONS: &str = "plane_db_pool_connections";
+/// Idle connections in the pool, sampled with [`POOL_CONNECTIONS`].
+pub const POOL_IDLE_CONNECTIONS: &str = "plane_db_pool_idle_connections";
+/// Time spent waiting for a pooled connection, in seconds, by `operation`.
+pub const POOL_ACQUIRE_DURATION_SECONDS: &str = "plane_db_pool_acquire_duration_seconds";
+/// How long an operation took, in seconds, by `operation` and `outcome`.
+pub const OPERATION_DURATION_SECONDS: &str = "plane_db_operation_duration_seconds";
+/// Operations finished, by `operation` and `outcome`.
+pub const OPERATIONS_TOTAL: &str = "plane_db_operations_total";
+/// Rows deleted by cleanup, by `table`.
+pub const CLEANUP_ROWS_DELETED_TOTAL: &str = "plane_db_cleanup_rows_deleted_total";
+/// How long a cleanup run took, in seconds, by `outcome` (`ok`, `error`).
+pub const CLEANUP_DURATION_SECONDS: &str = "plane_db_cleanup_duration_seconds";
+
+/// The `operation` label values, each the name of the tracing span of the same call.
+pub const OPERATIONS: &[&str] = &[
+    "update_state",
+    "connect",
+    "route_info_for_token",
+    "route_info_for_static_token",
+    "update_keepalive",
+];
+
+/// A metric's type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MetricType {
+    /// Only goes up.
+    Counter,
+    /// A value that goes up and down.
+    Gauge,
+    /// A distribution of observed values.
+    Histogram,
+}
+
+/// One metric: its name, type, labels, unit and meaning.
+#[derive(Debug, Clone, Copy)]
+pub struct MetricInfo {
+    /// The metric's name (one of this module's constants).
+    pub name: &'static str,
+    /// Its type.
+    pub kind: MetricType,
+    /// Its label names.
+    pub labels: &'static [&'static str],
+    /// Its unit, if any.
+    pub unit: Option<metrics::Unit>,
+    /// What it measures.
+    pub help: &'static str,
+}
+
+const fn info(
+    name: &'static str,
+    kind: MetricType,
+    labels: &'static [&'static str],
+    unit: Option<metrics::Unit>,
+    help: &'static str,
+) -> MetricInfo {
+    MetricInfo {
+        name,
+        kind,
+        labels,
+        unit,
+        help,
+    }
+}
+
+use metrics::Unit;
+use MetricType::{Counter, Gauge, Histogram};
+
+/// Every metric this crate records.
+pub const ALL: &[MetricInfo] = &[
+    info(BUS_EVENTS_READ_TOTAL, Counter, &["kind"], Some(Unit::Count),
+        "Stored events the bus read from the event table and dispatched to subscriber queues."),
+    info(BUS_READS_TOTAL, Counter, &["outcome"], Some(Unit::Count),
+        "Reads of the event table by the bus: ok, error (retried with backoff), server_changed (the server changed between two pages; read again)."),
+    info(BUS_READ_DURATION_SECONDS, Histogram, &[], Some(Unit::Seconds),
+        "Duration of one read of the event table by the bus, all pages included."),
+    info(BUS_DELIVERY_DELAY_SECONDS, Histogram, &[], Some(Unit::Seconds),
+        "From an event's created_at (its writing transaction's start, server clock) to its dispatch to subscriber queues (this process's clock)."),
+    info(BUS_LISTENER_DISCONNECTS_TOTAL, Counter, &[], Some(Unit::Count),
+        "Times the bus's listening connection was lost."),
+    info(BUS_LISTENER_RECONNECTS_TOTAL, Counter, &[], Some(Unit::Count),
+        "Times the bus's listening connection was re-established after a loss."),
+    info(BUS_RESTART_READS_TOTAL, Counter, &["bound"], Some(Unit::Count),
+        "Reads after a database server change: bound=precise (the floor is the first new transaction id), ids_went_back (the new server reused ids of rows already read)."),
+    info(BUS_LAGGED_TOTAL, Counter, &["cause"], Some(Unit::Count),
+        "Lagged reports handed to subscribers: cause=ephemeral (ephemeral messages dropped from a full queue), server_changed (a catch-up could not be delimited)."),
+    info(BUS_EVENTS_MISSED_TOTAL, Counter, &["cause"], Some(Unit::Count),
+        "Events not delivered to a subscriber, the sum of the Lagged reports' missed."),
+    info(BUS_CATCH_UPS_TOTAL, Counter, &[], Some(Unit::Count),
+        "Catch-ups from the event table started by subscriptions that had been paused (queue full)."),
+    info(BUS_EVENTS_CAUGHT_UP_TOTAL, Counter, &[], Some(Unit::Count),
+        "Events read back from the event table by catch-ups."),
+    info(BUS_SUBSCRIPTIONS, Gauge, &["kind"], Some(Unit::Count),
+        "Open subscriptions by event kind (all: subscribe_all_events)."),
+    info(BUS_PAUSED_SUBSCRIPTIONS, Gauge, &[], Some(Unit::Count),
+        "Subscriptions paused because their queue was full, at the bus's last read."),
+    info(BUS_DEEPEST_QUEUE_EVENTS, Gauge, &[], Some(Unit::Count),
+        "The most events queued for one subscription, at the bus's last read."),
+    info(POOL_CONNECTIONS, Gauge, &[], Some(Unit::Count),
+        "Connections held by the pool (busy and idle), sampled at each bus read and operation."),
+    info(POOL_IDLE_CONNECTIONS, Gauge, &[], Some(Unit::Count),
+        "Idle connections in the pool, sampled with plane_db_pool_connections."),
+    info(POOL_ACQUIRE_DURATION_SECONDS, Histogram, &["operation"], Some(Unit::Seconds),
+        "Time an operation waited for a pooled connection."),
+    info(OPERATION_DURATION_SECONDS, Histogram, &["operation", "outcome"], Some(Unit::Seconds),
+        "Duration of an operation (the span of the same name), by outcome: accepted, refused, not_found, error."),
+    info(OPERATIONS_TOTAL, Counter, &["operation", "outcome"], Some(Unit::Count),
+        "Operations finished, by outcome: accepted, refused, not_found, error."),
+    info(CLEANUP_ROWS_DELETED_TOTAL, Counter, &["table"], Some(Unit::Count),
+        "Rows deleted by cleanup, by table."),
+    info(CLEANUP_DURATION_SECONDS, Histogram, &["outcome"], Some(Unit::Seconds),
+        "Duration of one cleanup run (run_cleanup), by outcome: ok, error."),
+];
+
+/// Describes every metric (unit and help text) to the installed recorder. Call it once after
+/// installing one; describing again is harmless. Without a recorder it does nothing.
+pub fn describe() {
+    for m in ALL {
+        match (m.kind, m.unit) {
+            (Counter, Some(unit)) => metrics::describe_counter!(m.name, unit, m.help),
+            (Counter, None) => metrics::describe_counter!(m.name, m.help),
+            (Gauge, Some(unit)) => metrics::describe_gauge!(m.name, unit, m.help),
+            (Gauge, None) => metrics::describe_gauge!(m.name, m.help),
+            (Histogram, Some(unit)) => metrics::describe_histogram!(m.name, unit, m.help),
+            (Histogram, None) => metrics::describe_histogram!(m.name, m.help),
+        }
+    }
+}
+
+/// The `kind` label of an event kind: the crate's own payload types by name, anything else
+/// as `other` (kinds come from the `event` table, so they are not trusted to be few).
+pub(crate) fn kind_label(kind: &str) -> &'static str {
+    KindTally::LABELS[KindTally::index(kind)]
+}
+
+/// Per-kind tallies of events, added to a counter once per page rather than once per event.
+#[derive(Default)]
+pub(crate) struct KindTally([u64; 5]);
+
+impl KindTally {
+    /// The crate's own event kinds (every `NotificationPayload` it defines), then `other`.
+    const LABELS: [&'static str; 5] = [
+        "backend_state",
+        "backend_action",
+        "backend_metrics",
+        "node_connection",
+        "other",
+    ];
+
+    fn index(kind: &str) -> usize {
+        match kind {
+            "backend_state" => 0,
+            "backend_action" => 1,
+            "backend_metrics" => 2,
+            "node_connection" => 3,
+            _ => 4,
+        }
+    }
+
+    pub(crate) fn add(&mut self, kind: &str) {
+        self.0[Self::index(kind)] += 1;
+    }
+
+    /// Adds the tallies to `counter` (labelled `kind`) and resets them.
+    pub(crate) fn flush(&mut self, counter: &'static str) {
+        for (label, count) in Self::LABELS.iter().zip(self.0.iter_mut()) {
+            if *count > 0 {
+                metrics::counter!(counter, "kind" => *label).increment(std::mem::take(count));
+            }
+        }
+    }
+}
+
+/// Samples the pool's size and idle connections (two atomic loads).
+pub(crate) fn sample_pool(pool: &PgPool) {
+    metrics::gauge!(POOL_CONNECTIONS).set(f64::from(pool.size()));
+    metrics::gauge!(POOL_IDLE_CONNECTIONS).set(pool.num_idle() as f64);
+}
+
+/// An operation whose duration and outcome are recorded; its name is its span's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Operation {
+    UpdateState,
+    Connect,
+    RouteInfoForToken,
+    RouteInfoForStaticToken,
+    UpdateKeepalive,
+}
+
+impl Operation {
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Operation::UpdateState => "update_state",
+            Operation::Connect => "connect",
+            Operation::RouteInfoForToken => "route_info_for_token",
+            Operation::RouteInfoForStaticToken => "route_info_for_static_token",
+            Operation::UpdateKeepalive => "update_keepalive",
+        }
+    }
+}
+
+/// How an operation ended (the `outcome` label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Outcome {
+    /// It did what was asked (a state changed, a backend returned, a route found).
+    Accepted,
+    /// The request was valid but refused (a transition that is not forward, a key held under
+    /// another tag, no drone, invalid input).
+    Refused,
+    /// What it was about does not exist (an unknown token, an unknown or terminated backend).
+    NotFound,
+    /// The database failed.
+    Error,
+}
+
+impl Outcome {
+    fn label(self) -> &'static str {
+        match self {
+            Outcome::Accepted => "accepted",
+            Outcome::Refused => "refused",
+            Outcome::NotFound => "not_found",
+            Outcome::Error => "error",
+        }
+    }
+}
+
+/// The outcome of an operation's result.
+pub(crate) trait HasOutcome {
+    fn outcome(&self, operation: Operation) -> Outcome;
+}
+
+/// An error that is not the database's is the caller's request being refused.
+fn error_outcome(error: &crate::Error) -> Outcome {
+    match error {
+        crate::Error::InvalidArgument { .. } => Outcome::Refused,
+        crate::Error::NotFound { .. } => Outcome::NotFound,
+        _ => Outcome::Error,
+    }
+}
+
+impl HasOutcome for crate::Result<bool> {
+    fn outcome(&self, operation: Operation) -> Outcome {
+        match self {
+            Ok(true) => Outcome::Accepted,
+            // `update_keepalive`: unknown or terminated backend.
+            Ok(false) if operation == Operation::UpdateKeepalive => Outcome::NotFound,
+            // `update_state`: unknown backend or not a forward transition.
+            Ok(false) => Outcome::Refused,
+            Err(error) => error_outcome(error),
+        }
+    }
+}
+
+impl HasOutcome for crate::Result<crate::backend::RouteInfoResult> {
+    fn outcome(&self, _: Operation) -> Outcome {
+        match self {
+            Ok(crate::backend::RouteInfoResult::NotFound) => Outcome::NotFound,
+            Ok(_) => Outcome::Accepted,
+            Err(error) => error_outcome(error),
+        }
+    }
+}
+
+impl HasOutcome for Result<crate::connect::ConnectResponse, crate::ConnectError> {
+    fn outcome(&self, _: Operation) -> Outcome {
+        use crate::ConnectError;
+        match self {
+            Ok(_) => Outcome::Accepted,
+            Err(ConnectError::Other(error)) => error_outcome(error),
+            Err(ConnectError::Contended { .. }) => Outcome::Error,
+            Err(_) => Outcome::Refused,
+        }
+    }
+}
+
+/// Runs an operation, recording its duration and outcome (and sampling the pool).
+pub(crate) async fn timed<F>(operation: Operation, pool: &PgPool, future: F) -> F::Output
+where
+    F: Future,
+    F::Output: HasOutcome,
+{
+    let started = Instant::now();
+    let result = future.await;
+    let elapsed = started.elapsed();
+    let outcome = result.outcome(operation).label();
+    let name = operation.name();
+    metrics::histogram!(OPERATION_DURATION_SECONDS, "operation" => name, "outcome" => outcome)
+        .record(elapsed);
+    metrics::counter!(OPERATIONS_TOTAL, "operation" => name, "outcome" => outcome).increment(1);
+    sample_pool(pool);
+    result
+}
+
+/// [`timed`] for [`PlaneDatabase::connect`](crate::PlaneDatabase::connect) (a one-line call
+/// in its body).
+pub(crate) async fn timed_connect<F>(pool: &PgPool, future: F) -> F::Output
+where
+    F: Future,
+    F::Output: HasOutcome,
+{
+    timed(Operation::Connect, pool, future).await
+}
+
+/// Takes a connection from the pool, recording how long that waited.
+pub(crate) async fn acquire(
+    operation: Operation,
+    pool: &PgPool,
+) -> crate::Result<sqlx::pool::PoolConnection<sqlx::Postgres>> {
+    let started = Instant::now();
+    let conn = pool.acquire().await;
+    metrics::histogram!(POOL_ACQUIRE_DURATION_SECONDS, "operation" => operation.name())
+        .record(started.elapsed());
+    Ok(conn?)
+}
+
+/// Records one bus read.
+pub(crate) fn bus_read(elapsed: Duration, outcome: &'static str) {
+    metrics::histogram!(BUS_READ_DURATION_SECONDS).record(elapsed);
+    metrics::counter!(BUS_READS_TOTAL, "outcome" => outcome).increment(1);
+}
+
+/// Records one cleanup run.
+pub(crate) fn cleanup_run(elapsed: Duration, ok: bool) {
+    let outcome = if ok { "ok" } else { "error" };
+    metrics::histogram!(CLEANUP_DURATION_SECONDS, "outcome" => outcome).record(elapsed);
+}
+
+/// Records rows deleted by cleanup from `table`.
+pub(crate) fn cleanup_deleted(table: &'static str, rows: u64) {
+    if rows > 0 {
+        metrics::counter!(CLEANUP_ROWS_DELETED_TOTAL, "table" => table).increment(rows);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_follow_prometheus_conventions_and_are_unique() {
+        let mut seen = std::collections::HashSet::new();
+        for m in ALL {
+            assert!(seen.insert(m.name), "{} listed twice", m.name);
+            assert!(m.name.starts_with("plane_db_"), "{}", m.name);
+            assert!(
+                m.name
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'),
+                "{}",
+                m.name
+            );
+            match m.kind {
+                Counter => assert!(m.name.ends_with("_total"), "{}", m.name),
+                _ => assert!(!m.name.ends_with("_total"), "{}", m.name),
+            }
+            if m.unit == Some(Unit::Seconds) {
+                assert!(m.name.ends_with("_seconds"), "{}", m.name);
+            }
+            assert!(!m.help.is_empty());
+            for label in m.labels {
+                assert!(
+                    !["backend", "backend_id", "key", "token", "drone"].contains(label),
+                    "{} has an unbounded label {label}",
+                    m.name
+                );
+            }
+        }
+        assert_eq!(seen.len(), 21);
+    }
+
+    /// Every `plane_db_…` name in `text`, less the suffixes Prometheus adds to histograms.
+    fn names_in(text: &str) -> std::collections::BTreeSet<String> {
+        let known = |name: &str| ALL.iter().any(|m| m.name == name);
+        let mut names = std::collections::BTreeSet::new();
+        let mut rest = text;
+        while let Some(start) = rest.find("plane_db_") {
+            let tail = &rest[start..];
+            let end = tail
+                .find(|c: char| !(c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'))
+                .unwrap_or(tail.len());
+            let name = &tail[..end];
+            let base = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|suffix| name.strip_suffix(suffix).filter(|base| known(base)))
+                .unwrap_or(name);
+            names.insert(base.to_string());
+            rest = &tail[end..];
+        }
+        names
+    }
+
+    #[test]
+    fn dashboard_and_metrics_md_use_exactly_these_names() {
+        let all: std::collections::BTreeSet<String> =
+            ALL.iter().map(|m| m.name.to_string()).collect();
+        let dashboard = include_str!("../docs/grafana-dashboard.json");
+        assert_eq!(names_in(dashboard), all, "docs/grafana-dashboard.json");
+        let doc = include_str!("../METRICS.md");
+        assert_eq!(names_in(doc), all, "METRICS.md");
+    }
+
+    #[test]
+    fn operation_names_are_listed() {
+        for op in [
+            Operation::UpdateState,
+            Operation::Connect,
+            Operation::RouteInfoForToken,
+            Operation::RouteInfoForStaticToken,
+            Operation::UpdateKeepalive,
+        ] {
+            assert!(OPERATIONS.contains(&op.name()), "{}", op.name());
+        }
+        assert_eq!(OPERATIONS.len(), 5);
+    }
+
+    #[test]
+    fn kinds_are_bounded() {
+        use crate::events::NotificationPayload;
+        // Every payload type of the crate has its own label.
+        for kind in [
+            crate::types::BackendState::kind(),
+            crate::types::BackendActionMessage::kind(),
+            crate::types::BackendMetricsMessage::kind(),
+            crate::node::NodeConnectionStatusChange::kind(),
+        ] {
+            assert_eq!(kind_label(kind), kind);
+        }
+        assert_eq!(kind_label("anything a caller emits"), "other");
+        let mut tally = KindTally::default();
+        tally.add("backend_action");
+        tally.add("x");
+        tally.add("x");
+        assert_eq!(tally.0, [0, 1, 0, 0, 2]);
+    }
+}
