@@ -728,7 +728,7 @@ async fn the_page_follows_a_backend_live_in_a_real_browser() {
         let chromium = browser::Browser::start(&proxy.url("/")).await;
         let mut page = chromium.page(&proxy.url("/")).await;
         let deadline = tokio::time::Instant::now() + STEP_TIMEOUT;
-        while page.eval("document.body.dataset.loaded === 'yes'").await != true {
+        while page.eval("document.body !== null && document.body.dataset.loaded === 'yes'").await != true {
             assert!(tokio::time::Instant::now() < deadline, "the page never loaded");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
