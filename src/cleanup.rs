@@ -33,6 +33,9 @@ impl Default for CleanupConfig {
     }
 }
 
+/// How many completed cleanup runs `cleanup_run` keeps.
+const CLEANUP_RUNS_KEPT: i64 = 100;
+
 /// What one [`PlaneDatabase::run_cleanup`] deleted.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CleanupSummary {
@@ -213,6 +216,7 @@ impl PlaneDatabase {
         config: &CleanupConfig,
         mut progress: impl FnMut(CleanupProgress) + Send,
     ) -> Result<CleanupSummary> {
+        let started = std::time::Instant::now();
         let backends = self
             .backend()
             .cleanup_reporting(config.backend_min_age_days, config.batch_size, &mut |r| {
@@ -246,8 +250,38 @@ impl PlaneDatabase {
             events,
             tokens,
         };
+        self.record_cleanup_run(&summary, started.elapsed()).await?;
         tracing::info!(?summary, "cleanup finished");
         Ok(summary)
+    }
+
+    /// Records a completed run in `cleanup_run` (for `plane-db status`), keeping the latest
+    /// [`CLEANUP_RUNS_KEPT`] runs. Its start is the database clock less the run's duration.
+    async fn record_cleanup_run(
+        &self,
+        summary: &CleanupSummary,
+        took: std::time::Duration,
+    ) -> Result<()> {
+        let count = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+        sqlx::query!(
+            r#"
+            with run as (
+                insert into cleanup_run (started_at, backends, events, tokens)
+                values (now() - make_interval(secs => $1), $2, $3, $4)
+                returning id
+            )
+            delete from cleanup_run
+            where id <= (select id from run) - $5
+            "#,
+            took.as_secs_f64(),
+            count(summary.backends.backends),
+            count(summary.events),
+            count(summary.tokens),
+            CLEANUP_RUNS_KEPT,
+        )
+        .execute(self.pool())
+        .await?;
+        Ok(())
     }
 
     /// Runs [`run_cleanup`](Self::run_cleanup) every `interval` in a background task,

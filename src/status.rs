@@ -28,6 +28,25 @@ pub struct DatabaseStatus {
     pub oldest_transaction: Option<OpenTransaction>,
     /// The `event` table's size and its oldest row.
     pub events: EventTableStatus,
+    /// The last completed cleanup run, `None` if none was recorded (cleanup never ran to
+    /// completion since the schema records runs).
+    pub last_cleanup: Option<CleanupRun>,
+}
+
+/// A completed cleanup run, as recorded by
+/// [`run_cleanup`](crate::PlaneDatabase::run_cleanup).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CleanupRun {
+    /// When it started (database clock).
+    pub started_at: DateTime<Utc>,
+    /// When it finished (database clock).
+    pub finished_at: DateTime<Utc>,
+    /// Terminated backends it deleted.
+    pub backends: i64,
+    /// Old events it deleted.
+    pub events: i64,
+    /// Expired tokens it deleted.
+    pub tokens: i64,
 }
 
 /// What a drone can do right now, from the scheduler's point of view (the checks of
@@ -146,8 +165,7 @@ impl PlaneDatabase {
     ///
     /// A handful of small statements on the pool: counting backends reads the `backend`
     /// table once (an index-only scan of `backend_status_time_idx` when visibility allows);
-    /// the other parts read catalogues and indexes only. Last cleanup runs are not recorded
-    /// by the schema, so they are not part of it.
+    /// the other parts read catalogues and indexes only, and the last row of `cleanup_run`.
     #[tracing::instrument(skip(self))]
     pub async fn status(&self) -> Result<DatabaseStatus> {
         let controllers = self.controller().online_controllers().await?;
@@ -285,7 +303,19 @@ impl PlaneDatabase {
         )
         .fetch_one(self.pool())
         .await?;
+        let last_cleanup = sqlx::query_as!(
+            CleanupRun,
+            r#"
+            select started_at, finished_at, backends, events, tokens
+            from cleanup_run
+            order by id desc
+            limit 1
+            "#
+        )
+        .fetch_optional(self.pool())
+        .await?;
         Ok(DatabaseStatus {
+            last_cleanup,
             as_of: events.as_of,
             controllers,
             drones,

@@ -1102,10 +1102,7 @@ async fn status_names_the_open_transaction_and_counts_what_exists() {
         assert!(events["oldest_at"].is_string(), "{status:#}");
         assert!(events["bytes"].as_i64().unwrap() > 0, "{status:#}");
         assert!(events["rows_estimate"].as_i64().is_some(), "{status:#}");
-        assert_eq!(
-            status["last_cleanup"],
-            serde_json::json!({"recorded": false, "at": null})
-        );
+        assert_eq!(status["last_cleanup"], Value::Null, "no cleanup has run");
 
         // The table, piped: sections in order, no colour codes, the writer's pid and name.
         let text = run(&url, &["status"]);
@@ -1119,7 +1116,7 @@ async fn status_names_the_open_transaction_and_counts_what_exists() {
             "\nBACKENDS: 3\n",
             "\nOLDEST OPEN TRANSACTION\n",
             "\nEVENTS\n",
-            "\nLAST CLEANUP: unknown (cleanup runs are not recorded in the database)\n",
+            "\nLAST CLEANUP: never (no completed run recorded)\n",
         ] {
             let found = text[at..]
                 .find(heading)
@@ -1153,6 +1150,50 @@ async fn status_names_the_open_transaction_and_counts_what_exists() {
         sqlx::Connection::close(writer).await.unwrap();
         let after = run_json(&url, &["status"]);
         assert_ne!(after["oldest_transaction"]["pid"], pid, "{after:#}");
+
+        // A completed cleanup is recorded: the latest run, with what it deleted (nothing is
+        // old enough here, so zeros, but a run all the same).
+        let summary = db
+            .run_cleanup(&plane_db::CleanupConfig::default())
+            .await
+            .unwrap();
+        let after = run_json(&url, &["status"]);
+        let last = &after["last_cleanup"];
+        assert_eq!(last["backends"], summary.backends.backends, "{after:#}");
+        assert_eq!(last["events"], summary.events, "{after:#}");
+        assert_eq!(last["tokens"], summary.tokens, "{after:#}");
+        assert!(
+            last["finished_at"].is_string() && last["started_at"].is_string(),
+            "{after:#}"
+        );
+        let text = stdout(&run(&url, &["status"]));
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("LAST CLEANUP:"))
+            .unwrap_or_else(|| panic!("{text}"));
+        assert!(line.contains("deleted 0 backends"), "{line}");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cleanup_runs_are_recorded_and_pruned() {
+    with_db_url(Config::default(), |db, _url| async move {
+        for _ in 0..105 {
+            db.run_cleanup(&plane_db::CleanupConfig::default())
+                .await
+                .unwrap();
+        }
+        let (count, min_id, max_id): (i64, i64, i64) =
+            sqlx::query_as("select count(*), min(id), max(id) from cleanup_run")
+                .fetch_one(db.pool())
+                .await
+                .unwrap();
+        assert_eq!(count, 100, "only the latest 100 runs are kept");
+        assert_eq!(max_id - min_id, 99);
+        let status = db.status().await.unwrap();
+        let last = status.last_cleanup.expect("a run is recorded");
+        assert!(last.started_at <= last.finished_at);
     })
     .await;
 }

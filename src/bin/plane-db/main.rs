@@ -1007,8 +1007,20 @@ async fn cleanup(db: &PlaneDatabase, out: &Out, min_age_days: i32, batch_size: i
     Ok(())
 }
 
-/// What `status` says of the last cleanup: the schema records no cleanup runs.
-const LAST_CLEANUP_UNKNOWN: &str = "unknown (cleanup runs are not recorded in the database)";
+/// What `status` says of the last cleanup.
+fn last_cleanup(run: Option<&plane_db::status::CleanupRun>) -> String {
+    match run {
+        None => "never (no completed run recorded)".to_string(),
+        Some(run) => format!(
+            "{} (took {:.1} s; deleted {} backends, {} events, {} expired tokens)",
+            time(run.finished_at),
+            (run.finished_at - run.started_at).num_milliseconds().max(0) as f64 / 1000.0,
+            run.backends,
+            run.events,
+            run.tokens
+        ),
+    }
+}
 
 /// Bytes as an operator reads them (`512 B`, `3.2 MiB`).
 fn bytes(count: i64) -> String {
@@ -1067,7 +1079,13 @@ async fn status(db: &PlaneDatabase, out: &Out) -> Outcome {
                 "oldest_id": status.events.oldest_id,
                 "oldest_at": status.events.oldest_at,
             },
-            "last_cleanup": { "recorded": false, "at": null },
+            "last_cleanup": status.last_cleanup.as_ref().map(|run| serde_json::json!({
+                "started_at": run.started_at,
+                "finished_at": run.finished_at,
+                "backends": run.backends,
+                "events": run.events,
+                "tokens": run.tokens,
+            })),
         });
         return Ok(out.json(&mut stdout, &value)?);
     }
@@ -1175,8 +1193,9 @@ async fn status(db: &PlaneDatabase, out: &Out) -> Outcome {
 
     writeln!(
         stdout,
-        "\n{} {LAST_CLEANUP_UNKNOWN}",
-        heading("LAST CLEANUP:")
+        "\n{} {}",
+        heading("LAST CLEANUP:"),
+        last_cleanup(status.last_cleanup.as_ref())
     )?;
     Ok(())
 }
