@@ -1337,12 +1337,16 @@ fn error_response_text(payload: &[u8]) -> String {
     format!("server said {code}: {message}")
 }
 
-/// Shell script run detached by [`spawn_reaper`]: waits until the test process (`$1`) is
-/// gone, stops the postmaster whose pid is currently in `$2/data/postmaster.pid` (SIGINT,
-/// then SIGKILL after 10 s), and removes `$2`.
-const REAPER_SCRIPT: &str = r#"# plane-db throwaway PostgreSQL reaper
+/// Shell script run detached by [`spawn_reaper`] and [`spawn_pgbouncer_reaper`]: waits until
+/// the test process (`$1`) is gone, then stops the process `$5` (a pid, or a file whose first
+/// line is one) if it still runs with `$3` on its command line (signal `$4`, then SIGKILL
+/// after 10 s), and removes `$2`.
+const REAPER_SCRIPT: &str = r#"# plane-db test server reaper
 owner=$1
 dir=$2
+marker=$3
+signal=$4
+target=$5
 alive() {
     kill -0 "$1" 2>/dev/null || return 1
     if [ -r "/proc/$1/stat" ]; then
@@ -1353,40 +1357,67 @@ alive() {
 }
 ours() {
     [ -r "/proc/$1/cmdline" ] || return 0
-    tr '\000' '\n' < "/proc/$1/cmdline" | grep -qxF -- "$dir/data"
+    tr '\000' '\n' < "/proc/$1/cmdline" | grep -qxF -- "$marker"
 }
 while alive "$owner"; do sleep 1; done
-pm=$(head -n 1 "$dir/data/postmaster.pid" 2>/dev/null)
-case "$pm" in ''|*[!0-9]*) pm= ;; esac
-if [ -n "$pm" ] && alive "$pm" && ours "$pm"; then
-    kill -INT "$pm" 2>/dev/null
+case "$target" in
+    ''|*[!0-9]*) pid=$(head -n 1 "$target" 2>/dev/null) ;;
+    *) pid=$target ;;
+esac
+case "$pid" in ''|*[!0-9]*) pid= ;; esac
+if [ -n "$pid" ] && alive "$pid" && ours "$pid"; then
+    kill -"$signal" "$pid" 2>/dev/null
     i=0
-    while alive "$pm" && [ "$i" -lt 100 ]; do
+    while alive "$pid" && [ "$i" -lt 100 ]; do
         sleep 0.1 2>/dev/null || sleep 1
         i=$((i + 1))
     done
-    if alive "$pm"; then kill -KILL "$pm" 2>/dev/null; sleep 1; fi
+    if alive "$pid"; then kill -KILL "$pid" 2>/dev/null; sleep 1; fi
 fi
 rm -rf "$dir"
 "#;
 
-/// Starts the detached shell process that cleans up `root` after this process exits.
-fn spawn_reaper(root: &Path) -> Result<Child, HarnessError> {
+/// Starts the detached shell process ([`REAPER_SCRIPT`]) that, once this process has exited,
+/// stops `target` (a pid or a pid file) if it runs with `marker` on its command line, and
+/// removes `root`.
+fn spawn_reaper_for(
+    what: &str,
+    root: &Path,
+    marker: &Path,
+    signal: &str,
+    target: &std::ffi::OsStr,
+) -> Result<Child, HarnessError> {
     Command::new("sh")
         .arg("-c")
         .arg(REAPER_SCRIPT)
-        .arg("plane-db-pg-reaper")
+        .arg("plane-db-reaper")
         .arg(std::process::id().to_string())
         .arg(root)
+        .arg(marker)
+        .arg(signal)
+        .arg(target)
         .current_dir("/")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .process_group(0)
         .spawn()
-        .map_err(HarnessError::io(
-            "could not start the cleanup process for the throwaway PostgreSQL server (sh)",
-        ))
+        .map_err(HarnessError::io(format!(
+            "could not start the cleanup process for {what} (sh)"
+        )))
+}
+
+/// Starts the detached shell process that cleans up `root` after this process exits: the
+/// postmaster in `root/data/postmaster.pid` (SIGINT, a fast shutdown), then the directory.
+fn spawn_reaper(root: &Path) -> Result<Child, HarnessError> {
+    let data = root.join("data");
+    spawn_reaper_for(
+        "the throwaway PostgreSQL server",
+        root,
+        &data,
+        "INT",
+        data.join("postmaster.pid").as_os_str(),
+    )
 }
 
 // PgBouncer in front of a throwaway server, for the tests of running behind a pooler.
@@ -1704,57 +1735,16 @@ fn find_pgbouncer() -> Option<PathBuf> {
     })
 }
 
-/// Shell script run detached by [`spawn_pgbouncer_reaper`]: waits until the test process
-/// (`$1`) is gone, stops the PgBouncer `$3` if it still runs on `$2/pgbouncer.ini` (SIGTERM,
-/// then SIGKILL after 10 s), and removes `$2`.
-const PGBOUNCER_REAPER_SCRIPT: &str = r#"# plane-db test PgBouncer reaper
-owner=$1
-dir=$2
-pid=$3
-alive() {
-    kill -0 "$1" 2>/dev/null || return 1
-    if [ -r "/proc/$1/stat" ]; then
-        state=$(sed -e 's/^.*) //' -e 's/ .*$//' "/proc/$1/stat" 2>/dev/null)
-        [ "$state" != Z ] || return 1
-    fi
-    return 0
-}
-ours() {
-    [ -r "/proc/$1/cmdline" ] || return 0
-    tr '\000' '\n' < "/proc/$1/cmdline" | grep -qxF -- "$dir/pgbouncer.ini"
-}
-while alive "$owner"; do sleep 1; done
-if alive "$pid" && ours "$pid"; then
-    kill -TERM "$pid" 2>/dev/null
-    i=0
-    while alive "$pid" && [ "$i" -lt 100 ]; do
-        sleep 0.1 2>/dev/null || sleep 1
-        i=$((i + 1))
-    done
-    if alive "$pid"; then kill -KILL "$pid" 2>/dev/null; fi
-fi
-rm -rf "$dir"
-"#;
-
-/// Starts the detached shell process that stops PgBouncer `pid` and removes `root` after
-/// this process exits.
+/// Starts the detached shell process that stops PgBouncer `pid` (SIGTERM) and removes `root`
+/// after this process exits.
 fn spawn_pgbouncer_reaper(root: &Path, pid: u32) -> Result<Child, HarnessError> {
-    Command::new("sh")
-        .arg("-c")
-        .arg(PGBOUNCER_REAPER_SCRIPT)
-        .arg("plane-db-pgbouncer-reaper")
-        .arg(std::process::id().to_string())
-        .arg(root)
-        .arg(pid.to_string())
-        .current_dir("/")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .process_group(0)
-        .spawn()
-        .map_err(HarnessError::io(
-            "could not start the cleanup process for the test PgBouncer (sh)",
-        ))
+    spawn_reaper_for(
+        "the test PgBouncer",
+        root,
+        &root.join("pgbouncer.ini"),
+        "TERM",
+        std::ffi::OsStr::new(&pid.to_string()),
+    )
 }
 
 #[cfg(test)]
