@@ -193,6 +193,19 @@ impl fmt::Debug for HarnessError {
 }
 
 impl HarnessError {
+    /// [`HarnessError::CommandFailed`] for `command`, which exited with `output`.
+    fn command_failed(command: &Command, output: &std::process::Output) -> HarnessError {
+        HarnessError::CommandFailed {
+            command: format!("{command:?}"),
+            status: output.status.to_string(),
+            output: format!(
+                "{}{}",
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            ),
+        }
+    }
+
     fn io(context: impl Into<String>) -> impl FnOnce(io::Error) -> HarnessError {
         let context = context.into();
         move |source| HarnessError::Io { context, source }
@@ -417,15 +430,7 @@ impl TestServer {
             .output()
             .map_err(HarnessError::io(embedded.run_context("pg_basebackup")))?;
         if !output.status.success() {
-            return Err(HarnessError::CommandFailed {
-                command: format!("{command:?}"),
-                status: output.status.to_string(),
-                output: format!(
-                    "{}{}",
-                    String::from_utf8_lossy(&output.stdout),
-                    String::from_utf8_lossy(&output.stderr)
-                ),
-            });
+            return Err(HarnessError::command_failed(&command, &output));
         }
         embedded.launch_on_free_port()?;
         Ok(TestServer {
@@ -589,15 +594,7 @@ impl Embedded {
         if output.status.success() {
             return Ok(());
         }
-        Err(HarnessError::CommandFailed {
-            command: format!("{command:?}"),
-            status: output.status.to_string(),
-            output: format!(
-                "{}{}",
-                String::from_utf8_lossy(&output.stdout),
-                String::from_utf8_lossy(&output.stderr)
-            ),
-        })
+        Err(HarnessError::command_failed(&command, &output))
     }
 
     /// Starts the postmaster and waits until it accepts connections.
@@ -1012,15 +1009,7 @@ fn run_openssl(dir: &Path, args: &str, extra: &[&str]) -> Result<(), HarnessErro
     if output.status.success() {
         return Ok(());
     }
-    Err(HarnessError::CommandFailed {
-        command: format!("{command:?}"),
-        status: output.status.to_string(),
-        output: format!(
-            "{}{}",
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        ),
-    })
+    Err(HarnessError::command_failed(&command, &output))
 }
 
 /// Whether the server on `127.0.0.1:port` answers an `SSLRequest` with `S` (willing to

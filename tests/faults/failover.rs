@@ -21,13 +21,6 @@ const BURN: usize = 1_500;
 const BEFORE: usize = 20;
 const AFTER: usize = 30;
 
-async fn next_xid(db: &plane_db::PlaneDatabase) -> i64 {
-    sqlx::query_scalar("select pg_current_xact_id()::text::bigint")
-        .fetch_one(db.pool())
-        .await
-        .unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transaction_ids_going_back_lose_nothing() {
     with_private_server("failover", scenario).await;
@@ -37,9 +30,9 @@ async fn scenario(server: Arc<plane_db::testing::TestServer>, url: String) {
     let db = open(&url, 4, Config::default()).await;
     // Transaction ids that write nothing: room to move the counter back into without
     // touching the schema's own rows.
-    let burn_start = next_xid(&db).await;
+    let burn_start = next_xid(db.pool()).await;
     for _ in 0..BURN {
-        next_xid(&db).await;
+        next_xid(db.pool()).await;
     }
     let mut sub = db.subscribe::<BackendState>().await.unwrap();
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
@@ -75,7 +68,7 @@ async fn scenario(server: Arc<plane_db::testing::TestServer>, url: String) {
             other => panic!("before the failover: {other:?}"),
         }
     }
-    let old_next = next_xid(&db).await;
+    let old_next = next_xid(db.pool()).await;
 
     // The failover: the counter goes back ~1,000 transactions.
     let reset_to = burn_start + 500;
@@ -113,7 +106,7 @@ async fn scenario(server: Arc<plane_db::testing::TestServer>, url: String) {
             }
             written.push(key);
         }
-        xids.push(next_xid(&db).await);
+        xids.push(next_xid(db.pool()).await);
     }
     let after_write = started.elapsed();
 

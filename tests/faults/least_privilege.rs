@@ -43,13 +43,6 @@ async fn insert_event(pool: &sqlx::PgPool, key: &str) -> i64 {
     id
 }
 
-async fn next_xid(conn: &mut PgConnection) -> i64 {
-    sqlx::query_scalar("select pg_current_xact_id()::text::bigint")
-        .fetch_one(conn)
-        .await
-        .unwrap()
-}
-
 /// Collects the ids of every `backend_state` event the subscription delivers.
 fn collect(mut sub: plane_db::events::Subscription<BackendState>) -> Arc<Mutex<(Vec<i64>, u64)>> {
     let got = Arc::new(Mutex::new((Vec::new(), 0)));

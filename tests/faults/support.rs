@@ -211,3 +211,12 @@ pub fn app_url(url: &str) -> String {
         1,
     )
 }
+
+/// Takes a new transaction id (the statement is its own transaction) and returns it: burns
+/// ids, or reads where the server's counter stands.
+pub async fn next_xid<'e>(executor: impl sqlx::PgExecutor<'e>) -> i64 {
+    sqlx::query_scalar("select pg_current_xact_id()::text::bigint")
+        .fetch_one(executor)
+        .await
+        .expect("a transaction id")
+}
