@@ -707,18 +707,7 @@ async fn route(db: &PlaneDatabase, token: BearerToken) -> Result<Json<RouteBody>
             ))
         }
         RouteInfoResult::Pending(partial) => ("pending", partial, None),
-        RouteInfoResult::Available(route) => {
-            let address = route.address;
-            let partial = plane_db::backend::PartialRouteInfo {
-                backend_id: route.backend_id,
-                secret_token: route.secret_token,
-                cluster: route.cluster,
-                user: route.user,
-                user_data: route.user_data,
-                subdomain: route.subdomain,
-            };
-            ("ready", partial, Some(address))
-        }
+        RouteInfoResult::Available(route) => ("ready", route.route, Some(route.address)),
     };
     Ok(Json(RouteBody {
         status: status.to_string(),
@@ -960,11 +949,7 @@ impl DemoDrone {
     /// otherwise lapse and let another backend take them).
     async fn heartbeat(&self, db: &PlaneDatabase) -> plane_db::Result<()> {
         db.drone().heartbeat(self.id, Utc::now()).await?;
-        for backend in db
-            .backend()
-            .list_alive_backends_for_drone(&self.cluster, &self.name)
-            .await?
-        {
+        for backend in db.backend().list_alive_backends_for_drone(self.id).await? {
             db.keys().renew(&backend.id, Utc::now()).await?;
         }
         Ok(())

@@ -113,7 +113,7 @@ async fn main() -> Result<(), Box<dyn Error>> {
     match db.backend().route_info_for_token(&connected.token).await? {
         RouteInfoResult::Available(route) => println!(
             "route: token -> {} at {} (user {:?})",
-            route.backend_id, route.address, route.user
+            route.route.backend_id, route.address, route.route.user
         ),
         other => println!("route: {other:?}"),
     }

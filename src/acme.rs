@@ -1,22 +1,22 @@
 //! ACME DNS-01: the TXT record a cluster's certificate challenge needs, leased to one proxy
 //! at a time so that two proxies never run a challenge for the same cluster at once.
 
+use crate::context::Context;
 use crate::error::{check_text, Error, Result};
 use crate::types::{ClusterName, NodeId};
-use crate::PlaneDatabase;
 use std::time::Duration;
 
 /// A lease older than this may be taken over by another proxy (its holder is presumed gone).
 pub const ACME_LEASE_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// ACME DNS-01 TXT records. Get one from [`PlaneDatabase::acme`].
+/// ACME DNS-01 TXT records. Get one from [`PlaneDatabase::acme`](crate::PlaneDatabase::acme).
 pub struct AcmeDatabase<'a> {
-    db: &'a PlaneDatabase,
+    ctx: &'a Context,
 }
 
 impl<'a> AcmeDatabase<'a> {
-    pub(crate) fn new(db: &'a PlaneDatabase) -> Self {
-        Self { db }
+    pub(crate) fn new(ctx: &'a Context) -> Self {
+        Self { ctx }
     }
 
     /// Tries to lease `cluster`'s TXT record to `proxy`. Succeeds (true) if nobody holds
@@ -50,7 +50,7 @@ impl<'a> AcmeDatabase<'a> {
             proxy.as_i32(),
             ACME_LEASE_TIMEOUT.as_secs_f64(),
         )
-        .execute(self.db.pool())
+        .execute(self.ctx.pool())
         .await;
         match result {
             Ok(result) => Ok(result.rows_affected() > 0),
@@ -73,7 +73,7 @@ impl<'a> AcmeDatabase<'a> {
             proxy.as_i32(),
             value,
         )
-        .execute(self.db.pool())
+        .execute(self.ctx.pool())
         .await?;
         Ok(result.rows_affected() > 0)
     }
@@ -85,7 +85,7 @@ impl<'a> AcmeDatabase<'a> {
             "select txt_value from acme_txt_entries where cluster = $1",
             cluster.as_str(),
         )
-        .fetch_optional(self.db.pool())
+        .fetch_optional(self.ctx.pool())
         .await?;
         Ok(value.flatten())
     }
@@ -99,7 +99,7 @@ impl<'a> AcmeDatabase<'a> {
             cluster.as_str(),
             proxy.as_i32(),
         )
-        .execute(self.db.pool())
+        .execute(self.ctx.pool())
         .await?;
         Ok(result.rows_affected() > 0)
     }

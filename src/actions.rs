@@ -6,17 +6,17 @@
 //! action sent to a drone that was disconnected, or that crashed before acting, is delivered
 //! again when it asks next.
 
+use crate::context::Context;
 use crate::error::{check_non_negative, skip_undecodable, to_json, Error, Result};
-use crate::events::NotificationPayload;
+use crate::events::{EventWriter, NotificationPayload};
 use crate::types::{
     BackendAction, BackendActionMessage, BackendActionName, BackendName, BackendStatus, NodeId,
     TerminationKind, TerminationReason,
 };
-use crate::PlaneDatabase;
 
-/// Queued drone actions. Get one from [`PlaneDatabase::backend_actions`].
+/// Queued drone actions. Get one from [`PlaneDatabase::backend_actions`](crate::PlaneDatabase::backend_actions).
 pub struct BackendActionDatabase<'a> {
-    db: &'a PlaneDatabase,
+    ctx: &'a Context,
 }
 
 /// The outcome of [`BackendActionDatabase::request_termination`].
@@ -34,8 +34,8 @@ pub enum TerminationRequest {
 }
 
 impl<'a> BackendActionDatabase<'a> {
-    pub(crate) fn new(db: &'a PlaneDatabase) -> Self {
-        Self { db }
+    pub(crate) fn new(ctx: &'a Context) -> Self {
+        Self { ctx }
     }
 
     /// Asks the drone running `backend` to terminate it (`kind` soft or hard), for `reason`.
@@ -54,6 +54,7 @@ impl<'a> BackendActionDatabase<'a> {
     ) -> Result<TerminationRequest> {
         let action_id = BackendActionName::new_random();
         let action = to_json("backend action", &BackendAction::Terminate { kind, reason })?;
+        let writer = EventWriter::new(self.ctx.bus());
         let row = sqlx::query!(
             r#"
             with target as (
@@ -69,24 +70,30 @@ impl<'a> BackendActionDatabase<'a> {
                 returning drone_id
             ),
             emitted as (
-                insert into event (kind, key, data, created_at)
-                select $5, drone_id::text,
-                       jsonb_build_object('action_id', $3::text, 'backend_id', $1::text,
-                                          'drone_id', drone_id, 'action', $4::jsonb),
-                       now()
+                -- The payload (a BackendActionMessage) and its key are built here: the drone
+                -- is the backend's, read under the lock above.
+                select plane_write_events(array[$5], array[drone_id::text],
+                       array[jsonb_build_object('action_id', $3::text, 'backend_id', $1::text,
+                                                'drone_id', drone_id, 'action', $4::jsonb)],
+                       $6)
                 from queued
             )
             select (select drone_id from queued) as "drone_id?",
-                   exists (select 1 from backend where id = $1) as "known!"
+                   exists (select 1 from backend where id = $1) as "known!",
+                   (select count(*) from emitted) as "emitted!"
             "#,
             backend.as_str(),
             BackendStatus::Terminated.as_int(),
             action_id.as_str(),
             action,
             BackendActionMessage::kind(),
+            writer.wake(),
         )
-        .fetch_one(self.db.pool())
+        .fetch_one(self.ctx.pool())
         .await?;
+        if row.emitted > 0 {
+            writer.committed();
+        }
         match (row.drone_id, row.known) {
             (Some(drone), _) => Ok(TerminationRequest::Requested {
                 action_id,
@@ -116,7 +123,7 @@ impl<'a> BackendActionDatabase<'a> {
             drone.as_i32(),
             limit,
         )
-        .fetch_all(self.db.pool())
+        .fetch_all(self.ctx.pool())
         .await?;
         Ok(skip_undecodable(rows.into_iter().map(|row| {
             Ok(BackendActionMessage {
@@ -144,7 +151,7 @@ impl<'a> BackendActionDatabase<'a> {
             action_id.as_str(),
             drone.as_i32(),
         )
-        .execute(self.db.pool())
+        .execute(self.ctx.pool())
         .await?;
         Ok(result.rows_affected() > 0)
     }

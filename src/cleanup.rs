@@ -2,20 +2,22 @@
 //! and expired tokens, each in bounded batches (one transaction each), so that cleanup never
 //! holds locks for long or bloats one transaction.
 
-use crate::backend::CleanupReport;
+use crate::context::Context;
 use crate::error::{check_batch_size, interval_secs, Error, Result};
-use crate::PlaneDatabase;
+use crate::metrics;
+use crate::types::BackendStatus;
 use sqlx::postgres::PgQueryResult;
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
-/// What [`PlaneDatabase::run_cleanup`] deletes. `CleanupConfig::default()` keeps a week.
+/// What [`PlaneDatabase::run_cleanup`](crate::PlaneDatabase::run_cleanup) deletes. `CleanupConfig::default()` keeps a week.
 #[derive(Debug, Clone)]
 pub struct CleanupConfig {
     /// Backends that terminated more than this many days ago are deleted. Defaults to 7.
     pub backend_min_age_days: i32,
     /// Events older than this are deleted. Defaults to 7 days. Events are only needed to
-    /// resume streams ([`PlaneDatabase::get_events_since`]); live delivery never reads old
+    /// resume streams ([`PlaneDatabase::get_events_since`](crate::PlaneDatabase::get_events_since)); live delivery never reads old
     /// ones.
     pub event_min_age: Duration,
     /// Rows per transaction (backends, events). Defaults to 1,000: each batch holds its
@@ -36,7 +38,25 @@ impl Default for CleanupConfig {
 /// How many completed cleanup runs `cleanup_run` keeps.
 const CLEANUP_RUNS_KEPT: i64 = 100;
 
-/// What one [`PlaneDatabase::run_cleanup`] deleted.
+/// What the backends phase of a cleanup deleted (see
+/// [`BackendDatabase::cleanup`](crate::backend::BackendDatabase::cleanup)).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CleanupReport {
+    /// Terminated backends deleted.
+    pub backends: u64,
+    /// Their state history rows.
+    pub states: u64,
+    /// Their tokens.
+    pub tokens: u64,
+    /// Their actions.
+    pub actions: u64,
+    /// Their (expired) keys.
+    pub keys: u64,
+    /// How many batches (transactions) it took.
+    pub batches: u64,
+}
+
+/// What one [`PlaneDatabase::run_cleanup`](crate::PlaneDatabase::run_cleanup) deleted.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CleanupSummary {
     /// Old terminated backends and their rows.
@@ -68,7 +88,7 @@ impl std::fmt::Display for CleanupPhase {
     }
 }
 
-/// Where a [`PlaneDatabase::run_cleanup_with_progress`] run is: reported after every batch
+/// Where a [`PlaneDatabase::run_cleanup_with_progress`](crate::PlaneDatabase::run_cleanup_with_progress) run is: reported after every batch
 /// (each its own transaction), with running totals for the phase.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CleanupProgress {
@@ -81,7 +101,7 @@ pub struct CleanupProgress {
     pub batches: u64,
 }
 
-/// A running [`PlaneDatabase::spawn_cleanup_loop`]. Dropping it (or calling
+/// A running [`PlaneDatabase::spawn_cleanup_loop`](crate::PlaneDatabase::spawn_cleanup_loop). Dropping it (or calling
 /// [`stop`](Self::stop)) stops the loop.
 #[derive(Debug)]
 pub struct CleanupTask {
@@ -100,27 +120,158 @@ impl Drop for CleanupTask {
     }
 }
 
-impl PlaneDatabase {
-    /// Deletes events older than `min_age`, `batch_size` per transaction until none are
-    /// left. Returns how many were deleted.
-    #[tracing::instrument(skip(self))]
-    pub async fn cleanup_events(&self, min_age: Duration, batch_size: i32) -> Result<u64> {
-        self.cleanup_events_reporting(min_age, batch_size, &mut |_, _| {})
-            .await
+/// Every cleanup statement, on a context. Every phase reports a [`CleanupProgress`] after each
+/// batch; the public entry points are on [`PlaneDatabase`](crate::PlaneDatabase).
+pub(crate) struct Cleanup<'a> {
+    ctx: &'a Context,
+}
+
+/// Where progress reports go.
+pub(crate) type Progress<'p> = dyn FnMut(CleanupProgress) + Send + 'p;
+
+impl<'a> Cleanup<'a> {
+    pub(crate) fn new(ctx: &'a Context) -> Self {
+        Self { ctx }
     }
 
-    /// [`cleanup_events`](Self::cleanup_events), calling `progress(deleted, batches)` after
-    /// each batch.
-    async fn cleanup_events_reporting(
+    /// One full cleanup: old terminated backends, old events, then expired tokens; records
+    /// the run in `cleanup_run`. Returns what was deleted.
+    #[tracing::instrument(name = "run_cleanup", skip(self, progress))]
+    pub(crate) async fn run(
+        &self,
+        config: &CleanupConfig,
+        progress: &mut Progress<'_>,
+    ) -> Result<CleanupSummary> {
+        let started = std::time::Instant::now();
+        let result = self.run_phases(config, progress).await;
+        metrics::cleanup_run(started.elapsed(), result.is_ok());
+        result
+    }
+
+    async fn run_phases(
+        &self,
+        config: &CleanupConfig,
+        progress: &mut Progress<'_>,
+    ) -> Result<CleanupSummary> {
+        let started = std::time::Instant::now();
+        let backends = self
+            .backends(config.backend_min_age_days, config.batch_size, progress)
+            .await?;
+        let events = self
+            .events(config.event_min_age, config.batch_size, progress)
+            .await?;
+        let tokens = self.tokens(progress).await?;
+        let summary = CleanupSummary {
+            backends,
+            events,
+            tokens,
+        };
+        self.record_run(&summary, started.elapsed()).await?;
+        tracing::info!(?summary, "cleanup finished");
+        Ok(summary)
+    }
+
+    /// Deletes backends that terminated more than `min_age_days` days ago with everything
+    /// hanging off them, `batch_size` backends per transaction; a backend whose key has not
+    /// expired is kept (the key still fences it).
+    #[tracing::instrument(name = "cleanup_backends", skip(self, progress))]
+    pub(crate) async fn backends(
+        &self,
+        min_age_days: i32,
+        batch_size: i32,
+        progress: &mut Progress<'_>,
+    ) -> Result<CleanupReport> {
+        if min_age_days < 0 {
+            return Err(Error::InvalidArgument {
+                argument: "min_age_days",
+                reason: format!("must not be negative, got {min_age_days}"),
+            });
+        }
+        check_batch_size(batch_size)?;
+        let mut report = CleanupReport::default();
+        loop {
+            // One transaction per batch; SKIP LOCKED lets two controllers share the work.
+            let row = sqlx::query!(
+                r#"
+                with doomed as (
+                    select b.id from backend b
+                    where b.last_status_number = $1
+                      and b.last_status_time < now() - make_interval(days => $2)
+                      and not exists (
+                          select 1 from backend_key k where k.id = b.id and k.expires_at >= now()
+                      )
+                    order by b.last_status_time
+                    limit $3
+                    for update skip locked
+                ),
+                tokens as (
+                    delete from token where backend_id in (select id from doomed) returning 1
+                ),
+                actions as (
+                    delete from backend_action where backend_id in (select id from doomed) returning 1
+                ),
+                keys as (
+                    delete from backend_key where id in (select id from doomed) returning 1
+                ),
+                states as (
+                    delete from backend_state where backend_id in (select id from doomed) returning 1
+                ),
+                backends as (
+                    delete from backend where id in (select id from doomed) returning 1
+                )
+                select
+                    (select count(*) from backends) as "backends!",
+                    (select count(*) from states) as "states!",
+                    (select count(*) from tokens) as "tokens!",
+                    (select count(*) from actions) as "actions!",
+                    (select count(*) from keys) as "keys!"
+                "#,
+                BackendStatus::Terminated.as_int(),
+                min_age_days,
+                i64::from(batch_size),
+            )
+            .fetch_one(self.ctx.pool())
+            .await?;
+            let batch = CleanupReport {
+                backends: count(row.backends),
+                states: count(row.states),
+                tokens: count(row.tokens),
+                actions: count(row.actions),
+                keys: count(row.keys),
+                batches: 1,
+            };
+            // Each batch is committed: count it even if a later one fails.
+            metrics::cleanup_deleted("backend", batch.backends);
+            metrics::cleanup_deleted("backend_state", batch.states);
+            metrics::cleanup_deleted("token", batch.tokens);
+            metrics::cleanup_deleted("backend_action", batch.actions);
+            metrics::cleanup_deleted("backend_key", batch.keys);
+            report.add(&batch);
+            progress(CleanupProgress {
+                phase: CleanupPhase::Backends,
+                deleted: report.backends,
+                batches: report.batches,
+            });
+            if row.backends < i64::from(batch_size) {
+                break;
+            }
+        }
+        Ok(report)
+    }
+
+    /// Deletes events older than `min_age`, `batch_size` per transaction until none are
+    /// left. Returns how many were deleted.
+    #[tracing::instrument(name = "cleanup_events", skip(self, progress))]
+    pub(crate) async fn events(
         &self,
         min_age: Duration,
         batch_size: i32,
-        progress: &mut (dyn FnMut(u64, u64) + Send),
+        progress: &mut Progress<'_>,
     ) -> Result<u64> {
         check_batch_size(batch_size)?;
         // Oldest first through the created_at index; SKIP LOCKED lets two controllers clean
         // up at once without waiting on each other.
-        delete_in_batches("event", batch_size, progress, || {
+        delete_in_batches(CleanupPhase::Events, "event", batch_size, progress, || {
             sqlx::query!(
                 r#"
                 delete from event where id in (
@@ -134,27 +285,18 @@ impl PlaneDatabase {
                 interval_secs(min_age),
                 i64::from(batch_size),
             )
-            .execute(self.pool())
+            .execute(self.ctx.pool())
         })
         .await
     }
 
     /// Deletes expired tokens, 1,000 per transaction until none are left. Returns how many
     /// were deleted.
-    #[tracing::instrument(skip(self))]
-    pub async fn clean_up_tokens(&self) -> Result<u64> {
-        self.clean_up_tokens_reporting(&mut |_, _| {}).await
-    }
-
-    /// [`clean_up_tokens`](Self::clean_up_tokens), calling `progress(deleted, batches)` after
-    /// each batch.
-    async fn clean_up_tokens_reporting(
-        &self,
-        progress: &mut (dyn FnMut(u64, u64) + Send),
-    ) -> Result<u64> {
+    #[tracing::instrument(name = "clean_up_tokens", skip(self, progress))]
+    pub(crate) async fn tokens(&self, progress: &mut Progress<'_>) -> Result<u64> {
         const BATCH: i32 = 1000;
         // Through the expiration_time index; SKIP LOCKED lets controllers share the work.
-        delete_in_batches("token", BATCH, progress, || {
+        delete_in_batches(CleanupPhase::Tokens, "token", BATCH, progress, || {
             sqlx::query!(
                 r#"
                 delete from token where token_digest in (
@@ -166,102 +308,14 @@ impl PlaneDatabase {
                 "#,
                 i64::from(BATCH),
             )
-            .execute(self.pool())
+            .execute(self.ctx.pool())
         })
         .await
     }
 
-    /// One full cleanup: old terminated backends (see
-    /// [`BackendDatabase::cleanup`](crate::backend::BackendDatabase::cleanup)), old events,
-    /// then expired tokens. Returns what was deleted.
-    ///
-    /// ```no_run
-    /// # async fn example(db: plane_db::PlaneDatabase) -> plane_db::Result<()> {
-    /// let summary = db.run_cleanup(&plane_db::CleanupConfig::default()).await?;
-    /// println!("deleted {} backends, {} events", summary.backends.backends, summary.events);
-    /// # Ok(()) }
-    /// ```
-    #[tracing::instrument(skip(self))]
-    pub async fn run_cleanup(&self, config: &CleanupConfig) -> Result<CleanupSummary> {
-        self.run_cleanup_with_progress(config, |_| {}).await
-    }
-
-    /// [`run_cleanup`](Self::run_cleanup), calling `progress` after every batch, e.g. to
-    /// show an operator how far a long first cleanup has got.
-    ///
-    /// ```no_run
-    /// # async fn example(db: plane_db::PlaneDatabase) -> plane_db::Result<()> {
-    /// let config = plane_db::CleanupConfig::default();
-    /// let summary = db
-    ///     .run_cleanup_with_progress(&config, |p| eprintln!("{}: {} deleted", p.phase, p.deleted))
-    ///     .await?;
-    /// println!("{} expired tokens deleted", summary.tokens);
-    /// # Ok(()) }
-    /// ```
-    #[tracing::instrument(skip(self, progress))]
-    pub async fn run_cleanup_with_progress(
-        &self,
-        config: &CleanupConfig,
-        progress: impl FnMut(CleanupProgress) + Send,
-    ) -> Result<CleanupSummary> {
-        let started = std::time::Instant::now();
-        let result = self.run_cleanup_phases(config, progress).await;
-        crate::metrics::cleanup_run(started.elapsed(), result.is_ok());
-        result
-    }
-
-    /// The phases of [`run_cleanup_with_progress`](Self::run_cleanup_with_progress).
-    async fn run_cleanup_phases(
-        &self,
-        config: &CleanupConfig,
-        mut progress: impl FnMut(CleanupProgress) + Send,
-    ) -> Result<CleanupSummary> {
-        let started = std::time::Instant::now();
-        let backends = self
-            .backend()
-            .cleanup_reporting(config.backend_min_age_days, config.batch_size, &mut |r| {
-                progress(CleanupProgress {
-                    phase: CleanupPhase::Backends,
-                    deleted: r.backends,
-                    batches: r.batches,
-                })
-            })
-            .await?;
-        let events = self
-            .cleanup_events_reporting(config.event_min_age, config.batch_size, &mut |d, b| {
-                progress(CleanupProgress {
-                    phase: CleanupPhase::Events,
-                    deleted: d,
-                    batches: b,
-                })
-            })
-            .await?;
-        let tokens = self
-            .clean_up_tokens_reporting(&mut |d, b| {
-                progress(CleanupProgress {
-                    phase: CleanupPhase::Tokens,
-                    deleted: d,
-                    batches: b,
-                })
-            })
-            .await?;
-        let summary = CleanupSummary {
-            backends,
-            events,
-            tokens,
-        };
-        self.record_cleanup_run(&summary, started.elapsed()).await?;
-        tracing::info!(?summary, "cleanup finished");
-        Ok(summary)
-    }
-
     /// Records a completed run in `cleanup_run` (for `plane-db status`), keeping the latest
     /// [`CLEANUP_RUNS_KEPT`] runs. Its start is the database clock less the run's duration.
-    async fn record_cleanup_run(
-        &self,
-        summary: &CleanupSummary,
-        took: std::time::Duration,
-    ) -> Result<()> {
+    async fn record_run(&self, summary: &CleanupSummary, took: Duration) -> Result<()> {
         let count = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
         sqlx::query!(
             r#"
@@ -279,20 +333,15 @@ impl PlaneDatabase {
             count(summary.tokens),
             CLEANUP_RUNS_KEPT,
         )
-        .execute(self.pool())
+        .execute(self.ctx.pool())
         .await?;
         Ok(())
     }
 
-    /// Runs [`run_cleanup`](Self::run_cleanup) every `interval` in a background task,
-    /// starting after a random delay within the first interval so that several controllers
-    /// started together do not all clean up at the same moment. A failed run is logged and
-    /// retried at the next interval. The task holds a clone of this database and stops when
-    /// the returned [`CleanupTask`] is dropped. Must be called within a Tokio runtime.
-    ///
-    /// An `interval` of zero is [`Error::InvalidArgument`].
-    pub fn spawn_cleanup_loop(
-        &self,
+    /// [`PlaneDatabase::spawn_cleanup_loop`](crate::PlaneDatabase::spawn_cleanup_loop): the
+    /// task holds the context (so the pool and the bus) until the [`CleanupTask`] is dropped.
+    pub(crate) fn spawn_loop(
+        ctx: Arc<Context>,
         interval: Duration,
         config: CleanupConfig,
     ) -> Result<CleanupTask> {
@@ -303,11 +352,10 @@ impl PlaneDatabase {
             });
         }
         let offset = random_offset(interval);
-        let db = self.clone();
         let handle = tokio::spawn(async move {
             tokio::time::sleep(offset).await;
             loop {
-                if let Err(error) = db.run_cleanup(&config).await {
+                if let Err(error) = Cleanup::new(&ctx).run(&config, &mut |_| {}).await {
                     tracing::warn!(
                         error = &error as &dyn std::error::Error,
                         "cleanup failed; retrying at the next interval"
@@ -320,13 +368,29 @@ impl PlaneDatabase {
     }
 }
 
-/// Runs `delete`, a statement that deletes at most `batch` rows in its own transaction,
-/// until it deletes fewer; returns how many rows went in all.
-/// Calls `progress(deleted, batches)` after each batch.
+impl CleanupReport {
+    fn add(&mut self, batch: &CleanupReport) {
+        self.backends += batch.backends;
+        self.states += batch.states;
+        self.tokens += batch.tokens;
+        self.actions += batch.actions;
+        self.keys += batch.keys;
+        self.batches += batch.batches;
+    }
+}
+
+fn count(n: i64) -> u64 {
+    u64::try_from(n).unwrap_or(0)
+}
+
+/// Runs `delete`, a statement that deletes at most `batch` rows of `table` in its own
+/// transaction, until it deletes fewer; returns how many rows went in all. Reports progress
+/// for `phase` after each batch.
 async fn delete_in_batches<F, Fut>(
+    phase: CleanupPhase,
     table: &'static str,
     batch: i32,
-    progress: &mut (dyn FnMut(u64, u64) + Send),
+    progress: &mut Progress<'_>,
     mut delete: F,
 ) -> Result<u64>
 where
@@ -337,10 +401,14 @@ where
     let mut batches = 0;
     loop {
         let affected = delete().await?.rows_affected();
-        crate::metrics::cleanup_deleted(table, affected);
+        metrics::cleanup_deleted(table, affected);
         deleted += affected;
         batches += 1;
-        progress(deleted, batches);
+        progress(CleanupProgress {
+            phase,
+            deleted,
+            batches,
+        });
         if affected < batch as u64 {
             return Ok(deleted);
         }

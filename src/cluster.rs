@@ -1,13 +1,13 @@
 //! Cluster state: the connected drones and proxies of a cluster, for dashboards and
 //! operators.
 
+use crate::context::Context;
 use crate::error::{Error, Result};
 use crate::types::{AnyNodeName, BackendStatus, ClusterName, ControllerName, NodeId, NodeKind};
-use crate::PlaneDatabase;
 
-/// Cluster overviews. Get one from [`PlaneDatabase::cluster`].
+/// Cluster overviews. Get one from [`PlaneDatabase::cluster`](crate::PlaneDatabase::cluster).
 pub struct ClusterDatabase<'a> {
-    db: &'a PlaneDatabase,
+    ctx: &'a Context,
 }
 
 /// The connected nodes of one cluster, from [`ClusterDatabase::state`].
@@ -52,8 +52,8 @@ pub struct DroneState {
 }
 
 impl<'a> ClusterDatabase<'a> {
-    pub(crate) fn new(db: &'a PlaneDatabase) -> Self {
-        Self { db }
+    pub(crate) fn new(ctx: &'a Context) -> Self {
+        Self { ctx }
     }
 
     /// The drones (readiness, draining, live backend count, heartbeat ages, controller) and
@@ -79,7 +79,7 @@ impl<'a> ClusterDatabase<'a> {
             cluster.as_str(),
             BackendStatus::Terminated.as_int(),
         )
-        .fetch_all(self.db.pool())
+        .fetch_all(self.ctx.pool())
         .await?;
         let mut state = ClusterState::default();
         for row in rows {

@@ -1,13 +1,15 @@
 //! `connect`: get or create the backend for a key, and hand out a token to reach it.
 
 use crate::backend::BackendIdentity;
+use crate::context::Context;
+use crate::drone::DroneDatabase;
 use crate::error::{interval_secs, to_json, ConnectError, Error, Result};
 use crate::events::NotificationPayload;
+use crate::events::{EventBatch, EventWriter};
 use crate::types::{
     BackendActionMessage, BackendActionName, BackendName, BackendState, BackendStatus, BearerToken,
     ClusterName, DroneName, DronePoolName, KeyConfig, NodeId, SecretToken, Subdomain,
 };
-use crate::PlaneDatabase;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
@@ -91,7 +93,7 @@ pub struct ConnectResponse {
     pub fencing_token: Option<i64>,
 }
 
-/// What [`PlaneDatabase::try_spawn`] did.
+/// What [`PlaneDatabase::try_spawn`](crate::PlaneDatabase::try_spawn) did.
 enum Spawn {
     /// It created the backend.
     Spawned(ConnectResponse),
@@ -111,7 +113,17 @@ struct KeyHolder {
     token: Option<(BearerToken, Option<SecretToken>)>,
 }
 
-impl PlaneDatabase {
+/// `connect` and `revoke` on a context. Reached through
+/// [`PlaneDatabase::connect`](crate::PlaneDatabase::connect).
+pub(crate) struct Connector<'a> {
+    ctx: &'a Context,
+}
+
+impl<'a> Connector<'a> {
+    pub(crate) fn new(ctx: &'a Context) -> Self {
+        Self { ctx }
+    }
+
     /// Gets or creates the backend for a key (namespace, name, tag).
     ///
     /// - A live backend holds the key with the same tag: it is returned, with a new token.
@@ -131,7 +143,10 @@ impl PlaneDatabase {
         skip_all,
         fields(namespace, key, cluster, backend = tracing::field::Empty, drone = tracing::field::Empty)
     )]
-    pub async fn connect(&self, request: &ConnectRequest) -> Result<ConnectResponse, ConnectError> {
+    pub(crate) async fn connect(
+        &self,
+        request: &ConnectRequest,
+    ) -> Result<ConnectResponse, ConnectError> {
         let key = request.key.clone().unwrap_or_else(KeyConfig::new_random);
         let span = tracing::Span::current();
         span.record("namespace", key.namespace.as_str());
@@ -140,7 +155,7 @@ impl PlaneDatabase {
             span.record("cluster", cluster.as_str());
         }
         let response =
-            crate::metrics::timed_connect(self.pool(), self.connect_key(request, key)).await?;
+            crate::metrics::timed_connect(self.ctx.pool(), self.connect_key(request, key)).await?;
         // The backend is only known now; later log lines in this span carry it.
         span.record("backend", response.backend_id.as_str());
         if let Some(drone) = &response.drone {
@@ -156,7 +171,7 @@ impl PlaneDatabase {
         spawn
             .cluster
             .as_ref()
-            .or(self.config().default_cluster.as_ref())
+            .or(self.ctx.config().default_cluster.as_ref())
     }
 
     /// [`connect`](Self::connect) for the resolved key.
@@ -174,7 +189,10 @@ impl PlaneDatabase {
             let mut no_drone = false;
             let mut id_taken = None;
             if let (Some(spawn), Some(cluster)) = (&request.spawn_config, cluster) {
-                match self.drone().pick_for_spawn(cluster, &spawn.pool).await? {
+                match DroneDatabase::new(self.ctx)
+                    .pick_for_spawn(cluster, &spawn.pool)
+                    .await?
+                {
                     Some(drone) => {
                         match self
                             .try_spawn(&key, spawn, cluster, request, drone.id, drone.name)
@@ -259,7 +277,7 @@ impl PlaneDatabase {
     ) -> Result<Spawn> {
         let backend_id = spawn.id.clone().unwrap_or_else(BackendName::new_random);
         let action_id = BackendActionName::new_random();
-        let lease = &self.config().key_lease;
+        let lease = &self.ctx.config().key_lease;
         let scheduled = BackendState::Scheduled;
         let (token, secret_token, token_digest) = if spawn.use_static_token {
             (BearerToken::new_random_static(), None, None)
@@ -269,6 +287,8 @@ impl PlaneDatabase {
             (token, Some(SecretToken::new_random()), Some(digest))
         };
         let static_token = spawn.use_static_token.then(|| token.as_str().to_string());
+        let events = EventBatch::one(&backend_id, &scheduled)?;
+        let writer = EventWriter::new(self.ctx.bus());
 
         // The spawn action is assembled in SQL because the fencing token and the deadlines
         // are only known inside the statement; its shape is BackendActionMessage's.
@@ -330,18 +350,17 @@ impl PlaneDatabase {
                 select $18, $1, $10, action from spawn
                 returning action
             ),
-            wake as (
-                select set_config('plane.event_wake', $26, true)
-            ),
-            events as (
-                insert into event (kind, key, data, created_at)
-                select $19, $1, $9, now() from new_backend, wake
-                union all
-                select $20, $10::integer::text,
-                       jsonb_build_object('action_id', $18::text, 'backend_id', $1::text,
-                                          'drone_id', $10::integer, 'action', action),
-                       now()
-                from spawn_action, wake
+            emitted as (
+                -- The backend's `scheduled` event comes from the batch ($19, $28, $29). The
+                -- spawn action's payload (a BackendActionMessage) is built here: its fencing
+                -- token and deadlines only exist inside this statement.
+                select plane_write_events(
+                    $19::text[] || $20::text,
+                    $28::text[] || $10::integer::text,
+                    $29::jsonb[] || jsonb_build_object('action_id', $18::text, 'backend_id', $1::text,
+                                                       'drone_id', $10::integer, 'action', action),
+                    $26)
+                from spawn_action
             ),
             new_token as (
                 insert into token (token_digest, backend_id, expiration_time, username, auth, secret_token)
@@ -349,7 +368,8 @@ impl PlaneDatabase {
                 from new_backend
                 where $21::bytea is not null
             )
-            select fencing_token from acquired
+            -- One row of `emitted` exactly when the key was acquired.
+            select a.fencing_token from acquired a, emitted
             "#,
             backend_id.as_str(),
             key.namespace,
@@ -369,17 +389,19 @@ impl PlaneDatabase {
             lease.renew_after.as_secs_f64(),
             lease.soft_terminate_after.as_secs_f64(),
             action_id.as_str(),
-            BackendState::kind(),
+            events.kinds() as &[&str],
             BackendActionMessage::kind(),
             token_digest,
-            self.config().token_lifetime.as_secs_f64(),
+            self.ctx.config().token_lifetime.as_secs_f64(),
             request.user,
             Value::Object(request.auth.clone()),
             secret_token.as_ref().map(SecretToken::as_str).unwrap_or_default(),
-            self.event_wake_setting(),
+            writer.wake(),
             interval_secs(lease.hard_terminate_after),
+            events.keys(),
+            events.payloads(),
         )
-        .fetch_optional(self.pool())
+        .fetch_optional(self.ctx.pool())
         .await;
 
         let fencing_token = match fencing_token {
@@ -396,7 +418,7 @@ impl PlaneDatabase {
             }
             Err(e) => return Err(e.into()),
         };
-        self.events_committed();
+        writer.committed();
         tracing::info!(backend = %backend_id, drone = %drone_name, "scheduled a new backend");
         Ok(Spawn::Spawned(ConnectResponse {
             backend_id,
@@ -447,12 +469,12 @@ impl PlaneDatabase {
             key.name,
             key.tag,
             token.digest(),
-            self.config().token_lifetime.as_secs_f64(),
+            self.ctx.config().token_lifetime.as_secs_f64(),
             request.user,
             Value::Object(request.auth.clone()),
             secret.as_str(),
         )
-        .fetch_optional(self.pool())
+        .fetch_optional(self.ctx.pool())
         .await?;
         let Some(row) = row else {
             return Ok(None);
@@ -474,13 +496,13 @@ impl PlaneDatabase {
 
     /// Revokes every token issued to `user` for `backend`. Returns how many were revoked.
     #[tracing::instrument(skip(self), fields(backend = %backend))]
-    pub async fn revoke(&self, backend: &BackendName, user: &str) -> Result<u64> {
+    pub(crate) async fn revoke(&self, backend: &BackendName, user: &str) -> Result<u64> {
         let result = sqlx::query!(
             "delete from token where backend_id = $1 and username = $2",
             backend.as_str(),
             user,
         )
-        .execute(self.pool())
+        .execute(self.ctx.pool())
         .await?;
         Ok(result.rows_affected())
     }

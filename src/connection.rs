@@ -1,4 +1,4 @@
-//! How a [`PlaneDatabase`] opens its connections: [`ConnectOptions`] (the URLs, the pool's
+//! How a [`PlaneDatabase`](crate::PlaneDatabase) opens its connections: [`ConnectOptions`] (the URLs, the pool's
 //! size and timeouts, the settings every connection gets) and [`PoolerMode`] (what sits
 //! between this process and Postgres).
 //!
@@ -7,8 +7,10 @@
 //! `pg_stat_activity.application_name`: `plane-db` and `plane-db-listener` by default (and
 //! `plane-db-migrate` while migrations run).
 
-use crate::database::{migrate_on, Config, PlaneDatabase};
+use crate::config::Config;
+use crate::database::PlaneDatabase;
 use crate::error::{Error, Result};
+use crate::migrate::migrate_on;
 use futures_util::future::BoxFuture;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{Connection, Executor, PgConnection, PgPool};
@@ -74,7 +76,7 @@ pub enum PoolerMode {
     Transaction,
 }
 
-/// How to open a [`PlaneDatabase`]: the main URL and, behind a pooler, a direct one; the
+/// How to open a [`PlaneDatabase`](crate::PlaneDatabase): the main URL and, behind a pooler, a direct one; the
 /// pool's size and timeouts; the settings each connection gets; and the [`Config`].
 /// Every default is documented on its setter, with its reason.
 ///
@@ -240,7 +242,7 @@ impl ConnectOptions {
     /// statements take milliseconds (a cleanup batch or an event page at most a few hundred),
     /// so only a stuck one reaches it, and it then frees its pool slot and its locks instead
     /// of holding them until someone notices. Raise it if you run long queries of your own
-    /// through [`PlaneDatabase::pool`]. `None` leaves the server's setting (for the role or
+    /// through [`PlaneDatabase::pool`](crate::PlaneDatabase::pool). `None` leaves the server's setting (for the role or
     /// database); `Some(Duration::ZERO)` turns it off. Migrations run without it. Not set in
     /// [`PoolerMode::Transaction`] (see there).
     pub fn statement_timeout(mut self, timeout: Option<Duration>) -> Self {

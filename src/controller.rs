@@ -1,18 +1,18 @@
 //! Controllers: the processes that embed this crate report that they are alive.
 
+use crate::context::Context;
 use crate::error::{check_text, skip_undecodable, Error, Result};
 use crate::types::ControllerName;
-use crate::PlaneDatabase;
 use chrono::{DateTime, Utc};
 
-/// Controller heartbeats. Get one from [`PlaneDatabase::controller`].
+/// Controller heartbeats. Get one from [`PlaneDatabase::controller`](crate::PlaneDatabase::controller).
 pub struct ControllerDatabase<'a> {
-    db: &'a PlaneDatabase,
+    ctx: &'a Context,
 }
 
 impl<'a> ControllerDatabase<'a> {
-    pub(crate) fn new(db: &'a PlaneDatabase) -> Self {
-        Self { db }
+    pub(crate) fn new(ctx: &'a Context) -> Self {
+        Self { ctx }
     }
 
     /// Records a heartbeat of `controller` (creating its row on first use). Send one
@@ -44,7 +44,7 @@ impl<'a> ControllerDatabase<'a> {
             plane_version,
             plane_hash,
         )
-        .execute(self.db.pool())
+        .execute(self.ctx.pool())
         .await?;
         Ok(())
     }
@@ -56,7 +56,7 @@ impl<'a> ControllerDatabase<'a> {
     #[tracing::instrument(skip(self))]
     pub async fn online_controllers(&self) -> Result<Vec<ControllerInfo>> {
         let timeout = self
-            .db
+            .ctx
             .config()
             .scheduler
             .controller_heartbeat_timeout
@@ -71,7 +71,7 @@ impl<'a> ControllerDatabase<'a> {
             "#,
             timeout,
         )
-        .fetch_all(self.db.pool())
+        .fetch_all(self.ctx.pool())
         .await?;
         Ok(skip_undecodable(rows.into_iter().map(|row| {
             Ok(ControllerInfo {

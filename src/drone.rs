@@ -1,14 +1,14 @@
 //! Drones: registration, heartbeats and picking one for a new backend.
 
+use crate::context::Context;
 use crate::error::{check_text, interval_secs, skip_undecodable, Error, Result};
 use crate::types::{BackendStatus, ClusterName, ControllerName, DroneName, DronePoolName, NodeId};
-use crate::PlaneDatabase;
 use chrono::{DateTime, Utc};
 use std::time::Duration;
 
-/// Drone scheduling inputs. Get one from [`PlaneDatabase::drone`].
+/// Drone scheduling inputs. Get one from [`PlaneDatabase::drone`](crate::PlaneDatabase::drone).
 pub struct DroneDatabase<'a> {
-    db: &'a PlaneDatabase,
+    ctx: &'a Context,
 }
 
 /// The drone [`DroneDatabase::pick_for_spawn`] chose.
@@ -52,8 +52,8 @@ pub struct DroneInfo {
 }
 
 impl<'a> DroneDatabase<'a> {
-    pub(crate) fn new(db: &'a PlaneDatabase) -> Self {
-        Self { db }
+    pub(crate) fn new(ctx: &'a Context) -> Self {
+        Self { ctx }
     }
 
     /// Registers the drone of node `id` (see [`NodeDatabase::register`](crate::node::NodeDatabase::register))
@@ -76,7 +76,7 @@ impl<'a> DroneDatabase<'a> {
             ready,
             pool.as_str(),
         )
-        .execute(self.db.pool())
+        .execute(self.ctx.pool())
         .await?;
         Ok(())
     }
@@ -92,7 +92,7 @@ impl<'a> DroneDatabase<'a> {
             id.as_i32(),
             local_time,
         )
-        .execute(self.db.pool())
+        .execute(self.ctx.pool())
         .await?;
         Ok(result.rows_affected() > 0)
     }
@@ -105,7 +105,7 @@ impl<'a> DroneDatabase<'a> {
             id.as_i32(),
             ready
         )
-        .execute(self.db.pool())
+        .execute(self.ctx.pool())
         .await?;
         Ok(result.rows_affected() > 0)
     }
@@ -130,7 +130,7 @@ impl<'a> DroneDatabase<'a> {
             "#,
             id.as_i32(),
         )
-        .fetch_one(self.db.pool())
+        .fetch_one(self.ctx.pool())
         .await?;
         if !row.known {
             return Err(Error::NotFound {
@@ -145,7 +145,7 @@ impl<'a> DroneDatabase<'a> {
     #[tracing::instrument(skip(self), fields(drone = %id))]
     pub async fn pool(&self, id: NodeId) -> Result<DronePoolName> {
         let pool = sqlx::query_scalar!("select pool from drone where id = $1", id.as_i32())
-            .fetch_optional(self.db.pool())
+            .fetch_optional(self.ctx.pool())
             .await?;
         pool.map(DronePoolName::from)
             .ok_or_else(|| Error::NotFound {
@@ -181,7 +181,7 @@ impl<'a> DroneDatabase<'a> {
             pool.as_str(),
             interval_secs(seen_within),
         )
-        .fetch_all(self.db.pool())
+        .fetch_all(self.ctx.pool())
         .await?;
         Ok(skip_undecodable(rows.into_iter().map(|row| {
             Ok(DroneInfo {
@@ -218,7 +218,7 @@ impl<'a> DroneDatabase<'a> {
         cluster: &ClusterName,
         pool: &DronePoolName,
     ) -> Result<Option<PickedDrone>> {
-        let config = &self.db.config().scheduler;
+        let config = &self.ctx.config().scheduler;
         if config.sample_size < 1 {
             return Err(Error::InvalidArgument {
                 argument: "scheduler.sample_size",
@@ -257,7 +257,7 @@ impl<'a> DroneDatabase<'a> {
             config.sample_size,
             BackendStatus::Terminated.as_int(),
         )
-        .fetch_optional(self.db.pool())
+        .fetch_optional(self.ctx.pool())
         .await?;
         let Some(row) = row else {
             return Ok(None);

@@ -10,17 +10,17 @@
 //! renewal revives it (as Plane's `renew_key` does). Termination releases the key.
 
 use crate::backend::BackendIdentity;
+use crate::context::Context;
 use crate::error::{check_text, interval_secs, Error, Result};
 use crate::types::{
     AcquiredKey, BackendName, BackendStatus, BearerToken, ClusterName, KeyConfig, KeyDeadlines,
     Subdomain,
 };
-use crate::PlaneDatabase;
 use chrono::{DateTime, Utc};
 
-/// Key leases. Get one from [`PlaneDatabase::keys`].
+/// Key leases. Get one from [`PlaneDatabase::keys`](crate::PlaneDatabase::keys).
 pub struct KeysDatabase<'a> {
-    db: &'a PlaneDatabase,
+    ctx: &'a Context,
 }
 
 /// The outcome of [`KeysDatabase::renew`].
@@ -69,8 +69,8 @@ impl KeyHolder {
 }
 
 impl<'a> KeysDatabase<'a> {
-    pub(crate) fn new(db: &'a PlaneDatabase) -> Self {
-        Self { db }
+    pub(crate) fn new(ctx: &'a Context) -> Self {
+        Self { ctx }
     }
 
     /// Extends the lease of the key held by `backend` by the configured
@@ -92,7 +92,7 @@ impl<'a> KeysDatabase<'a> {
         backend: &BackendName,
         drone_local_time: DateTime<Utc>,
     ) -> Result<KeyRenewal> {
-        let lease = &self.db.config().key_lease;
+        let lease = &self.ctx.config().key_lease;
         // Computed before the update, so a bad time changes nothing. A date near the end of
         // chrono's range must not overflow into a panic.
         let after = |d: std::time::Duration| {
@@ -123,7 +123,7 @@ impl<'a> KeysDatabase<'a> {
             backend.as_str(),
             interval_secs(lease.expires_after()),
         )
-        .fetch_optional(self.db.pool())
+        .fetch_optional(self.ctx.pool())
         .await?;
         if let Some(row) = renewed {
             return Ok(KeyRenewal::Renewed(AcquiredKey {
@@ -142,7 +142,7 @@ impl<'a> KeysDatabase<'a> {
             "select allow_renew from backend_key where id = $1",
             backend.as_str(),
         )
-        .fetch_optional(self.db.pool())
+        .fetch_optional(self.ctx.pool())
         .await?;
         Ok(match allow_renew {
             Some(false) => KeyRenewal::Prevented,
@@ -159,7 +159,7 @@ impl<'a> KeysDatabase<'a> {
             "update backend_key set allow_renew = false where id = $1 and allow_renew",
             backend.as_str(),
         )
-        .execute(self.db.pool())
+        .execute(self.ctx.pool())
         .await?;
         Ok(result.rows_affected() > 0)
     }
@@ -172,7 +172,7 @@ impl<'a> KeysDatabase<'a> {
             "delete from backend_key where id = $1 and expires_at <= now()",
             backend.as_str(),
         )
-        .execute(self.db.pool())
+        .execute(self.ctx.pool())
         .await?;
         Ok(result.rows_affected() > 0)
     }
@@ -196,7 +196,7 @@ impl<'a> KeysDatabase<'a> {
             key.namespace,
             key.name,
         )
-        .fetch_optional(self.db.pool())
+        .fetch_optional(self.ctx.pool())
         .await?;
         let Some(row) = row else {
             return Ok(None);

@@ -44,8 +44,10 @@ pub mod actions;
 pub mod backend;
 mod cleanup;
 pub mod cluster;
+mod config;
 pub mod connect;
 mod connection;
+mod context;
 pub mod controller;
 mod database;
 pub mod drone;
@@ -53,6 +55,7 @@ pub mod error;
 pub mod events;
 pub mod keys;
 pub mod metrics;
+mod migrate;
 pub mod node;
 mod plane055;
 pub mod status;
@@ -60,13 +63,14 @@ pub mod status;
 pub mod testing;
 pub mod types;
 
-pub use cleanup::{CleanupConfig, CleanupPhase, CleanupProgress, CleanupSummary, CleanupTask};
-pub use connection::{ConnectOptions, PoolerMode};
-pub use database::{
-    connect, connect_and_migrate, Config, KeyLeaseConfig, PlaneDatabase, SchedulerConfig, MIGRATOR,
+pub use cleanup::{
+    CleanupConfig, CleanupPhase, CleanupProgress, CleanupReport, CleanupSummary, CleanupTask,
 };
-pub use database::{migrate, MigrationReport};
+pub use config::{Config, KeyLeaseConfig, SchedulerConfig};
+pub use connection::{ConnectOptions, PoolerMode};
+pub use database::{connect, connect_and_migrate, PlaneDatabase};
 pub use error::{ConnectError, Error, Result};
+pub use migrate::{migrate, MigrationReport, MIGRATOR};
 pub use plane055::PlaneConversionReport;
 
 /// The README's example runs as a doctest, so it stays true.

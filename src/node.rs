@@ -5,17 +5,17 @@
 //! controller whose connection was superseded (the node reconnected elsewhere) cannot mark
 //! the node offline behind the newer connection's back.
 
+use crate::context::Context;
 use crate::error::{skip_undecodable, Error, Result};
-use crate::events::NotificationPayload;
+use crate::events::{EventBatch, EventWriter, NotificationPayload};
 use crate::types::{AnyNodeName, ClusterName, ControllerName, NodeId, NodeKind};
-use crate::PlaneDatabase;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use std::net::IpAddr;
 
-/// Node registration and lookups. Get one from [`PlaneDatabase::node`].
+/// Node registration and lookups. Get one from [`PlaneDatabase::node`](crate::PlaneDatabase::node).
 pub struct NodeDatabase<'a> {
-    db: &'a PlaneDatabase,
+    ctx: &'a Context,
 }
 
 /// A node connecting to a controller, as passed to [`NodeDatabase::register`].
@@ -59,6 +59,8 @@ pub struct NodeConnectionStatusChange {
 }
 
 impl NotificationPayload for NodeConnectionStatusChange {
+    type Key = NodeId;
+
     fn kind() -> &'static str {
         "node_connection"
     }
@@ -140,8 +142,8 @@ impl TryFrom<NodeRow> for NodeInfo {
 }
 
 impl<'a> NodeDatabase<'a> {
-    pub(crate) fn new(db: &'a PlaneDatabase) -> Self {
-        Self { db }
+    pub(crate) fn new(ctx: &'a Context) -> Self {
+        Self { ctx }
     }
 
     /// Registers a node (or re-registers it on a new connection) and emits a
@@ -163,6 +165,7 @@ impl<'a> NodeDatabase<'a> {
         }
         crate::error::check_text("plane_version", registration.plane_version)?;
         crate::error::check_text("plane_hash", registration.plane_hash)?;
+        let writer = EventWriter::new(self.ctx.bus());
         let row = sqlx::query!(
             r#"
             with registered as (
@@ -179,11 +182,15 @@ impl<'a> NodeDatabase<'a> {
                 returning id, last_connection_start_time
             ),
             emitted as (
-                insert into event (kind, key, data, created_at)
-                select $8, id::text, jsonb_build_object('node_id', id, 'connected', true), now()
+                -- The payload (a NodeConnectionStatusChange) is built here: the node's id
+                -- comes from the sequence in this statement.
+                select plane_write_events(array[$8], array[id::text],
+                                          array[jsonb_build_object('node_id', id, 'connected', true)],
+                                          $9)
                 from registered
             )
-            select id as "id!", last_connection_start_time as "connected_at!" from registered
+            select id as "id!", last_connection_start_time as "connected_at!"
+            from registered, emitted
             "#,
             registration.kind.as_str(),
             registration.name,
@@ -193,9 +200,11 @@ impl<'a> NodeDatabase<'a> {
             registration.controller.as_str(),
             registration.ip.to_string(),
             NodeConnectionStatusChange::kind(),
+            writer.wake(),
         )
-        .fetch_one(self.db.pool())
+        .fetch_one(self.ctx.pool())
         .await?;
+        writer.committed();
         Ok(NodeConnection {
             id: NodeId::from(row.id),
             connected_at: row.connected_at,
@@ -213,6 +222,12 @@ impl<'a> NodeDatabase<'a> {
         connection: NodeConnection,
         controller: &ControllerName,
     ) -> Result<bool> {
+        let offline = NodeConnectionStatusChange {
+            node_id: connection.id,
+            connected: false,
+        };
+        let events = EventBatch::one(&connection.id, &offline)?;
+        let writer = EventWriter::new(self.ctx.bus());
         let updated = sqlx::query_scalar!(
             r#"
             with updated as (
@@ -221,19 +236,25 @@ impl<'a> NodeDatabase<'a> {
                 returning id
             ),
             emitted as (
-                insert into event (kind, key, data, created_at)
-                select $4, id::text, jsonb_build_object('node_id', id, 'connected', false), now()
-                from updated
+                select plane_write_events(array_agg(e.kind), array_agg(e.key), array_agg(e.data), $7)
+                from unnest($4::text[], $5::text[], $6::jsonb[]) as e(kind, key, data)
+                where exists (select 1 from updated)
             )
-            select count(*) as "updated!" from updated
+            select count(*) as "updated!" from updated, emitted
             "#,
             connection.id.as_i32(),
             controller.as_str(),
             connection.connected_at,
-            NodeConnectionStatusChange::kind(),
+            events.kinds() as &[&str],
+            events.keys(),
+            events.payloads(),
+            writer.wake(),
         )
-        .fetch_one(self.db.pool())
+        .fetch_one(self.ctx.pool())
         .await?;
+        if updated > 0 {
+            writer.committed();
+        }
         Ok(updated > 0)
     }
 
@@ -248,7 +269,7 @@ impl<'a> NodeDatabase<'a> {
             cluster.map(ClusterName::as_str),
             name,
         )
-        .fetch_optional(self.db.pool())
+        .fetch_optional(self.ctx.pool())
         .await?;
         Ok(id.map(NodeId::from))
     }
@@ -272,7 +293,7 @@ impl<'a> NodeDatabase<'a> {
     /// registered).
     async fn read(&self, id: Option<NodeId>) -> Result<Vec<NodeRow>> {
         let timeout = self
-            .db
+            .ctx
             .config()
             .scheduler
             .controller_heartbeat_timeout
@@ -293,7 +314,7 @@ impl<'a> NodeDatabase<'a> {
             id.map(NodeId::as_i32),
             timeout,
         )
-        .fetch_all(self.db.pool())
+        .fetch_all(self.ctx.pool())
         .await?;
         Ok(rows)
     }

@@ -1,14 +1,15 @@
 //! One overview of a plane-db database for an operator: who is online, what runs where,
 //! what holds back the event bus, and how big the event table is. See
-//! [`PlaneDatabase::status`].
+//! [`PlaneDatabase::status`](crate::PlaneDatabase::status).
 
+use crate::context::Context;
+use crate::controller::ControllerDatabase;
 use crate::controller::ControllerInfo;
 use crate::error::{Error, Result};
 use crate::types::{BackendStatus, ClusterName, DronePoolName};
-use crate::PlaneDatabase;
 use chrono::{DateTime, Utc};
 
-/// What [`PlaneDatabase::status`] found, as of one moment of the database clock (each part
+/// What [`PlaneDatabase::status`](crate::PlaneDatabase::status) found, as of one moment of the database clock (each part
 /// is read by its own statement, so the parts may be a few milliseconds apart).
 #[derive(Debug, Clone)]
 pub struct DatabaseStatus {
@@ -158,7 +159,17 @@ pub struct EventTableStatus {
     pub oldest_at: Option<DateTime<Utc>>,
 }
 
-impl PlaneDatabase {
+/// Reads the [`DatabaseStatus`]. Reached through
+/// [`PlaneDatabase::status`](crate::PlaneDatabase::status).
+pub(crate) struct StatusReader<'a> {
+    ctx: &'a Context,
+}
+
+impl<'a> StatusReader<'a> {
+    pub(crate) fn new(ctx: &'a Context) -> Self {
+        Self { ctx }
+    }
+
     /// One overview for an operator: online controllers, drones by cluster, pool and
     /// condition, backends by status, the open transaction that holds back the event bus
     /// the most (see [`OpenTransaction`]), and the `event` table's size and oldest row.
@@ -167,9 +178,11 @@ impl PlaneDatabase {
     /// table once (an index-only scan of `backend_status_time_idx` when visibility allows);
     /// the other parts read catalogues and indexes only, and the last row of `cleanup_run`.
     #[tracing::instrument(skip(self))]
-    pub async fn status(&self) -> Result<DatabaseStatus> {
-        let controllers = self.controller().online_controllers().await?;
-        let scheduler = &self.config().scheduler;
+    pub(crate) async fn status(&self) -> Result<DatabaseStatus> {
+        let controllers = ControllerDatabase::new(self.ctx)
+            .online_controllers()
+            .await?;
+        let scheduler = &self.ctx.config().scheduler;
         let drone_rows = sqlx::query!(
             r#"
             select n.cluster, d.pool,
@@ -187,7 +200,7 @@ impl PlaneDatabase {
             scheduler.controller_heartbeat_timeout.as_secs_f64(),
             scheduler.drone_heartbeat_timeout.as_secs_f64(),
         )
-        .fetch_all(self.pool())
+        .fetch_all(self.ctx.pool())
         .await?;
         let mut drones: Vec<DroneCount> = Vec::new();
         for row in drone_rows {
@@ -239,7 +252,7 @@ impl PlaneDatabase {
             order by last_status_number
             "#
         )
-        .fetch_all(self.pool())
+        .fetch_all(self.ctx.pool())
         .await?;
         let mut backends = Vec::new();
         for row in status_rows {
@@ -272,7 +285,7 @@ impl PlaneDatabase {
             limit 1
             "#
         )
-        .fetch_optional(self.pool())
+        .fetch_optional(self.ctx.pool())
         .await?;
         let oldest_transaction = oldest.map(|row| OpenTransaction {
             pid: row.pid,
@@ -301,7 +314,7 @@ impl PlaneDatabase {
             where c.oid = 'event'::regclass
             "#
         )
-        .fetch_one(self.pool())
+        .fetch_one(self.ctx.pool())
         .await?;
         let last_cleanup = sqlx::query_as!(
             CleanupRun,
@@ -312,7 +325,7 @@ impl PlaneDatabase {
             limit 1
             "#
         )
-        .fetch_optional(self.pool())
+        .fetch_optional(self.ctx.pool())
         .await?;
         Ok(DatabaseStatus {
             last_cleanup,

@@ -149,10 +149,7 @@ async fn operations_run_in_spans_that_carry_their_identifiers() {
                 .unwrap();
             captured.span_with("request_termination", "backend", &backend);
 
-            db.backend()
-                .mark_drone_lost(&cluster(), &d.name)
-                .await
-                .unwrap();
+            db.backend().mark_drone_lost(d.id).await.unwrap();
             let lost = captured.span_with("mark_drone_lost", "drone", d.name.as_str());
             assert_eq!(lost["cluster"], cluster().as_str());
 

@@ -236,7 +236,7 @@ pub async fn hot_queries(bench: &mut Bench) -> R<()> {
     let mut la: Vec<Vec<Duration>> = vec![Vec::new(); envs.len()];
     for round in 0..(calls + calls / 5) {
         for (k, env) in envs.iter().enumerate() {
-            let (drone, name) = &env.drones[0];
+            let (drone, _) = &env.drones[0];
             let t = Instant::now();
             let c = env.db.backend().termination_candidates(*drone).await?;
             let d1 = t.elapsed();
@@ -247,7 +247,7 @@ pub async fn hot_queries(bench: &mut Bench) -> R<()> {
             let c = env
                 .db
                 .backend()
-                .list_alive_backends_for_drone(&env.cluster, name)
+                .list_alive_backends_for_drone(*drone)
                 .await?;
             let d2 = t.elapsed();
             if c.len() != 100 {

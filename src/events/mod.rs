@@ -67,46 +67,86 @@
 //! never stored.
 
 mod bus;
+mod stored;
 mod subscription;
+mod write;
 
 pub use bus::BusConfig;
 pub(crate) use bus::EventBus;
+pub(crate) use stored::{events_since, latest_event_id};
 pub use subscription::{EventSubscription, Lagged, Subscription};
+pub use write::emit;
+pub(crate) use write::{emit_ephemeral, EventBatch, EventWriter};
 
-use crate::error::{to_json, Error, Result};
-use crate::types::{BackendActionMessage, BackendMetricsMessage, BackendState};
+use crate::types::{
+    BackendActionMessage, BackendMetricsMessage, BackendName, BackendState, NodeId,
+};
 use chrono::{DateTime, Utc};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
-use sqlx::PgConnection;
 
 /// The wake-up channel: the `event` trigger notifies it with an empty payload, a bus's
 /// coalesced wake-ups with that bus's id.
 pub(crate) const EVENTS_CHANNEL: &str = "plane_events";
 /// The channel that carries ephemeral messages (payload = [`EphemeralEnvelope`]).
 pub(crate) const EPHEMERAL_CHANNEL: &str = "plane_ephemeral";
-/// Postgres refuses NOTIFY payloads of 8000 bytes or more.
-const MAX_NOTIFY_PAYLOAD: usize = 7999;
+
+/// What events of one kind are keyed by (the `key` column of `event`). A payload type names
+/// its key type ([`NotificationPayload::Key`]), so a writer and a keyed subscription of one
+/// kind cannot disagree on what the key is.
+pub trait EventKey: Send + Sync + 'static {
+    /// The key as stored in `event.key`.
+    fn to_event_key(&self) -> String;
+}
+
+impl EventKey for BackendName {
+    fn to_event_key(&self) -> String {
+        self.as_str().to_string()
+    }
+}
+
+impl EventKey for NodeId {
+    fn to_event_key(&self) -> String {
+        self.as_i32().to_string()
+    }
+}
+
+/// Free-form keys, for callers' own payload types.
+impl EventKey for String {
+    fn to_event_key(&self) -> String {
+        self.clone()
+    }
+}
 
 /// A type that can travel on the event bus. `kind()` names it in the `event` table and in
 /// subscriptions.
 pub trait NotificationPayload: Serialize + DeserializeOwned + Send + Sync + 'static {
+    /// What this kind's events are keyed by.
+    type Key: EventKey;
+
     /// The event kind, e.g. `"backend_state"`.
     fn kind() -> &'static str;
 }
 
 impl NotificationPayload for BackendState {
+    type Key = BackendName;
+
     fn kind() -> &'static str {
         "backend_state"
     }
 }
 
 impl NotificationPayload for BackendActionMessage {
+    /// The drone that must carry the action out.
+    type Key = NodeId;
+
     fn kind() -> &'static str {
         "backend_action"
     }
 }
 
 impl NotificationPayload for BackendMetricsMessage {
+    type Key = BackendName;
+
     fn kind() -> &'static str {
         "backend_metrics"
     }
@@ -146,67 +186,6 @@ pub(crate) struct EphemeralEnvelope {
     pub kind: String,
     pub key: Option<String>,
     pub data: serde_json::Value,
-}
-
-/// Writes an event in the caller's transaction (or connection). Subscribers see it once, and
-/// only if, that transaction commits. Returns the event id.
-///
-/// ```no_run
-/// # async fn example(db: &plane_db::PlaneDatabase) -> plane_db::Result<()> {
-/// use plane_db::types::{BackendName, BackendState};
-/// let backend = BackendName::new_random();
-/// let mut txn = db.pool().begin().await?;
-/// // ... the caller's own changes ...
-/// plane_db::events::emit(&mut txn, Some(backend.as_str()), &BackendState::Loading).await?;
-/// txn.commit().await?;
-/// # Ok(()) }
-/// ```
-#[tracing::instrument(skip(conn, payload), fields(kind = T::kind()))]
-pub async fn emit<T: NotificationPayload>(
-    conn: &mut PgConnection,
-    key: Option<&str>,
-    payload: &T,
-) -> Result<i64> {
-    let data = to_json(T::kind(), payload)?;
-    let id = sqlx::query_scalar!(
-        r#"insert into event (kind, key, data) values ($1, $2, $3) returning id"#,
-        T::kind(),
-        key,
-        data,
-    )
-    .fetch_one(&mut *conn)
-    .await?;
-    Ok(id)
-}
-
-/// Sends an ephemeral message: delivered live to current subscribers, never stored.
-pub(crate) async fn emit_ephemeral<'c, T: NotificationPayload>(
-    executor: impl sqlx::PgExecutor<'c>,
-    key: Option<&str>,
-    payload: &T,
-) -> Result<()> {
-    let envelope = EphemeralEnvelope {
-        kind: T::kind().to_string(),
-        key: key.map(str::to_string),
-        data: to_json(T::kind(), payload)?,
-    };
-    let text = serde_json::to_string(&envelope).map_err(|source| Error::Serialize {
-        what: T::kind(),
-        source,
-    })?;
-    if text.len() > MAX_NOTIFY_PAYLOAD {
-        return Err(Error::InvalidArgument {
-            argument: "payload",
-            reason: format!(
-                "ephemeral message is {} bytes; NOTIFY takes at most {MAX_NOTIFY_PAYLOAD}",
-                text.len()
-            ),
-        });
-    }
-    sqlx::query!("select pg_notify($1, $2)", EPHEMERAL_CHANNEL, text)
-        .execute(executor)
-        .await?;
-    Ok(())
 }
 
 /// Decodes an event's payload into `T`.

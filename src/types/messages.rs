@@ -125,14 +125,14 @@ pub struct BackendMetricsMessage {
     pub sys_cpu: u64,
 }
 
-/// What a proxy needs to route a client's request to a backend.
+/// Everything about a route except the address, which is known once the backend is ready
+/// ([`RouteInfoResult::Pending`](crate::backend::RouteInfoResult::Pending)).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct RouteInfo {
+pub struct PartialRouteInfo {
     /// The backend to route to.
     pub backend_id: BackendName,
-    /// The backend's address.
-    pub address: BackendAddr,
-    /// The secret the proxy passes to the backend with each request.
+    /// The secret the proxy passes to the backend with each request (empty for static
+    /// tokens).
     pub secret_token: SecretToken,
     /// The cluster the backend belongs to.
     pub cluster: ClusterName,
@@ -142,6 +142,28 @@ pub struct RouteInfo {
     pub user_data: Option<serde_json::Value>,
     /// The subdomain the backend must be reached through, if any.
     pub subdomain: Option<Subdomain>,
+}
+
+impl PartialRouteInfo {
+    /// Completes the route with the backend's address.
+    pub fn with_address(self, address: BackendAddr) -> RouteInfo {
+        RouteInfo {
+            route: self,
+            address,
+        }
+    }
+}
+
+/// What a proxy needs to route a client's request to a backend: the [`PartialRouteInfo`] and
+/// the address. Its JSON is Plane's: one object with the route's fields and `address` side by
+/// side.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RouteInfo {
+    /// Everything but the address.
+    #[serde(flatten)]
+    pub route: PartialRouteInfo,
+    /// The backend's address.
+    pub address: BackendAddr,
 }
 
 #[cfg(test)]
@@ -330,7 +352,7 @@ mod tests {
             "subdomain": null,
         });
         let info: RouteInfo = serde_json::from_value(route.clone()).unwrap();
-        assert_eq!(info.backend_id.as_str(), plane);
+        assert_eq!(info.route.backend_id.as_str(), plane);
         assert_eq!(serde_json::to_value(&info).unwrap(), route);
     }
 
@@ -362,15 +384,15 @@ mod tests {
 
     #[test]
     fn route_info_json() {
-        let route = RouteInfo {
+        let route = PartialRouteInfo {
             backend_id: "ba-route".parse().unwrap(),
-            address: BackendAddr("10.0.0.5:8080".parse().unwrap()),
             secret_token: SecretToken::from("sekrit"),
             cluster: "plane.test:9090".parse().unwrap(),
             user: Some("alice".to_string()),
             user_data: Some(json!({"role": "admin"})),
             subdomain: Some("team-a".parse().unwrap()),
-        };
+        }
+        .with_address(BackendAddr("10.0.0.5:8080".parse().unwrap()));
         let value = serde_json::to_value(&route).unwrap();
         assert_eq!(
             value,
@@ -387,12 +409,13 @@ mod tests {
         let back: RouteInfo = serde_json::from_value(value).unwrap();
         assert_eq!(back, route);
 
-        let minimal = RouteInfo {
+        let minimal = PartialRouteInfo {
             user: None,
             user_data: None,
             subdomain: None,
-            ..route.clone()
-        };
+            ..route.route.clone()
+        }
+        .with_address(route.address);
         let value = serde_json::to_value(&minimal).unwrap();
         assert_eq!(value["user"], serde_json::Value::Null);
         assert_eq!(value["subdomain"], serde_json::Value::Null);

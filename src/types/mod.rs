@@ -16,7 +16,7 @@ pub use cluster::{
 };
 pub use messages::{
     AcquiredKey, BackendAction, BackendActionMessage, BackendMetricsMessage, KeyConfig,
-    KeyDeadlines, RouteInfo,
+    KeyDeadlines, PartialRouteInfo, RouteInfo,
 };
 pub use names::{
     AcmeDnsServerName, AnyNodeName, BackendActionName, BackendName, ControllerName, DroneName,

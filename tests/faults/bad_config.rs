@@ -23,9 +23,13 @@ async fn out_of_range_bus_config_still_delivers() {
             let key = format!("cfg-{batch}-{pending}");
             let mut sub = db.subscribe_with_key::<BackendState>(&key).await.unwrap();
             let mut conn = db.pool().acquire().await.unwrap();
-            emit(&mut conn, Some(&key), &BackendState::Loading)
-                .await
-                .unwrap();
+            emit(
+                &mut conn,
+                Some(&key.parse().unwrap()),
+                &BackendState::Loading,
+            )
+            .await
+            .unwrap();
             let got = tokio::time::timeout(Duration::from_secs(5), sub.next())
                 .await
                 .unwrap_or_else(|_| panic!("nothing delivered with batch {batch}, queue {pending}"))

@@ -3,7 +3,7 @@
 //! streams events skips the bad one with a warning; nothing panics and the good rows still
 //! come back.
 
-use crate::common::{cluster, drone, drone_in, exec, lifecycle, request, spawn, spawn_config};
+use crate::common::{drone, drone_in, exec, lifecycle, request, spawn, spawn_config};
 use crate::support::*;
 use futures_util::StreamExt;
 use plane_db::types::{
@@ -77,7 +77,7 @@ async fn undecodable_rows_are_reported_or_skipped() {
         assert_eq!(listed, expected, "list_backends");
         let alive: BTreeSet<String> = db
             .backend()
-            .list_alive_backends_for_drone(&cluster(), &d.name)
+            .list_alive_backends_for_drone(d.id)
             .await
             .unwrap()
             .into_iter()

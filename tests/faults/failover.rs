@@ -53,7 +53,7 @@ async fn scenario(server: Arc<plane_db::testing::TestServer>, url: String) {
     for i in 0..BEFORE {
         emit(
             &mut conn,
-            Some(&format!("before-{i}")),
+            Some(&(format!("before-{i}")).parse().unwrap()),
             &BackendState::Loading,
         )
         .await
@@ -96,7 +96,12 @@ async fn scenario(server: Arc<plane_db::testing::TestServer>, url: String) {
             loop {
                 let attempt = async {
                     let mut conn = db.pool().acquire().await?;
-                    emit(&mut conn, Some(&key), &BackendState::Loading).await?;
+                    emit(
+                        &mut conn,
+                        Some(&key.parse().unwrap()),
+                        &BackendState::Loading,
+                    )
+                    .await?;
                     Ok::<_, plane_db::Error>(())
                 };
                 if attempt.await.is_ok() {

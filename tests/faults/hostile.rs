@@ -13,8 +13,8 @@ use plane_db::connect::ConnectRequest;
 use plane_db::events::emit;
 use plane_db::node::NodeRegistration;
 use plane_db::types::{
-    BackendName, BackendState, BearerToken, ClusterName, ControllerName, DroneName, DronePoolName,
-    KeyConfig, NodeKind, Subdomain,
+    BackendName, BearerToken, ClusterName, ControllerName, DroneName, DronePoolName, KeyConfig,
+    NodeKind, Subdomain,
 };
 use plane_db::{Config, ConnectError, Error, PlaneDatabase};
 use std::net::{IpAddr, Ipv4Addr};
@@ -357,9 +357,9 @@ async fn other_inputs(db: &PlaneDatabase, t: &mut Tally, label: &str, s: &str) {
 
     // Event keys and keyed subscriptions: the key round-trips exactly.
     let key = format!("{label}:{s}");
-    let mut sub = db.subscribe_with_key::<BackendState>(&key).await.unwrap();
+    let mut sub = db.subscribe_with_key::<FreeKeyed>(&key).await.unwrap();
     let mut conn = db.pool().acquire().await.unwrap();
-    let r = emit(&mut conn, Some(&key), &BackendState::Loading).await;
+    let r = emit(&mut conn, Some(&key), &FreeKeyed { n: 1 }).await;
     if let Some(id) = t.outcome("event key", s, r, false) {
         let n = tokio::time::timeout(Duration::from_secs(5), sub.next())
             .await
@@ -454,4 +454,18 @@ async fn control_plane_inputs(db: &PlaneDatabase, t: &mut Tally, s: &str) {
 /// A host-name label unique to each hostile string (its label, which is ASCII).
 fn label_host(s: &str) -> String {
     label(s).replace('_', "-")
+}
+
+/// A payload with free-form keys (`String`), so hostile keys can be written and subscribed to.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct FreeKeyed {
+    n: u32,
+}
+
+impl plane_db::events::NotificationPayload for FreeKeyed {
+    type Key = String;
+
+    fn kind() -> &'static str {
+        "free_keyed"
+    }
 }

@@ -46,16 +46,24 @@ async fn open_transaction_elsewhere_is_bounded() {
         let mut aborted_txn = PgConnection::connect(&url).await.unwrap();
         let mut reader_txn = PgConnection::connect(&url).await.unwrap();
         sqlx::query("begin").execute(&mut writer_txn).await.unwrap();
-        emit(&mut writer_txn, Some("held"), &BackendState::Loading)
-            .await
-            .unwrap();
+        emit(
+            &mut writer_txn,
+            Some(&"held".parse().unwrap()),
+            &BackendState::Loading,
+        )
+        .await
+        .unwrap();
         sqlx::query("begin")
             .execute(&mut aborted_txn)
             .await
             .unwrap();
-        emit(&mut aborted_txn, Some("aborted"), &BackendState::Loading)
-            .await
-            .unwrap();
+        emit(
+            &mut aborted_txn,
+            Some(&"aborted".parse().unwrap()),
+            &BackendState::Loading,
+        )
+        .await
+        .unwrap();
         sqlx::query("begin isolation level repeatable read")
             .execute(&mut reader_txn)
             .await
@@ -172,7 +180,7 @@ async fn commit_events(conn: &mut PgConnection, prefix: &str) -> HashMap<String,
     let mut committed = HashMap::new();
     for i in 0..EVENTS {
         let key = format!("{prefix}-{i}");
-        emit(conn, Some(&key), &BackendState::Loading)
+        emit(conn, Some(&key.parse().unwrap()), &BackendState::Loading)
             .await
             .unwrap();
         committed.insert(key, Instant::now());
@@ -219,9 +227,13 @@ async fn savepoints_deliver_exactly_what_commits() {
         for step in steps {
             match step.strip_prefix("emit ") {
                 Some(key) => {
-                    emit(&mut conn, Some(key), &BackendState::Loading)
-                        .await
-                        .unwrap();
+                    emit(
+                        &mut conn,
+                        Some(&key.parse().unwrap()),
+                        &BackendState::Loading,
+                    )
+                    .await
+                    .unwrap();
                 }
                 None => {
                     sqlx::query(step).execute(&mut conn).await.unwrap();

@@ -84,7 +84,12 @@ async fn write(db: &PlaneDatabase, keys: &[String]) {
         loop {
             let attempt = async {
                 let mut conn = db.pool().acquire().await?;
-                emit(&mut conn, Some(key), &BackendState::Loading).await?;
+                emit(
+                    &mut conn,
+                    Some(&key.parse().unwrap()),
+                    &BackendState::Loading,
+                )
+                .await?;
                 Ok::<_, plane_db::Error>(())
             };
             match attempt.await {

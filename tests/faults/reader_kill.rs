@@ -71,7 +71,7 @@ async fn reader_killed_mid_backlog() {
             for i in 0..PER_ROUND {
                 emit(
                     &mut txn,
-                    Some(&format!("r{round}-{i}")),
+                    Some(&(format!("r{round}-{i}")).parse().unwrap()),
                     &BackendState::Loading,
                 )
                 .await

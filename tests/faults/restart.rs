@@ -245,9 +245,13 @@ async fn between_pages(server: Arc<plane_db::testing::TestServer>, url: String) 
     // One transaction writes the whole backlog, so one read has to page through all of it.
     let mut tx = db.pool().begin().await.unwrap();
     for i in 0..BACKLOG {
-        plane_db::events::emit(&mut tx, Some(&format!("k{i}")), &BackendState::Loading)
-            .await
-            .unwrap();
+        plane_db::events::emit(
+            &mut tx,
+            Some(&(format!("k{i}")).parse().unwrap()),
+            &BackendState::Loading,
+        )
+        .await
+        .unwrap();
     }
     tx.commit().await.unwrap();
 

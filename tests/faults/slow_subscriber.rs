@@ -86,9 +86,13 @@ async fn slow_subscriber(max_pending: usize) {
         for t in 0..BURST / PER_TXN {
             let mut txn = sqlx::Connection::begin(&mut *conn).await.unwrap();
             for _ in 0..PER_TXN {
-                emit(&mut txn, Some(&key), &BackendState::Loading)
-                    .await
-                    .unwrap();
+                emit(
+                    &mut txn,
+                    Some(&key.parse().unwrap()),
+                    &BackendState::Loading,
+                )
+                .await
+                .unwrap();
             }
             txn.commit().await.unwrap();
             if t % 16 == 15 {
@@ -114,9 +118,13 @@ async fn slow_subscriber(max_pending: usize) {
             .subscribe_with_key::<BackendState>("probe")
             .await
             .unwrap();
-        emit(&mut conn, Some("probe"), &BackendState::Loading)
-            .await
-            .unwrap();
+        emit(
+            &mut conn,
+            Some(&"probe".parse().unwrap()),
+            &BackendState::Loading,
+        )
+        .await
+        .unwrap();
         tokio::time::timeout(Duration::from_secs(30), probe.next())
             .await
             .expect("the bus caught up")

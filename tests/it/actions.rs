@@ -275,33 +275,29 @@ async fn marking_a_drone_lost_terminates_only_its_alive_backends() {
             db.backend().update_state(&on_a[0], &state).await.unwrap();
         }
 
-        let mut marked = db
-            .backend()
-            .mark_drone_lost(&cluster(), &a.name)
-            .await
-            .unwrap();
+        let mut marked = db.backend().mark_drone_lost(a.id).await.unwrap();
         marked.sort();
         let mut expected = on_a[1..].to_vec();
         expected.sort();
         assert_eq!(marked, expected);
         assert!(db
             .backend()
-            .list_alive_backends_for_drone(&cluster(), &a.name)
+            .list_alive_backends_for_drone(a.id)
             .await
             .unwrap()
             .is_empty());
         assert_eq!(
             db.backend()
-                .list_alive_backends_for_drone(&cluster(), &b.name)
+                .list_alive_backends_for_drone(b.id)
                 .await
                 .unwrap()
                 .len(),
             1
         );
-        // The wrong cluster matches no drone.
+        // An unknown drone has no backends.
         assert!(db
             .backend()
-            .mark_drone_lost(&"other.test".parse().unwrap(), &b.name)
+            .mark_drone_lost(plane_db::types::NodeId::from(i32::MAX))
             .await
             .unwrap()
             .is_empty());

@@ -132,16 +132,15 @@ async fn backend_lookup_and_listing() {
 
         let live = db
             .backend()
-            .list_alive_backends_for_drone(&cluster(), &d.name)
+            .list_alive_backends_for_drone(d.id)
             .await
             .unwrap();
         assert_eq!(live.len(), 1);
         assert_eq!(live[0].id, alive);
 
-        let other_cluster = "other.test".parse().unwrap();
         assert!(db
             .backend()
-            .list_alive_backends_for_drone(&other_cluster, &d.name)
+            .list_alive_backends_for_drone(plane_db::types::NodeId::from(i32::MAX))
             .await
             .unwrap()
             .is_empty());
@@ -173,9 +172,9 @@ async fn route_is_pending_then_available_then_gone() {
         }
         match route().await.unwrap() {
             RouteInfoResult::Available(info) => {
-                assert_eq!(info.backend_id, backend);
+                assert_eq!(info.route.backend_id, backend);
                 assert_eq!(info.address, BackendAddr(addr(8080)));
-                assert_eq!(info.cluster, cluster());
+                assert_eq!(info.route.cluster, cluster());
             }
             other => panic!("expected Available, got {other:?}"),
         }
@@ -263,7 +262,9 @@ async fn static_token_routes() {
             .await
             .unwrap()
         {
-            RouteInfoResult::Available(info) => assert_eq!(info.backend_id, response.backend_id),
+            RouteInfoResult::Available(info) => {
+                assert_eq!(info.route.backend_id, response.backend_id)
+            }
             other => panic!("expected Available, got {other:?}"),
         }
         // Connecting again returns the same static token.

@@ -329,9 +329,13 @@ async fn events_are_listed_by_kind_and_followed_without_duplicates() {
         // written before the follow starts but committed after its backlog read: it comes
         // live only, although its id is below the backlog's last.
         let mut late = db.pool().begin().await.unwrap();
-        plane_db::events::emit(&mut late, Some("late"), &BackendState::Loading)
-            .await
-            .unwrap();
+        plane_db::events::emit(
+            &mut late,
+            Some(&"late".parse().unwrap()),
+            &BackendState::Loading,
+        )
+        .await
+        .unwrap();
         db.backend()
             .update_state(&backend, &BackendState::Starting)
             .await
@@ -403,9 +407,13 @@ async fn following_events_recovers_what_a_full_queue_dropped() {
         // the table.
         db.health_check().await.unwrap();
         let mut before = db.pool().begin().await.unwrap();
-        plane_db::events::emit(&mut before, Some("before"), &BackendState::Loading)
-            .await
-            .unwrap();
+        plane_db::events::emit(
+            &mut before,
+            Some(&"before".parse().unwrap()),
+            &BackendState::Loading,
+        )
+        .await
+        .unwrap();
         before.commit().await.unwrap();
         let mut follow = start(
             &url,
@@ -416,9 +424,13 @@ async fn following_events_recovers_what_a_full_queue_dropped() {
         let mut probes = 0;
         let first = loop {
             let mut probe = db.pool().begin().await.unwrap();
-            plane_db::events::emit(&mut probe, Some("probe"), &BackendState::Loading)
-                .await
-                .unwrap();
+            plane_db::events::emit(
+                &mut probe,
+                Some(&"probe".parse().unwrap()),
+                &BackendState::Loading,
+            )
+            .await
+            .unwrap();
             probe.commit().await.unwrap();
             probes += 1;
             assert!(probes < 600, "the follow never printed a probe");
@@ -435,7 +447,7 @@ async fn following_events_recovers_what_a_full_queue_dropped() {
         for n in 0..500 {
             plane_db::events::emit(
                 &mut burst,
-                Some(&format!("burst-{n}")),
+                Some(&(format!("burst-{n}")).parse().unwrap()),
                 &BackendState::Loading,
             )
             .await
@@ -496,7 +508,7 @@ async fn a_long_follow_with_a_tiny_queue_prints_every_event_once_in_flat_memory(
         loop {
             plane_db::events::emit(
                 &mut db.pool().acquire().await.unwrap(),
-                Some("probe"),
+                Some(&"probe".parse().unwrap()),
                 &BackendState::Loading,
             )
             .await
@@ -784,7 +796,7 @@ async fn hostile_values_cannot_rewrite_the_terminal() {
         let mut txn = db.pool().begin().await.unwrap();
         plane_db::events::emit(
             &mut txn,
-            Some("key\x1b]0;owned\x07"),
+            Some(&("key\x1b]0;owned\x07").parse().unwrap()),
             &BackendState::Loading,
         )
         .await

@@ -242,7 +242,7 @@ pub async fn everyday_work(db: &PlaneDatabase) {
             .expect("update state"));
     }
     match route().await.expect("route") {
-        RouteInfoResult::Available(info) => assert_eq!(info.backend_id, backend),
+        RouteInfoResult::Available(info) => assert_eq!(info.route.backend_id, backend),
         other => panic!("a ready backend's route is available, got {other:?}"),
     }
     assert!(db

@@ -77,7 +77,7 @@ async fn a_plane_made_backend_name_goes_through_every_path() {
             .unwrap()
         {
             RouteInfoResult::Available(route) => {
-                assert_eq!(route.backend_id, id);
+                assert_eq!(route.route.backend_id, id);
                 // The route's JSON, as a proxy reads it, carries the name unchanged.
                 let json = serde_json::to_value(&route).unwrap();
                 assert_eq!(json["backend_id"], id.as_str());
@@ -104,7 +104,7 @@ async fn a_plane_made_backend_name_goes_through_every_path() {
         assert!(listed.iter().any(|b| b.id == id));
         let alive = db
             .backend()
-            .list_alive_backends_for_drone(&cluster(), &d.name)
+            .list_alive_backends_for_drone(d.id)
             .await
             .unwrap();
         assert_eq!(alive.iter().map(|b| &b.id).collect::<Vec<_>>(), [&id]);
@@ -209,11 +209,7 @@ async fn a_static_token_routes_to_a_plane_made_name_and_lost_backends_are_marked
         let mut expected = vec![id.clone(), odd.clone()];
         expected.sort();
         assert_eq!(marked, expected);
-        let lost = db
-            .backend()
-            .mark_drone_lost(&cluster(), &d.name)
-            .await
-            .unwrap();
+        let lost = db.backend().mark_drone_lost(d.id).await.unwrap();
         assert_eq!(lost, vec![long.clone()], "the one left alive");
         for name in [&id, &odd, &long] {
             let row = db.backend().backend(name).await.unwrap().expect("stored");

@@ -105,9 +105,13 @@ async fn a_subscription_is_live_when_it_returns() {
                 .await
                 .unwrap();
             let mut conn = db.pool().acquire().await.unwrap();
-            emit(&mut conn, Some(key.as_str()), &BackendState::Loading)
-                .await
-                .unwrap();
+            emit(
+                &mut conn,
+                Some(&(key.as_str()).parse().unwrap()),
+                &BackendState::Loading,
+            )
+            .await
+            .unwrap();
             let n = tokio::time::timeout(Duration::from_secs(5), sub.next())
                 .await
                 .expect("event delivered")
@@ -145,9 +149,13 @@ async fn a_killed_listener_loses_nothing() {
                     for i in 0..EVENTS_PER_WRITER {
                         let key = format!("w{w}-{i}");
                         let mut txn = db.pool().begin().await.unwrap();
-                        emit(&mut txn, Some(&key), &BackendState::Loading)
-                            .await
-                            .unwrap();
+                        emit(
+                            &mut txn,
+                            Some(&key.parse().unwrap()),
+                            &BackendState::Loading,
+                        )
+                        .await
+                        .unwrap();
                         txn.commit().await.unwrap();
                         if i % 10 == 0 {
                             tokio::time::sleep(Duration::from_millis(5)).await;
@@ -187,14 +195,22 @@ async fn only_committed_events_are_delivered() {
     with_db(|db| async move {
         let mut sub = db.subscribe_with_key::<BackendState>("k").await.unwrap();
         let mut txn = db.pool().begin().await.unwrap();
-        emit(&mut txn, Some("k"), &BackendState::Loading)
-            .await
-            .unwrap();
+        emit(
+            &mut txn,
+            Some(&"k".parse().unwrap()),
+            &BackendState::Loading,
+        )
+        .await
+        .unwrap();
         txn.rollback().await.unwrap();
         let mut txn = db.pool().begin().await.unwrap();
-        let id = emit(&mut txn, Some("k"), &BackendState::Starting)
-            .await
-            .unwrap();
+        let id = emit(
+            &mut txn,
+            Some(&"k".parse().unwrap()),
+            &BackendState::Starting,
+        )
+        .await
+        .unwrap();
         txn.commit().await.unwrap();
         let n = sub.next().await.unwrap().unwrap();
         assert_eq!(n.payload, BackendState::Starting);
@@ -212,13 +228,21 @@ async fn an_open_transaction_elsewhere_delays_nobody() {
         let mut sub = db.subscribe::<BackendState>().await.unwrap();
         // Holds an xid (it wrote) and stays open.
         let mut open = db.pool().begin().await.unwrap();
-        emit(&mut open, Some("slow"), &BackendState::Loading)
-            .await
-            .unwrap();
+        emit(
+            &mut open,
+            Some(&"slow".parse().unwrap()),
+            &BackendState::Loading,
+        )
+        .await
+        .unwrap();
         let mut conn = db.pool().acquire().await.unwrap();
-        emit(&mut conn, Some("fast"), &BackendState::Loading)
-            .await
-            .unwrap();
+        emit(
+            &mut conn,
+            Some(&"fast".parse().unwrap()),
+            &BackendState::Loading,
+        )
+        .await
+        .unwrap();
         let n = tokio::time::timeout(Duration::from_secs(2), sub.next())
             .await
             .expect("not delayed by the open transaction")
@@ -239,9 +263,13 @@ async fn events_since_an_id() {
         let mut ids = Vec::new();
         for i in 0..5 {
             ids.push(
-                emit(&mut conn, Some(&format!("k{i}")), &BackendState::Loading)
-                    .await
-                    .unwrap(),
+                emit(
+                    &mut conn,
+                    Some(&(format!("k{i}")).parse().unwrap()),
+                    &BackendState::Loading,
+                )
+                .await
+                .unwrap(),
             );
         }
         let events = db.get_events_since(ids[1], 2).await.unwrap();
@@ -278,29 +306,45 @@ async fn a_lagging_subscription_catches_up_from_the_table() {
         let mut written = Vec::new();
         for _ in 0..20 {
             written.push(
-                emit(&mut conn, Some("k"), &BackendState::Loading)
-                    .await
-                    .unwrap(),
+                emit(
+                    &mut conn,
+                    Some(&"k".parse().unwrap()),
+                    &BackendState::Loading,
+                )
+                .await
+                .unwrap(),
             );
             // Another key's events in between: the catch-up reads only this key's.
-            emit(&mut conn, Some("other"), &BackendState::Loading)
-                .await
-                .unwrap();
+            emit(
+                &mut conn,
+                Some(&"other".parse().unwrap()),
+                &BackendState::Loading,
+            )
+            .await
+            .unwrap();
         }
         // Wait until the bus has read them all: the queue (5) overflowed long before.
         let mut probe = db
             .subscribe_with_key::<BackendState>("probe")
             .await
             .unwrap();
-        emit(&mut conn, Some("probe"), &BackendState::Loading)
-            .await
-            .unwrap();
+        emit(
+            &mut conn,
+            Some(&"probe".parse().unwrap()),
+            &BackendState::Loading,
+        )
+        .await
+        .unwrap();
         probe.next().await.unwrap().unwrap();
         // One more after the pause: it comes after the catch-up, not before.
         written.push(
-            emit(&mut conn, Some("k"), &BackendState::Loading)
-                .await
-                .unwrap(),
+            emit(
+                &mut conn,
+                Some(&"k".parse().unwrap()),
+                &BackendState::Loading,
+            )
+            .await
+            .unwrap(),
         );
 
         let mut delivered = Vec::new();
@@ -457,9 +501,13 @@ async fn wake_ups_reach_every_process_without_polling() {
             .unwrap();
         arrives([&mut elsewhere, &mut here], BackendStatus::Starting).await;
         let mut txn = writer.pool().begin().await.unwrap();
-        emit(&mut txn, Some(backend.as_str()), &BackendState::Loading)
-            .await
-            .unwrap();
+        emit(
+            &mut txn,
+            Some(&(backend.as_str()).parse().unwrap()),
+            &BackendState::Loading,
+        )
+        .await
+        .unwrap();
         txn.commit().await.unwrap();
         arrives([&mut elsewhere, &mut here], BackendStatus::Loading).await;
     })

@@ -148,9 +148,13 @@ async fn a_controller_works_as_the_application_role() {
         // trigger (plane_event_wake, as the application role).
         let mut all = db.subscribe_all_events().await.expect("subscribe");
         let mut txn = db.pool().begin().await.expect("begin");
-        let id = plane_db::events::emit(&mut txn, Some("own-transaction"), &BackendState::Loading)
-            .await
-            .expect("emit");
+        let id = plane_db::events::emit(
+            &mut txn,
+            Some(&"own-transaction".parse().unwrap()),
+            &BackendState::Loading,
+        )
+        .await
+        .expect("emit");
         txn.commit().await.expect("commit");
         let event = all.next().await.expect("bus open").expect("not lagged");
         assert_eq!(

@@ -930,16 +930,16 @@ async fn check_converted(db: &PlaneDatabase, pool: &PgPool, fx: &PlaneFixture) {
     let plane_db::backend::RouteInfoResult::Available(route) = route else {
         panic!("Plane's token does not route: {route:?}");
     };
-    assert_eq!(route.backend_id.as_str(), "ba-ready");
+    assert_eq!(route.route.backend_id.as_str(), "ba-ready");
     assert_eq!(route.address.to_string(), "10.0.0.1:8080");
-    assert_eq!(route.secret_token.as_str(), fx.ready_secret);
-    assert_eq!(route.user.as_deref(), Some("alice"));
+    assert_eq!(route.route.secret_token.as_str(), fx.ready_secret);
+    assert_eq!(route.route.user.as_deref(), Some("alice"));
     assert_eq!(
-        route.user_data,
+        route.route.user_data,
         Some(json!({"role": "editor", "team": 7})),
         "auth JSON kept"
     );
-    assert_eq!(route.cluster, fx.cluster);
+    assert_eq!(route.route.cluster, fx.cluster);
     // The static token routes, with Plane's empty secret and the subdomain.
     let route = db
         .backend()
@@ -949,10 +949,13 @@ async fn check_converted(db: &PlaneDatabase, pool: &PgPool, fx: &PlaneFixture) {
     let plane_db::backend::RouteInfoResult::Available(route) = route else {
         panic!("the static token does not route: {route:?}");
     };
-    assert_eq!(route.backend_id.as_str(), "ba-static");
+    assert_eq!(route.route.backend_id.as_str(), "ba-static");
     assert_eq!(route.address.to_string(), "10.0.0.1:8081");
-    assert_eq!(route.secret_token.as_str(), "");
-    assert_eq!(route.subdomain.as_ref().map(|s| s.as_str()), Some("docs"));
+    assert_eq!(route.route.secret_token.as_str(), "");
+    assert_eq!(
+        route.route.subdomain.as_ref().map(|s| s.as_str()),
+        Some("docs")
+    );
     // The expired token of the terminated backend does not.
     assert!(matches!(
         db.backend()

@@ -459,7 +459,7 @@ fn list_versions(versions: &[i64]) -> String {
 async fn backends(db: &PlaneDatabase, out: &Out, args: BackendsArgs) -> Outcome {
     let cluster = args.cluster.as_deref().map(cluster_name).transpose()?;
     let drone = match &args.drone {
-        Some(drone) => Some(find_drone(db, cluster.as_ref(), drone).await?.id),
+        Some(drone) => Some(find_drone(db, cluster.as_ref(), drone).await?),
         None => None,
     };
     let status = args
@@ -843,7 +843,7 @@ async fn watch(db: &PlaneDatabase, out: &Out, id: &BackendName) -> Outcome {
 
 async fn termination_candidates(db: &PlaneDatabase, out: &Out, args: DroneArgs) -> Outcome {
     let cluster = args.cluster.as_deref().map(cluster_name).transpose()?;
-    let drone = find_drone(db, cluster.as_ref(), &args.drone).await?.id;
+    let drone = find_drone(db, cluster.as_ref(), &args.drone).await?;
     let candidates = db.backend().termination_candidates(drone).await?;
     let mut stdout = io::stdout().lock();
     if out.json {
@@ -915,9 +915,7 @@ async fn mark_lost(
         Some(drone) => {
             let cluster = cluster.map(cluster_name).transpose()?;
             let drone = find_drone(db, cluster.as_ref(), drone).await?;
-            db.backend()
-                .mark_drone_lost(&drone.cluster, &drone.name)
-                .await?
+            db.backend().mark_drone_lost(drone).await?
         }
         None => {
             let names = ids
@@ -1220,19 +1218,12 @@ fn cluster_name(name: &str) -> Result<ClusterName, Failure> {
         .map_err(|e| Failure::Usage(format!("invalid cluster {:?}: {e}", printable(name))))
 }
 
-/// A drone the command line names.
-struct Drone {
-    id: NodeId,
-    cluster: ClusterName,
-    name: DroneName,
-}
-
 /// The drone given as a numeric node id, or by name within `cluster`: one lookup either way.
 async fn find_drone(
     db: &PlaneDatabase,
     cluster: Option<&ClusterName>,
     drone: &str,
-) -> Result<Drone, Failure> {
+) -> Result<NodeId, Failure> {
     if let Ok(id) = drone.parse::<i32>() {
         let id = NodeId::from(id);
         let node = db
@@ -1240,11 +1231,9 @@ async fn find_drone(
             .get(id)
             .await?
             .ok_or_else(|| Failure::NotFound(format!("drone {id} not found")))?;
-        return match (node.cluster, node.name) {
-            (Some(cluster), plane_db::types::AnyNodeName::Drone(name)) => {
-                Ok(Drone { id, cluster, name })
-            }
-            (_, other) => Err(Failure::Usage(format!(
+        return match node.name {
+            plane_db::types::AnyNodeName::Drone(_) => Ok(id),
+            other => Err(Failure::Usage(format!(
                 "node {id} is a {}, not a drone",
                 other.kind()
             ))),
@@ -1263,9 +1252,5 @@ async fn find_drone(
         .id_of(Some(cluster), name.as_str())
         .await?
         .ok_or_else(|| Failure::NotFound(format!("drone {name} not found in cluster {cluster}")))?;
-    Ok(Drone {
-        id,
-        cluster: cluster.clone(),
-        name,
-    })
+    Ok(id)
 }
