@@ -17,3 +17,4 @@ mod plane055;
 mod scheduling;
 mod status_stream;
 mod upgrade;
+mod write_path;
