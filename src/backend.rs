@@ -218,10 +218,7 @@ impl<'a> BackendDatabase<'a> {
         &self,
         backend: &BackendName,
     ) -> Result<impl Stream<Item = BackendStatusStreamEntry> + Send + 'static> {
-        let mut sub = self
-            .db
-            .subscribe_with_key::<BackendState>(backend.as_str())
-            .await?;
+        let mut sub = self.db.subscribe_with_key::<BackendState>(backend).await?;
         let pool = self.db.pool().clone();
         let history = read_history(&pool, backend).await?;
         if history.is_empty() && self.backend(backend).await?.is_none() {

@@ -59,6 +59,8 @@ pub struct NodeConnectionStatusChange {
 }
 
 impl NotificationPayload for NodeConnectionStatusChange {
+    type Key = NodeId;
+
     fn kind() -> &'static str {
         "node_connection"
     }

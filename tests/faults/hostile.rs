@@ -10,7 +10,7 @@ use crate::common::{drone, request};
 use crate::support::*;
 use plane_db::backend::RouteInfoResult;
 use plane_db::connect::ConnectRequest;
-use plane_db::events::emit;
+use plane_db::events::{emit, NotificationPayload};
 use plane_db::node::NodeRegistration;
 use plane_db::types::{
     BackendName, BackendState, BearerToken, ClusterName, ControllerName, DroneName, DronePoolName,
@@ -19,6 +19,19 @@ use plane_db::types::{
 use plane_db::{Config, ConnectError, Error, PlaneDatabase};
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
+
+/// A payload kind of a caller's own, keyed by free-form strings: hostile keys travel on it
+/// (the crate's own kinds are keyed by names and ids, which reject them).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+struct FreeKeyed(BackendState);
+
+impl NotificationPayload for FreeKeyed {
+    type Key = String;
+
+    fn kind() -> &'static str {
+        "free_keyed"
+    }
+}
 
 /// The hostile strings, by name.
 pub fn hostile_strings() -> Vec<(&'static str, String)> {
@@ -357,9 +370,9 @@ async fn other_inputs(db: &PlaneDatabase, t: &mut Tally, label: &str, s: &str) {
 
     // Event keys and keyed subscriptions: the key round-trips exactly.
     let key = format!("{label}:{s}");
-    let mut sub = db.subscribe_with_key::<BackendState>(&key).await.unwrap();
+    let mut sub = db.subscribe_with_key::<FreeKeyed>(&key).await.unwrap();
     let mut conn = db.pool().acquire().await.unwrap();
-    let r = emit(&mut conn, Some(&key), &BackendState::Loading).await;
+    let r = emit(&mut conn, Some(&key), &FreeKeyed(BackendState::Loading)).await;
     if let Some(id) = t.outcome("event key", s, r, false) {
         let n = tokio::time::timeout(Duration::from_secs(5), sub.next())
             .await
