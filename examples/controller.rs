@@ -890,7 +890,7 @@ impl DemoDrone {
     pub async fn run(self, db: PlaneDatabase, step: Duration) {
         let mut actions = loop {
             match db
-                .subscribe_with_key::<BackendActionMessage>(&self.id.to_string())
+                .subscribe_with_key::<BackendActionMessage>(&self.id)
                 .await
             {
                 Ok(subscription) => break subscription,

@@ -175,15 +175,21 @@ impl PlaneDatabase {
         Ok(Subscription::new(shared, None))
     }
 
-    /// Subscribes to events of type `T` with the given key (e.g. one backend's states).
-    /// Live on return, like [`subscribe`](Self::subscribe).
-    #[tracing::instrument(skip(self), fields(kind = T::kind()))]
+    /// Subscribes to events of type `T` with the given key, of `T`'s key type
+    /// ([`NotificationPayload::Key`]): e.g. one backend's states by its
+    /// [`BackendName`](crate::types::BackendName), one drone's actions by its
+    /// [`NodeId`](crate::types::NodeId). Live on return, like [`subscribe`](Self::subscribe).
+    #[tracing::instrument(
+        skip_all,
+        fields(kind = T::kind(), key = ?crate::events::EventKey::to_event_key(key))
+    )]
     pub async fn subscribe_with_key<T: NotificationPayload>(
         &self,
-        key: &str,
+        key: &T::Key,
     ) -> Result<Subscription<T>> {
+        let key = crate::events::EventKey::to_event_key(key);
         let shared = self.inner.bus().ensure_started().await?;
-        Ok(Subscription::new(shared, Some(key.to_string())))
+        Ok(Subscription::new(shared, Some(key)))
     }
 
     /// Subscribes to every event of every kind, undecoded. Live on return.

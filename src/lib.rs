@@ -16,21 +16,12 @@
 //! rows.
 //!
 //! ## Guarantees
-//! - **Events exist exactly when their change committed**: they are written in the same
-//!   transaction ([`events::emit`]).
-//! - **Nothing lost, nothing duplicated**: each subscriber receives every matching event once,
-//!   under any number of concurrent writers on any number of controllers. The bus reads the
-//!   `event` table by transaction visibility, not by id (see [`events`]).
-//! - **Live on return**: when `subscribe*` returns, every event committed afterwards will be
-//!   delivered to it.
-//! - **Survives the connection**: a lost listening connection is re-established with backoff
-//!   and whatever was committed meanwhile is read from the table.
-//! - **A slow subscriber catches up**: a subscription whose queue is full is paused, and once
-//!   it has read what it holds it reads what it missed from the `event` table, exactly where
-//!   it stopped, then carries on live. Only what cannot be read back is reported as
-//!   [`events::Lagged`] (ephemeral messages, or a server change during the pause);
-//!   [`backend::BackendDatabase::status_stream`] then re-reads the history, so it never ends
-//!   early.
+//! - **The event bus**: an event exists exactly when its change committed, and each
+//!   subscriber receives every matching one once, from the moment `subscribe*` returns,
+//!   across lost connections and server restarts, catching up from the table when slow. The
+//!   promises are stated once, in [`events`](events#promises).
+//!   [`backend::BackendDatabase::status_stream`] re-reads the history after an
+//!   [`events::Lagged`], so it never ends early.
 //! - **Forward-only states**: [`backend::BackendDatabase::update_state`] refuses transitions
 //!   that do not move a backend forward.
 //! - **One backend per key**: concurrent [`PlaneDatabase::connect`] calls for a key create

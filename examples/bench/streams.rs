@@ -342,7 +342,7 @@ const READ_BEFORE: &str = r#"
     order by e.id
 "#;
 
-/// The statement as in `src/events/bus.rs` now (keep in step).
+/// The statement as in `src/events/reader.rs` now (keep in step).
 const READ_AFTER: &str = r#"
     select s.snap::text, e.id
     from (select coalesce($2::text::pg_snapshot, pg_current_snapshot()) as snap,

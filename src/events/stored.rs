@@ -1,7 +1,7 @@
 //! Reading stored events by id, to resume a stream (not the bus's read, which goes by
 //! transaction visibility).
 
-use super::Event;
+use super::event::Event;
 use crate::error::{check_non_negative, Result};
 use sqlx::PgPool;
 

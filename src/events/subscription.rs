@@ -1,151 +1,14 @@
-//! Subscriptions: a queue per subscriber that grows with what it holds (nothing is reserved
-//! up front), up to a limit; beyond it the subscriber is paused and later catches up from the
-//! `event` table, exactly where its queue overflowed.
+//! Subscriptions: the public handles, each reading its queue in the registry, and the
+//! catch-up of a paused subscription from the `event` table, exactly where its queue
+//! overflowed. The [module docs](super) state what a subscription is promised.
 
-use super::bus::{Position, Shared};
-use super::{decode, Event, Notification, NotificationPayload};
+use super::event::{decode, Event, Notification, NotificationPayload};
+use super::registry::{Filter, Next, Position, Shared, SubQueue};
 use crate::metrics as m;
 use std::collections::VecDeque;
 use std::marker::PhantomData;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::Notify;
-
-/// Which events a subscription receives.
-pub(crate) enum Filter {
-    All,
-    Kind(&'static str),
-    KindKey(&'static str, String),
-}
-
-impl Filter {
-    /// The `kind` label of its subscriptions' gauge.
-    fn label(&self) -> &'static str {
-        match self {
-            Filter::All => "all",
-            Filter::Kind(kind) | Filter::KindKey(kind, _) => m::kind_label(kind),
-        }
-    }
-
-    fn kind(&self) -> Option<&'static str> {
-        match self {
-            Filter::All => None,
-            Filter::Kind(kind) | Filter::KindKey(kind, _) => Some(kind),
-        }
-    }
-
-    fn key(&self) -> Option<&str> {
-        match self {
-            Filter::KindKey(_, key) => Some(key),
-            _ => None,
-        }
-    }
-}
-
-/// One subscriber's queue. The bus pushes, the subscription pops.
-pub(crate) struct SubQueue {
-    state: Mutex<QueueState>,
-    ready: Notify,
-}
-
-#[derive(Default)]
-struct QueueState {
-    items: VecDeque<Arc<Event>>,
-    /// Set when the queue was full as the bus dispatched a stored event: the position of that
-    /// event. From then on the bus queues nothing more until the subscriber has drained the
-    /// queue and resumed (see [`Registration::resume`]).
-    paused_at: Option<Position>,
-    /// Stored events not queued since the pause.
-    dropped: u64,
-    /// Ephemeral messages not queued (they are not stored, so no catch-up brings them back).
-    dropped_ephemeral: u64,
-    closed: bool,
-}
-
-/// What the queue has for its subscriber.
-enum Next {
-    Event(Arc<Event>),
-    /// The queue is drained and paused: time to catch up from the table.
-    Paused,
-    /// Ephemeral messages were dropped.
-    Lagged(u64),
-    Closed,
-}
-
-impl SubQueue {
-    fn new() -> Self {
-        Self {
-            state: Mutex::new(QueueState::default()),
-            ready: Notify::new(),
-        }
-    }
-
-    fn state(&self) -> MutexGuard<'_, QueueState> {
-        // Every critical section is a single push/pop; a poisoned lock holds a usable queue.
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Queues an event (`position` is where the bus stands, for a stored event). A subscriber
-    /// that already holds `max_pending` undelivered events is paused instead: it keeps what it
-    /// holds, and later reads what it did not get from the table.
-    pub(crate) fn push(&self, event: Arc<Event>, position: Option<&Position>, max_pending: usize) {
-        {
-            let mut st = self.state();
-            if st.closed {
-                return;
-            }
-            match position {
-                None if st.paused_at.is_some() || st.items.len() >= max_pending => {
-                    st.dropped_ephemeral += 1;
-                }
-                None => st.items.push_back(event),
-                Some(_) if st.paused_at.is_some() => st.dropped += 1,
-                Some(position) if st.items.len() >= max_pending => {
-                    st.paused_at = Some(position.clone());
-                    st.dropped += 1;
-                }
-                Some(_) => st.items.push_back(event),
-            }
-        }
-        self.ready.notify_one();
-    }
-
-    /// How many events it holds, and whether it is paused.
-    pub(crate) fn depth(&self) -> (usize, bool) {
-        let st = self.state();
-        (st.items.len(), st.paused_at.is_some())
-    }
-
-    pub(crate) fn close(&self) {
-        self.state().closed = true;
-        self.ready.notify_one();
-    }
-
-    /// The next queued event; `Paused` once a paused queue is drained; `Closed` once the bus
-    /// shut down and the queue is drained.
-    async fn next(&self) -> Next {
-        loop {
-            {
-                let mut st = self.state();
-                if st.dropped_ephemeral > 0 && st.paused_at.is_none() {
-                    return Next::Lagged(std::mem::take(&mut st.dropped_ephemeral));
-                }
-                if let Some(event) = st.items.pop_front() {
-                    return Next::Event(event);
-                }
-                if st.closed {
-                    return Next::Closed;
-                }
-                if st.paused_at.is_some() {
-                    return Next::Paused;
-                }
-            }
-            // `notify_one` stores a permit when nobody waits, so a push between the check
-            // above and this await is not missed.
-            self.ready.notified().await;
-        }
-    }
-}
 
 /// The stored events a paused subscription did not get: those the bus dispatched from the
 /// pause position `from` (inclusive) to the position `to` it had reached when the subscription
@@ -215,12 +78,10 @@ impl CatchUp {
 }
 
 /// A subscription fell behind in a way it could not make up for: `missed` events were not
-/// delivered to it. Stored events normally are not lost this way (a subscriber whose queue is
-/// full is paused and then catches up from the `event` table, exactly where it stopped); this
-/// is reported for ephemeral messages dropped from a full queue (they are not stored), and for
-/// stored events when the database server changed while the subscriber was paused (the
-/// catch-up could not be delimited exactly: resynchronise from the table if they matter).
-/// Delivery continues with newer events.
+/// delivered to it. [The promises](super#promises) say when this can happen (ephemeral
+/// messages dropped from a full queue; stored events when the database server changed while
+/// the subscriber was paused: resynchronise from the table if they matter). Delivery
+/// continues with newer events.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("subscription lagged: {missed} events were dropped from its queue")]
 pub struct Lagged {
@@ -301,11 +162,9 @@ impl Registration {
     /// changed in between).
     fn resume(&mut self) -> Result<(), Lagged> {
         let reg = self.shared.registry();
-        let mut st = self.queue.state();
-        let Some(from) = st.paused_at.take() else {
+        let Some((from, dropped)) = self.queue.unpause() else {
             return Ok(());
         };
-        let dropped = std::mem::take(&mut st.dropped);
         let to = reg.last.clone().unwrap_or_else(|| from.clone());
         if !(from.exact && to.exact && from.epoch == to.epoch) {
             return Err(Lagged { missed: dropped });
@@ -332,9 +191,7 @@ impl Drop for Registration {
 /// A live subscription to events of one payload type (optionally with one key), created by
 /// [`PlaneDatabase::subscribe`](crate::PlaneDatabase::subscribe) or
 /// [`PlaneDatabase::subscribe_with_key`](crate::PlaneDatabase::subscribe_with_key).
-///
-/// Every matching event committed after the subscription was created is delivered exactly
-/// once, in the order the bus read them (commit order, not id order). Dropping it
+/// What it delivers, and when, is stated once in [the promises](super#promises). Dropping it
 /// unsubscribes.
 pub struct Subscription<T> {
     registration: Registration,

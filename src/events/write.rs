@@ -15,7 +15,8 @@
 //! sequence, a fencing token, a deadline on the database clock), the statement builds that
 //! payload in SQL next to the call, and says why in a comment.
 
-use super::{EphemeralEnvelope, EventBus, EventKey, NotificationPayload, EPHEMERAL_CHANNEL};
+use super::event::{EphemeralEnvelope, EventKey, NotificationPayload, EPHEMERAL_CHANNEL};
+use super::EventBus;
 use crate::error::{to_json, Error, Result};
 use sqlx::PgConnection;
 

@@ -3,7 +3,7 @@
 
 use crate::support::*;
 use plane_db::events::{emit, BusConfig};
-use plane_db::types::BackendState;
+use plane_db::types::{BackendName, BackendState};
 use plane_db::Config;
 use std::time::Duration;
 
@@ -21,7 +21,8 @@ async fn out_of_range_bus_config_still_delivers() {
             };
             let db = open(&url, 4, config).await;
             let key = format!("cfg-{batch}-{pending}");
-            let mut sub = db.subscribe_with_key::<BackendState>(&key).await.unwrap();
+            let name: BackendName = key.parse().unwrap();
+            let mut sub = db.subscribe_with_key::<BackendState>(&name).await.unwrap();
             let mut conn = db.pool().acquire().await.unwrap();
             emit(
                 &mut conn,

@@ -10,15 +10,28 @@ use crate::common::{drone, request};
 use crate::support::*;
 use plane_db::backend::RouteInfoResult;
 use plane_db::connect::ConnectRequest;
-use plane_db::events::emit;
+use plane_db::events::{emit, NotificationPayload};
 use plane_db::node::NodeRegistration;
 use plane_db::types::{
-    BackendName, BearerToken, ClusterName, ControllerName, DroneName, DronePoolName, KeyConfig,
-    NodeKind, Subdomain,
+    BackendName, BackendState, BearerToken, ClusterName, ControllerName, DroneName, DronePoolName,
+    KeyConfig, NodeKind, Subdomain,
 };
 use plane_db::{Config, ConnectError, Error, PlaneDatabase};
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
+
+/// A payload kind of a caller's own, keyed by free-form strings: hostile keys travel on it
+/// (the crate's own kinds are keyed by names and ids, which reject them).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+struct FreeKeyed(BackendState);
+
+impl NotificationPayload for FreeKeyed {
+    type Key = String;
+
+    fn kind() -> &'static str {
+        "free_keyed"
+    }
+}
 
 /// The hostile strings, by name.
 pub fn hostile_strings() -> Vec<(&'static str, String)> {
@@ -359,7 +372,7 @@ async fn other_inputs(db: &PlaneDatabase, t: &mut Tally, label: &str, s: &str) {
     let key = format!("{label}:{s}");
     let mut sub = db.subscribe_with_key::<FreeKeyed>(&key).await.unwrap();
     let mut conn = db.pool().acquire().await.unwrap();
-    let r = emit(&mut conn, Some(&key), &FreeKeyed { n: 1 }).await;
+    let r = emit(&mut conn, Some(&key), &FreeKeyed(BackendState::Loading)).await;
     if let Some(id) = t.outcome("event key", s, r, false) {
         let n = tokio::time::timeout(Duration::from_secs(5), sub.next())
             .await
@@ -454,18 +467,4 @@ async fn control_plane_inputs(db: &PlaneDatabase, t: &mut Tally, s: &str) {
 /// A host-name label unique to each hostile string (its label, which is ASCII).
 fn label_host(s: &str) -> String {
     label(s).replace('_', "-")
-}
-
-/// A payload with free-form keys (`String`), so hostile keys can be written and subscribed to.
-#[derive(serde::Serialize, serde::Deserialize)]
-struct FreeKeyed {
-    n: u32,
-}
-
-impl plane_db::events::NotificationPayload for FreeKeyed {
-    type Key = String;
-
-    fn kind() -> &'static str {
-        "free_keyed"
-    }
 }

@@ -6,7 +6,7 @@
 //! The second fault is the one a checkpoint-based floor got wrong: a floor taken from the
 //! *latest* checkpoint lies above ids that the server reused before that checkpoint, and rows
 //! written with them were skipped. The bus's floor now comes from what it has seen (see
-//! `restart_floor` in `src/events/bus.rs`), so both must lose nothing and repeat nothing.
+//! `restart_floor` in `src/events/reader.rs`), so both must lose nothing and repeat nothing.
 
 use crate::common::{drone, request};
 use crate::support::*;

@@ -46,7 +46,10 @@ async fn slow_subscriber(max_pending: usize) {
         // The raw subscriber reads one event per millisecond (the burst comes much faster).
         // With the default queue it does not read at all until the burst is over.
         let stalled = max_pending >= BURST;
-        let mut sub = db.subscribe_with_key::<BackendState>(&key).await.unwrap();
+        let mut sub = db
+            .subscribe_with_key::<BackendState>(&backend)
+            .await
+            .unwrap();
         // The status stream is polled once, then not again until the burst is over.
         let mut stream = Box::pin(db.backend().status_stream(&backend).await.unwrap());
         let first = stream.next().await.unwrap();
@@ -115,7 +118,7 @@ async fn slow_subscriber(max_pending: usize) {
         // Wait until the bus has dispatched the whole burst: it dispatches in commit order,
         // so once a later probe event arrives, everything before it has been queued.
         let mut probe = db
-            .subscribe_with_key::<BackendState>("probe")
+            .subscribe_with_key::<BackendState>(&"probe".parse().unwrap())
             .await
             .unwrap();
         emit(

@@ -14,7 +14,7 @@ async fn a_termination_request_is_queued_and_emitted_for_the_drone() {
         let d = drone(&db).await;
         let backend = spawn(&db).await.backend_id;
         let mut for_drone = db
-            .subscribe_with_key::<BackendActionMessage>(&d.id.to_string())
+            .subscribe_with_key::<BackendActionMessage>(&d.id)
             .await
             .unwrap();
 
@@ -198,7 +198,7 @@ async fn marking_backends_lost_terminates_them_like_update_state() {
             db.backend().update_state(&done, state).await.unwrap();
         }
         let mut stream_events = db
-            .subscribe_with_key::<BackendState>(ready.as_str())
+            .subscribe_with_key::<BackendState>(&ready)
             .await
             .unwrap();
 

@@ -513,7 +513,7 @@ async fn metrics_reach_live_subscribers() {
     with_db(|db| async move {
         let backend = BackendName::new_random();
         let mut sub = db
-            .subscribe_with_key::<BackendMetricsMessage>(backend.as_str())
+            .subscribe_with_key::<BackendMetricsMessage>(&backend)
             .await
             .unwrap();
         let metrics = BackendMetricsMessage {

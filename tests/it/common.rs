@@ -208,7 +208,7 @@ pub async fn everyday_work(db: &PlaneDatabase) {
     assert!(first.spawned);
     let backend = first.backend_id.clone();
     let mut states = db
-        .subscribe_with_key::<BackendState>(backend.as_str())
+        .subscribe_with_key::<BackendState>(&backend)
         .await
         .expect("subscribe to the backend's states");
     let again = db.connect(&request(&key)).await.expect("connect by key");

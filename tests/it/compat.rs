@@ -28,12 +28,12 @@ async fn a_plane_made_backend_name_goes_through_every_path() {
     with_db(|db| async move {
         let d = drone(&db).await;
         let mut actions = db
-            .subscribe_with_key::<BackendActionMessage>(&d.id.to_string())
+            .subscribe_with_key::<BackendActionMessage>(&d.id)
             .await
             .unwrap();
         let id = plane_made_name();
         let mut metrics = db
-            .subscribe_with_key::<BackendMetricsMessage>(id.as_str())
+            .subscribe_with_key::<BackendMetricsMessage>(&id)
             .await
             .unwrap();
 

@@ -15,7 +15,7 @@ async fn connect_creates_a_backend_with_everything_it_needs() {
     with_db(|db| async move {
         let d = drone(&db).await;
         let mut actions = db
-            .subscribe_with_key::<BackendActionMessage>(&d.id.to_string())
+            .subscribe_with_key::<BackendActionMessage>(&d.id)
             .await
             .unwrap();
         let mut req = request("k1");

@@ -8,6 +8,11 @@ use plane_db::{Config, PlaneDatabase};
 use std::collections::HashMap;
 use std::time::Duration;
 
+/// A backend name as an event key.
+fn name(key: &str) -> BackendName {
+    key.parse().expect("a valid backend name")
+}
+
 /// Counts (key, status) pairs a subscriber received.
 type Seen = HashMap<(String, BackendStatus), usize>;
 
@@ -100,10 +105,7 @@ async fn a_subscription_is_live_when_it_returns() {
     with_db(|db| async move {
         for _ in 0..30 {
             let key = BackendName::new_random();
-            let mut sub = db
-                .subscribe_with_key::<BackendState>(key.as_str())
-                .await
-                .unwrap();
+            let mut sub = db.subscribe_with_key::<BackendState>(&key).await.unwrap();
             let mut conn = db.pool().acquire().await.unwrap();
             emit(
                 &mut conn,
@@ -193,7 +195,10 @@ async fn a_killed_listener_loses_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_committed_events_are_delivered() {
     with_db(|db| async move {
-        let mut sub = db.subscribe_with_key::<BackendState>("k").await.unwrap();
+        let mut sub = db
+            .subscribe_with_key::<BackendState>(&name("k"))
+            .await
+            .unwrap();
         let mut txn = db.pool().begin().await.unwrap();
         emit(
             &mut txn,
@@ -301,7 +306,10 @@ async fn a_lagging_subscription_catches_up_from_the_table() {
     let handle = recorder.handle();
     let _local = metrics::set_default_local_recorder(&recorder);
     with_db_config(small_queue_config(), |db| async move {
-        let mut sub = db.subscribe_with_key::<BackendState>("k").await.unwrap();
+        let mut sub = db
+            .subscribe_with_key::<BackendState>(&name("k"))
+            .await
+            .unwrap();
         let mut conn = db.pool().acquire().await.unwrap();
         let mut written = Vec::new();
         for _ in 0..20 {
@@ -325,7 +333,7 @@ async fn a_lagging_subscription_catches_up_from_the_table() {
         }
         // Wait until the bus has read them all: the queue (5) overflowed long before.
         let mut probe = db
-            .subscribe_with_key::<BackendState>("probe")
+            .subscribe_with_key::<BackendState>(&name("probe"))
             .await
             .unwrap();
         emit(
@@ -395,7 +403,7 @@ async fn dropped_ephemeral_messages_are_reported() {
     with_db_config(small_queue_config(), |db| async move {
         let mut sub = db.subscribe_all_events().await.unwrap();
         let mut probe = db
-            .subscribe_with_key::<BackendMetricsMessage>("probe")
+            .subscribe_with_key::<BackendMetricsMessage>(&name("probe"))
             .await
             .unwrap();
         let send = |key: &str, data: &str| {

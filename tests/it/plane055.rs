@@ -1226,7 +1226,7 @@ async fn check_still_works(db: &PlaneDatabase, pool: &PgPool, fx: &PlaneFixture)
     // The event bus: subscribe, change a converted backend's state, receive it.
     let loading: BackendName = "ba-loading".parse().expect("a name");
     let mut states = db
-        .subscribe_with_key::<BackendState>(loading.as_str())
+        .subscribe_with_key::<BackendState>(&loading)
         .await
         .expect("subscribe");
     assert!(db
