@@ -2,7 +2,7 @@
 //! operators.
 
 use crate::context::Context;
-use crate::error::{Error, Result};
+use crate::error::{skip_undecodable, Error, Result};
 use crate::types::{AnyNodeName, BackendStatus, ClusterName, ControllerName, NodeId, NodeKind};
 
 /// Cluster overviews. Get one from [`PlaneDatabase::cluster`](crate::PlaneDatabase::cluster).
@@ -81,41 +81,47 @@ impl<'a> ClusterDatabase<'a> {
         )
         .fetch_all(self.ctx.pool())
         .await?;
-        let mut state = ClusterState::default();
-        for row in rows {
-            let decoded = (|| -> Result<(NodeKind, NodeState)> {
-                let kind: NodeKind = row
-                    .kind
-                    .parse()
-                    .map_err(|e| Error::decode("node", "kind", row.id, e))?;
-                Ok((
-                    kind,
-                    NodeState {
-                        id: NodeId::from(row.id),
-                        name: AnyNodeName::parse(kind, &row.name)
-                            .map_err(|e| Error::decode("node", "name", row.id, e))?,
-                        plane_version: row.plane_version,
-                        plane_hash: row.plane_hash,
-                        controller: ControllerName::try_from(row.controller)
-                            .map_err(|e| Error::decode("node", "controller", row.id, e))?,
-                        controller_heartbeat_age: row.as_of - row.controller_heartbeat,
-                    },
-                ))
-            })();
-            match decoded {
-                Ok((NodeKind::Drone, node)) => state.drones.push(DroneState {
+        let nodes = skip_undecodable(rows.into_iter().map(|row| {
+            let kind: NodeKind = row
+                .kind
+                .parse()
+                .map_err(|e| Error::decode("node", "kind", row.id, e))?;
+            let node = NodeState {
+                id: NodeId::from(row.id),
+                name: AnyNodeName::parse(kind, &row.name)
+                    .map_err(|e| Error::decode("node", "name", row.id, e))?,
+                plane_version: row.plane_version,
+                plane_hash: row.plane_hash,
+                controller: ControllerName::try_from(row.controller)
+                    .map_err(|e| Error::decode("node", "controller", row.id, e))?,
+                controller_heartbeat_age: row.as_of - row.controller_heartbeat,
+            };
+            Ok(match kind {
+                NodeKind::Drone => Some(ClusterNode::Drone(DroneState {
                     node,
                     ready: row.ready.unwrap_or(false),
                     draining: row.draining.unwrap_or(false),
                     backend_count: row.backend_count,
                     last_heartbeat_age: row.drone_heartbeat.map(|at| row.as_of - at),
-                }),
-                Ok((NodeKind::Proxy, node)) => state.proxies.push(node),
+                })),
+                NodeKind::Proxy => Some(ClusterNode::Proxy(node)),
                 // DNS servers serve every cluster and have none of their own.
-                Ok((NodeKind::AcmeDnsServer, _)) => {}
-                Err(error) => tracing::warn!(%error, "skipping a node row that does not decode"),
+                NodeKind::AcmeDnsServer => None,
+            })
+        }));
+        let mut state = ClusterState::default();
+        for node in nodes.into_iter().flatten() {
+            match node {
+                ClusterNode::Drone(drone) => state.drones.push(drone),
+                ClusterNode::Proxy(proxy) => state.proxies.push(proxy),
             }
         }
         Ok(state)
     }
+}
+
+/// A decoded node of a cluster, before it is sorted into drones and proxies.
+enum ClusterNode {
+    Drone(DroneState),
+    Proxy(NodeState),
 }
