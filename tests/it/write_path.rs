@@ -64,7 +64,7 @@ async fn no_writing_path_notifies_inside_its_transaction() {
         let lost = spawn(&db).await;
         assert_eq!(
             db.backend()
-                .mark_lost(&[lost.backend_id.clone()])
+                .mark_lost(std::slice::from_ref(&lost.backend_id))
                 .await
                 .unwrap(),
             vec![lost.backend_id.clone()]
@@ -125,7 +125,7 @@ async fn no_writing_path_notifies_inside_its_transaction() {
         // the crate does not see) is woken by the trigger, inside that transaction.
         let mut txn = db.pool().begin().await.unwrap();
         let key: BackendName = "caller-own".parse().unwrap();
-        emit(&mut *txn, Some(&key), &BackendState::Loading)
+        emit(&mut txn, Some(&key), &BackendState::Loading)
             .await
             .unwrap();
         txn.commit().await.unwrap();
