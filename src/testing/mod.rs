@@ -27,7 +27,7 @@
 
 // One idea per file:
 // - this file: the process-wide server and the public entry points;
-// - `server`: `TestServer`, the handle the tests hold (DATABASE_URL's server or a throwaway
+// - `test_server`: `TestServer`, the handle the tests hold (DATABASE_URL's server or a throwaway
 //   one), creating and dropping databases on it;
 // - `embedded`: the throwaway server process, and the one way to build one (used for the
 //   process-wide server, private ones, replicas and the TLS server);
@@ -44,7 +44,7 @@ mod pgbouncer;
 mod process;
 mod reaper;
 mod replica;
-mod server;
+mod test_server;
 mod tls;
 mod url;
 mod wire;
@@ -53,7 +53,7 @@ use std::sync::OnceLock;
 
 pub use error::HarnessError;
 pub use pgbouncer::{PgBouncerMode, PgBouncerOptions, TestPgBouncer};
-pub use server::TestServer;
+pub use test_server::TestServer;
 pub use tls::{private_tls_server, TlsTestServer};
 
 /// Superuser created by `initdb` for the throwaway server.
@@ -130,7 +130,7 @@ impl TestDatabase {
 mod tests {
     use std::time::Instant;
 
-    use super::server::tests::current_database;
+    use super::test_server::tests::current_database;
     use super::*;
 
     async fn database_exists(name: &str) -> bool {
