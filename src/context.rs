@@ -3,6 +3,7 @@
 //! The areas (`backend`, `drone`, `connect`, `cleanup`…) borrow a [`Context`]; none of them
 //! sees the [`PlaneDatabase`](crate::PlaneDatabase) facade, which owns one and hands it out.
 
+use crate::backend::StateWriter;
 use crate::config::Config;
 use crate::events::EventBus;
 use sqlx::PgPool;
@@ -13,11 +14,19 @@ pub(crate) struct Context {
     pool: PgPool,
     config: Config,
     bus: EventBus,
+    state_writer: StateWriter,
 }
 
 impl Context {
     pub(crate) fn new(pool: PgPool, config: Config, bus: EventBus) -> Self {
-        Self { pool, config, bus }
+        let state_writer =
+            StateWriter::new(pool.clone(), bus.event_wake_setting(), &config.write_batching);
+        Self {
+            pool,
+            config,
+            bus,
+            state_writer,
+        }
     }
 
     /// The pool every statement runs on.
@@ -33,5 +42,11 @@ impl Context {
     /// This process's event bus (subscriptions, and the wake-ups of the write path).
     pub(crate) fn bus(&self) -> &EventBus {
         &self.bus
+    }
+
+    /// Writes `update_state`'s changes, batching concurrent ones (see
+    /// [`WriteBatchConfig`](crate::WriteBatchConfig)).
+    pub(crate) fn state_writer(&self) -> &StateWriter {
+        &self.state_writer
     }
 }

@@ -1,8 +1,9 @@
 //! A backend's state changes as its drone reports them, proxies' keepalives, and live metrics.
 
 use super::BackendDatabase;
-use crate::error::{to_json, Result};
-use crate::events::{emit_ephemeral, EventBatch, EventWriter};
+use super::group_commit::StateChange;
+use crate::error::Result;
+use crate::events::{emit_ephemeral, EventWriter};
 use crate::metrics::{self, Operation};
 use crate::types::{BackendMetricsMessage, BackendName, BackendState, BackendStatus};
 
@@ -12,6 +13,10 @@ impl BackendDatabase<'_> {
     /// the `backend_state` event, and on `terminated` releases the backend's key. The
     /// event's wake-up is sent after the commit, coalesced with other writers' (see
     /// [`BusConfig::coalesce_wakeups`](crate::events::BusConfig::coalesce_wakeups)).
+    ///
+    /// Concurrent calls in one process share that statement and its transaction (group
+    /// commit, [`Config::write_batching`](crate::Config::write_batching)); each still gets
+    /// its own answer, and two changes of one backend are applied in call order.
     ///
     /// Returns false, changing nothing, for an unknown backend or a transition that is not
     /// forward (including a repeat of the current status).
@@ -31,58 +36,14 @@ impl BackendDatabase<'_> {
         backend: &BackendName,
         new_state: &BackendState,
     ) -> Result<bool> {
-        let mut conn = metrics::acquire(Operation::UpdateState, self.ctx.pool()).await?;
-        let status = new_state.status();
-        let state = to_json("backend state", new_state)?;
-        let events = EventBatch::one(backend, new_state)?;
-        let writer = EventWriter::new(self.ctx.bus());
-        let updated = sqlx::query_scalar!(
-            r#"
-            with updated as (
-                update backend set
-                    last_status = $2,
-                    last_status_number = $3,
-                    last_status_time = now(),
-                    cluster_address = $4,
-                    state = $5
-                where id = $1 and last_status_number < $3
-                returning id
-            ),
-            history as (
-                insert into backend_state (backend_id, state, created_at)
-                select id, $5, now() from updated
-            ),
-            released as (
-                delete from backend_key
-                where $6 and id in (select id from updated)
-            ),
-            emitted as (
-                select plane_write_events(array_agg(e.kind), array_agg(e.key), array_agg(e.data), $10)
-                from unnest($7::text[], $8::text[], $9::jsonb[]) as e(kind, key, data)
-                where e.key in (select id from updated)
-            )
-            select count(*) as "updated!" from updated, emitted
-            "#,
-            backend.as_str(),
-            status.to_string(),
-            status.as_int(),
-            new_state.address().map(|a| a.to_string()),
-            state,
-            status == BackendStatus::Terminated,
-            events.kinds() as &[&str],
-            events.keys(),
-            events.payloads(),
-            writer.wake(),
-        )
-        .fetch_one(&mut *conn)
-        .await?;
-        drop(conn);
-        if updated == 0 {
-            tracing::debug!("state update refused: unknown backend or not a forward transition");
+        let change = StateChange::new(backend, new_state)?;
+        let applied = self.ctx.state_writer().write(change).await?;
+        if applied {
+            EventWriter::new(self.ctx.bus()).committed();
         } else {
-            writer.committed();
+            tracing::debug!("state update refused: unknown backend or not a forward transition");
         }
-        Ok(updated > 0)
+        Ok(applied)
     }
 
     /// Records that a proxy holds a connection to the backend now. Returns false for an

@@ -64,6 +64,13 @@ impl EventBatch {
         Ok(())
     }
 
+    /// Appends `other`'s events after this batch's.
+    pub(crate) fn extend(&mut self, other: &EventBatch) {
+        self.kinds.extend_from_slice(&other.kinds);
+        self.keys.extend_from_slice(&other.keys);
+        self.payloads.extend_from_slice(&other.payloads);
+    }
+
     /// The kinds, for the statement's `kinds` argument.
     pub(crate) fn kinds(&self) -> &[&'static str] {
         &self.kinds
