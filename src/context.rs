@@ -19,8 +19,11 @@ pub(crate) struct Context {
 
 impl Context {
     pub(crate) fn new(pool: PgPool, config: Config, bus: EventBus) -> Self {
-        let state_writer =
-            StateWriter::new(pool.clone(), bus.event_wake_setting(), &config.write_batching);
+        let state_writer = StateWriter::new(
+            pool.clone(),
+            bus.event_wake_setting(),
+            &config.write_batching,
+        );
         Self {
             pool,
             config,

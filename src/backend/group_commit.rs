@@ -122,9 +122,9 @@ impl StateWriter {
             };
             tokio::spawn(writer.run());
         }
-        answer.await.map_err(|_| {
-            Error::Database(sqlx::Error::WorkerCrashed)
-        })?
+        answer
+            .await
+            .map_err(|_| Error::Database(sqlx::Error::WorkerCrashed))?
     }
 }
 
@@ -321,7 +321,10 @@ async fn write_in_order(
     let mut applied = vec![false; changes.len()];
     if let [round] = rounds.as_slice() {
         let chosen = ordered(changes, round);
-        for (i, ok) in chosen.iter().zip(write_statement(conn, &refs(changes, &chosen), wake).await?) {
+        for (i, ok) in chosen
+            .iter()
+            .zip(write_statement(conn, &refs(changes, &chosen), wake).await?)
+        {
             applied[*i] = ok;
         }
         return Ok(applied);
@@ -329,7 +332,10 @@ async fn write_in_order(
     let mut txn = sqlx::Connection::begin(conn).await?;
     for round in &rounds {
         let chosen = ordered(changes, round);
-        for (i, ok) in chosen.iter().zip(write_statement(&mut txn, &refs(changes, &chosen), wake).await?) {
+        for (i, ok) in chosen
+            .iter()
+            .zip(write_statement(&mut txn, &refs(changes, &chosen), wake).await?)
+        {
             applied[*i] = ok;
         }
     }

@@ -1,7 +1,7 @@
 //! A backend's state changes as its drone reports them, proxies' keepalives, and live metrics.
 
-use super::BackendDatabase;
 use super::group_commit::StateChange;
+use super::BackendDatabase;
 use crate::error::Result;
 use crate::events::{emit_ephemeral, EventWriter};
 use crate::metrics::{self, Operation};

@@ -10,6 +10,7 @@ mod common;
 mod compat;
 mod connect;
 mod events;
+mod group_commit;
 mod keys;
 mod least_privilege;
 mod nodes;

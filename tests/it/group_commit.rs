@@ -1,0 +1,471 @@
+//! Group commit of `update_state` (`Config::write_batching`): concurrent calls share one
+//! statement and one transaction, and each caller still gets exactly the answer it would
+//! have got alone.
+//!
+//! The batch tests run on a current-thread runtime and start their calls with `join_all`:
+//! every call is queued before the batch writer runs, so they form one batch. That they did
+//! is checked, not assumed: the events of one batch share one transaction id.
+
+use crate::common::*;
+use futures_util::future::join_all;
+use plane_db::types::{BackendName, BackendState, BackendStatus};
+use plane_db::{Config, PlaneDatabase, WriteBatchConfig};
+use std::collections::{BTreeSet, HashMap};
+use std::time::Duration;
+
+/// The `backend_state` events of `backends`: (key, status, transaction id), in id order.
+async fn events_of(db: &PlaneDatabase, backends: &[&BackendName]) -> Vec<(String, String, String)> {
+    let keys: Vec<&str> = backends.iter().map(|b| b.as_str()).collect();
+    sqlx::query_as(
+        "select key, data->>'status', xid::text from event
+         where kind = 'backend_state' and key = any($1) order by id",
+    )
+    .bind(&keys)
+    .fetch_all(db.pool())
+    .await
+    .unwrap()
+}
+
+/// A backend's history: its statuses in order.
+async fn history(db: &PlaneDatabase, backend: &BackendName) -> Vec<BackendStatus> {
+    db.backend()
+        .state_history(backend)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.state.status())
+        .collect()
+}
+
+async fn status(db: &PlaneDatabase, backend: &BackendName) -> BackendStatus {
+    db.backend()
+        .backend(backend)
+        .await
+        .unwrap()
+        .expect("backend exists")
+        .state
+        .status()
+}
+
+async fn key_rows(db: &PlaneDatabase, backend: &BackendName) -> i64 {
+    sqlx::query_scalar("select count(*) from backend_key where id = $1")
+        .bind(backend.as_str())
+        .fetch_one(db.pool())
+        .await
+        .unwrap()
+}
+
+fn distinct_xids(events: &[(String, String, String)]) -> BTreeSet<String> {
+    events.iter().map(|e| e.2.clone()).collect()
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_batch_mixing_accepted_refused_and_unknown_backends_answers_each_caller() {
+    with_db(|db| async move {
+        drone(&db).await;
+        let accepted = spawn(&db).await.backend_id;
+        let backwards = spawn(&db).await.backend_id;
+        let repeated = spawn(&db).await.backend_id;
+        let ending = spawn(&db).await.backend_id;
+        let unknown = BackendName::new_random();
+        let states = lifecycle();
+        let terminated = states[5].clone();
+        assert!(db
+            .backend()
+            .update_state(&backwards, &states[1])
+            .await
+            .unwrap());
+        let before: Vec<_> = events_of(&db, &[&backwards]).await;
+
+        let backend = db.backend();
+        let calls = vec![
+            backend.update_state(&accepted, &states[0]),
+            backend.update_state(&backwards, &states[0]),
+            backend.update_state(&unknown, &states[0]),
+            backend.update_state(&repeated, &BackendState::Scheduled),
+            backend.update_state(&ending, &terminated),
+        ];
+        let answers: Vec<bool> = join_all(calls)
+            .await
+            .into_iter()
+            .map(Result::unwrap)
+            .collect();
+        assert_eq!(answers, vec![true, false, false, false, true]);
+
+        // One batch: the two accepted changes' events share one transaction.
+        let written = events_of(&db, &[&accepted, &backwards, &unknown, &repeated, &ending]).await;
+        let new: Vec<_> = written
+            .iter()
+            .filter(|e| e.1 != "scheduled" && !before.contains(e))
+            .collect();
+        let new_keys: Vec<(&str, &str)> =
+            new.iter().map(|e| (e.0.as_str(), e.1.as_str())).collect();
+        assert_eq!(
+            new_keys,
+            vec![
+                (accepted.as_str(), "loading"),
+                (ending.as_str(), "terminated")
+            ]
+        );
+        let batch_xids: BTreeSet<&String> = new.iter().map(|e| &e.2).collect();
+        assert_eq!(
+            batch_xids.len(),
+            1,
+            "one transaction for the batch: {new:?}"
+        );
+
+        // Exactly as alone: history rows for the accepted changes only, the key released on
+        // `terminated` only, the refused backends untouched.
+        assert_eq!(
+            history(&db, &accepted).await,
+            vec![BackendStatus::Scheduled, BackendStatus::Loading]
+        );
+        assert_eq!(
+            history(&db, &backwards).await,
+            vec![BackendStatus::Scheduled, BackendStatus::Starting]
+        );
+        assert_eq!(status(&db, &backwards).await, BackendStatus::Starting);
+        assert_eq!(
+            history(&db, &repeated).await,
+            vec![BackendStatus::Scheduled]
+        );
+        assert_eq!(
+            history(&db, &ending).await,
+            vec![BackendStatus::Scheduled, BackendStatus::Terminated]
+        );
+        assert_eq!(key_rows(&db, &ending).await, 0);
+        assert_eq!(key_rows(&db, &accepted).await, 1);
+        assert_eq!(key_rows(&db, &backwards).await, 1);
+        assert!(db.backend().backend(&unknown).await.unwrap().is_none());
+    })
+    .await
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn two_changes_of_one_backend_in_one_batch_apply_in_call_order() {
+    with_db(|db| async move {
+        drone(&db).await;
+        let x = spawn(&db).await.backend_id;
+        let y = spawn(&db).await.backend_id;
+        let z = spawn(&db).await.backend_id;
+        let states = lifecycle();
+        let backend = db.backend();
+        // x: forward, forward again, then backwards (refused after the second); y: once;
+        // z: the later status first, so the earlier one is refused, as it would be alone.
+        let calls = vec![
+            backend.update_state(&x, &states[0]),
+            backend.update_state(&z, &states[1]),
+            backend.update_state(&x, &states[1]),
+            backend.update_state(&y, &states[0]),
+            backend.update_state(&x, &states[0]),
+            backend.update_state(&z, &states[0]),
+            backend.update_state(&x, &states[2]),
+        ];
+        let answers: Vec<bool> = join_all(calls)
+            .await
+            .into_iter()
+            .map(Result::unwrap)
+            .collect();
+        assert_eq!(answers, vec![true, true, true, true, false, false, true]);
+        assert_eq!(
+            history(&db, &x).await,
+            vec![
+                BackendStatus::Scheduled,
+                BackendStatus::Loading,
+                BackendStatus::Starting,
+                BackendStatus::Waiting
+            ]
+        );
+        assert_eq!(
+            history(&db, &z).await,
+            vec![BackendStatus::Scheduled, BackendStatus::Starting]
+        );
+        assert_eq!(status(&db, &x).await, BackendStatus::Waiting);
+
+        // Events in call order per backend, all from one transaction.
+        let events: Vec<_> = events_of(&db, &[&x, &y, &z])
+            .await
+            .into_iter()
+            .filter(|e| e.1 != "scheduled")
+            .collect();
+        let of_x: Vec<&str> = events
+            .iter()
+            .filter(|e| e.0 == x.as_str())
+            .map(|e| e.1.as_str())
+            .collect();
+        assert_eq!(of_x, vec!["loading", "starting", "waiting"]);
+        assert_eq!(events.len(), 5);
+        assert_eq!(distinct_xids(&events).len(), 1, "{events:?}");
+    })
+    .await
+}
+
+/// A change the server refuses (here a trigger raises for one backend) fails only its own
+/// call: the others of its batch are written again alone and succeed.
+#[tokio::test(flavor = "current_thread")]
+async fn a_failing_change_fails_only_its_own_call() {
+    with_db(|db| async move {
+        drone(&db).await;
+        let good: Vec<BackendName> = {
+            let mut v = Vec::new();
+            for _ in 0..4 {
+                v.push(spawn(&db).await.backend_id);
+            }
+            v
+        };
+        let bad = spawn(&db).await.backend_id;
+        exec(
+            &db,
+            &format!(
+                "create function refuse_one() returns trigger language plpgsql as $$
+                 begin
+                     if new.backend_id = '{bad}' then raise exception 'refused for the test'; end if;
+                     return new;
+                 end $$"
+            ),
+        )
+        .await;
+        exec(
+            &db,
+            "create trigger refuse_one before insert on backend_state
+             for each row execute function refuse_one()",
+        )
+        .await;
+        let backend = db.backend();
+        let loading = BackendState::Loading;
+        let mut calls = Vec::new();
+        for (i, b) in good.iter().enumerate() {
+            if i == 2 {
+                calls.push(backend.update_state(&bad, &loading));
+            }
+            calls.push(backend.update_state(b, &loading));
+        }
+        let answers = join_all(calls).await;
+        assert_eq!(answers.len(), 5);
+        for (i, answer) in answers.iter().enumerate() {
+            if i == 2 {
+                let error = answer.as_ref().expect_err("the bad change fails");
+                assert!(error.to_string().contains("refused for the test"), "{error}");
+            } else {
+                assert!(answer.as_ref().unwrap(), "change {i}: {answer:?}");
+            }
+        }
+        for b in &good {
+            assert_eq!(
+                history(&db, b).await,
+                vec![BackendStatus::Scheduled, BackendStatus::Loading]
+            );
+        }
+        assert_eq!(history(&db, &bad).await, vec![BackendStatus::Scheduled]);
+        assert_eq!(status(&db, &bad).await, BackendStatus::Scheduled);
+        let refs: Vec<&BackendName> = good.iter().chain([&bad]).collect();
+        let events: Vec<_> = events_of(&db, &refs)
+            .await
+            .into_iter()
+            .filter(|e| e.1 == "loading")
+            .collect();
+        assert_eq!(events.len(), 4, "one event per good change, none for the bad: {events:?}");
+        // The refused batch was written again change by change: four transactions.
+        assert_eq!(distinct_xids(&events).len(), 4, "{events:?}");
+    })
+    .await
+}
+
+/// A caller that stops waiting (its future dropped once its change is queued) does not
+/// break the batch: the others get their answers, and its change is written once.
+#[tokio::test(flavor = "current_thread")]
+async fn a_dropped_caller_does_not_break_its_batch() {
+    with_db(|db| async move {
+        drone(&db).await;
+        let a = spawn(&db).await.backend_id;
+        let b = spawn(&db).await.backend_id;
+        let c = spawn(&db).await.backend_id;
+        let backend = db.backend();
+        let loading = BackendState::Loading;
+        let (ra, rb, rc) = tokio::join!(
+            backend.update_state(&a, &loading),
+            // Polled once (queued), then dropped by the elapsed timeout.
+            tokio::time::timeout(Duration::ZERO, backend.update_state(&b, &loading)),
+            backend.update_state(&c, &loading),
+        );
+        assert!(ra.unwrap());
+        assert!(rb.is_err(), "the zero timeout elapsed");
+        assert!(rc.unwrap());
+        // The dropped caller's change was queued: it is written, once.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while history(&db, &b).await.len() < 2 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(
+            history(&db, &b).await,
+            vec![BackendStatus::Scheduled, BackendStatus::Loading]
+        );
+        // And the writer goes on with later calls.
+        assert!(backend
+            .update_state(&b, &BackendState::Starting)
+            .await
+            .unwrap());
+    })
+    .await
+}
+
+/// Updates each of `backends` through a fixed pseudo-random sequence of statuses (forward,
+/// backwards and repeated), one task per backend list, all at once. Returns every answer.
+async fn run_writers(
+    db: &PlaneDatabase,
+    writers: &[Vec<BackendName>],
+    steps: usize,
+) -> Vec<Vec<bool>> {
+    let states = lifecycle();
+    let mut tasks = Vec::new();
+    for (w, backends) in writers.iter().enumerate() {
+        let db = db.clone();
+        let backends = backends.clone();
+        let states = states.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut answers = Vec::new();
+            for step in 0..steps {
+                for (i, b) in backends.iter().enumerate() {
+                    // A fixed mix: mostly forward, sometimes back or repeated.
+                    let pick = (w * 7 + i * 3 + step * 5) % 9;
+                    let state = &states[(step + pick / 3).min(states.len() - 1)];
+                    let state = if pick == 4 { &states[0] } else { state };
+                    answers.push(db.backend().update_state(b, state).await.unwrap());
+                }
+            }
+            answers
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.push(t.await.unwrap());
+    }
+    all
+}
+
+/// Many concurrent writers (each with its own backends) get exactly the answers a sequential
+/// run gives, and the database ends the same: histories, events and keys.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_concurrent_writers_get_the_answers_of_a_sequential_run() {
+    let batched = Config::default();
+    let alone = Config {
+        write_batching: WriteBatchConfig {
+            enabled: false,
+            ..WriteBatchConfig::default()
+        },
+        ..Config::default()
+    };
+    let mut outcomes = Vec::new();
+    for config in [batched, alone] {
+        let (answers, histories, events, keys) = {
+            let result = std::sync::Arc::new(std::sync::Mutex::new(None));
+            let slot = result.clone();
+            with_db_config(config, |db| async move {
+                drone(&db).await;
+                let mut writers = Vec::new();
+                for _ in 0..32 {
+                    let mut backends = Vec::new();
+                    for _ in 0..3 {
+                        backends.push(spawn(&db).await.backend_id);
+                    }
+                    writers.push(backends);
+                }
+                let answers = run_writers(&db, &writers, 8).await;
+                let mut histories = Vec::new();
+                let mut keys = Vec::new();
+                for backends in &writers {
+                    for b in backends {
+                        histories.push(history(&db, b).await);
+                        keys.push(key_rows(&db, b).await);
+                    }
+                }
+                let events: i64 = sqlx::query_scalar(
+                    "select count(*) from event where kind = 'backend_state' and data->>'status' <> 'scheduled'",
+                )
+                .fetch_one(db.pool())
+                .await
+                .unwrap();
+                let transactions: i64 = sqlx::query_scalar(
+                    "select count(distinct xid) from event where kind = 'backend_state' and data->>'status' <> 'scheduled'",
+                )
+                .fetch_one(db.pool())
+                .await
+                .unwrap();
+                println!("FIGURES group commit: {events} state changes in {transactions} transactions");
+                *slot.lock().unwrap() = Some((answers, histories, events, keys));
+            })
+            .await;
+            let taken = result.lock().unwrap().take();
+            taken.expect("the run finished")
+        };
+        outcomes.push((answers, histories, events, keys));
+    }
+    let (batched, alone) = (&outcomes[0], &outcomes[1]);
+    // The same answers, call by call, as the sequential model and as without batching.
+    let states = lifecycle();
+    let mut expected = Vec::new();
+    for w in 0..32 {
+        let mut current: HashMap<usize, BackendStatus> = HashMap::new();
+        let mut answers = Vec::new();
+        for step in 0..8 {
+            for i in 0..3 {
+                let pick = (w * 7 + i * 3 + step * 5) % 9;
+                let state = &states[(step + pick / 3).min(states.len() - 1)];
+                let state = if pick == 4 { &states[0] } else { state };
+                let now = current.entry(i).or_insert(BackendStatus::Scheduled);
+                let ok = state.status().as_int() > now.as_int();
+                if ok {
+                    *now = state.status();
+                }
+                answers.push(ok);
+            }
+        }
+        expected.push(answers);
+    }
+    assert_eq!(batched.0, expected, "batched answers");
+    assert_eq!(alone.0, expected, "answers without batching");
+    assert_eq!(batched.1, alone.1, "histories");
+    assert_eq!(batched.2, alone.2, "events");
+    assert_eq!(batched.3, alone.3, "key rows");
+    let accepted = expected.iter().flatten().filter(|a| **a).count() as i64;
+    assert_eq!(batched.2, accepted, "one event per accepted change");
+}
+
+/// `update_state` calls are still counted one by one in the metrics when they are batched.
+#[tokio::test(flavor = "current_thread")]
+async fn batched_calls_are_counted_one_by_one() {
+    let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+    let handle = recorder.handle();
+    let _local = metrics::set_default_local_recorder(&recorder);
+    with_db(|db| async move {
+        drone(&db).await;
+        let mut backends = Vec::new();
+        for _ in 0..6 {
+            backends.push(spawn(&db).await.backend_id);
+        }
+        let backend = db.backend();
+        let loading = BackendState::Loading;
+        let calls: Vec<_> = backends
+            .iter()
+            .map(|b| backend.update_state(b, &loading))
+            .chain([backend.update_state(&backends[0], &loading)])
+            .collect();
+        let answers: Vec<bool> = join_all(calls)
+            .await
+            .into_iter()
+            .map(Result::unwrap)
+            .collect();
+        assert_eq!(answers, vec![true, true, true, true, true, true, false]);
+        let page = handle.render();
+        let value: f64 = page
+            .lines()
+            .filter(|l| {
+                l.starts_with(plane_db::metrics::OPERATIONS_TOTAL)
+                    && l.contains("operation=\"update_state\"")
+            })
+            .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
+            .sum();
+        assert_eq!(value, 7.0, "{page}");
+    })
+    .await
+}
