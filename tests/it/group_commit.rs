@@ -2,9 +2,11 @@
 //! statement and one transaction, and each caller still gets exactly the answer it would
 //! have got alone.
 //!
-//! The batch tests run on a current-thread runtime and start their calls with `join_all`:
-//! every call is queued before the batch writer runs, so they form one batch. That they did
-//! is checked, not assumed: the events of one batch share one transaction id.
+//! The batch tests run on a current-thread runtime and start their calls with `join_all`.
+//! The first call finds nobody writing and writes its change alone, at once; every later
+//! call is queued before it is done, so they form one batch. So each batch test starts with
+//! a call for an unknown backend (answered false, writing nothing), and checks that the rest
+//! formed one batch: the events of one batch share one transaction id.
 
 use crate::common::*;
 use futures_util::future::join_all;
@@ -78,7 +80,9 @@ async fn a_batch_mixing_accepted_refused_and_unknown_backends_answers_each_calle
         let before: Vec<_> = events_of(&db, &[&backwards]).await;
 
         let backend = db.backend();
+        let first = BackendName::new_random();
         let calls = vec![
+            backend.update_state(&first, &states[0]),
             backend.update_state(&accepted, &states[0]),
             backend.update_state(&backwards, &states[0]),
             backend.update_state(&unknown, &states[0]),
@@ -90,7 +94,7 @@ async fn a_batch_mixing_accepted_refused_and_unknown_backends_answers_each_calle
             .into_iter()
             .map(Result::unwrap)
             .collect();
-        assert_eq!(answers, vec![true, false, false, false, true]);
+        assert_eq!(answers, vec![false, true, false, false, false, true]);
 
         // One batch: the two accepted changes' events share one transaction.
         let written = events_of(&db, &[&accepted, &backwards, &unknown, &repeated, &ending]).await;
@@ -98,15 +102,17 @@ async fn a_batch_mixing_accepted_refused_and_unknown_backends_answers_each_calle
             .iter()
             .filter(|e| e.1 != "scheduled" && !before.contains(e))
             .collect();
-        let new_keys: Vec<(&str, &str)> =
+        // (Across backends a batch has no order: it writes them in id order.)
+        let new_keys: BTreeSet<(&str, &str)> =
             new.iter().map(|e| (e.0.as_str(), e.1.as_str())).collect();
         assert_eq!(
             new_keys,
-            vec![
+            BTreeSet::from([
                 (accepted.as_str(), "loading"),
                 (ending.as_str(), "terminated")
-            ]
+            ])
         );
+        assert_eq!(new.len(), 2);
         let batch_xids: BTreeSet<&String> = new.iter().map(|e| &e.2).collect();
         assert_eq!(
             batch_xids.len(),
@@ -152,7 +158,9 @@ async fn two_changes_of_one_backend_in_one_batch_apply_in_call_order() {
         let backend = db.backend();
         // x: forward, forward again, then backwards (refused after the second); y: once;
         // z: the later status first, so the earlier one is refused, as it would be alone.
+        let first = BackendName::new_random();
         let calls = vec![
+            backend.update_state(&first, &states[0]),
             backend.update_state(&x, &states[0]),
             backend.update_state(&z, &states[1]),
             backend.update_state(&x, &states[1]),
@@ -166,7 +174,10 @@ async fn two_changes_of_one_backend_in_one_batch_apply_in_call_order() {
             .into_iter()
             .map(Result::unwrap)
             .collect();
-        assert_eq!(answers, vec![true, true, true, true, false, false, true]);
+        assert_eq!(
+            answers,
+            vec![false, true, true, true, true, false, false, true]
+        );
         assert_eq!(
             history(&db, &x).await,
             vec![
@@ -233,7 +244,8 @@ async fn a_failing_change_fails_only_its_own_call() {
         .await;
         let backend = db.backend();
         let loading = BackendState::Loading;
-        let mut calls = Vec::new();
+        let first = BackendName::new_random();
+        let mut calls = vec![backend.update_state(&first, &loading)];
         for (i, b) in good.iter().enumerate() {
             if i == 2 {
                 calls.push(backend.update_state(&bad, &loading));
@@ -241,8 +253,9 @@ async fn a_failing_change_fails_only_its_own_call() {
             calls.push(backend.update_state(b, &loading));
         }
         let answers = join_all(calls).await;
-        assert_eq!(answers.len(), 5);
-        for (i, answer) in answers.iter().enumerate() {
+        assert_eq!(answers.len(), 6);
+        assert!(!answers[0].as_ref().unwrap());
+        for (i, answer) in answers.iter().enumerate().skip(1).map(|(i, a)| (i - 1, a)) {
             if i == 2 {
                 let error = answer.as_ref().expect_err("the bad change fails");
                 assert!(error.to_string().contains("refused for the test"), "{error}");
@@ -305,6 +318,42 @@ async fn a_dropped_caller_does_not_break_its_batch() {
             .update_state(&b, &BackendState::Starting)
             .await
             .unwrap());
+
+        // The call writing alone is dropped while others are queued behind it: they are
+        // handed to a batch writer and answered. Its own change is written whole or not at
+        // all (its future was dropped mid-statement).
+        let lone = spawn(&db).await.backend_id;
+        let d = spawn(&db).await.backend_id;
+        let e = spawn(&db).await.backend_id;
+        let dropped = async {
+            let mut call = std::pin::pin!(backend.update_state(&lone, &loading));
+            assert!(futures_util::FutureExt::now_or_never(call.as_mut()).is_none());
+            // Let the other calls queue behind it, then drop it.
+            tokio::task::yield_now().await;
+        };
+        let (_, rd, re) = tokio::join!(
+            dropped,
+            backend.update_state(&d, &loading),
+            backend.update_state(&e, &loading),
+        );
+        assert!(rd.unwrap());
+        assert!(re.unwrap());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let written = history(&db, &lone).await.len() - 1;
+        let events = events_of(&db, &[&lone])
+            .await
+            .into_iter()
+            .filter(|e| e.1 == "loading")
+            .count();
+        assert_eq!(written, events, "history and events agree");
+        assert_eq!(
+            status(&db, &lone).await,
+            if written == 1 {
+                BackendStatus::Loading
+            } else {
+                BackendStatus::Scheduled
+            }
+        );
     })
     .await
 }
