@@ -3,10 +3,11 @@
 //! have got alone.
 //!
 //! The batch tests run on a current-thread runtime and start their calls with `join_all`.
-//! The first call finds nobody writing and writes its change alone, at once; every later
-//! call is queued before it is done, so they form one batch. So each batch test starts with
-//! a call for an unknown backend (answered false, writing nothing), and checks that the rest
-//! formed one batch: the events of one batch share one transaction id.
+//! The first call finds nobody writing and writes its change alone, at once; later calls
+//! queue behind it and form one batch when it is done. So that the first is not done before
+//! the others are queued, it moves a backend whose row the test holds locked for a moment
+//! ([`held`]). The tests check that the rest formed one batch: the events of one batch share
+//! one transaction id.
 
 use crate::common::*;
 use futures_util::future::join_all;
@@ -61,6 +62,26 @@ fn distinct_xids(events: &[(String, String, String)]) -> BTreeSet<String> {
     events.iter().map(|e| e.2.clone()).collect()
 }
 
+/// A backend whose row is locked by an open transaction for `HOLD`: a call that moves it
+/// writes alone and waits for the lock, while the calls after it queue. Returns the backend
+/// and a future that releases the lock after `HOLD`, to join with the calls.
+async fn held(db: &PlaneDatabase) -> (BackendName, impl std::future::Future<Output = ()>) {
+    let backend = spawn(db).await.backend_id;
+    let mut txn = db.pool().begin().await.unwrap();
+    sqlx::query("select 1 from backend where id = $1 for update")
+        .bind(backend.as_str())
+        .execute(&mut *txn)
+        .await
+        .unwrap();
+    let release = async move {
+        tokio::time::sleep(HOLD).await;
+        txn.rollback().await.unwrap();
+    };
+    (backend, release)
+}
+
+const HOLD: Duration = Duration::from_millis(300);
+
 #[tokio::test(flavor = "current_thread")]
 async fn a_batch_mixing_accepted_refused_and_unknown_backends_answers_each_caller() {
     with_db(|db| async move {
@@ -80,7 +101,7 @@ async fn a_batch_mixing_accepted_refused_and_unknown_backends_answers_each_calle
         let before: Vec<_> = events_of(&db, &[&backwards]).await;
 
         let backend = db.backend();
-        let first = BackendName::new_random();
+        let (first, release) = held(&db).await;
         let calls = vec![
             backend.update_state(&first, &states[0]),
             backend.update_state(&accepted, &states[0]),
@@ -89,12 +110,9 @@ async fn a_batch_mixing_accepted_refused_and_unknown_backends_answers_each_calle
             backend.update_state(&repeated, &BackendState::Scheduled),
             backend.update_state(&ending, &terminated),
         ];
-        let answers: Vec<bool> = join_all(calls)
-            .await
-            .into_iter()
-            .map(Result::unwrap)
-            .collect();
-        assert_eq!(answers, vec![false, true, false, false, false, true]);
+        let (answers, ()) = tokio::join!(join_all(calls), release);
+        let answers: Vec<bool> = answers.into_iter().map(Result::unwrap).collect();
+        assert_eq!(answers, vec![true, true, false, false, false, true]);
 
         // One batch: the two accepted changes' events share one transaction.
         let written = events_of(&db, &[&accepted, &backwards, &unknown, &repeated, &ending]).await;
@@ -158,7 +176,7 @@ async fn two_changes_of_one_backend_in_one_batch_apply_in_call_order() {
         let backend = db.backend();
         // x: forward, forward again, then backwards (refused after the second); y: once;
         // z: the later status first, so the earlier one is refused, as it would be alone.
-        let first = BackendName::new_random();
+        let (first, release) = held(&db).await;
         let calls = vec![
             backend.update_state(&first, &states[0]),
             backend.update_state(&x, &states[0]),
@@ -169,14 +187,11 @@ async fn two_changes_of_one_backend_in_one_batch_apply_in_call_order() {
             backend.update_state(&z, &states[0]),
             backend.update_state(&x, &states[2]),
         ];
-        let answers: Vec<bool> = join_all(calls)
-            .await
-            .into_iter()
-            .map(Result::unwrap)
-            .collect();
+        let (answers, ()) = tokio::join!(join_all(calls), release);
+        let answers: Vec<bool> = answers.into_iter().map(Result::unwrap).collect();
         assert_eq!(
             answers,
-            vec![false, true, true, true, true, false, false, true]
+            vec![true, true, true, true, true, false, false, true]
         );
         assert_eq!(
             history(&db, &x).await,
@@ -244,7 +259,7 @@ async fn a_failing_change_fails_only_its_own_call() {
         .await;
         let backend = db.backend();
         let loading = BackendState::Loading;
-        let first = BackendName::new_random();
+        let (first, release) = held(&db).await;
         let mut calls = vec![backend.update_state(&first, &loading)];
         for (i, b) in good.iter().enumerate() {
             if i == 2 {
@@ -252,9 +267,9 @@ async fn a_failing_change_fails_only_its_own_call() {
             }
             calls.push(backend.update_state(b, &loading));
         }
-        let answers = join_all(calls).await;
+        let (answers, ()) = tokio::join!(join_all(calls), release);
         assert_eq!(answers.len(), 6);
-        assert!(!answers[0].as_ref().unwrap());
+        assert!(answers[0].as_ref().unwrap());
         for (i, answer) in answers.iter().enumerate().skip(1).map(|(i, a)| (i - 1, a)) {
             if i == 2 {
                 let error = answer.as_ref().expect_err("the bad change fails");
@@ -290,16 +305,17 @@ async fn a_failing_change_fails_only_its_own_call() {
 async fn a_dropped_caller_does_not_break_its_batch() {
     with_db(|db| async move {
         drone(&db).await;
-        let a = spawn(&db).await.backend_id;
+        let (a, release) = held(&db).await;
         let b = spawn(&db).await.backend_id;
         let c = spawn(&db).await.backend_id;
         let backend = db.backend();
         let loading = BackendState::Loading;
-        let (ra, rb, rc) = tokio::join!(
+        let (ra, rb, rc, ()) = tokio::join!(
             backend.update_state(&a, &loading),
             // Polled once (queued), then dropped by the elapsed timeout.
             tokio::time::timeout(Duration::ZERO, backend.update_state(&b, &loading)),
             backend.update_state(&c, &loading),
+            release,
         );
         assert!(ra.unwrap());
         assert!(rb.is_err(), "the zero timeout elapsed");
@@ -322,7 +338,7 @@ async fn a_dropped_caller_does_not_break_its_batch() {
         // The call writing alone is dropped while others are queued behind it: they are
         // handed to a batch writer and answered. Its own change is written whole or not at
         // all (its future was dropped mid-statement).
-        let lone = spawn(&db).await.backend_id;
+        let (lone, release) = held(&db).await;
         let d = spawn(&db).await.backend_id;
         let e = spawn(&db).await.backend_id;
         let dropped = async {
@@ -331,14 +347,15 @@ async fn a_dropped_caller_does_not_break_its_batch() {
             // Let the other calls queue behind it, then drop it.
             tokio::task::yield_now().await;
         };
-        let (_, rd, re) = tokio::join!(
+        let (_, rd, re, ()) = tokio::join!(
             dropped,
             backend.update_state(&d, &loading),
             backend.update_state(&e, &loading),
+            release,
         );
         assert!(rd.unwrap());
         assert!(re.unwrap());
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        tokio::time::sleep(HOLD).await;
         let written = history(&db, &lone).await.len() - 1;
         let events = events_of(&db, &[&lone])
             .await
