@@ -154,18 +154,48 @@ async fn seed_listener(env: &Env) -> R<()> {
 
 /// One throughput run: `writers` tasks, each moving its own backends through their six
 /// transitions for `duration`. Returns state changes per second.
-#[allow(clippy::too_many_arguments)]
+///
+/// The plane-db variants write through a handle of their own, made for the run, whose bus
+/// runs with one subscriber, as in a controller: the writer pays for reading back what it
+/// wrote, once. That subscriber adds what it received to `delivered` (waiting for the run's
+/// events after the clock stopped).
 async fn run_writers(
     env: &Env,
-    trigger_db: &PlaneDatabase,
-    unbatched_db: &PlaneDatabase,
-    batched_db: &PlaneDatabase,
+    delivered: &Arc<AtomicU64>,
     kind: Writer,
     writers: usize,
     backends_total: i64,
     duration: Duration,
     run: usize,
 ) -> R<(u64, Duration)> {
+    let handle = match kind {
+        Writer::SeedNotify | Writer::SeedNoNotify => None,
+        Writer::TriggerNotify => Some(unbatched_db(env, false)),
+        Writer::Unbatched => Some(unbatched_db(env, true)),
+        Writer::GroupCommit => Some(PlaneDatabase::with_config(
+            env.pool.clone(),
+            Config::default(),
+        )),
+    };
+    let received = Arc::new(AtomicU64::new(0));
+    let subscriber = match &handle {
+        Some(db) => {
+            let mut sub = db.subscribe_all_events().await?;
+            let received = received.clone();
+            Some(tokio::spawn(async move {
+                while let Some(event) = sub.next().await {
+                    match event {
+                        Ok(_) => received.fetch_add(1, Ordering::Relaxed),
+                        Err(lagged) => {
+                            eprintln!("   subscriber lagged: {lagged}");
+                            0
+                        }
+                    };
+                }
+            }))
+        }
+        None => None,
+    };
     let per_writer = (backends_total / writers as i64).max(1);
     let prefix = format!("ba-w{run}-");
     BulkBackends {
@@ -184,12 +214,7 @@ async fn run_writers(
     let deadline = start + duration;
     let mut tasks = Vec::new();
     for w in 0..writers {
-        let db = match kind {
-            Writer::TriggerNotify => trigger_db.clone(),
-            Writer::Unbatched => unbatched_db.clone(),
-            Writer::GroupCommit => batched_db.clone(),
-            _ => env.db.clone(),
-        };
+        let db = handle.clone().unwrap_or_else(|| env.db.clone());
         let pool = env.pool.clone();
         let states = states.clone();
         let prefix = prefix.clone();
@@ -224,7 +249,18 @@ async fn run_writers(
     for t in tasks {
         total += t.await??;
     }
-    Ok((total, start.elapsed()))
+    let elapsed = start.elapsed();
+    if let Some(subscriber) = subscriber {
+        let waited = Instant::now();
+        while received.load(Ordering::Relaxed) < total && waited.elapsed() < Duration::from_secs(15)
+        {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        subscriber.abort();
+        delivered.fetch_add(received.load(Ordering::Relaxed), Ordering::Relaxed);
+    }
+    drop(handle);
+    Ok((total, elapsed))
 }
 
 /// Runs `kinds` in short slices, rotating the order each round, and returns each kind's
@@ -278,36 +314,9 @@ pub async fn update_state(bench: &mut Bench) -> R<()> {
     let env = Env::new(1).await?;
     // The code before each optimisation: NOTIFY in every commit and one transaction per
     // call; coalesced wake-ups and one transaction per call.
-    let trigger_db = unbatched_db(&env, false);
-    let unbatched = unbatched_db(&env, true);
-    // The code as shipped, on a handle of its own like the others.
-    let batched = PlaneDatabase::with_config(env.pool.clone(), Config::default());
-    // Each variant's handle runs its own bus with a subscriber, as in a controller, so that
-    // every variant pays alike for reading back what it wrote (a writer wakes its own bus
-    // at each commit; the other buses wake on the coalesced NOTIFY). `env.db`'s subscriber
-    // below counts what all of them wrote.
-    for db in [&trigger_db, &unbatched, &batched] {
-        let mut sub = db.subscribe_all_events().await?;
-        tokio::spawn(async move { while sub.next().await.is_some() {} });
-    }
-    // A running bus, as in a controller: every event is read and delivered to one
-    // subscriber, which also checks that nothing was lost.
+    // Every event written through plane-db is delivered to its writer's own subscriber
+    // (see `run_writers`), which also checks that nothing was lost.
     let delivered = Arc::new(AtomicU64::new(0));
-    let mut sub = env.db.subscribe_all_events().await?;
-    {
-        let delivered = delivered.clone();
-        tokio::spawn(async move {
-            while let Some(event) = sub.next().await {
-                match event {
-                    Ok(_) => delivered.fetch_add(1, Ordering::Relaxed),
-                    Err(lagged) => {
-                        eprintln!("   subscriber lagged: {lagged}");
-                        0
-                    }
-                };
-            }
-        });
-    }
     seed_listener(&env).await?;
     // Each variant runs `rounds` slices of `slice`, interleaved with the others.
     let (slice, rounds) = bench.pick(
@@ -331,17 +340,7 @@ pub async fn update_state(bench: &mut Bench) -> R<()> {
     for writers in [1_usize, 4, 16, 32] {
         let rates = interleaved(&kinds, rounds, |kind| {
             run += 1;
-            run_writers(
-                &env,
-                &trigger_db,
-                &unbatched,
-                &batched,
-                kind,
-                writers,
-                backends_total,
-                slice,
-                run,
-            )
+            run_writers(&env, &delivered, kind, writers, backends_total, slice, run)
         })
         .await?;
         for (kind, rate, n) in &rates {
@@ -422,12 +421,6 @@ pub async fn update_state(bench: &mut Bench) -> R<()> {
         );
     }
     // Nothing lost: every state change written through plane-db reached the subscriber.
-    let waited = Instant::now();
-    while delivered.load(Ordering::Relaxed) < expected_events
-        && waited.elapsed() < Duration::from_secs(15)
-    {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
     let got = delivered.load(Ordering::Relaxed);
     println!("   events delivered to a subscriber: {got} of {expected_events}");
     bench.row(
@@ -442,9 +435,6 @@ pub async fn update_state(bench: &mut Bench) -> R<()> {
         },
     );
     crate::streams::bus_read(bench, &env).await?;
-    drop(trigger_db);
-    drop(unbatched);
-    drop(batched);
     env.finish().await
 }
 

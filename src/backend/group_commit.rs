@@ -2,14 +2,14 @@
 //! one statement and one transaction per batch.
 //!
 //! # How a batch forms
-//! A call that finds nobody writing writes its own change at once, alone, in its own task:
-//! a lone call waits for no company and pays for no hand-over. Calls that arrive while a
-//! change is being written queue theirs. When the lone call is done (or its future is
-//! dropped), a batch writer starts if anything queued: a task of its own, so that a caller
-//! whose future is dropped cannot break a batch that others wait on. It takes a connection,
-//! then every change queued so far (at most [`WriteBatchConfig::max_batch_size`]), writes
-//! them, answers each caller through its own channel, and goes on with what queued
-//! meanwhile; it stops when the queue is empty.
+//! A call that finds no change waiting and fewer than [`WriteBatchConfig::max_alone`] calls
+//! writing alone writes its own change at once, alone, in its own task: at low concurrency
+//! calls wait for no company and pay for no hand-over. Beyond that, calls queue their
+//! change, and the first to queue starts the batch writer, a task of its own (so that a
+//! caller whose future is dropped cannot break a batch that others wait on). It takes a
+//! connection, then every change queued so far (at most [`WriteBatchConfig::max_batch_size`]),
+//! writes them, answers each caller through its own channel, and goes on with what queued
+//! meanwhile; it stops when the queue is empty. One batch is in flight at a time.
 //!
 //! # What holds, as for one call alone
 //! - **Each caller gets its own answer**: the statement returns which changes it applied.
@@ -70,13 +70,14 @@ struct Waiting {
     reply: oneshot::Sender<Result<bool>>,
 }
 
-/// The queue shared by the callers and the writers.
+/// The queue shared by the callers and the batch writer.
 #[derive(Default)]
 struct Queue {
     waiting: VecDeque<Waiting>,
-    /// Writers running: calls writing their own change alone, and batch writers (which take
-    /// what is queued).
-    writers: usize,
+    /// Calls writing their own change alone right now.
+    alone: usize,
+    /// Whether a batch writer runs. Whenever changes wait, one does.
+    batching: bool,
 }
 
 /// Writes state changes, alone or in batches ([`WriteBatchConfig`]). One per
@@ -87,18 +88,18 @@ pub(crate) struct StateWriter {
     wake: &'static str,
     enabled: bool,
     max_batch_size: usize,
-    /// How many writers may run at once ([`WriteBatchConfig::max_in_flight`]).
-    max_writers: usize,
+    /// [`WriteBatchConfig::max_alone`], at least 1.
+    max_alone: usize,
     queue: Arc<Mutex<Queue>>,
 }
 
 /// What a call does with its change.
 enum Route {
-    /// Writes it alone, at once: nothing is queued and a writer slot is free.
+    /// Writes it alone, at once: nothing waits and fewer than `max_alone` calls write alone.
     Alone(StateChange),
-    /// Queued; this call starts a batch writer for the queue.
+    /// Queued; this call starts the batch writer.
     StartBatch,
-    /// Queued for a running batch writer.
+    /// Queued for the running batch writer.
     Queued,
 }
 
@@ -109,7 +110,7 @@ impl StateWriter {
             wake,
             enabled: config.enabled,
             max_batch_size: config.max_batch_size.max(1),
-            max_writers: config.max_in_flight.max(1),
+            max_alone: config.max_alone.max(1),
             queue: Arc::default(),
         }
     }
@@ -123,24 +124,22 @@ impl StateWriter {
         let (reply, answer) = oneshot::channel();
         let route = {
             let mut queue = lock(&self.queue);
-            if queue.writers >= self.max_writers {
-                queue.waiting.push_back(Waiting { change, reply });
-                Route::Queued
-            } else if queue.waiting.is_empty() {
-                queue.writers += 1;
+            if queue.waiting.is_empty() && queue.alone < self.max_alone {
+                queue.alone += 1;
                 Route::Alone(change)
             } else {
-                queue.writers += 1;
                 queue.waiting.push_back(Waiting { change, reply });
-                Route::StartBatch
+                if std::mem::replace(&mut queue.batching, true) {
+                    Route::Queued
+                } else {
+                    Route::StartBatch
+                }
             }
         };
         match route {
             Route::Alone(change) => {
-                // A lone call pays for no hand-over. Calls arriving meanwhile queue; when
-                // this one is done or dropped, its writer slot goes to a batch writer if
-                // anything is queued.
-                let _handover = Handover { writer: self };
+                // A lone call pays for no hand-over.
+                let _alone = Alone { writer: self };
                 return self.write_one(&change).await;
             }
             Route::StartBatch => self.start_batch_writer(),
@@ -157,10 +156,10 @@ impl StateWriter {
         Ok(write_single(&mut conn, change, self.wake).await?)
     }
 
-    /// Starts a batch writer in a task of its own, in the writer slot the caller took. With
-    /// no runtime to run it on (it is shutting down) the slot is given back and, if no other
-    /// writer runs, the waiting calls are answered with an error (their senders dropped)
-    /// rather than left waiting.
+    /// Starts the batch writer in a task of its own, so that a caller whose future is
+    /// dropped cannot break a batch others wait on. With no runtime to run it on (it is
+    /// shutting down), the waiting calls are answered with an error (the writer's drop
+    /// drops their senders) rather than left waiting.
     fn start_batch_writer(&self) {
         let batches = BatchWriter {
             pool: self.pool.clone(),
@@ -173,35 +172,25 @@ impl StateWriter {
             Ok(runtime) => {
                 runtime.spawn(batches.run());
             }
-            // Dropping it gives the slot back.
             Err(_) => drop(batches),
         }
     }
 }
 
-/// Held by a call that writes its own change alone: when it ends (or its future is
-/// dropped), its writer slot goes to a batch writer if calls queued meanwhile.
-struct Handover<'a> {
+/// Held by a call that writes its own change alone; gives its place back when the call
+/// ends or its future is dropped.
+struct Alone<'a> {
     writer: &'a StateWriter,
 }
 
-impl Drop for Handover<'_> {
+impl Drop for Alone<'_> {
     fn drop(&mut self) {
-        let queued = {
-            let mut queue = lock(&self.writer.queue);
-            if queue.waiting.is_empty() {
-                queue.writers -= 1;
-            }
-            !queue.waiting.is_empty()
-        };
-        if queued {
-            self.writer.start_batch_writer();
-        }
+        lock(&self.writer.queue).alone -= 1;
     }
 }
 
 /// Locks the queue. A panic while it was held cannot leave it inconsistent (every change to
-/// it is a single push, pop or count), so a poisoned lock is used as is.
+/// it is a single push, pop, count or flag), so a poisoned lock is used as is.
 fn lock(queue: &Mutex<Queue>) -> std::sync::MutexGuard<'_, Queue> {
     queue
         .lock()
@@ -214,9 +203,8 @@ struct BatchWriter {
     wake: &'static str,
     max_batch_size: usize,
     queue: Arc<Mutex<Queue>>,
-    /// Until the writer stops normally. If it is dropped before (its runtime shut down), it
-    /// gives its slot back, and if it was the last writer the queued calls are answered with
-    /// an error rather than left waiting.
+    /// Until the writer stops normally. If it is dropped before (its runtime shut down), the
+    /// queued calls are answered with an error rather than left waiting.
     armed: bool,
 }
 
@@ -224,11 +212,9 @@ impl Drop for BatchWriter {
     fn drop(&mut self) {
         if self.armed {
             let mut queue = lock(&self.queue);
-            queue.writers -= 1;
-            if queue.writers == 0 {
-                // Dropping the senders answers their callers with an error.
-                queue.waiting.clear();
-            }
+            queue.batching = false;
+            // Dropping the senders answers their callers with an error.
+            queue.waiting.clear();
         }
     }
 }
@@ -272,13 +258,13 @@ impl BatchWriter {
         }
     }
 
-    /// Takes the next batch; if there is none, the writer stops and gives its slot back
-    /// (under the same lock, so a call queued after this finds the slot free).
+    /// Takes the next batch; if there is none, the writer stops (under the same lock, so a
+    /// call queued after this starts a new one).
     fn take(&mut self) -> Vec<Waiting> {
         let mut queue = lock(&self.queue);
         let n = queue.waiting.len().min(self.max_batch_size);
         if n == 0 {
-            queue.writers -= 1;
+            queue.batching = false;
             self.armed = false;
         }
         queue.waiting.drain(..n).collect()

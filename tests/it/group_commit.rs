@@ -4,7 +4,7 @@
 //!
 //! The batch tests run on a current-thread runtime and start their calls with `join_all`.
 //! The first call finds nobody writing and writes its change alone, at once; later calls
-//! queue behind it and form one batch when it is done. So that the first is not done before
+//! queue behind it (with `max_alone` 1) and form one batch. So that the first is not done before
 //! the others are queued, it moves a backend whose row the test holds locked for a moment
 //! ([`held`]). The tests check that the rest formed one batch: the events of one batch share
 //! one transaction id.
@@ -82,9 +82,21 @@ async fn held(db: &PlaneDatabase) -> (BackendName, impl std::future::Future<Outp
 
 const HOLD: Duration = Duration::from_millis(300);
 
+/// Batching with one call at a time writing alone: every call made while another is
+/// written queues for the batch.
+fn one_alone() -> Config {
+    Config {
+        write_batching: WriteBatchConfig {
+            max_alone: 1,
+            ..WriteBatchConfig::default()
+        },
+        ..Config::default()
+    }
+}
+
 #[tokio::test(flavor = "current_thread")]
 async fn a_batch_mixing_accepted_refused_and_unknown_backends_answers_each_caller() {
-    with_db(|db| async move {
+    with_db_config(one_alone(), |db| async move {
         drone(&db).await;
         let accepted = spawn(&db).await.backend_id;
         let backwards = spawn(&db).await.backend_id;
@@ -167,7 +179,7 @@ async fn a_batch_mixing_accepted_refused_and_unknown_backends_answers_each_calle
 
 #[tokio::test(flavor = "current_thread")]
 async fn two_changes_of_one_backend_in_one_batch_apply_in_call_order() {
-    with_db(|db| async move {
+    with_db_config(one_alone(), |db| async move {
         drone(&db).await;
         let x = spawn(&db).await.backend_id;
         let y = spawn(&db).await.backend_id;
@@ -230,7 +242,7 @@ async fn two_changes_of_one_backend_in_one_batch_apply_in_call_order() {
 /// call: the others of its batch are written again alone and succeed.
 #[tokio::test(flavor = "current_thread")]
 async fn a_failing_change_fails_only_its_own_call() {
-    with_db(|db| async move {
+    with_db_config(one_alone(), |db| async move {
         drone(&db).await;
         let good: Vec<BackendName> = {
             let mut v = Vec::new();
@@ -303,7 +315,7 @@ async fn a_failing_change_fails_only_its_own_call() {
 /// break the batch: the others get their answers, and its change is written once.
 #[tokio::test(flavor = "current_thread")]
 async fn a_dropped_caller_does_not_break_its_batch() {
-    with_db(|db| async move {
+    with_db_config(one_alone(), |db| async move {
         drone(&db).await;
         let (a, release) = held(&db).await;
         let b = spawn(&db).await.backend_id;
