@@ -16,7 +16,9 @@ use crate::context::Context;
 use crate::error::{check_non_negative, skip_undecodable, Error, Result};
 use crate::types::{BackendName, BackendState, BackendStatus, ClusterName, NodeId, Subdomain};
 use chrono::{DateTime, Utc};
-use sqlx::PgPool;
+use sqlx::postgres::{PgArguments, PgRow};
+use sqlx::query::Map;
+use sqlx::{PgPool, Postgres};
 
 /// Backend operations. Get one from [`PlaneDatabase::backend`](crate::PlaneDatabase::backend).
 pub struct BackendDatabase<'a> {
@@ -54,7 +56,7 @@ impl BackendRow {
 }
 
 /// The row as selected; converted into [`BackendRow`] in one place, keeping decode errors.
-struct RawBackendRow {
+pub(crate) struct RawBackendRow {
     id: String,
     cluster: String,
     last_status_time: DateTime<Utc>,
@@ -217,20 +219,9 @@ impl BackendDatabase<'_> {
     /// decode are skipped with a warning.
     #[tracing::instrument(skip(self), fields(drone = %drone))]
     pub async fn list_alive_backends_for_drone(&self, drone: NodeId) -> Result<Vec<BackendRow>> {
-        let rows = sqlx::query_as!(
-            RawBackendRow,
-            r#"
-            select b.id, b.cluster, b.last_status_time, b.state, b.last_keepalive, b.drone_id,
-                   b.expiration_time, b.allowed_idle_seconds, now() as "as_of!"
-            from backend b
-            where b.drone_id = $1 and b.last_status_number < $2
-            order by b.id
-            "#,
-            drone.as_i32(),
-            BackendStatus::Terminated.as_int(),
-        )
-        .fetch_all(self.ctx.pool())
-        .await?;
+        let rows = alive_for_drone_query(drone)
+            .fetch_all(self.ctx.pool())
+            .await?;
         Ok(skip_undecodable(rows.into_iter().map(BackendRow::try_from)))
     }
 
@@ -242,23 +233,9 @@ impl BackendDatabase<'_> {
         &self,
         drone_id: NodeId,
     ) -> Result<Vec<TerminationCandidate>> {
-        let rows = sqlx::query!(
-            r#"
-            select id, expiration_time, allowed_idle_seconds, last_keepalive, now() as "as_of!"
-            from backend
-            where drone_id = $1
-              and last_status_number > $2
-              and last_status_number < $3
-              and (now() - last_keepalive > make_interval(secs => allowed_idle_seconds)
-                   or now() > expiration_time)
-            order by id
-            "#,
-            drone_id.as_i32(),
-            BackendStatus::Scheduled.as_int(),
-            BackendStatus::Terminated.as_int(),
-        )
-        .fetch_all(self.ctx.pool())
-        .await?;
+        let rows = termination_candidates_query(drone_id)
+            .fetch_all(self.ctx.pool())
+            .await?;
         Ok(skip_undecodable(rows.into_iter().map(|row| {
             Ok(TerminationCandidate {
                 backend_id: BackendName::try_from(row.id.clone())
@@ -280,6 +257,57 @@ impl BackendDatabase<'_> {
             .backends(min_age_days, batch_size, &mut |_| {})
             .await
     }
+}
+
+/// The row [`BackendDatabase::termination_candidates`] selects.
+pub(crate) struct RawCandidate {
+    id: String,
+    expiration_time: Option<DateTime<Utc>>,
+    allowed_idle_seconds: Option<i32>,
+    last_keepalive: DateTime<Utc>,
+    as_of: DateTime<Utc>,
+}
+
+/// The statement behind [`BackendDatabase::termination_candidates`], built in one place so
+/// that the bench can show the plan of this very statement (`testing::bench`).
+pub(crate) fn termination_candidates_query(
+    drone_id: NodeId,
+) -> Map<'static, Postgres, impl FnMut(PgRow) -> sqlx::Result<RawCandidate> + Send, PgArguments> {
+    sqlx::query_as!(
+        RawCandidate,
+        r#"
+        select id, expiration_time, allowed_idle_seconds, last_keepalive, now() as "as_of!"
+        from backend
+        where drone_id = $1
+          and last_status_number > $2
+          and last_status_number < $3
+          and (now() - last_keepalive > make_interval(secs => allowed_idle_seconds)
+               or now() > expiration_time)
+        order by id
+        "#,
+        drone_id.as_i32(),
+        BackendStatus::Scheduled.as_int(),
+        BackendStatus::Terminated.as_int(),
+    )
+}
+
+/// The statement behind [`BackendDatabase::list_alive_backends_for_drone`], built in one
+/// place so that the bench can show the plan of this very statement (`testing::bench`).
+pub(crate) fn alive_for_drone_query(
+    drone: NodeId,
+) -> Map<'static, Postgres, impl FnMut(PgRow) -> sqlx::Result<RawBackendRow> + Send, PgArguments> {
+    sqlx::query_as!(
+        RawBackendRow,
+        r#"
+        select b.id, b.cluster, b.last_status_time, b.state, b.last_keepalive, b.drone_id,
+               b.expiration_time, b.allowed_idle_seconds, now() as "as_of!"
+        from backend b
+        where b.drone_id = $1 and b.last_status_number < $2
+        order by b.id
+        "#,
+        drone.as_i32(),
+        BackendStatus::Terminated.as_int(),
+    )
 }
 
 /// A backend's identifying columns, decoded in one place for every query that reads them.
