@@ -80,7 +80,7 @@ impl Bench {
     ) {
         let (target, result) = match check {
             Check::None => (String::new(), String::new()),
-            // Quick mode measures too little to judge: no verdicts.
+            // Quick mode measures too little to judge: no speed verdicts.
             Check::Target { target, .. } if self.quick => (target, "(quick)".into()),
             Check::Target { target, ok } => (target, if ok { "met" } else { "MISSED" }.to_string()),
             Check::Always { target, ok } => (target, if ok { "met" } else { "FAILED" }.to_string()),

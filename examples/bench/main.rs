@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! cargo run --release --example bench            # the full run (about 3 minutes here)
-//! cargo run --release --example bench -- --quick # small sizes, under a minute, no verdicts
+//! cargo run --release --example bench -- --quick # small sizes, under a minute, no speed verdicts
 //! cargo run --release --example bench -- --only writers,connect
 //! ```
 //!
