@@ -23,7 +23,7 @@ pub struct BackendDatabase<'a> {
 }
 
 /// A backend as stored.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct BackendRow {
     /// The backend's name.
     pub id: BackendName,
@@ -42,6 +42,9 @@ pub struct BackendRow {
     /// How long it may go without a keepalive, if limited.
     pub allowed_idle_seconds: Option<i32>,
     /// The database clock when the row was read, to compute ages against.
+    /// Not serialized: it belongs to the read, not to the backend (two reads of the same
+    /// state serialize the same).
+    #[serde(skip_serializing)]
     pub as_of: DateTime<Utc>,
 }
 
@@ -91,7 +94,7 @@ impl TryFrom<RawBackendRow> for BackendRow {
 
 /// A backend that has been idle or alive for too long; see
 /// [`BackendDatabase::termination_candidates`].
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct TerminationCandidate {
     /// The backend.
     pub backend_id: BackendName,
@@ -102,6 +105,9 @@ pub struct TerminationCandidate {
     /// How long it may be idle, if limited.
     pub allowed_idle_seconds: Option<i32>,
     /// The database clock at the read.
+    /// Not serialized: it belongs to the read, not to the backend (two reads of the same
+    /// state serialize the same).
+    #[serde(skip_serializing)]
     pub as_of: DateTime<Utc>,
 }
 
@@ -131,7 +137,7 @@ pub struct BackendFilter {
 }
 
 /// One row of a backend's state history; see [`BackendDatabase::state_history`].
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct BackendStateRecord {
     /// The history row's id (increasing with each change of this backend).
     pub id: i64,
@@ -185,19 +191,24 @@ impl PartialRouteInfo {
 }
 
 /// What one [`BackendDatabase::cleanup`] call deleted.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct CleanupReport {
     /// Terminated backends deleted.
     pub backends: u64,
     /// Their state history rows.
+    #[serde(rename = "backend_states")]
     pub states: u64,
     /// Their tokens.
+    #[serde(rename = "backend_tokens")]
     pub tokens: u64,
     /// Their actions.
+    #[serde(rename = "backend_actions")]
     pub actions: u64,
     /// Their (expired) keys.
+    #[serde(rename = "backend_keys")]
     pub keys: u64,
     /// How many batches (transactions) it took.
+    #[serde(rename = "backend_batches")]
     pub batches: u64,
 }
 

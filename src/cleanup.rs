@@ -37,13 +37,17 @@ impl Default for CleanupConfig {
 const CLEANUP_RUNS_KEPT: i64 = 100;
 
 /// What one [`PlaneDatabase::run_cleanup`] deleted.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct CleanupSummary {
     /// Old terminated backends and their rows.
+    /// Serialized inline: `backends`, `backend_states`, `backend_tokens`, …
+    #[serde(flatten)]
     pub backends: CleanupReport,
     /// Old events.
     pub events: u64,
     /// Expired tokens (of backends not deleted above).
+    /// Serialized as `expired_tokens`.
+    #[serde(rename = "expired_tokens")]
     pub tokens: u64,
 }
 

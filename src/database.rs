@@ -372,6 +372,7 @@ impl PlaneDatabase {
 /// What [`migrate`] found and did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
+#[derive(serde::Serialize)]
 pub struct MigrationReport {
     /// The versions this call applied, in order; empty when the schema was up to date.
     pub applied: Vec<i64>,
@@ -380,6 +381,8 @@ pub struct MigrationReport {
     /// back). Empty otherwise.
     pub newer_unknown: Vec<i64>,
     /// This build's newest migration (applied now); `None` if it has none.
+    /// Serialized as `schema_version`.
+    #[serde(rename = "schema_version")]
     pub latest_known: Option<i64>,
     /// Set when this call converted a database that Plane 0.5.5 migrated: what it copied.
     /// `None` otherwise (also when another controller converted it first).

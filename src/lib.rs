@@ -55,6 +55,7 @@ pub mod keys;
 pub mod metrics;
 pub mod node;
 mod plane055;
+mod serde_seconds;
 pub mod status;
 #[cfg(feature = "testing")]
 pub mod testing;
