@@ -16,6 +16,7 @@ mod redact;
 
 use args::{Cli, ColorMode, Command};
 use clap::Parser;
+use commands::{backends, cleanup, events, migrate, nodes, repair, status};
 use failure::{one_line, Failure, Outcome};
 use output::Out;
 use plane_db::PlaneDatabase;
@@ -96,7 +97,6 @@ async fn run(cli: Cli) -> Outcome {
         config.bus.max_pending_per_subscription = args.max_pending;
     }
     let db = open(&url, config).await?;
-    use commands::*;
     match cli.command {
         Command::Migrate => migrate::migrate(&db, &out).await,
         Command::Status => status::status(&db, &out).await,
