@@ -24,7 +24,7 @@ pub struct BackendDatabase<'a> {
 }
 
 /// A backend as stored.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct BackendRow {
     /// The backend's name.
     pub id: BackendName,
@@ -43,6 +43,9 @@ pub struct BackendRow {
     /// How long it may go without a keepalive, if limited.
     pub allowed_idle_seconds: Option<i32>,
     /// The database clock when the row was read, to compute ages against.
+    /// Not serialized: it belongs to the read, not to the backend (two reads of the same
+    /// state serialize the same).
+    #[serde(skip_serializing)]
     pub as_of: DateTime<Utc>,
 }
 
@@ -92,7 +95,7 @@ impl TryFrom<RawBackendRow> for BackendRow {
 
 /// A backend that has been idle or alive for too long; see
 /// [`BackendDatabase::termination_candidates`].
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct TerminationCandidate {
     /// The backend.
     pub backend_id: BackendName,
@@ -103,6 +106,9 @@ pub struct TerminationCandidate {
     /// How long it may be idle, if limited.
     pub allowed_idle_seconds: Option<i32>,
     /// The database clock at the read.
+    /// Not serialized: it belongs to the read, not to the backend (two reads of the same
+    /// state serialize the same).
+    #[serde(skip_serializing)]
     pub as_of: DateTime<Utc>,
 }
 
@@ -132,7 +138,7 @@ pub struct BackendFilter {
 }
 
 /// One row of a backend's state history; see [`BackendDatabase::state_history`].
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct BackendStateRecord {
     /// The history row's id (increasing with each change of this backend).
     pub id: i64,
