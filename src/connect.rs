@@ -508,6 +508,18 @@ impl<'a> Connector<'a> {
     }
 }
 
+impl crate::metrics::HasOutcome for Result<ConnectResponse, ConnectError> {
+    fn outcome(&self, _: crate::metrics::Operation) -> crate::metrics::Outcome {
+        use crate::metrics::Outcome;
+        match self {
+            Ok(_) => Outcome::Accepted,
+            Err(ConnectError::Other(error)) => crate::metrics::error_outcome(error),
+            Err(ConnectError::Contended { .. }) => Outcome::Error,
+            Err(_) => Outcome::Refused,
+        }
+    }
+}
+
 /// Limits must be positive: a zero or negative lifetime would make the backend a
 /// termination candidate before it starts.
 fn check_limits(spawn: &SpawnConfig) -> Result<()> {

@@ -52,6 +52,35 @@ pub async fn connect_and_migrate(url: &str) -> Result<PlaneDatabase> {
     ConnectOptions::new(url)?.connect_and_migrate().await
 }
 
+impl ConnectOptions {
+    /// Opens the pool (one connection right away, so that a wrong URL or an unreachable
+    /// server fails here) and returns the database; the listening connection opens on the
+    /// first subscription. Does not migrate.
+    #[tracing::instrument(skip_all)]
+    pub async fn connect(self) -> Result<PlaneDatabase> {
+        let opened = self.open().await?;
+        Ok(PlaneDatabase::with_listener_pool(
+            opened.pool,
+            opened.listener,
+            opened.config,
+        ))
+    }
+
+    /// Applies the schema migrations with the rules of [`migrate`](crate::migrate) (on a
+    /// connection of their own, without a statement timeout, through the direct URL in
+    /// [`PoolerMode::Transaction`](crate::PoolerMode::Transaction); a database that Plane
+    /// 0.5.5 migrated is converted), then [`connect`](Self::connect)s.
+    #[tracing::instrument(skip_all)]
+    pub async fn connect_and_migrate(self) -> Result<PlaneDatabase> {
+        let opened = self.migrate_and_open().await?;
+        Ok(PlaneDatabase::with_listener_pool(
+            opened.pool,
+            opened.listener,
+            opened.config,
+        ))
+    }
+}
+
 /// The data layer of a controller: cheap to clone (all clones share one pool and one event
 /// bus). The bus stops when the last clone is dropped, which ends every subscription.
 #[derive(Clone)]
