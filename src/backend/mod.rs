@@ -1,6 +1,6 @@
 //! Backends: what is stored about them and the reads that list them. The rest of the area
-//! is split by idea: [`lifecycle`] (state changes, keepalives, metrics), [`routes`] (what a
-//! proxy learns from a token), [`status_stream`] (history then live changes), [`lost`]
+//! is split by idea: `lifecycle` (state changes, keepalives, metrics), `routes` (what a
+//! proxy learns from a token), `status_stream` (history then live changes), `lost`
 //! (backends whose drone is gone). Their cleanup lives with the rest of cleanup
 //! ([`BackendDatabase::cleanup`] is a door into it).
 
