@@ -8,7 +8,6 @@
 //! `plane-db-migrate` while migrations run).
 
 use crate::config::Config;
-use crate::database::PlaneDatabase;
 use crate::error::{Error, Result};
 use crate::migrate::migrate_on;
 use futures_util::future::BoxFuture;
@@ -269,32 +268,28 @@ impl ConnectOptions {
     }
 
     /// Opens the pool (one connection right away, so that a wrong URL or an unreachable
-    /// server fails here) and returns the database; the listening connection opens on the
-    /// first subscription. Does not migrate.
-    #[tracing::instrument(skip_all, fields(pooler = ?self.pooler))]
-    pub async fn connect(self) -> Result<PlaneDatabase> {
+    /// server fails here) and prepares the listener's pool (connected on first use); what
+    /// [`connect`](Self::connect) wraps into a database.
+    pub(crate) async fn open(self) -> Result<Opened> {
         self.check()?;
         let pool = self
             .pool_options()
             .connect_with(self.main_options())
             .await?;
         let listener = self.listener_pool(&pool);
-        Ok(PlaneDatabase::with_listener_pool(
+        Ok(Opened {
             pool,
             listener,
-            self.config,
-        ))
+            config: self.config,
+        })
     }
 
-    /// Applies the schema migrations with the rules of [`migrate`](crate::migrate) (on a
-    /// connection of their own, without a statement timeout, through the direct URL in
-    /// [`PoolerMode::Transaction`]; a database that Plane 0.5.5 migrated is converted), then
-    /// [`connect`](Self::connect)s.
-    #[tracing::instrument(skip_all, fields(pooler = ?self.pooler))]
-    pub async fn connect_and_migrate(self) -> Result<PlaneDatabase> {
+    /// Applies the schema migrations (see [`connect_and_migrate`](Self::connect_and_migrate))
+    /// and then [`open`](Self::open)s.
+    pub(crate) async fn migrate_and_open(self) -> Result<Opened> {
         self.check()?;
         self.migrate().await?;
-        self.connect().await
+        self.open().await
     }
 
     /// Refuses a configuration that cannot work, before any connection is made.
@@ -521,6 +516,13 @@ fn truncate(text: &str, max: usize) -> &str {
         end -= 1;
     }
     &text[..end]
+}
+
+/// A pool and the listener's pool, opened by [`ConnectOptions`], with the configuration.
+pub(crate) struct Opened {
+    pub(crate) pool: PgPool,
+    pub(crate) listener: PgPool,
+    pub(crate) config: Config,
 }
 
 #[cfg(test)]

@@ -49,6 +49,7 @@ pub mod metrics;
 mod migrate;
 pub mod node;
 mod plane055;
+mod serde_seconds;
 pub mod status;
 #[cfg(feature = "testing")]
 pub mod testing;

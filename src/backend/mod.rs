@@ -1,6 +1,6 @@
 //! Backends: what is stored about them and the reads that list them. The rest of the area
-//! is split by idea: [`lifecycle`] (state changes, keepalives, metrics), [`routes`] (what a
-//! proxy learns from a token), [`status_stream`] (history then live changes), [`lost`]
+//! is split by idea: `lifecycle` (state changes, keepalives, metrics), `routes` (what a
+//! proxy learns from a token), `status_stream` (history then live changes), `lost`
 //! (backends whose drone is gone). Their cleanup lives with the rest of cleanup
 //! ([`BackendDatabase::cleanup`] is a door into it).
 
@@ -26,7 +26,7 @@ pub struct BackendDatabase<'a> {
 }
 
 /// A backend as stored.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct BackendRow {
     /// The backend's name.
     pub id: BackendName,
@@ -45,6 +45,9 @@ pub struct BackendRow {
     /// How long it may go without a keepalive, if limited.
     pub allowed_idle_seconds: Option<i32>,
     /// The database clock when the row was read, to compute ages against.
+    /// Not serialized: it belongs to the read, not to the backend (two reads of the same
+    /// state serialize the same).
+    #[serde(skip_serializing)]
     pub as_of: DateTime<Utc>,
 }
 
@@ -94,7 +97,7 @@ impl TryFrom<RawBackendRow> for BackendRow {
 
 /// A backend that has been idle or alive for too long; see
 /// [`BackendDatabase::termination_candidates`].
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct TerminationCandidate {
     /// The backend.
     pub backend_id: BackendName,
@@ -105,6 +108,9 @@ pub struct TerminationCandidate {
     /// How long it may be idle, if limited.
     pub allowed_idle_seconds: Option<i32>,
     /// The database clock at the read.
+    /// Not serialized: it belongs to the read, not to the backend (two reads of the same
+    /// state serialize the same).
+    #[serde(skip_serializing)]
     pub as_of: DateTime<Utc>,
 }
 
@@ -134,7 +140,7 @@ pub struct BackendFilter {
 }
 
 /// One row of a backend's state history; see [`BackendDatabase::state_history`].
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct BackendStateRecord {
     /// The history row's id (increasing with each change of this backend).
     pub id: i64,
