@@ -4,6 +4,7 @@
 //! cargo run --release --example bench            # the full run (about 3 minutes here)
 //! cargo run --release --example bench -- --quick # small sizes, under a minute, no speed verdicts
 //! cargo run --release --example bench -- --only writers,connect
+//! cargo run --release --example bench -- --only crossproc  # delivery into another process
 //! ```
 //!
 //! Runs on the server `DATABASE_URL` names, or else on a throwaway Postgres started from the
@@ -25,6 +26,7 @@
 //! mode too, and a failed one makes the run fail.
 
 mod common;
+mod crossproc;
 mod delivered;
 mod hot;
 mod memory;
@@ -37,7 +39,14 @@ use std::time::Instant;
 /// Sections in the order they run. `memory` runs first, in a process whose heap has not yet
 /// been grown and freed by other sections, so that RSS growth is not hidden by reused memory.
 const SECTIONS: &[&str] = &[
-    "memory", "writers", "connect", "route", "delivery", "hot", "cleanup",
+    "memory",
+    "writers",
+    "connect",
+    "route",
+    "delivery",
+    "crossproc",
+    "hot",
+    "cleanup",
 ];
 
 fn main() -> R<()> {
@@ -47,6 +56,10 @@ fn main() -> R<()> {
     if let Some(pos) = args.iter().position(|a| a == "--seed-subscriptions") {
         let n: usize = args.get(pos + 1).ok_or("--seed-subscriptions N")?.parse()?;
         return memory::seed_subscriptions_child(n);
+    }
+    // Hidden child mode: process B of the `crossproc` section, driven over stdin/stdout.
+    if args.iter().any(|a| a == crossproc::WORKER_ARG) {
+        return crossproc::worker();
     }
     let quick = args.iter().any(|a| a == "--quick");
     let only: Option<Vec<String>> = args
@@ -102,6 +115,7 @@ fn main() -> R<()> {
                 "connect" => writers::connect(&mut bench).await?,
                 "route" => hot::route(&mut bench).await?,
                 "delivery" => streams::delivery(&mut bench).await?,
+                "crossproc" => crossproc::crossproc(&mut bench).await?,
                 "hot" => hot::hot_queries(&mut bench).await?,
                 "cleanup" => hot::cleanup(&mut bench).await?,
                 _ => unreachable!("checked above"),
