@@ -896,6 +896,30 @@ mod tests {
     }
 
     #[test]
+    fn a_change_lost_in_one_process_and_repeated_in_the_other_is_seen() {
+        let now = Instant::now();
+        let scheduled = BackendStatus::Scheduled.as_int();
+        let loading = BackendStatus::Loading.as_int();
+        let starting = BackendStatus::Starting.as_int();
+        let mut phase = Phase::default();
+        for index in [1, 2] {
+            phase.committed.insert((index, loading), now);
+        }
+        // A: change 1 twice, change 2 once; B: change 1 only, plus a history entry (fine)
+        // and an entry for a change never made.
+        for key in [(1, loading), (1, loading), (2, loading)] {
+            phase.take_a((key.0, key.1, now));
+        }
+        for key in [(1, loading), (2, scheduled), (2, starting)] {
+            phase.take_b((key.0, key.1, 0, now));
+        }
+        assert!(!phase.complete());
+        assert_eq!(phase.exactness(), (1, 1, 1));
+        phase.take_b((2, loading, 0, now));
+        assert!(phase.complete());
+    }
+
+    #[test]
     fn ids_are_recorded_only_above_the_gate() {
         let gate = IdGate::new();
         gate.record(Some(1));
