@@ -19,6 +19,7 @@ use crate::error::{ConnectError, Result};
 use crate::events::{Event, EventBus, EventSubscription, NotificationPayload, Subscription};
 use crate::keys::KeysDatabase;
 use crate::node::NodeDatabase;
+use crate::replicas::{Reads, ReplicaPool, ReplicaStatus};
 use crate::status::{DatabaseStatus, StatusReader};
 use crate::types::BackendName;
 use sqlx::postgres::PgConnectOptions;
@@ -96,14 +97,22 @@ impl PlaneDatabase {
         };
         let acquire_timeout = pool.options().get_acquire_timeout();
         let listener = listener_pool(listener, String::new(), acquire_timeout);
-        Self::with_listener_pool(pool, listener, config)
+        Self::with_parts(pool, listener, Vec::new(), config)
     }
 
-    /// `listener`: a pool of one connection (see [`listener_pool`]).
-    pub(crate) fn with_listener_pool(pool: PgPool, listener: PgPool, config: Config) -> Self {
+    /// `listener`: a pool of one connection (see [`listener_pool`]); `replicas`: a pool per
+    /// streaming replica, whose probe this starts (so, with replicas, it must be called
+    /// within a Tokio runtime).
+    pub(crate) fn with_parts(
+        pool: PgPool,
+        listener: PgPool,
+        replicas: Vec<ReplicaPool>,
+        config: Config,
+    ) -> Self {
         let bus = EventBus::new(pool.clone(), listener, config.bus.clone());
+        let reads = Reads::new(pool.clone(), replicas, config.replicas.clone());
         Self {
-            inner: Arc::new(Context::new(pool, config, bus)),
+            inner: Arc::new(Context::new(pool, config, bus, reads)),
         }
     }
 
@@ -116,6 +125,14 @@ impl PlaneDatabase {
     /// The configuration in use.
     pub fn config(&self) -> &Config {
         self.inner.config()
+    }
+
+    /// The streaming replicas named with
+    /// [`ConnectOptions::replica_url`](crate::ConnectOptions::replica_url), in that order:
+    /// whether reads go to each, its lag, and how many reads it served. Empty without
+    /// replicas. See [`replicas`](crate::replicas) for which reads they serve.
+    pub fn replicas(&self) -> Vec<ReplicaStatus> {
+        self.inner.reads().status()
     }
 
     /// Checks that the database answers.
