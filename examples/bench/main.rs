@@ -18,6 +18,7 @@
 mod common;
 mod hot;
 mod memory;
+mod replicas;
 mod streams;
 mod writers;
 
@@ -27,7 +28,15 @@ use std::time::Instant;
 /// Sections in the order they run. `memory` runs first, in a process whose heap has not yet
 /// been grown and freed by other sections, so that RSS growth is not hidden by reused memory.
 const SECTIONS: &[&str] = &[
-    "memory", "writers", "connect", "route", "delivery", "hot", "cleanup",
+    "memory",
+    "writers",
+    "connect",
+    "route",
+    "delivery",
+    "hot",
+    "cleanup",
+    "replicas",
+    "crossproc",
 ];
 
 fn main() -> R<()> {
@@ -37,6 +46,14 @@ fn main() -> R<()> {
     if let Some(pos) = args.iter().position(|a| a == "--seed-subscriptions") {
         let n: usize = args.get(pos + 1).ok_or("--seed-subscriptions N")?.parse()?;
         return memory::seed_subscriptions_child(n);
+    }
+    // Hidden child mode of `crossproc`: status streams in another process.
+    if let Some(pos) = args.iter().position(|a| a == "--delivery-child") {
+        let usage = "--delivery-child URL PREFIX N";
+        let url = args.get(pos + 1).ok_or(usage)?;
+        let prefix = args.get(pos + 2).ok_or(usage)?;
+        let n: usize = args.get(pos + 3).ok_or(usage)?.parse()?;
+        return replicas::delivery_child(url, prefix, n);
     }
     let quick = args.iter().any(|a| a == "--quick");
     let only: Option<Vec<String>> = args
@@ -94,6 +111,8 @@ fn main() -> R<()> {
                 "delivery" => streams::delivery(&mut bench).await?,
                 "hot" => hot::hot_queries(&mut bench).await?,
                 "cleanup" => hot::cleanup(&mut bench).await?,
+                "replicas" => replicas::replicas(&mut bench).await?,
+                "crossproc" => replicas::crossproc(&mut bench).await?,
                 _ => unreachable!("checked above"),
             }
             println!("   ({section}: {:.1} s)", t.elapsed().as_secs_f64());
