@@ -372,11 +372,6 @@ impl Totals {
         self.lookups as f64 / self.seconds.max(1e-9)
     }
 
-    /// Lookups per second of primary CPU.
-    fn per_primary_core(&self) -> String {
-        per_cpu_second(self.lookups as f64, self.primary_cpu)
-    }
-
     /// Lookups per second of CPU of both servers.
     fn per_server_core(&self) -> String {
         per_cpu_second(self.lookups as f64, self.primary_cpu + self.replica_cpu)
@@ -448,24 +443,25 @@ pub async fn replicas(bench: &mut Bench) -> R<()> {
         "",
         Check::None,
     );
+    let cores = |cpu: f64, t: &Totals| format!("{:.2} cores", cpu / t.seconds.max(1e-9));
     bench.row(
-        "primary CPU per 1,000 lookups, with a replica",
-        format!("{:.0} ms", 1e6 * b.primary_cpu / b.lookups.max(1) as f64),
+        "primary CPU while looking up, with a replica",
+        cores(b.primary_cpu, &b),
         "primary alone",
-        format!("{:.0} ms", 1e6 * a.primary_cpu / a.lookups.max(1) as f64),
+        cores(a.primary_cpu, &a),
         "",
         Check::None,
     );
     bench.row(
-        "lookups per primary CPU-second, with a replica",
-        b.per_primary_core(),
-        "primary alone",
-        a.per_primary_core(),
+        "replica CPU while looking up, with a replica",
+        cores(b.replica_cpu, &b),
+        "primary alone (replica idle)",
+        cores(a.replica_cpu, &a),
         "",
         Check::None,
     );
     bench.row(
-        "lookups per server CPU-second (both servers), with a replica",
+        "lookups per server CPU-second, with a replica",
         b.per_server_core(),
         "primary alone",
         a.per_server_core(),
@@ -527,8 +523,16 @@ pub async fn replicas(bench: &mut Bench) -> R<()> {
     bench.row(
         "events per primary CPU-second",
         per_cpu_second(events, p1 - p0),
+        "primary CPU while writing",
+        format!("{:.2} cores", (p1 - p0) / seconds),
+        "",
+        Check::None,
+    );
+    bench.row(
         "replica CPU per 1,000 events (replay)",
         format!("{:.0} ms", 1e6 * (r1 - r0) / events.max(1.0)),
+        "",
+        "",
         "",
         Check::None,
     );
