@@ -40,7 +40,7 @@ impl Default for Config {
     }
 }
 
-/// How [`DroneDatabase::pick_for_spawn`] chooses a drone.
+/// How [`DroneDatabase::pick_for_spawn`](crate::drone::DroneDatabase::pick_for_spawn) chooses a drone.
 #[derive(Debug, Clone)]
 pub struct SchedulerConfig {
     /// How many eligible drones are sampled at random; the least loaded of them wins.

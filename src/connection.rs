@@ -9,7 +9,6 @@
 //! well, `plane-db-replica`.
 
 use crate::config::Config;
-use crate::database::PlaneDatabase;
 use crate::error::{Error, Result};
 use crate::migrate::migrate_on;
 use crate::replicas::ReplicaPool;
@@ -293,10 +292,9 @@ impl ConnectOptions {
     }
 
     /// Opens the pool (one connection right away, so that a wrong URL or an unreachable
-    /// server fails here) and returns the database; the listening connection opens on the
-    /// first subscription. Does not migrate.
-    #[tracing::instrument(skip_all, fields(pooler = ?self.pooler))]
-    pub async fn connect(self) -> Result<PlaneDatabase> {
+    /// server fails here) and prepares the listener's pool (connected on first use); what
+    /// [`connect`](Self::connect) wraps into a database.
+    pub(crate) async fn open(self) -> Result<Opened> {
         self.check()?;
         let pool = self
             .pool_options()
@@ -304,23 +302,20 @@ impl ConnectOptions {
             .await?;
         let listener = self.listener_pool(&pool);
         let replicas = self.replica_pools();
-        Ok(PlaneDatabase::with_parts(
+        Ok(Opened {
             pool,
             listener,
             replicas,
-            self.config,
-        ))
+            config: self.config,
+        })
     }
 
-    /// Applies the schema migrations with the rules of [`migrate`](crate::migrate) (on a
-    /// connection of their own, without a statement timeout, through the direct URL in
-    /// [`PoolerMode::Transaction`]; a database that Plane 0.5.5 migrated is converted), then
-    /// [`connect`](Self::connect)s.
-    #[tracing::instrument(skip_all, fields(pooler = ?self.pooler))]
-    pub async fn connect_and_migrate(self) -> Result<PlaneDatabase> {
+    /// Applies the schema migrations (see [`connect_and_migrate`](Self::connect_and_migrate))
+    /// and then [`open`](Self::open)s.
+    pub(crate) async fn migrate_and_open(self) -> Result<Opened> {
         self.check()?;
         self.migrate().await?;
-        self.connect().await
+        self.open().await
     }
 
     /// Refuses a configuration that cannot work, before any connection is made.
@@ -581,6 +576,15 @@ fn truncate(text: &str, max: usize) -> &str {
         end -= 1;
     }
     &text[..end]
+}
+
+/// A pool, the listener's pool and the replicas' pools, opened by [`ConnectOptions`], with
+/// the configuration.
+pub(crate) struct Opened {
+    pub(crate) pool: PgPool,
+    pub(crate) listener: PgPool,
+    pub(crate) replicas: Vec<ReplicaPool>,
+    pub(crate) config: Config,
 }
 
 #[cfg(test)]

@@ -50,6 +50,7 @@ mod migrate;
 pub mod node;
 mod plane055;
 pub mod replicas;
+mod serde_seconds;
 pub mod status;
 #[cfg(feature = "testing")]
 pub mod testing;

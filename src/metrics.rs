@@ -305,7 +305,7 @@ pub(crate) trait HasOutcome {
 }
 
 /// An error that is not the database's is the caller's request being refused.
-fn error_outcome(error: &crate::Error) -> Outcome {
+pub(crate) fn error_outcome(error: &crate::Error) -> Outcome {
     match error {
         crate::Error::InvalidArgument { .. } => Outcome::Refused,
         crate::Error::NotFound { .. } => Outcome::NotFound,
@@ -322,28 +322,6 @@ impl HasOutcome for crate::Result<bool> {
             // `update_state`: unknown backend or not a forward transition.
             Ok(false) => Outcome::Refused,
             Err(error) => error_outcome(error),
-        }
-    }
-}
-
-impl HasOutcome for crate::Result<crate::backend::RouteInfoResult> {
-    fn outcome(&self, _: Operation) -> Outcome {
-        match self {
-            Ok(crate::backend::RouteInfoResult::NotFound) => Outcome::NotFound,
-            Ok(_) => Outcome::Accepted,
-            Err(error) => error_outcome(error),
-        }
-    }
-}
-
-impl HasOutcome for Result<crate::connect::ConnectResponse, crate::ConnectError> {
-    fn outcome(&self, _: Operation) -> Outcome {
-        use crate::ConnectError;
-        match self {
-            Ok(_) => Outcome::Accepted,
-            Err(ConnectError::Other(error)) => error_outcome(error),
-            Err(ConnectError::Contended { .. }) => Outcome::Error,
-            Err(_) => Outcome::Refused,
         }
     }
 }

@@ -69,11 +69,13 @@ impl NotificationPayload for NodeConnectionStatusChange {
 }
 
 /// A node as stored, with whether it is active.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct NodeInfo {
     /// The node's id.
     pub id: NodeId,
     /// Its name, tagged with its kind.
+    /// Serialized inline, as `kind` and `name`.
+    #[serde(flatten)]
     pub name: AnyNodeName,
     /// Its cluster, if it belongs to one.
     pub cluster: Option<ClusterName>,

@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! cargo run --release --example bench            # the full run (about 3 minutes here)
-//! cargo run --release --example bench -- --quick # small sizes, under a minute, no verdicts
+//! cargo run --release --example bench -- --quick # small sizes, under a minute, no speed verdicts
 //! cargo run --release --example bench -- --only writers,connect
 //! ```
 //!
@@ -10,12 +10,22 @@
 //! local binaries (tuned for speed: `fsync=off`, `synchronous_commit=off`). Each section uses a
 //! fresh database, dropped at the end. Data is bulk-loaded with `generate_series`.
 //!
+//! What is measured is the library itself: its public calls, or, where it has no public
+//! entry for what is measured (a plan, one bus read), a hidden hook in
+//! `plane_db::testing::bench` that runs the library's own statement. The bench keeps no copy
+//! of a library statement.
+//!
 //! Baselines are the same Postgres doing the least work for the same result: the seed's
-//! (Plane 0.5.5) statement pattern issued directly with sqlx, a raw primary-key select, a plain
-//! LISTEN connection, or the same query on a smaller table. The table printed at the end is
-//! Markdown, ready for `BENCHMARKS.md`.
+//! (Plane 0.5.5) statement pattern issued directly with sqlx (the `seed_*` functions in
+//! `writers.rs`), a raw primary-key select, a plain LISTEN connection, the bus's read
+//! statement as it was before its plan was fixed (frozen in `streams.rs`), or the same query
+//! on a smaller table. The table printed at the end is Markdown, ready for `BENCHMARKS.md`.
+//!
+//! Correctness checks (every event delivered once, compared by id) are judged in `--quick`
+//! mode too, and a failed one makes the run fail.
 
 mod common;
+mod delivered;
 mod hot;
 mod memory;
 mod replicas;
@@ -118,6 +128,9 @@ fn main() -> R<()> {
             println!("   ({section}: {:.1} s)", t.elapsed().as_secs_f64());
         }
         bench.print_table(started.elapsed());
+        if !bench.failed().is_empty() {
+            return Err(format!("correctness checks failed: {}", bench.failed().join("; ")).into());
+        }
         Ok(())
     })
 }

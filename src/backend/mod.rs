@@ -1,6 +1,6 @@
 //! Backends: what is stored about them and the reads that list them. The rest of the area
-//! is split by idea: [`lifecycle`] (state changes, keepalives, metrics), [`routes`] (what a
-//! proxy learns from a token), [`status_stream`] (history then live changes), [`lost`]
+//! is split by idea: `lifecycle` (state changes, keepalives, metrics), `routes` (what a
+//! proxy learns from a token), `status_stream` (history then live changes), `lost`
 //! (backends whose drone is gone). Their cleanup lives with the rest of cleanup
 //! ([`BackendDatabase::cleanup`] is a door into it).
 
@@ -17,7 +17,9 @@ use crate::error::{check_non_negative, skip_undecodable, Error, Result};
 use crate::replicas::ReadKind;
 use crate::types::{BackendName, BackendState, BackendStatus, ClusterName, NodeId, Subdomain};
 use chrono::{DateTime, Utc};
-use sqlx::PgPool;
+use sqlx::postgres::{PgArguments, PgRow};
+use sqlx::query::Map;
+use sqlx::{PgPool, Postgres};
 
 /// Backend operations. Get one from [`PlaneDatabase::backend`](crate::PlaneDatabase::backend).
 pub struct BackendDatabase<'a> {
@@ -25,7 +27,7 @@ pub struct BackendDatabase<'a> {
 }
 
 /// A backend as stored.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct BackendRow {
     /// The backend's name.
     pub id: BackendName,
@@ -44,6 +46,9 @@ pub struct BackendRow {
     /// How long it may go without a keepalive, if limited.
     pub allowed_idle_seconds: Option<i32>,
     /// The database clock when the row was read, to compute ages against.
+    /// Not serialized: it belongs to the read, not to the backend (two reads of the same
+    /// state serialize the same).
+    #[serde(skip_serializing)]
     pub as_of: DateTime<Utc>,
 }
 
@@ -55,7 +60,7 @@ impl BackendRow {
 }
 
 /// The row as selected; converted into [`BackendRow`] in one place, keeping decode errors.
-struct RawBackendRow {
+pub(crate) struct RawBackendRow {
     id: String,
     cluster: String,
     last_status_time: DateTime<Utc>,
@@ -93,7 +98,7 @@ impl TryFrom<RawBackendRow> for BackendRow {
 
 /// A backend that has been idle or alive for too long; see
 /// [`BackendDatabase::termination_candidates`].
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct TerminationCandidate {
     /// The backend.
     pub backend_id: BackendName,
@@ -104,6 +109,9 @@ pub struct TerminationCandidate {
     /// How long it may be idle, if limited.
     pub allowed_idle_seconds: Option<i32>,
     /// The database clock at the read.
+    /// Not serialized: it belongs to the read, not to the backend (two reads of the same
+    /// state serialize the same).
+    #[serde(skip_serializing)]
     pub as_of: DateTime<Utc>,
 }
 
@@ -133,7 +141,7 @@ pub struct BackendFilter {
 }
 
 /// One row of a backend's state history; see [`BackendDatabase::state_history`].
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct BackendStateRecord {
     /// The history row's id (increasing with each change of this backend).
     pub id: i64,
@@ -216,20 +224,9 @@ impl BackendDatabase<'_> {
     /// decode are skipped with a warning.
     #[tracing::instrument(skip(self), fields(drone = %drone))]
     pub async fn list_alive_backends_for_drone(&self, drone: NodeId) -> Result<Vec<BackendRow>> {
-        let rows = sqlx::query_as!(
-            RawBackendRow,
-            r#"
-            select b.id, b.cluster, b.last_status_time, b.state, b.last_keepalive, b.drone_id,
-                   b.expiration_time, b.allowed_idle_seconds, now() as "as_of!"
-            from backend b
-            where b.drone_id = $1 and b.last_status_number < $2
-            order by b.id
-            "#,
-            drone.as_i32(),
-            BackendStatus::Terminated.as_int(),
-        )
-        .fetch_all(self.ctx.pool())
-        .await?;
+        let rows = alive_for_drone_query(drone)
+            .fetch_all(self.ctx.pool())
+            .await?;
         Ok(skip_undecodable(rows.into_iter().map(BackendRow::try_from)))
     }
 
@@ -241,23 +238,9 @@ impl BackendDatabase<'_> {
         &self,
         drone_id: NodeId,
     ) -> Result<Vec<TerminationCandidate>> {
-        let rows = sqlx::query!(
-            r#"
-            select id, expiration_time, allowed_idle_seconds, last_keepalive, now() as "as_of!"
-            from backend
-            where drone_id = $1
-              and last_status_number > $2
-              and last_status_number < $3
-              and (now() - last_keepalive > make_interval(secs => allowed_idle_seconds)
-                   or now() > expiration_time)
-            order by id
-            "#,
-            drone_id.as_i32(),
-            BackendStatus::Scheduled.as_int(),
-            BackendStatus::Terminated.as_int(),
-        )
-        .fetch_all(self.ctx.pool())
-        .await?;
+        let rows = termination_candidates_query(drone_id)
+            .fetch_all(self.ctx.pool())
+            .await?;
         Ok(skip_undecodable(rows.into_iter().map(|row| {
             Ok(TerminationCandidate {
                 backend_id: BackendName::try_from(row.id.clone())
@@ -303,6 +286,57 @@ async fn list_backends_on(pool: &PgPool, filter: &BackendFilter) -> Result<Vec<B
     .fetch_all(pool)
     .await?;
     Ok(skip_undecodable(rows.into_iter().map(BackendRow::try_from)))
+}
+
+/// The row [`BackendDatabase::termination_candidates`] selects.
+pub(crate) struct RawCandidate {
+    id: String,
+    expiration_time: Option<DateTime<Utc>>,
+    allowed_idle_seconds: Option<i32>,
+    last_keepalive: DateTime<Utc>,
+    as_of: DateTime<Utc>,
+}
+
+/// The statement behind [`BackendDatabase::termination_candidates`], built in one place so
+/// that the bench can show the plan of this very statement (`testing::bench`).
+pub(crate) fn termination_candidates_query(
+    drone_id: NodeId,
+) -> Map<'static, Postgres, impl FnMut(PgRow) -> sqlx::Result<RawCandidate> + Send, PgArguments> {
+    sqlx::query_as!(
+        RawCandidate,
+        r#"
+        select id, expiration_time, allowed_idle_seconds, last_keepalive, now() as "as_of!"
+        from backend
+        where drone_id = $1
+          and last_status_number > $2
+          and last_status_number < $3
+          and (now() - last_keepalive > make_interval(secs => allowed_idle_seconds)
+               or now() > expiration_time)
+        order by id
+        "#,
+        drone_id.as_i32(),
+        BackendStatus::Scheduled.as_int(),
+        BackendStatus::Terminated.as_int(),
+    )
+}
+
+/// The statement behind [`BackendDatabase::list_alive_backends_for_drone`], built in one
+/// place so that the bench can show the plan of this very statement (`testing::bench`).
+pub(crate) fn alive_for_drone_query(
+    drone: NodeId,
+) -> Map<'static, Postgres, impl FnMut(PgRow) -> sqlx::Result<RawBackendRow> + Send, PgArguments> {
+    sqlx::query_as!(
+        RawBackendRow,
+        r#"
+        select b.id, b.cluster, b.last_status_time, b.state, b.last_keepalive, b.drone_id,
+               b.expiration_time, b.allowed_idle_seconds, now() as "as_of!"
+        from backend b
+        where b.drone_id = $1 and b.last_status_number < $2
+        order by b.id
+        "#,
+        drone.as_i32(),
+        BackendStatus::Terminated.as_int(),
+    )
 }
 
 /// A backend's identifying columns, decoded in one place for every query that reads them.

@@ -210,3 +210,13 @@ fn route_result(parts: RouteParts) -> Result<RouteInfoResult> {
         .map_err(|e| Error::decode("backend", "cluster_address", &id, e))?;
     Ok(RouteInfoResult::Available(route.with_address(address)))
 }
+
+impl metrics::HasOutcome for Result<RouteInfoResult> {
+    fn outcome(&self, _: Operation) -> metrics::Outcome {
+        match self {
+            Ok(RouteInfoResult::NotFound) => metrics::Outcome::NotFound,
+            Ok(_) => metrics::Outcome::Accepted,
+            Err(error) => metrics::error_outcome(error),
+        }
+    }
+}
