@@ -106,8 +106,12 @@ pub struct ReplicaStatus {
     /// within the bound, and no read has failed on it since.
     pub usable: bool,
     /// The lag its last successful probe measured; `None` before one, or when it was behind
-    /// every primary position the probe remembers (then it is not usable).
+    /// every primary position the probe remembers (then it is not usable). The replica
+    /// stays usable until `lag` plus [`last_probe_age`](Self::last_probe_age) reaches
+    /// [`ReplicaConfig::max_lag`], unless a newer probe measures less.
     pub lag: Option<Duration>,
+    /// How long ago its last successful probe answered.
+    pub last_probe_age: Option<Duration>,
     /// How far its replay position was behind the primary's write position at its last
     /// successful probe, in bytes of WAL.
     pub lag_bytes: Option<u64>,
@@ -212,6 +216,7 @@ struct Replica {
 struct ProbeState {
     lag: Option<Duration>,
     lag_bytes: Option<u64>,
+    probed_at: Option<Instant>,
     last_problem: Option<String>,
 }
 
@@ -294,16 +299,27 @@ impl Reads {
             .iter()
             .map(|r| {
                 let probe = r.probe_state();
+                let usable = r.usable();
+                let last_probe_age = probe.probed_at.map(|at| at.elapsed());
+                // Healthy but not usable: its last probe's lag has used up the bound since.
+                let last_problem = match (usable, r.healthy.load(Ordering::Relaxed)) {
+                    (false, true) => Some(format!(
+                        "lag beyond the bound: {:?} at its last probe, {:?} ago",
+                        probe.lag, last_probe_age
+                    )),
+                    _ => probe.last_problem,
+                };
                 ReplicaStatus {
                     index: r.index,
                     endpoint: r.endpoint.clone(),
-                    usable: r.usable(),
+                    usable,
                     lag: probe.lag,
+                    last_probe_age,
                     lag_bytes: probe.lag_bytes,
                     reads: r.reads.load(Ordering::Relaxed),
                     fallbacks: r.fallbacks.load(Ordering::Relaxed),
                     errors: r.errors.load(Ordering::Relaxed),
-                    last_problem: probe.last_problem,
+                    last_problem,
                 }
             })
             .collect()
@@ -475,6 +491,7 @@ impl Replica {
                 if let Ok(mut state) = self.probe.lock() {
                     state.lag = lag;
                     state.lag_bytes = lag_bytes;
+                    state.probed_at = Some(answered_at);
                     if until == 0 {
                         state.last_problem = Some(match lag {
                             Some(lag) => format!("lag {lag:?} beyond the bound"),

@@ -301,12 +301,16 @@ async fn replica_serves_reads_and_the_primary_confirms_what_lag_explains() {
             skipped_after < Duration::from_millis(300 + 200 + 1_000),
             "skipped only {skipped_after:?} after the first write it missed"
         );
+        // Its lag at the last probe plus the time since: beyond the bound.
+        let staleness = skipped
+            .lag
+            .zip(skipped.last_probe_age)
+            .map(|(lag, age)| lag + age);
         assert!(
-            skipped
-                .lag
-                .is_none_or(|lag| lag > Duration::from_millis(300)),
+            staleness.is_none_or(|s| s >= Duration::from_millis(300)),
             "{skipped:?}"
         );
+        assert!(skipped.last_problem.is_some(), "{skipped:?}");
         for response in [&old, &fresh, &pending] {
             assert!(is_available(&route(&strict, response).await));
         }
@@ -331,8 +335,12 @@ async fn replica_serves_reads_and_the_primary_confirms_what_lag_explains() {
                 ("replica_connections", connections.to_string()),
                 ("strict_skipped_after_missed_write_ms", ms(skipped_after)),
                 (
-                    "lag_when_skipped_ms",
+                    "lag_at_last_probe_when_skipped_ms",
                     skipped.lag.map_or("beyond_memory".into(), ms),
+                ),
+                (
+                    "last_probe_age_when_skipped_ms",
+                    skipped.last_probe_age.map_or("-".into(), ms),
                 ),
                 ("used_again_after_resume_ms", ms(back_after)),
                 ("lag_bytes_after_resume", format!("{:?}", used.lag_bytes)),
@@ -387,8 +395,11 @@ async fn a_stopped_replica_costs_no_failed_read() {
         let reads_while_down = replica(&db).reads - down.reads;
         let stopped_for = stopped_at.elapsed();
         let r = pair.replica.clone();
+        let starting_at = Instant::now();
         blocking(move || r.start()).await.unwrap();
-        let back_after = wait_usable(&db, true).await;
+        let started_in = starting_at.elapsed();
+        wait_usable(&db, true).await;
+        let back_after = starting_at.elapsed();
         let reads = replica(&db).reads;
         tokio::time::sleep(Duration::from_millis(300)).await;
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -405,7 +416,8 @@ async fn a_stopped_replica_costs_no_failed_read() {
                 ("skipped_after_stop_ms", ms(skipped_after)),
                 ("replica_reads_while_down", reads_while_down.to_string()),
                 ("down_ms", ms(stopped_for)),
-                ("used_again_after_start_ms", ms(back_after)),
+                ("start_took_ms", ms(started_in)),
+                ("used_again_after_start_began_ms", ms(back_after)),
                 (
                     "replica_reads_after_back",
                     (after.reads - reads).to_string(),
