@@ -1,6 +1,7 @@
 //! Tuning for scheduling, keys and tokens, and the event bus ([`Config`]).
 
 use crate::events::BusConfig;
+use crate::replicas::ReplicaConfig;
 use crate::types::ClusterName;
 use std::time::Duration;
 
@@ -20,6 +21,10 @@ pub struct Config {
     /// controller option of the same name). Defaults to none: then a spawn config without
     /// a cluster is [`ConnectError::NoClusterProvided`](crate::ConnectError::NoClusterProvided).
     pub default_cluster: Option<ClusterName>,
+    /// How streaming replicas named with
+    /// [`ConnectOptions::replica_url`](crate::ConnectOptions::replica_url) serve reads (lag
+    /// bound, probe interval). No effect without replicas.
+    pub replicas: ReplicaConfig,
 }
 
 impl Default for Config {
@@ -30,6 +35,7 @@ impl Default for Config {
             key_lease: KeyLeaseConfig::default(),
             token_lifetime: Duration::from_secs(3600),
             default_cluster: None,
+            replicas: ReplicaConfig::default(),
         }
     }
 }

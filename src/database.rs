@@ -10,7 +10,7 @@ use crate::cluster::ClusterDatabase;
 use crate::config::Config;
 use crate::connect::{ConnectRequest, ConnectResponse, Connector};
 use crate::connection::{
-    listener_options_for, listener_pool, ConnectOptions, DEFAULT_APPLICATION_NAME,
+    listener_options_for, listener_pool, ConnectOptions, Opened, DEFAULT_APPLICATION_NAME,
 };
 use crate::context::Context;
 use crate::controller::ControllerDatabase;
@@ -19,6 +19,7 @@ use crate::error::{ConnectError, Result};
 use crate::events::{Event, EventBus, EventSubscription, NotificationPayload, Subscription};
 use crate::keys::KeysDatabase;
 use crate::node::NodeDatabase;
+use crate::replicas::{Reads, ReplicaPool, ReplicaStatus};
 use crate::status::{DatabaseStatus, StatusReader};
 use crate::types::BackendName;
 use sqlx::postgres::PgConnectOptions;
@@ -58,12 +59,7 @@ impl ConnectOptions {
     /// first subscription. Does not migrate.
     #[tracing::instrument(skip_all)]
     pub async fn connect(self) -> Result<PlaneDatabase> {
-        let opened = self.open().await?;
-        Ok(PlaneDatabase::with_listener_pool(
-            opened.pool,
-            opened.listener,
-            opened.config,
-        ))
+        Ok(PlaneDatabase::with_opened(self.open().await?))
     }
 
     /// Applies the schema migrations with the rules of [`migrate`](crate::migrate) (on a
@@ -72,12 +68,7 @@ impl ConnectOptions {
     /// 0.5.5 migrated is converted), then [`connect`](Self::connect)s.
     #[tracing::instrument(skip_all)]
     pub async fn connect_and_migrate(self) -> Result<PlaneDatabase> {
-        let opened = self.migrate_and_open().await?;
-        Ok(PlaneDatabase::with_listener_pool(
-            opened.pool,
-            opened.listener,
-            opened.config,
-        ))
+        Ok(PlaneDatabase::with_opened(self.migrate_and_open().await?))
     }
 }
 
@@ -125,14 +116,28 @@ impl PlaneDatabase {
         };
         let acquire_timeout = pool.options().get_acquire_timeout();
         let listener = listener_pool(listener, String::new(), acquire_timeout);
-        Self::with_listener_pool(pool, listener, config)
+        Self::with_parts(pool, listener, Vec::new(), config)
     }
 
-    /// `listener`: a pool of one connection (see [`listener_pool`]).
-    pub(crate) fn with_listener_pool(pool: PgPool, listener: PgPool, config: Config) -> Self {
+    /// What [`ConnectOptions`] opened (with replicas, within a Tokio runtime: see
+    /// [`with_parts`](Self::with_parts)).
+    fn with_opened(opened: Opened) -> Self {
+        Self::with_parts(opened.pool, opened.listener, opened.replicas, opened.config)
+    }
+
+    /// `listener`: a pool of one connection (see [`listener_pool`]); `replicas`: a pool per
+    /// streaming replica, whose probe this starts (so, with replicas, it must be called
+    /// within a Tokio runtime).
+    pub(crate) fn with_parts(
+        pool: PgPool,
+        listener: PgPool,
+        replicas: Vec<ReplicaPool>,
+        config: Config,
+    ) -> Self {
         let bus = EventBus::new(pool.clone(), listener, config.bus.clone());
+        let reads = Reads::new(pool.clone(), replicas, config.replicas.clone());
         Self {
-            inner: Arc::new(Context::new(pool, config, bus)),
+            inner: Arc::new(Context::new(pool, config, bus, reads)),
         }
     }
 
@@ -145,6 +150,14 @@ impl PlaneDatabase {
     /// The configuration in use.
     pub fn config(&self) -> &Config {
         self.inner.config()
+    }
+
+    /// The streaming replicas named with
+    /// [`ConnectOptions::replica_url`](crate::ConnectOptions::replica_url), in that order:
+    /// whether reads go to each, its lag, and how many reads it served. Empty without
+    /// replicas. See [`replicas`](crate::replicas) for which reads they serve.
+    pub fn replicas(&self) -> Vec<ReplicaStatus> {
+        self.inner.reads().status()
     }
 
     /// Checks that the database answers.

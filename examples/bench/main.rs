@@ -30,6 +30,7 @@ mod crossproc;
 mod delivered;
 mod hot;
 mod memory;
+mod replicas;
 mod streams;
 mod writers;
 
@@ -47,6 +48,7 @@ const SECTIONS: &[&str] = &[
     "crossproc",
     "hot",
     "cleanup",
+    "replicas",
 ];
 
 fn main() -> R<()> {
@@ -118,6 +120,7 @@ fn main() -> R<()> {
                 "crossproc" => crossproc::crossproc(&mut bench).await?,
                 "hot" => hot::hot_queries(&mut bench).await?,
                 "cleanup" => hot::cleanup(&mut bench).await?,
+                "replicas" => replicas::replicas(&mut bench).await?,
                 _ => unreachable!("checked above"),
             }
             println!("   ({section}: {:.1} s)", t.elapsed().as_secs_f64());

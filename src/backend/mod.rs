@@ -14,6 +14,7 @@ pub use routes::RouteInfoResult;
 use crate::cleanup::{Cleanup, CleanupReport};
 use crate::context::Context;
 use crate::error::{check_non_negative, skip_undecodable, Error, Result};
+use crate::replicas::ReadKind;
 use crate::types::{BackendName, BackendState, BackendStatus, ClusterName, NodeId, Subdomain};
 use chrono::{DateTime, Utc};
 use sqlx::postgres::{PgArguments, PgRow};
@@ -185,40 +186,38 @@ impl BackendDatabase<'_> {
 
     /// The backends matching `filter`, in id order, including terminated ones not yet
     /// cleaned up. Rows that do not decode are skipped with a warning. A negative `limit` is
-    /// [`Error::InvalidArgument`].
+    /// [`Error::InvalidArgument`]. Served by a streaming replica when one is usable: then as
+    /// the database was up to the replica lag bound ago (see [`replicas`](crate::replicas)).
     #[tracing::instrument(skip_all, fields(cluster = ?filter.cluster, drone = ?filter.drone, status = ?filter.status))]
     pub async fn list(&self, filter: &BackendFilter) -> Result<Vec<BackendRow>> {
         if let Some(limit) = filter.limit {
             check_non_negative("limit", limit)?;
         }
-        let rows = sqlx::query_as!(
-            RawBackendRow,
-            r#"
-            select id, cluster, last_status_time, state, last_keepalive, drone_id,
-                   expiration_time, allowed_idle_seconds, now() as "as_of!"
-            from backend
-            where ($1::text is null or cluster = $1)
-              and ($2::integer is null or drone_id = $2)
-              and ($3::integer is null or last_status_number = $3)
-            order by id
-            limit $4
-            "#,
-            filter.cluster.as_ref().map(ClusterName::as_str),
-            filter.drone.map(NodeId::as_i32),
-            filter.status.map(BackendStatus::as_int),
-            filter.limit,
-        )
-        .fetch_all(self.ctx.pool())
-        .await?;
-        Ok(skip_undecodable(rows.into_iter().map(BackendRow::try_from)))
+        self.ctx
+            .reads()
+            .run(
+                ReadKind::BackendList,
+                |_| None,
+                |pool| async move { list_backends_on(&pool, filter).await },
+            )
+            .await
     }
 
     /// Every state the backend has been in, oldest first. Empty for an unknown backend (and
     /// for one whose history was cleaned up). Rows that do not decode are skipped with a
-    /// warning.
+    /// warning. Served by a streaming replica when one is usable: then as the database was
+    /// up to the replica lag bound ago (see [`replicas`](crate::replicas));
+    /// [`status_stream`](Self::status_stream) reads the history without that lag.
     #[tracing::instrument(skip(self), fields(backend = %backend))]
     pub async fn state_history(&self, backend: &BackendName) -> Result<Vec<BackendStateRecord>> {
-        read_state_records(self.ctx.pool(), backend).await
+        self.ctx
+            .reads()
+            .run(
+                ReadKind::StateHistory,
+                |_| None,
+                |pool| async move { read_state_records(&pool, backend).await },
+            )
+            .await
     }
 
     /// The backends of drone `drone` that have not terminated, in id order. Rows that do not
@@ -263,6 +262,30 @@ impl BackendDatabase<'_> {
             .backends(min_age_days, batch_size, &mut |_| {})
             .await
     }
+}
+
+/// The backends matching `filter`, read on `pool`.
+async fn list_backends_on(pool: &PgPool, filter: &BackendFilter) -> Result<Vec<BackendRow>> {
+    let rows = sqlx::query_as!(
+        RawBackendRow,
+        r#"
+        select id, cluster, last_status_time, state, last_keepalive, drone_id,
+               expiration_time, allowed_idle_seconds, now() as "as_of!"
+        from backend
+        where ($1::text is null or cluster = $1)
+          and ($2::integer is null or drone_id = $2)
+          and ($3::integer is null or last_status_number = $3)
+        order by id
+        limit $4
+        "#,
+        filter.cluster.as_ref().map(ClusterName::as_str),
+        filter.drone.map(NodeId::as_i32),
+        filter.status.map(BackendStatus::as_int),
+        filter.limit,
+    )
+    .fetch_all(pool)
+    .await?;
+    Ok(skip_undecodable(rows.into_iter().map(BackendRow::try_from)))
 }
 
 /// The row [`BackendDatabase::termination_candidates`] selects.
