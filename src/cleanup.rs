@@ -40,30 +40,39 @@ const CLEANUP_RUNS_KEPT: i64 = 100;
 
 /// What the backends phase of a cleanup deleted (see
 /// [`BackendDatabase::cleanup`](crate::backend::BackendDatabase::cleanup)).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct CleanupReport {
     /// Terminated backends deleted.
     pub backends: u64,
     /// Their state history rows.
+    #[serde(rename = "backend_states")]
     pub states: u64,
     /// Their tokens.
+    #[serde(rename = "backend_tokens")]
     pub tokens: u64,
     /// Their actions.
+    #[serde(rename = "backend_actions")]
     pub actions: u64,
     /// Their (expired) keys.
+    #[serde(rename = "backend_keys")]
     pub keys: u64,
     /// How many batches (transactions) it took.
+    #[serde(rename = "backend_batches")]
     pub batches: u64,
 }
 
 /// What one [`PlaneDatabase::run_cleanup`](crate::PlaneDatabase::run_cleanup) deleted.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct CleanupSummary {
     /// Old terminated backends and their rows.
+    /// Serialized inline: `backends`, `backend_states`, `backend_tokens`, …
+    #[serde(flatten)]
     pub backends: CleanupReport,
     /// Old events.
     pub events: u64,
     /// Expired tokens (of backends not deleted above).
+    /// Serialized as `expired_tokens`.
+    #[serde(rename = "expired_tokens")]
     pub tokens: u64,
 }
 

@@ -1,6 +1,7 @@
 //! Tuning for scheduling, keys and tokens, and the event bus ([`Config`]).
 
 use crate::events::BusConfig;
+use crate::replicas::ReplicaConfig;
 use crate::types::ClusterName;
 use std::time::Duration;
 
@@ -22,6 +23,10 @@ pub struct Config {
     pub default_cluster: Option<ClusterName>,
     /// Group commit of this process's concurrent writes (`update_state`). On by default.
     pub write_batching: WriteBatchConfig,
+    /// How streaming replicas named with
+    /// [`ConnectOptions::replica_url`](crate::ConnectOptions::replica_url) serve reads (lag
+    /// bound, probe interval). No effect without replicas.
+    pub replicas: ReplicaConfig,
 }
 
 impl Default for Config {
@@ -33,11 +38,12 @@ impl Default for Config {
             token_lifetime: Duration::from_secs(3600),
             default_cluster: None,
             write_batching: WriteBatchConfig::default(),
+            replicas: ReplicaConfig::default(),
         }
     }
 }
 
-/// How [`DroneDatabase::pick_for_spawn`] chooses a drone.
+/// How [`DroneDatabase::pick_for_spawn`](crate::drone::DroneDatabase::pick_for_spawn) chooses a drone.
 #[derive(Debug, Clone)]
 pub struct SchedulerConfig {
     /// How many eligible drones are sampled at random; the least loaded of them wins.

@@ -124,21 +124,7 @@ impl<'a> Connector<'a> {
         Self { ctx }
     }
 
-    /// Gets or creates the backend for a key (namespace, name, tag).
-    ///
-    /// - A live backend holds the key with the same tag: it is returned, with a new token.
-    /// - It holds the key with another tag: [`ConnectError::KeyHeld`], with both tags.
-    /// - No live backend holds it (none, or its lease expired): with a spawn config a new
-    ///   backend is scheduled on a drone picked by [`DroneDatabase::pick_for_spawn`](crate::drone::DroneDatabase::pick_for_spawn),
-    ///   taking the key over; without one, [`ConnectError::NoSpawnConfig`]. It is spawned in
-    ///   the spawn config's cluster, or [`Config::default_cluster`](crate::Config::default_cluster)
-    ///   ([`ConnectError::NoClusterProvided`] without both), under the spawn config's `id` if
-    ///   it gives one ([`ConnectError::BackendIdTaken`] if a backend has that name).
-    ///
-    /// Creating a backend is one atomic statement: the backend row, its `scheduled` history
-    /// row and event, the key (with a new fencing token), the spawn action for the drone and
-    /// its event, and the token. Concurrent connects for one key, from any number of
-    /// controllers, end with exactly one backend, and every caller gets that backend.
+    /// [`PlaneDatabase::connect`](crate::PlaneDatabase::connect).
     #[tracing::instrument(
         skip_all,
         fields(namespace, key, cluster, backend = tracing::field::Empty, drone = tracing::field::Empty)
@@ -505,6 +491,18 @@ impl<'a> Connector<'a> {
         .execute(self.ctx.pool())
         .await?;
         Ok(result.rows_affected())
+    }
+}
+
+impl crate::metrics::HasOutcome for Result<ConnectResponse, ConnectError> {
+    fn outcome(&self, _: crate::metrics::Operation) -> crate::metrics::Outcome {
+        use crate::metrics::Outcome;
+        match self {
+            Ok(_) => Outcome::Accepted,
+            Err(ConnectError::Other(error)) => crate::metrics::error_outcome(error),
+            Err(ConnectError::Contended { .. }) => Outcome::Error,
+            Err(_) => Outcome::Refused,
+        }
     }
 }
 

@@ -5,12 +5,13 @@
 //! A process holds one pool (at most [`ConnectOptions::max_connections`]) and one listening
 //! connection for the event bus, opened on the first subscription. Each says who it is in
 //! `pg_stat_activity.application_name`: `plane-db` and `plane-db-listener` by default (and
-//! `plane-db-migrate` while migrations run).
+//! `plane-db-migrate` while migrations run). With streaming replicas, a pool per replica as
+//! well, `plane-db-replica`.
 
 use crate::config::Config;
-use crate::database::PlaneDatabase;
 use crate::error::{Error, Result};
 use crate::migrate::migrate_on;
+use crate::replicas::ReplicaPool;
 use futures_util::future::BoxFuture;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{Connection, Executor, PgConnection, PgPool};
@@ -23,6 +24,7 @@ use std::time::Duration;
 pub(crate) const DEFAULT_APPLICATION_NAME: &str = "plane-db";
 const LISTENER_SUFFIX: &str = "-listener";
 const MIGRATE_SUFFIX: &str = "-migrate";
+const REPLICA_SUFFIX: &str = "-replica";
 /// Postgres keeps the first 63 bytes of an application name (`NAMEDATALEN - 1`).
 const MAX_APPLICATION_NAME: usize = 63;
 
@@ -102,6 +104,7 @@ pub enum PoolerMode {
 pub struct ConnectOptions {
     main: PgConnectOptions,
     direct: Option<PgConnectOptions>,
+    replicas: Vec<PgConnectOptions>,
     pooler: PoolerMode,
     application_name: Option<String>,
     max_connections: u32,
@@ -116,18 +119,13 @@ pub struct ConnectOptions {
 impl fmt::Debug for ConnectOptions {
     // `PgConnectOptions`'s own `Debug` prints the password.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let endpoint = |o: &PgConnectOptions| {
-            format!(
-                "{}@{}:{}/{}",
-                o.get_username(),
-                o.get_host(),
-                o.get_port(),
-                o.get_database().unwrap_or("")
-            )
-        };
         f.debug_struct("ConnectOptions")
             .field("main", &endpoint(&self.main))
             .field("direct", &self.direct.as_ref().map(endpoint))
+            .field(
+                "replicas",
+                &self.replicas.iter().map(endpoint).collect::<Vec<_>>(),
+            )
             .field("pooler", &self.pooler)
             .field("application_name", &self.application_prefix())
             .field("max_connections", &self.max_connections)
@@ -158,6 +156,7 @@ impl ConnectOptions {
         Self {
             main: options,
             direct: None,
+            replicas: Vec::new(),
             pooler: PoolerMode::Direct,
             application_name: None,
             max_connections: 32,
@@ -182,6 +181,30 @@ impl ConnectOptions {
     /// [`direct_url`](Self::direct_url), given as sqlx's options.
     pub fn direct_pg_options(mut self, options: PgConnectOptions) -> Self {
         self.direct = Some(options);
+        self
+    }
+
+    /// Adds a streaming replica of the main database (hot standby) that may serve route
+    /// lookups, listings and status stream histories; call once per replica. Reads go to the
+    /// replicas in turn, each skipped while its lag exceeds
+    /// [`ReplicaConfig::max_lag`](crate::ReplicaConfig::max_lag) or after a read failed on
+    /// it, and answers that could be a replica's lag (an unknown token, a pending backend)
+    /// are read again on the primary: the [`replicas`](crate::replicas) module says exactly
+    /// what is guaranteed. Writes, `connect` and the event bus stay on the main URL.
+    ///
+    /// Each replica gets a pool like the main one (same size, timeouts and settings, but
+    /// [`ReplicaConfig::acquire_timeout`](crate::ReplicaConfig::acquire_timeout); named after
+    /// the application name followed by `-replica`, `plane-db-replica` by default), opened
+    /// lazily: a replica that is down when the database is opened does not fail
+    /// [`connect`](Self::connect); reads go to the primary until its probe finds it. None by
+    /// default.
+    pub fn replica_url(self, url: &str) -> Result<Self> {
+        Ok(self.replica_pg_options(parse_url("replica_url", url)?))
+    }
+
+    /// [`replica_url`](Self::replica_url), given as sqlx's options.
+    pub fn replica_pg_options(mut self, options: PgConnectOptions) -> Self {
+        self.replicas.push(options);
         self
     }
 
@@ -269,32 +292,30 @@ impl ConnectOptions {
     }
 
     /// Opens the pool (one connection right away, so that a wrong URL or an unreachable
-    /// server fails here) and returns the database; the listening connection opens on the
-    /// first subscription. Does not migrate.
-    #[tracing::instrument(skip_all, fields(pooler = ?self.pooler))]
-    pub async fn connect(self) -> Result<PlaneDatabase> {
+    /// server fails here) and prepares the listener's pool (connected on first use); what
+    /// [`connect`](Self::connect) wraps into a database.
+    pub(crate) async fn open(self) -> Result<Opened> {
         self.check()?;
         let pool = self
             .pool_options()
             .connect_with(self.main_options())
             .await?;
         let listener = self.listener_pool(&pool);
-        Ok(PlaneDatabase::with_listener_pool(
+        let replicas = self.replica_pools();
+        Ok(Opened {
             pool,
             listener,
-            self.config,
-        ))
+            replicas,
+            config: self.config,
+        })
     }
 
-    /// Applies the schema migrations with the rules of [`migrate`](crate::migrate) (on a
-    /// connection of their own, without a statement timeout, through the direct URL in
-    /// [`PoolerMode::Transaction`]; a database that Plane 0.5.5 migrated is converted), then
-    /// [`connect`](Self::connect)s.
-    #[tracing::instrument(skip_all, fields(pooler = ?self.pooler))]
-    pub async fn connect_and_migrate(self) -> Result<PlaneDatabase> {
+    /// Applies the schema migrations (see [`connect_and_migrate`](Self::connect_and_migrate))
+    /// and then [`open`](Self::open)s.
+    pub(crate) async fn migrate_and_open(self) -> Result<Opened> {
         self.check()?;
         self.migrate().await?;
-        self.connect().await
+        self.open().await
     }
 
     /// Refuses a configuration that cannot work, before any connection is made.
@@ -371,6 +392,29 @@ impl ConnectOptions {
         with_settings(options, settings)
     }
 
+    /// A pool per replica, like the main pool but opened lazily, named `…-replica`.
+    fn replica_pools(&self) -> Vec<ReplicaPool> {
+        let name = format!("{}{REPLICA_SUFFIX}", self.application_prefix());
+        self.replicas
+            .iter()
+            .map(|options| {
+                let options = options.clone().application_name(&name);
+                let options = if self.through_pooler() {
+                    options.extra_float_digits(None)
+                } else {
+                    options
+                };
+                ReplicaPool {
+                    endpoint: endpoint(&options),
+                    pool: self
+                        .pool_options()
+                        .acquire_timeout(self.config.replicas.acquire_timeout)
+                        .connect_lazy_with(options),
+                }
+            })
+            .collect()
+    }
+
     fn listener_pool(&self, pool: &PgPool) -> PgPool {
         let options = self
             .session_target()
@@ -413,6 +457,17 @@ impl ConnectOptions {
         migrated?;
         Ok(())
     }
+}
+
+/// `user@host:port/database`: where `options` connect, without the password.
+fn endpoint(options: &PgConnectOptions) -> String {
+    format!(
+        "{}@{}:{}/{}",
+        options.get_username(),
+        options.get_host(),
+        options.get_port(),
+        options.get_database().unwrap_or("")
+    )
 }
 
 fn parse_url(argument: &'static str, url: &str) -> Result<PgConnectOptions> {
@@ -523,6 +578,15 @@ fn truncate(text: &str, max: usize) -> &str {
     &text[..end]
 }
 
+/// A pool, the listener's pool and the replicas' pools, opened by [`ConnectOptions`], with
+/// the configuration.
+pub(crate) struct Opened {
+    pub(crate) pool: PgPool,
+    pub(crate) listener: PgPool,
+    pub(crate) replicas: Vec<ReplicaPool>,
+    pub(crate) config: Config,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -597,6 +661,13 @@ mod tests {
             })
         ));
         assert!(matches!(
+            options.clone().replica_url("mysql://r/db"),
+            Err(Error::InvalidArgument {
+                argument: "replica_url",
+                ..
+            })
+        ));
+        assert!(matches!(
             options.clone().max_connections(0).check(),
             Err(Error::InvalidArgument {
                 argument: "max_connections",
@@ -611,9 +682,36 @@ mod tests {
         let options = ConnectOptions::new("postgres://u:hunter2@h/db")
             .unwrap()
             .direct_url("postgres://u:hunter3@d/db")
+            .unwrap()
+            .replica_url("postgres://u:hunter4@r/db")
             .unwrap();
         let text = format!("{options:?}");
         assert!(!text.contains("hunter"), "{text}");
         assert!(text.contains("u@h:5432/db"), "{text}");
+        assert!(text.contains("u@r:5432/db"), "{text}");
+    }
+
+    #[tokio::test]
+    async fn replica_pools_are_named_and_lazy() {
+        let options = ConnectOptions::new("postgres://u:secret@h/db")
+            .unwrap()
+            .application_name("ctl")
+            .replica_url("postgres://u:secret@r1/db")
+            .unwrap()
+            .replica_url("postgres://u:secret@r2:5433/db")
+            .unwrap();
+        let replicas = options.replica_pools();
+        let endpoints: Vec<&str> = replicas.iter().map(|r| r.endpoint.as_str()).collect();
+        assert_eq!(endpoints, ["u@r1:5432/db", "u@r2:5433/db"]);
+        for replica in &replicas {
+            let connect = replica.pool.connect_options();
+            assert_eq!(connect.get_application_name(), Some("ctl-replica"));
+            // Lazy: nothing was opened (nothing listens at r1 or r2).
+            assert_eq!(replica.pool.size(), 0);
+            assert_eq!(
+                replica.pool.options().get_acquire_timeout(),
+                crate::ReplicaConfig::default().acquire_timeout
+            );
+        }
     }
 }

@@ -88,7 +88,7 @@ impl<'a> ControllerDatabase<'a> {
 }
 
 /// An online controller, as listed by [`ControllerDatabase::online_controllers`].
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct ControllerInfo {
     /// Its name.
     pub name: ControllerName,
@@ -101,5 +101,10 @@ pub struct ControllerInfo {
     /// When it last heartbeated.
     pub last_heartbeat: DateTime<Utc>,
     /// How long ago that was, by the database clock.
+    /// Serialized as `heartbeat_age_seconds`.
+    #[serde(
+        rename = "heartbeat_age_seconds",
+        serialize_with = "crate::serde_seconds::serialize"
+    )]
     pub heartbeat_age: chrono::Duration,
 }

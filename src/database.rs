@@ -10,7 +10,7 @@ use crate::cluster::ClusterDatabase;
 use crate::config::Config;
 use crate::connect::{ConnectRequest, ConnectResponse, Connector};
 use crate::connection::{
-    listener_options_for, listener_pool, ConnectOptions, DEFAULT_APPLICATION_NAME,
+    listener_options_for, listener_pool, ConnectOptions, Opened, DEFAULT_APPLICATION_NAME,
 };
 use crate::context::Context;
 use crate::controller::ControllerDatabase;
@@ -19,6 +19,7 @@ use crate::error::{ConnectError, Result};
 use crate::events::{Event, EventBus, EventSubscription, NotificationPayload, Subscription};
 use crate::keys::KeysDatabase;
 use crate::node::NodeDatabase;
+use crate::replicas::{Reads, ReplicaPool, ReplicaStatus};
 use crate::status::{DatabaseStatus, StatusReader};
 use crate::types::BackendName;
 use sqlx::postgres::PgConnectOptions;
@@ -36,7 +37,7 @@ pub async fn connect(url: &str) -> Result<PlaneDatabase> {
     ConnectOptions::new(url)?.connect().await
 }
 
-/// Applies the schema migrations on `url` with the rules of [`migrate`] (so it also starts
+/// Applies the schema migrations on `url` with the rules of [`migrate`](crate::migrate) (so it also starts
 /// against a database that a newer build migrated, converts one that Plane 0.5.5 migrated,
 /// and needs no DDL privilege when the schema is up to date), then opens a pool on it, with the default [`ConnectOptions`] (see
 /// [`connect`]).
@@ -50,6 +51,25 @@ pub async fn connect(url: &str) -> Result<PlaneDatabase> {
 #[tracing::instrument(skip_all)]
 pub async fn connect_and_migrate(url: &str) -> Result<PlaneDatabase> {
     ConnectOptions::new(url)?.connect_and_migrate().await
+}
+
+impl ConnectOptions {
+    /// Opens the pool (one connection right away, so that a wrong URL or an unreachable
+    /// server fails here) and returns the database; the listening connection opens on the
+    /// first subscription. Does not migrate.
+    #[tracing::instrument(skip_all)]
+    pub async fn connect(self) -> Result<PlaneDatabase> {
+        Ok(PlaneDatabase::with_opened(self.open().await?))
+    }
+
+    /// Applies the schema migrations with the rules of [`migrate`](crate::migrate) (on a
+    /// connection of their own, without a statement timeout, through the direct URL in
+    /// [`PoolerMode::Transaction`](crate::PoolerMode::Transaction); a database that Plane
+    /// 0.5.5 migrated is converted), then [`connect`](Self::connect)s.
+    #[tracing::instrument(skip_all)]
+    pub async fn connect_and_migrate(self) -> Result<PlaneDatabase> {
+        Ok(PlaneDatabase::with_opened(self.migrate_and_open().await?))
+    }
 }
 
 /// The data layer of a controller: cheap to clone (all clones share one pool and one event
@@ -96,14 +116,28 @@ impl PlaneDatabase {
         };
         let acquire_timeout = pool.options().get_acquire_timeout();
         let listener = listener_pool(listener, String::new(), acquire_timeout);
-        Self::with_listener_pool(pool, listener, config)
+        Self::with_parts(pool, listener, Vec::new(), config)
     }
 
-    /// `listener`: a pool of one connection (see [`listener_pool`]).
-    pub(crate) fn with_listener_pool(pool: PgPool, listener: PgPool, config: Config) -> Self {
+    /// What [`ConnectOptions`] opened (with replicas, within a Tokio runtime: see
+    /// [`with_parts`](Self::with_parts)).
+    fn with_opened(opened: Opened) -> Self {
+        Self::with_parts(opened.pool, opened.listener, opened.replicas, opened.config)
+    }
+
+    /// `listener`: a pool of one connection (see [`listener_pool`]); `replicas`: a pool per
+    /// streaming replica, whose probe this starts (so, with replicas, it must be called
+    /// within a Tokio runtime).
+    pub(crate) fn with_parts(
+        pool: PgPool,
+        listener: PgPool,
+        replicas: Vec<ReplicaPool>,
+        config: Config,
+    ) -> Self {
         let bus = EventBus::new(pool.clone(), listener, config.bus.clone());
+        let reads = Reads::new(pool.clone(), replicas, config.replicas.clone());
         Self {
-            inner: Arc::new(Context::new(pool, config, bus)),
+            inner: Arc::new(Context::new(pool, config, bus, reads)),
         }
     }
 
@@ -116,6 +150,14 @@ impl PlaneDatabase {
     /// The configuration in use.
     pub fn config(&self) -> &Config {
         self.inner.config()
+    }
+
+    /// The streaming replicas named with
+    /// [`ConnectOptions::replica_url`](crate::ConnectOptions::replica_url), in that order:
+    /// whether reads go to each, its lag, and how many reads it served. Empty without
+    /// replicas. See [`replicas`](crate::replicas) for which reads they serve.
+    pub fn replicas(&self) -> Vec<ReplicaStatus> {
+        self.inner.reads().status()
     }
 
     /// Checks that the database answers.
@@ -214,8 +256,21 @@ impl PlaneDatabase {
         crate::events::events_since(self.pool(), since, limit).await
     }
 
-    /// Gets or creates the backend for the request's key and issues a token to reach it;
-    /// see [`connect`](crate::connect) for the rules.
+    /// Gets or creates the backend for a key (namespace, name, tag).
+    ///
+    /// - A live backend holds the key with the same tag: it is returned, with a new token.
+    /// - It holds the key with another tag: [`ConnectError::KeyHeld`], with both tags.
+    /// - No live backend holds it (none, or its lease expired): with a spawn config a new
+    ///   backend is scheduled on a drone picked by [`DroneDatabase::pick_for_spawn`](crate::drone::DroneDatabase::pick_for_spawn),
+    ///   taking the key over; without one, [`ConnectError::NoSpawnConfig`]. It is spawned in
+    ///   the spawn config's cluster, or [`Config::default_cluster`](crate::Config::default_cluster)
+    ///   ([`ConnectError::NoClusterProvided`] without both), under the spawn config's `id` if
+    ///   it gives one ([`ConnectError::BackendIdTaken`] if a backend has that name).
+    ///
+    /// Creating a backend is one atomic statement: the backend row, its `scheduled` history
+    /// row and event, the key (with a new fencing token), the spawn action for the drone and
+    /// its event, and the token. Concurrent connects for one key, from any number of
+    /// controllers, end with exactly one backend, and every caller gets that backend.
     pub async fn connect(&self, request: &ConnectRequest) -> Result<ConnectResponse, ConnectError> {
         Connector::new(&self.inner).connect(request).await
     }
@@ -230,8 +285,10 @@ impl PlaneDatabase {
         StatusReader::new(&self.inner).status().await
     }
 
-    /// One full cleanup: old terminated backends, old events, then expired tokens; see
-    /// [`Cleanup::run`](crate::cleanup) for what each phase deletes.
+    /// One full cleanup: old terminated backends (as
+    /// [`BackendDatabase::cleanup`] deletes them), events older than
+    /// [`CleanupConfig::event_min_age`], then expired tokens, each in batches of one
+    /// transaction. The run is recorded for [`status`](Self::status).
     ///
     /// ```no_run
     /// # async fn example(db: plane_db::PlaneDatabase) -> plane_db::Result<()> {

@@ -49,6 +49,8 @@ pub mod metrics;
 mod migrate;
 pub mod node;
 mod plane055;
+pub mod replicas;
+mod serde_seconds;
 pub mod status;
 #[cfg(feature = "testing")]
 pub mod testing;
@@ -63,6 +65,7 @@ pub use database::{connect, connect_and_migrate, PlaneDatabase};
 pub use error::{ConnectError, Error, Result};
 pub use migrate::{migrate, MigrationReport, MIGRATOR};
 pub use plane055::PlaneConversionReport;
+pub use replicas::{ReplicaConfig, ReplicaStatus};
 
 /// The README's example runs as a doctest, so it stays true.
 #[cfg(doctest)]

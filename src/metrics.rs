@@ -59,6 +59,19 @@ pub const POOL_ACQUIRE_DURATION_SECONDS: &str = "plane_db_pool_acquire_duration_
 pub const OPERATION_DURATION_SECONDS: &str = "plane_db_operation_duration_seconds";
 /// Operations finished, by `operation` and `outcome`.
 pub const OPERATIONS_TOTAL: &str = "plane_db_operations_total";
+/// Reads that may be served by a replica, by `read` and `source` (`replica`, `primary`).
+pub const READS_TOTAL: &str = "plane_db_reads_total";
+/// Reads a replica answered or failed that were read again on the primary, by `read` and
+/// `reason` (`not_found`, `pending`, `behind`, `error`).
+pub const REPLICA_FALLBACKS_TOTAL: &str = "plane_db_replica_fallbacks_total";
+/// A replica's lag at its last probe, in seconds, by `replica` (its index).
+pub const REPLICA_LAG_SECONDS: &str = "plane_db_replica_lag_seconds";
+/// A replica's replay position behind the primary's write position at its last probe, in
+/// bytes, by `replica`.
+pub const REPLICA_LAG_BYTES: &str = "plane_db_replica_lag_bytes";
+/// 1 when reads go to a replica, 0 when it is skipped (down, not in recovery, lagging), by
+/// `replica`.
+pub const REPLICA_USABLE: &str = "plane_db_replica_usable";
 /// Rows deleted by cleanup, by `table`.
 pub const CLEANUP_ROWS_DELETED_TOTAL: &str = "plane_db_cleanup_rows_deleted_total";
 /// How long a cleanup run took, in seconds, by `outcome` (`ok`, `error`).
@@ -158,6 +171,16 @@ pub const ALL: &[MetricInfo] = &[
         "Duration of an operation (the span of the same name), by outcome: accepted, refused, not_found, error."),
     info(OPERATIONS_TOTAL, Counter, &["operation", "outcome"], Some(Unit::Count),
         "Operations finished, by outcome: accepted, refused, not_found, error."),
+    info(READS_TOTAL, Counter, &["read", "source"], Some(Unit::Count),
+        "Reads that may be served by a replica (route lookups, listings, status stream histories), by where the answer came from: replica, primary."),
+    info(REPLICA_FALLBACKS_TOTAL, Counter, &["read", "reason"], Some(Unit::Count),
+        "Reads tried on a replica and read again on the primary: not_found and pending (route lookups confirm these on the primary), behind (a status history the replica had not replayed far enough for), error (the replica failed; it is skipped until its probe succeeds)."),
+    info(REPLICA_LAG_SECONDS, Gauge, &["replica"], Some(Unit::Seconds),
+        "A replica's lag at its last probe: the age of the newest primary WAL position it has replayed (a lower bound when it is behind every position remembered)."),
+    info(REPLICA_LAG_BYTES, Gauge, &["replica"], Some(Unit::Bytes),
+        "How far a replica's replay position was behind the primary's WAL write position at its last probe."),
+    info(REPLICA_USABLE, Gauge, &["replica"], Some(Unit::Count),
+        "1 while reads go to a replica; 0 while it is skipped (probe failed, read failed, not in recovery, lag beyond ReplicaConfig::max_lag)."),
     info(CLEANUP_ROWS_DELETED_TOTAL, Counter, &["table"], Some(Unit::Count),
         "Rows deleted by cleanup, by table."),
     info(CLEANUP_DURATION_SECONDS, Histogram, &["outcome"], Some(Unit::Seconds),
@@ -282,7 +305,7 @@ pub(crate) trait HasOutcome {
 }
 
 /// An error that is not the database's is the caller's request being refused.
-fn error_outcome(error: &crate::Error) -> Outcome {
+pub(crate) fn error_outcome(error: &crate::Error) -> Outcome {
     match error {
         crate::Error::InvalidArgument { .. } => Outcome::Refused,
         crate::Error::NotFound { .. } => Outcome::NotFound,
@@ -299,28 +322,6 @@ impl HasOutcome for crate::Result<bool> {
             // `update_state`: unknown backend or not a forward transition.
             Ok(false) => Outcome::Refused,
             Err(error) => error_outcome(error),
-        }
-    }
-}
-
-impl HasOutcome for crate::Result<crate::backend::RouteInfoResult> {
-    fn outcome(&self, _: Operation) -> Outcome {
-        match self {
-            Ok(crate::backend::RouteInfoResult::NotFound) => Outcome::NotFound,
-            Ok(_) => Outcome::Accepted,
-            Err(error) => error_outcome(error),
-        }
-    }
-}
-
-impl HasOutcome for Result<crate::connect::ConnectResponse, crate::ConnectError> {
-    fn outcome(&self, _: Operation) -> Outcome {
-        use crate::ConnectError;
-        match self {
-            Ok(_) => Outcome::Accepted,
-            Err(ConnectError::Other(error)) => error_outcome(error),
-            Err(ConnectError::Contended { .. }) => Outcome::Error,
-            Err(_) => Outcome::Refused,
         }
     }
 }
@@ -371,6 +372,36 @@ pub(crate) fn bus_read(elapsed: Duration, outcome: &'static str) {
     metrics::counter!(BUS_READS_TOTAL, "outcome" => outcome).increment(1);
 }
 
+/// Counts a read by where it was served (`replica` or `primary`).
+pub(crate) fn read_served(read: &'static str, source: &'static str) {
+    metrics::counter!(READS_TOTAL, "read" => read, "source" => source).increment(1);
+}
+
+/// Counts a read that a replica answered or failed and the primary was asked again.
+pub(crate) fn replica_fallback(read: &'static str, reason: &'static str) {
+    metrics::counter!(REPLICA_FALLBACKS_TOTAL, "read" => read, "reason" => reason).increment(1);
+}
+
+/// Records a replica's lag as its probe measured it.
+pub(crate) fn replica_lag(replica: &str, lag: Option<Duration>, lag_bytes: Option<u64>) {
+    if let Some(lag) = lag {
+        metrics::gauge!(REPLICA_LAG_SECONDS, "replica" => replica.to_string())
+            .set(lag.as_secs_f64());
+    }
+    if let Some(bytes) = lag_bytes {
+        metrics::gauge!(REPLICA_LAG_BYTES, "replica" => replica.to_string()).set(bytes as f64);
+    }
+}
+
+/// Records whether reads go to a replica.
+pub(crate) fn replica_usable(replica: &str, usable: bool) {
+    metrics::gauge!(REPLICA_USABLE, "replica" => replica.to_string()).set(if usable {
+        1.0
+    } else {
+        0.0
+    });
+}
+
 /// Records one cleanup run.
 pub(crate) fn cleanup_run(elapsed: Duration, ok: bool) {
     let outcome = if ok { "ok" } else { "error" };
@@ -417,7 +448,7 @@ mod tests {
                 );
             }
         }
-        assert_eq!(seen.len(), 21);
+        assert_eq!(seen.len(), 26);
     }
 
     /// Every `plane_db_…` name in `text`, less the suffixes Prometheus adds to histograms.

@@ -7,7 +7,7 @@ use sqlx::PgPool;
 
 /// The schema migrations (`migrations/`), embedded at compile time.
 ///
-/// Apply them with [`migrate`] (which [`connect_and_migrate`] calls): it lets a build run
+/// Apply them with [`migrate`] (which [`connect_and_migrate`](crate::connect_and_migrate) calls): it lets a build run
 /// against a database that a *newer* build has already migrated, which sqlx's own
 /// `MIGRATOR.run(&pool)` refuses ("migration N was previously applied but is missing").
 ///
@@ -25,7 +25,7 @@ use sqlx::PgPool;
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!();
 
 /// What [`migrate`] found and did.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 #[non_exhaustive]
 pub struct MigrationReport {
     /// The versions this call applied, in order; empty when the schema was up to date.
@@ -35,6 +35,8 @@ pub struct MigrationReport {
     /// back). Empty otherwise.
     pub newer_unknown: Vec<i64>,
     /// This build's newest migration (applied now); `None` if it has none.
+    /// Serialized as `schema_version`.
+    #[serde(rename = "schema_version")]
     pub latest_known: Option<i64>,
     /// Set when this call converted a database that Plane 0.5.5 migrated: what it copied.
     /// `None` otherwise (also when another controller converted it first).

@@ -8,9 +8,11 @@
 use crate::context::Context;
 use crate::error::{skip_undecodable, Error, Result};
 use crate::events::{EventBatch, EventWriter, NotificationPayload};
+use crate::replicas::ReadKind;
 use crate::types::{AnyNodeName, ClusterName, ControllerName, NodeId, NodeKind};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
+use sqlx::PgPool;
 use std::net::IpAddr;
 
 /// Node registration and lookups. Get one from [`PlaneDatabase::node`](crate::PlaneDatabase::node).
@@ -67,11 +69,13 @@ impl NotificationPayload for NodeConnectionStatusChange {
 }
 
 /// A node as stored, with whether it is active.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct NodeInfo {
     /// The node's id.
     pub id: NodeId,
     /// Its name, tagged with its kind.
+    /// Serialized inline, as `kind` and `name`.
+    #[serde(flatten)]
     pub name: AnyNodeName,
     /// Its cluster, if it belongs to one.
     pub cluster: Option<ClusterName>,
@@ -282,16 +286,30 @@ impl<'a> NodeDatabase<'a> {
     }
 
     /// Every node, in id order, with whether it is active. Rows that do not decode are
-    /// skipped with a warning.
+    /// skipped with a warning. Served by a streaming replica when one is usable: then as the
+    /// database was up to the replica lag bound ago (see [`replicas`](crate::replicas)).
     #[tracing::instrument(skip(self))]
     pub async fn list(&self) -> Result<Vec<NodeInfo>> {
-        let rows = self.read(None).await?;
+        let rows = self
+            .ctx
+            .reads()
+            .run(
+                ReadKind::NodeList,
+                |_| None,
+                |pool| self.read_on(pool, None),
+            )
+            .await?;
         Ok(skip_undecodable(rows.into_iter().map(NodeInfo::try_from)))
     }
 
-    /// The node with id `id`, or every node (the table is small: one row per node ever
-    /// registered).
+    /// The node with id `id`, or every node, read on the primary.
     async fn read(&self, id: Option<NodeId>) -> Result<Vec<NodeRow>> {
+        self.read_on(self.ctx.pool().clone(), id).await
+    }
+
+    /// The node with id `id`, or every node (the table is small: one row per node ever
+    /// registered), read on `pool`.
+    async fn read_on(&self, pool: PgPool, id: Option<NodeId>) -> Result<Vec<NodeRow>> {
         let timeout = self
             .ctx
             .config()
@@ -314,7 +332,7 @@ impl<'a> NodeDatabase<'a> {
             id.map(NodeId::as_i32),
             timeout,
         )
-        .fetch_all(self.ctx.pool())
+        .fetch_all(&pool)
         .await?;
         Ok(rows)
     }

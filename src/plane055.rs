@@ -44,6 +44,7 @@ const SCRIPT: &str = include_str!("plane055.sql");
 /// [`MigrationReport::converted_from_plane`](crate::MigrationReport::converted_from_plane)).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 #[non_exhaustive]
+#[derive(serde::Serialize)]
 pub struct PlaneConversionReport {
     /// Controllers.
     pub controllers: u64,

@@ -11,7 +11,7 @@ use chrono::{DateTime, Utc};
 
 /// What [`PlaneDatabase::status`](crate::PlaneDatabase::status) found, as of one moment of the database clock (each part
 /// is read by its own statement, so the parts may be a few milliseconds apart).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct DatabaseStatus {
     /// The database clock when the overview was taken.
     pub as_of: DateTime<Utc>,
@@ -23,6 +23,8 @@ pub struct DatabaseStatus {
     pub drones: Vec<DroneCount>,
     /// How many backends there are in each status (terminated ones until cleanup deletes
     /// them); only non-zero counts, in lifecycle order.
+    /// Serialized as an object from status to count.
+    #[serde(serialize_with = "serialize_counts")]
     pub backends: Vec<(BackendStatus, i64)>,
     /// The open transaction that holds back the event bus's horizon the most, if any (see
     /// [`OpenTransaction`]).
@@ -36,7 +38,7 @@ pub struct DatabaseStatus {
 
 /// A completed cleanup run, as recorded by
 /// [`run_cleanup`](crate::PlaneDatabase::run_cleanup).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct CleanupRun {
     /// When it started (database clock).
     pub started_at: DateTime<Utc>,
@@ -53,7 +55,8 @@ pub struct CleanupRun {
 /// What a drone can do right now, from the scheduler's point of view (the checks of
 /// [`DroneDatabase::pick_for_spawn`](crate::drone::DroneDatabase::pick_for_spawn), in that
 /// order: the first that fails names the condition).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum DroneCondition {
     /// Ready, not draining, heartbeating, held by an online controller: it can be picked.
     Ready,
@@ -88,13 +91,15 @@ impl std::fmt::Display for DroneCondition {
 }
 
 /// How many drones of a cluster and pool are in a condition.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct DroneCount {
     /// Their cluster (`None` for a drone row without one, which plane-db never writes).
     pub cluster: Option<ClusterName>,
     /// Their pool.
     pub pool: DronePoolName,
     /// Their condition.
+    /// Serialized as `state`.
+    #[serde(rename = "state")]
     pub condition: DroneCondition,
     /// How many.
     pub count: i64,
@@ -112,7 +117,7 @@ pub struct DroneCount {
 /// All sessions of the server are considered (transaction ids are shared by every
 /// database), except the one asking. A role without `pg_read_all_stats` sees these columns
 /// only for sessions of its own role.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct OpenTransaction {
     /// The server process id (`pg_terminate_backend` takes it).
     pub pid: i32,
@@ -128,6 +133,11 @@ pub struct OpenTransaction {
     /// When its transaction started, if the server says.
     pub transaction_start: Option<DateTime<Utc>>,
     /// How long its transaction has been open (database clock), if known.
+    /// Serialized as `age_seconds`.
+    #[serde(
+        rename = "age_seconds",
+        serialize_with = "crate::serde_seconds::serialize_option"
+    )]
     pub age: Option<chrono::Duration>,
     /// Its transaction id, when it holds one (it has written).
     pub xid: Option<i64>,
@@ -146,7 +156,7 @@ impl OpenTransaction {
 }
 
 /// The `event` table's size and its oldest row.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct EventTableStatus {
     /// Postgres's estimate of its row count (`pg_class.reltuples`, or the statistics
     /// collector's live-row count before the first `ANALYZE`); `None` when neither knows.
@@ -342,4 +352,13 @@ impl<'a> StatusReader<'a> {
             },
         })
     }
+}
+
+/// Serializes [`DatabaseStatus::backends`] as an object from status to count
+/// (`{"scheduled": 1, "ready": 2}`), in the list's order.
+fn serialize_counts<S: serde::Serializer>(
+    counts: &[(BackendStatus, i64)],
+    serializer: S,
+) -> std::result::Result<S::Ok, S::Error> {
+    serializer.collect_map(counts.iter().map(|(status, count)| (status, count)))
 }

@@ -1,9 +1,9 @@
-//! The example HTTP controller (examples/controller.rs), driven over TCP with a real HTTP
+//! The example HTTP controller (examples/controller/), driven over TCP with a real HTTP
 //! client, on a fresh database each: connect, status, the SSE status stream (exact ids,
 //! resumption with `Last-Event-ID`, end at termination), terminate, route lookups, the
 //! error answers, and the demo drone the README walkthrough relies on.
 
-#[path = "../examples/controller.rs"]
+#[path = "../examples/controller/main.rs"]
 #[allow(dead_code)] // `main` and the command line are not used here.
 mod controller;
 

@@ -30,14 +30,20 @@ pub struct Row {
 pub struct Bench {
     pub quick: bool,
     rows: Vec<Row>,
+    /// Correctness checks that failed ([`Check::Always`]): the run fails at the end.
+    failed: Vec<String>,
 }
 
 /// How a figure compares with its target.
 pub enum Check {
     /// No target for this row.
     None,
-    /// Met when `ok`; `target` says what was required.
+    /// A speed target: met when `ok`; `target` says what was required. Not judged in quick
+    /// mode, which measures too little.
     Target { target: String, ok: bool },
+    /// A correctness check (nothing lost, nothing twice): judged in quick mode too, and a
+    /// miss fails the run once the table is printed.
+    Always { target: String, ok: bool },
 }
 
 impl Bench {
@@ -45,7 +51,13 @@ impl Bench {
         Self {
             quick,
             rows: Vec::new(),
+            failed: Vec::new(),
         }
+    }
+
+    /// The correctness checks that failed, by row.
+    pub fn failed(&self) -> &[String] {
+        &self.failed
     }
 
     /// Sizes and durations: the full value, or the quick one with `--quick`.
@@ -68,9 +80,10 @@ impl Bench {
     ) {
         let (target, result) = match check {
             Check::None => (String::new(), String::new()),
-            // Quick mode measures too little to judge: no verdicts.
+            // Quick mode measures too little to judge: no speed verdicts.
             Check::Target { target, .. } if self.quick => (target, "(quick)".into()),
             Check::Target { target, ok } => (target, if ok { "met" } else { "MISSED" }.to_string()),
+            Check::Always { target, ok } => (target, if ok { "met" } else { "FAILED" }.to_string()),
         };
         let row = Row {
             what: what.into(),
@@ -85,6 +98,9 @@ impl Bench {
             "   {:<58} {:>14}  | {:<40} {:>14}  | {:>8} {} {}",
             row.what, row.value, row.baseline_name, row.baseline, row.ratio, row.target, row.result
         );
+        if row.result == "FAILED" {
+            self.failed.push(row.what.clone());
+        }
         self.rows.push(row);
     }
 

@@ -3,6 +3,7 @@
 
 use crate::common::*;
 use plane_db::backend::RouteInfoResult;
+use plane_db::testing::bench as bench_hooks;
 use plane_db::types::{BackendName, BackendState, BearerToken, NodeId};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -127,43 +128,33 @@ pub async fn route(bench: &mut Bench) -> R<()> {
     env.finish().await
 }
 
-/// The library's queries, copied for EXPLAIN (keep in step with `src/backend.rs`).
-const TERMINATION_CANDIDATES_SQL: &str = r#"
-    select id, expiration_time, allowed_idle_seconds, last_keepalive, now() as "as_of!"
-    from backend
-    where drone_id = $1
-      and last_status_number > $2
-      and last_status_number < $3
-      and (now() - last_keepalive > make_interval(secs => allowed_idle_seconds)
-           or now() > expiration_time)
-    order by id
-"#;
-const LIST_ALIVE_SQL: &str = r#"
-    select b.id, b.cluster, b.last_status_time, b.state, b.last_keepalive, b.drone_id,
-           b.expiration_time, b.allowed_idle_seconds, now() as "as_of!"
-    from backend b
-    where b.drone_id = (select n.id from node n where n.name = $1 and n.cluster = $2)
-      and b.last_status_number < $3
-    order by b.id
-"#;
+/// The two hot listings whose plans the bench shows.
+#[derive(Clone, Copy)]
+enum Listing {
+    TerminationCandidates,
+    AliveForDrone,
+}
 
-/// The plan's access path for `backend`, and whether it uses an index.
-async fn plan(env: &Env, sql: &str, drone: NodeId, drone_name: &str) -> R<(bool, String)> {
-    let query = format!("explain {sql}");
-    let lines: Vec<String> = if sql.contains("n.name") {
-        sqlx::query_scalar(&query)
-            .bind(drone_name)
-            .bind(env.cluster.as_str())
-            .bind(70_i32)
-            .fetch_all(&env.pool)
-            .await?
-    } else {
-        sqlx::query_scalar(&query)
-            .bind(drone.as_i32())
-            .bind(10_i32)
-            .bind(70_i32)
-            .fetch_all(&env.pool)
-            .await?
+impl Listing {
+    fn name(self) -> &'static str {
+        match self {
+            Listing::TerminationCandidates => "termination_candidates",
+            Listing::AliveForDrone => "list_alive_backends_for_drone",
+        }
+    }
+}
+
+/// The access path on `backend` in the plan of the library's own statement for `listing`
+/// (through the hidden `testing::bench` hooks, with the arguments the call binds), and
+/// whether every access to `backend` uses an index.
+async fn plan(env: &Env, listing: Listing, drone: NodeId) -> R<(bool, String)> {
+    let lines = match listing {
+        Listing::TerminationCandidates => {
+            bench_hooks::explain_termination_candidates(&env.pool, drone).await?
+        }
+        Listing::AliveForDrone => {
+            bench_hooks::explain_list_alive_backends_for_drone(&env.pool, drone).await?
+        }
     };
     let on_backend: Vec<&String> = lines.iter().filter(|l| l.contains(" on backend")).collect();
     let uses_index = !on_backend.is_empty()
@@ -263,14 +254,11 @@ pub async fn hot_queries(bench: &mut Bench) -> R<()> {
     bench.heading(&format!(
         "hot queries, median of {calls} calls round-robin over three databases; a drone with 100 live backends, the rest terminated"
     ));
-    for (name, samples, sql) in [
-        (
-            "termination_candidates",
-            &mut tc,
-            TERMINATION_CANDIDATES_SQL,
-        ),
-        ("list_alive_backends_for_drone", &mut la, LIST_ALIVE_SQL),
+    for (listing, samples) in [
+        (Listing::TerminationCandidates, &mut tc),
+        (Listing::AliveForDrone, &mut la),
     ] {
+        let name = listing.name();
         for s in samples.iter_mut() {
             s.sort();
         }
@@ -278,7 +266,7 @@ pub async fn hot_queries(bench: &mut Bench) -> R<()> {
         for (k, size) in sizes.iter().enumerate() {
             let t = pct(&samples[k], 0.5);
             let env = &envs[k];
-            let (index, access) = plan(env, sql, env.drones[0].0, env.drones[0].1.as_str()).await?;
+            let (index, access) = plan(env, listing, env.drones[0].0).await?;
             println!(
                 "   {name}, {} rows: {} [{access}]",
                 count(*size as u64),

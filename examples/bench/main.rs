@@ -2,22 +2,35 @@
 //!
 //! ```text
 //! cargo run --release --example bench            # the full run (about 3 minutes here)
-//! cargo run --release --example bench -- --quick # small sizes, under a minute, no verdicts
+//! cargo run --release --example bench -- --quick # small sizes, under a minute, no speed verdicts
 //! cargo run --release --example bench -- --only writers,connect
+//! cargo run --release --example bench -- --only crossproc  # delivery into another process
 //! ```
 //!
 //! Runs on the server `DATABASE_URL` names, or else on a throwaway Postgres started from the
 //! local binaries (tuned for speed: `fsync=off`, `synchronous_commit=off`). Each section uses a
 //! fresh database, dropped at the end. Data is bulk-loaded with `generate_series`.
 //!
+//! What is measured is the library itself: its public calls, or, where it has no public
+//! entry for what is measured (a plan, one bus read), a hidden hook in
+//! `plane_db::testing::bench` that runs the library's own statement. The bench keeps no copy
+//! of a library statement.
+//!
 //! Baselines are the same Postgres doing the least work for the same result: the seed's
-//! (Plane 0.5.5) statement pattern issued directly with sqlx, a raw primary-key select, a plain
-//! LISTEN connection, or the same query on a smaller table. The table printed at the end is
-//! Markdown, ready for `BENCHMARKS.md`.
+//! (Plane 0.5.5) statement pattern issued directly with sqlx (the `seed_*` functions in
+//! `writers.rs`), a raw primary-key select, a plain LISTEN connection, the bus's read
+//! statement as it was before its plan was fixed (frozen in `streams.rs`), or the same query
+//! on a smaller table. The table printed at the end is Markdown, ready for `BENCHMARKS.md`.
+//!
+//! Correctness checks (every event delivered once, compared by id) are judged in `--quick`
+//! mode too, and a failed one makes the run fail.
 
 mod common;
+mod crossproc;
+mod delivered;
 mod hot;
 mod memory;
+mod replicas;
 mod streams;
 mod writers;
 
@@ -27,7 +40,15 @@ use std::time::Instant;
 /// Sections in the order they run. `memory` runs first, in a process whose heap has not yet
 /// been grown and freed by other sections, so that RSS growth is not hidden by reused memory.
 const SECTIONS: &[&str] = &[
-    "memory", "writers", "connect", "route", "delivery", "hot", "cleanup",
+    "memory",
+    "writers",
+    "connect",
+    "route",
+    "delivery",
+    "crossproc",
+    "hot",
+    "cleanup",
+    "replicas",
 ];
 
 fn main() -> R<()> {
@@ -37,6 +58,10 @@ fn main() -> R<()> {
     if let Some(pos) = args.iter().position(|a| a == "--seed-subscriptions") {
         let n: usize = args.get(pos + 1).ok_or("--seed-subscriptions N")?.parse()?;
         return memory::seed_subscriptions_child(n);
+    }
+    // Hidden child mode: process B of the `crossproc` section, driven over stdin/stdout.
+    if args.iter().any(|a| a == crossproc::WORKER_ARG) {
+        return crossproc::worker();
     }
     let quick = args.iter().any(|a| a == "--quick");
     let only: Option<Vec<String>> = args
@@ -92,13 +117,18 @@ fn main() -> R<()> {
                 "connect" => writers::connect(&mut bench).await?,
                 "route" => hot::route(&mut bench).await?,
                 "delivery" => streams::delivery(&mut bench).await?,
+                "crossproc" => crossproc::crossproc(&mut bench).await?,
                 "hot" => hot::hot_queries(&mut bench).await?,
                 "cleanup" => hot::cleanup(&mut bench).await?,
+                "replicas" => replicas::replicas(&mut bench).await?,
                 _ => unreachable!("checked above"),
             }
             println!("   ({section}: {:.1} s)", t.elapsed().as_secs_f64());
         }
         bench.print_table(started.elapsed());
+        if !bench.failed().is_empty() {
+            return Err(format!("correctness checks failed: {}", bench.failed().join("; ")).into());
+        }
         Ok(())
     })
 }

@@ -1,11 +1,12 @@
 //! Writers: `update_state` and `connect` throughput against the seed's statement patterns.
 
 use crate::common::*;
+use crate::delivered::{highest_event_id, written_since, Received};
 use plane_db::connect::{ConnectRequest, SpawnConfig};
 use plane_db::events::BusConfig;
 use plane_db::types::{
-    BackendActionName, BackendName, BackendState, BackendStatus, BearerToken, DronePoolName,
-    KeyConfig, SecretToken,
+    BackendActionName, BackendName, BackendState, BackendStatus, BearerToken, ClusterName,
+    DronePoolName, KeyConfig, SecretToken,
 };
 use plane_db::{Config, PlaneDatabase, WriteBatchConfig};
 use sqlx::PgPool;
@@ -161,7 +162,7 @@ async fn seed_listener(env: &Env) -> R<()> {
 /// events after the clock stopped).
 async fn run_writers(
     env: &Env,
-    delivered: &Arc<AtomicU64>,
+    delivered: &Received,
     kind: Writer,
     writers: usize,
     backends_total: i64,
@@ -182,15 +183,16 @@ async fn run_writers(
         Some(db) => {
             let mut sub = db.subscribe_all_events().await?;
             let received = received.clone();
+            let delivered = delivered.clone();
             Some(tokio::spawn(async move {
                 while let Some(event) = sub.next().await {
                     match event {
-                        Ok(_) => received.fetch_add(1, Ordering::Relaxed),
-                        Err(lagged) => {
-                            eprintln!("   subscriber lagged: {lagged}");
-                            0
+                        Ok(event) => {
+                            delivered.record(event.id);
+                            received.fetch_add(1, Ordering::Relaxed);
                         }
-                    };
+                        Err(lagged) => eprintln!("   subscriber lagged: {lagged}"),
+                    }
                 }
             }))
         }
@@ -257,7 +259,6 @@ async fn run_writers(
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         subscriber.abort();
-        delivered.fetch_add(received.load(Ordering::Relaxed), Ordering::Relaxed);
     }
     drop(handle);
     Ok((total, elapsed))
@@ -312,11 +313,10 @@ fn unbatched_db(env: &Env, coalesce: bool) -> PlaneDatabase {
 
 pub async fn update_state(bench: &mut Bench) -> R<()> {
     let env = Env::new(1).await?;
-    // The code before each optimisation: NOTIFY in every commit and one transaction per
-    // call; coalesced wake-ups and one transaction per call.
     // Every event written through plane-db is delivered to its writer's own subscriber
-    // (see `run_writers`), which also checks that nothing was lost.
-    let delivered = Arc::new(AtomicU64::new(0));
+    // (see `run_writers`), which records each id, to check that every event arrived once.
+    let received = Received::default();
+    let floor = highest_event_id(&env.pool).await?;
     seed_listener(&env).await?;
     // Each variant runs `rounds` slices of `slice`, interleaved with the others.
     let (slice, rounds) = bench.pick(
@@ -340,7 +340,7 @@ pub async fn update_state(bench: &mut Bench) -> R<()> {
     for writers in [1_usize, 4, 16, 32] {
         let rates = interleaved(&kinds, rounds, |kind| {
             run += 1;
-            run_writers(&env, &delivered, kind, writers, backends_total, slice, run)
+            run_writers(&env, &received, kind, writers, backends_total, slice, run)
         })
         .await?;
         for (kind, rate, n) in &rates {
@@ -420,18 +420,30 @@ pub async fn update_state(bench: &mut Bench) -> R<()> {
             },
         );
     }
-    // Nothing lost: every state change written through plane-db reached the subscriber.
-    let got = delivered.load(Ordering::Relaxed);
-    println!("   events delivered to a subscriber: {got} of {expected_events}");
+    // Nothing lost, nothing twice: every event written through plane-db (one per state
+    // change reported) reached the subscriber exactly once, compared by id.
+    let written = written_since(&env.pool, floor).await?;
+    let delivery = received
+        .wait_for(
+            &written,
+            Duration::from_secs(15),
+            Duration::from_millis(500),
+        )
+        .await;
+    println!(
+        "   events delivered to a subscriber: {}; {} state changes reported",
+        delivery.describe(),
+        expected_events
+    );
     bench.row(
         "events delivered to one subscriber during these runs",
-        count(got),
+        count(delivery.received as u64),
         "events written",
-        count(expected_events),
-        ratio(got as f64, expected_events as f64),
-        Check::Target {
-            target: "all, none twice".into(),
-            ok: got == expected_events,
+        count(written.len() as u64),
+        ratio(delivery.received as f64, written.len() as f64),
+        Check::Always {
+            target: "every id once".into(),
+            ok: delivery.exact() && written.len() as u64 == expected_events,
         },
     );
     crate::streams::bus_read(bench, &env).await?;
@@ -458,30 +470,26 @@ impl Connector {
     }
 }
 
-/// The pick query as the library issues it (the seed's own pick differs; using the same one
-/// on both sides keeps the comparison about the rest of the sequence).
-const PICK_DRONE: &str = r#"
-    with sample as (
-        select d.id, n.name
-        from drone d
-        join node n on n.id = d.id
-        join controller c on c.id = n.controller
-        where n.cluster = $1 and d.pool = $2 and d.ready and not d.draining
-          and d.last_heartbeat > now() - make_interval(secs => 30)
-          and c.is_online and c.last_heartbeat > now() - make_interval(secs => 30)
-        order by random()
-        limit 2
-    )
-    select s.id from sample s
-    order by (select count(*) from backend b where b.drone_id = s.id and b.last_status_number < 70),
-             random()
-    limit 1
-"#;
+/// The drone pick both sequences start with: the library's own (`pick_for_spawn`). The seed's
+/// pick differed; using the same one on both sides keeps the comparison about the rest.
+async fn pick_drone(db: &PlaneDatabase, cluster: &ClusterName) -> R<i32> {
+    let picked = db
+        .drone()
+        .pick_for_spawn(cluster, &DronePoolName::default())
+        .await?
+        .ok_or("no drone")?;
+    Ok(picked.id.as_i32())
+}
 
 /// The seed's (Plane 0.5.5) statements for a connect that creates a backend: check the key;
 /// pick a drone; in one transaction insert the backend and key, the history row and its
 /// event (+ NOTIFY), the spawn action and its event (+ NOTIFY); then insert the token.
-async fn seed_connect(pool: &PgPool, cluster: &str, key: &str) -> R<()> {
+async fn seed_connect(
+    db: &PlaneDatabase,
+    pool: &PgPool,
+    cluster: &ClusterName,
+    key: &str,
+) -> R<()> {
     sqlx::query(
         r#"
         select k.id, k.tag, k.expires_at > now() as live, b.last_status, b.cluster,
@@ -494,12 +502,7 @@ async fn seed_connect(pool: &PgPool, cluster: &str, key: &str) -> R<()> {
     .bind(key)
     .fetch_optional(pool)
     .await?;
-    let drone: i32 = sqlx::query_scalar(PICK_DRONE)
-        .bind(cluster)
-        .bind(DronePoolName::default().as_str())
-        .fetch_optional(pool)
-        .await?
-        .ok_or("no drone")?;
+    let drone = pick_drone(db, cluster).await?;
     let backend = BackendName::new_random();
     let scheduled = serde_json::to_value(BackendState::Scheduled)?;
     let mut txn = pool.begin().await?;
@@ -520,7 +523,7 @@ async fn seed_connect(pool: &PgPool, cluster: &str, key: &str) -> R<()> {
         "#,
     )
     .bind(backend.as_str())
-    .bind(cluster)
+    .bind(cluster.as_str())
     .bind(drone)
     .bind(&scheduled)
     .bind(key)
@@ -619,21 +622,16 @@ async fn run_connect(
         };
         let pool = env.pool.clone();
         let spawn = spawn.clone();
-        let cluster = env.cluster.to_string();
+        let cluster = env.cluster.clone();
         tasks.push(tokio::spawn(async move {
             let mut done = 0_u64;
             while Instant::now() < deadline {
                 let key = format!("k{run}-{c}-{done}");
                 match kind {
                     Connector::PickOnly => {
-                        sqlx::query_scalar::<_, i32>(PICK_DRONE)
-                            .bind(&cluster)
-                            .bind(DronePoolName::default().as_str())
-                            .fetch_optional(&pool)
-                            .await?
-                            .ok_or("no drone")?;
+                        pick_drone(&db, &cluster).await?;
                     }
-                    Connector::Seed => seed_connect(&pool, &cluster, &key).await?,
+                    Connector::Seed => seed_connect(&db, &pool, &cluster, &key).await?,
                     Connector::TriggerNotify | Connector::Coalesced => {
                         let response = db
                             .connect(&ConnectRequest {

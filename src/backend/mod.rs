@@ -1,6 +1,6 @@
 //! Backends: what is stored about them and the reads that list them. The rest of the area
-//! is split by idea: [`lifecycle`] (state changes, keepalives, metrics), [`routes`] (what a
-//! proxy learns from a token), [`status_stream`] (history then live changes), [`lost`]
+//! is split by idea: `lifecycle` (state changes, keepalives, metrics), `routes` (what a
+//! proxy learns from a token), `status_stream` (history then live changes), `lost`
 //! (backends whose drone is gone). Their cleanup lives with the rest of cleanup
 //! ([`BackendDatabase::cleanup`] is a door into it).
 
@@ -16,9 +16,12 @@ pub use routes::RouteInfoResult;
 use crate::cleanup::{Cleanup, CleanupReport};
 use crate::context::Context;
 use crate::error::{check_non_negative, skip_undecodable, Error, Result};
+use crate::replicas::ReadKind;
 use crate::types::{BackendName, BackendState, BackendStatus, ClusterName, NodeId, Subdomain};
 use chrono::{DateTime, Utc};
-use sqlx::PgPool;
+use sqlx::postgres::{PgArguments, PgRow};
+use sqlx::query::Map;
+use sqlx::{PgPool, Postgres};
 
 /// Backend operations. Get one from [`PlaneDatabase::backend`](crate::PlaneDatabase::backend).
 pub struct BackendDatabase<'a> {
@@ -26,7 +29,7 @@ pub struct BackendDatabase<'a> {
 }
 
 /// A backend as stored.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct BackendRow {
     /// The backend's name.
     pub id: BackendName,
@@ -45,6 +48,9 @@ pub struct BackendRow {
     /// How long it may go without a keepalive, if limited.
     pub allowed_idle_seconds: Option<i32>,
     /// The database clock when the row was read, to compute ages against.
+    /// Not serialized: it belongs to the read, not to the backend (two reads of the same
+    /// state serialize the same).
+    #[serde(skip_serializing)]
     pub as_of: DateTime<Utc>,
 }
 
@@ -56,7 +62,7 @@ impl BackendRow {
 }
 
 /// The row as selected; converted into [`BackendRow`] in one place, keeping decode errors.
-struct RawBackendRow {
+pub(crate) struct RawBackendRow {
     id: String,
     cluster: String,
     last_status_time: DateTime<Utc>,
@@ -94,7 +100,7 @@ impl TryFrom<RawBackendRow> for BackendRow {
 
 /// A backend that has been idle or alive for too long; see
 /// [`BackendDatabase::termination_candidates`].
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct TerminationCandidate {
     /// The backend.
     pub backend_id: BackendName,
@@ -105,6 +111,9 @@ pub struct TerminationCandidate {
     /// How long it may be idle, if limited.
     pub allowed_idle_seconds: Option<i32>,
     /// The database clock at the read.
+    /// Not serialized: it belongs to the read, not to the backend (two reads of the same
+    /// state serialize the same).
+    #[serde(skip_serializing)]
     pub as_of: DateTime<Utc>,
 }
 
@@ -134,7 +143,7 @@ pub struct BackendFilter {
 }
 
 /// One row of a backend's state history; see [`BackendDatabase::state_history`].
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct BackendStateRecord {
     /// The history row's id (increasing with each change of this backend).
     pub id: i64,
@@ -179,60 +188,47 @@ impl BackendDatabase<'_> {
 
     /// The backends matching `filter`, in id order, including terminated ones not yet
     /// cleaned up. Rows that do not decode are skipped with a warning. A negative `limit` is
-    /// [`Error::InvalidArgument`].
+    /// [`Error::InvalidArgument`]. Served by a streaming replica when one is usable: then as
+    /// the database was up to the replica lag bound ago (see [`replicas`](crate::replicas)).
     #[tracing::instrument(skip_all, fields(cluster = ?filter.cluster, drone = ?filter.drone, status = ?filter.status))]
     pub async fn list(&self, filter: &BackendFilter) -> Result<Vec<BackendRow>> {
         if let Some(limit) = filter.limit {
             check_non_negative("limit", limit)?;
         }
-        let rows = sqlx::query_as!(
-            RawBackendRow,
-            r#"
-            select id, cluster, last_status_time, state, last_keepalive, drone_id,
-                   expiration_time, allowed_idle_seconds, now() as "as_of!"
-            from backend
-            where ($1::text is null or cluster = $1)
-              and ($2::integer is null or drone_id = $2)
-              and ($3::integer is null or last_status_number = $3)
-            order by id
-            limit $4
-            "#,
-            filter.cluster.as_ref().map(ClusterName::as_str),
-            filter.drone.map(NodeId::as_i32),
-            filter.status.map(BackendStatus::as_int),
-            filter.limit,
-        )
-        .fetch_all(self.ctx.pool())
-        .await?;
-        Ok(skip_undecodable(rows.into_iter().map(BackendRow::try_from)))
+        self.ctx
+            .reads()
+            .run(
+                ReadKind::BackendList,
+                |_| None,
+                |pool| async move { list_backends_on(&pool, filter).await },
+            )
+            .await
     }
 
     /// Every state the backend has been in, oldest first. Empty for an unknown backend (and
     /// for one whose history was cleaned up). Rows that do not decode are skipped with a
-    /// warning.
+    /// warning. Served by a streaming replica when one is usable: then as the database was
+    /// up to the replica lag bound ago (see [`replicas`](crate::replicas));
+    /// [`status_stream`](Self::status_stream) reads the history without that lag.
     #[tracing::instrument(skip(self), fields(backend = %backend))]
     pub async fn state_history(&self, backend: &BackendName) -> Result<Vec<BackendStateRecord>> {
-        read_state_records(self.ctx.pool(), backend).await
+        self.ctx
+            .reads()
+            .run(
+                ReadKind::StateHistory,
+                |_| None,
+                |pool| async move { read_state_records(&pool, backend).await },
+            )
+            .await
     }
 
     /// The backends of drone `drone` that have not terminated, in id order. Rows that do not
     /// decode are skipped with a warning.
     #[tracing::instrument(skip(self), fields(drone = %drone))]
     pub async fn list_alive_backends_for_drone(&self, drone: NodeId) -> Result<Vec<BackendRow>> {
-        let rows = sqlx::query_as!(
-            RawBackendRow,
-            r#"
-            select b.id, b.cluster, b.last_status_time, b.state, b.last_keepalive, b.drone_id,
-                   b.expiration_time, b.allowed_idle_seconds, now() as "as_of!"
-            from backend b
-            where b.drone_id = $1 and b.last_status_number < $2
-            order by b.id
-            "#,
-            drone.as_i32(),
-            BackendStatus::Terminated.as_int(),
-        )
-        .fetch_all(self.ctx.pool())
-        .await?;
+        let rows = alive_for_drone_query(drone)
+            .fetch_all(self.ctx.pool())
+            .await?;
         Ok(skip_undecodable(rows.into_iter().map(BackendRow::try_from)))
     }
 
@@ -244,23 +240,9 @@ impl BackendDatabase<'_> {
         &self,
         drone_id: NodeId,
     ) -> Result<Vec<TerminationCandidate>> {
-        let rows = sqlx::query!(
-            r#"
-            select id, expiration_time, allowed_idle_seconds, last_keepalive, now() as "as_of!"
-            from backend
-            where drone_id = $1
-              and last_status_number > $2
-              and last_status_number < $3
-              and (now() - last_keepalive > make_interval(secs => allowed_idle_seconds)
-                   or now() > expiration_time)
-            order by id
-            "#,
-            drone_id.as_i32(),
-            BackendStatus::Scheduled.as_int(),
-            BackendStatus::Terminated.as_int(),
-        )
-        .fetch_all(self.ctx.pool())
-        .await?;
+        let rows = termination_candidates_query(drone_id)
+            .fetch_all(self.ctx.pool())
+            .await?;
         Ok(skip_undecodable(rows.into_iter().map(|row| {
             Ok(TerminationCandidate {
                 backend_id: BackendName::try_from(row.id.clone())
@@ -282,6 +264,81 @@ impl BackendDatabase<'_> {
             .backends(min_age_days, batch_size, &mut |_| {})
             .await
     }
+}
+
+/// The backends matching `filter`, read on `pool`.
+async fn list_backends_on(pool: &PgPool, filter: &BackendFilter) -> Result<Vec<BackendRow>> {
+    let rows = sqlx::query_as!(
+        RawBackendRow,
+        r#"
+        select id, cluster, last_status_time, state, last_keepalive, drone_id,
+               expiration_time, allowed_idle_seconds, now() as "as_of!"
+        from backend
+        where ($1::text is null or cluster = $1)
+          and ($2::integer is null or drone_id = $2)
+          and ($3::integer is null or last_status_number = $3)
+        order by id
+        limit $4
+        "#,
+        filter.cluster.as_ref().map(ClusterName::as_str),
+        filter.drone.map(NodeId::as_i32),
+        filter.status.map(BackendStatus::as_int),
+        filter.limit,
+    )
+    .fetch_all(pool)
+    .await?;
+    Ok(skip_undecodable(rows.into_iter().map(BackendRow::try_from)))
+}
+
+/// The row [`BackendDatabase::termination_candidates`] selects.
+pub(crate) struct RawCandidate {
+    id: String,
+    expiration_time: Option<DateTime<Utc>>,
+    allowed_idle_seconds: Option<i32>,
+    last_keepalive: DateTime<Utc>,
+    as_of: DateTime<Utc>,
+}
+
+/// The statement behind [`BackendDatabase::termination_candidates`], built in one place so
+/// that the bench can show the plan of this very statement (`testing::bench`).
+pub(crate) fn termination_candidates_query(
+    drone_id: NodeId,
+) -> Map<'static, Postgres, impl FnMut(PgRow) -> sqlx::Result<RawCandidate> + Send, PgArguments> {
+    sqlx::query_as!(
+        RawCandidate,
+        r#"
+        select id, expiration_time, allowed_idle_seconds, last_keepalive, now() as "as_of!"
+        from backend
+        where drone_id = $1
+          and last_status_number > $2
+          and last_status_number < $3
+          and (now() - last_keepalive > make_interval(secs => allowed_idle_seconds)
+               or now() > expiration_time)
+        order by id
+        "#,
+        drone_id.as_i32(),
+        BackendStatus::Scheduled.as_int(),
+        BackendStatus::Terminated.as_int(),
+    )
+}
+
+/// The statement behind [`BackendDatabase::list_alive_backends_for_drone`], built in one
+/// place so that the bench can show the plan of this very statement (`testing::bench`).
+pub(crate) fn alive_for_drone_query(
+    drone: NodeId,
+) -> Map<'static, Postgres, impl FnMut(PgRow) -> sqlx::Result<RawBackendRow> + Send, PgArguments> {
+    sqlx::query_as!(
+        RawBackendRow,
+        r#"
+        select b.id, b.cluster, b.last_status_time, b.state, b.last_keepalive, b.drone_id,
+               b.expiration_time, b.allowed_idle_seconds, now() as "as_of!"
+        from backend b
+        where b.drone_id = $1 and b.last_status_number < $2
+        order by b.id
+        "#,
+        drone.as_i32(),
+        BackendStatus::Terminated.as_int(),
+    )
 }
 
 /// A backend's identifying columns, decoded in one place for every query that reads them.

@@ -3,9 +3,9 @@
 use super::{read_state_records, BackendDatabase};
 use crate::error::{Error, Result};
 use crate::events::Subscription;
+use crate::replicas::{ReadKind, Reads};
 use crate::types::{BackendName, BackendState, BackendStatus, BackendStatusStreamEntry};
 use futures_util::Stream;
-use sqlx::PgPool;
 use std::time::Duration;
 
 impl BackendDatabase<'_> {
@@ -16,6 +16,11 @@ impl BackendDatabase<'_> {
     /// yields only strictly increasing statuses, so nothing is repeated. If the subscription
     /// lags, the stream re-reads the history instead of ending. A history row that does not
     /// decode is skipped with a warning. Errors with `NotFound` for an unknown backend.
+    ///
+    /// With streaming replicas, the history may be read on one, but only on one that has
+    /// replayed everything the primary had committed when the subscription went live (else
+    /// on the primary), so the stream is as complete as without them; the live part is the
+    /// primary's. See [`replicas`](crate::replicas).
     #[tracing::instrument(skip(self), fields(backend = %backend))]
     pub async fn status_stream(
         &self,
@@ -23,8 +28,8 @@ impl BackendDatabase<'_> {
     ) -> Result<impl Stream<Item = BackendStatusStreamEntry> + Send + 'static> {
         let bus = self.ctx.bus().ensure_started().await?;
         let mut sub = Subscription::<BackendState>::new(bus, Some(backend.to_string()));
-        let pool = self.ctx.pool().clone();
-        let history = read_history(&pool, backend).await?;
+        let reads = self.ctx.reads().clone();
+        let history = read_history(&reads, backend).await?;
         if history.is_empty() && self.backend(backend).await?.is_none() {
             return Err(Error::NotFound {
                 what: "backend",
@@ -54,7 +59,7 @@ impl BackendDatabase<'_> {
                     }
                     Some(Err(lagged)) => {
                         tracing::info!(%backend, missed = lagged.missed, "status stream lagged; re-reading history");
-                        for entry in read_history_retrying(&pool, &backend).await {
+                        for entry in read_history_retrying(&reads, &backend).await {
                             if forward.admit(&entry) {
                                 yield entry;
                             }
@@ -87,12 +92,16 @@ impl Forward {
     }
 }
 
-/// The backend's state history as status stream entries.
+/// The backend's state history as status stream entries, complete up to this call: on a
+/// replica that has replayed up to the primary's position, else on the primary.
 async fn read_history(
-    pool: &PgPool,
+    reads: &Reads,
     backend: &BackendName,
 ) -> Result<Vec<BackendStatusStreamEntry>> {
-    Ok(read_state_records(pool, backend)
+    Ok(reads
+        .run_fenced(ReadKind::StatusStreamHistory, |pool| async move {
+            read_state_records(&pool, backend).await
+        })
         .await?
         .iter()
         .map(|record| BackendStatusStreamEntry::from_state(&record.state, record.created_at))
@@ -102,12 +111,12 @@ async fn read_history(
 /// [`read_history`] for a stream that must not end early: retries until the database
 /// answers.
 async fn read_history_retrying(
-    pool: &PgPool,
+    reads: &Reads,
     backend: &BackendName,
 ) -> Vec<BackendStatusStreamEntry> {
     let mut delay = Duration::from_millis(50);
     loop {
-        match read_history(pool, backend).await {
+        match read_history(reads, backend).await {
             Ok(history) => return history,
             Err(error) => {
                 tracing::warn!(%error, %backend, "re-reading status history failed; retrying");

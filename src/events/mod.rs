@@ -122,6 +122,9 @@ mod write;
 pub(crate) use bus::EventBus;
 pub use config::BusConfig;
 pub use event::{Event, EventKey, Notification, NotificationPayload};
+/// The read statement once, for the bench (`testing::bench`).
+#[cfg(feature = "testing")]
+pub(crate) use reader::read_once;
 pub(crate) use stored::{events_since, latest_event_id};
 pub use subscription::{EventSubscription, Lagged, Subscription};
 pub use write::emit;

@@ -10,7 +10,7 @@ use super::registry::{ReadSpan, Shared};
 use crate::error::Result;
 use crate::metrics as m;
 use chrono::{DateTime, Utc};
-use sqlx::PgPool;
+use sqlx::{PgExecutor, PgPool};
 use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 
@@ -125,53 +125,17 @@ async fn read_new_events(
                 cut_short: cut_short.clone(),
             });
         }
-        let rows = sqlx::query!(
-            r#"
-            select
-                s.snap::text as "snapshot!",
-                s.started as "started!",
-                s.taken_at as "taken_at!",
-                e.id as "id?",
-                e.xid::text::bigint as "xid?",
-                e.kind as "kind?",
-                e.key as "key?",
-                e.created_at as "created_at?",
-                e.data as "data?"
-            from (
-                select
-                    coalesce($2::text::pg_snapshot, pg_current_snapshot()) as snap,
-                    $1::text::pg_snapshot as prev,
-                    pg_postmaster_start_time() as started,
-                    statement_timestamp() as taken_at
-            ) s
-            left join lateral (
-                select id, xid, kind, key, created_at, data
-                from event
-                where ((xid >= least(pg_snapshot_xmax(s.prev), $5::text::xid8)
-                        and xid < pg_snapshot_xmax(s.snap))
-                       or xid = any(array(select pg_snapshot_xip(s.prev))))
-                  and pg_visible_in_snapshot(xid, s.snap)
-                  and id + 0 > $3
-                  and not exists (
-                      select 1 from unnest($6::text[], $7::bigint[]) as c(target, upto)
-                      where id <= c.upto
-                        and pg_visible_in_snapshot(xid, c.target::pg_snapshot)
-                        and ($5::text is null or xid < $5::text::xid8)
-                  )
-                order by id + 0
-                limit $4
-            ) e on true
-            order by e.id
-            "#,
-            prev.snapshot,
-            target.as_ref().map(|t| t.snapshot.as_str()),
-            after,
-            batch,
-            restart_floor.as_ref().map(|f| f.xid.as_str()),
-            &cut_short.targets,
-            &cut_short.afters,
+        let rows = read_page(
+            pool,
+            &Page {
+                prev: &prev.snapshot,
+                target: target.as_ref().map(|t| t.snapshot.as_str()),
+                after,
+                batch,
+                restart_floor: restart_floor.as_ref().map(|f| f.xid.as_str()),
+                cut_short: &cut_short,
+            },
         )
-        .fetch_all(pool)
         .await?;
 
         // The query always returns a row (a left join on a one-row select), carrying the
@@ -266,6 +230,112 @@ async fn read_new_events(
             return Ok(target);
         }
     }
+}
+
+/// Which page of events [`read_page`] reads: those committed after the snapshot `prev` and
+/// visible in `target` (the current snapshot when `None`), above id `after`, at most `batch`,
+/// from transactions at or above `restart_floor` too (after a server change), skipping the
+/// rows of the reads in `cut_short`.
+struct Page<'a> {
+    prev: &'a str,
+    target: Option<&'a str>,
+    after: i64,
+    batch: i64,
+    restart_floor: Option<&'a str>,
+    cut_short: &'a CutShort,
+}
+
+/// One row of a page: the read's snapshot, the server's start time and the time of the read,
+/// and one event (its columns all `None` when no event is new: the statement always returns
+/// a row).
+struct PageRow {
+    snapshot: String,
+    started: DateTime<Utc>,
+    taken_at: DateTime<Utc>,
+    id: Option<i64>,
+    xid: Option<i64>,
+    kind: Option<String>,
+    key: Option<String>,
+    created_at: Option<DateTime<Utc>>,
+    data: Option<serde_json::Value>,
+}
+
+/// The read statement (see [`read_new_events`] for why it is written this way), on a pool or
+/// on one connection (where it is prepared once, as on each of the pool's connections).
+async fn read_page(executor: impl PgExecutor<'_>, page: &Page<'_>) -> sqlx::Result<Vec<PageRow>> {
+    sqlx::query_as!(
+        PageRow,
+        r#"
+        select
+            s.snap::text as "snapshot!",
+            s.started as "started!",
+            s.taken_at as "taken_at!",
+            e.id as "id?",
+            e.xid::text::bigint as "xid?",
+            e.kind as "kind?",
+            e.key as "key?",
+            e.created_at as "created_at?",
+            e.data as "data?"
+        from (
+            select
+                coalesce($2::text::pg_snapshot, pg_current_snapshot()) as snap,
+                $1::text::pg_snapshot as prev,
+                pg_postmaster_start_time() as started,
+                statement_timestamp() as taken_at
+        ) s
+        left join lateral (
+            select id, xid, kind, key, created_at, data
+            from event
+            where ((xid >= least(pg_snapshot_xmax(s.prev), $5::text::xid8)
+                    and xid < pg_snapshot_xmax(s.snap))
+                   or xid = any(array(select pg_snapshot_xip(s.prev))))
+              and pg_visible_in_snapshot(xid, s.snap)
+              and id + 0 > $3
+              and not exists (
+                  select 1 from unnest($6::text[], $7::bigint[]) as c(target, upto)
+                  where id <= c.upto
+                    and pg_visible_in_snapshot(xid, c.target::pg_snapshot)
+                    and ($5::text is null or xid < $5::text::xid8)
+              )
+            order by id + 0
+            limit $4
+        ) e on true
+        order by e.id
+        "#,
+        page.prev,
+        page.target,
+        page.after,
+        page.batch,
+        page.restart_floor,
+        &page.cut_short.targets,
+        &page.cut_short.afters,
+    )
+    .fetch_all(executor)
+    .await
+}
+
+/// One read of the bus's statement on `conn`, as the bench measures it: the events committed
+/// after the snapshot `prev` (Postgres's text form), at most `batch`, with no restart floor;
+/// returns their ids.
+#[cfg(feature = "testing")]
+pub(crate) async fn read_once(
+    conn: &mut sqlx::PgConnection,
+    prev: &str,
+    batch: i64,
+) -> Result<Vec<i64>> {
+    let rows = read_page(
+        conn,
+        &Page {
+            prev,
+            target: None,
+            after: 0,
+            batch,
+            restart_floor: None,
+            cut_short: &CutShort::default(),
+        },
+    )
+    .await?;
+    Ok(rows.into_iter().filter_map(|row| row.id).collect())
 }
 
 /// The `xmax` of a snapshot in Postgres's text form (`xmin:xmax:xip,…`).

@@ -35,8 +35,11 @@
 // - `reaper`: the process that cleans up after a test process that died;
 // - `process`, `wire`, `host`, `url`: running programs, probing a server with std only, the
 //   machine (binaries, users, temporary directories), URLs;
-// - `error`: `HarnessError`.
+// - `error`: `HarnessError`;
+// - `bench` (hidden): the library's own statements, run where the bench measures them.
 
+#[doc(hidden)]
+pub mod bench;
 mod embedded;
 mod error;
 mod host;

@@ -322,7 +322,10 @@ impl FromStr for NodeKind {
 }
 
 /// The name of any node, tagged by its kind: what node listings return.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+///
+/// Serializes as `{"kind": "Drone", "name": "dr-…"}` (the kind as [`NodeKind`] writes it).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(tag = "kind", content = "name")]
 pub enum AnyNodeName {
     /// A drone's name.
     Drone(DroneName),

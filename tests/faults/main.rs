@@ -26,6 +26,7 @@ mod pooler;
 mod promotion;
 mod properties;
 mod reader_kill;
+mod replicas;
 mod restart;
 mod security;
 mod slow_subscriber;

@@ -727,6 +727,7 @@ async fn cleanup_reports_progress_and_a_summary() {
         let summary: Value = serde_json::from_slice(&output.stdout).unwrap();
         assert_eq!(summary["backends"], 3);
         assert_eq!(summary["backend_states"], 21);
+        assert_eq!(summary["backend_batches"], 2, "{summary}");
         assert!(summary["events"].as_u64().unwrap() >= 22, "{summary}");
         let progress = stderr(&output);
         assert!(
@@ -1093,6 +1094,13 @@ async fn status_names_the_open_transaction_and_counts_what_exists() {
         assert_eq!(
             ids(&status["controllers"], "name"),
             sorted(vec![a.controller.to_string(), b.controller.to_string()])
+        );
+        let controller = &status["controllers"][0];
+        assert_eq!(controller["plane_hash"], "abc", "{status:#}");
+        assert!(controller["first_seen"].is_string(), "{status:#}");
+        assert!(
+            controller["heartbeat_age_seconds"].as_f64().is_some(),
+            "{status:#}"
         );
         assert_eq!(
             status["drones"],

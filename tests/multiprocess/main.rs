@@ -18,10 +18,17 @@
 //!    the SQL invariants hold (no key without its backend, no backend without its history,
 //!    event and spawn action, no event without its change).
 //!
+//! 3. A switchover under them (`failover.rs`, a server of its own with a streaming
+//!    replica): the replica, caught up, is promoted and the address the processes connect
+//!    through moves to it; their writers go on, and every event before and after reaches
+//!    every process exactly once.
+//!
 //! Prints one `FIGURES` line per phase (`cargo test --test multiprocess -- --nocapture`);
 //! RELIABILITY.md records them.
 
 mod check;
+mod failover;
+mod forwarder;
 mod process;
 mod protocol;
 mod sql;
@@ -67,8 +74,19 @@ fn worker() {
     worker::run_if_worker();
 }
 
+/// The scenarios run one at a time: each starts four controller processes, and their
+/// figures are timings.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn controller_processes_follow_a_switchover() {
+    let _serial = SERIAL.lock().await;
+    failover::run().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn controller_processes_share_one_database() {
+    let _serial = SERIAL.lock().await;
     let database = plane_db::testing::create_database()
         .await
         .expect("create a test database");
@@ -120,6 +138,7 @@ async fn scenario(admin: &PlaneDatabase, url: &str) {
         race_keys: RACE_KEYS,
         race_attempts: RACE_ATTEMPTS,
         ack: false,
+        retry: false,
     };
     let phase_started = Instant::now();
     for w in &mut workers {
@@ -136,6 +155,7 @@ async fn scenario(admin: &PlaneDatabase, url: &str) {
                 errors,
                 write_ms: wm,
                 race_ms: rm,
+                ..
             } => {
                 connects += c;
                 updates += u;
@@ -218,6 +238,7 @@ async fn scenario(admin: &PlaneDatabase, url: &str) {
         race_keys: 0,
         race_attempts: 0,
         ack: true,
+        retry: false,
     }));
     for w in &mut workers {
         w.send(&Command::Run(Work {
@@ -227,6 +248,7 @@ async fn scenario(admin: &PlaneDatabase, url: &str) {
             race_keys: 0,
             race_attempts: 0,
             ack: false,
+            retry: false,
         }));
     }
     let mut begun: HashSet<(String, i32)> = HashSet::new();
@@ -235,7 +257,7 @@ async fn scenario(admin: &PlaneDatabase, url: &str) {
         Report::Writing { key, status } => {
             begun.insert((key, status));
         }
-        Report::Ack { key, status } => {
+        Report::Ack { key, status, .. } => {
             acked.insert((key, status));
         }
         other => failures.push(format!("the victim: unexpected {other:?}")),

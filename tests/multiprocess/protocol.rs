@@ -77,7 +77,16 @@ pub struct Work {
     pub race_attempts: usize,
     /// Report every acknowledged write ([`Report::Ack`]).
     pub ack: bool,
+    /// Retry a write that failed (the database unreachable during a switchover) until
+    /// [`RETRY_FOR`] has passed, instead of counting it as an error. A retried `connect`
+    /// may find the backend its failed attempt created, a retried update may be refused as
+    /// already made: both are accepted after a failed attempt.
+    #[serde(default)]
+    pub retry: bool,
 }
+
+/// How long a writer in [`Work::retry`] mode retries one write.
+pub const RETRY_FOR: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// A report to the parent.
 #[derive(Serialize, Deserialize, Debug, Clone)]
@@ -102,6 +111,9 @@ pub enum Report {
         key: String,
         /// The status number it reached.
         status: i32,
+        /// When the acknowledgement came (microseconds since the Unix epoch).
+        #[serde(default)]
+        at_us: i64,
     },
     /// A [`Command::Run`] finished.
     Done {
@@ -117,6 +129,9 @@ pub enum Report {
         write_ms: u64,
         /// How long the race took.
         race_ms: u64,
+        /// Failed attempts that were retried ([`Work::retry`]).
+        #[serde(default)]
+        retries: usize,
     },
     /// What the subscribers received since the previous report.
     Events {

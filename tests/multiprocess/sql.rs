@@ -210,3 +210,22 @@ pub async fn backend_keys(pool: &PgPool) -> HashMap<String, String> {
     .into_iter()
     .collect()
 }
+
+/// Creates `role`, a login role with what a controller needs on `database` and nothing
+/// more (the functions an older bus needed revoked), as the controllers of a real
+/// deployment connect. The replica copies it.
+pub async fn create_app_role(pool: &PgPool, database: &str, role: &str) {
+    let sql = format!(
+        "create role {role} login;
+         grant connect on database \"{database}\" to {role};
+         grant usage on schema public to {role};
+         grant select, insert, update, delete on all tables in schema public to {role};
+         grant usage, select on all sequences in schema public to {role};
+         revoke execute on function pg_control_checkpoint() from public;
+         revoke execute on function pg_walfile_name(pg_lsn) from public;"
+    );
+    sqlx::raw_sql(&sql)
+        .execute(pool)
+        .await
+        .expect("create the controllers' role");
+}

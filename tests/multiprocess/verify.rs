@@ -43,6 +43,16 @@ impl Totals {
         self.out_of_order += v.out_of_order.len();
     }
 
+    /// Expected ids never delivered, over every subscriber.
+    pub fn lost_count(&self) -> usize {
+        self.lost
+    }
+
+    /// Ids delivered more than once, over every subscriber.
+    pub fn duplicated_count(&self) -> usize {
+        self.duplicated
+    }
+
     pub fn fields(&self) -> Vec<(&'static str, String)> {
         vec![
             ("subscribers", self.subscribers.to_string()),
@@ -237,7 +247,9 @@ pub async fn writers_of(admin: &PlaneDatabase) -> HashMap<String, usize> {
         .filter_map(|(backend, key)| {
             let mut parts = key.split('-');
             match (parts.next(), parts.next()) {
-                (Some("w" | "s" | "k"), Some(index)) => Some((backend, index.parse().ok()?)),
+                (Some("w" | "s" | "k" | "b" | "a"), Some(index)) => {
+                    Some((backend, index.parse().ok()?))
+                }
                 _ => None,
             }
         })

@@ -4,7 +4,7 @@
 //! parent's commands from stdin, reporting on stdout (see `protocol`).
 
 use crate::protocol::{
-    Command, Delivered, RaceAnswer, Report, Work, WorkerSpec, MARKER, WORKER_ENV,
+    Command, Delivered, RaceAnswer, Report, Work, WorkerSpec, MARKER, RETRY_FOR, WORKER_ENV,
 };
 use plane_db::connect::{ConnectRequest, SpawnConfig};
 use plane_db::events::NotificationPayload;
@@ -26,6 +26,8 @@ const QUIET: Duration = Duration::from_millis(500);
 const HEARTBEAT: Duration = Duration::from_secs(2);
 /// A writer that keeps failing stops after this many errors.
 const MAX_ERRORS: usize = 20;
+/// The pause before a failed write is retried ([`Work::retry`]).
+const RETRY_PAUSE: Duration = Duration::from_millis(20);
 
 /// The namespace of every key the workers use.
 pub const NAMESPACE: &str = "mp";
@@ -290,16 +292,18 @@ async fn run(db: &PlaneDatabase, index: usize, work: Work) -> Report {
                 format!("{}-{index}-{w}", work.prefix),
                 work.backends_per_writer,
                 work.ack,
+                work.retry,
             ))
         })
         .collect();
-    let (mut connects, mut updates, mut errors) = (0, 0, Vec::new());
+    let (mut connects, mut updates, mut errors, mut retries) = (0, 0, Vec::new(), 0);
     for w in writers {
         match w.await {
-            Ok((c, u, e)) => {
+            Ok((c, u, e, r)) => {
                 connects += c;
                 updates += u;
                 errors.extend(e);
+                retries += r;
             }
             Err(e) => errors.push(format!("writer task: {e}")),
         }
@@ -322,18 +326,21 @@ async fn run(db: &PlaneDatabase, index: usize, work: Work) -> Report {
         errors,
         write_ms,
         race_ms,
+        retries,
     }
 }
 
 /// One writer: creates backends under its own keys and takes each through its whole life,
-/// one write at a time. Returns the backends created, the updates accepted and the errors.
+/// one write at a time. Returns the backends created, the updates accepted, the errors and
+/// the failed attempts retried ([`Work::retry`]).
 async fn writer(
     db: PlaneDatabase,
     prefix: String,
     backends: Option<usize>,
     ack: bool,
-) -> (usize, usize, Vec<String>) {
-    let (mut connects, mut updates, mut errors) = (0, 0, Vec::new());
+    retry: bool,
+) -> (usize, usize, Vec<String>, usize) {
+    let (mut connects, mut updates, mut errors, mut retries) = (0, 0, Vec::new(), 0);
     let mut n = 0;
     while backends.is_none_or(|b| n < b) && errors.len() < MAX_ERRORS {
         let key = format!("{prefix}-{n}");
@@ -341,14 +348,27 @@ async fn writer(
         if ack {
             writing(&key, BackendStatus::Scheduled);
         }
-        let response = match db.connect(&request(&key, prefix.clone())).await {
-            Ok(response) => response,
-            Err(e) => {
-                errors.push(format!("connect {key}: {e}"));
-                continue;
+        let started = Instant::now();
+        let mut failed = false;
+        let response = loop {
+            match db.connect(&request(&key, prefix.clone())).await {
+                Ok(response) => break Some(response),
+                Err(_) if retry && started.elapsed() < RETRY_FOR => {
+                    failed = true;
+                    retries += 1;
+                    tokio::time::sleep(RETRY_PAUSE).await;
+                }
+                Err(e) => {
+                    errors.push(format!("connect {key}: {e}"));
+                    break None;
+                }
             }
         };
-        if !response.spawned {
+        let Some(response) = response else {
+            continue;
+        };
+        // A retried connect may find the backend its failed attempt created.
+        if !response.spawned && !failed {
             errors.push(format!("connect {key}: a fresh key was not spawned"));
         }
         connects += 1;
@@ -360,19 +380,36 @@ async fn writer(
             if ack {
                 writing(&key, state.status());
             }
-            match db.backend().update_state(&backend, &state).await {
-                Ok(true) => {
-                    updates += 1;
-                    if ack {
-                        acked(&key, state.status());
+            let started = Instant::now();
+            let mut failed = false;
+            loop {
+                match db.backend().update_state(&backend, &state).await {
+                    // After a failed attempt, a refusal means that attempt had committed.
+                    Ok(accepted) if accepted || failed => {
+                        updates += 1;
+                        if ack {
+                            acked(&key, state.status());
+                        }
+                        break;
+                    }
+                    Ok(_) => {
+                        errors.push(format!("{backend}: {} refused", state.status()));
+                        break;
+                    }
+                    Err(_) if retry && started.elapsed() < RETRY_FOR => {
+                        failed = true;
+                        retries += 1;
+                        tokio::time::sleep(RETRY_PAUSE).await;
+                    }
+                    Err(e) => {
+                        errors.push(format!("{backend}: {}: {e}", state.status()));
+                        break;
                     }
                 }
-                Ok(false) => errors.push(format!("{backend}: {} refused", state.status())),
-                Err(e) => errors.push(format!("{backend}: {}: {e}", state.status())),
             }
         }
     }
-    (connects, updates, errors)
+    (connects, updates, errors, retries)
 }
 
 fn writing(key: &str, status: BackendStatus) {
@@ -386,6 +423,7 @@ fn acked(key: &str, status: BackendStatus) {
     report(&Report::Ack {
         key: key.to_string(),
         status: status.as_int(),
+        at_us: now_us(),
     });
 }
 
