@@ -114,13 +114,14 @@ impl Default for KeyLeaseConfig {
 /// ([`Config::write_batching`]).
 ///
 /// With it, concurrent [`update_state`](crate::backend::BackendDatabase::update_state) calls
-/// are combined: up to [`max_alone`](Self::max_alone) calls at once write their change at
-/// once, alone; calls beyond that queue, and one statement writes every queued change;
+/// are combined: up to [`max_alone`](Self::max_alone) calls at once write their change
+/// alone, at once; calls beyond that queue, and one statement writes every queued change;
 /// calls arriving during that one form the next batch. No call waits for company (a batch
 /// closes as soon as no other call is waiting), so batching adds no delay at low load and
-/// saves a transaction per change under load. Each call still gets its own answer, and every promise of the single-call path
-/// holds (changes of one backend are applied in call order, a failing change fails only its
-/// own call). RELIABILITY.md, "Group commit", says how failures are handled.
+/// saves a transaction per change under load. Each call still gets its own answer, and
+/// every promise of the single-call path holds (changes of one backend are applied in call
+/// order, a failing change fails only its own call); RELIABILITY.md ("What we promise",
+/// group commit) says how failures are handled.
 #[derive(Debug, Clone)]
 pub struct WriteBatchConfig {
     /// Whether concurrent calls are combined. Defaults to true; when false, each call runs

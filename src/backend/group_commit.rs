@@ -3,7 +3,7 @@
 //!
 //! # How a batch forms
 //! A call that finds no change waiting and fewer than [`WriteBatchConfig::max_alone`] calls
-//! writing alone writes its own change at once, alone, in its own task: at low concurrency
+//! writing alone writes its own change at once, alone, in the caller's task: at low concurrency
 //! calls wait for no company and pay for no hand-over. Beyond that, calls queue their
 //! change, and the first to queue starts the batch writer, a task of its own (so that a
 //! caller whose future is dropped cannot break a batch that others wait on). It takes a
