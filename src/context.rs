@@ -4,9 +4,9 @@
 //! The areas (`backend`, `drone`, `connect`, `cleanup`…) borrow a [`Context`]; none of them
 //! sees the [`PlaneDatabase`](crate::PlaneDatabase) facade, which owns one and hands it out.
 
-use crate::backend::StateWriter;
 use crate::config::Config;
 use crate::events::EventBus;
+use crate::group_commit::StateWriter;
 use crate::replicas::{ProbeTask, Reads};
 use sqlx::PgPool;
 

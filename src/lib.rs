@@ -44,6 +44,7 @@ mod database;
 pub mod drone;
 pub mod error;
 pub mod events;
+mod group_commit;
 pub mod keys;
 pub mod metrics;
 mod migrate;

@@ -4,13 +4,11 @@
 //! (backends whose drone is gone). Their cleanup lives with the rest of cleanup
 //! ([`BackendDatabase::cleanup`] is a door into it).
 
-mod group_commit;
 mod lifecycle;
 mod lost;
 mod routes;
 mod status_stream;
 
-pub(crate) use group_commit::StateWriter;
 pub use routes::RouteInfoResult;
 
 use crate::cleanup::{Cleanup, CleanupReport};
