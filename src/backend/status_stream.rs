@@ -59,7 +59,9 @@ impl BackendDatabase<'_> {
                     }
                     Some(Err(lagged)) => {
                         tracing::info!(%backend, missed = lagged.missed, "status stream lagged; re-reading history");
-                        for entry in read_history_retrying(&reads, &backend).await {
+                        // Boxed: the re-read is rare, and its future inline would make
+                        // every open stream's state that much larger.
+                        for entry in Box::pin(read_history_retrying(&reads, &backend)).await {
                             if forward.admit(&entry) {
                                 yield entry;
                             }

@@ -125,7 +125,10 @@ impl Registration {
                     return Some(Ok(event));
                 }
                 if !catch_up.done {
-                    if let Err(error) = catch_up.fetch(&self.shared, &self.filter).await {
+                    // Boxed: catching up is rare, and its future inline would make every
+                    // waiting subscription's (and status stream's) state that much larger.
+                    let fetch = Box::pin(catch_up.fetch(&self.shared, &self.filter));
+                    if let Err(error) = fetch.await {
                         // The events are in the table; try again until the database answers
                         // (new events queue up meanwhile, or pause the queue again).
                         tracing::warn!(%error, "subscription: catching up failed; retrying");
