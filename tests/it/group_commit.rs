@@ -536,7 +536,13 @@ async fn batched_calls_are_counted_one_by_one() {
             .into_iter()
             .map(Result::unwrap)
             .collect();
-        assert_eq!(answers, vec![true, true, true, true, true, true, false]);
+        // The first and the last call change the same backend at the same time: exactly one
+        // of them wins (a lone write and a batch may commit in either order).
+        assert!(answers[1..6].iter().all(|a| *a), "{answers:?}");
+        assert!(
+            answers[0] ^ answers[6],
+            "one of the two changes of one backend: {answers:?}"
+        );
         let page = handle.render();
         let value: f64 = page
             .lines()
