@@ -27,7 +27,7 @@
 //!   reported as applied is lost.
 
 use crate::config::WriteBatchConfig;
-use crate::error::{to_json, Error, Result};
+use crate::error::{Error, Result};
 use crate::events::EventBatch;
 use crate::metrics::{self, Operation};
 use crate::types::{BackendName, BackendState, BackendStatus};
@@ -43,8 +43,9 @@ pub(crate) struct StateChange {
     status: String,
     status_number: i32,
     address: Option<String>,
-    state: serde_json::Value,
     terminated: bool,
+    /// Exactly one event, the `backend_state` one, whose payload is also the row's `state`
+    /// (serialised once).
     events: EventBatch,
 }
 
@@ -57,10 +58,14 @@ impl StateChange {
             status: status.to_string(),
             status_number: status.as_int(),
             address: state.address().map(|a| a.to_string()),
-            state: to_json("backend state", state)?,
             terminated: status == BackendStatus::Terminated,
             events: EventBatch::one(backend, state)?,
         })
+    }
+
+    /// The new state as JSON: the payload of its one event.
+    fn state(&self) -> Option<&serde_json::Value> {
+        self.events.payloads().first()
     }
 }
 
@@ -428,14 +433,12 @@ async fn write_statement(
     let mut statuses = Vec::with_capacity(changes.len());
     let mut numbers = Vec::with_capacity(changes.len());
     let mut addresses = Vec::with_capacity(changes.len());
-    let mut states = Vec::with_capacity(changes.len());
     let mut terminated = Vec::with_capacity(changes.len());
     for change in changes {
         ids.push(change.backend.as_str());
         statuses.push(change.status.as_str());
         numbers.push(change.status_number);
         addresses.push(change.address.as_deref());
-        states.push(change.state.clone());
         terminated.push(change.terminated);
         events.extend(&change.events);
     }
@@ -479,7 +482,8 @@ async fn write_statement(
         &statuses as &[&str],
         &numbers,
         &addresses as &[Option<&str>],
-        &states,
+        // One event per change, in the changes' order: its payload is the new state.
+        events.payloads(),
         &terminated,
         events.kinds() as &[&str],
         events.keys(),
@@ -537,7 +541,7 @@ async fn write_single(
         change.status,
         change.status_number,
         change.address,
-        change.state,
+        change.state(),
         change.terminated,
         change.events.kinds() as &[&str],
         change.events.keys(),

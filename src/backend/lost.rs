@@ -2,7 +2,7 @@
 //! state update would record it.
 
 use super::BackendDatabase;
-use crate::error::{skip_undecodable, to_json, Error, Result};
+use crate::error::{skip_undecodable, Error, Result};
 use crate::events::{EventBatch, EventWriter};
 use crate::types::{BackendName, BackendState, BackendStatus, NodeId, TerminationReason};
 
@@ -68,11 +68,9 @@ impl BackendDatabase<'_> {
     async fn terminate_lost(&self, alive: Vec<AliveRow>) -> Result<Vec<BackendName>> {
         let mut ids = Vec::with_capacity(alive.len());
         let mut expected = Vec::with_capacity(alive.len());
-        let mut states = Vec::with_capacity(alive.len());
         let mut events = EventBatch::default();
         for row in alive {
             let lost = lost_state(&row);
-            states.push(to_json("backend state", &lost)?);
             // A row whose id is not a valid name cannot be keyed; it is still marked lost,
             // with its event written under its stored id.
             match BackendName::try_from(row.id.clone()) {
@@ -115,7 +113,8 @@ impl BackendDatabase<'_> {
             "#,
             &ids,
             &expected,
-            &states,
+            // One event per row, in the rows' order: its payload is the row's new state.
+            events.payloads(),
             BackendStatus::Terminated.to_string(),
             BackendStatus::Terminated.as_int(),
             events.kinds() as &[&str],

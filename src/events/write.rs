@@ -45,10 +45,7 @@ impl EventBatch {
 
     /// Adds an event of kind `T::kind()`, its payload serialised with serde.
     pub(crate) fn push<T: NotificationPayload>(&mut self, key: &T::Key, payload: &T) -> Result<()> {
-        self.payloads.push(to_json(T::kind(), payload)?);
-        self.kinds.push(T::kind());
-        self.keys.push(key.to_event_key());
-        Ok(())
+        self.push_raw(key.to_event_key(), payload)
     }
 
     /// Adds an event keyed by a key as read from the database, for a row whose stored key
