@@ -58,6 +58,19 @@ pub struct SchedulerConfig {
     pub controller_heartbeat_timeout: Duration,
 }
 
+impl SchedulerConfig {
+    /// [`sample_size`](Self::sample_size), if it is at least 1.
+    pub(crate) fn checked_sample_size(&self) -> crate::Result<i64> {
+        if self.sample_size < 1 {
+            return Err(crate::Error::InvalidArgument {
+                argument: "scheduler.sample_size",
+                reason: format!("must be at least 1, got {}", self.sample_size),
+            });
+        }
+        Ok(self.sample_size)
+    }
+}
+
 impl Default for SchedulerConfig {
     fn default() -> Self {
         Self {

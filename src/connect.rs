@@ -2,13 +2,12 @@
 
 use crate::backend::BackendIdentity;
 use crate::context::Context;
-use crate::drone::DroneDatabase;
 use crate::error::{ConnectError, Error, Result};
 use crate::events::EventWriter;
-use crate::group_commit::spawn::NewBackend;
+use crate::group_commit::spawn::{NewBackend, SpawnOutcome};
 use crate::types::{
     BackendName, BackendStatus, BearerToken, ClusterName, DroneName, DronePoolName, KeyConfig,
-    NodeId, SecretToken, Subdomain,
+    SecretToken, Subdomain,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -99,6 +98,8 @@ enum Spawn {
     Spawned(ConnectResponse),
     /// A live backend holds the key: nothing was created.
     KeyHeld,
+    /// No drone qualifies: nothing was created.
+    NoDrone,
     /// The requested backend name is taken: nothing was created.
     IdTaken(BackendName),
 }
@@ -175,21 +176,11 @@ impl<'a> Connector<'a> {
             let mut no_drone = false;
             let mut id_taken = None;
             if let (Some(spawn), Some(cluster)) = (&request.spawn_config, cluster) {
-                match DroneDatabase::new(self.ctx)
-                    .pick_for_spawn(cluster, &spawn.pool)
-                    .await?
-                {
-                    Some(drone) => {
-                        match self
-                            .try_spawn(&key, spawn, cluster, request, drone.id, drone.name)
-                            .await?
-                        {
-                            Spawn::Spawned(response) => return Ok(response),
-                            Spawn::KeyHeld => {}
-                            Spawn::IdTaken(backend) => id_taken = Some(backend),
-                        }
-                    }
-                    None => no_drone = true,
+                match self.try_spawn(&key, spawn, cluster, request).await? {
+                    Spawn::Spawned(response) => return Ok(response),
+                    Spawn::KeyHeld => {}
+                    Spawn::NoDrone => no_drone = true,
+                    Spawn::IdTaken(backend) => id_taken = Some(backend),
                 }
             }
 
@@ -251,17 +242,18 @@ impl<'a> Connector<'a> {
         })
     }
 
-    /// Creates the backend on `drone` if the key is free or expired (batched with
-    /// concurrent calls, see [`WriteBatchConfig`](crate::WriteBatchConfig)).
+    /// Creates the backend if the key is free or expired, on a drone picked as
+    /// [`DroneDatabase::pick_for_spawn`](crate::drone::DroneDatabase::pick_for_spawn) picks,
+    /// in the same statement (batched with concurrent calls, see
+    /// [`WriteBatchConfig`](crate::WriteBatchConfig)).
     async fn try_spawn(
         &self,
         key: &KeyConfig,
         spawn: &SpawnConfig,
         cluster: &ClusterName,
         request: &ConnectRequest,
-        drone_id: NodeId,
-        drone_name: DroneName,
     ) -> Result<Spawn> {
+        self.ctx.config().scheduler.checked_sample_size()?;
         let backend_id = spawn.id.clone().unwrap_or_else(BackendName::new_random);
         let (token, secret_token, token_digest) = if spawn.use_static_token {
             (BearerToken::new_random_static(), None, None)
@@ -274,7 +266,7 @@ impl<'a> Connector<'a> {
             backend_id.clone(),
             key.clone(),
             cluster.clone(),
-            drone_id,
+            spawn.pool.clone(),
             spawn.executable.clone(),
             token_digest,
             request.user.clone(),
@@ -288,9 +280,14 @@ impl<'a> Connector<'a> {
             item.secret_token = secret.as_str().to_string();
         }
 
-        let fencing_token = match self.ctx.spawner().write(item).await {
-            Ok(Some(fencing_token)) => fencing_token,
-            Ok(None) => return Ok(Spawn::KeyHeld),
+        let (fencing_token, drone_id, drone_name) = match self.ctx.spawner().write(item).await {
+            Ok(SpawnOutcome::Created {
+                fencing_token,
+                drone_id,
+                drone_name,
+            }) => (fencing_token, drone_id, drone_name),
+            Ok(SpawnOutcome::KeyHeld) => return Ok(Spawn::KeyHeld),
+            Ok(SpawnOutcome::NoDrone) => return Ok(Spawn::NoDrone),
             // A caller-chosen name that a backend already has: as that backend's row or as
             // the holder of another key.
             Err(sqlx::Error::Database(e))
@@ -302,7 +299,12 @@ impl<'a> Connector<'a> {
             }
             Err(e) => return Err(e.into()),
         };
+        // Committed: the bus is woken even if the drone's name below does not decode (a row
+        // written behind the crate's back; the caller gets the decode error, and a retry
+        // finds the backend by its key).
         EventWriter::new(self.ctx.bus()).committed();
+        let drone_name = DroneName::try_from(drone_name)
+            .map_err(|e| Error::decode("node", "name", drone_id, e))?;
         tracing::info!(backend = %backend_id, drone = %drone_name, "scheduled a new backend");
         Ok(Spawn::Spawned(ConnectResponse {
             backend_id,

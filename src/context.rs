@@ -41,6 +41,7 @@ impl Context {
                 wake,
                 lease: config.key_lease.clone(),
                 token_lifetime: config.token_lifetime,
+                scheduler: config.scheduler.clone(),
             },
             &config.write_batching,
         );

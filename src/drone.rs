@@ -219,42 +219,19 @@ impl<'a> DroneDatabase<'a> {
         pool: &DronePoolName,
     ) -> Result<Option<PickedDrone>> {
         let config = &self.ctx.config().scheduler;
-        if config.sample_size < 1 {
-            return Err(Error::InvalidArgument {
-                argument: "scheduler.sample_size",
-                reason: format!("must be at least 1, got {}", config.sample_size),
-            });
-        }
+        let sample_size = config.checked_sample_size()?;
+        // The pick is defined once, in the database: `connect`'s spawn statement makes the
+        // same call for each new backend.
         let row = sqlx::query!(
             r#"
-            with sample as (
-                select d.id, n.name
-                from drone d
-                join node n on n.id = d.id
-                join controller c on c.id = n.controller
-                where n.cluster = $1
-                  and d.pool = $2
-                  and d.ready
-                  and not d.draining
-                  and d.last_heartbeat > now() - make_interval(secs => $3)
-                  and c.is_online
-                  and c.last_heartbeat > now() - make_interval(secs => $4)
-                order by random()
-                limit $5
-            )
-            select s.id, s.name
-            from sample s
-            order by (
-                select count(*) from backend b
-                where b.drone_id = s.id and b.last_status_number < $6
-            ), random()
-            limit 1
+            select id as "id!", name as "name!"
+            from plane_pick_drone($1, $2, $3, $4, $5, $6)
             "#,
             cluster.as_str(),
             pool.as_str(),
             config.drone_heartbeat_timeout.as_secs_f64(),
             config.controller_heartbeat_timeout.as_secs_f64(),
-            config.sample_size,
+            sample_size,
             BackendStatus::Terminated.as_int(),
         )
         .fetch_optional(self.ctx.pool())

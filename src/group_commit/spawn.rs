@@ -1,18 +1,19 @@
 //! `connect`'s statements for group commit: a new backend for a key, alone or many at once.
 //!
-//! Each new backend is the key's acquisition (only if the key is free or its lease expired,
-//! with the next fencing token), the backend row, its first history row, its `scheduled`
-//! event, the spawn action for its drone with that action's event, and the caller's token.
-//! All of it comes from one statement, or none of it.
+//! Each new backend is the pick of its drone (`plane_pick_drone`, the same function
+//! `DroneDatabase::pick_for_spawn` calls), the key's acquisition (only if the key is free or
+//! its lease expired, with the next fencing token), the backend row, its first history row,
+//! its `scheduled` event, the spawn action for its drone with that action's event, and the
+//! caller's token. All of it comes from one statement, or none of it.
 
 use super::Statements;
-use crate::config::KeyLeaseConfig;
+use crate::config::{KeyLeaseConfig, SchedulerConfig};
 use crate::error::{interval_secs, Result};
 use crate::events::{EventBatch, NotificationPayload};
 use crate::metrics::Operation;
 use crate::types::{
     BackendActionMessage, BackendActionName, BackendName, BackendState, BackendStatus, ClusterName,
-    KeyConfig, NodeId,
+    DronePoolName, KeyConfig,
 };
 use serde_json::Value;
 use sqlx::PgConnection;
@@ -23,7 +24,8 @@ pub(crate) struct NewBackend {
     pub(crate) backend_id: BackendName,
     pub(crate) key: KeyConfig,
     pub(crate) cluster: ClusterName,
-    pub(crate) drone_id: NodeId,
+    /// The drone pool to pick a drone from.
+    pub(crate) pool: DronePoolName,
     pub(crate) lifetime_limit_seconds: Option<f64>,
     pub(crate) max_idle_seconds: Option<i32>,
     pub(crate) static_token: Option<String>,
@@ -44,13 +46,13 @@ pub(crate) struct NewBackend {
 }
 
 impl NewBackend {
-    /// Everything but the key, cluster and backend fields, which the caller sets.
+    /// A backend without limits, static token or subdomain (the caller sets those fields).
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         backend_id: BackendName,
         key: KeyConfig,
         cluster: ClusterName,
-        drone_id: NodeId,
+        pool: DronePoolName,
         executable: Value,
         token_digest: Option<Vec<u8>>,
         user: Option<String>,
@@ -62,7 +64,7 @@ impl NewBackend {
             backend_id,
             key,
             cluster,
-            drone_id,
+            pool,
             lifetime_limit_seconds: None,
             max_idle_seconds: None,
             static_token: None,
@@ -84,18 +86,50 @@ impl NewBackend {
     }
 }
 
-/// The statements of `connect`'s spawn. The output is the key's new fencing token, or none
-/// if a live backend holds the key (nothing was written).
+/// What the spawn statement did with one new backend.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum SpawnOutcome {
+    /// Created on the drone it picked, with the key's new fencing token.
+    Created {
+        fencing_token: i64,
+        drone_id: i32,
+        drone_name: String,
+    },
+    /// A live backend holds the key: nothing was written.
+    KeyHeld,
+    /// No drone qualifies: nothing was written.
+    NoDrone,
+}
+
+impl SpawnOutcome {
+    /// The outcome from the statement's nullable columns: no drone, or a drone and no
+    /// fencing token (the key is held), or both.
+    fn from_row(drone: Option<(i32, String)>, fencing_token: Option<i64>) -> Self {
+        match (drone, fencing_token) {
+            (None, _) => SpawnOutcome::NoDrone,
+            (Some(_), None) => SpawnOutcome::KeyHeld,
+            (Some((drone_id, drone_name)), Some(fencing_token)) => SpawnOutcome::Created {
+                fencing_token,
+                drone_id,
+                drone_name,
+            },
+        }
+    }
+}
+
+/// The statements of `connect`'s spawn.
 pub(crate) struct Spawns {
     /// The `wake` argument of `plane_write_events` (see `EventWriter::wake`).
     pub(crate) wake: &'static str,
     pub(crate) lease: KeyLeaseConfig,
     pub(crate) token_lifetime: Duration,
+    /// How drones are picked; its sample size is checked by the caller.
+    pub(crate) scheduler: SchedulerConfig,
 }
 
 impl Statements for Spawns {
     type Item = NewBackend;
-    type Output = Option<i64>;
+    type Output = SpawnOutcome;
     const OPERATION: Operation = Operation::Connect;
 
     fn lock_key(item: &NewBackend) -> &str {
@@ -106,7 +140,7 @@ impl Statements for Spawns {
         &self,
         conn: &mut PgConnection,
         item: &NewBackend,
-    ) -> std::result::Result<Option<i64>, sqlx::Error> {
+    ) -> std::result::Result<SpawnOutcome, sqlx::Error> {
         self.spawn_one(conn, item).await
     }
 
@@ -114,7 +148,7 @@ impl Statements for Spawns {
         &self,
         conn: &mut PgConnection,
         items: &[&NewBackend],
-    ) -> std::result::Result<Vec<Option<i64>>, sqlx::Error> {
+    ) -> std::result::Result<Vec<SpawnOutcome>, sqlx::Error> {
         self.spawn_many(conn, items).await
     }
 }
@@ -125,16 +159,21 @@ impl Spawns {
         &self,
         conn: &mut PgConnection,
         item: &NewBackend,
-    ) -> std::result::Result<Option<i64>, sqlx::Error> {
+    ) -> std::result::Result<SpawnOutcome, sqlx::Error> {
         let lease = &self.lease;
-        // The spawn action is assembled in SQL because the fencing token and the deadlines
-        // are only known inside the statement; its shape is BackendActionMessage's.
-        sqlx::query_scalar!(
+        let scheduler = &self.scheduler;
+        // The spawn action is assembled in SQL because the drone, the fencing token and the
+        // deadlines are only known inside the statement; its shape is BackendActionMessage's.
+        let row = sqlx::query!(
             r#"
-            with acquired as (
+            with picked as (
+                select id, name from plane_pick_drone($6, $7, $8, $9, $10, $11)
+            ),
+            acquired as (
                 insert into backend_key (id, namespace, key_name, tag, expires_at, fencing_token)
-                values ($1, $2, $3, $4, now() + make_interval(secs => $5),
-                        nextval('backend_key_fencing_token_seq'))
+                select $1, $2, $3, $4, now() + make_interval(secs => $5),
+                       nextval('backend_key_fencing_token_seq')
+                from picked
                 on conflict (namespace, key_name) do update set
                     id = excluded.id,
                     tag = excluded.tag,
@@ -148,65 +187,67 @@ impl Spawns {
                 insert into backend (id, cluster, last_status, last_status_number, last_status_time,
                                      state, drone_id, expiration_time, allowed_idle_seconds,
                                      last_keepalive, static_token, subdomain)
-                select $1, $6, $7, $8, now(), $9, $10, now() + make_interval(secs => $11),
-                       $12, now(), $13, $14
-                from acquired
-                returning id
+                select $1, $6, $12, $13, now(), $14, p.id, now() + make_interval(secs => $15),
+                       $16, now(), $17, $18
+                from acquired, picked p
+                returning id, drone_id
             ),
             history as (
                 insert into backend_state (backend_id, state, created_at)
-                select id, $9, now() from new_backend
-            ),
-            drone_clock as (
-                -- The drone acts on the deadlines by its own clock: shift them by how far
-                -- its clock was from ours at its last heartbeat (at most a day either way, so
-                -- an absurd clock cannot push a deadline out of range).
-                select greatest(least(coalesce(
-                    (select last_local_time - last_heartbeat from drone where id = $10),
-                    interval '0'
-                ), interval '1 day'), interval '-1 day') as skew
+                select id, $14, now() from new_backend
             ),
             spawn as (
-                select jsonb_build_object('Spawn', jsonb_build_object(
-                    'executable', $15::jsonb,
+                select b.drone_id, jsonb_build_object('Spawn', jsonb_build_object(
+                    'executable', $19::jsonb,
                     'key', jsonb_build_object(
                         'key', jsonb_build_object('name', $3::text, 'namespace', $2::text, 'tag', $4::text),
                         'deadlines', jsonb_build_object(
-                            'renew_at', (extract(epoch from now() + c.skew + make_interval(secs => $16)) * 1000)::bigint,
-                            'soft_terminate_at', (extract(epoch from now() + c.skew + make_interval(secs => $17)) * 1000)::bigint,
-                            'hard_terminate_at', (extract(epoch from now() + c.skew + make_interval(secs => $27)) * 1000)::bigint
+                            'renew_at', (extract(epoch from now() + c.skew + make_interval(secs => $20)) * 1000)::bigint,
+                            'soft_terminate_at', (extract(epoch from now() + c.skew + make_interval(secs => $21)) * 1000)::bigint,
+                            'hard_terminate_at', (extract(epoch from now() + c.skew + make_interval(secs => $22)) * 1000)::bigint
                         ),
                         'token', a.fencing_token
                     ),
-                    'static_token', $13::text
+                    'static_token', $17::text
                 )) as action
-                from acquired a, new_backend, drone_clock c
+                from acquired a, new_backend b
+                cross join lateral (
+                    -- The drone acts on the deadlines by its own clock: shift them by how far
+                    -- its clock was from ours at its last heartbeat (at most a day either
+                    -- way, so an absurd clock cannot push a deadline out of range).
+                    select greatest(least(coalesce(
+                        (select last_local_time - last_heartbeat from drone where id = b.drone_id),
+                        interval '0'
+                    ), interval '1 day'), interval '-1 day') as skew
+                ) c
             ),
             spawn_action as (
                 insert into backend_action (id, backend_id, drone_id, action)
-                select $18, $1, $10, action from spawn
-                returning action
+                select $23, $1, drone_id, action from spawn
+                returning drone_id, action
             ),
             emitted as (
-                -- The backend's `scheduled` event comes from the batch ($19, $28, $29). The
-                -- spawn action's payload (a BackendActionMessage) is built here: its fencing
-                -- token and deadlines only exist inside this statement.
+                -- The backend's `scheduled` event comes from the batch ($24, $25, $26). The
+                -- spawn action's payload (a BackendActionMessage) is built here: its drone,
+                -- fencing token and deadlines only exist inside this statement.
                 select plane_write_events(
-                    $19::text[] || $20::text,
-                    $28::text[] || $10::integer::text,
-                    $29::jsonb[] || jsonb_build_object('action_id', $18::text, 'backend_id', $1::text,
-                                                       'drone_id', $10::integer, 'action', action),
-                    $26)
+                    $24::text[] || $27::text,
+                    $25::text[] || drone_id::text,
+                    $26::jsonb[] || jsonb_build_object('action_id', $23::text, 'backend_id', $1::text,
+                                                       'drone_id', drone_id, 'action', action),
+                    $28)
                 from spawn_action
             ),
             new_token as (
                 insert into token (token_digest, backend_id, expiration_time, username, auth, secret_token)
-                select $21, id, now() + make_interval(secs => $22), $23, $24, $25
+                select $29, id, now() + make_interval(secs => $30), $31, $32, $33
                 from new_backend
-                where $21::bytea is not null
+                where $29::bytea is not null
             )
-            -- One row of `emitted` exactly when the key was acquired.
-            select a.fencing_token from acquired a, emitted
+            -- No row: no drone. A drone and no fencing token: the key is held.
+            select p.id as "drone_id!", p.name as "drone_name!", w.fencing_token as "fencing_token?"
+            from picked p
+            left join (select a.fencing_token from acquired a, emitted) w on true
             "#,
             item.backend_id.as_str(),
             item.key.namespace,
@@ -214,10 +255,14 @@ impl Spawns {
             item.key.tag,
             interval_secs(lease.expires_after()),
             item.cluster.as_str(),
+            item.pool.as_str(),
+            scheduler.drone_heartbeat_timeout.as_secs_f64(),
+            scheduler.controller_heartbeat_timeout.as_secs_f64(),
+            scheduler.sample_size,
+            BackendStatus::Terminated.as_int(),
             BackendStatus::Scheduled.to_string(),
             BackendStatus::Scheduled.as_int(),
             item.state(),
-            item.drone_id.as_i32(),
             item.lifetime_limit_seconds,
             item.max_idle_seconds,
             item.static_token,
@@ -225,39 +270,47 @@ impl Spawns {
             item.executable,
             lease.renew_after.as_secs_f64(),
             lease.soft_terminate_after.as_secs_f64(),
+            interval_secs(lease.hard_terminate_after),
             item.action_id.as_str(),
             item.events.kinds() as &[&str],
+            item.events.keys(),
+            item.events.payloads(),
             BackendActionMessage::kind(),
+            self.wake,
             item.token_digest,
             self.token_lifetime.as_secs_f64(),
             item.user,
             item.auth,
             item.secret_token,
-            self.wake,
-            interval_secs(lease.hard_terminate_after),
-            item.events.keys(),
-            item.events.payloads(),
         )
         .fetch_optional(&mut *conn)
-        .await
+        .await?;
+        Ok(match row {
+            None => SpawnOutcome::NoDrone,
+            Some(row) => {
+                SpawnOutcome::from_row(Some((row.drone_id, row.drone_name)), row.fencing_token)
+            }
+        })
     }
 
     /// Many backends (distinct keys), in one statement. The items are numbered in the
     /// order given (`n`, 1-based); the keys are acquired, and everything else written, in
-    /// that order.
+    /// that order. Each item picks its drone on its own (as alone; the picks of one batch
+    /// see the drones' loads as they were before it).
     async fn spawn_many(
         &self,
         conn: &mut PgConnection,
         items: &[&NewBackend],
-    ) -> std::result::Result<Vec<Option<i64>>, sqlx::Error> {
+    ) -> std::result::Result<Vec<SpawnOutcome>, sqlx::Error> {
         let lease = &self.lease;
+        let scheduler = &self.scheduler;
         let mut events = EventBatch::default();
         let mut ids = Vec::with_capacity(items.len());
         let mut namespaces = Vec::with_capacity(items.len());
         let mut key_names = Vec::with_capacity(items.len());
         let mut tags = Vec::with_capacity(items.len());
         let mut clusters = Vec::with_capacity(items.len());
-        let mut drones = Vec::with_capacity(items.len());
+        let mut pools = Vec::with_capacity(items.len());
         let mut lifetimes = Vec::with_capacity(items.len());
         let mut max_idles = Vec::with_capacity(items.len());
         let mut static_tokens = Vec::with_capacity(items.len());
@@ -274,7 +327,7 @@ impl Spawns {
             key_names.push(item.key.name.as_str());
             tags.push(item.key.tag.as_str());
             clusters.push(item.cluster.as_str());
-            drones.push(item.drone_id.as_i32());
+            pools.push(item.pool.as_str());
             lifetimes.push(item.lifetime_limit_seconds);
             max_idles.push(item.max_idle_seconds);
             static_tokens.push(item.static_token.as_deref());
@@ -295,20 +348,26 @@ impl Spawns {
             with input as (
                 select *
                 from unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
-                            $6::integer[], $7::float8[], $8::integer[], $9::text[], $10::text[],
+                            $6::text[], $7::float8[], $8::integer[], $9::text[], $10::text[],
                             $11::jsonb[], $12::text[], $13::bytea[], $14::text[], $15::jsonb[],
                             $16::text[], $17::jsonb[])
-                    with ordinality as i(backend_id, namespace, key_name, tag, cluster,
-                                         drone_id, lifetime, max_idle, static_token, subdomain,
+                    with ordinality as i(backend_id, namespace, key_name, tag, cluster, pool,
+                                         lifetime, max_idle, static_token, subdomain,
                                          executable, action_id, token_digest, username, auth,
                                          secret_token, state, n)
             ),
+            picked as (
+                select i.n, d.id as drone_id, d.name as drone_name
+                from input i
+                cross join lateral plane_pick_drone(i.cluster, i.pool, $19, $20, $21, $22) d
+            ),
             acquired as (
                 insert into backend_key (id, namespace, key_name, tag, expires_at, fencing_token)
-                select backend_id, namespace, key_name, tag, now() + make_interval(secs => $18),
-                       nextval('backend_key_fencing_token_seq')
-                from input
-                order by n
+                select i.backend_id, i.namespace, i.key_name, i.tag,
+                       now() + make_interval(secs => $18), nextval('backend_key_fencing_token_seq')
+                from input i
+                join picked p on p.n = i.n
+                order by i.n
                 on conflict (namespace, key_name) do update set
                     id = excluded.id,
                     tag = excluded.tag,
@@ -322,21 +381,23 @@ impl Spawns {
                 insert into backend (id, cluster, last_status, last_status_number, last_status_time,
                                      state, drone_id, expiration_time, allowed_idle_seconds,
                                      last_keepalive, static_token, subdomain)
-                select i.backend_id, i.cluster, $19, $20, now(), i.state, i.drone_id,
+                select i.backend_id, i.cluster, $23, $24, now(), i.state, p.drone_id,
                        now() + make_interval(secs => i.lifetime), i.max_idle, now(),
                        i.static_token, i.subdomain
                 from acquired a
                 join input i on i.backend_id = a.id
+                join picked p on p.n = i.n
                 order by i.n
                 returning id
             ),
             -- The rest is written for the backends inserted (all those whose key was
             -- acquired: a failed insert fails the statement).
             spawned as (
-                select i.*, a.fencing_token
+                select i.*, a.fencing_token, p.drone_id
                 from new_backend b
                 join acquired a on a.id = b.id
                 join input i on i.backend_id = b.id
+                join picked p on p.n = i.n
             ),
             history as (
                 insert into backend_state (backend_id, state, created_at)
@@ -349,9 +410,9 @@ impl Spawns {
                     'key', jsonb_build_object(
                         'key', jsonb_build_object('name', s.key_name, 'namespace', s.namespace, 'tag', s.tag),
                         'deadlines', jsonb_build_object(
-                            'renew_at', (extract(epoch from now() + c.skew + make_interval(secs => $21)) * 1000)::bigint,
-                            'soft_terminate_at', (extract(epoch from now() + c.skew + make_interval(secs => $22)) * 1000)::bigint,
-                            'hard_terminate_at', (extract(epoch from now() + c.skew + make_interval(secs => $23)) * 1000)::bigint
+                            'renew_at', (extract(epoch from now() + c.skew + make_interval(secs => $25)) * 1000)::bigint,
+                            'soft_terminate_at', (extract(epoch from now() + c.skew + make_interval(secs => $26)) * 1000)::bigint,
+                            'hard_terminate_at', (extract(epoch from now() + c.skew + make_interval(secs => $27)) * 1000)::bigint
                         ),
                         'token', s.fencing_token
                     ),
@@ -372,14 +433,14 @@ impl Spawns {
             emitted as (
                 select plane_write_events(array_agg(e.kind order by e.n, e.part),
                                           array_agg(e.key order by e.n, e.part),
-                                          array_agg(e.data order by e.n, e.part), $24)
+                                          array_agg(e.data order by e.n, e.part), $28)
                 from (
                     select e.n, 1 as part, e.kind, e.key, e.data
-                    from unnest($25::text[], $26::text[], $17::jsonb[])
+                    from unnest($29::text[], $30::text[], $17::jsonb[])
                         with ordinality as e(kind, key, data, n)
                     where e.n in (select n from spawned)
                     union all
-                    select n, 2, $27::text, drone_id::text,
+                    select n, 2, $31::text, drone_id::text,
                            jsonb_build_object('action_id', action_id, 'backend_id', backend_id,
                                               'drone_id', drone_id, 'action', action)
                     from spawn
@@ -387,20 +448,25 @@ impl Spawns {
             ),
             new_token as (
                 insert into token (token_digest, backend_id, expiration_time, username, auth, secret_token)
-                select token_digest, backend_id, now() + make_interval(secs => $28), username,
+                select token_digest, backend_id, now() + make_interval(secs => $32), username,
                        auth, secret_token
                 from spawned
                 where token_digest is not null
                 order by n
             )
-            select s.n as "n!", s.fencing_token as "fencing_token!" from spawned s, emitted
+            -- Per item: no drone; a drone and no fencing token (the key is held); or both.
+            select i.n as "n!", p.drone_id as "drone_id?", p.drone_name as "drone_name?",
+                   w.fencing_token as "fencing_token?"
+            from input i
+            left join picked p on p.n = i.n
+            left join (select n, fencing_token from spawned, emitted) w on w.n = i.n
             "#,
             &ids as &[&str],
             &namespaces as &[&str],
             &key_names as &[&str],
             &tags as &[&str],
             &clusters as &[&str],
-            &drones as &[i32],
+            &pools as &[&str],
             &lifetimes as &[Option<f64>],
             &max_idles as &[Option<i32>],
             &static_tokens as &[Option<&str>],
@@ -413,6 +479,10 @@ impl Spawns {
             &secrets as &[&str],
             events.payloads(),
             interval_secs(lease.expires_after()),
+            scheduler.drone_heartbeat_timeout.as_secs_f64(),
+            scheduler.controller_heartbeat_timeout.as_secs_f64(),
+            scheduler.sample_size,
+            BackendStatus::Terminated.as_int(),
             BackendStatus::Scheduled.to_string(),
             BackendStatus::Scheduled.as_int(),
             lease.renew_after.as_secs_f64(),
@@ -426,16 +496,23 @@ impl Spawns {
         )
         .fetch_all(&mut *conn)
         .await?;
-        let mut tokens = vec![None; items.len()];
+        let mut outcomes = vec![None; items.len()];
         for row in rows {
             // `n` is 1-based; a value out of range cannot come back, and is ignored if it does.
             if let Some(slot) = usize::try_from(row.n - 1)
                 .ok()
-                .and_then(|i| tokens.get_mut(i))
+                .and_then(|i| outcomes.get_mut(i))
             {
-                *slot = Some(row.fencing_token);
+                let drone = row.drone_id.zip(row.drone_name);
+                *slot = Some(SpawnOutcome::from_row(drone, row.fencing_token));
             }
         }
-        Ok(tokens)
+        // One row per item comes back; a missing one is reported, not guessed.
+        outcomes
+            .into_iter()
+            .map(|o| {
+                o.ok_or_else(|| sqlx::Error::Protocol("the spawn statement skipped an item".into()))
+            })
+            .collect()
     }
 }
