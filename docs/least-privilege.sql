@@ -35,8 +35,7 @@ grant usage on schema public to plane_app;
 -- rows of every table (select, insert, update, delete; no truncate, references or
 -- trigger), every sequence (usage: nextval for the bigserial/serial ids and the fencing
 -- tokens), and every function (execute: plane_write_events(), through which every event is
--- written, plane_pick_drone(), which picks a drone for a new backend, and
--- plane_event_wake(), the trigger function that wakes the event listeners).
+-- written, and plane_event_wake(), the trigger function that wakes the event listeners).
 -- Functions are not executable by every role, as Postgres' default would have it.
 alter default privileges for role plane_migrator
     revoke execute on functions from public;

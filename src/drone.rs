@@ -220,12 +220,32 @@ impl<'a> DroneDatabase<'a> {
     ) -> Result<Option<PickedDrone>> {
         let config = &self.ctx.config().scheduler;
         let sample_size = config.checked_sample_size()?;
-        // The pick is defined once, in the database: `connect`'s spawn statement makes the
-        // same call for each new backend.
+        // `connect`'s spawn statements pick the same way, inside the statement (the same
+        // conditions; tests/it/scheduling.rs checks both).
         let row = sqlx::query!(
             r#"
-            select id as "id!", name as "name!"
-            from plane_pick_drone($1, $2, $3, $4, $5, $6)
+            with sample as (
+                select d.id, n.name
+                from drone d
+                join node n on n.id = d.id
+                join controller c on c.id = n.controller
+                where n.cluster = $1
+                  and d.pool = $2
+                  and d.ready
+                  and not d.draining
+                  and d.last_heartbeat > now() - make_interval(secs => $3)
+                  and c.is_online
+                  and c.last_heartbeat > now() - make_interval(secs => $4)
+                order by random()
+                limit $5
+            )
+            select s.id, s.name
+            from sample s
+            order by (
+                select count(*) from backend b
+                where b.drone_id = s.id and b.last_status_number < $6
+            ), random()
+            limit 1
             "#,
             cluster.as_str(),
             pool.as_str(),

@@ -1,7 +1,8 @@
 //! `connect`'s statements for group commit: a new backend for a key, alone or many at once.
 //!
-//! Each new backend is the pick of its drone (`plane_pick_drone`, the same function
-//! `DroneDatabase::pick_for_spawn` calls), the key's acquisition (only if the key is free or
+//! Each new backend is the pick of its drone (as `DroneDatabase::pick_for_spawn` picks: the
+//! same conditions, spelled out in each statement so that the pick is planned with it; a
+//! database function would be planned again on every call), the key's acquisition (only if the key is free or
 //! its lease expired, with the next fencing token), the backend row, its first history row,
 //! its `scheduled` event, the spawn action for its drone with that action's event, and the
 //! caller's token. All of it comes from one statement, or none of it.
@@ -166,8 +167,30 @@ impl Spawns {
         // deadlines are only known inside the statement; its shape is BackendActionMessage's.
         let row = sqlx::query!(
             r#"
-            with picked as (
-                select id, name from plane_pick_drone($6, $7, $8, $9, $10, $11)
+            with sample as (
+                -- The pick, as in `pick_for_spawn`.
+                select d.id, n.name
+                from drone d
+                join node n on n.id = d.id
+                join controller c on c.id = n.controller
+                where n.cluster = $6
+                  and d.pool = $7
+                  and d.ready
+                  and not d.draining
+                  and d.last_heartbeat > now() - make_interval(secs => $8)
+                  and c.is_online
+                  and c.last_heartbeat > now() - make_interval(secs => $9)
+                order by random()
+                limit $10
+            ),
+            picked as (
+                select s.id, s.name
+                from sample s
+                order by (
+                    select count(*) from backend b
+                    where b.drone_id = s.id and b.last_status_number < $11
+                ), random()
+                limit 1
             ),
             acquired as (
                 insert into backend_key (id, namespace, key_name, tag, expires_at, fencing_token)
@@ -295,8 +318,8 @@ impl Spawns {
 
     /// Many backends (distinct keys), in one statement. The items are numbered in the
     /// order given (`n`, 1-based); the keys are acquired, and everything else written, in
-    /// that order. Each item picks its drone on its own (as alone; the picks of one batch
-    /// see the drones' loads as they were before it).
+    /// that order. The drones are picked for the batch as a whole (see the statement), so
+    /// that its items spread as if picked one after the other.
     async fn spawn_many(
         &self,
         conn: &mut PgConnection,
@@ -356,10 +379,56 @@ impl Spawns {
                                          executable, action_id, token_digest, username, auth,
                                          secret_token, state, n)
             ),
+            -- The picks. One item picks as `pick_for_spawn` does: the least loaded of a
+            -- random sample of `sample_size` eligible drones. The items of a batch see the
+            -- loads from before it, so picking for each on its own would send them all to
+            -- the same least loaded drone. Instead, per cluster and pool with m items, a
+            -- random sample of `sample_size` x m eligible drones (all, if fewer) is filled
+            -- up: the k-th item takes the k-th lowest of (load + j) over the sampled drones
+            -- and j = 0..m-1 (ties at random), i.e. each item goes to the drone that is
+            -- least loaded once the items before it are counted.
+            groups as (
+                select cluster, pool, count(*) as items
+                from input
+                group by cluster, pool
+            ),
+            sampled as (
+                select g.cluster, g.pool, g.items, s.id, s.name, s.load
+                from groups g
+                cross join lateral (
+                    select d.id, n.name, (
+                        select count(*) from backend b
+                        where b.drone_id = d.id and b.last_status_number < $22
+                    ) as load
+                    from drone d
+                    join node n on n.id = d.id
+                    join controller c on c.id = n.controller
+                    where n.cluster = g.cluster
+                      and d.pool = g.pool
+                      and d.ready
+                      and not d.draining
+                      and d.last_heartbeat > now() - make_interval(secs => $19)
+                      and c.is_online
+                      and c.last_heartbeat > now() - make_interval(secs => $20)
+                    order by random()
+                    limit $21 * g.items
+                ) s
+            ),
+            slots as (
+                select s.cluster, s.pool, s.id, s.name,
+                       row_number() over (partition by s.cluster, s.pool
+                                          order by s.load + j.j, random()) as slot
+                from sampled s
+                cross join lateral generate_series(0, s.items - 1) as j(j)
+            ),
             picked as (
-                select i.n, d.id as drone_id, d.name as drone_name
-                from input i
-                cross join lateral plane_pick_drone(i.cluster, i.pool, $19, $20, $21, $22) d
+                select i.n, s.id as drone_id, s.name as drone_name
+                from (
+                    select n, cluster, pool,
+                           row_number() over (partition by cluster, pool order by n) as slot
+                    from input
+                ) i
+                join slots s on s.cluster = i.cluster and s.pool = i.pool and s.slot = i.slot
             ),
             acquired as (
                 insert into backend_key (id, namespace, key_name, tag, expires_at, fencing_token)
