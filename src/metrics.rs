@@ -77,6 +77,12 @@ pub const CLEANUP_ROWS_DELETED_TOTAL: &str = "plane_db_cleanup_rows_deleted_tota
 /// How long a cleanup run took, in seconds, by `outcome` (`ok`, `error`).
 pub const CLEANUP_DURATION_SECONDS: &str = "plane_db_cleanup_duration_seconds";
 
+/// Calls written per statement by group commit (1 for a call written alone), by
+/// `operation` (`update_state`, `connect`).
+pub const WRITE_BATCH_CALLS: &str = "plane_db_write_batch_calls";
+/// Batches the server refused and that were written again call by call, by `operation`.
+pub const WRITE_BATCHES_SPLIT_TOTAL: &str = "plane_db_write_batches_split_total";
+
 /// The `operation` label values, each the name of the tracing span of the same call.
 pub const OPERATIONS: &[&str] = &[
     "update_state",
@@ -181,6 +187,10 @@ pub const ALL: &[MetricInfo] = &[
         "How far a replica's replay position was behind the primary's WAL write position at its last probe."),
     info(REPLICA_USABLE, Gauge, &["replica"], Some(Unit::Count),
         "1 while reads go to a replica; 0 while it is skipped (probe failed, read failed, not in recovery, lag beyond ReplicaConfig::max_lag)."),
+    info(WRITE_BATCH_CALLS, Histogram, &["operation"], Some(Unit::Count),
+        "Calls written together by group commit, per batch (1 for a call written alone): update_state, connect."),
+    info(WRITE_BATCHES_SPLIT_TOTAL, Counter, &["operation"], Some(Unit::Count),
+        "Batches the server refused (rolled back) and that were written again call by call, so that only the bad call failed."),
     info(CLEANUP_ROWS_DELETED_TOTAL, Counter, &["table"], Some(Unit::Count),
         "Rows deleted by cleanup, by table."),
     info(CLEANUP_DURATION_SECONDS, Histogram, &["outcome"], Some(Unit::Seconds),
@@ -364,6 +374,16 @@ pub(crate) async fn acquire(
     metrics::histogram!(POOL_ACQUIRE_DURATION_SECONDS, "operation" => operation.name())
         .record(started.elapsed());
     Ok(conn?)
+}
+
+/// Records one write of group commit: `calls` calls in one batch (1: alone).
+pub(crate) fn write_batch(operation: Operation, calls: usize) {
+    metrics::histogram!(WRITE_BATCH_CALLS, "operation" => operation.name()).record(calls as f64);
+}
+
+/// Counts a batch the server refused, written again call by call.
+pub(crate) fn write_batch_split(operation: Operation) {
+    metrics::counter!(WRITE_BATCHES_SPLIT_TOTAL, "operation" => operation.name()).increment(1);
 }
 
 /// Records one bus read.

@@ -158,6 +158,7 @@ impl<S: Statements> GroupCommit<S> {
     /// Writes one item in a statement of its own.
     async fn write_one(&self, item: &S::Item) -> Result<S::Output, sqlx::Error> {
         let mut conn = acquire(S::OPERATION, &self.pool).await?;
+        metrics::write_batch(S::OPERATION, 1);
         self.statements.write_one(&mut conn, item).await
     }
 
@@ -294,6 +295,7 @@ async fn write_batch<S: Statements>(
     batch: Vec<Waiting<S>>,
 ) -> bool {
     let items: Vec<&S::Item> = batch.iter().map(|w| &w.item).collect();
+    metrics::write_batch(S::OPERATION, items.len());
     let span = tracing::debug_span!(
         "write_batch",
         operation = S::OPERATION.name(),
@@ -326,6 +328,7 @@ async fn write_batch<S: Statements>(
             // The server refused the batch and rolled it back: write each item alone, in
             // call order, so that only the bad one fails.
             tracing::debug!(%error, items = batch.len(), "batch refused; writing its items one by one");
+            metrics::write_batch_split(S::OPERATION);
             let mut usable = true;
             for waiting in batch {
                 let result = if usable {

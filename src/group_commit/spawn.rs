@@ -171,6 +171,7 @@ impl Spawns {
         // deadlines are only known inside the statement; its shape is BackendActionMessage's.
         let row = sqlx::query!(
             r#"
+            -- plane-db: connect, new backend
             with sample as (
                 -- The pick, as in `pick_for_spawn`.
                 select d.id, n.name
@@ -320,7 +321,8 @@ impl Spawns {
         })
     }
 
-    /// Many backends (distinct keys), in one statement. The items are numbered in the
+    /// Many backends (distinct keys), in one statement (its first line names it in
+    /// `pg_stat_activity`, which shows only the first kilobyte). The items are numbered in the
     /// order given (`n`, 1-based); the keys are acquired, and everything else written, in
     /// that order. The drones are picked for the batch as a whole (see the statement), so
     /// that its items spread as if picked one after the other.
@@ -372,6 +374,7 @@ impl Spawns {
         // built here, as in `spawn_one`, and follow each backend's own event.
         let rows = sqlx::query!(
             r#"
+            -- plane-db: connect, new backends (batch)
             with input as (
                 select *
                 from unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],

@@ -1,5 +1,7 @@
 //! Group commit of `connect` under fire: 32 callers create backends for keys of their own
-//! while the connections running a batch of new backends are terminated again and again.
+//! while the connections running a batch of new backends are terminated every 5–25 ms
+//! (the callers go on with new keys, round after round, until at least `MIN_KILLS` batches
+//! were killed).
 //! Callers get errors (and retry with the same key, as a client does), never a wrong answer;
 //! each key ends with exactly one backend and everything that goes with it (history row,
 //! spawn action, both events, the key row); nothing is half-written; every event is
@@ -12,14 +14,19 @@ use plane_db::connect::ConnectResponse;
 use plane_db::events::Lagged;
 use plane_db::Config;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 const CALLERS: usize = 32;
+/// Keys per caller per round.
 const KEYS_PER_CALLER: usize = 12;
+/// The callers stop after the round in which this many batch connections were killed...
+const MIN_KILLS: u64 = 5;
+/// ...or after this many rounds.
+const MAX_ROUNDS: usize = 20;
 /// How often one key is tried before the scenario gives up on it.
-const MAX_TRIES: usize = 50;
+const MAX_TRIES: usize = 200;
 
 /// What a caller saw.
 #[derive(Default, Debug)]
@@ -43,79 +50,89 @@ async fn connect_batch_connections_killed_mid_write() {
         for _ in 0..4 {
             drone(&db).await;
         }
-        let keys = CALLERS * KEYS_PER_CALLER;
-
-        // A subscriber, live before the first connect, counting deliveries by event id.
+        // A subscriber, live before the first connect, counting deliveries by event id until
+        // it has `expected` (set once the callers are done) or hears nothing for 15 s.
         let mut sub = db.subscribe_all_events().await.unwrap();
-        let receiver = tokio::spawn(async move {
-            let mut by_id: HashMap<i64, u32> = HashMap::new();
-            let mut lagged = 0;
-            while by_id.len() < 2 * keys {
-                match tokio::time::timeout(Duration::from_secs(15), sub.next()).await {
-                    Ok(Some(Ok(e))) => {
-                        *by_id.entry(e.id.expect("stored")).or_default() += 1;
+        let expected = Arc::new(AtomicUsize::new(usize::MAX));
+        let receiver = {
+            let expected = expected.clone();
+            tokio::spawn(async move {
+                let mut by_id: HashMap<i64, u32> = HashMap::new();
+                let mut lagged = 0;
+                while by_id.len() < expected.load(Ordering::Relaxed) {
+                    match tokio::time::timeout(Duration::from_secs(15), sub.next()).await {
+                        Ok(Some(Ok(e))) => {
+                            *by_id.entry(e.id.expect("stored")).or_default() += 1;
+                        }
+                        Ok(Some(Err(Lagged { missed }))) => lagged += missed,
+                        Ok(None) | Err(_) => break,
                     }
-                    Ok(Some(Err(Lagged { missed }))) => lagged += missed,
-                    Ok(None) | Err(_) => break,
                 }
-            }
-            (by_id, lagged)
-        });
+                (by_id, lagged)
+            })
+        };
 
         // The killer: terminates every connection running the batch statement of new
         // backends, every few ms.
         let done = Arc::new(AtomicBool::new(false));
+        let killed = Arc::new(AtomicU64::new(0));
         let kills = {
             let done = done.clone();
+            let killed = killed.clone();
             tokio::spawn(async move {
-                let mut kills = 0_u64;
                 let mut round = 0_u64;
                 while !done.load(Ordering::Relaxed) {
-                    let killed: Vec<bool> = sqlx::query_scalar(
+                    let result: Vec<bool> = sqlx::query_scalar(
                         "select pg_terminate_backend(pid) from pg_stat_activity
                          where datname = current_database() and pid <> pg_backend_pid()
-                           and state = 'active' and query ilike '%with input as%'
-                           and query ilike '%insert into backend_key%'",
+                           and state = 'active'
+                           and query like '%plane-db: connect, new backends (batch)%'",
                     )
                     .fetch_all(killer.pool())
                     .await
                     .unwrap_or_default();
-                    kills += killed.into_iter().filter(|k| *k).count() as u64;
+                    let n = result.into_iter().filter(|k| *k).count() as u64;
+                    killed.fetch_add(n, Ordering::Relaxed);
                     round += 1;
-                    tokio::time::sleep(Duration::from_millis(2 + round % 7)).await;
+                    tokio::time::sleep(Duration::from_millis(5 + round % 20)).await;
                 }
-                kills
             })
         };
 
         let mut tasks = Vec::new();
         for c in 0..CALLERS {
             let db = db.clone();
+            let killed = killed.clone();
             tasks.push(tokio::spawn(async move {
                 let mut answers = Answers::default();
                 let mut got: Vec<(String, ConnectResponse)> = Vec::new();
-                for k in 0..KEYS_PER_CALLER {
-                    let key = format!("kill-{c}-{k}");
-                    let mut failed = false;
-                    let mut tries = 0;
-                    let response = loop {
-                        tries += 1;
-                        assert!(tries <= MAX_TRIES, "{key}: too many errors");
-                        match db.connect(&request(&key)).await {
-                            Ok(r) => break r,
-                            Err(_) => {
-                                answers.errors += 1;
-                                failed = true;
-                            }
-                        }
-                    };
-                    match (failed, response.spawned) {
-                        (false, true) => answers.first_try += 1,
-                        (false, false) => answers.wrong += 1,
-                        (true, true) => answers.retried_spawned += 1,
-                        (true, false) => answers.retried_found += 1,
+                for round in 0..MAX_ROUNDS {
+                    if round > 0 && killed.load(Ordering::Relaxed) >= MIN_KILLS {
+                        break;
                     }
-                    got.push((key, response));
+                    for k in 0..KEYS_PER_CALLER {
+                        let key = format!("kill-{c}-{round}-{k}");
+                        let mut failed = false;
+                        let mut tries = 0;
+                        let response = loop {
+                            tries += 1;
+                            assert!(tries <= MAX_TRIES, "{key}: too many errors");
+                            match db.connect(&request(&key)).await {
+                                Ok(r) => break r,
+                                Err(_) => {
+                                    answers.errors += 1;
+                                    failed = true;
+                                }
+                            }
+                        };
+                        match (failed, response.spawned) {
+                            (false, true) => answers.first_try += 1,
+                            (false, false) => answers.wrong += 1,
+                            (true, true) => answers.retried_spawned += 1,
+                            (true, false) => answers.retried_found += 1,
+                        }
+                        got.push((key, response));
+                    }
                 }
                 (answers, got)
             }));
@@ -132,7 +149,10 @@ async fn connect_batch_connections_killed_mid_write() {
             responses.extend(got);
         }
         done.store(true, Ordering::Relaxed);
-        let kills = kills.await.unwrap();
+        kills.await.unwrap();
+        let kills = killed.load(Ordering::Relaxed);
+        let keys = responses.len();
+        expected.store(2 * keys, Ordering::Relaxed);
         let (received, lagged) = receiver.await.unwrap();
 
         // Each key: one backend, the one its caller was told, with its key row, one history
@@ -182,7 +202,7 @@ async fn connect_batch_connections_killed_mid_write() {
         assert_eq!(lagged, 0);
         assert_eq!(misrouted, 0);
         assert_eq!(answers.wrong, 0, "a fresh key found taken without an error before");
-        assert!(kills > 0, "the scenario killed no batch connection");
+        assert!(kills >= MIN_KILLS, "the scenario killed only {kills} batch connections");
         figures(
             "connect_batch_kill",
             &[

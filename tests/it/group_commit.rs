@@ -523,7 +523,8 @@ async fn many_concurrent_writers_get_the_answers_of_a_sequential_run() {
     assert_eq!(batched.2, accepted, "one event per accepted change");
 }
 
-/// `update_state` calls are still counted one by one in the metrics when they are batched.
+/// `update_state` calls are still counted one by one in the metrics when they are batched,
+/// and the batches are counted by group commit's own metric.
 #[tokio::test(flavor = "current_thread")]
 async fn batched_calls_are_counted_one_by_one() {
     let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
@@ -564,6 +565,22 @@ async fn batched_calls_are_counted_one_by_one() {
             .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
             .sum();
         assert_eq!(value, 7.0, "{page}");
+        // Group commit's own metric: the 7 calls were written in fewer writes than 7.
+        let batch_metric = |suffix: &str| -> f64 {
+            let name = format!("{}{suffix}", plane_db::metrics::WRITE_BATCH_CALLS);
+            page.lines()
+                .filter(|l| {
+                    l.starts_with(&format!("{name}{{")) && l.contains("operation=\"update_state\"")
+                })
+                .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
+                .sum()
+        };
+        assert_eq!(batch_metric("_sum"), 7.0, "every call in one write: {page}");
+        let writes = batch_metric("_count");
+        assert!(
+            (1.0..7.0).contains(&writes),
+            "{writes} writes for 7 calls: {page}"
+        );
     })
     .await
 }
