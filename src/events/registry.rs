@@ -53,8 +53,9 @@ struct QueueState {
     items: VecDeque<Arc<Event>>,
     /// Set when the queue was full as the bus dispatched a stored event: the position of that
     /// event. From then on the bus queues nothing more until the subscriber has drained the
-    /// queue and resumed (see [`SubQueue::unpause`]).
-    paused_at: Option<Position>,
+    /// queue and resumed (see [`SubQueue::unpause`]). Boxed: pausing is rare, and every
+    /// subscription's queue would otherwise carry a position's worth of bytes.
+    paused_at: Option<Box<Position>>,
     /// Stored events not queued since the pause.
     dropped: u64,
     /// Ephemeral messages not queued (they are not stored, so no catch-up brings them back).
@@ -101,7 +102,7 @@ impl SubQueue {
                 None => st.items.push_back(event),
                 Some(_) if st.paused_at.is_some() => st.dropped += 1,
                 Some(position) if st.items.len() >= max_pending => {
-                    st.paused_at = Some(position.clone());
+                    st.paused_at = Some(Box::new(position.clone()));
                     st.dropped += 1;
                 }
                 Some(_) => st.items.push_back(event),
@@ -153,7 +154,7 @@ impl SubQueue {
     pub(super) fn unpause(&self) -> Option<(Position, u64)> {
         let mut st = self.state();
         let from = st.paused_at.take()?;
-        Some((from, std::mem::take(&mut st.dropped)))
+        Some((*from, std::mem::take(&mut st.dropped)))
     }
 }
 
