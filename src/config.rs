@@ -21,7 +21,8 @@ pub struct Config {
     /// controller option of the same name). Defaults to none: then a spawn config without
     /// a cluster is [`ConnectError::NoClusterProvided`](crate::ConnectError::NoClusterProvided).
     pub default_cluster: Option<ClusterName>,
-    /// Group commit of this process's concurrent writes (`update_state`). On by default.
+    /// Group commit of this process's concurrent writes (`update_state`, and `connect`'s new
+    /// backends). On by default.
     pub write_batching: WriteBatchConfig,
     /// How streaming replicas named with
     /// [`ConnectOptions::replica_url`](crate::ConnectOptions::replica_url) serve reads (lag
@@ -55,6 +56,19 @@ pub struct SchedulerConfig {
     /// A drone whose controller has not heartbeated for this long is not picked. Defaults
     /// to 30 s.
     pub controller_heartbeat_timeout: Duration,
+}
+
+impl SchedulerConfig {
+    /// [`sample_size`](Self::sample_size), if it is at least 1.
+    pub(crate) fn checked_sample_size(&self) -> crate::Result<i64> {
+        if self.sample_size < 1 {
+            return Err(crate::Error::InvalidArgument {
+                argument: "scheduler.sample_size",
+                reason: format!("must be at least 1, got {}", self.sample_size),
+            });
+        }
+        Ok(self.sample_size)
+    }
 }
 
 impl Default for SchedulerConfig {
@@ -114,14 +128,16 @@ impl Default for KeyLeaseConfig {
 /// ([`Config::write_batching`]).
 ///
 /// With it, concurrent [`update_state`](crate::backend::BackendDatabase::update_state) calls
-/// are combined: up to [`max_alone`](Self::max_alone) calls at once write their change
-/// alone, at once; calls beyond that queue, and one statement writes every queued change;
-/// calls arriving during that one form the next batch. No call waits for company (a batch
-/// closes as soon as no other call is waiting), so batching adds no delay at low load and
-/// saves a transaction per change under load. Each call still gets its own answer, and
-/// every promise of the single-call path holds (changes of one backend are applied in call
-/// order, a failing change fails only its own call); RELIABILITY.md ("What we promise",
-/// group commit) says how failures are handled.
+/// are combined, and so are the new backends of concurrent
+/// [`connect`](crate::PlaneDatabase::connect) calls (each kind in batches of its own, with
+/// the same settings): up to [`max_alone`](Self::max_alone) calls at once write alone, at
+/// once; calls beyond that queue, and one statement writes everything queued; calls
+/// arriving during that one form the next batch. No call waits for company (a batch closes
+/// as soon as no other call is waiting), so batching adds no delay at low load and saves a
+/// transaction per call under load. Each call still gets its own answer, and every promise
+/// of the single-call path holds (changes of one backend are applied in call order; one
+/// backend per key, with its own fencing token; a failing call fails only itself);
+/// RELIABILITY.md ("What we promise", group commit) says how failures are handled.
 #[derive(Debug, Clone)]
 pub struct WriteBatchConfig {
     /// Whether concurrent calls are combined. Defaults to true; when false, each call runs

@@ -2,13 +2,12 @@
 
 use crate::backend::BackendIdentity;
 use crate::context::Context;
-use crate::drone::DroneDatabase;
-use crate::error::{interval_secs, to_json, ConnectError, Error, Result};
-use crate::events::NotificationPayload;
-use crate::events::{EventBatch, EventWriter};
+use crate::error::{ConnectError, Error, Result};
+use crate::events::EventWriter;
+use crate::group_commit::spawn::{NewBackend, SpawnOutcome};
 use crate::types::{
-    BackendActionMessage, BackendActionName, BackendName, BackendState, BackendStatus, BearerToken,
-    ClusterName, DroneName, DronePoolName, KeyConfig, NodeId, SecretToken, Subdomain,
+    BackendName, BackendStatus, BearerToken, ClusterName, DroneName, DronePoolName, KeyConfig,
+    SecretToken, Subdomain,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -99,6 +98,8 @@ enum Spawn {
     Spawned(ConnectResponse),
     /// A live backend holds the key: nothing was created.
     KeyHeld,
+    /// No drone qualifies: nothing was created.
+    NoDrone,
     /// The requested backend name is taken: nothing was created.
     IdTaken(BackendName),
 }
@@ -175,21 +176,11 @@ impl<'a> Connector<'a> {
             let mut no_drone = false;
             let mut id_taken = None;
             if let (Some(spawn), Some(cluster)) = (&request.spawn_config, cluster) {
-                match DroneDatabase::new(self.ctx)
-                    .pick_for_spawn(cluster, &spawn.pool)
-                    .await?
-                {
-                    Some(drone) => {
-                        match self
-                            .try_spawn(&key, spawn, cluster, request, drone.id, drone.name)
-                            .await?
-                        {
-                            Spawn::Spawned(response) => return Ok(response),
-                            Spawn::KeyHeld => {}
-                            Spawn::IdTaken(backend) => id_taken = Some(backend),
-                        }
-                    }
-                    None => no_drone = true,
+                match self.try_spawn(&key, spawn, cluster, request).await? {
+                    Spawn::Spawned(response) => return Ok(response),
+                    Spawn::KeyHeld => {}
+                    Spawn::NoDrone => no_drone = true,
+                    Spawn::IdTaken(backend) => id_taken = Some(backend),
                 }
             }
 
@@ -251,20 +242,19 @@ impl<'a> Connector<'a> {
         })
     }
 
-    /// Creates the backend on `drone` if the key is free or expired.
+    /// Creates the backend if the key is free or expired, on a drone picked as
+    /// [`DroneDatabase::pick_for_spawn`](crate::drone::DroneDatabase::pick_for_spawn) picks,
+    /// in the same statement (batched with concurrent calls, see
+    /// [`WriteBatchConfig`](crate::WriteBatchConfig)).
     async fn try_spawn(
         &self,
         key: &KeyConfig,
         spawn: &SpawnConfig,
         cluster: &ClusterName,
         request: &ConnectRequest,
-        drone_id: NodeId,
-        drone_name: DroneName,
     ) -> Result<Spawn> {
+        self.ctx.config().scheduler.checked_sample_size()?;
         let backend_id = spawn.id.clone().unwrap_or_else(BackendName::new_random);
-        let action_id = BackendActionName::new_random();
-        let lease = &self.ctx.config().key_lease;
-        let scheduled = BackendState::Scheduled;
         let (token, secret_token, token_digest) = if spawn.use_static_token {
             (BearerToken::new_random_static(), None, None)
         } else {
@@ -272,127 +262,32 @@ impl<'a> Connector<'a> {
             let digest = token.digest();
             (token, Some(SecretToken::new_random()), Some(digest))
         };
-        let static_token = spawn.use_static_token.then(|| token.as_str().to_string());
-        let events = EventBatch::one(&backend_id, &scheduled)?;
-        let writer = EventWriter::new(self.ctx.bus());
-
-        // The spawn action is assembled in SQL because the fencing token and the deadlines
-        // are only known inside the statement; its shape is BackendActionMessage's.
-        let fencing_token = sqlx::query_scalar!(
-            r#"
-            with acquired as (
-                insert into backend_key (id, namespace, key_name, tag, expires_at, fencing_token)
-                values ($1, $2, $3, $4, now() + make_interval(secs => $5),
-                        nextval('backend_key_fencing_token_seq'))
-                on conflict (namespace, key_name) do update set
-                    id = excluded.id,
-                    tag = excluded.tag,
-                    expires_at = excluded.expires_at,
-                    fencing_token = excluded.fencing_token,
-                    allow_renew = true
-                where backend_key.expires_at <= now()
-                returning fencing_token
-            ),
-            new_backend as (
-                insert into backend (id, cluster, last_status, last_status_number, last_status_time,
-                                     state, drone_id, expiration_time, allowed_idle_seconds,
-                                     last_keepalive, static_token, subdomain)
-                select $1, $6, $7, $8, now(), $9, $10, now() + make_interval(secs => $11),
-                       $12, now(), $13, $14
-                from acquired
-                returning id
-            ),
-            history as (
-                insert into backend_state (backend_id, state, created_at)
-                select id, $9, now() from new_backend
-            ),
-            drone_clock as (
-                -- The drone acts on the deadlines by its own clock: shift them by how far
-                -- its clock was from ours at its last heartbeat (at most a day either way, so
-                -- an absurd clock cannot push a deadline out of range).
-                select greatest(least(coalesce(
-                    (select last_local_time - last_heartbeat from drone where id = $10),
-                    interval '0'
-                ), interval '1 day'), interval '-1 day') as skew
-            ),
-            spawn as (
-                select jsonb_build_object('Spawn', jsonb_build_object(
-                    'executable', $15::jsonb,
-                    'key', jsonb_build_object(
-                        'key', jsonb_build_object('name', $3::text, 'namespace', $2::text, 'tag', $4::text),
-                        'deadlines', jsonb_build_object(
-                            'renew_at', (extract(epoch from now() + c.skew + make_interval(secs => $16)) * 1000)::bigint,
-                            'soft_terminate_at', (extract(epoch from now() + c.skew + make_interval(secs => $17)) * 1000)::bigint,
-                            'hard_terminate_at', (extract(epoch from now() + c.skew + make_interval(secs => $27)) * 1000)::bigint
-                        ),
-                        'token', a.fencing_token
-                    ),
-                    'static_token', $13::text
-                )) as action
-                from acquired a, new_backend, drone_clock c
-            ),
-            spawn_action as (
-                insert into backend_action (id, backend_id, drone_id, action)
-                select $18, $1, $10, action from spawn
-                returning action
-            ),
-            emitted as (
-                -- The backend's `scheduled` event comes from the batch ($19, $28, $29). The
-                -- spawn action's payload (a BackendActionMessage) is built here: its fencing
-                -- token and deadlines only exist inside this statement.
-                select plane_write_events(
-                    $19::text[] || $20::text,
-                    $28::text[] || $10::integer::text,
-                    $29::jsonb[] || jsonb_build_object('action_id', $18::text, 'backend_id', $1::text,
-                                                       'drone_id', $10::integer, 'action', action),
-                    $26)
-                from spawn_action
-            ),
-            new_token as (
-                insert into token (token_digest, backend_id, expiration_time, username, auth, secret_token)
-                select $21, id, now() + make_interval(secs => $22), $23, $24, $25
-                from new_backend
-                where $21::bytea is not null
-            )
-            -- One row of `emitted` exactly when the key was acquired.
-            select a.fencing_token from acquired a, emitted
-            "#,
-            backend_id.as_str(),
-            key.namespace,
-            key.name,
-            key.tag,
-            interval_secs(lease.expires_after()),
-            cluster.as_str(),
-            BackendStatus::Scheduled.to_string(),
-            BackendStatus::Scheduled.as_int(),
-            to_json("backend state", &scheduled)?,
-            drone_id.as_i32(),
-            spawn.lifetime_limit_seconds.map(f64::from),
-            spawn.max_idle_seconds,
-            static_token,
-            spawn.subdomain.as_ref().map(Subdomain::as_str),
-            spawn.executable,
-            lease.renew_after.as_secs_f64(),
-            lease.soft_terminate_after.as_secs_f64(),
-            action_id.as_str(),
-            events.kinds() as &[&str],
-            BackendActionMessage::kind(),
+        let mut item = NewBackend::new(
+            backend_id.clone(),
+            key.clone(),
+            cluster.clone(),
+            spawn.pool.clone(),
+            spawn.executable.clone(),
             token_digest,
-            self.ctx.config().token_lifetime.as_secs_f64(),
-            request.user,
+            request.user.clone(),
             Value::Object(request.auth.clone()),
-            secret_token.as_ref().map(SecretToken::as_str).unwrap_or_default(),
-            writer.wake(),
-            interval_secs(lease.hard_terminate_after),
-            events.keys(),
-            events.payloads(),
-        )
-        .fetch_optional(self.ctx.pool())
-        .await;
+        )?;
+        item.lifetime_limit_seconds = spawn.lifetime_limit_seconds.map(f64::from);
+        item.max_idle_seconds = spawn.max_idle_seconds;
+        item.static_token = spawn.use_static_token.then(|| token.as_str().to_string());
+        item.subdomain = spawn.subdomain.as_ref().map(|s| s.as_str().to_string());
+        if let Some(secret) = &secret_token {
+            item.secret_token = secret.as_str().to_string();
+        }
 
-        let fencing_token = match fencing_token {
-            Ok(Some(fencing_token)) => fencing_token,
-            Ok(None) => return Ok(Spawn::KeyHeld),
+        let (fencing_token, drone_id, drone_name) = match self.ctx.spawner().write(item).await {
+            Ok(SpawnOutcome::Created {
+                fencing_token,
+                drone_id,
+                drone_name,
+            }) => (fencing_token, drone_id, drone_name),
+            Ok(SpawnOutcome::KeyHeld) => return Ok(Spawn::KeyHeld),
+            Ok(SpawnOutcome::NoDrone) => return Ok(Spawn::NoDrone),
             // A caller-chosen name that a backend already has: as that backend's row or as
             // the holder of another key.
             Err(sqlx::Error::Database(e))
@@ -404,7 +299,12 @@ impl<'a> Connector<'a> {
             }
             Err(e) => return Err(e.into()),
         };
-        writer.committed();
+        // Committed: the bus is woken even if the drone's name below does not decode (a row
+        // written behind the crate's back; the caller gets the decode error, and a retry
+        // finds the backend by its key).
+        EventWriter::new(self.ctx.bus()).committed();
+        let drone_name = DroneName::try_from(drone_name)
+            .map_err(|e| Error::decode("node", "name", drone_id, e))?;
         tracing::info!(backend = %backend_id, drone = %drone_name, "scheduled a new backend");
         Ok(Spawn::Spawned(ConnectResponse {
             backend_id,

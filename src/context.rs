@@ -6,7 +6,9 @@
 
 use crate::config::Config;
 use crate::events::EventBus;
-use crate::group_commit::StateWriter;
+use crate::group_commit::spawn::Spawns;
+use crate::group_commit::state::StateChanges;
+use crate::group_commit::GroupCommit;
 use crate::replicas::{ProbeTask, Reads};
 use sqlx::PgPool;
 
@@ -16,7 +18,8 @@ pub(crate) struct Context {
     pool: PgPool,
     config: Config,
     bus: EventBus,
-    state_writer: StateWriter,
+    state_writer: GroupCommit<StateChanges>,
+    spawner: GroupCommit<Spawns>,
     reads: Reads,
     /// Stops the replicas' probe with the last clone.
     _probe: ProbeTask,
@@ -29,9 +32,17 @@ impl Context {
         bus: EventBus,
         (reads, probe): (Reads, ProbeTask),
     ) -> Self {
-        let state_writer = StateWriter::new(
+        let wake = bus.event_wake_setting();
+        let state_writer =
+            GroupCommit::new(pool.clone(), StateChanges { wake }, &config.write_batching);
+        let spawner = GroupCommit::new(
             pool.clone(),
-            bus.event_wake_setting(),
+            Spawns {
+                wake,
+                lease: config.key_lease.clone(),
+                token_lifetime: config.token_lifetime,
+                scheduler: config.scheduler.clone(),
+            },
             &config.write_batching,
         );
         Self {
@@ -39,6 +50,7 @@ impl Context {
             config,
             bus,
             state_writer,
+            spawner,
             reads,
             _probe: probe,
         }
@@ -66,7 +78,13 @@ impl Context {
 
     /// Writes `update_state`'s changes, batching concurrent ones (see
     /// [`WriteBatchConfig`](crate::WriteBatchConfig)).
-    pub(crate) fn state_writer(&self) -> &StateWriter {
+    pub(crate) fn state_writer(&self) -> &GroupCommit<StateChanges> {
         &self.state_writer
+    }
+
+    /// Writes `connect`'s new backends, batching concurrent ones (see
+    /// [`WriteBatchConfig`](crate::WriteBatchConfig)).
+    pub(crate) fn spawner(&self) -> &GroupCommit<Spawns> {
+        &self.spawner
     }
 }

@@ -271,6 +271,9 @@ impl PlaneDatabase {
     /// row and event, the key (with a new fencing token), the spawn action for the drone and
     /// its event, and the token. Concurrent connects for one key, from any number of
     /// controllers, end with exactly one backend, and every caller gets that backend.
+    /// Concurrent connects of one process that create backends share that statement and
+    /// its transaction (group commit, [`Config::write_batching`](crate::Config::write_batching));
+    /// each still gets its own answer.
     pub async fn connect(&self, request: &ConnectRequest) -> Result<ConnectResponse, ConnectError> {
         Connector::new(&self.inner).connect(request).await
     }

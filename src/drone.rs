@@ -219,12 +219,9 @@ impl<'a> DroneDatabase<'a> {
         pool: &DronePoolName,
     ) -> Result<Option<PickedDrone>> {
         let config = &self.ctx.config().scheduler;
-        if config.sample_size < 1 {
-            return Err(Error::InvalidArgument {
-                argument: "scheduler.sample_size",
-                reason: format!("must be at least 1, got {}", config.sample_size),
-            });
-        }
+        let sample_size = config.checked_sample_size()?;
+        // `connect`'s spawn statements pick the same way, inside the statement (the same
+        // conditions; tests/it/scheduling.rs checks both).
         let row = sqlx::query!(
             r#"
             with sample as (
@@ -254,7 +251,7 @@ impl<'a> DroneDatabase<'a> {
             pool.as_str(),
             config.drone_heartbeat_timeout.as_secs_f64(),
             config.controller_heartbeat_timeout.as_secs_f64(),
-            config.sample_size,
+            sample_size,
             BackendStatus::Terminated.as_int(),
         )
         .fetch_optional(self.ctx.pool())

@@ -1,6 +1,5 @@
 //! Shared pieces: the result table, a fresh database per section, bulk loading, statistics.
 
-use plane_db::events::BusConfig;
 use plane_db::node::NodeRegistration;
 use plane_db::testing::TestDatabase;
 use plane_db::types::{
@@ -205,21 +204,6 @@ impl Env {
             .await?;
         self.drones.push((id, name));
         Ok(id)
-    }
-
-    /// A second handle on the same pool whose writers notify from the `event` trigger in
-    /// every transaction: the behaviour before coalesced wake-ups.
-    pub fn trigger_notify_db(&self) -> PlaneDatabase {
-        PlaneDatabase::with_config(
-            self.pool.clone(),
-            Config {
-                bus: BusConfig {
-                    coalesce_wakeups: false,
-                    ..BusConfig::default()
-                },
-                ..Config::default()
-            },
-        )
     }
 
     pub async fn finish(self) -> R<()> {

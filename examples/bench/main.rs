@@ -26,6 +26,7 @@
 //! mode too, and a failed one makes the run fail.
 
 mod common;
+mod connect;
 mod crossproc;
 mod delivered;
 mod hot;
@@ -114,7 +115,7 @@ fn main() -> R<()> {
             match section {
                 "memory" => memory::run(&mut bench).await?,
                 "writers" => writers::update_state(&mut bench).await?,
-                "connect" => writers::connect(&mut bench).await?,
+                "connect" => connect::connect(&mut bench).await?,
                 "route" => hot::route(&mut bench).await?,
                 "delivery" => streams::delivery(&mut bench).await?,
                 "crossproc" => crossproc::crossproc(&mut bench).await?,

@@ -3,7 +3,7 @@
 use super::BackendDatabase;
 use crate::error::Result;
 use crate::events::{emit_ephemeral, EventWriter};
-use crate::group_commit::StateChange;
+use crate::group_commit::state::StateChange;
 use crate::metrics::{self, Operation};
 use crate::types::{BackendMetricsMessage, BackendName, BackendState, BackendStatus};
 

@@ -16,6 +16,7 @@ mod common;
 mod bad_config;
 mod bad_rows;
 mod batch_kill;
+mod connect_batch_kill;
 mod connect_race;
 mod failover;
 mod hostile;

@@ -12,7 +12,7 @@
 use crate::common::*;
 use futures_util::future::join_all;
 use plane_db::types::{BackendName, BackendState, BackendStatus};
-use plane_db::{Config, PlaneDatabase, WriteBatchConfig};
+use plane_db::{Config, PlaneDatabase, SchedulerConfig, WriteBatchConfig};
 use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
 
@@ -428,12 +428,23 @@ async fn run_writers(
 /// run gives, and the database ends the same: histories, events and keys.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_concurrent_writers_get_the_answers_of_a_sequential_run() {
-    let batched = Config::default();
+    // On a loaded machine setting up 96 backends in a debug build has taken over 30 s: the
+    // drone must stay eligible (heard from) until the last is scheduled.
+    let scheduler = SchedulerConfig {
+        drone_heartbeat_timeout: Duration::from_secs(3600),
+        controller_heartbeat_timeout: Duration::from_secs(3600),
+        ..SchedulerConfig::default()
+    };
+    let batched = Config {
+        scheduler: scheduler.clone(),
+        ..Config::default()
+    };
     let alone = Config {
         write_batching: WriteBatchConfig {
             enabled: false,
             ..WriteBatchConfig::default()
         },
+        scheduler,
         ..Config::default()
     };
     let mut outcomes = Vec::new();

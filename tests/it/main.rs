@@ -9,6 +9,7 @@ mod cli;
 mod common;
 mod compat;
 mod connect;
+mod connect_batch;
 mod events;
 mod group_commit;
 mod keys;

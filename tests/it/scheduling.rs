@@ -209,3 +209,99 @@ async fn node_registration_returns_a_stable_id_and_checks_the_name() {
     })
     .await
 }
+
+/// `connect` picks its drone inside its spawn statement, alone or in a batch: by the same
+/// rules as `pick_for_spawn`, and each backend of a batch on its own pick.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_schedules_only_on_eligible_drones_alone_and_batched() {
+    with_db(|db| async move {
+        let good = [drone(&db).await, drone(&db).await];
+        let unready = drone(&db).await;
+        db.drone().set_ready(unready.id, false).await.unwrap();
+        let draining = drone(&db).await;
+        exec(&db, &format!("update drone set draining = true where id = {}", draining.id)).await;
+        let silent = drone(&db).await;
+        exec(
+            &db,
+            &format!("update drone set last_heartbeat = now() - interval '5 minutes' where id = {}", silent.id),
+        )
+        .await;
+        let offline = drone(&db).await;
+        db.controller()
+            .heartbeat(&offline.controller, false, "0.1.0", "abc")
+            .await
+            .unwrap();
+        let silent_controller = drone(&db).await;
+        exec(
+            &db,
+            &format!(
+                "update controller set last_heartbeat = now() - interval '5 minutes' where id = '{}'",
+                silent_controller.controller
+            ),
+        )
+        .await;
+        let gpu = DronePoolName::from("gpu");
+        let gpu_drone = drone_in(&db, &cluster(), &gpu).await;
+        let other_cluster: plane_db::types::ClusterName = "other.test".parse().unwrap();
+        let other_drone = drone_in(&db, &other_cluster, &DronePoolName::default()).await;
+
+        // 8 alone, then 32 at once (batched).
+        let mut drones = Vec::new();
+        for i in 0..8 {
+            drones.push(db.connect(&request(&format!("alone-{i}"))).await.unwrap().drone);
+        }
+        let mut tasks = Vec::new();
+        for i in 0..32 {
+            let db = db.clone();
+            tasks.push(tokio::spawn(async move {
+                db.connect(&request(&format!("batched-{i}"))).await.unwrap().drone
+            }));
+        }
+        for t in tasks {
+            drones.push(t.await.unwrap());
+        }
+        let mut per_drone: HashMap<DroneName, usize> = HashMap::new();
+        for d in drones {
+            *per_drone.entry(d.expect("spawned")).or_default() += 1;
+        }
+        let eligible: Vec<&DroneName> = good.iter().map(|d| &d.name).collect();
+        assert!(
+            per_drone.keys().all(|d| eligible.contains(&d)),
+            "only eligible drones: {per_drone:?}"
+        );
+        assert_eq!(per_drone.values().sum::<usize>(), 40);
+        // An even split, give or take: a batch spreads its backends as if they were picked
+        // one after the other (before it did not, 35 of 40 went to one drone).
+        for d in &good {
+            let n = per_drone.get(&d.name).copied().unwrap_or(0);
+            assert!((15..=25).contains(&n), "{per_drone:?}");
+        }
+
+        // The pool and the cluster of the spawn config decide.
+        let mut in_gpu = request("in-gpu");
+        if let Some(spawn) = in_gpu.spawn_config.as_mut() {
+            spawn.pool = gpu.clone();
+        }
+        assert_eq!(db.connect(&in_gpu).await.unwrap().drone, Some(gpu_drone.name));
+        let mut elsewhere = request("elsewhere");
+        if let Some(spawn) = elsewhere.spawn_config.as_mut() {
+            spawn.cluster = Some(other_cluster);
+        }
+        assert_eq!(db.connect(&elsewhere).await.unwrap().drone, Some(other_drone.name));
+        // No eligible drone: nothing is created.
+        let mut nowhere = request("nowhere");
+        if let Some(spawn) = nowhere.spawn_config.as_mut() {
+            spawn.pool = DronePoolName::from("none");
+        }
+        assert!(matches!(
+            db.connect(&nowhere).await,
+            Err(plane_db::ConnectError::NoDroneAvailable { .. })
+        ));
+        let key_rows: i64 = sqlx::query_scalar("select count(*) from backend_key where key_name = 'nowhere'")
+            .fetch_one(db.pool())
+            .await
+            .unwrap();
+        assert_eq!(key_rows, 0);
+    })
+    .await
+}

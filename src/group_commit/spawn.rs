@@ -1,0 +1,591 @@
+//! `connect`'s statements for group commit: a new backend for a key, alone or many at once.
+//!
+//! Each new backend is the pick of its drone, the key's acquisition (only if the key is free
+//! or its lease expired, with the next fencing token), the backend row, its first history
+//! row, its `scheduled` event, the spawn action for its drone with that action's event, and
+//! the caller's token. All of it comes from one statement, or none of it.
+//!
+//! The pick follows `DroneDatabase::pick_for_spawn`'s rules, spelled out in each statement
+//! so that it is planned with the statement: a database function holding it was planned
+//! again on every call and halved the pick rate (measured), and its default row estimate
+//! made Postgres JIT-compile the spawn statement (about 320 ms a call).
+//! `tests/it/scheduling.rs` checks the rules on both paths.
+
+use super::Statements;
+use crate::config::{KeyLeaseConfig, SchedulerConfig};
+use crate::error::{interval_secs, Result};
+use crate::events::{EventBatch, NotificationPayload};
+use crate::metrics::Operation;
+use crate::types::{
+    BackendActionMessage, BackendActionName, BackendName, BackendState, BackendStatus, ClusterName,
+    DronePoolName, KeyConfig,
+};
+use serde_json::Value;
+use sqlx::PgConnection;
+use std::time::Duration;
+
+/// A backend to create, as the statement takes it.
+pub(crate) struct NewBackend {
+    pub(crate) backend_id: BackendName,
+    pub(crate) key: KeyConfig,
+    pub(crate) cluster: ClusterName,
+    /// The drone pool to pick a drone from.
+    pub(crate) pool: DronePoolName,
+    pub(crate) lifetime_limit_seconds: Option<f64>,
+    pub(crate) max_idle_seconds: Option<i32>,
+    pub(crate) static_token: Option<String>,
+    pub(crate) subdomain: Option<String>,
+    pub(crate) executable: Value,
+    pub(crate) action_id: BackendActionName,
+    /// The digest of the caller's bearer token; none for a static token.
+    pub(crate) token_digest: Option<Vec<u8>>,
+    pub(crate) user: Option<String>,
+    pub(crate) auth: Value,
+    /// The secret sent with the token's requests (empty for a static token).
+    pub(crate) secret_token: String,
+    /// `namespace`, a NUL, `key name`: the key row this item locks.
+    lock_key: String,
+    /// Exactly one event, the backend's `scheduled` state, whose payload is also the row's
+    /// `state` (serialised once).
+    events: EventBatch,
+}
+
+impl NewBackend {
+    /// A backend without limits, static token or subdomain (the caller sets those fields).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        backend_id: BackendName,
+        key: KeyConfig,
+        cluster: ClusterName,
+        pool: DronePoolName,
+        executable: Value,
+        token_digest: Option<Vec<u8>>,
+        user: Option<String>,
+        auth: Value,
+    ) -> Result<Self> {
+        let events = EventBatch::one(&backend_id, &BackendState::Scheduled)?;
+        let lock_key = format!("{}\u{0}{}", key.namespace, key.name);
+        Ok(Self {
+            backend_id,
+            key,
+            cluster,
+            pool,
+            lifetime_limit_seconds: None,
+            max_idle_seconds: None,
+            static_token: None,
+            subdomain: None,
+            executable,
+            action_id: BackendActionName::new_random(),
+            token_digest,
+            user,
+            auth,
+            secret_token: String::new(),
+            lock_key,
+            events,
+        })
+    }
+
+    /// The `scheduled` state as JSON: the payload of its one event.
+    fn state(&self) -> Option<&Value> {
+        self.events.payloads().first()
+    }
+}
+
+/// What the spawn statement did with one new backend.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum SpawnOutcome {
+    /// Created on the drone it picked, with the key's new fencing token.
+    Created {
+        fencing_token: i64,
+        drone_id: i32,
+        drone_name: String,
+    },
+    /// A live backend holds the key: nothing was written.
+    KeyHeld,
+    /// No drone qualifies: nothing was written.
+    NoDrone,
+}
+
+impl SpawnOutcome {
+    /// The outcome from the statement's nullable columns: no drone, or a drone and no
+    /// fencing token (the key is held), or both.
+    fn from_row(drone: Option<(i32, String)>, fencing_token: Option<i64>) -> Self {
+        match (drone, fencing_token) {
+            (None, _) => SpawnOutcome::NoDrone,
+            (Some(_), None) => SpawnOutcome::KeyHeld,
+            (Some((drone_id, drone_name)), Some(fencing_token)) => SpawnOutcome::Created {
+                fencing_token,
+                drone_id,
+                drone_name,
+            },
+        }
+    }
+}
+
+/// The statements of `connect`'s spawn.
+pub(crate) struct Spawns {
+    /// The `wake` argument of `plane_write_events` (see `EventWriter::wake`).
+    pub(crate) wake: &'static str,
+    pub(crate) lease: KeyLeaseConfig,
+    pub(crate) token_lifetime: Duration,
+    /// How drones are picked; its sample size is checked by the caller.
+    pub(crate) scheduler: SchedulerConfig,
+}
+
+impl Statements for Spawns {
+    type Item = NewBackend;
+    type Output = SpawnOutcome;
+    const OPERATION: Operation = Operation::Connect;
+
+    fn lock_key(item: &NewBackend) -> &str {
+        &item.lock_key
+    }
+
+    async fn write_one(
+        &self,
+        conn: &mut PgConnection,
+        item: &NewBackend,
+    ) -> std::result::Result<SpawnOutcome, sqlx::Error> {
+        self.spawn_one(conn, item).await
+    }
+
+    async fn write_many(
+        &self,
+        conn: &mut PgConnection,
+        items: &[&NewBackend],
+    ) -> std::result::Result<Vec<SpawnOutcome>, sqlx::Error> {
+        self.spawn_many(conn, items).await
+    }
+}
+
+impl Spawns {
+    /// One backend, in a statement without arrays.
+    async fn spawn_one(
+        &self,
+        conn: &mut PgConnection,
+        item: &NewBackend,
+    ) -> std::result::Result<SpawnOutcome, sqlx::Error> {
+        let lease = &self.lease;
+        let scheduler = &self.scheduler;
+        // The spawn action is assembled in SQL because the drone, the fencing token and the
+        // deadlines are only known inside the statement; its shape is BackendActionMessage's.
+        let row = sqlx::query!(
+            r#"
+            with sample as (
+                -- The pick, as in `pick_for_spawn`.
+                select d.id, n.name
+                from drone d
+                join node n on n.id = d.id
+                join controller c on c.id = n.controller
+                where n.cluster = $6
+                  and d.pool = $7
+                  and d.ready
+                  and not d.draining
+                  and d.last_heartbeat > now() - make_interval(secs => $8)
+                  and c.is_online
+                  and c.last_heartbeat > now() - make_interval(secs => $9)
+                order by random()
+                limit $10
+            ),
+            picked as (
+                select s.id, s.name
+                from sample s
+                order by (
+                    select count(*) from backend b
+                    where b.drone_id = s.id and b.last_status_number < $11
+                ), random()
+                limit 1
+            ),
+            acquired as (
+                insert into backend_key (id, namespace, key_name, tag, expires_at, fencing_token)
+                select $1, $2, $3, $4, now() + make_interval(secs => $5),
+                       nextval('backend_key_fencing_token_seq')
+                from picked
+                on conflict (namespace, key_name) do update set
+                    id = excluded.id,
+                    tag = excluded.tag,
+                    expires_at = excluded.expires_at,
+                    fencing_token = excluded.fencing_token,
+                    allow_renew = true
+                where backend_key.expires_at <= now()
+                returning fencing_token
+            ),
+            new_backend as (
+                insert into backend (id, cluster, last_status, last_status_number, last_status_time,
+                                     state, drone_id, expiration_time, allowed_idle_seconds,
+                                     last_keepalive, static_token, subdomain)
+                select $1, $6, $12, $13, now(), $14, p.id, now() + make_interval(secs => $15),
+                       $16, now(), $17, $18
+                from acquired, picked p
+                returning id, drone_id
+            ),
+            history as (
+                insert into backend_state (backend_id, state, created_at)
+                select id, $14, now() from new_backend
+            ),
+            spawn as (
+                select b.drone_id, jsonb_build_object('Spawn', jsonb_build_object(
+                    'executable', $19::jsonb,
+                    'key', jsonb_build_object(
+                        'key', jsonb_build_object('name', $3::text, 'namespace', $2::text, 'tag', $4::text),
+                        'deadlines', jsonb_build_object(
+                            'renew_at', (extract(epoch from now() + c.skew + make_interval(secs => $20)) * 1000)::bigint,
+                            'soft_terminate_at', (extract(epoch from now() + c.skew + make_interval(secs => $21)) * 1000)::bigint,
+                            'hard_terminate_at', (extract(epoch from now() + c.skew + make_interval(secs => $22)) * 1000)::bigint
+                        ),
+                        'token', a.fencing_token
+                    ),
+                    'static_token', $17::text
+                )) as action
+                from acquired a, new_backend b
+                cross join lateral (
+                    -- The drone acts on the deadlines by its own clock: shift them by how far
+                    -- its clock was from ours at its last heartbeat (at most a day either
+                    -- way, so an absurd clock cannot push a deadline out of range).
+                    select greatest(least(coalesce(
+                        (select last_local_time - last_heartbeat from drone where id = b.drone_id),
+                        interval '0'
+                    ), interval '1 day'), interval '-1 day') as skew
+                ) c
+            ),
+            spawn_action as (
+                insert into backend_action (id, backend_id, drone_id, action)
+                select $23, $1, drone_id, action from spawn
+                returning drone_id, action
+            ),
+            emitted as (
+                -- The backend's `scheduled` event comes from the batch ($24, $25, $26). The
+                -- spawn action's payload (a BackendActionMessage) is built here: its drone,
+                -- fencing token and deadlines only exist inside this statement.
+                select plane_write_events(
+                    $24::text[] || $27::text,
+                    $25::text[] || drone_id::text,
+                    $26::jsonb[] || jsonb_build_object('action_id', $23::text, 'backend_id', $1::text,
+                                                       'drone_id', drone_id, 'action', action),
+                    $28)
+                from spawn_action
+            ),
+            new_token as (
+                insert into token (token_digest, backend_id, expiration_time, username, auth, secret_token)
+                select $29, id, now() + make_interval(secs => $30), $31, $32, $33
+                from new_backend
+                where $29::bytea is not null
+            )
+            -- No row: no drone. A drone and no fencing token: the key is held.
+            select p.id as "drone_id!", p.name as "drone_name!", w.fencing_token as "fencing_token?"
+            from picked p
+            left join (select a.fencing_token from acquired a, emitted) w on true
+            "#,
+            item.backend_id.as_str(),
+            item.key.namespace,
+            item.key.name,
+            item.key.tag,
+            interval_secs(lease.expires_after()),
+            item.cluster.as_str(),
+            item.pool.as_str(),
+            scheduler.drone_heartbeat_timeout.as_secs_f64(),
+            scheduler.controller_heartbeat_timeout.as_secs_f64(),
+            scheduler.sample_size,
+            BackendStatus::Terminated.as_int(),
+            BackendStatus::Scheduled.to_string(),
+            BackendStatus::Scheduled.as_int(),
+            item.state(),
+            item.lifetime_limit_seconds,
+            item.max_idle_seconds,
+            item.static_token,
+            item.subdomain,
+            item.executable,
+            lease.renew_after.as_secs_f64(),
+            lease.soft_terminate_after.as_secs_f64(),
+            interval_secs(lease.hard_terminate_after),
+            item.action_id.as_str(),
+            item.events.kinds() as &[&str],
+            item.events.keys(),
+            item.events.payloads(),
+            BackendActionMessage::kind(),
+            self.wake,
+            item.token_digest,
+            self.token_lifetime.as_secs_f64(),
+            item.user,
+            item.auth,
+            item.secret_token,
+        )
+        .fetch_optional(&mut *conn)
+        .await?;
+        Ok(match row {
+            None => SpawnOutcome::NoDrone,
+            Some(row) => {
+                SpawnOutcome::from_row(Some((row.drone_id, row.drone_name)), row.fencing_token)
+            }
+        })
+    }
+
+    /// Many backends (distinct keys), in one statement. The items are numbered in the
+    /// order given (`n`, 1-based); the keys are acquired, and everything else written, in
+    /// that order. The drones are picked for the batch as a whole (see the statement), so
+    /// that its items spread as if picked one after the other.
+    async fn spawn_many(
+        &self,
+        conn: &mut PgConnection,
+        items: &[&NewBackend],
+    ) -> std::result::Result<Vec<SpawnOutcome>, sqlx::Error> {
+        let lease = &self.lease;
+        let scheduler = &self.scheduler;
+        let mut events = EventBatch::default();
+        let mut ids = Vec::with_capacity(items.len());
+        let mut namespaces = Vec::with_capacity(items.len());
+        let mut key_names = Vec::with_capacity(items.len());
+        let mut tags = Vec::with_capacity(items.len());
+        let mut clusters = Vec::with_capacity(items.len());
+        let mut pools = Vec::with_capacity(items.len());
+        let mut lifetimes = Vec::with_capacity(items.len());
+        let mut max_idles = Vec::with_capacity(items.len());
+        let mut static_tokens = Vec::with_capacity(items.len());
+        let mut subdomains = Vec::with_capacity(items.len());
+        let mut executables = Vec::with_capacity(items.len());
+        let mut action_ids = Vec::with_capacity(items.len());
+        let mut digests = Vec::with_capacity(items.len());
+        let mut users = Vec::with_capacity(items.len());
+        let mut auths = Vec::with_capacity(items.len());
+        let mut secrets = Vec::with_capacity(items.len());
+        for item in items {
+            ids.push(item.backend_id.as_str());
+            namespaces.push(item.key.namespace.as_str());
+            key_names.push(item.key.name.as_str());
+            tags.push(item.key.tag.as_str());
+            clusters.push(item.cluster.as_str());
+            pools.push(item.pool.as_str());
+            lifetimes.push(item.lifetime_limit_seconds);
+            max_idles.push(item.max_idle_seconds);
+            static_tokens.push(item.static_token.as_deref());
+            subdomains.push(item.subdomain.as_deref());
+            executables.push(item.executable.clone());
+            action_ids.push(item.action_id.as_str());
+            digests.push(item.token_digest.as_deref());
+            users.push(item.user.as_deref());
+            auths.push(item.auth.clone());
+            secrets.push(item.secret_token.as_str());
+            events.extend(&item.events);
+        }
+        // One `scheduled` event per item, in the items' order: its payload is also the
+        // backend row's `state` and its first history row. The spawn actions' events are
+        // built here, as in `spawn_one`, and follow each backend's own event.
+        let rows = sqlx::query!(
+            r#"
+            with input as (
+                select *
+                from unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
+                            $6::text[], $7::float8[], $8::integer[], $9::text[], $10::text[],
+                            $11::jsonb[], $12::text[], $13::bytea[], $14::text[], $15::jsonb[],
+                            $16::text[], $17::jsonb[])
+                    with ordinality as i(backend_id, namespace, key_name, tag, cluster, pool,
+                                         lifetime, max_idle, static_token, subdomain,
+                                         executable, action_id, token_digest, username, auth,
+                                         secret_token, state, n)
+            ),
+            -- The picks. One item picks as `pick_for_spawn` does: the least loaded of a
+            -- random sample of `sample_size` eligible drones. The items of a batch see the
+            -- loads from before it, so picking for each on its own would send them all to
+            -- the same least loaded drone. Instead, per cluster and pool with m items, a
+            -- random sample of `sample_size` x m eligible drones (all, if fewer) is filled
+            -- up: the k-th item takes the k-th lowest of (load + j) over the sampled drones
+            -- and j = 0..m-1 (ties at random), i.e. each item goes to the drone that is
+            -- least loaded once the items before it are counted.
+            groups as (
+                select cluster, pool, count(*) as items
+                from input
+                group by cluster, pool
+            ),
+            sampled as (
+                select g.cluster, g.pool, g.items, s.id, s.name, s.load
+                from groups g
+                cross join lateral (
+                    select d.id, n.name, (
+                        select count(*) from backend b
+                        where b.drone_id = d.id and b.last_status_number < $22
+                    ) as load
+                    from drone d
+                    join node n on n.id = d.id
+                    join controller c on c.id = n.controller
+                    where n.cluster = g.cluster
+                      and d.pool = g.pool
+                      and d.ready
+                      and not d.draining
+                      and d.last_heartbeat > now() - make_interval(secs => $19)
+                      and c.is_online
+                      and c.last_heartbeat > now() - make_interval(secs => $20)
+                    order by random()
+                    limit $21 * g.items
+                ) s
+            ),
+            slots as (
+                select s.cluster, s.pool, s.id, s.name,
+                       row_number() over (partition by s.cluster, s.pool
+                                          order by s.load + j.j, random()) as slot
+                from sampled s
+                cross join lateral generate_series(0, s.items - 1) as j(j)
+            ),
+            picked as (
+                select i.n, s.id as drone_id, s.name as drone_name
+                from (
+                    select n, cluster, pool,
+                           row_number() over (partition by cluster, pool order by n) as slot
+                    from input
+                ) i
+                join slots s on s.cluster = i.cluster and s.pool = i.pool and s.slot = i.slot
+            ),
+            acquired as (
+                insert into backend_key (id, namespace, key_name, tag, expires_at, fencing_token)
+                select i.backend_id, i.namespace, i.key_name, i.tag,
+                       now() + make_interval(secs => $18), nextval('backend_key_fencing_token_seq')
+                from input i
+                join picked p on p.n = i.n
+                order by i.n
+                on conflict (namespace, key_name) do update set
+                    id = excluded.id,
+                    tag = excluded.tag,
+                    expires_at = excluded.expires_at,
+                    fencing_token = excluded.fencing_token,
+                    allow_renew = true
+                where backend_key.expires_at <= now()
+                returning id, fencing_token
+            ),
+            new_backend as (
+                insert into backend (id, cluster, last_status, last_status_number, last_status_time,
+                                     state, drone_id, expiration_time, allowed_idle_seconds,
+                                     last_keepalive, static_token, subdomain)
+                select i.backend_id, i.cluster, $23, $24, now(), i.state, p.drone_id,
+                       now() + make_interval(secs => i.lifetime), i.max_idle, now(),
+                       i.static_token, i.subdomain
+                from acquired a
+                join input i on i.backend_id = a.id
+                join picked p on p.n = i.n
+                order by i.n
+                returning id
+            ),
+            -- The rest is written for the backends inserted (all those whose key was
+            -- acquired: a failed insert fails the statement).
+            spawned as (
+                select i.*, a.fencing_token, p.drone_id
+                from new_backend b
+                join acquired a on a.id = b.id
+                join input i on i.backend_id = b.id
+                join picked p on p.n = i.n
+            ),
+            history as (
+                insert into backend_state (backend_id, state, created_at)
+                select backend_id, state, now() from spawned order by n
+            ),
+            spawn as (
+                -- The drone's clock skew as in `spawn_one`.
+                select s.n, s.backend_id, s.drone_id, s.action_id, jsonb_build_object('Spawn', jsonb_build_object(
+                    'executable', s.executable,
+                    'key', jsonb_build_object(
+                        'key', jsonb_build_object('name', s.key_name, 'namespace', s.namespace, 'tag', s.tag),
+                        'deadlines', jsonb_build_object(
+                            'renew_at', (extract(epoch from now() + c.skew + make_interval(secs => $25)) * 1000)::bigint,
+                            'soft_terminate_at', (extract(epoch from now() + c.skew + make_interval(secs => $26)) * 1000)::bigint,
+                            'hard_terminate_at', (extract(epoch from now() + c.skew + make_interval(secs => $27)) * 1000)::bigint
+                        ),
+                        'token', s.fencing_token
+                    ),
+                    'static_token', s.static_token
+                )) as action
+                from spawned s
+                cross join lateral (
+                    select greatest(least(coalesce(
+                        (select last_local_time - last_heartbeat from drone where id = s.drone_id),
+                        interval '0'
+                    ), interval '1 day'), interval '-1 day') as skew
+                ) c
+            ),
+            spawn_action as (
+                insert into backend_action (id, backend_id, drone_id, action)
+                select action_id, backend_id, drone_id, action from spawn order by n
+            ),
+            emitted as (
+                select plane_write_events(array_agg(e.kind order by e.n, e.part),
+                                          array_agg(e.key order by e.n, e.part),
+                                          array_agg(e.data order by e.n, e.part), $28)
+                from (
+                    select e.n, 1 as part, e.kind, e.key, e.data
+                    from unnest($29::text[], $30::text[], $17::jsonb[])
+                        with ordinality as e(kind, key, data, n)
+                    where e.n in (select n from spawned)
+                    union all
+                    select n, 2, $31::text, drone_id::text,
+                           jsonb_build_object('action_id', action_id, 'backend_id', backend_id,
+                                              'drone_id', drone_id, 'action', action)
+                    from spawn
+                ) e
+            ),
+            new_token as (
+                insert into token (token_digest, backend_id, expiration_time, username, auth, secret_token)
+                select token_digest, backend_id, now() + make_interval(secs => $32), username,
+                       auth, secret_token
+                from spawned
+                where token_digest is not null
+                order by n
+            )
+            -- Per item: no drone; a drone and no fencing token (the key is held); or both.
+            select i.n as "n!", p.drone_id as "drone_id?", p.drone_name as "drone_name?",
+                   w.fencing_token as "fencing_token?"
+            from input i
+            left join picked p on p.n = i.n
+            left join (select n, fencing_token from spawned, emitted) w on w.n = i.n
+            "#,
+            &ids as &[&str],
+            &namespaces as &[&str],
+            &key_names as &[&str],
+            &tags as &[&str],
+            &clusters as &[&str],
+            &pools as &[&str],
+            &lifetimes as &[Option<f64>],
+            &max_idles as &[Option<i32>],
+            &static_tokens as &[Option<&str>],
+            &subdomains as &[Option<&str>],
+            &executables,
+            &action_ids as &[&str],
+            &digests as &[Option<&[u8]>],
+            &users as &[Option<&str>],
+            &auths,
+            &secrets as &[&str],
+            events.payloads(),
+            interval_secs(lease.expires_after()),
+            scheduler.drone_heartbeat_timeout.as_secs_f64(),
+            scheduler.controller_heartbeat_timeout.as_secs_f64(),
+            scheduler.sample_size,
+            BackendStatus::Terminated.as_int(),
+            BackendStatus::Scheduled.to_string(),
+            BackendStatus::Scheduled.as_int(),
+            lease.renew_after.as_secs_f64(),
+            lease.soft_terminate_after.as_secs_f64(),
+            interval_secs(lease.hard_terminate_after),
+            self.wake,
+            events.kinds() as &[&str],
+            events.keys(),
+            BackendActionMessage::kind(),
+            self.token_lifetime.as_secs_f64(),
+        )
+        .fetch_all(&mut *conn)
+        .await?;
+        let mut outcomes = vec![None; items.len()];
+        for row in rows {
+            // `n` is 1-based; a value out of range cannot come back, and is ignored if it does.
+            if let Some(slot) = usize::try_from(row.n - 1)
+                .ok()
+                .and_then(|i| outcomes.get_mut(i))
+            {
+                let drone = row.drone_id.zip(row.drone_name);
+                *slot = Some(SpawnOutcome::from_row(drone, row.fencing_token));
+            }
+        }
+        // One row per item comes back; a missing one is reported, not guessed.
+        outcomes
+            .into_iter()
+            .map(|o| {
+                o.ok_or_else(|| sqlx::Error::Protocol("the spawn statement skipped an item".into()))
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,327 @@
+//! Group commit of `connect` (`Config::write_batching`): concurrent calls that create
+//! backends share one statement and one transaction, and each caller gets exactly the
+//! answer it would have got alone.
+//!
+//! To form a batch deterministically, two calls are held first, each on the row lock of an
+//! expired key it takes over ([`held_keys`]): the first writes alone, the second is a batch
+//! of its own, the one batch in flight. The calls under test start only then; they queue
+//! behind that batch and are written together once the locks are released.
+
+use crate::common::*;
+use futures_util::future::join_all;
+use plane_db::backend::RouteInfoResult;
+use plane_db::connect::{ConnectRequest, ConnectResponse};
+use plane_db::events::NotificationPayload;
+use plane_db::types::{BackendActionMessage, BackendName};
+use plane_db::{Config, ConnectError, PlaneDatabase, WriteBatchConfig};
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+/// How long the calls under test have to queue before the held calls are released.
+const HOLD: Duration = Duration::from_millis(300);
+
+fn one_alone() -> Config {
+    Config {
+        write_batching: WriteBatchConfig {
+            max_alone: 1,
+            ..WriteBatchConfig::default()
+        },
+        ..Config::default()
+    }
+}
+
+/// Two keys whose backends exist but whose leases expired, their rows locked by an open
+/// transaction: a connect for either waits for the lock (then takes the key over).
+async fn held_keys(
+    db: &PlaneDatabase,
+) -> ([String; 2], sqlx::Transaction<'static, sqlx::Postgres>) {
+    let keys = [0, 1].map(|i| format!("held-{i}-{}", BackendName::new_random()));
+    let mut old = Vec::new();
+    for key in &keys {
+        old.push(
+            db.connect(&request(key))
+                .await
+                .unwrap()
+                .backend_id
+                .to_string(),
+        );
+    }
+    sqlx::query(
+        "update backend_key set expires_at = now() - interval '1 second' where id = any($1)",
+    )
+    .bind(&old)
+    .execute(db.pool())
+    .await
+    .unwrap();
+    let mut txn = db.pool().begin().await.unwrap();
+    sqlx::query("select 1 from backend_key where id = any($1) for update")
+        .bind(&old)
+        .execute(&mut *txn)
+        .await
+        .unwrap();
+    (keys, txn)
+}
+
+/// Waits until `n` statements of this database wait for a lock.
+async fn blocked(db: &PlaneDatabase, n: i64) {
+    loop {
+        let waiting: i64 = sqlx::query_scalar(
+            "select count(*) from pg_stat_activity
+             where datname = current_database() and wait_event_type = 'Lock'",
+        )
+        .fetch_one(db.pool())
+        .await
+        .unwrap();
+        if waiting >= n {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Runs the two held calls, then `requests` once both are blocked, and releases them after
+/// [`HOLD`]. Returns the held calls' responses (with their keys) and the answers to
+/// `requests`, in order.
+async fn in_one_batch(
+    db: &PlaneDatabase,
+    requests: &[ConnectRequest],
+) -> (
+    Vec<(ConnectResponse, String)>,
+    Vec<Result<ConnectResponse, ConnectError>>,
+) {
+    let (keys, txn) = held_keys(db).await;
+    let held = [request(&keys[0]), request(&keys[1])];
+    let first = db.connect(&held[0]);
+    let second = async {
+        blocked(db, 1).await;
+        db.connect(&held[1]).await
+    };
+    let rest = async {
+        blocked(db, 2).await;
+        let calls = join_all(requests.iter().map(|r| db.connect(r)));
+        let release = async move {
+            tokio::time::sleep(HOLD).await;
+            txn.rollback().await.unwrap();
+        };
+        tokio::join!(calls, release).0
+    };
+    let (first, second, answers) = tokio::join!(first, second, rest);
+    let [k0, k1] = keys;
+    (vec![(first.unwrap(), k0), (second.unwrap(), k1)], answers)
+}
+
+/// The events written for `backend` (its state events and its drone's spawn action):
+/// (id, kind, transaction id), in id order.
+async fn events_for(db: &PlaneDatabase, backend: &BackendName) -> Vec<(i64, String, String)> {
+    sqlx::query_as(
+        "select id, kind, xid::text from event
+         where (kind = 'backend_state' and key = $1)
+            or (kind = $2 and data->>'backend_id' = $1)
+         order by id",
+    )
+    .bind(backend.as_str())
+    .bind(BackendActionMessage::kind())
+    .fetch_all(db.pool())
+    .await
+    .unwrap()
+}
+
+/// What a spawned backend must have, exactly as a lone `connect` writes it: one history
+/// row, one spawn action carrying the response's fencing token, the key, and a token that
+/// routes to it. Returns its events' transaction id.
+async fn check_spawned(db: &PlaneDatabase, response: &ConnectResponse, key: &str) -> String {
+    let backend = &response.backend_id;
+    assert!(response.spawned, "{key}: {response:?}");
+    let history: i64 =
+        sqlx::query_scalar("select count(*) from backend_state where backend_id = $1")
+            .bind(backend.as_str())
+            .fetch_one(db.pool())
+            .await
+            .unwrap();
+    assert_eq!(history, 1, "{key}: one history row");
+    let action_tokens: Vec<Option<i64>> = sqlx::query_scalar(
+        "select (action->'Spawn'->'key'->>'token')::bigint from backend_action where backend_id = $1",
+    )
+    .bind(backend.as_str())
+    .fetch_all(db.pool())
+    .await
+    .unwrap();
+    assert_eq!(
+        action_tokens,
+        vec![response.fencing_token],
+        "{key}: one spawn action"
+    );
+    let holder: Option<String> =
+        sqlx::query_scalar("select id from backend_key where namespace = 'ns' and key_name = $1")
+            .bind(key)
+            .fetch_optional(db.pool())
+            .await
+            .unwrap();
+    assert_eq!(
+        holder.as_deref(),
+        Some(backend.as_str()),
+        "{key}: holds its key"
+    );
+    assert!(matches!(
+        db.backend()
+            .route_info_for_token(&response.token)
+            .await
+            .unwrap(),
+        RouteInfoResult::Pending(_)
+    ));
+    let events = events_for(db, backend).await;
+    let kinds: Vec<&str> = events.iter().map(|e| e.1.as_str()).collect();
+    assert_eq!(
+        kinds,
+        vec!["backend_state", BackendActionMessage::kind()],
+        "{key}: its state event, then its spawn action's"
+    );
+    assert_eq!(events[0].2, events[1].2, "{key}: one transaction");
+    events[0].2.clone()
+}
+
+fn tagged(key: &str, tag: &str) -> ConnectRequest {
+    let mut req = request(key);
+    if let Some(k) = req.key.as_mut() {
+        k.tag = tag.to_string();
+    }
+    req
+}
+
+/// One batch holding new keys, a key held by a live backend, the same new key twice and a
+/// key held under another tag: every caller gets what it would have got alone, and what the
+/// batch created was written in one transaction.
+#[tokio::test(flavor = "current_thread")]
+async fn a_connect_batch_answers_each_caller_as_alone() {
+    with_db_config(one_alone(), |db| async move {
+        drone(&db).await;
+        let live = db.connect(&request("live")).await.unwrap();
+        let requests = [
+            request("a"),
+            request("b"),
+            request("live"),
+            request("twice"),
+            request("twice"),
+            tagged("live", "other-tag"),
+        ];
+        let (held, answers) = in_one_batch(&db, &requests).await;
+        let mut held_xids = BTreeSet::new();
+        for (response, key) in &held {
+            held_xids.insert(check_spawned(&db, response, key).await);
+        }
+        let mut answers = answers.into_iter();
+        let mut next = || answers.next().expect("one answer per call");
+        let a = next().unwrap();
+        let b = next().unwrap();
+        let again = next().unwrap();
+        // The same key twice: whichever reached the batch first (their drone picks ran
+        // concurrently) created the backend.
+        let (twice, twice_again) = match (next().unwrap(), next().unwrap()) {
+            (x, y) if x.spawned => (x, y),
+            (x, y) => (y, x),
+        };
+        let refused = next();
+
+        // The key held by a live backend: that backend, a new token, nothing created.
+        assert!(!again.spawned);
+        assert_eq!(again.backend_id, live.backend_id);
+        assert_eq!(again.fencing_token, None);
+        assert_ne!(again.token, live.token);
+        // The same key twice in one batch: one backend; the other call got it.
+        assert!(!twice_again.spawned);
+        assert_eq!(twice_again.backend_id, twice.backend_id);
+        assert_eq!(twice_again.fencing_token, None);
+        // Another tag: refused, naming the holder.
+        match refused {
+            Err(ConnectError::KeyHeld { backend, .. }) => assert_eq!(backend, live.backend_id),
+            other => panic!("expected KeyHeld, got {other:?}"),
+        }
+
+        let mut xids = BTreeSet::new();
+        for (response, key) in [(&a, "a"), (&b, "b"), (&twice, "twice")] {
+            xids.insert(check_spawned(&db, response, key).await);
+        }
+        assert_eq!(xids.len(), 1, "the batch's backends share one transaction");
+        assert_eq!(
+            held_xids.len(),
+            2,
+            "the held calls wrote one after the other"
+        );
+        assert!(xids.is_disjoint(&held_xids));
+
+        // Fencing tokens: one per acquisition, all distinct, the batch's after the held ones'.
+        let tokens: BTreeSet<i64> = [&a, &b, &twice]
+            .iter()
+            .map(|r| r.fencing_token.expect("acquired"))
+            .collect();
+        assert_eq!(tokens.len(), 3);
+        for (response, _) in &held {
+            let token = response.fencing_token.expect("acquired");
+            assert!(
+                tokens.iter().all(|t| *t > token),
+                "{tokens:?} after {token}"
+            );
+        }
+
+        // Nothing else was created: live, the held keys' old and new backends, and the
+        // three new ones.
+        let backends: i64 = sqlx::query_scalar("select count(*) from backend")
+            .fetch_one(db.pool())
+            .await
+            .unwrap();
+        assert_eq!(backends, 8);
+        let keys: i64 = sqlx::query_scalar("select count(*) from backend_key")
+            .fetch_one(db.pool())
+            .await
+            .unwrap();
+        assert_eq!(keys, 6, "live, the two held keys, a, b, twice");
+    })
+    .await
+}
+
+/// A batch the server refuses (a caller-chosen backend name that is taken) is written call
+/// by call: only that call fails, with the typed error, and the others create their
+/// backends.
+#[tokio::test(flavor = "current_thread")]
+async fn a_refused_connect_batch_fails_only_the_bad_call() {
+    with_db_config(one_alone(), |db| async move {
+        drone(&db).await;
+        let taken = db.connect(&request("taken")).await.unwrap().backend_id;
+        let requests = [
+            request("a"),
+            request_named("wants-a-taken-name", &taken),
+            request("b"),
+        ];
+        let (held, answers) = in_one_batch(&db, &requests).await;
+        for (response, key) in &held {
+            check_spawned(&db, response, key).await;
+        }
+        let mut answers = answers.into_iter();
+        let mut next = || answers.next().expect("one answer per call");
+        let a = next().unwrap();
+        match next() {
+            Err(ConnectError::BackendIdTaken { backend }) => assert_eq!(backend, taken),
+            other => panic!("expected BackendIdTaken, got {other:?}"),
+        }
+        let b = next().unwrap();
+        let a_xid = check_spawned(&db, &a, "a").await;
+        let b_xid = check_spawned(&db, &b, "b").await;
+        assert_ne!(
+            a_xid, b_xid,
+            "after the refusal each call was written alone"
+        );
+        let key: i64 = sqlx::query_scalar(
+            "select count(*) from backend_key where key_name = 'wants-a-taken-name'",
+        )
+        .fetch_one(db.pool())
+        .await
+        .unwrap();
+        assert_eq!(key, 0, "nothing of the refused call was written");
+        assert_eq!(
+            events_for(&db, &taken).await.len(),
+            2,
+            "the taken backend is untouched"
+        );
+    })
+    .await
+}
