@@ -53,13 +53,16 @@ struct QueueState {
     items: VecDeque<Arc<Event>>,
     /// Set when the queue was full as the bus dispatched a stored event: the position of that
     /// event. From then on the bus queues nothing more until the subscriber has drained the
-    /// queue and resumed (see [`SubQueue::unpause`]).
-    paused_at: Option<Position>,
+    /// queue and resumed (see [`SubQueue::unpause`]). Boxed: pausing is rare, and every
+    /// subscription's queue would otherwise carry a position's worth of bytes.
+    paused_at: Option<Box<Position>>,
     /// Stored events not queued since the pause.
     dropped: u64,
     /// Ephemeral messages not queued (they are not stored, so no catch-up brings them back).
     dropped_ephemeral: u64,
     closed: bool,
+    /// Whether the queue is in [`Registry::backlog`].
+    in_backlog: bool,
 }
 
 /// What the queue has for its subscriber.
@@ -88,11 +91,21 @@ impl SubQueue {
     /// Queues an event (`position` is where the bus stands, for a stored event). A subscriber
     /// that already holds `max_pending` undelivered events is paused instead: it keeps what it
     /// holds, and later reads what it did not get from the table.
-    pub(crate) fn push(&self, event: Arc<Event>, position: Option<&Position>, max_pending: usize) {
+    ///
+    /// `true` if the queue is to be added to [`Registry::backlog`]: it holds events or is
+    /// paused now, and was not there yet. The caller holds the registry lock.
+    #[must_use]
+    pub(crate) fn push(
+        &self,
+        event: Arc<Event>,
+        position: Option<&Position>,
+        max_pending: usize,
+    ) -> bool {
+        let join_backlog;
         {
             let mut st = self.state();
             if st.closed {
-                return;
+                return false;
             }
             match position {
                 None if st.paused_at.is_some() || st.items.len() >= max_pending => {
@@ -101,19 +114,28 @@ impl SubQueue {
                 None => st.items.push_back(event),
                 Some(_) if st.paused_at.is_some() => st.dropped += 1,
                 Some(position) if st.items.len() >= max_pending => {
-                    st.paused_at = Some(position.clone());
+                    st.paused_at = Some(Box::new(position.clone()));
                     st.dropped += 1;
                 }
                 Some(_) => st.items.push_back(event),
             }
+            join_backlog = !st.in_backlog && (!st.items.is_empty() || st.paused_at.is_some());
+            st.in_backlog |= join_backlog;
         }
         self.ready.notify_one();
+        join_backlog
     }
 
-    /// How many events it holds, and whether it is paused.
-    pub(crate) fn depth(&self) -> (usize, bool) {
-        let st = self.state();
-        (st.items.len(), st.paused_at.is_some())
+    /// How many events it holds and whether it is paused, or `None` (and it leaves the
+    /// backlog) if it holds none and is not paused. The caller holds the registry lock.
+    fn sample(&self) -> Option<(usize, bool)> {
+        let mut st = self.state();
+        let (len, paused) = (st.items.len(), st.paused_at.is_some());
+        if len == 0 && !paused {
+            st.in_backlog = false;
+            return None;
+        }
+        Some((len, paused))
     }
 
     pub(crate) fn close(&self) {
@@ -153,7 +175,7 @@ impl SubQueue {
     pub(super) fn unpause(&self) -> Option<(Position, u64)> {
         let mut st = self.state();
         let from = st.paused_at.take()?;
-        Some((from, std::mem::take(&mut st.dropped)))
+        Some((*from, std::mem::take(&mut st.dropped)))
     }
 }
 
@@ -166,6 +188,12 @@ pub(crate) struct Registry {
     by_kind: HashMap<&'static str, KindSubs>,
     /// The position of the last stored event dispatched.
     pub(crate) last: Option<Position>,
+    /// Every queue that holds events or is paused (and some that no longer do, until the next
+    /// [`Shared::sample_queues`]): the only ones whose depth the gauges need, so that sampling
+    /// them costs what is queued, not one visit per subscription. A queue joins when the bus
+    /// pushes to it (pushing and pausing happen under the registry lock, so the sample sees
+    /// every queue that can hold anything) and leaves when a sample finds it empty.
+    backlog: Vec<Arc<SubQueue>>,
     /// Bumped before and after every read that two snapshots do not describe (a read after a
     /// server change): a catch-up across such a read is not exact.
     epoch: u64,
@@ -276,6 +304,9 @@ impl Shared {
             }
         }
         let mut reg = self.registry();
+        if queue.state().in_backlog {
+            remove(&mut reg.backlog, queue);
+        }
         match filter {
             Filter::All => remove(&mut reg.all, queue),
             Filter::Kind(kind) => {
@@ -299,7 +330,8 @@ impl Shared {
     /// Hands one event to every matching subscriber. `span` is the read a stored event came
     /// from (`None` for an ephemeral message).
     pub(super) fn dispatch(&self, event: Arc<Event>, span: Option<&ReadSpan>) {
-        let mut reg = self.registry();
+        let mut guard = self.registry();
+        let reg = &mut *guard;
         let position = match (span, event.id) {
             (Some(span), Some(id)) => {
                 let position = Position {
@@ -315,42 +347,43 @@ impl Shared {
             _ => None,
         };
         let position = position.as_ref();
-        for q in &reg.all {
-            q.push(event.clone(), position, self.max_pending);
-        }
-        if let Some(subs) = reg.by_kind.get(event.kind.as_str()) {
-            for q in &subs.any_key {
-                q.push(event.clone(), position, self.max_pending);
+        let max_pending = self.max_pending;
+        let backlog = &mut reg.backlog;
+        let mut push = |q: &Arc<SubQueue>| {
+            if q.push(event.clone(), position, max_pending) {
+                backlog.push(q.clone());
             }
-            if let Some(key) = &event.key {
-                if let Some(list) = subs.by_key.get(key) {
-                    for q in list {
-                        q.push(event.clone(), position, self.max_pending);
-                    }
-                }
+        };
+        reg.all.iter().for_each(&mut push);
+        if let Some(subs) = reg.by_kind.get(event.kind.as_str()) {
+            subs.any_key.iter().for_each(&mut push);
+            if let Some(list) = event.key.as_ref().and_then(|key| subs.by_key.get(key)) {
+                list.iter().for_each(&mut push);
             }
         }
     }
 
-    /// Sets the gauges of the deepest queue and the paused subscriptions (one pass over the
-    /// subscriptions, once per read).
+    /// Sets the gauges of the deepest queue and the paused subscriptions (once per read).
     pub(super) fn sample_queues(&self) {
-        let reg = self.registry();
-        let kinds = reg.by_kind.values();
-        let queues = reg.all.iter().chain(kinds.flat_map(|k| {
-            k.any_key
-                .iter()
-                .chain(k.by_key.values().flat_map(|list| list.iter()))
-        }));
-        let (mut deepest, mut paused) = (0_usize, 0_usize);
-        for q in queues {
-            let (len, is_paused) = q.depth();
-            deepest = deepest.max(len);
-            paused += usize::from(is_paused);
-        }
-        drop(reg);
+        let (deepest, paused) = self.queue_depths();
         metrics::gauge!(m::BUS_DEEPEST_QUEUE_EVENTS).set(deepest as f64);
         metrics::gauge!(m::BUS_PAUSED_SUBSCRIPTIONS).set(paused as f64);
+    }
+
+    /// The most events one queue holds, and how many queues are paused: one visit per queue
+    /// in the backlog (which holds every queue that has events or is paused), not per
+    /// subscription.
+    fn queue_depths(&self) -> (usize, usize) {
+        let (mut deepest, mut paused) = (0_usize, 0_usize);
+        self.registry().backlog.retain(|q| match q.sample() {
+            Some((len, is_paused)) => {
+                deepest = deepest.max(len);
+                paused += usize::from(is_paused);
+                true
+            }
+            None => false,
+        });
+        (deepest, paused)
     }
 
     /// Marks the start or the end of a read that two snapshots do not describe.
@@ -375,5 +408,65 @@ fn close_all(reg: &mut Registry) {
     }));
     for q in queues {
         q.close();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(id: i64, key: &str) -> Arc<Event> {
+        Arc::new(Event {
+            id: Some(id),
+            kind: "backend_state".into(),
+            key: Some(key.into()),
+            created_at: chrono::Utc::now(),
+            data: serde_json::Value::Null,
+        })
+    }
+
+    /// The gauges' figures come from the backlog alone, and match a visit of every queue.
+    #[tokio::test]
+    async fn queue_depths_see_every_queue_that_holds_anything() {
+        let pool = sqlx::PgPool::connect_lazy("postgres://plane@127.0.0.1:1/plane")
+            .unwrap_or_else(|e| panic!("lazy pool: {e}"));
+        let shared = Shared::new(pool, 2, "test".into());
+        let span = ReadSpan {
+            prev: "1:1:".into(),
+            target: "1:2:".into(),
+            exact: true,
+        };
+        let queues: Vec<(Filter, Arc<SubQueue>)> = (0..100)
+            .map(|i| {
+                let filter = Filter::KindKey("backend_state", format!("ba-{i}"));
+                let queue = Arc::new(SubQueue::new());
+                shared.register(&filter, queue.clone());
+                (filter, queue)
+            })
+            .collect();
+        assert_eq!(shared.queue_depths(), (0, 0));
+        shared.dispatch(event(1, "ba-3"), Some(&span));
+        shared.dispatch(event(2, "ba-3"), Some(&span));
+        shared.dispatch(event(3, "ba-7"), Some(&span));
+        assert_eq!(shared.queue_depths(), (2, 0));
+        assert_eq!(shared.registry().backlog.len(), 2);
+        // A third event for ba-3 pauses it (max_pending 2).
+        shared.dispatch(event(4, "ba-3"), Some(&span));
+        assert_eq!(shared.queue_depths(), (2, 1));
+        // ba-7 drained: it leaves the backlog; ba-3 drained but paused: it stays.
+        assert!(matches!(queues[7].1.next().await, Next::Event(_)));
+        for _ in 0..2 {
+            assert!(matches!(queues[3].1.next().await, Next::Event(_)));
+        }
+        assert_eq!(shared.queue_depths(), (0, 1));
+        assert_eq!(shared.registry().backlog.len(), 1);
+        assert!(queues[3].1.unpause().is_some());
+        assert_eq!(shared.queue_depths(), (0, 0));
+        assert!(shared.registry().backlog.is_empty());
+        // A queue unregistered while in the backlog leaves it.
+        shared.dispatch(event(5, "ba-9"), Some(&span));
+        shared.unregister(&queues[9].0, &queues[9].1);
+        assert!(shared.registry().backlog.is_empty());
+        assert_eq!(shared.queue_depths(), (0, 0));
     }
 }

@@ -25,6 +25,8 @@ struct CatchUp {
     after: i64,
     page: VecDeque<Arc<Event>>,
     done: bool,
+    /// The wait before retrying a failed read.
+    retry_delay: Duration,
 }
 
 /// How many events one catch-up read fetches.
@@ -75,7 +77,29 @@ impl CatchUp {
         }
         Ok(())
     }
+
+    /// Reads the next page; if that fails, waits before the caller tries again. `false` if the
+    /// bus shut down meanwhile.
+    async fn fetch_or_wait(&mut self, shared: &Shared, filter: &Filter) -> bool {
+        match self.fetch(shared, filter).await {
+            Ok(()) => self.retry_delay = FIRST_RETRY_DELAY,
+            Err(error) => {
+                // The events are in the table; try again until the database answers
+                // (new events queue up meanwhile, or pause the queue again).
+                tracing::warn!(%error, "subscription: catching up failed; retrying");
+                if shared.is_closed() {
+                    return false;
+                }
+                tokio::time::sleep(self.retry_delay).await;
+                self.retry_delay = (self.retry_delay * 2).min(Duration::from_secs(5));
+            }
+        }
+        true
+    }
 }
+
+/// The first wait before retrying a failed catch-up read.
+const FIRST_RETRY_DELAY: Duration = Duration::from_millis(50);
 
 /// A subscription fell behind in a way it could not make up for: `missed` events were not
 /// delivered to it. [The promises](super#promises) say when this can happen (ephemeral
@@ -100,7 +124,9 @@ struct Registration {
     shared: Arc<Shared>,
     filter: Filter,
     queue: Arc<SubQueue>,
-    catch_up: Option<CatchUp>,
+    /// Boxed, like everything on the catch-up path: it is rare, and every subscription (and
+    /// status stream, and the task that owns it) would otherwise carry its size.
+    catch_up: Option<Box<CatchUp>>,
 }
 
 impl Registration {
@@ -118,25 +144,17 @@ impl Registration {
 
     /// The next event: first what a catch-up still has to read, then the queue.
     async fn next(&mut self) -> Option<Result<Arc<Event>, Lagged>> {
-        let mut backoff = Duration::from_millis(50);
         loop {
             if let Some(catch_up) = &mut self.catch_up {
                 if let Some(event) = catch_up.page.pop_front() {
                     return Some(Ok(event));
                 }
                 if !catch_up.done {
-                    // Boxed: catching up is rare, and its future inline would make every
-                    // waiting subscription's (and status stream's) state that much larger.
-                    let fetch = Box::pin(catch_up.fetch(&self.shared, &self.filter));
-                    if let Err(error) = fetch.await {
-                        // The events are in the table; try again until the database answers
-                        // (new events queue up meanwhile, or pause the queue again).
-                        tracing::warn!(%error, "subscription: catching up failed; retrying");
-                        if self.shared.is_closed() {
-                            return None;
-                        }
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                    // Boxed: the read, its error and the retry's timer inline would make
+                    // every waiting subscription's (and status stream's) state that much
+                    // larger.
+                    if !Box::pin(catch_up.fetch_or_wait(&self.shared, &self.filter)).await {
+                        return None;
                     }
                     continue;
                 }
@@ -173,13 +191,14 @@ impl Registration {
             return Err(Lagged { missed: dropped });
         }
         metrics::counter!(m::BUS_CATCH_UPS_TOTAL).increment(1);
-        self.catch_up = Some(CatchUp {
+        self.catch_up = Some(Box::new(CatchUp {
             from,
             to,
             after: 0,
             page: VecDeque::new(),
             done: false,
-        });
+            retry_delay: FIRST_RETRY_DELAY,
+        }));
         Ok(())
     }
 }
