@@ -468,7 +468,7 @@ mod tests {
                 );
             }
         }
-        assert_eq!(seen.len(), 26);
+        assert_eq!(seen.len(), 28);
     }
 
     /// Every `plane_db_…` name in `text`, less the suffixes Prometheus adds to histograms.
