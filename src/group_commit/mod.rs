@@ -11,8 +11,9 @@
 //! and the first to queue starts the batch writer, a task of its own (so that a caller whose
 //! future is dropped cannot break a batch that others wait on). It takes a connection, then
 //! every item queued so far (at most [`WriteBatchConfig::max_batch_size`]), writes them,
-//! answers each caller through its own channel, and goes on with what queued meanwhile; it
-//! stops when the queue is empty. One batch is in flight at a time.
+//! answers each caller through its own channel, lets them run (so that callers calling
+//! again at once join the next batch), and goes on with what queued meanwhile; it stops
+//! when the queue is empty. One batch is in flight at a time.
 //!
 //! # What holds, as for one call alone
 //! - **Each caller gets its own answer**: the statement says, per item, what it did.
@@ -98,13 +99,13 @@ pub(crate) struct GroupCommit<S: Statements> {
 }
 
 /// What a call does with its item.
-enum Route<I> {
+enum Route<I, O> {
     /// Writes it alone, at once: nothing waits and fewer than `max_alone` calls write alone.
     Alone(I),
-    /// Queued; this call starts the batch writer.
-    StartBatch,
-    /// Queued for the running batch writer.
-    Queued,
+    /// Queued; this call starts the batch writer, and waits for its answer here.
+    StartBatch(oneshot::Receiver<O>),
+    /// Queued for the running batch writer; the answer comes here.
+    Queued(oneshot::Receiver<O>),
 }
 
 impl<S: Statements> GroupCommit<S> {
@@ -128,30 +129,33 @@ impl<S: Statements> GroupCommit<S> {
         if !self.enabled {
             return self.write_one(&item).await;
         }
-        let (reply, answer) = oneshot::channel();
         let route = {
             let mut queue = lock(&self.queue);
             if queue.waiting.is_empty() && queue.alone < self.max_alone {
                 queue.alone += 1;
                 Route::Alone(item)
             } else {
+                let (reply, answer) = oneshot::channel();
                 queue.waiting.push_back(Waiting { item, reply });
                 if std::mem::replace(&mut queue.batching, true) {
-                    Route::Queued
+                    Route::Queued(answer)
                 } else {
-                    Route::StartBatch
+                    Route::StartBatch(answer)
                 }
             }
         };
-        match route {
+        let answer = match route {
             Route::Alone(item) => {
                 // A lone call pays for no hand-over.
                 let _alone = Alone { queue: &self.queue };
                 return self.write_one(&item).await;
             }
-            Route::StartBatch => self.start_batch_writer(),
-            Route::Queued => {}
-        }
+            Route::StartBatch(answer) => {
+                self.start_batch_writer();
+                answer
+            }
+            Route::Queued(answer) => answer,
+        };
         answer.await.map_err(|_| sqlx::Error::WorkerCrashed)?
     }
 
@@ -271,6 +275,9 @@ impl<S: Statements> BatchWriter<S> {
                     c.close_on_drop();
                 }
             }
+            // Let the callers just answered run first: those that call again at once join
+            // the next batch instead of leaving it to the one or two that queued meanwhile.
+            tokio::task::yield_now().await;
         }
     }
 
