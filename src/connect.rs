@@ -86,7 +86,8 @@ pub struct ConnectResponse {
     pub secret_token: Option<SecretToken>,
     /// Its subdomain, if any.
     pub subdomain: Option<Subdomain>,
-    /// The drone it was scheduled on, if this call created it.
+    /// The drone it was scheduled on, if this call created it (none also when the drone's
+    /// name in the database does not decode: a warning is logged).
     pub drone: Option<DroneName>,
     /// The key's fencing token, if this call acquired the key.
     pub fencing_token: Option<i64>,
@@ -299,13 +300,19 @@ impl<'a> Connector<'a> {
             }
             Err(e) => return Err(e.into()),
         };
-        // Committed: the bus is woken even if the drone's name below does not decode (a row
-        // written behind the crate's back; the caller gets the decode error, and a retry
-        // finds the backend by its key).
         EventWriter::new(self.ctx.bus()).committed();
-        let drone_name = DroneName::try_from(drone_name)
-            .map_err(|e| Error::decode("node", "name", drone_id, e))?;
-        tracing::info!(backend = %backend_id, drone = %drone_name, "scheduled a new backend");
+        // The backend exists now. A drone name that does not decode (a row written behind
+        // the crate's back) must not turn that into an error: a caller without a key would
+        // retry and create a second backend. It is reported, and the response names no drone.
+        let drone = match DroneName::try_from(drone_name) {
+            Ok(name) => Some(name),
+            Err(e) => {
+                let error = Error::decode("node", "name", drone_id, e);
+                tracing::warn!(backend = %backend_id, %error, "scheduled a new backend on a drone whose name does not decode");
+                None
+            }
+        };
+        tracing::info!(backend = %backend_id, drone = ?drone, "scheduled a new backend");
         Ok(Spawn::Spawned(ConnectResponse {
             backend_id,
             spawned: true,
@@ -314,7 +321,7 @@ impl<'a> Connector<'a> {
             token,
             secret_token,
             subdomain: spawn.subdomain.clone(),
-            drone: Some(drone_name),
+            drone,
             fencing_token: Some(fencing_token),
         }))
     }

@@ -21,7 +21,10 @@
 //!   (a backend, a key). Further items with the same lock key go into the next statement of
 //!   the same transaction, in call order, which sees the earlier ones: the result is exactly
 //!   that of running them one after the other. Within a statement items are sorted by lock
-//!   key, so that concurrent batches (of this process or another) lock rows in one order.
+//!   key, so that concurrent batches of one kind (of this process or another) lock their
+//!   rows in one order. Writers of other kinds lock in their own order (e.g. a state batch
+//!   releasing keys by backend); should Postgres find a deadlock, it rolls one statement
+//!   back, which is a refused batch: its items are written again one by one.
 //! - **Everything an item writes** (history rows, events through `plane_write_events`, key
 //!   changes) comes from the same statement as the item itself.
 //! - **A failing item fails only its own call.** When the server refuses the batch (the

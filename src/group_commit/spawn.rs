@@ -202,6 +202,12 @@ impl Spawns {
                 select $1, $2, $3, $4, now() + make_interval(secs => $5),
                        nextval('backend_key_fencing_token_seq')
                 from picked
+                -- A key a live backend visibly holds is left alone (`on conflict` would lock
+                -- it even without updating it); one committed meanwhile is the conflict's.
+                where not exists (
+                    select 1 from backend_key k
+                    where k.namespace = $2 and k.key_name = $3 and k.expires_at > now()
+                )
                 on conflict (namespace, key_name) do update set
                     id = excluded.id,
                     tag = excluded.tag,
@@ -391,16 +397,32 @@ impl Spawns {
             -- loads from before it, so picking for each on its own would send them all to
             -- the same least loaded drone. Instead, per cluster and pool with m items, a
             -- random sample of `sample_size` x m eligible drones (all, if fewer) is filled
-            -- up: the k-th item takes the k-th lowest of (load + j) over the sampled drones
-            -- and j = 0..m-1 (ties at random), i.e. each item goes to the drone that is
-            -- least loaded once the items before it are counted.
+            -- up: the item of rank r (0-based) takes the (r+1)-th lowest of (load + j) over
+            -- the sampled drones and j = 0..m-1 (ties at random), i.e. each item goes to the
+            -- drone that is least loaded once the items before it are counted. Items whose
+            -- key a live backend visibly holds (reconnects, which create nothing) rank last,
+            -- so that they take none of the best drones; their key is not touched below
+            -- (not even locked, as `on conflict` would).
+            ranked as (
+                select i.n, i.cluster, i.pool, h.held,
+                       row_number() over (partition by i.cluster, i.pool
+                                          order by h.held, i.n) - 1 as rank
+                from input i
+                cross join lateral (
+                    select exists (
+                        select 1 from backend_key k
+                        where k.namespace = i.namespace and k.key_name = i.key_name
+                          and k.expires_at > now()
+                    ) as held
+                ) h
+            ),
             groups as (
                 select cluster, pool, count(*) as items
-                from input
+                from ranked
                 group by cluster, pool
             ),
             sampled as (
-                select g.cluster, g.pool, g.items, s.id, s.name, s.load
+                select g.cluster, g.pool, s.id, s.name, s.load
                 from groups g
                 cross join lateral (
                     select d.id, n.name, (
@@ -418,24 +440,22 @@ impl Spawns {
                       and c.is_online
                       and c.last_heartbeat > now() - make_interval(secs => $20)
                     order by random()
-                    limit $21 * g.items
+                    limit least($21::bigint, 1000) * g.items
                 ) s
             ),
             slots as (
+                -- j runs over the group's ranks, taken from its own rows rather than from
+                -- generate_series, whose default estimate (1,000 rows) would inflate the plan.
                 select s.cluster, s.pool, s.id, s.name,
                        row_number() over (partition by s.cluster, s.pool
-                                          order by s.load + j.j, random()) as slot
+                                          order by s.load + j.rank, random()) as slot
                 from sampled s
-                cross join lateral generate_series(0, s.items - 1) as j(j)
+                join ranked j on j.cluster = s.cluster and j.pool = s.pool
             ),
             picked as (
-                select i.n, s.id as drone_id, s.name as drone_name
-                from (
-                    select n, cluster, pool,
-                           row_number() over (partition by cluster, pool order by n) as slot
-                    from input
-                ) i
-                join slots s on s.cluster = i.cluster and s.pool = i.pool and s.slot = i.slot
+                select r.n, r.held, s.id as drone_id, s.name as drone_name
+                from ranked r
+                join slots s on s.cluster = r.cluster and s.pool = r.pool and s.slot = r.rank + 1
             ),
             acquired as (
                 insert into backend_key (id, namespace, key_name, tag, expires_at, fencing_token)
@@ -443,6 +463,7 @@ impl Spawns {
                        now() + make_interval(secs => $18), nextval('backend_key_fencing_token_seq')
                 from input i
                 join picked p on p.n = i.n
+                where not p.held
                 order by i.n
                 on conflict (namespace, key_name) do update set
                     id = excluded.id,

@@ -12,7 +12,7 @@ use futures_util::future::join_all;
 use plane_db::backend::RouteInfoResult;
 use plane_db::connect::{ConnectRequest, ConnectResponse};
 use plane_db::events::NotificationPayload;
-use plane_db::types::{BackendActionMessage, BackendName};
+use plane_db::types::{BackendActionMessage, BackendName, ClusterName, DronePoolName};
 use plane_db::{Config, ConnectError, PlaneDatabase, WriteBatchConfig};
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -322,6 +322,68 @@ async fn a_refused_connect_batch_fails_only_the_bad_call() {
             2,
             "the taken backend is untouched"
         );
+    })
+    .await
+}
+
+fn in_pool(key: &str, pool: &str) -> ConnectRequest {
+    let mut req = request(key);
+    if let Some(spawn) = req.spawn_config.as_mut() {
+        spawn.pool = DronePoolName::from(pool);
+    }
+    req
+}
+
+/// One batch spanning two pools and two clusters, with a reconnect and a pool without
+/// drones: each new backend lands in its own cluster and pool, the reconnect gets its
+/// backend, and the pool without drones is `NoDroneAvailable` with nothing written.
+#[tokio::test(flavor = "current_thread")]
+async fn a_batch_picks_drones_per_cluster_and_pool() {
+    with_db_config(one_alone(), |db| async move {
+        let default_drone = drone(&db).await;
+        let gpu_drone = drone_in(&db, &cluster(), &DronePoolName::from("gpu")).await;
+        let other: ClusterName = "other.test".parse().unwrap();
+        let other_drone = drone_in(&db, &other, &DronePoolName::default()).await;
+        let live = db.connect(&request("live")).await.unwrap();
+        let mut elsewhere = request("elsewhere");
+        if let Some(spawn) = elsewhere.spawn_config.as_mut() {
+            spawn.cluster = Some(other);
+        }
+        let requests = [
+            request("plain"),
+            in_pool("on-gpu", "gpu"),
+            elsewhere,
+            request("live"),
+            in_pool("nowhere", "none"),
+        ];
+        let (_, answers) = in_one_batch(&db, &requests).await;
+        let mut answers = answers.into_iter();
+        let mut next = || answers.next().expect("one answer per call");
+        let plain = next().unwrap();
+        let on_gpu = next().unwrap();
+        let elsewhere = next().unwrap();
+        let again = next().unwrap();
+        assert!(matches!(next(), Err(ConnectError::NoDroneAvailable { .. })));
+        assert_eq!(plain.drone, Some(default_drone.name));
+        assert_eq!(on_gpu.drone, Some(gpu_drone.name));
+        assert_eq!(elsewhere.drone, Some(other_drone.name));
+        assert!(!again.spawned);
+        assert_eq!(again.backend_id, live.backend_id);
+        let mut xids = BTreeSet::new();
+        for (response, key) in [
+            (&plain, "plain"),
+            (&on_gpu, "on-gpu"),
+            (&elsewhere, "elsewhere"),
+        ] {
+            xids.insert(check_spawned(&db, response, key).await);
+        }
+        assert_eq!(xids.len(), 1, "one batch");
+        let nowhere: i64 =
+            sqlx::query_scalar("select count(*) from backend_key where key_name = 'nowhere'")
+                .fetch_one(db.pool())
+                .await
+                .unwrap();
+        assert_eq!(nowhere, 0);
     })
     .await
 }
