@@ -250,7 +250,7 @@ pub async fn connect(bench: &mut Bench) -> R<()> {
         (Duration::from_millis(300), 1),
     );
     bench.heading(&format!(
-        "connect: new backends/s (8 drones; {rounds} interleaved slices of {} ms per figure)",
+        "connect: new backends/s (8 drones; {rounds} interleaved slices of {} ms per figure, twice as many at 1 caller)",
         slice.as_millis()
     ));
     let mut run = 0;
@@ -262,6 +262,8 @@ pub async fn connect(bench: &mut Bench) -> R<()> {
         Connector::Batched,
     ];
     for callers in [1_usize, 16] {
+        // As in the writers section: twice the slices for the within-5% comparison.
+        let rounds = if callers == 1 { 2 * rounds } else { rounds };
         let rates = interleaved(&kinds, rounds, |kind| {
             run += 1;
             run_connect(&env, &variants, kind, callers, slice, run)
