@@ -186,7 +186,8 @@ async fn run_connect(
         let db = match kind {
             Connector::TriggerNotify => variants.trigger_notify.clone(),
             Connector::Unbatched => variants.unbatched.clone(),
-            _ => env.db.clone(),
+            Connector::Batched => variants.batched.clone(),
+            Connector::PickOnly | Connector::Seed => env.db.clone(),
         };
         let pool = env.pool.clone();
         let spawn = spawn.clone();
@@ -229,21 +230,38 @@ async fn run_connect(
     Ok((total, start.elapsed()))
 }
 
-/// Handles on the bench's pool for the variants before the optimisations.
+/// A handle on the bench's pool for each plane-db variant. Each runs a bus with one
+/// subscriber, as in a controller, so that each variant pays for reading back what it
+/// wrote in the same way (a handle's own commits wake its bus at once; the others' reach
+/// it by NOTIFY).
 struct Variants {
     trigger_notify: PlaneDatabase,
     unbatched: PlaneDatabase,
+    batched: PlaneDatabase,
+}
+
+impl Variants {
+    async fn new(env: &Env) -> R<Self> {
+        let variants = Variants {
+            trigger_notify: unbatched_db(env, false),
+            unbatched: unbatched_db(env, true),
+            batched: PlaneDatabase::with_config(env.pool.clone(), plane_db::Config::default()),
+        };
+        for db in [
+            &variants.trigger_notify,
+            &variants.unbatched,
+            &variants.batched,
+        ] {
+            let mut sub = db.subscribe_all_events().await?;
+            tokio::spawn(async move { while sub.next().await.is_some() {} });
+        }
+        Ok(variants)
+    }
 }
 
 pub async fn connect(bench: &mut Bench) -> R<()> {
     let env = Env::new(8).await?;
-    let variants = Variants {
-        trigger_notify: unbatched_db(&env, false),
-        unbatched: unbatched_db(&env, true),
-    };
-    // A running bus, as in a controller.
-    let mut sub = env.db.subscribe_all_events().await?;
-    tokio::spawn(async move { while sub.next().await.is_some() {} });
+    let variants = Variants::new(&env).await?;
     seed_listener(&env).await?;
     let (slice, rounds) = bench.pick(
         (Duration::from_millis(500), 4),
