@@ -159,7 +159,9 @@ impl Statements for Spawns {
 }
 
 impl Spawns {
-    /// One backend, in a statement without arrays.
+    /// One backend, in a statement without arrays. (Running the batch statement with one
+    /// item instead, to keep one statement rather than two, was measured: one caller fell
+    /// from about 1,165 to 516–563 connects/s, 0.62x–0.68x the seed's sequence.)
     async fn spawn_one(
         &self,
         conn: &mut PgConnection,
