@@ -72,30 +72,38 @@ pub(super) async fn read_loop(
 /// Dispatches every event committed after the snapshot `prev` and returns the cursor to
 /// continue from. See the module docs for why this loses nothing and repeats nothing.
 ///
-/// Pages of `batch` rows are read against one fixed target snapshot (the first page's), so a
-/// large backlog is read in bounded steps and the cursor only advances once it is all read.
-/// `progress` keeps the target and the last id dispatched across calls: a read that fails
-/// between pages (a dropped connection) resumes where it stopped instead of dispatching the
-/// pages already dispatched again.
+/// A read covers the rows visible in one fixed target snapshot (the first page's) and not in
+/// `prev`, dispatched in id order. The first page (at most `batch` rows) comes from the read
+/// statement itself; when there is more, the read lists the ids of the rest once (up to
+/// [`ID_CHUNK`] at a time, ids only) and fetches them `batch` at a time by primary key. So
+/// every row is evaluated a bounded number of times, whatever the backlog: paging with the
+/// read statement alone re-evaluated and sorted the whole span for every page, which made a
+/// backlog cost quadratically (17.7 s for 5,000 rows read one per page).
 ///
-/// If the server was restarted or replaced since `prev` (its start time changed), transaction
-/// ids may have gone back: a failover to a replica that had not replayed everything, or a
-/// crash that lost the record of an aborted transaction, hands the same ids out again, and
-/// rows written with them would look already read. The read then also takes every row from a
-/// transaction at or after [`restart_floor`], skipping the rows above it that were already
+/// `progress` keeps the read's state across calls (target, last id dispatched, restart
+/// floor, ids still to fetch): a read that fails between pages (a dropped connection)
+/// resumes where it stopped instead of dispatching the pages already dispatched again.
+/// Dispatching is synchronous, so the state is exact at every await.
+///
+/// If the server's past may have changed since `prev` (its start time changed, or the
+/// incarnation marker is gone or different: crash recovery in place, a promoted standby),
+/// transaction ids may have gone back and rows written with reused ids would look already
+/// read. The read then takes its target from [`restart_floor`] and also reads every row from
+/// a transaction at or after the floor, skipping the rows above it that were already
 /// dispatched. `None` if the server changed between two pages of one read: the caller reads
 /// again from `prev` (the restart path then applies), and that read skips the rows the
 /// cut-short one dispatched (those visible in its target up to its last id, below the restart
 /// floor, where transaction ids are still the old server's).
 ///
-/// The statement is prepared once per connection, and after five runs Postgres may switch to
-/// a generic plan that does not know the parameters. Two details keep that plan on the `xid`
-/// index, touching only the new rows: the range `xid >= least(xmax(prev), restart floor)`
-/// also gets its (implied) upper bound `xid < xmax(snap)` (a visible row's transaction is
-/// below the snapshot's `xmax`), which Postgres estimates as narrow; and the page cursor and
-/// order use `id + 0`, which the primary key cannot serve. With a plain `order by id … limit` the generic plan
-/// walked the primary key through the whole table (83 ms per read at 145,000 events, against
-/// 0.14 ms), and a plain `id > $3` added a scan of the whole primary-key index.
+/// The statements are prepared once per connection, and after five runs Postgres may switch
+/// to a generic plan that does not know the parameters. Two details keep the read statement
+/// on the `xid` index, touching only the new rows: the range `xid >= least(xmax(prev),
+/// restart floor)` also gets its (implied) upper bound `xid < xmax(snap)` (a visible row's
+/// transaction is below the snapshot's `xmax`), which Postgres estimates as narrow; and the
+/// page cursor and order use `id + 0`, which the primary key cannot serve. With a plain
+/// `order by id … limit` the generic plan walked the primary key through the whole table (83
+/// ms per read at 145,000 events, against 0.14 ms), and a plain `id > $3` added a scan of the
+/// whole primary-key index.
 async fn read_new_events(
     shared: &Shared,
     pool: &PgPool,
@@ -104,76 +112,79 @@ async fn read_new_events(
     progress: &mut Option<Progress>,
     batch: i64,
 ) -> Result<Option<Cursor>> {
-    let Progress {
-        mut target,
-        mut after,
-        mut restart_floor,
-        mut cut_short,
-    } = progress.take().unwrap_or_default();
+    let p = progress.get_or_insert_with(Progress::default);
     let mut restart_checked = false;
     // Whether this call marked the start of an inexact read (see `Registry::epoch`); a read
     // resumed by a later call marks it again, which only makes more positions inexact.
     let mut epoch_bumped = false;
     loop {
-        // If the query below fails, the next call resumes this read from here (dispatching
-        // is synchronous, so `after` is exact at every await).
-        if target.is_some() || !cut_short.targets.is_empty() {
-            *progress = Some(Progress {
-                target: target.clone(),
-                after,
-                restart_floor: restart_floor.clone(),
-                cut_short: cut_short.clone(),
-            });
-        }
-        let rows = read_page(
-            pool,
-            &Page {
-                prev: &prev.snapshot,
-                target: target.as_ref().map(|t| t.snapshot.as_str()),
-                after,
-                batch,
-                restart_floor: restart_floor.as_ref().map(|f| f.xid.as_str()),
-                cut_short: &cut_short,
-            },
-        )
-        .await?;
-
-        // The query always returns a row (a left join on a one-row select), carrying the
-        // snapshot and the server's start time even when no event is new.
-        let first = rows.first().ok_or(sqlx::Error::RowNotFound)?;
-        match &target {
-            None if first.started != prev.server_started && !restart_checked => {
-                restart_checked = true;
-                restart_floor = Some(self::restart_floor(pool, prev, seen).await?);
+        let page = Page {
+            prev: &prev.snapshot,
+            target: p.target.as_ref().map(|t| t.snapshot.as_str()),
+            after: p.after,
+            batch,
+            restart_floor: p.restart_floor.as_ref().map(|f| f.xid.as_str()),
+            cut_short: &p.cut_short,
+        };
+        let rows = match &mut p.rest {
+            None => read_page(pool, &page).await?,
+            Some(rest) if rest.ids.is_empty() && rest.listed_all => {
+                // The read is complete.
+                break;
+            }
+            Some(rest) if rest.ids.is_empty() => {
+                let ids = read_span_ids(pool, &page, ID_CHUNK).await?;
+                rest.listed_all = (ids.len() as i64) < ID_CHUNK;
+                rest.ids = ids.into();
                 continue;
             }
-            None => {
-                target = Some(Cursor {
-                    snapshot: first.snapshot.clone(),
-                    server_started: first.started,
-                    taken_at: first.taken_at,
-                })
+            Some(rest) => {
+                let n = rest
+                    .ids
+                    .len()
+                    .min(usize::try_from(batch).unwrap_or(usize::MAX));
+                let (front, back) = rest.ids.as_slices();
+                let ids: Vec<i64> = front.iter().chain(back).take(n).copied().collect();
+                let target = page.target.unwrap_or(prev.snapshot.as_str());
+                let rows = read_page_by_ids(pool, target, &ids).await?;
+                rest.ids.drain(..n);
+                rows
             }
-            Some(t) if t.server_started != first.started => {
+        };
+
+        // The statements always return a row (a left join on a one-row select), carrying the
+        // snapshot, the server's start time and its incarnation even when no event is new.
+        let first = rows.first().ok_or(sqlx::Error::RowNotFound)?;
+        match &p.target {
+            None if first.past_changed_since(prev) && !restart_checked => {
+                restart_checked = true;
+                let (target, floor) = self::restart_floor(pool, prev, first, seen).await?;
+                p.target = Some(target);
+                p.restart_floor = Some(floor);
+                continue;
+            }
+            None => p.target = Some(first.cursor()),
+            Some(t) if first.past_changed_since(t) => {
                 // Read again from `prev` (the restart path then applies), skipping what this
                 // read already dispatched: its rows are those visible in its target up to
                 // `after`, as long as their transaction ids were not reused.
+                let mut cut_short = std::mem::take(&mut p.cut_short);
                 cut_short.targets.push(t.snapshot.clone());
-                cut_short.afters.push(after);
-                *progress = Some(Progress {
+                cut_short.afters.push(p.after);
+                *p = Progress {
                     cut_short,
                     ..Progress::default()
-                });
+                };
                 return Ok(None);
             }
             Some(_) => {}
         }
 
-        let span = match &target {
+        let span = match &p.target {
             Some(t) => ReadSpan {
                 prev: prev.snapshot.as_str().into(),
                 target: t.snapshot.as_str().into(),
-                exact: restart_floor.is_none() && cut_short.targets.is_empty(),
+                exact: p.restart_floor.is_none() && p.cut_short.targets.is_empty(),
             },
             None => return Err(sqlx::Error::RowNotFound.into()),
         };
@@ -194,15 +205,16 @@ async fn read_new_events(
                 continue;
             };
             count += 1;
-            after = id;
-            if restart_floor
+            p.after = id;
+            let identity = EventIdentity::new(id, xid, created_at);
+            if p.restart_floor
                 .as_ref()
-                .is_some_and(|f| f.skip.contains(&(id, xid)))
+                .is_some_and(|f| f.skip.contains(&identity))
             {
                 // Already dispatched before the server change (its id was reused below).
                 continue;
             }
-            seen.record(id, xid);
+            seen.record(identity);
             kinds.add(&kind);
             delay.record((now - created_at).to_std().map_or(0.0, |d| d.as_secs_f64()));
             shared.dispatch(
@@ -217,20 +229,31 @@ async fn read_new_events(
             );
         }
         kinds.flush(m::BUS_EVENTS_READ_TOTAL);
-        if count < batch {
-            *progress = None;
-            if epoch_bumped {
-                shared.bump_epoch();
+        if p.rest.is_none() {
+            if count < batch {
+                break;
             }
-            if let Some(xmax) = target.as_ref().and_then(|t| snapshot_xmax(&t.snapshot)) {
-                // Rows above the new cursor's `xmax` are not visible in it (after transaction
-                // ids went back, rows of the old server's may lie there).
-                seen.high_xid = seen.high_xid.map(|high| high.min(xmax - 1));
-            }
-            return Ok(target);
+            // More than one page: list the rest of the span's ids once.
+            p.rest = Some(Rest::default());
         }
     }
+    // The read is complete.
+    let target = progress.take().and_then(|p| p.target);
+    if epoch_bumped {
+        shared.bump_epoch();
+    }
+    if let Some(xmax) = target.as_ref().and_then(|t| snapshot_xmax(&t.snapshot)) {
+        // Rows above the new cursor's `xmax` are not visible in it (after transaction ids
+        // went back, rows of the old server's may lie there).
+        seen.high_xid = seen.high_xid.map(|high| high.min(xmax - 1));
+    }
+    Ok(target)
 }
+
+/// How many ids of a large read's span are listed at once (8 bytes each): the rows of a
+/// read beyond its first page are fetched by these ids. A span larger than this is listed
+/// again from where the previous list ended, which evaluates the span once more per chunk.
+const ID_CHUNK: i64 = 1_000_000;
 
 /// Which page of events [`read_page`] reads: those committed after the snapshot `prev` and
 /// visible in `target` (the current snapshot when `None`), above id `after`, at most `batch`,
@@ -245,12 +268,13 @@ struct Page<'a> {
     cut_short: &'a CutShort,
 }
 
-/// One row of a page: the read's snapshot, the server's start time and the time of the read,
-/// and one event (its columns all `None` when no event is new: the statement always returns
-/// a row).
+/// One row of a page: the read's snapshot, the server's start time, its incarnation and the
+/// time of the read, and one event (its columns all `None` when no event is new: the
+/// statement always returns a row).
 struct PageRow {
     snapshot: String,
     started: DateTime<Utc>,
+    incarnation: Option<String>,
     taken_at: DateTime<Utc>,
     id: Option<i64>,
     xid: Option<i64>,
@@ -258,6 +282,25 @@ struct PageRow {
     key: Option<String>,
     created_at: Option<DateTime<Utc>>,
     data: Option<serde_json::Value>,
+}
+
+impl PageRow {
+    /// Whether the server this row was read on may have another past than the one `cursor`
+    /// was taken on: it restarted (start time) or went through crash recovery or promotion
+    /// (the incarnation marker, which both erase).
+    fn past_changed_since(&self, cursor: &Cursor) -> bool {
+        self.started != cursor.server_started || self.incarnation != cursor.incarnation
+    }
+
+    /// The cursor this row's header describes.
+    fn cursor(&self) -> Cursor {
+        Cursor {
+            snapshot: self.snapshot.clone(),
+            server_started: self.started,
+            incarnation: self.incarnation.clone(),
+            taken_at: self.taken_at,
+        }
+    }
 }
 
 /// The read statement (see [`read_new_events`] for why it is written this way), on a pool or
@@ -269,6 +312,7 @@ async fn read_page(executor: impl PgExecutor<'_>, page: &Page<'_>) -> sqlx::Resu
         select
             s.snap::text as "snapshot!",
             s.started as "started!",
+            s.incarnation,
             s.taken_at as "taken_at!",
             e.id as "id?",
             e.xid::text::bigint as "xid?",
@@ -281,6 +325,7 @@ async fn read_page(executor: impl PgExecutor<'_>, page: &Page<'_>) -> sqlx::Resu
                 coalesce($2::text::pg_snapshot, pg_current_snapshot()) as snap,
                 $1::text::pg_snapshot as prev,
                 pg_postmaster_start_time() as started,
+                (select id::text from plane_server_incarnation) as incarnation,
                 statement_timestamp() as taken_at
         ) s
         left join lateral (
@@ -314,6 +359,78 @@ async fn read_page(executor: impl PgExecutor<'_>, page: &Page<'_>) -> sqlx::Resu
     .await
 }
 
+/// The ids of the rows [`read_page`] would return for `page` (whose target must be set),
+/// above `page.after`, in order, at most `limit`: the rest of a large read, listed once (ids
+/// only, so the sort is of ids, not rows).
+async fn read_span_ids(pool: &PgPool, page: &Page<'_>, limit: i64) -> sqlx::Result<Vec<i64>> {
+    sqlx::query_scalar!(
+        r#"
+        select id as "id!"
+        from event
+        where ((xid >= least(pg_snapshot_xmax($1::text::pg_snapshot), $5::text::xid8)
+                and xid < pg_snapshot_xmax($2::text::pg_snapshot))
+               or xid = any(array(select pg_snapshot_xip($1::text::pg_snapshot))))
+          and pg_visible_in_snapshot(xid, $2::text::pg_snapshot)
+          and id + 0 > $3
+          and not exists (
+              select 1 from unnest($6::text[], $7::bigint[]) as c(target, upto)
+              where id <= c.upto
+                and pg_visible_in_snapshot(xid, c.target::pg_snapshot)
+                and ($5::text is null or xid < $5::text::xid8)
+          )
+        order by id + 0
+        limit $4
+        "#,
+        page.prev,
+        page.target,
+        page.after,
+        limit,
+        page.restart_floor,
+        &page.cut_short.targets,
+        &page.cut_short.afters,
+    )
+    .fetch_all(pool)
+    .await
+}
+
+/// The rows with `ids` (listed by [`read_span_ids`]), by primary key, with the header of
+/// [`read_page`] (the `target` snapshot, and the server's start time and incarnation, which
+/// tell whether the server changed since the ids were listed).
+async fn read_page_by_ids(pool: &PgPool, target: &str, ids: &[i64]) -> sqlx::Result<Vec<PageRow>> {
+    sqlx::query_as!(
+        PageRow,
+        r#"
+        select
+            $1::text as "snapshot!",
+            s.started as "started!",
+            s.incarnation,
+            s.taken_at as "taken_at!",
+            e.id as "id?",
+            e.xid::text::bigint as "xid?",
+            e.kind as "kind?",
+            e.key as "key?",
+            e.created_at as "created_at?",
+            e.data as "data?"
+        from (
+            select
+                pg_postmaster_start_time() as started,
+                (select id::text from plane_server_incarnation) as incarnation,
+                statement_timestamp() as taken_at
+        ) s
+        left join lateral (
+            select id, xid, kind, key, created_at, data
+            from event
+            where id = any($2::bigint[])
+        ) e on true
+        order by e.id
+        "#,
+        target,
+        ids,
+    )
+    .fetch_all(pool)
+    .await
+}
+
 /// One read of the bus's statement on `conn`, as the bench measures it: the events committed
 /// after the snapshot `prev` (Postgres's text form), at most `batch`, with no restart floor;
 /// returns their ids.
@@ -343,23 +460,48 @@ fn snapshot_xmax(snapshot: &str) -> Option<i64> {
     snapshot.split(':').nth(1)?.parse().ok()
 }
 
-/// Where the reader stands: the snapshot of its previous read, the start time of the server
-/// that took it, and when it was taken (the server's clock).
+/// Where the reader stands: the snapshot of its previous read, the start time and
+/// incarnation of the server that took it, and when it was taken (the server's clock).
 ///
-/// Snapshots are only comparable on one unbroken run of transaction ids. A restarted server
-/// (crash recovery) or another server (a promoted replica after a failover) may hand out
-/// again transaction ids that the previous snapshot already counts as finished; the start
-/// time tells the reader that this happened (see [`read_new_events`]).
+/// Snapshots are only comparable on one unbroken run of transaction ids. A restarted server,
+/// a server recovered from a crash in place or another server (a promoted replica after a
+/// failover) may hand out again transaction ids that the previous snapshot already counts as
+/// finished; the start time (a restart, another server) or the incarnation marker (crash
+/// recovery and promotion erase it: see the migration `server_incarnation`) tells the reader
+/// that this may have happened (see [`read_new_events`]).
 #[derive(Clone)]
 pub(super) struct Cursor {
     snapshot: String,
     server_started: DateTime<Utc>,
+    incarnation: Option<String>,
     taken_at: DateTime<Utc>,
 }
 
-/// How many recently dispatched events the reader remembers (id and transaction id), to
-/// skip them if a read after a server change meets them again. 16 bytes each.
+/// How many recently dispatched events the reader remembers, to skip them if a read after a
+/// server change meets them again. 24 bytes each.
 const RECENT_EVENTS: usize = 65_536;
+
+/// What identifies a dispatched row across a change of the server's past: its id and
+/// transaction id, which a rewound server can hand out again together (both the sequence and
+/// the transaction counter go back to the replay point), and its `created_at` in
+/// microseconds, which a row written again with them does not share (its transaction starts
+/// later, on a clock that went on).
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+struct EventIdentity {
+    id: i64,
+    xid: i64,
+    created_micros: i64,
+}
+
+impl EventIdentity {
+    fn new(id: i64, xid: i64, created_at: DateTime<Utc>) -> Self {
+        Self {
+            id,
+            xid,
+            created_micros: created_at.timestamp_micros(),
+        }
+    }
+}
 
 /// What the reader knows about the rows it has seen, for the read after a server change (see
 /// [`restart_floor`]).
@@ -368,18 +510,17 @@ pub(super) struct Seen {
     /// The highest transaction id of a row visible in the cursor's snapshot (when the bus
     /// started, or dispatched since).
     high_xid: Option<i64>,
-    /// The most recently dispatched rows, `(id, xid)`, oldest first, at most
-    /// [`RECENT_EVENTS`].
-    recent: VecDeque<(i64, i64)>,
+    /// The most recently dispatched rows, oldest first, at most [`RECENT_EVENTS`].
+    recent: VecDeque<EventIdentity>,
 }
 
 impl Seen {
-    fn record(&mut self, id: i64, xid: i64) {
-        self.high_xid = Some(self.high_xid.map_or(xid, |h| h.max(xid)));
+    fn record(&mut self, row: EventIdentity) {
+        self.high_xid = Some(self.high_xid.map_or(row.xid, |h| h.max(row.xid)));
         if self.recent.len() == RECENT_EVENTS {
             self.recent.pop_front();
         }
-        self.recent.push_back((id, xid));
+        self.recent.push_back(row);
     }
 }
 
@@ -389,19 +530,28 @@ impl Seen {
 struct RestartFloor {
     /// As `xid8` text.
     xid: String,
-    skip: Arc<HashSet<(i64, i64)>>,
+    skip: Arc<HashSet<EventIdentity>>,
 }
 
-/// A read of several pages that has not finished: the snapshot it reads up to (once its first
-/// page is read), the last id it dispatched, and the restart floor it uses; and the reads that
-/// a server change cut short, whose dispatched rows it must not dispatch again (see
-/// [`read_new_events`]).
+/// A read that has not finished: the snapshot it reads up to (once its first page is read),
+/// the last id it dispatched, the restart floor it uses, the ids of the rows it still has to
+/// fetch (beyond its first page); and the reads that a server change cut short, whose
+/// dispatched rows it must not dispatch again (see [`read_new_events`]).
 #[derive(Default)]
-struct Progress {
+pub(super) struct Progress {
     target: Option<Cursor>,
     after: i64,
     restart_floor: Option<RestartFloor>,
+    rest: Option<Rest>,
     cut_short: CutShort,
+}
+
+/// The rest of a read beyond its first page: ids listed and not yet fetched, and whether the
+/// list reached the end of the span.
+#[derive(Default)]
+struct Rest {
+    ids: VecDeque<i64>,
+    listed_all: bool,
 }
 
 /// Reads cut short by a server change: each one's target snapshot and the last id it
@@ -412,15 +562,26 @@ struct CutShort {
     afters: Vec<i64>,
 }
 
+/// Writes the incarnation marker if the table is empty (a new database, or one whose marker
+/// crash recovery or promotion erased). Concurrent buses agree: the first insert wins.
+async fn ensure_incarnation(pool: &PgPool) -> Result<()> {
+    sqlx::query!("insert into plane_server_incarnation default values on conflict do nothing")
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
 /// The cursor to start from (the current snapshot), and the highest transaction id of a row
 /// visible in it: read backwards on the `xid` index, skipping the rows of transactions still
 /// in progress.
 pub(super) async fn current_cursor(pool: &PgPool) -> Result<(Cursor, Seen)> {
+    ensure_incarnation(pool).await?;
     let row = sqlx::query!(
         r#"
         select
             pg_current_snapshot()::text as "snapshot!",
             pg_postmaster_start_time() as "started!",
+            (select id::text from plane_server_incarnation) as incarnation,
             statement_timestamp() as "taken_at!",
             (select xid::text::bigint from event
              where pg_visible_in_snapshot(xid, pg_current_snapshot())
@@ -432,6 +593,7 @@ pub(super) async fn current_cursor(pool: &PgPool) -> Result<(Cursor, Seen)> {
     let cursor = Cursor {
         snapshot: row.snapshot,
         server_started: row.started,
+        incarnation: row.incarnation,
         taken_at: row.taken_at,
     };
     let seen = Seen {
@@ -441,13 +603,14 @@ pub(super) async fn current_cursor(pool: &PgPool) -> Result<(Cursor, Seen)> {
     Ok((cursor, seen))
 }
 
-/// The lowest transaction id that a server which restarted or replaced the one `prev` was
-/// taken on may have handed out again (as `xid8` text), and the dispatched rows at or above
-/// it, which the read after the change must skip.
+/// After the server's past may have changed since `prev` (`now` is the first row read since,
+/// which says why): a new target snapshot for the read, and the lowest transaction id that
+/// the server may have handed out again (as `xid8` text) with the dispatched rows at or above
+/// it, which the read must skip.
 ///
-/// It is the least of three bounds, all computed with ordinary functions (no
-/// `pg_control_checkpoint()`, no WAL functions, so it works for an unprivileged role and on
-/// any server):
+/// The floor is computed in the same statement, so on the same snapshot, as the target, with
+/// ordinary functions only (no `pg_control_checkpoint()`, no WAL functions, so it works for an
+/// unprivileged role and on any server). It is the lesser of:
 ///
 /// 1. One above the highest transaction id of a row the reader has seen visible. A new
 ///    server's first transaction id is above every transaction whose commit it has: after a
@@ -458,26 +621,48 @@ pub(super) async fn current_cursor(pool: &PgPool) -> Result<(Cursor, Seen)> {
 ///    previous read's snapshot was taken: a row visible in that snapshot was created before
 ///    it (`created_at` is its transaction's start), so such a row is new. This catches rows
 ///    that reused ids *below* the first bound, which happens when the new server lost
-///    transactions the reader had seen (a replica that had not replayed the tail) or its
-///    counter was moved back. It assumes the new server's clock is not behind the old one's
-///    by more than the time the change took (a failover takes seconds; a restart keeps the
-///    clock).
-/// 3. The oldest transaction still running, so that transactions of the new server that
-///    commit later are covered too.
+///    transactions the reader had seen (a replica that had not replayed the tail, commits
+///    under `synchronous_commit = off` lost in a crash) or its counter was moved back. It
+///    assumes the new server's clock is not behind the old one's by more than the time the
+///    change took (a failover takes seconds; a restart keeps the clock).
 ///
-/// When the second bound is the lowest, rows the reader already dispatched may lie above the
-/// floor: they are skipped by `(id, xid)`, as far as the reader remembers them
+/// Transactions still running in the target snapshot need no bound: they are in its `xip`,
+/// which the next read covers. (An earlier version also took the oldest running transaction
+/// as a bound, from a snapshot of its own; a prepared transaction left open then pulled the
+/// floor down to its id and the re-read delivered old events again.) If the reader has seen
+/// no row and none was created since, the floor is the target's `xmax`: nothing visible in it
+/// is new.
+///
+/// When the second bound is the lower, rows the reader already dispatched may lie above the
+/// floor: they are skipped by [`EventIdentity`], as far as the reader remembers them
 /// ([`RECENT_EVENTS`]).
-async fn restart_floor(pool: &PgPool, prev: &Cursor, seen: &Seen) -> Result<RestartFloor> {
+async fn restart_floor(
+    pool: &PgPool,
+    prev: &Cursor,
+    now: &PageRow,
+    seen: &Seen,
+) -> Result<(Cursor, RestartFloor)> {
+    let cause = if now.started != prev.server_started {
+        "restart"
+    } else {
+        "crash_recovery_or_promotion"
+    };
+    ensure_incarnation(pool).await?;
     let row = sqlx::query!(
         r#"
         select
-            least(
-                ($1::bigint + 1)::text::xid8,
-                (select min(xid) from event
-                 where created_at >= $2
-                   and pg_visible_in_snapshot(xid, pg_current_snapshot())),
-                pg_snapshot_xmin(pg_current_snapshot())
+            pg_current_snapshot()::text as "snapshot!",
+            pg_postmaster_start_time() as "started!",
+            (select id::text from plane_server_incarnation) as incarnation,
+            statement_timestamp() as "taken_at!",
+            coalesce(
+                least(
+                    ($1::bigint + 1)::text::xid8,
+                    (select min(xid) from event
+                     where created_at >= $2
+                       and pg_visible_in_snapshot(xid, pg_current_snapshot()))
+                ),
+                pg_snapshot_xmax(pg_current_snapshot())
             )::text::bigint as "floor!"
         "#,
         seen.high_xid,
@@ -485,11 +670,17 @@ async fn restart_floor(pool: &PgPool, prev: &Cursor, seen: &Seen) -> Result<Rest
     )
     .fetch_one(pool)
     .await?;
-    let skip: HashSet<(i64, i64)> = seen
+    let target = Cursor {
+        snapshot: row.snapshot,
+        server_started: row.started,
+        incarnation: row.incarnation,
+        taken_at: row.taken_at,
+    };
+    let skip: HashSet<EventIdentity> = seen
         .recent
         .iter()
         .copied()
-        .filter(|&(_, xid)| xid >= row.floor)
+        .filter(|row_seen| row_seen.xid >= row.floor)
         .collect();
     let went_back = seen.high_xid.is_some_and(|high| row.floor <= high);
     let bound = if went_back {
@@ -497,15 +688,17 @@ async fn restart_floor(pool: &PgPool, prev: &Cursor, seen: &Seen) -> Result<Rest
     } else {
         "precise"
     };
-    metrics::counter!(m::BUS_RESTART_READS_TOTAL, "bound" => bound).increment(1);
+    metrics::counter!(m::BUS_RESTART_READS_TOTAL, "bound" => bound, "cause" => cause).increment(1);
     if went_back {
-        let oldest_remembered = seen.recent.front().map(|&(_, xid)| xid);
+        let oldest_remembered = seen.recent.front().map(|r| r.xid);
         tracing::warn!(
+            cause,
             floor = row.floor,
             highest_seen = seen.high_xid,
             skipping = skip.len(),
-            "event bus: the new server reuses transaction ids of rows already read; \
-             re-reading from the first reused id, skipping the events already delivered"
+            "event bus: the server's past changed and it reuses transaction ids of rows \
+             already read; re-reading from the first reused id, skipping the events already \
+             delivered"
         );
         if oldest_remembered.is_some_and(|oldest| oldest > row.floor)
             && seen.recent.len() == RECENT_EVENTS
@@ -517,13 +710,17 @@ async fn restart_floor(pool: &PgPool, prev: &Cursor, seen: &Seen) -> Result<Rest
         }
     } else {
         tracing::info!(
+            cause,
             floor = row.floor,
-            "event bus: the database server restarted or changed; reading from the first \
-             transaction id it may have reused"
+            "event bus: the database server restarted, recovered from a crash or changed; \
+             reading from the first transaction id it may have reused"
         );
     }
-    Ok(RestartFloor {
-        xid: row.floor.to_string(),
-        skip: Arc::new(skip),
-    })
+    Ok((
+        target,
+        RestartFloor {
+            xid: row.floor.to_string(),
+            skip: Arc::new(skip),
+        },
+    ))
 }

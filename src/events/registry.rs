@@ -199,6 +199,13 @@ pub(crate) struct Registry {
     epoch: u64,
 }
 
+impl Registry {
+    /// The current epoch (see the field): a resume compares its positions with it.
+    pub(crate) fn epoch(&self) -> u64 {
+        self.epoch
+    }
+}
+
 /// Where the bus stood when it dispatched a stored event: the read's previous and target
 /// snapshots and the event's id. The rows that read dispatched are those visible in `target`
 /// and not in `prev`, in id order; so two positions of the same epoch delimit exactly the

@@ -187,7 +187,10 @@ impl Registration {
             return Ok(());
         };
         let to = reg.last.clone().unwrap_or_else(|| from.clone());
-        if !(from.exact && to.exact && from.epoch == to.epoch) {
+        // The registry's current epoch, not only `to`'s: a read after a server change may
+        // have begun (bumping the epoch) without having dispatched anything yet, and what it
+        // will dispatch is not delimited by snapshots either.
+        if !(from.exact && to.exact && from.epoch == to.epoch && reg.epoch() == from.epoch) {
             return Err(Lagged { missed: dropped });
         }
         metrics::counter!(m::BUS_CATCH_UPS_TOTAL).increment(1);

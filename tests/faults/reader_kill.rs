@@ -17,12 +17,13 @@ const PER_ROUND: usize = 2_000;
 const PAGE: i64 = 100;
 const KILLS_PER_ROUND: u64 = 3;
 
-/// Terminates connections running the bus's read query; returns how many.
+/// Terminates connections running one of the bus's read statements (each reads the server's
+/// incarnation marker with its rows); returns how many.
 async fn kill_readers(killer: &PlaneDatabase) -> u64 {
     let killed: Vec<bool> = sqlx::query_scalar(
         "select pg_terminate_backend(pid) from pg_stat_activity
          where datname = current_database() and pid <> pg_backend_pid()
-           and state = 'active' and query ilike '%pg_snapshot_xip(s.prev)%'",
+           and state = 'active' and query ilike '%from plane_server_incarnation%'",
     )
     .fetch_all(killer.pool())
     .await
