@@ -90,6 +90,10 @@ pub(super) struct Embedded {
     pub(super) log_path: PathBuf,
     pub(super) binaries: Binaries,
     pub(super) port: u16,
+    /// Whether the server keeps what it acknowledged through a crash (`fsync`, full page
+    /// writes and synchronous commit on, as Postgres's defaults have them). The others are
+    /// tuned for speed instead.
+    durable: bool,
     /// The running postmaster, if any.
     postmaster: Mutex<Option<Child>>,
     /// Stops the server and removes `root` once this process has exited (the process-wide
@@ -105,6 +109,15 @@ impl Embedded {
         binaries: Binaries,
         seed: impl FnOnce(&Embedded) -> Result<(), HarnessError>,
     ) -> Result<Embedded, HarnessError> {
+        Self::start_with(binaries, seed, false)
+    }
+
+    /// [`start`](Self::start), durable or tuned for speed (see the `durable` field).
+    pub(super) fn start_with(
+        binaries: Binaries,
+        seed: impl FnOnce(&Embedded) -> Result<(), HarnessError>,
+        durable: bool,
+    ) -> Result<Embedded, HarnessError> {
         let root = host::create_temp_root()?;
         // If this process exits while the server exists, the reaper stops it and removes
         // `root`; if setting up fails below, dropping `embedded` does that right away.
@@ -118,6 +131,7 @@ impl Embedded {
             root,
             binaries,
             port: 0,
+            durable,
             postmaster: Mutex::new(None),
             _reaper: reaper,
         };
@@ -173,6 +187,16 @@ impl Embedded {
         }
     }
 
+    /// Kills the postmaster with SIGKILL, as a crash of the machine's server would, and
+    /// waits for it to exit. Its server processes notice and exit by themselves; the next
+    /// [`restart`](Self::restart) runs crash recovery. Killing a stopped server does nothing.
+    pub(super) fn kill_postmaster(&self) -> Result<(), HarnessError> {
+        match lock(&self.postmaster).take() {
+            Some(mut postmaster) => process::stop(&mut postmaster, "KILL", STOP_TIMEOUT).map(drop),
+            None => Ok(()),
+        }
+    }
+
     /// Starts the postmaster again on the same port and data directory, waiting until it
     /// accepts connections. Starting a running server does nothing.
     pub(super) fn restart(&self) -> Result<(), HarnessError> {
@@ -212,10 +236,14 @@ impl Embedded {
             .arg(port.to_string())
             .arg("-k")
             .arg(&self.socket_dir)
-            .args(["-c", "listen_addresses=127.0.0.1"])
-            .args(["-c", "fsync=off"])
-            .args(["-c", "synchronous_commit=off"])
-            .args(["-c", "full_page_writes=off"])
+            .args(["-c", "listen_addresses=127.0.0.1"]);
+        if !self.durable {
+            command
+                .args(["-c", "fsync=off"])
+                .args(["-c", "synchronous_commit=off"])
+                .args(["-c", "full_page_writes=off"]);
+        }
+        command
             .args(["-c", "max_connections=500"])
             .args(["-c", "shared_buffers=128MB"]);
         let could_not_run = self.binaries.could_not_run(&command, &self.root);

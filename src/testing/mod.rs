@@ -102,6 +102,14 @@ pub fn private_server() -> Result<TestServer, HarnessError> {
     TestServer::start_embedded()
 }
 
+/// Like [`private_server`], but durable: `fsync`, full page writes and synchronous commit
+/// on, as Postgres's defaults have them, so that a test may crash it
+/// ([`TestServer::kill_postmaster`], [`TestServer::kill_server_process`]) and count on what
+/// it acknowledged. Slower to write to than the others.
+pub fn private_durable_server() -> Result<TestServer, HarnessError> {
+    TestServer::start_embedded_durable()
+}
+
 /// A database created by [`create_database`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TestDatabase {

@@ -154,7 +154,7 @@ pub(super) fn stop(
 }
 
 /// Sends a signal (`"INT"`, `"KILL"`, …) to a process, without libc.
-fn send_signal(pid: u32, signal: &str) -> Result<(), HarnessError> {
+pub(super) fn send_signal(pid: u32, signal: &str) -> Result<(), HarnessError> {
     let status = Command::new("sh")
         .args(["-c", "kill -s \"$1\" \"$2\"", "sh", signal])
         .arg(pid.to_string())

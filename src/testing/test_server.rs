@@ -59,6 +59,13 @@ impl TestServer {
         Ok(TestServer::embedded(embedded))
     }
 
+    /// Initialises and starts a new throwaway server that keeps what it acknowledged
+    /// through a crash (`fsync`, full page writes and synchronous commit on).
+    pub(super) fn start_embedded_durable() -> Result<TestServer, HarnessError> {
+        let embedded = Embedded::start_with(Binaries::find()?, Embedded::initdb, true)?;
+        Ok(TestServer::embedded(embedded))
+    }
+
     /// The handle of a throwaway server.
     pub(super) fn embedded(embedded: Embedded) -> TestServer {
         TestServer {
@@ -100,6 +107,23 @@ impl TestServer {
     /// Blocks the calling thread. Starting a running server does nothing; error if external.
     pub fn start(&self) -> Result<(), HarnessError> {
         self.throwaway()?.restart()
+    }
+
+    /// Kills the embedded server's postmaster with SIGKILL (as a crash would) and waits
+    /// for it to exit; [`start`](Self::start) then runs crash recovery. Retry `start` if it
+    /// fails at once: the old server processes may take a moment to notice and exit.
+    /// Error if external.
+    pub fn kill_postmaster(&self) -> Result<(), HarnessError> {
+        self.throwaway()?.kill_postmaster()
+    }
+
+    /// Kills one server process of the embedded server (`pid`, e.g. from
+    /// `pg_backend_pid()`) with SIGKILL, as the kernel's OOM killer would: the postmaster
+    /// then ends every session and recovers in place, keeping its start time. Error if
+    /// external.
+    pub fn kill_server_process(&self, pid: u32) -> Result<(), HarnessError> {
+        self.throwaway()?;
+        super::process::send_signal(pid, "KILL")
     }
 
     /// The port of an embedded server (`None` for the `DATABASE_URL` server).

@@ -18,6 +18,7 @@ mod bad_rows;
 mod batch_kill;
 mod connect_batch_kill;
 mod connect_race;
+mod crash;
 mod failover;
 mod hostile;
 mod least_privilege;
