@@ -127,5 +127,5 @@ pub use event::{Event, EventKey, Notification, NotificationPayload};
 pub(crate) use reader::read_once;
 pub(crate) use stored::{events_since, latest_event_id};
 pub use subscription::{EventSubscription, Lagged, Subscription};
-pub use write::emit;
+pub use write::{emit, emit_in_two_phase};
 pub(crate) use write::{emit_ephemeral, EventBatch, EventWriter};

@@ -27,6 +27,10 @@ const MAX_NOTIFY_PAYLOAD: usize = 7999;
 /// wake trigger notifies.
 const WAKE_BY_TRIGGER: &str = "notify";
 
+/// `plane.event_wake` for a transaction prepared for two-phase commit, which may not
+/// `NOTIFY`: the wake trigger stays silent and readers find the event at their next read.
+const WAKE_BY_POLL: &str = "deferred";
+
 /// Events for one statement, as the parallel arrays `plane_write_events` takes.
 #[derive(Debug, Default)]
 pub(crate) struct EventBatch {
@@ -112,6 +116,11 @@ impl<'a> EventWriter<'a> {
 /// only if, that transaction commits. Returns the event id. Its wake-up comes from the
 /// `event` trigger at the commit (the crate does not see the caller's commit).
 ///
+/// That wake-up is a `NOTIFY`, which Postgres refuses in a transaction that is then
+/// prepared for two-phase commit (`PREPARE TRANSACTION` fails with "cannot PREPARE a
+/// transaction that has executed LISTEN, UNLISTEN, or NOTIFY"): use
+/// [`emit_in_two_phase`] there.
+///
 /// ```no_run
 /// # async fn example(db: &plane_db::PlaneDatabase) -> plane_db::Result<()> {
 /// use plane_db::types::{BackendName, BackendState};
@@ -128,6 +137,43 @@ pub async fn emit<T: NotificationPayload>(
     key: Option<&T::Key>,
     payload: &T,
 ) -> Result<i64> {
+    write_one_event(conn, key, payload, WAKE_BY_TRIGGER).await
+}
+
+/// [`emit`] for a transaction that will be prepared for two-phase commit (`PREPARE
+/// TRANSACTION`): the same row, without the `NOTIFY` that Postgres refuses to prepare.
+/// Subscribers see the event once, and only if the prepared transaction is committed
+/// (`COMMIT PREPARED`), at their next read: within [`BusConfig::poll_interval`](super::BusConfig::poll_interval)
+/// of the commit, or at once if anything else wakes them.
+///
+/// ```no_run
+/// # async fn example(db: &plane_db::PlaneDatabase) -> plane_db::Result<()> {
+/// use plane_db::types::{BackendName, BackendState};
+/// let backend = BackendName::new_random();
+/// let mut conn = db.pool().acquire().await?;
+/// sqlx::raw_sql("begin").execute(&mut *conn).await?;
+/// plane_db::events::emit_in_two_phase(&mut conn, Some(&backend), &BackendState::Loading).await?;
+/// sqlx::raw_sql("prepare transaction 'plane-example'").execute(&mut *conn).await?;
+/// // ... later, from any session, once the other participants are prepared too:
+/// sqlx::raw_sql("commit prepared 'plane-example'").execute(db.pool()).await?;
+/// # Ok(()) }
+/// ```
+#[tracing::instrument(skip(conn, key, payload), fields(kind = T::kind()))]
+pub async fn emit_in_two_phase<T: NotificationPayload>(
+    conn: &mut PgConnection,
+    key: Option<&T::Key>,
+    payload: &T,
+) -> Result<i64> {
+    write_one_event(conn, key, payload, WAKE_BY_POLL).await
+}
+
+/// Writes one event through `plane_write_events` with the given `plane.event_wake`.
+async fn write_one_event<T: NotificationPayload>(
+    conn: &mut PgConnection,
+    key: Option<&T::Key>,
+    payload: &T,
+    wake: &str,
+) -> Result<i64> {
     let data = to_json(T::kind(), payload)?;
     let key = key.map(EventKey::to_event_key);
     let ids = sqlx::query_scalar!(
@@ -135,7 +181,7 @@ pub async fn emit<T: NotificationPayload>(
         T::kind(),
         key as Option<String>,
         data,
-        WAKE_BY_TRIGGER,
+        wake,
     )
     .fetch_one(&mut *conn)
     .await?;

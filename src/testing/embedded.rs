@@ -245,6 +245,8 @@ impl Embedded {
         }
         command
             .args(["-c", "max_connections=500"])
+            // Prepared transactions allowed, so that tests can leave one open.
+            .args(["-c", "max_prepared_transactions=10"])
             .args(["-c", "shared_buffers=128MB"]);
         let could_not_run = self.binaries.could_not_run(&command, &self.root);
         let mut child = process::spawn_logged(&mut command, &self.log_path, could_not_run)?;

@@ -25,6 +25,7 @@ mod least_privilege;
 mod listener_kill;
 mod open_transaction;
 mod pooler;
+mod prepared;
 mod promotion;
 mod properties;
 mod reader_kill;
