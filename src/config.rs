@@ -44,6 +44,75 @@ impl Default for Config {
     }
 }
 
+/// The longest duration any [`Config`] field may hold: a century. Beyond it a deadline
+/// computed from it cannot be represented (`Duration::MAX` overflows every clock), and
+/// nothing a controller waits for takes that long.
+pub const LONGEST_DURATION: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
+impl Config {
+    /// Refuses a configuration that cannot work: a duration beyond [`LONGEST_DURATION`], a
+    /// scheduler sample size below 1. [`ConnectOptions::connect`](crate::ConnectOptions::connect)
+    /// and [`connect_and_migrate`](crate::ConnectOptions::connect_and_migrate) call it before
+    /// they open anything; call it yourself before
+    /// [`PlaneDatabase::with_config`](crate::PlaneDatabase::with_config), which cannot fail
+    /// (the library does not panic on such values either: deadlines saturate).
+    ///
+    /// ```
+    /// use plane_db::Config;
+    /// use std::time::Duration;
+    /// let mut config = Config::default();
+    /// assert!(config.validate().is_ok());
+    /// config.bus.wake_interval = Duration::MAX;
+    /// let error = config.validate().unwrap_err();
+    /// assert!(error.to_string().contains("bus.wake_interval"));
+    /// ```
+    pub fn validate(&self) -> crate::Result<()> {
+        let durations = [
+            ("bus.poll_interval", self.bus.poll_interval),
+            ("bus.max_backoff", self.bus.max_backoff),
+            ("bus.wake_interval", self.bus.wake_interval),
+            (
+                "scheduler.drone_heartbeat_timeout",
+                self.scheduler.drone_heartbeat_timeout,
+            ),
+            (
+                "scheduler.controller_heartbeat_timeout",
+                self.scheduler.controller_heartbeat_timeout,
+            ),
+            ("key_lease.renew_after", self.key_lease.renew_after),
+            (
+                "key_lease.soft_terminate_after",
+                self.key_lease.soft_terminate_after,
+            ),
+            (
+                "key_lease.hard_terminate_after",
+                self.key_lease.hard_terminate_after,
+            ),
+            (
+                "key_lease.expiration_margin",
+                self.key_lease.expiration_margin,
+            ),
+            ("token_lifetime", self.token_lifetime),
+            ("replicas.max_lag", self.replicas.max_lag),
+            ("replicas.probe_interval", self.replicas.probe_interval),
+            ("replicas.acquire_timeout", self.replicas.acquire_timeout),
+        ];
+        for (argument, value) in durations {
+            if value > LONGEST_DURATION {
+                return Err(crate::Error::InvalidArgument {
+                    argument,
+                    reason: format!(
+                        "{value:?} is longer than the longest duration allowed ({} years)",
+                        LONGEST_DURATION.as_secs() / (365 * 24 * 3600)
+                    ),
+                });
+            }
+        }
+        self.scheduler.checked_sample_size()?;
+        Ok(())
+    }
+}
+
 /// How [`DroneDatabase::pick_for_spawn`](crate::drone::DroneDatabase::pick_for_spawn) chooses a drone.
 #[derive(Debug, Clone)]
 pub struct SchedulerConfig {

@@ -320,6 +320,7 @@ impl ConnectOptions {
 
     /// Refuses a configuration that cannot work, before any connection is made.
     fn check(&self) -> Result<()> {
+        self.config.validate()?;
         if self.pooler == PoolerMode::Transaction && self.direct.is_none() {
             return Err(Error::InvalidArgument {
                 argument: "direct_url",

@@ -482,7 +482,11 @@ impl Replica {
                 // Within the bound until `max_lag - lag` after the answer.
                 let until = lag
                     .and_then(|lag| max_lag.checked_sub(lag))
-                    .map(|left| answered_at.saturating_duration_since(self.epoch) + left)
+                    .map(|left| {
+                        answered_at
+                            .saturating_duration_since(self.epoch)
+                            .saturating_add(left)
+                    })
                     .map_or(0, |until| {
                         u64::try_from(until.as_nanos()).unwrap_or(u64::MAX)
                     });

@@ -8,8 +8,9 @@ use super::registry::Shared;
 use crate::error::Result;
 use crate::metrics as m;
 use sqlx::PgPool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use tokio::sync::OnceCell;
+use tokio::task::JoinHandle;
 
 /// The handle a `PlaneDatabase` keeps. Starting is lazy (on the first subscription) so that
 /// building a `PlaneDatabase` stays synchronous and costs no connection.
@@ -20,8 +21,52 @@ pub(crate) struct EventBus {
     /// Postgres another way than `pool` (see `PlaneDatabase::with_listener`).
     listener: PgPool,
     config: BusConfig,
-    started: OnceCell<()>,
-    waker_started: std::sync::OnceLock<()>,
+    /// The reader and listener tasks, once started. They run on the runtime of the first
+    /// subscription; if they die (that runtime shut down, or a panic), the subscriptions of
+    /// the time end and the next subscription starts them again.
+    tasks: tokio::sync::Mutex<Option<Tasks>>,
+    /// Whether the waker task runs (set by whoever starts it, cleared when it ends).
+    waker_running: Arc<AtomicBool>,
+}
+
+/// The bus's long-running tasks.
+struct Tasks {
+    reader: JoinHandle<()>,
+    listener: JoinHandle<()>,
+}
+
+impl Tasks {
+    fn alive(&self) -> bool {
+        !(self.reader.is_finished() || self.listener.is_finished())
+    }
+}
+
+/// Held by each of the bus's tasks. If a task ends while the bus is open (its runtime shut
+/// down and dropped it, or it panicked), the subscriptions it fed end rather than wait
+/// forever; see [`EventBus::ensure_started`].
+pub(super) struct TaskGuard {
+    pub(super) shared: Arc<Shared>,
+}
+
+impl Drop for TaskGuard {
+    fn drop(&mut self) {
+        if !self.shared.is_closed() {
+            tracing::warn!(
+                "event bus: a task of the bus stopped (its runtime shut down, or it \
+                 panicked); current subscriptions end, and the next one starts it again"
+            );
+            self.shared.end_subscriptions();
+        }
+    }
+}
+
+/// Clears the waker's flag when its task ends, however it ends.
+struct WakerGuard(Arc<AtomicBool>);
+
+impl Drop for WakerGuard {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
 }
 
 impl EventBus {
@@ -40,8 +85,8 @@ impl EventBus {
             pool,
             listener,
             config,
-            started: OnceCell::new(),
-            waker_started: std::sync::OnceLock::new(),
+            tasks: tokio::sync::Mutex::new(None),
+            waker_running: Arc::new(AtomicBool::new(false)),
         }
     }
 
@@ -69,13 +114,18 @@ impl EventBus {
         }
         // Without a running reader this stores a permit, which costs one extra read later.
         self.shared.wake.notify_one();
-        self.waker_started.get_or_init(|| {
-            tokio::spawn(wake_others_loop(
+        if !self.waker_running.swap(true, Ordering::AcqRel) {
+            let guard = WakerGuard(self.waker_running.clone());
+            let (shared, pool, interval) = (
                 self.shared.clone(),
                 self.pool.clone(),
                 self.config.wake_interval,
-            ));
-        });
+            );
+            tokio::spawn(async move {
+                let _guard = guard;
+                wake_others_loop(shared, pool, interval).await;
+            });
+        }
         self.shared.wake_others.notify_one();
     }
 
@@ -84,26 +134,46 @@ impl EventBus {
     /// delivered to subscribers registered from now on. Fails fast if the database cannot be
     /// reached; a later call tries again.
     pub(crate) async fn ensure_started(&self) -> Result<Arc<Shared>> {
-        self.started
-            .get_or_try_init(|| async {
-                let listener = connect_listener(&self.listener).await?;
-                let (cursor, seen) = current_cursor(&self.pool).await?;
-                tokio::spawn(listen_loop(
-                    self.shared.clone(),
-                    self.listener.clone(),
-                    listener,
-                    self.config.max_backoff,
-                ));
-                tokio::spawn(read_loop(
-                    self.shared.clone(),
-                    self.pool.clone(),
-                    cursor,
-                    seen,
-                    self.config.clone(),
-                ));
-                Ok::<_, crate::Error>(())
-            })
-            .await?;
+        let mut tasks = self.tasks.lock().await;
+        if let Some(running) = tasks.as_ref() {
+            if running.alive() {
+                return Ok(self.shared.clone());
+            }
+            // One of them died (see `TaskGuard`, which ended the subscriptions it fed):
+            // start both afresh on this runtime, from a new cursor.
+            running.reader.abort();
+            running.listener.abort();
+            *tasks = None;
+            tracing::info!("event bus: starting its tasks again");
+        }
+        let listener = connect_listener(&self.listener).await?;
+        let (cursor, seen) = current_cursor(&self.pool).await?;
+        let guard = TaskGuard {
+            shared: self.shared.clone(),
+        };
+        let listener = tokio::spawn({
+            let (shared, pool, max_backoff) = (
+                self.shared.clone(),
+                self.listener.clone(),
+                self.config.max_backoff,
+            );
+            async move {
+                let _guard = guard;
+                listen_loop(shared, pool, listener, max_backoff).await;
+            }
+        });
+        let guard = TaskGuard {
+            shared: self.shared.clone(),
+        };
+        let reader = tokio::spawn({
+            let (shared, pool, config) =
+                (self.shared.clone(), self.pool.clone(), self.config.clone());
+            async move {
+                let _guard = guard;
+                read_loop(shared, pool, cursor, seen, config).await;
+            }
+        });
+        *tasks = Some(Tasks { reader, listener });
         Ok(self.shared.clone())
     }
 }

@@ -115,7 +115,9 @@ pub(super) async fn wake_others_loop(shared: Arc<Shared>, pool: PgPool, interval
         if let Some(last) = last_sent {
             // Commits that finish meanwhile leave a permit that this NOTIFY covers.
             tokio::select! {
-                _ = tokio::time::sleep_until(last + interval) => {}
+                // `sleep` rather than `sleep_until(last + interval)`: an interval too long to add
+                // to an instant waits as long as it can instead of panicking.
+                _ = tokio::time::sleep(interval.saturating_sub(last.elapsed())) => {}
                 _ = shared.closed() => return,
             }
         }

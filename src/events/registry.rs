@@ -398,6 +398,16 @@ impl Shared {
         self.registry().epoch += 1;
     }
 
+    /// Ends every current subscription (once drained), without shutting the bus down: its
+    /// tasks died (their runtime shut down, or a panic), so nothing would feed them. A later
+    /// subscription starts the tasks again.
+    pub(super) fn end_subscriptions(&self) {
+        let mut reg = self.registry();
+        close_all(&mut reg);
+        // Positions from before cannot delimit a catch-up across the restart.
+        reg.epoch += 1;
+    }
+
     /// Shuts the bus down: its tasks stop, and every subscription ends once drained.
     pub(super) fn close(&self) {
         self.closed.store(true, Ordering::Release);

@@ -107,8 +107,7 @@ async fn scenario(server: Arc<plane_db::testing::TestServer>, url: String) {
         }
     }
     // Anything else arriving is an old event delivered again.
-    while let Ok(Some(next)) = tokio::time::timeout(Duration::from_millis(1_500), rx.recv()).await
-    {
+    while let Ok(Some(next)) = tokio::time::timeout(Duration::from_millis(1_500), rx.recv()).await {
         match next {
             Ok(key) => *after.entry(key).or_default() += 1,
             Err(Lagged { missed }) => lagged += missed,
@@ -132,7 +131,10 @@ async fn scenario(server: Arc<plane_db::testing::TestServer>, url: String) {
         .await
         .unwrap();
     let early = tokio::time::timeout(Duration::from_millis(1_500), rx.recv()).await;
-    assert!(early.is_err(), "delivered before COMMIT PREPARED: {early:?}");
+    assert!(
+        early.is_err(),
+        "delivered before COMMIT PREPARED: {early:?}"
+    );
     sqlx::raw_sql("commit prepared 'plane-test-emit'")
         .execute(&mut *conn)
         .await
@@ -174,7 +176,10 @@ async fn scenario(server: Arc<plane_db::testing::TestServer>, url: String) {
             ("received_after_restart", received_after.to_string()),
             ("old_events_delivered_again", old_again.to_string()),
             ("lagged", lagged.to_string()),
-            ("two_phase_event_delivered_ms_after_commit", two_phase_ms.to_string()),
+            (
+                "two_phase_event_delivered_ms_after_commit",
+                two_phase_ms.to_string(),
+            ),
         ],
     );
     assert_eq!(lagged, 0);

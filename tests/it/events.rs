@@ -521,3 +521,51 @@ async fn wake_ups_reach_every_process_without_polling() {
     })
     .await
 }
+
+/// The bus's tasks run on the runtime of the first subscription. When that runtime shuts
+/// down, its subscriptions end (they do not hang), and a subscription made on another
+/// runtime starts the bus again there and delivers.
+#[test]
+fn the_bus_outlives_the_runtime_that_started_it() {
+    let runtime = || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    };
+    let first = runtime();
+    let (database, db, mut old_sub) = first.block_on(async {
+        let database = plane_db::testing::create_database().await.unwrap();
+        let db = plane_db::connect_and_migrate(&database.url).await.unwrap();
+        let sub = db.subscribe::<BackendState>().await.unwrap();
+        (database, db, sub)
+    });
+    drop(first);
+
+    runtime().block_on(async {
+        let ended = tokio::time::timeout(Duration::from_secs(10), old_sub.next()).await;
+        assert!(
+            matches!(ended, Ok(None)),
+            "a subscription of the runtime that shut down should end"
+        );
+        let mut sub = tokio::time::timeout(Duration::from_secs(30), db.subscribe::<BackendState>())
+            .await
+            .expect("subscribing again hangs")
+            .unwrap();
+        let key: plane_db::types::BackendName = "after-runtime".parse().unwrap();
+        let mut conn = db.pool().acquire().await.unwrap();
+        emit(&mut conn, Some(&key), &BackendState::Loading)
+            .await
+            .unwrap();
+        let next = tokio::time::timeout(Duration::from_secs(10), sub.next())
+            .await
+            .expect("no event from the restarted bus")
+            .expect("subscription ended")
+            .expect("lagged");
+        assert_eq!(next.key.as_deref(), Some("after-runtime"));
+        drop(conn);
+        db.pool().close().await;
+        drop(db);
+        database.drop_database().await.unwrap();
+    });
+}
