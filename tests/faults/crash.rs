@@ -112,7 +112,7 @@ async fn scenario(server: &Arc<TestServer>, url: &str, crash: Crash, synchronous
                 let key = format!("w{w}-{n}").parse().unwrap();
                 let written = async {
                     let mut txn = db.pool().begin().await?;
-                    emit(&mut *txn, Some(&key), &BackendState::Loading).await?;
+                    emit(&mut txn, Some(&key), &BackendState::Loading).await?;
                     txn.commit().await?;
                     Ok::<_, plane_db::Error>(())
                 }
