@@ -28,7 +28,9 @@
 //!    ([`NotificationPayload::Key`]); writer and subscriber use it, so they agree.
 //!
 //! A subscription ends (`None`) only when its [`PlaneDatabase`](crate::PlaneDatabase) is
-//! dropped.
+//! dropped, or when the bus's tasks died (they run on the runtime of the first subscription:
+//! if that runtime shuts down, its subscriptions end rather than wait forever, and the next
+//! subscription starts the tasks again on its own runtime).
 //!
 //! # Where each part lives
 //! Imports run one way, from the bus down to the event types; nothing imports the bus.
@@ -66,16 +68,25 @@
 //!
 //! Snapshots compare only within one unbroken run of transaction ids. A server that comes
 //! back with its counter behind the cursor (a failover to a replica that had not replayed
-//! everything, or a crash that lost an unflushed abort) hands out ids the cursor counts as
-//! read. The cursor therefore also records the server's start time; when that changes, the
-//! next read also takes every row from a transaction at or above a floor computed from what
-//! the bus has seen, with ordinary functions only (no `pg_control_checkpoint()`, so it works
-//! for an unprivileged role): one above the highest transaction id of a row it has seen, or
-//! lower if rows created since its previous read carry lower ids (the ids went back). Rows
-//! above the floor that it already delivered are skipped by `(id, xid)`. After a restart,
-//! crash recovery or a switchover the floor is exactly the first new id; nothing is read
-//! twice. A server change between two pages of one read restarts that read, skipping what it
-//! had already delivered. See `restart_floor` in the reader and RELIABILITY.md for the limits.
+//! everything, crash recovery that lost an unflushed abort or an asynchronous commit) hands
+//! out ids the cursor counts as read. Every read therefore also returns, from the same
+//! statement as its snapshot, the server's start time (a restart, another server) and the
+//! id in `plane_server_incarnation`, an UNLOGGED one-row table that crash recovery in place
+//! and a promoted standby both leave empty (the postmaster, and so the start time, survives
+//! the crash of one server process). When either differs from the cursor's, the bus writes a
+//! new incarnation if the table is empty and reads, in a new snapshot, also every row from a
+//! transaction at or above a floor computed in that same snapshot from what the bus has
+//! seen, with ordinary functions only (no `pg_control_checkpoint()`, so it works for an
+//! unprivileged role): one above the highest transaction id of a row it has seen, or lower
+//! if rows created since its previous read carry lower ids (the ids went back). Rows above
+//! the floor that it already delivered are skipped by `(id, xid, created_at)`. After a
+//! restart, crash recovery with synchronous commits or a switchover the floor is exactly the
+//! first new id; nothing is read twice. A server change between two pages of one read
+//! restarts that read, skipping what it had already delivered. See `restart_floor` in the
+//! reader and RELIABILITY.md for the limits.
+//!
+//! A read's first page comes from the read statement; beyond it, the read lists the rest of
+//! its ids once and fetches them by primary key, so a backlog costs time linear in its size.
 //!
 //! # A slow subscriber
 //! When a subscription's queue is full the bus pauses it at the event it could not queue;

@@ -1,5 +1,5 @@
 //! The reader: the statement that reads the events committed since the previous read, the
-//! cursor it keeps (a snapshot and the server's start time), the floor it reads from after
+//! cursor it keeps (a snapshot, the server's start time and incarnation), the floor it reads from after
 //! a server change, and the recently dispatched rows it remembers to skip then. The
 //! [module docs](super) say what this guarantees and why it works.
 
