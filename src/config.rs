@@ -136,8 +136,10 @@ impl Default for KeyLeaseConfig {
 /// as soon as no other call is waiting), so batching adds no delay at low load and saves a
 /// transaction per call under load. Each call still gets its own answer, and every promise
 /// of the single-call path holds (changes of one backend are applied in call order; one
-/// backend per key, with its own fencing token; a failing call fails only itself);
-/// RELIABILITY.md ("What we promise", group commit) says how failures are handled.
+/// backend per key, with its own fencing token; a failing call fails only itself), and a
+/// row locked by another transaction holds back only the calls that change that row (see
+/// [`lock_timeout`](Self::lock_timeout)); RELIABILITY.md ("What we promise", group commit)
+/// says how failures are handled.
 #[derive(Debug, Clone)]
 pub struct WriteBatchConfig {
     /// Whether concurrent calls are combined. Defaults to true; when false, each call runs

@@ -9,30 +9,52 @@
 //! writing alone writes its item at once, alone, in the caller's task: at low concurrency
 //! calls wait for no company and pay for no hand-over. Beyond that, calls queue their item,
 //! and the first to queue starts the batch writer, a task of its own (so that a caller whose
-//! future is dropped cannot break a batch that others wait on). It takes a connection, then
-//! every item queued so far (at most [`WriteBatchConfig::max_batch_size`]), writes them,
-//! answers each caller through its own channel, lets them run (so that callers calling
-//! again at once join the next batch), and goes on with what queued meanwhile; it stops
-//! when the queue is empty. One batch is in flight at a time.
+//! future is dropped cannot break a batch that others wait on). It takes a connection (and
+//! sets [`WriteBatchConfig::lock_timeout`] on it for its run, put back before the connection
+//! returns to the pool), then every item queued so far (at most
+//! [`WriteBatchConfig::max_batch_size`]), writes them, answers each caller through its own
+//! channel, lets them run (so that callers calling again at once join the next batch), and
+//! goes on with what queued meanwhile; it stops when the queue is empty. One batch is in
+//! flight at a time.
+//!
+//! The queue is bounded: group commit holds at most [`WriteBatchConfig::max_queued`] items
+//! (queued, in a batch, or being written alone after one); a call that finds no room waits
+//! for it, in call order. An item whose caller went away (its future dropped) before the
+//! writer took it is not written.
+//!
+//! **Locks held elsewhere.** One batch in flight must not wait on one caller's row. So
+//! `update_state`'s statement locks its backend rows with `SKIP LOCKED` and leaves the
+//! changes of rows another transaction holds: those, and a batch that waited for some other
+//! lock longer than the lock timeout (SQLSTATE 55P03) and was rolled back, go to **lone
+//! writers**: one task per lock key, which writes that key's items alone, in call order, on
+//! a pool connection of its own without the timeout, each waiting for its lock as a lone
+//! call would. While a key has a lone writer, later items with that key join it instead of
+//! a batch (or of writing alone), so that they come after the earlier ones.
 //!
 //! # What holds, as for one call alone
 //! - **Each caller gets its own answer**: the statement says, per item, what it did.
 //! - **Call order per row**: a statement holds at most one item per [`Statements::lock_key`]
 //!   (a backend, a key). Further items with the same lock key go into the next statement of
 //!   the same transaction, in call order, which sees the earlier ones: the result is exactly
-//!   that of running them one after the other. Within a statement items are sorted by lock
-//!   key, so that concurrent batches of one kind (of this process or another) lock their
-//!   rows in one order. Writers of other kinds lock in their own order (e.g. a state batch
-//!   releasing keys by backend); should Postgres find a deadlock, it rolls one statement
-//!   back, which is a refused batch: its items are written again one by one.
+//!   that of running them one after the other. An item left to a lone writer takes the
+//!   later items of its key with it (out of this batch, and out of later ones while the
+//!   writer runs). Within a statement items are sorted by lock key, so that concurrent
+//!   batches of one kind (of this process or another) lock their rows in one order. Writers
+//!   of other kinds lock in their own order (e.g. a state batch releasing keys by backend);
+//!   should Postgres find a deadlock, it rolls one statement back, which is a refused batch.
+//! - **A lock held elsewhere holds back that row's calls only**: see above. Other calls of
+//!   the batch wait for it at most the lock timeout (`update_state`'s for its backend rows
+//!   not at all).
 //! - **Everything an item writes** (history rows, events through `plane_write_events`, key
 //!   changes) comes from the same statement as the item itself.
-//! - **A failing item fails only its own call.** When the server refuses the batch (the
-//!   transaction rolled back, nothing of it was written), every item is written again
-//!   alone, in call order, and each caller gets its own result or error. When the connection
-//!   fails with an unknown outcome (the commit may or may not have happened), every caller
-//!   of the batch gets an error, as a lone call would: nothing is written twice and nothing
-//!   reported as written is lost.
+//! - **A failing item fails only its own call.** Inputs the server is certain to refuse
+//!   (a NUL in text) are refused before they are queued, with the error a lone call gets.
+//!   When the server refuses the batch (the transaction rolled back, nothing of it was
+//!   written), every item is written again alone by the lone writers (concurrently across
+//!   lock keys, in call order within one), and each caller gets its own result or error.
+//!   When the connection fails with an unknown outcome (the commit may or may not have
+//!   happened), every caller of the batch gets an error, as a lone call would: nothing is
+//!   written twice and nothing reported as written is lost.
 
 pub(crate) mod spawn;
 pub(crate) mod state;
