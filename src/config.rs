@@ -159,6 +159,9 @@ pub struct WriteBatchConfig {
     /// How long a batch's statements wait for a row lock held by another transaction
     /// (Postgres's `lock_timeout`, set on the batch writer's connection and put back before
     /// it returns to the pool). Defaults to 500 ms; zero leaves the session's own setting.
+    /// Off (zero) with [`PoolerMode::Transaction`](crate::PoolerMode::Transaction), where a
+    /// session setting would reach other clients of the pooler's server connection (with a
+    /// pool of your own behind such a pooler, set it to zero yourself).
     /// A batch that waits longer is rolled back and its changes are written alone,
     /// concurrently (one after the other for the same backend or key), each waiting for its
     /// lock as a lone call would: a lock held elsewhere holds back the calls that need that
