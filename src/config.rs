@@ -205,8 +205,10 @@ impl Default for KeyLeaseConfig {
 /// as soon as no other call is waiting), so batching adds no delay at low load and saves a
 /// transaction per call under load. Each call still gets its own answer, and every promise
 /// of the single-call path holds (changes of one backend are applied in call order; one
-/// backend per key, with its own fencing token; a failing call fails only itself);
-/// RELIABILITY.md ("What we promise", group commit) says how failures are handled.
+/// backend per key, with its own fencing token; a failing call fails only itself), and a
+/// row locked by another transaction holds back only the calls that change that row (see
+/// [`lock_timeout`](Self::lock_timeout)); RELIABILITY.md ("What we promise", group commit)
+/// says how failures are handled.
 #[derive(Debug, Clone)]
 pub struct WriteBatchConfig {
     /// Whether concurrent calls are combined. Defaults to true; when false, each call runs
@@ -223,6 +225,24 @@ pub struct WriteBatchConfig {
     /// 1, about 2.7x at 16 and 3.4x at 32 writers but about 0.7x at 4; with 4, 1.04x at 4
     /// writers but only about 1.7x and 2.0x at 16 and 32.
     pub max_alone: usize,
+    /// How long a batch's statements wait for a row lock held by another transaction
+    /// (Postgres's `lock_timeout`, set on the batch writer's connection and put back before
+    /// it returns to the pool). Defaults to 500 ms; zero leaves the session's own setting.
+    /// Off (zero) with [`PoolerMode::Transaction`](crate::PoolerMode::Transaction), where a
+    /// session setting would reach other clients of the pooler's server connection (with a
+    /// pool of your own behind such a pooler, set it to zero yourself).
+    /// A batch that waits longer is rolled back and its changes are written alone,
+    /// concurrently (one after the other for the same backend or key), each waiting for its
+    /// lock as a lone call would: a lock held elsewhere holds back the calls that need that
+    /// row, not the batch. (`update_state`'s batches do not wait for backend rows at all:
+    /// they skip rows locked elsewhere and write those changes alone; the timeout guards the
+    /// other rows a batch locks, such as keys.)
+    pub lock_timeout: Duration,
+    /// The most calls group commit holds at once (queued for a batch, being written in one,
+    /// or handed out of one to be written alone); a call that finds no room waits for it,
+    /// in the order calls came. Calls writing alone at once
+    /// ([`max_alone`](Self::max_alone)) are not counted. Defaults to 4096; 0 counts as 1.
+    pub max_queued: usize,
 }
 
 impl Default for WriteBatchConfig {
@@ -231,6 +251,8 @@ impl Default for WriteBatchConfig {
             enabled: true,
             max_batch_size: 64,
             max_alone: 1,
+            lock_timeout: Duration::from_millis(500),
+            max_queued: 4096,
         }
     }
 }

@@ -302,11 +302,18 @@ impl ConnectOptions {
             .await?;
         let listener = self.listener_pool(&pool);
         let replicas = self.replica_pools();
+        let mut config = self.config;
+        if self.pooler == PoolerMode::Transaction {
+            // Group commit's lock timeout is a session setting of the batch writer's
+            // connection, which would stay on the pooler's server connection for other
+            // clients: it is off here (`update_state`'s batches still skip locked rows).
+            config.write_batching.lock_timeout = Duration::ZERO;
+        }
         Ok(Opened {
             pool,
             listener,
             replicas,
-            config: self.config,
+            config,
         })
     }
 

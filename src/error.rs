@@ -367,6 +367,20 @@ pub(crate) fn check_text(argument: &'static str, value: &str) -> Result<()> {
     }
 }
 
+/// [`check_text`] for every string of a JSON value (object keys too): Postgres's `jsonb`
+/// cannot hold a NUL character either (it refuses `\u0000` with SQLSTATE 22P05).
+pub(crate) fn check_json(argument: &'static str, value: &serde_json::Value) -> Result<()> {
+    match value {
+        serde_json::Value::String(s) => check_text(argument, s),
+        serde_json::Value::Array(values) => values.iter().try_for_each(|v| check_json(argument, v)),
+        serde_json::Value::Object(map) => map.iter().try_for_each(|(k, v)| {
+            check_text(argument, k)?;
+            check_json(argument, v)
+        }),
+        _ => Ok(()),
+    }
+}
+
 /// The longest duration handed to Postgres as an interval (about 100 years): longer ones
 /// mean "everything" and would push timestamps out of Postgres's range.
 const MAX_INTERVAL_SECS: f64 = 100.0 * 365.25 * 24.0 * 3600.0;

@@ -13,7 +13,7 @@
 
 use super::Statements;
 use crate::config::{KeyLeaseConfig, SchedulerConfig};
-use crate::error::{interval_secs, Result};
+use crate::error::{check_json, check_text, interval_secs, Result};
 use crate::events::{EventBatch, NotificationPayload};
 use crate::metrics::Operation;
 use crate::types::{
@@ -63,6 +63,18 @@ impl NewBackend {
         user: Option<String>,
         auth: Value,
     ) -> Result<Self> {
+        // Postgres refuses a NUL in text or jsonb, and refusing it here gives the call the
+        // same typed error alone or batched, before a batch it would make the server
+        // refuse (and so be written again item by item).
+        check_text("key.name", &key.name)?;
+        check_text("key.namespace", &key.namespace)?;
+        check_text("key.tag", &key.tag)?;
+        check_text("spawn_config.pool", pool.as_str())?;
+        if let Some(user) = &user {
+            check_text("user", user)?;
+        }
+        check_json("auth", &auth)?;
+        check_json("spawn_config.executable", &executable)?;
         let events = EventBatch::one(&backend_id, &BackendState::Scheduled)?;
         let lock_key = format!("{}\u{0}{}", key.namespace, key.name);
         Ok(Self {
@@ -153,8 +165,14 @@ impl Statements for Spawns {
         &self,
         conn: &mut PgConnection,
         items: &[&NewBackend],
-    ) -> std::result::Result<Vec<SpawnOutcome>, sqlx::Error> {
-        self.spawn_many(conn, items).await
+    ) -> std::result::Result<Vec<Option<SpawnOutcome>>, sqlx::Error> {
+        // A batch of one takes the lone statement (about twice the rate, see `spawn_one`).
+        // Neither skips a locked key: the batch writer's lock timeout bounds the wait.
+        let outcomes = match items {
+            [one] => vec![self.spawn_one(conn, one).await?],
+            _ => self.spawn_many(conn, items).await?,
+        };
+        Ok(outcomes.into_iter().map(Some).collect())
     }
 }
 

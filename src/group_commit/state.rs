@@ -67,19 +67,23 @@ impl Statements for StateChanges {
         &self,
         conn: &mut PgConnection,
         changes: &[&StateChange],
-    ) -> std::result::Result<Vec<bool>, sqlx::Error> {
+    ) -> std::result::Result<Vec<Option<bool>>, sqlx::Error> {
+        // Also for one change: unlike `write_single`, it does not wait for a row locked
+        // elsewhere, and a batch writer must not.
         write_statement(conn, changes, self.wake).await
     }
 }
 
 /// The statement: applies each change that moves its backend forward (at most one change
 /// per backend), appending its history row, releasing the key on `terminated`, and writing
-/// its event, all for the changed rows only. Returns, per change, whether it was applied.
+/// its event, all for the changed rows only. Returns, per change, whether it was applied,
+/// or none if its backend's row is locked by another transaction: then nothing of it was
+/// written (the statement does not wait for that lock; the change is written alone).
 async fn write_statement(
     conn: &mut PgConnection,
     changes: &[&StateChange],
     wake: &'static str,
-) -> std::result::Result<Vec<bool>, sqlx::Error> {
+) -> std::result::Result<Vec<Option<bool>>, sqlx::Error> {
     let mut events = EventBatch::default();
     let mut ids = Vec::with_capacity(changes.len());
     let mut statuses = Vec::with_capacity(changes.len());
@@ -96,12 +100,21 @@ async fn write_statement(
     }
     // `n` numbers the changes (1-based, as `with ordinality`); the events are in the same
     // order, one per change.
-    let changed = sqlx::query_scalar!(
+    let rows = sqlx::query!(
         r#"
         with input as (
             select *
             from unnest($1::text[], $2::text[], $3::integer[], $4::text[], $5::jsonb[], $6::boolean[])
                 with ordinality as i(id, status, status_number, address, state, terminated, n)
+        ),
+        -- The batch's rows that no other transaction holds locked, locked now with the lock
+        -- the update takes (in id order, as every batch locks them). A row locked elsewhere
+        -- is skipped rather than waited for: the batch must not wait on one caller's row.
+        locked as materialized (
+            select b.id from backend b
+            where b.id in (select id from input)
+            order by b.id
+            for no key update skip locked
         ),
         updated as (
             update backend b set
@@ -111,7 +124,8 @@ async fn write_statement(
                 cluster_address = i.address,
                 state = i.state
             from input i
-            where b.id = i.id and b.last_status_number < i.status_number
+            where b.id = i.id and b.id in (select id from locked)
+              and b.last_status_number < i.status_number
             returning i.n, b.id, i.state, i.terminated
         ),
         history as (
@@ -128,7 +142,13 @@ async fn write_statement(
             from unnest($7::text[], $8::text[], $9::jsonb[]) with ordinality as e(kind, key, data, n)
             where e.n in (select n from updated)
         )
-        select u.n as "n!" from updated u, emitted
+        -- Per change applied, and per change whose backend exists but was skipped (its row
+        -- locked elsewhere: handed back to be written alone); nothing for the others.
+        select u.n as "n!", false as "skipped!" from updated u, emitted
+        union all
+        select i.n, true from input i
+        where i.id not in (select id from locked)
+          and exists (select 1 from backend b where b.id = i.id)
         "#,
         &ids as &[&str],
         &statuses as &[&str],
@@ -144,11 +164,14 @@ async fn write_statement(
     )
     .fetch_all(&mut *conn)
     .await?;
-    let mut applied = vec![false; changes.len()];
-    for n in changed {
+    let mut applied = vec![Some(false); changes.len()];
+    for row in rows {
         // `n` is 1-based; a value out of range cannot come back, and is ignored if it does.
-        if let Some(slot) = usize::try_from(n - 1).ok().and_then(|i| applied.get_mut(i)) {
-            *slot = true;
+        if let Some(slot) = usize::try_from(row.n - 1)
+            .ok()
+            .and_then(|i| applied.get_mut(i))
+        {
+            *slot = if row.skipped { None } else { Some(true) };
         }
     }
     Ok(applied)

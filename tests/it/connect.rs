@@ -336,12 +336,16 @@ async fn hostile_key_strings_are_stored_verbatim() {
             .await
             .unwrap();
         assert_eq!(name, hostile);
-        // NUL cannot be stored in Postgres text: a typed error, not a panic.
+        // NUL cannot be stored in Postgres text: a typed error, not a panic, refused before
+        // the call is queued for a batch.
         let mut nul = request("bad\0key");
         nul.user = None;
         assert!(matches!(
             db.connect(&nul).await,
-            Err(ConnectError::Other(Error::Database(_)))
+            Err(ConnectError::Other(Error::InvalidArgument {
+                argument: "key.name",
+                ..
+            }))
         ));
     })
     .await

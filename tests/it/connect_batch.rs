@@ -387,3 +387,103 @@ async fn a_batch_picks_drones_per_cluster_and_pool() {
     })
     .await
 }
+
+/// A call with a NUL byte in its key is refused before it is queued, with the typed error it
+/// gets alone: the batch it would have joined is not refused by the server, and the other
+/// calls are written together, in one transaction.
+#[tokio::test(flavor = "current_thread")]
+async fn an_invalid_call_fails_alone_and_the_others_stay_one_batch() {
+    with_db_config(one_alone(), |db| async move {
+        drone(&db).await;
+        let requests = [
+            request("a"),
+            request("bad\0key"),
+            request("b"),
+            request("c"),
+        ];
+        let (_, answers) = in_one_batch(&db, &requests).await;
+        let mut answers = answers.into_iter();
+        let mut next = || answers.next().expect("one answer per call");
+        let a = next().unwrap();
+        match next() {
+            Err(ConnectError::Other(plane_db::Error::InvalidArgument { argument, reason })) => {
+                assert_eq!(argument, "key.name");
+                assert!(reason.contains("NUL"), "{reason}");
+            }
+            other => panic!("expected InvalidArgument, got {other:?}"),
+        }
+        let b = next().unwrap();
+        let c = next().unwrap();
+        let xids: BTreeSet<String> = [
+            check_spawned(&db, &a, "a").await,
+            check_spawned(&db, &b, "b").await,
+            check_spawned(&db, &c, "c").await,
+        ]
+        .into();
+        assert_eq!(xids.len(), 1, "the valid calls were written as one batch");
+        let bad: i64 =
+            sqlx::query_scalar("select count(*) from backend_key where key_name like 'bad%'")
+                .fetch_one(db.pool())
+                .await
+                .unwrap();
+        assert_eq!(bad, 0);
+    })
+    .await
+}
+
+/// A key row locked elsewhere (a lease being renewed in a long transaction, say) holds back
+/// the connect that needs it, not the batch it is in: the batch waits at most its lock
+/// timeout, then its calls are written alone, concurrently, and only the blocked one waits
+/// for the lock (then takes the key over, as it would alone).
+#[tokio::test(flavor = "current_thread")]
+async fn a_locked_key_holds_back_only_its_own_connect() {
+    let config = Config {
+        write_batching: WriteBatchConfig {
+            max_alone: 1,
+            lock_timeout: Duration::from_millis(200),
+            ..WriteBatchConfig::default()
+        },
+        ..Config::default()
+    };
+    const STUCK: Duration = Duration::from_secs(3);
+    with_db_config(config, |db| async move {
+        drone(&db).await;
+        // Both keys held for STUCK: key 0's connect writes alone (it takes the one place for
+        // lone calls, so that the calls after it queue), key 1's is in the batch.
+        let (keys, txn) = held_keys(&db).await;
+        let db = &db;
+        let lone_request = request(&keys[0]);
+        let lone = db.connect(&lone_request);
+        let stuck_request = request(&keys[1]);
+        let rest = async {
+            blocked(db, 1).await;
+            let started = std::time::Instant::now();
+            let stuck = async {
+                let r = db.connect(&stuck_request).await;
+                (r, started.elapsed())
+            };
+            let others = join_all(["x", "y", "z"].map(|k| async move {
+                let r = db.connect(&request(k)).await;
+                (r, started.elapsed())
+            }));
+            let release = async move {
+                tokio::time::sleep(STUCK).await;
+                txn.rollback().await.unwrap();
+            };
+            tokio::join!(stuck, others, release)
+        };
+        let (lone, ((stuck, stuck_took), others, ())) = tokio::join!(lone, rest);
+        check_spawned(db, &lone.unwrap(), &keys[0]).await;
+        for ((answer, took), key) in others.into_iter().zip(["x", "y", "z"]) {
+            let response = answer.unwrap();
+            check_spawned(db, &response, key).await;
+            assert!(
+                took < STUCK / 2,
+                "{key} waited {took:?} for a key lock it does not need"
+            );
+        }
+        check_spawned(db, &stuck.unwrap(), &keys[1]).await;
+        assert!(stuck_took >= STUCK, "{stuck_took:?}");
+    })
+    .await
+}
