@@ -60,7 +60,7 @@ pub mod types;
 pub use cleanup::{
     CleanupConfig, CleanupPhase, CleanupProgress, CleanupReport, CleanupSummary, CleanupTask,
 };
-pub use config::{Config, KeyLeaseConfig, SchedulerConfig, WriteBatchConfig};
+pub use config::{Config, KeyLeaseConfig, SchedulerConfig, WriteBatchConfig, LONGEST_DURATION};
 pub use connection::{ConnectOptions, PoolerMode};
 pub use database::{connect, connect_and_migrate, PlaneDatabase};
 pub use error::{ConnectError, Error, Result};
