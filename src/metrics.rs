@@ -35,6 +35,9 @@ pub const BUS_LISTENER_DISCONNECTS_TOTAL: &str = "plane_db_bus_listener_disconne
 pub const BUS_LISTENER_RECONNECTS_TOTAL: &str = "plane_db_bus_listener_reconnects_total";
 /// Reads after a database server change (restart, failover), by `bound`.
 pub const BUS_RESTART_READS_TOTAL: &str = "plane_db_bus_restart_reads_total";
+/// Counter: events found with transaction ids from another cluster (a restored dump, a
+/// logical copy) and made history, so that they are never delivered.
+pub const BUS_FOREIGN_EVENTS_TOTAL: &str = "plane_db_bus_foreign_events_total";
 /// [`Lagged`](crate::events::Lagged) reports handed to subscribers, by `cause`.
 pub const BUS_LAGGED_TOTAL: &str = "plane_db_bus_lagged_total";
 /// Events missed by subscribers (the sum of the `Lagged` reports' `missed`), by `cause`.
@@ -151,8 +154,10 @@ pub const ALL: &[MetricInfo] = &[
         "Times the bus's listening connection was lost."),
     info(BUS_LISTENER_RECONNECTS_TOTAL, Counter, &[], Some(Unit::Count),
         "Times the bus's listening connection was re-established after a loss."),
-    info(BUS_RESTART_READS_TOTAL, Counter, &["bound"], Some(Unit::Count),
-        "Reads after a database server change: bound=precise (the floor is the first new transaction id), ids_went_back (the new server reused ids of rows already read)."),
+    info(BUS_RESTART_READS_TOTAL, Counter, &["bound", "cause"], Some(Unit::Count),
+        "Reads after the server's past may have changed: bound=precise (the floor is the first new transaction id), ids_went_back (the server reused ids of rows already read); cause=restart (new start time), crash_recovery_or_promotion (incarnation marker erased)."),
+    info(BUS_FOREIGN_EVENTS_TOTAL, Counter, &[], Some(Unit::Count),
+        "Events found with transaction ids from another cluster (a restored dump, a logical copy) and made history, never delivered."),
     info(BUS_LAGGED_TOTAL, Counter, &["cause"], Some(Unit::Count),
         "Lagged reports handed to subscribers: cause=ephemeral (ephemeral messages dropped from a full queue), server_changed (a catch-up could not be delimited)."),
     info(BUS_EVENTS_MISSED_TOTAL, Counter, &["cause"], Some(Unit::Count),
@@ -468,7 +473,7 @@ mod tests {
                 );
             }
         }
-        assert_eq!(seen.len(), 28);
+        assert_eq!(seen.len(), 29);
     }
 
     /// Every `plane_db_…` name in `text`, less the suffixes Prometheus adds to histograms.

@@ -571,11 +571,53 @@ async fn ensure_incarnation(pool: &PgPool) -> Result<()> {
     Ok(())
 }
 
+/// The transaction id [`fence_foreign_events`] gives rows that came from another cluster:
+/// `FrozenTransactionId`, below every snapshot's `xmin` (so visible in all of them, never
+/// new) and below every id a server hands out (so the restart floor can leave it out).
+const FOREIGN_XID: &str = "2";
+
+/// Rows whose transaction ids come from another cluster (a restored dump, a logical copy:
+/// `event.xid` travels verbatim) are made history: given [`FOREIGN_XID`]. Returns how many.
+///
+/// Such a row can be told apart exactly: it is visible, yet its `xid` is at or above the
+/// `xmax` of the very snapshot that sees it, which no transaction of this server can have
+/// written (a visible row's transaction committed before the snapshot, so its id is below
+/// `xmax`). Left alone, it would look new once this server's counter passed its id, and an
+/// event from the other cluster's past would be delivered again. Run when the bus starts and
+/// whenever the server's past may have changed; the `xid` index finds such rows (usually
+/// none) at its upper end.
+///
+/// The rows a restore brings are treated as history, like everything committed before a
+/// subscription: a bus that moved to a restored copy does not deliver the rows the copy
+/// holds that it had not delivered from the original (logged at warn with their count).
+async fn fence_foreign_events(pool: &PgPool) -> Result<u64> {
+    let fenced = sqlx::query!(
+        r#"
+        update event set xid = $1::text::xid8
+        where xid >= pg_snapshot_xmax(pg_current_snapshot())
+        "#,
+        FOREIGN_XID,
+    )
+    .execute(pool)
+    .await?
+    .rows_affected();
+    if fenced > 0 {
+        metrics::counter!(m::BUS_FOREIGN_EVENTS_TOTAL).increment(fenced);
+        tracing::warn!(
+            rows = fenced,
+            "event bus: found events whose transaction ids come from another cluster (a \
+             restored dump or a logical copy); they are history now and will not be delivered"
+        );
+    }
+    Ok(fenced)
+}
+
 /// The cursor to start from (the current snapshot), and the highest transaction id of a row
 /// visible in it: read backwards on the `xid` index, skipping the rows of transactions still
 /// in progress.
 pub(super) async fn current_cursor(pool: &PgPool) -> Result<(Cursor, Seen)> {
     ensure_incarnation(pool).await?;
+    fence_foreign_events(pool).await?;
     let row = sqlx::query!(
         r#"
         select
@@ -648,6 +690,7 @@ async fn restart_floor(
         "crash_recovery_or_promotion"
     };
     ensure_incarnation(pool).await?;
+    fence_foreign_events(pool).await?;
     let row = sqlx::query!(
         r#"
         select
@@ -660,6 +703,7 @@ async fn restart_floor(
                     ($1::bigint + 1)::text::xid8,
                     (select min(xid) from event
                      where created_at >= $2
+                       and xid > $3::text::xid8
                        and pg_visible_in_snapshot(xid, pg_current_snapshot()))
                 ),
                 pg_snapshot_xmax(pg_current_snapshot())
@@ -667,6 +711,7 @@ async fn restart_floor(
         "#,
         seen.high_xid,
         prev.taken_at,
+        FOREIGN_XID,
     )
     .fetch_one(pool)
     .await?;

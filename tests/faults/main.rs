@@ -31,6 +31,7 @@ mod properties;
 mod reader_kill;
 mod replicas;
 mod restart;
+mod restore;
 mod row_lock;
 mod security;
 mod slow_subscriber;
