@@ -18,6 +18,11 @@ pub struct BusConfig {
     /// How many rows one read of the `event` table fetches at most; a larger backlog is read
     /// in several pages. Defaults to 1,000; values below 1 count as 1.
     pub fetch_batch_size: i64,
+    /// How many bytes of payload one page of a read holds at most (as stored:
+    /// `pg_column_size` of the `data` column), beyond its first row: a backlog of large events
+    /// is read in more, smaller pages, so the reader's memory stays bounded by bytes as well
+    /// as rows. Defaults to 8 MiB.
+    pub max_page_bytes: usize,
     /// The longest wait between reconnection attempts of the listening connection or retries
     /// of a failed read (the wait doubles from 50 ms up to this). Defaults to 5 s.
     pub max_backoff: Duration,
@@ -46,6 +51,7 @@ impl Default for BusConfig {
             poll_interval: Duration::from_secs(1),
             max_pending_per_subscription: 10_000,
             fetch_batch_size: 1_000,
+            max_page_bytes: 8 * 1024 * 1024,
             max_backoff: Duration::from_secs(5),
             coalesce_wakeups: true,
             wake_interval: Duration::from_millis(1),

@@ -31,7 +31,10 @@ pub(super) async fn read_loop(
             &cursor,
             &mut seen,
             &mut progress,
-            config.fetch_batch_size,
+            PageLimits {
+                rows: config.fetch_batch_size,
+                bytes: page_bytes(config.max_page_bytes),
+            },
         );
         let started = std::time::Instant::now();
         let read = read.await;
@@ -110,8 +113,9 @@ async fn read_new_events(
     prev: &Cursor,
     seen: &mut Seen,
     progress: &mut Option<Progress>,
-    batch: i64,
+    limits: PageLimits,
 ) -> Result<Option<Cursor>> {
+    let batch = limits.rows;
     let p = progress.get_or_insert_with(Progress::default);
     let mut restart_checked = false;
     // Whether this call marked the start of an inexact read (see `Registry::epoch`); a read
@@ -123,6 +127,7 @@ async fn read_new_events(
             target: p.target.as_ref().map(|t| t.snapshot.as_str()),
             after: p.after,
             batch,
+            max_bytes: limits.bytes,
             restart_floor: p.restart_floor.as_ref().map(|f| f.xid.as_str()),
             cut_short: &p.cut_short,
         };
@@ -139,12 +144,18 @@ async fn read_new_events(
                 continue;
             }
             Some(rest) => {
-                let n = rest
-                    .ids
-                    .len()
-                    .min(usize::try_from(batch).unwrap_or(usize::MAX));
-                let (front, back) = rest.ids.as_slices();
-                let ids: Vec<i64> = front.iter().chain(back).take(n).copied().collect();
+                // At most `batch` rows and `max_bytes` of payload, at least one row.
+                let max_rows = usize::try_from(batch).unwrap_or(usize::MAX);
+                let mut bytes = 0_i64;
+                let mut ids = Vec::new();
+                for &(id, size) in &rest.ids {
+                    if !ids.is_empty() && (ids.len() >= max_rows || bytes + size > limits.bytes) {
+                        break;
+                    }
+                    bytes += size;
+                    ids.push(id);
+                }
+                let n = ids.len();
                 let target = page.target.unwrap_or(prev.snapshot.as_str());
                 let rows = read_page_by_ids(pool, target, &ids).await?;
                 rest.ids.drain(..n);
@@ -192,6 +203,7 @@ async fn read_new_events(
             epoch_bumped = true;
             shared.bump_epoch();
         }
+        let span_rows = rows.first().and_then(|r| r.span_rows).unwrap_or(0);
         let mut count = 0_i64;
         // The delay from commit to dispatch, measured from the event's `created_at` (its
         // transaction's start on the server's clock: the commit time is not recorded) to now.
@@ -230,7 +242,9 @@ async fn read_new_events(
         }
         kinds.flush(m::BUS_EVENTS_READ_TOTAL);
         if p.rest.is_none() {
-            if count < batch {
+            // The statement says how many rows the whole span holds: the page is all of it
+            // unless the row or the byte limit cut it.
+            if count >= span_rows {
                 break;
             }
             // More than one page: list the rest of the span's ids once.
@@ -255,15 +269,30 @@ async fn read_new_events(
 /// again from where the previous list ended, which evaluates the span once more per chunk.
 const ID_CHUNK: i64 = 1_000_000;
 
+/// How much one page of a read may hold: at most `rows` rows and, beyond its first row,
+/// `bytes` of payload (`pg_column_size` of `data`, as stored).
+#[derive(Clone, Copy)]
+struct PageLimits {
+    rows: i64,
+    bytes: i64,
+}
+
+/// [`BusConfig::max_page_bytes`] as the statements take it.
+fn page_bytes(max: usize) -> i64 {
+    i64::try_from(max).unwrap_or(i64::MAX)
+}
+
 /// Which page of events [`read_page`] reads: those committed after the snapshot `prev` and
-/// visible in `target` (the current snapshot when `None`), above id `after`, at most `batch`,
-/// from transactions at or above `restart_floor` too (after a server change), skipping the
-/// rows of the reads in `cut_short`.
+/// visible in `target` (the current snapshot when `None`), above id `after`, at most `batch`
+/// rows and `max_bytes` of payload (at least one row), from transactions at or above
+/// `restart_floor` too (after a server change), skipping the rows of the reads in
+/// `cut_short`.
 struct Page<'a> {
     prev: &'a str,
     target: Option<&'a str>,
     after: i64,
     batch: i64,
+    max_bytes: i64,
     restart_floor: Option<&'a str>,
     cut_short: &'a CutShort,
 }
@@ -282,6 +311,8 @@ struct PageRow {
     key: Option<String>,
     created_at: Option<DateTime<Utc>>,
     data: Option<serde_json::Value>,
+    /// How many rows the read's span holds above `after` (from [`read_page`] only).
+    span_rows: Option<i64>,
 }
 
 impl PageRow {
@@ -319,7 +350,8 @@ async fn read_page(executor: impl PgExecutor<'_>, page: &Page<'_>) -> sqlx::Resu
             e.kind as "kind?",
             e.key as "key?",
             e.created_at as "created_at?",
-            e.data as "data?"
+            e.data as "data?",
+            e.span_rows as "span_rows?"
         from (
             select
                 coalesce($2::text::pg_snapshot, pg_current_snapshot()) as snap,
@@ -329,20 +361,28 @@ async fn read_page(executor: impl PgExecutor<'_>, page: &Page<'_>) -> sqlx::Resu
                 statement_timestamp() as taken_at
         ) s
         left join lateral (
-            select id, xid, kind, key, created_at, data
-            from event
-            where ((xid >= least(pg_snapshot_xmax(s.prev), $5::text::xid8)
-                    and xid < pg_snapshot_xmax(s.snap))
-                   or xid = any(array(select pg_snapshot_xip(s.prev))))
-              and pg_visible_in_snapshot(xid, s.snap)
-              and id + 0 > $3
-              and not exists (
-                  select 1 from unnest($6::text[], $7::bigint[]) as c(target, upto)
-                  where id <= c.upto
-                    and pg_visible_in_snapshot(xid, c.target::pg_snapshot)
-                    and ($5::text is null or xid < $5::text::xid8)
-              )
-            order by id + 0
+            select id, xid, kind, key, created_at, data, span_rows
+            from (
+                select id, xid, kind, key, created_at, data, id + 0 as ord,
+                       count(*) over () as span_rows,
+                       pg_column_size(data) as bytes,
+                       sum(pg_column_size(data)) over (order by id + 0 rows unbounded preceding)
+                           as running_bytes
+                from event
+                where ((xid >= least(pg_snapshot_xmax(s.prev), $5::text::xid8)
+                        and xid < pg_snapshot_xmax(s.snap))
+                       or xid = any(array(select pg_snapshot_xip(s.prev))))
+                  and pg_visible_in_snapshot(xid, s.snap)
+                  and id + 0 > $3
+                  and not exists (
+                      select 1 from unnest($6::text[], $7::bigint[]) as c(target, upto)
+                      where id <= c.upto
+                        and pg_visible_in_snapshot(xid, c.target::pg_snapshot)
+                        and ($5::text is null or xid < $5::text::xid8)
+                  )
+            ) w
+            where w.running_bytes - w.bytes < $8
+            order by w.ord
             limit $4
         ) e on true
         order by e.id
@@ -354,18 +394,23 @@ async fn read_page(executor: impl PgExecutor<'_>, page: &Page<'_>) -> sqlx::Resu
         page.restart_floor,
         &page.cut_short.targets,
         &page.cut_short.afters,
+        page.max_bytes,
     )
     .fetch_all(executor)
     .await
 }
 
 /// The ids of the rows [`read_page`] would return for `page` (whose target must be set),
-/// above `page.after`, in order, at most `limit`: the rest of a large read, listed once (ids
-/// only, so the sort is of ids, not rows).
-async fn read_span_ids(pool: &PgPool, page: &Page<'_>, limit: i64) -> sqlx::Result<Vec<i64>> {
-    sqlx::query_scalar!(
+/// above `page.after`, in order, at most `limit`, each with the size of its payload: the rest
+/// of a large read, listed once (ids and sizes only, so the sort is of ids, not rows).
+async fn read_span_ids(
+    pool: &PgPool,
+    page: &Page<'_>,
+    limit: i64,
+) -> sqlx::Result<Vec<(i64, i64)>> {
+    let rows = sqlx::query!(
         r#"
-        select id as "id!"
+        select id as "id!", pg_column_size(data)::bigint as "bytes!"
         from event
         where ((xid >= least(pg_snapshot_xmax($1::text::pg_snapshot), $5::text::xid8)
                 and xid < pg_snapshot_xmax($2::text::pg_snapshot))
@@ -390,7 +435,8 @@ async fn read_span_ids(pool: &PgPool, page: &Page<'_>, limit: i64) -> sqlx::Resu
         &page.cut_short.afters,
     )
     .fetch_all(pool)
-    .await
+    .await?;
+    Ok(rows.into_iter().map(|r| (r.id, r.bytes)).collect())
 }
 
 /// The rows with `ids` (listed by [`read_span_ids`]), by primary key, with the header of
@@ -410,7 +456,8 @@ async fn read_page_by_ids(pool: &PgPool, target: &str, ids: &[i64]) -> sqlx::Res
             e.kind as "kind?",
             e.key as "key?",
             e.created_at as "created_at?",
-            e.data as "data?"
+            e.data as "data?",
+            null::bigint as "span_rows?"
         from (
             select
                 pg_postmaster_start_time() as started,
@@ -447,6 +494,7 @@ pub(crate) async fn read_once(
             target: None,
             after: 0,
             batch,
+            max_bytes: page_bytes(BusConfig::default().max_page_bytes),
             restart_floor: None,
             cut_short: &CutShort::default(),
         },
@@ -550,7 +598,8 @@ pub(super) struct Progress {
 /// list reached the end of the span.
 #[derive(Default)]
 struct Rest {
-    ids: VecDeque<i64>,
+    /// Each with the size of its payload.
+    ids: VecDeque<(i64, i64)>,
     listed_all: bool,
 }
 

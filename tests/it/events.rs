@@ -569,3 +569,51 @@ fn the_bus_outlives_the_runtime_that_started_it() {
         database.drop_database().await.unwrap();
     });
 }
+
+/// A read's pages are bounded by bytes as well as rows (`BusConfig::max_page_bytes`): a
+/// backlog of large and small events, in one transaction, read with pages of at most 7 rows
+/// and 40,000 bytes, arrives whole, in id order, each event once (a page cut by bytes is
+/// not taken for the end of the read).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pages_are_bounded_by_bytes_and_lose_nothing() {
+    let config = Config {
+        bus: BusConfig {
+            fetch_batch_size: 7,
+            max_page_bytes: 40_000,
+            ..BusConfig::default()
+        },
+        ..Config::default()
+    };
+    with_db_config(config, |db| async move {
+        let mut sub = db.subscribe_all_events().await.unwrap();
+        // 60 events, every third about 30 kB (random text, which does not compress).
+        let ids: Vec<i64> = sqlx::query_scalar(
+            "select unnest(plane_write_events(
+                 array_agg('bytes_test'::text order by i),
+                 array_agg('k' || i order by i),
+                 array_agg(case when i % 3 = 0
+                     then jsonb_build_object('blob', (select string_agg(md5(random()::text), '')
+                                                      from generate_series(1, 1000 + i * 0)))
+                     else jsonb_build_object('n', i) end order by i),
+                 'notify'))
+             from generate_series(1, 60) i",
+        )
+        .fetch_all(db.pool())
+        .await
+        .unwrap();
+        assert_eq!(ids.len(), 60);
+        let mut received = Vec::new();
+        while received.len() < ids.len() {
+            let event = tokio::time::timeout(Duration::from_secs(10), sub.next())
+                .await
+                .expect("the backlog did not arrive whole")
+                .expect("subscription ended")
+                .expect("lagged");
+            received.push(event.id.unwrap());
+        }
+        assert_eq!(received, ids, "each event once, in id order");
+        let extra = tokio::time::timeout(Duration::from_millis(500), sub.next()).await;
+        assert!(extra.is_err(), "an event delivered twice: {extra:?}");
+    })
+    .await
+}
