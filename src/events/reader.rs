@@ -361,29 +361,38 @@ async fn read_page(executor: impl PgExecutor<'_>, page: &Page<'_>) -> sqlx::Resu
                 statement_timestamp() as taken_at
         ) s
         left join lateral (
-            select id, xid, kind, key, created_at, data, span_rows
+            -- The window sorts ids and sizes only (`offset 0` keeps the sizes computed below
+            -- the sort, which would otherwise carry the payloads and spill a large backlog
+            -- to disk); the page's rows are then fetched by primary key.
+            select e.id, e.xid, e.kind, e.key, e.created_at, e.data, w.span_rows
             from (
-                select id, xid, kind, key, created_at, data, id + 0 as ord,
-                       count(*) over () as span_rows,
-                       pg_column_size(data) as bytes,
-                       sum(pg_column_size(data)) over (order by id + 0 rows unbounded preceding)
-                           as running_bytes
-                from event
-                where ((xid >= least(pg_snapshot_xmax(s.prev), $5::text::xid8)
-                        and xid < pg_snapshot_xmax(s.snap))
-                       or xid = any(array(select pg_snapshot_xip(s.prev))))
-                  and pg_visible_in_snapshot(xid, s.snap)
-                  and id + 0 > $3
-                  and not exists (
-                      select 1 from unnest($6::text[], $7::bigint[]) as c(target, upto)
-                      where id <= c.upto
-                        and pg_visible_in_snapshot(xid, c.target::pg_snapshot)
-                        and ($5::text is null or xid < $5::text::xid8)
-                  )
+                select w.id, w.ord, w.span_rows
+                from (
+                    select id, ord, bytes,
+                           count(*) over () as span_rows,
+                           sum(bytes) over (order by ord rows unbounded preceding) as running_bytes
+                    from (
+                        select id, id + 0 as ord, pg_column_size(data) as bytes
+                        from event
+                        where ((xid >= least(pg_snapshot_xmax(s.prev), $5::text::xid8)
+                                and xid < pg_snapshot_xmax(s.snap))
+                               or xid = any(array(select pg_snapshot_xip(s.prev))))
+                          and pg_visible_in_snapshot(xid, s.snap)
+                          and id + 0 > $3
+                          and not exists (
+                              select 1 from unnest($6::text[], $7::bigint[]) as c(target, upto)
+                              where id <= c.upto
+                                and pg_visible_in_snapshot(xid, c.target::pg_snapshot)
+                                and ($5::text is null or xid < $5::text::xid8)
+                          )
+                        offset 0
+                    ) r
+                ) w
+                where w.running_bytes - w.bytes < $8
+                order by w.ord
+                limit $4
             ) w
-            where w.running_bytes - w.bytes < $8
-            order by w.ord
-            limit $4
+            join event e on e.id = w.id
         ) e on true
         order by e.id
         "#,
