@@ -18,7 +18,7 @@ const MAX_ATTEMPTS: u32 = 5;
 
 /// A request for a backend, as a client sends it to a controller.
 ///
-/// Its text and JSON are bounded (see [`limits`](crate::limits)): a request with a value
+/// Its text and JSON are bounded (see [`limits`]): a request with a value
 /// over its limit is refused with [`Error::InvalidArgument`] (in [`ConnectError::Other`])
 /// naming the field, before any query.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

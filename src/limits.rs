@@ -3,7 +3,7 @@
 //! Every string and JSON value a caller hands to plane-db is bounded. A value over its limit
 //! is refused before any query runs (and, for [`PlaneDatabase::connect`](crate::PlaneDatabase::connect),
 //! before the request is queued for a batch) with
-//! [`Error::InvalidArgument`](crate::Error::InvalidArgument), whose `argument` names the
+//! [`Error::InvalidArgument`], whose `argument` names the
 //! input and whose reason gives the size, the limit and the constant here that states it;
 //! nothing is written. A value at its limit is stored verbatim.
 //!

@@ -540,7 +540,7 @@ async fn emit_stores_a_key_and_payload_at_their_limits_and_refuses_more_in_a_usa
         let payload = Blob(text(limits::EVENT_PAYLOAD_BYTES - 2));
         let mut sub = db.subscribe_with_key::<Blob>(&key).await.unwrap();
         let mut txn = db.pool().begin().await.unwrap();
-        let id = emit(&mut *txn, Some(&key), &payload).await.unwrap();
+        let id = emit(&mut txn, Some(&key), &payload).await.unwrap();
 
         // Over the limits: refused before the statement, so the transaction goes on.
         let before: i64 = sqlx::query_scalar("select count(*) from event")
@@ -548,7 +548,7 @@ async fn emit_stores_a_key_and_payload_at_their_limits_and_refuses_more_in_a_usa
             .await
             .unwrap();
         let long_key = text(limits::EVENT_KEY_BYTES + 1);
-        let e = emit(&mut *txn, Some(&long_key), &Blob("x".into()))
+        let e = emit(&mut txn, Some(&long_key), &Blob("x".into()))
             .await
             .unwrap_err();
         assert_too_large(
@@ -558,16 +558,14 @@ async fn emit_stores_a_key_and_payload_at_their_limits_and_refuses_more_in_a_usa
             limits::EVENT_KEY_BYTES,
         );
         let long_payload = Blob(text(limits::EVENT_PAYLOAD_BYTES - 1));
-        let e = emit(&mut *txn, Some(&key), &long_payload)
-            .await
-            .unwrap_err();
+        let e = emit(&mut txn, Some(&key), &long_payload).await.unwrap_err();
         assert_too_large(
             &e,
             "payload",
             limits::EVENT_PAYLOAD_BYTES + 1,
             limits::EVENT_PAYLOAD_BYTES,
         );
-        let e = emit(&mut *txn, None, &LongKind).await.unwrap_err();
+        let e = emit(&mut txn, None, &LongKind).await.unwrap_err();
         assert_too_large(
             &e,
             "kind",
