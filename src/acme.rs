@@ -2,7 +2,8 @@
 //! at a time so that two proxies never run a challenge for the same cluster at once.
 
 use crate::context::Context;
-use crate::error::{check_text, Error, Result};
+use crate::error::{Error, Result};
+use crate::limits::{self, limit};
 use crate::types::{ClusterName, NodeId};
 use std::time::Duration;
 
@@ -63,10 +64,11 @@ impl<'a> AcmeDatabase<'a> {
     }
 
     /// Sets the TXT value of `cluster`, only if `proxy` holds its lease. Returns false,
-    /// changing nothing, if it does not.
+    /// changing nothing, if it does not. The value is at most
+    /// [`ACME_TXT_VALUE_BYTES`](crate::limits::ACME_TXT_VALUE_BYTES).
     #[tracing::instrument(skip(self, value), fields(cluster = %cluster, proxy = %proxy))]
     pub async fn set_txt(&self, cluster: &ClusterName, proxy: NodeId, value: &str) -> Result<bool> {
-        check_text("value", value)?;
+        limits::check_text("value", value, limit!(ACME_TXT_VALUE_BYTES))?;
         let result = sqlx::query!(
             "update acme_txt_entries set txt_value = $3 where cluster = $1 and leased_by = $2",
             cluster.as_str(),

@@ -5,6 +5,7 @@ use crate::context::Context;
 use crate::error::{ConnectError, Error, Result};
 use crate::events::EventWriter;
 use crate::group_commit::spawn::{NewBackend, SpawnOutcome};
+use crate::limits::{self, limit};
 use crate::types::{
     BackendName, BackendStatus, BearerToken, ClusterName, DroneName, DronePoolName, KeyConfig,
     SecretToken, Subdomain,
@@ -16,6 +17,10 @@ use serde_json::{Map, Value};
 const MAX_ATTEMPTS: u32 = 5;
 
 /// A request for a backend, as a client sends it to a controller.
+///
+/// Its text and JSON are bounded (see [`limits`]): a request with a value
+/// over its limit is refused with [`Error::InvalidArgument`] (in [`ConnectError::Other`])
+/// naming the field, before any query.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct ConnectRequest {
     /// The key to get or create a backend for. Without a key a new backend is always
@@ -26,10 +31,12 @@ pub struct ConnectRequest {
     /// existing backend can be returned.
     #[serde(default)]
     pub spawn_config: Option<SpawnConfig>,
-    /// The user the token is issued to; passed to the backend with each request.
+    /// The user the token is issued to; passed to the backend with each request. At most
+    /// [`USER_BYTES`](crate::limits::USER_BYTES).
     #[serde(default)]
     pub user: Option<String>,
-    /// Arbitrary JSON passed to the backend with each request made with the token.
+    /// Arbitrary JSON passed to the backend with each request made with the token. At most
+    /// [`AUTH_BYTES`](crate::limits::AUTH_BYTES) serialized.
     #[serde(default)]
     pub auth: Map<String, Value>,
 }
@@ -48,10 +55,12 @@ pub struct SpawnConfig {
     /// spawned: connecting to a live backend by its key needs no cluster).
     #[serde(default)]
     pub cluster: Option<ClusterName>,
-    /// The drone pool to run it in (default pool: empty string).
+    /// The drone pool to run it in (default pool: empty string). At most
+    /// [`DRONE_POOL_BYTES`](crate::limits::DRONE_POOL_BYTES).
     #[serde(default)]
     pub pool: DronePoolName,
-    /// What the drone should run (opaque to the database; passed in the spawn action).
+    /// What the drone should run (opaque to the database; passed in the spawn action). At
+    /// most [`EXECUTABLE_BYTES`](crate::limits::EXECUTABLE_BYTES) serialized.
     pub executable: Value,
     /// If set, the backend becomes a termination candidate this long after scheduling.
     #[serde(default)]
@@ -168,6 +177,7 @@ impl<'a> Connector<'a> {
         request: &ConnectRequest,
         key: KeyConfig,
     ) -> Result<ConnectResponse, ConnectError> {
+        check_sizes(request, &key)?;
         if let Some(spawn) = &request.spawn_config {
             check_limits(spawn)?;
         }
@@ -390,6 +400,8 @@ impl<'a> Connector<'a> {
     /// Revokes every token issued to `user` for `backend`. Returns how many were revoked.
     #[tracing::instrument(skip(self), fields(backend = %backend))]
     pub(crate) async fn revoke(&self, backend: &BackendName, user: &str) -> Result<u64> {
+        // A longer user or one with a NUL holds no token (connect refuses them).
+        limits::check_text("user", user, limit!(USER_BYTES))?;
         let result = sqlx::query!(
             "delete from token where backend_id = $1 and username = $2",
             backend.as_str(),
@@ -411,6 +423,34 @@ impl crate::metrics::HasOutcome for Result<ConnectResponse, ConnectError> {
             Err(_) => Outcome::Refused,
         }
     }
+}
+
+/// Every caller-supplied text and JSON of the request within its limit (see
+/// [`limits`](crate::limits)) and without a NUL, before any query: on the reconnect path too,
+/// and before a new backend is queued for a batch, so a refusal writes nothing and costs no
+/// round trip. Names the crate parsed (cluster, backend name, subdomain) are bounded by their
+/// types.
+fn check_sizes(request: &ConnectRequest, key: &KeyConfig) -> Result<()> {
+    limits::check_text("key.name", &key.name, limit!(KEY_NAME_BYTES))?;
+    limits::check_text("key.namespace", &key.namespace, limit!(KEY_NAMESPACE_BYTES))?;
+    limits::check_text("key.tag", &key.tag, limit!(KEY_TAG_BYTES))?;
+    if let Some(user) = &request.user {
+        limits::check_text("user", user, limit!(USER_BYTES))?;
+    }
+    limits::check_json_object("auth", &request.auth, limit!(AUTH_BYTES))?;
+    if let Some(spawn) = &request.spawn_config {
+        limits::check_text(
+            "spawn_config.pool",
+            spawn.pool.as_str(),
+            limit!(DRONE_POOL_BYTES),
+        )?;
+        limits::check_json(
+            "spawn_config.executable",
+            &spawn.executable,
+            limit!(EXECUTABLE_BYTES),
+        )?;
+    }
+    Ok(())
 }
 
 /// Limits must be positive: a zero or negative lifetime would make the backend a

@@ -1,7 +1,8 @@
 //! Controllers: the processes that embed this crate report that they are alive.
 
 use crate::context::Context;
-use crate::error::{check_text, skip_undecodable, Error, Result};
+use crate::error::{skip_undecodable, Error, Result};
+use crate::limits::{self, limit};
 use crate::types::ControllerName;
 use chrono::{DateTime, Utc};
 
@@ -17,7 +18,9 @@ impl<'a> ControllerDatabase<'a> {
 
     /// Records a heartbeat of `controller` (creating its row on first use). Send one
     /// periodically with `is_online = true`, and one with `false` on shutdown; drones of a
-    /// controller that is offline or silent are not scheduled.
+    /// controller that is offline or silent are not scheduled. The version and hash are at
+    /// most [`PLANE_VERSION_BYTES`](crate::limits::PLANE_VERSION_BYTES) and
+    /// [`PLANE_HASH_BYTES`](crate::limits::PLANE_HASH_BYTES).
     #[tracing::instrument(skip(self))]
     pub async fn heartbeat(
         &self,
@@ -26,8 +29,8 @@ impl<'a> ControllerDatabase<'a> {
         plane_version: &str,
         plane_hash: &str,
     ) -> Result<()> {
-        check_text("plane_version", plane_version)?;
-        check_text("plane_hash", plane_hash)?;
+        limits::check_text("plane_version", plane_version, limit!(PLANE_VERSION_BYTES))?;
+        limits::check_text("plane_hash", plane_hash, limit!(PLANE_HASH_BYTES))?;
         sqlx::query!(
             r#"
             insert into controller (id, is_online, plane_version, plane_hash, last_heartbeat, ip)

@@ -1,7 +1,8 @@
 //! Drones: registration, heartbeats and picking one for a new backend.
 
 use crate::context::Context;
-use crate::error::{check_text, interval_secs, skip_undecodable, Error, Result};
+use crate::error::{interval_secs, skip_undecodable, Error, Result};
+use crate::limits::{self, limit};
 use crate::types::{BackendStatus, ClusterName, ControllerName, DroneName, DronePoolName, NodeId};
 use chrono::{DateTime, Utc};
 use std::time::Duration;
@@ -58,10 +59,12 @@ impl<'a> DroneDatabase<'a> {
 
     /// Registers the drone of node `id` (see [`NodeDatabase::register`](crate::node::NodeDatabase::register))
     /// in `pool`, or updates its readiness and pool. Counts as a heartbeat; the drone's clock
-    /// is unknown again until its next [`heartbeat`](Self::heartbeat).
+    /// is unknown again until its next [`heartbeat`](Self::heartbeat). The pool's name is at
+    /// most [`DRONE_POOL_BYTES`](crate::limits::DRONE_POOL_BYTES) (a longer one is
+    /// [`Error::InvalidArgument`] here and in the lookups by pool).
     #[tracing::instrument(skip(self), fields(drone = %id))]
     pub async fn register(&self, id: NodeId, ready: bool, pool: &DronePoolName) -> Result<()> {
-        check_text("pool", pool.as_str())?;
+        limits::check_text("pool", pool.as_str(), limit!(DRONE_POOL_BYTES))?;
         sqlx::query!(
             r#"
             insert into drone (id, ready, pool, last_heartbeat)
@@ -164,6 +167,7 @@ impl<'a> DroneDatabase<'a> {
         pool: &DronePoolName,
         seen_within: Duration,
     ) -> Result<Vec<DroneInfo>> {
+        limits::check_text("pool", pool.as_str(), limit!(DRONE_POOL_BYTES))?;
         let rows = sqlx::query!(
             r#"
             select d.id, n.name, n.cluster as "cluster!", d.pool, d.ready, d.draining,
@@ -218,6 +222,7 @@ impl<'a> DroneDatabase<'a> {
         cluster: &ClusterName,
         pool: &DronePoolName,
     ) -> Result<Option<PickedDrone>> {
+        limits::check_text("pool", pool.as_str(), limit!(DRONE_POOL_BYTES))?;
         let config = &self.ctx.config().scheduler;
         let sample_size = config.checked_sample_size()?;
         // `connect`'s spawn statements pick the same way, inside the statement (the same

@@ -11,7 +11,8 @@
 
 use crate::backend::BackendIdentity;
 use crate::context::Context;
-use crate::error::{check_text, interval_secs, Error, Result};
+use crate::error::{interval_secs, Error, Result};
+use crate::limits::{self, limit};
 use crate::types::{
     AcquiredKey, BackendName, BackendStatus, BearerToken, ClusterName, KeyConfig, KeyDeadlines,
     Subdomain,
@@ -182,8 +183,8 @@ impl<'a> KeysDatabase<'a> {
     /// holds it. Check [`KeyHolder::is_live`]: an expired holder may be replaced at any time.
     #[tracing::instrument(skip(self), fields(namespace = %key.namespace, key = %key.name))]
     pub async fn lookup(&self, key: &KeyConfig) -> Result<Option<KeyHolder>> {
-        check_text("key.namespace", &key.namespace)?;
-        check_text("key.name", &key.name)?;
+        limits::check_text("key.namespace", &key.namespace, limit!(KEY_NAMESPACE_BYTES))?;
+        limits::check_text("key.name", &key.name, limit!(KEY_NAME_BYTES))?;
         let row = sqlx::query!(
             r#"
             select k.id, k.namespace, k.key_name, k.tag, k.fencing_token, k.expires_at,

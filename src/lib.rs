@@ -46,6 +46,7 @@ pub mod error;
 pub mod events;
 mod group_commit;
 pub mod keys;
+pub mod limits;
 pub mod metrics;
 mod migrate;
 pub mod node;

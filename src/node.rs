@@ -32,9 +32,11 @@ pub struct NodeRegistration<'r> {
     /// Its cluster; `None` only for cross-cluster nodes (ACME DNS servers): a drone or proxy
     /// without one is refused.
     pub cluster: Option<&'r ClusterName>,
-    /// The software version it runs.
+    /// The software version it runs. At most
+    /// [`PLANE_VERSION_BYTES`](crate::limits::PLANE_VERSION_BYTES).
     pub plane_version: &'r str,
-    /// The git hash of that version.
+    /// The git hash of that version. At most
+    /// [`PLANE_HASH_BYTES`](crate::limits::PLANE_HASH_BYTES).
     pub plane_hash: &'r str,
     /// Its address as seen by the controller.
     pub ip: IpAddr,
@@ -167,8 +169,16 @@ impl<'a> NodeDatabase<'a> {
                 reason: format!("a {} node needs a cluster", registration.kind),
             });
         }
-        crate::error::check_text("plane_version", registration.plane_version)?;
-        crate::error::check_text("plane_hash", registration.plane_hash)?;
+        crate::limits::check_text(
+            "plane_version",
+            registration.plane_version,
+            crate::limits::limit!(PLANE_VERSION_BYTES),
+        )?;
+        crate::limits::check_text(
+            "plane_hash",
+            registration.plane_hash,
+            crate::limits::limit!(PLANE_HASH_BYTES),
+        )?;
         let writer = EventWriter::new(self.ctx.bus());
         let row = sqlx::query!(
             r#"
@@ -263,10 +273,13 @@ impl<'a> NodeDatabase<'a> {
     }
 
     /// The id of the node called `name` in `cluster` (`None` for cross-cluster nodes), if
-    /// it has registered.
+    /// it has registered. A name longer than any node's
+    /// ([`NODE_NAME_BYTES`](crate::limits::NODE_NAME_BYTES)) or with a NUL is
+    /// [`Error::InvalidArgument`].
     #[tracing::instrument(skip(self))]
     pub async fn id_of(&self, cluster: Option<&ClusterName>, name: &str) -> Result<Option<NodeId>> {
-        crate::error::check_text("name", name)?;
+        // No node has a longer name (the `node` table checks it): refused like `register`.
+        crate::limits::check_text("name", name, crate::limits::limit!(NODE_NAME_BYTES))?;
         let id = sqlx::query_scalar!(
             // Not `is not distinct from`, which cannot use the (cluster, name) index.
             "select id from node where (cluster = $1 or ($1 is null and cluster is null)) and name = $2",

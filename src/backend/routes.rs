@@ -41,8 +41,12 @@ impl BackendDatabase<'_> {
     ) -> Result<RouteInfoResult> {
         // A token is client input. One with a NUL cannot be stored (Postgres text refuses
         // it), so it matches nothing; asking would make the server refuse the parameter and
-        // turn an unknown token into a database error.
-        if !token.is_static() || token.as_str().contains('\0') {
+        // turn an unknown token into a database error. One longer than any token issued
+        // matches nothing either (see `limits::BEARER_TOKEN_BYTES`).
+        if !token.is_static()
+            || token.as_str().len() > crate::limits::BEARER_TOKEN_BYTES
+            || token.as_str().contains('\0')
+        {
             return Ok(RouteInfoResult::NotFound);
         }
         self.ctx
@@ -74,6 +78,11 @@ impl BackendDatabase<'_> {
     /// replica if one is usable, confirming `NotFound` and `Pending` on the primary (see
     /// [`replicas`](crate::replicas)).
     async fn route_info_for_token_inner(&self, token: &BearerToken) -> Result<RouteInfoResult> {
+        // Longer than any token issued: unknown, without a round trip (client input; see
+        // `limits::BEARER_TOKEN_BYTES`).
+        if token.as_str().len() > crate::limits::BEARER_TOKEN_BYTES {
+            return Ok(RouteInfoResult::NotFound);
+        }
         if token.is_static() {
             return self.route_info_for_static_token(token).await;
         }

@@ -18,6 +18,7 @@
 use super::event::{EphemeralEnvelope, EventKey, NotificationPayload, EPHEMERAL_CHANNEL};
 use super::EventBus;
 use crate::error::{to_json, Error, Result};
+use crate::limits::{self, limit};
 use sqlx::PgConnection;
 
 /// Postgres refuses NOTIFY payloads of 8000 bytes or more.
@@ -116,6 +117,13 @@ impl<'a> EventWriter<'a> {
 /// only if, that transaction commits. Returns the event id. Its wake-up comes from the
 /// `event` trigger at the commit (the crate does not see the caller's commit).
 ///
+/// The kind, key and serialized payload are at most
+/// [`EVENT_KIND_BYTES`](crate::limits::EVENT_KIND_BYTES),
+/// [`EVENT_KEY_BYTES`](crate::limits::EVENT_KEY_BYTES) and
+/// [`EVENT_PAYLOAD_BYTES`](crate::limits::EVENT_PAYLOAD_BYTES): a larger one is
+/// [`Error::InvalidArgument`] before anything is sent, and the caller's transaction is
+/// left as it was.
+///
 /// That wake-up is a `NOTIFY`, which Postgres refuses in a transaction that is then
 /// prepared for two-phase commit (`PREPARE TRANSACTION` fails with "cannot PREPARE a
 /// transaction that has executed LISTEN, UNLISTEN, or NOTIFY"): use
@@ -174,8 +182,16 @@ async fn write_one_event<T: NotificationPayload>(
     payload: &T,
     wake: &str,
 ) -> Result<i64> {
-    let data = to_json(T::kind(), payload)?;
+    // The kind, key and payload come from the caller: bounded (see `limits`) and without a
+    // NUL, refused before the statement rather than by the server mid-transaction (which
+    // would abort the caller's transaction).
+    limits::check_text("kind", T::kind(), limit!(EVENT_KIND_BYTES))?;
     let key = key.map(EventKey::to_event_key);
+    if let Some(key) = &key {
+        limits::check_text("key", key, limit!(EVENT_KEY_BYTES))?;
+    }
+    let data = to_json(T::kind(), payload)?;
+    limits::check_json("payload", &data, limit!(EVENT_PAYLOAD_BYTES))?;
     let ids = sqlx::query_scalar!(
         r#"select plane_write_events(array[$1], array[$2], array[$3::jsonb], $4) as "ids!""#,
         T::kind(),

@@ -12,13 +12,14 @@ use serde::{Deserialize, Serialize};
 /// (name and namespace) at a time.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct KeyConfig {
-    /// The key's name.
+    /// The key's name. At most [`KEY_NAME_BYTES`](crate::limits::KEY_NAME_BYTES).
     pub name: String,
-    /// The key's namespace; empty for the default namespace.
+    /// The key's namespace; empty for the default namespace. At most
+    /// [`KEY_NAMESPACE_BYTES`](crate::limits::KEY_NAMESPACE_BYTES).
     #[serde(default)]
     pub namespace: String,
     /// A tag that a backend must match to be handed an existing key; empty
-    /// for none.
+    /// for none. At most [`KEY_TAG_BYTES`](crate::limits::KEY_TAG_BYTES).
     #[serde(default)]
     pub tag: String,
 }

@@ -320,7 +320,8 @@ async fn connect_rejects_nonpositive_limits() {
 async fn hostile_key_strings_are_stored_verbatim() {
     with_db(|db| async move {
         drone(&db).await;
-        let hostile = "'; drop table backend; -- \\ \"quoted\" ünïcødé ".repeat(50);
+        // 490 bytes: within every key and user limit (see `limits`).
+        let hostile = "'; drop table backend; -- \\ \"quoted\" ünïcødé ".repeat(10);
         let mut req = request(&hostile);
         req.key = Some(KeyConfig {
             name: hostile.clone(),

@@ -14,6 +14,7 @@ mod events;
 mod group_commit;
 mod keys;
 mod least_privilege;
+mod limits;
 mod nodes;
 mod plane055;
 mod scheduling;
