@@ -8,7 +8,8 @@
 //!   new primary are all delivered; the events of the lost tail had been delivered from the
 //!   old primary (their changes are gone with it: RELIABILITY.md). Events from before the
 //!   failover may be delivered again (up to the replica's last restartpoint): counted, not
-//!   promised away.
+//!   promised away. Then the old primary comes back without a rewind and the address points
+//!   at it again: its new events are delivered once, nothing delivered before again.
 
 use crate::support::*;
 use plane_db::events::{emit, Lagged};
@@ -324,6 +325,40 @@ async fn failover_to_a_lagging_replica() {
             redelivered_before, 0,
             "events from before the failover delivered again"
         );
+
+        // The old primary comes back as it was, without a rewind (it still holds the tail,
+        // not the new primary's events), and the address points at it again: another
+        // server, another past.
+        let p = primary.clone();
+        blocking(move || p.start()).await.unwrap();
+        forwarder.switch(primary.port().unwrap());
+        let settled: HashMap<String, u32> = delivered.clone();
+        let back = keys("back", 20);
+        write(&db, &back).await;
+        let lagged_back = drain(&mut rx, &mut delivered, Duration::from_secs(3)).await;
+        let back_received = back.iter().filter(|k| delivered.contains_key(*k)).count();
+        let duplicated_back: u32 = back
+            .iter()
+            .filter_map(|k| delivered.get(k))
+            .map(|n| n - 1)
+            .sum();
+        let old_again: u32 = settled
+            .iter()
+            .map(|(k, n)| delivered.get(k).copied().unwrap_or(0) - n)
+            .sum();
+        figures(
+            "promotion(old_primary_back)",
+            &[
+                ("events_written", back.len().to_string()),
+                ("received", back_received.to_string()),
+                ("duplicated", duplicated_back.to_string()),
+                ("earlier_events_delivered_again", old_again.to_string()),
+                ("lagged", lagged_back.to_string()),
+            ],
+        );
+        assert_eq!(back_received, back.len(), "events on the old primary lost");
+        assert_eq!(duplicated_back, 0);
+        assert_eq!(old_again, 0, "events delivered before were delivered again");
         db.pool().close().await;
     })
     .await
