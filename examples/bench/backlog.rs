@@ -64,22 +64,29 @@ struct Touched {
 pub async fn backlog(bench: &mut Bench) -> R<()> {
     let sizes: Vec<usize> = bench.pick(vec![10_000, 100_000, 200_000], vec![1_000, 10_000]);
     let batch = BusConfig::default().fetch_batch_size;
-    let mut runs = Vec::new();
-    for &n in &sizes {
-        let run = run_one(n, batch).await?;
-        println!(
-            "   N = {}: {:.0} events/s delivered, plain select {:.0} rows/s{}",
-            count(n as u64),
-            run.rate,
-            run.plain_rate,
-            if run.once {
-                String::new()
-            } else {
-                format!(" ({})", run.problem)
-            }
-        );
-        runs.push(run);
+    // Rounds interleaved over the sizes (this machine's noise moves a single run's rates by
+    // tens of percent); the plans are taken in the first round.
+    let rounds = bench.pick(3, 1);
+    let mut all: Vec<Vec<Run>> = sizes.iter().map(|_| Vec::new()).collect();
+    for round in 0..rounds {
+        for (i, &n) in sizes.iter().enumerate() {
+            let run = run_one(n, batch, round == 0).await?;
+            println!(
+                "   round {}, N = {}: {:.0} events/s delivered, plain select {:.0} rows/s{}",
+                round + 1,
+                count(n as u64),
+                run.rate,
+                run.plain_rate,
+                if run.once {
+                    String::new()
+                } else {
+                    format!(" ({})", run.problem)
+                }
+            );
+            all[i].push(run);
+        }
     }
+    let runs: Vec<Run> = all.into_iter().map(median_run).collect::<R<_>>()?;
 
     bench.heading(&format!(
         "backlog: N events in one transaction, commit to all delivered (fetch_batch_size {})",
@@ -88,7 +95,10 @@ pub async fn backlog(bench: &mut Bench) -> R<()> {
     let first = &runs[0];
     for run in &runs {
         bench.row(
-            format!("{} events, commit to all delivered", count(run.n as u64)),
+            format!(
+                "{} events, commit to all delivered (median of {rounds})",
+                count(run.n as u64)
+            ),
             per_s(run.rate),
             "plain select where id > $1 order by id, streamed",
             per_s(run.plain_rate),
@@ -174,7 +184,7 @@ fn touched_text(t: &Touched) -> String {
 /// One size: a fresh database, a subscriber, `n` events in one transaction through
 /// `plane_write_events`, the time from its commit to the last event received; then the
 /// plain select and the plans, on the same rows.
-async fn run_one(n: usize, batch: i64) -> R<Run> {
+async fn run_one(n: usize, batch: i64, explain: bool) -> R<Run> {
     let mut config = Config::default();
     // Room for the whole backlog in the subscription, so that what is measured is the bus's
     // reads (a paused subscription catches up through another path).
@@ -280,7 +290,12 @@ async fn run_one(n: usize, batch: i64) -> R<Run> {
     let middle = (n / 2).min(n - batch_len);
     let page_ids = &ids[middle..middle + batch_len];
     let mut plans = Vec::new();
-    for mode in [PlanMode::Custom, PlanMode::Generic] {
+    let modes = if explain {
+        &[PlanMode::Custom, PlanMode::Generic][..]
+    } else {
+        &[]
+    };
+    for &mode in modes {
         let (plan, read) = explain_bus_read_page(&env.pool, mode, &prev, &target, 0, batch).await?;
         expect_ids(&read, &ids[..batch_len], "first page")?;
         plans.push((
@@ -323,6 +338,35 @@ async fn run_one(n: usize, batch: i64) -> R<Run> {
         once,
         problem,
         plans,
+    })
+}
+
+/// The runs of one size folded into one: the median rates (each of the two on its own), every
+/// problem, the first round's plans.
+fn median_run(mut runs: Vec<Run>) -> R<Run> {
+    if runs.is_empty() {
+        return Err("no runs".into());
+    }
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let rate = median(runs.iter().map(|r| r.rate).collect());
+    let plain_rate = median(runs.iter().map(|r| r.plain_rate).collect());
+    let once = runs.iter().all(|r| r.once);
+    let problem = runs
+        .iter()
+        .filter(|r| !r.once)
+        .map(|r| r.problem.clone())
+        .collect::<Vec<_>>()
+        .join("; ");
+    let first = runs.swap_remove(0);
+    Ok(Run {
+        rate,
+        plain_rate,
+        once,
+        problem,
+        ..first
     })
 }
 
