@@ -25,6 +25,7 @@
 //! Correctness checks (every event delivered once, compared by id) are judged in `--quick`
 //! mode too, and a failed one makes the run fail.
 
+mod backlog;
 mod common;
 mod connect;
 mod crossproc;
@@ -46,6 +47,7 @@ const SECTIONS: &[&str] = &[
     "connect",
     "route",
     "delivery",
+    "backlog",
     "crossproc",
     "hot",
     "cleanup",
@@ -118,6 +120,7 @@ fn main() -> R<()> {
                 "connect" => connect::connect(&mut bench).await?,
                 "route" => hot::route(&mut bench).await?,
                 "delivery" => streams::delivery(&mut bench).await?,
+                "backlog" => backlog::backlog(&mut bench).await?,
                 "crossproc" => crossproc::crossproc(&mut bench).await?,
                 "hot" => hot::hot_queries(&mut bench).await?,
                 "cleanup" => hot::cleanup(&mut bench).await?,

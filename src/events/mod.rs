@@ -136,6 +136,9 @@ pub use event::{Event, EventKey, Notification, NotificationPayload};
 /// The read statement once, for the bench (`testing::bench`).
 #[cfg(feature = "testing")]
 pub(crate) use reader::read_once;
+/// The reader's three statements once each, for the bench's plans (`testing::bench`).
+#[cfg(feature = "testing")]
+pub(crate) use reader::{bench_read_page, bench_read_page_by_ids, bench_read_span_ids};
 pub(crate) use stored::{events_since, latest_event_id};
 pub use subscription::{EventSubscription, Lagged, Subscription};
 pub use write::{emit, emit_in_two_phase};

@@ -827,3 +827,97 @@ async fn restart_floor(
         },
     ))
 }
+
+// Hooks for the bench's `backlog` section (through `plane_db::testing::bench`): each runs one
+// of the reader's three statements once, for a given span, through the very function the bus
+// calls, and returns the ids it read with the statement's arguments as SQL literals, in its
+// parameter order. The bench then runs `explain (analyze, buffers) execute` of the prepared
+// statement that run left on its connection, with those arguments: no statement text is
+// copied here or anywhere else.
+
+/// [`read_page`] for the span from `prev` to `target` (snapshots in text form), above id
+/// `after`, at most `batch` rows, with no restart floor: the ids it read and its arguments.
+#[cfg(feature = "testing")]
+pub(crate) async fn bench_read_page(
+    pool: &PgPool,
+    prev: &str,
+    target: &str,
+    after: i64,
+    batch: i64,
+) -> Result<(Vec<i64>, Vec<String>)> {
+    let page = Page {
+        prev,
+        target: Some(target),
+        after,
+        batch,
+        restart_floor: None,
+        cut_short: &CutShort::default(),
+    };
+    let rows = read_page(pool, &page).await?;
+    Ok((
+        rows.into_iter().filter_map(|row| row.id).collect(),
+        bench_page_arguments(&page, batch),
+    ))
+}
+
+/// [`read_span_ids`] for the same span, above id `after`, at most [`ID_CHUNK`] ids, as a large
+/// read lists them: the ids and its arguments.
+#[cfg(feature = "testing")]
+pub(crate) async fn bench_read_span_ids(
+    pool: &PgPool,
+    prev: &str,
+    target: &str,
+    after: i64,
+) -> Result<(Vec<i64>, Vec<String>)> {
+    let page = Page {
+        prev,
+        target: Some(target),
+        after,
+        batch: ID_CHUNK,
+        restart_floor: None,
+        cut_short: &CutShort::default(),
+    };
+    let ids = read_span_ids(pool, &page, ID_CHUNK).await?;
+    Ok((ids, bench_page_arguments(&page, ID_CHUNK)))
+}
+
+/// [`read_page_by_ids`] for `ids` with the header of `target`: the ids it read and its
+/// arguments.
+#[cfg(feature = "testing")]
+pub(crate) async fn bench_read_page_by_ids(
+    pool: &PgPool,
+    target: &str,
+    ids: &[i64],
+) -> Result<(Vec<i64>, Vec<String>)> {
+    let rows = read_page_by_ids(pool, target, ids).await?;
+    let ids_text = ids.iter().map(i64::to_string).collect::<Vec<_>>().join(",");
+    Ok((
+        rows.into_iter().filter_map(|row| row.id).collect(),
+        vec![
+            bench_literal(target),
+            bench_literal(&format!("{{{ids_text}}}")),
+        ],
+    ))
+}
+
+/// The arguments [`read_page`] and [`read_span_ids`] bind for `page` ($1 to $7), as literals
+/// (`limit` is $4). Only for pages without a restart floor or reads cut short.
+#[cfg(feature = "testing")]
+fn bench_page_arguments(page: &Page<'_>, limit: i64) -> Vec<String> {
+    assert!(page.restart_floor.is_none() && page.cut_short.targets.is_empty());
+    vec![
+        bench_literal(page.prev),
+        page.target.map_or_else(|| "null".into(), bench_literal),
+        page.after.to_string(),
+        limit.to_string(),
+        "null".into(),
+        "'{}'".into(),
+        "'{}'".into(),
+    ]
+}
+
+/// A string as an SQL literal (untyped: `execute` casts it to the parameter's type).
+#[cfg(feature = "testing")]
+fn bench_literal(text: &str) -> String {
+    format!("'{}'", text.replace('\'', "''"))
+}
