@@ -15,6 +15,7 @@ mod browser;
 mod common;
 
 use common::*;
+use controller::RequestGuard;
 use plane_db::types::{
     BackendAction, BackendAddr, BackendName, BackendState, BackendStatus, BackendStatusStreamEntry,
     ControllerName, TerminationKind, TerminationReason,
@@ -38,14 +39,22 @@ struct Server {
     task: JoinHandle<std::io::Result<()>>,
 }
 
-impl Server {
-    async fn start(db: &PlaneDatabase) -> Server {
-        Server::serve(controller::router(db.clone())).await
+/// A port bound for a server, whose address its request guard needs (as in `main`).
+struct Bound {
+    listener: tokio::net::TcpListener,
+    address: std::net::SocketAddr,
+}
+
+impl Bound {
+    /// The guard `main` builds for this address, with `extra` as `--allowed-host`.
+    fn guard(&self, extra: &[&str]) -> RequestGuard {
+        let extra: Vec<String> = extra.iter().map(|host| host.to_string()).collect();
+        RequestGuard::new(self.address, &extra)
     }
 
-    async fn serve(app: axum::Router) -> Server {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let base = format!("http://{}", listener.local_addr().unwrap());
+    async fn serve(self, app: axum::Router) -> Server {
+        let listener = self.listener;
+        let base = format!("http://{}", self.address);
         let (shutdown, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(
             axum::serve(listener, app)
@@ -59,6 +68,21 @@ impl Server {
             shutdown,
             task,
         }
+    }
+}
+
+impl Server {
+    async fn bind() -> Bound {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        Bound { listener, address }
+    }
+
+    /// The controller as `main` serves it, without `/metrics`.
+    async fn start(db: &PlaneDatabase) -> Server {
+        let bound = Server::bind().await;
+        let app = controller::router(db.clone(), bound.guard(&[]), None);
+        bound.serve(app).await
     }
 
     fn url(&self, path: &str) -> String {
@@ -378,8 +402,12 @@ async fn status_stream_resumes_exactly_and_ends_at_termination() {
             .unwrap();
         assert_eq!(response.status(), StatusCode::NO_CONTENT);
 
-        let (status, body) =
-            json_of(client.post(server.url(&format!("/backend/{backend}/terminate")))).await;
+        let (status, body) = json_of(
+            client
+                .post(server.url(&format!("/backend/{backend}/terminate")))
+                .json(&json!({})),
+        )
+        .await;
         assert_eq!(status, StatusCode::OK, "{body}");
         assert_eq!(body["result"], "already_terminated");
         assert_eq!(body["action_id"], Value::Null);
@@ -484,7 +512,9 @@ async fn bad_input_unknown_ids_and_no_drone() {
         drone(&db).await;
 
         assert_error(
-            connect().body("{not json"),
+            connect()
+                .header("content-type", "application/json")
+                .body("{not json"),
             StatusCode::BAD_REQUEST,
             "invalid_request",
         )
@@ -548,13 +578,17 @@ async fn bad_input_unknown_ids_and_no_drone() {
             .await;
         }
         assert_error(
-            client.post(server.url("/backend/Not_A_Name/terminate")),
+            client
+                .post(server.url("/backend/Not_A_Name/terminate"))
+                .json(&json!({})),
             StatusCode::BAD_REQUEST,
             "invalid_backend_id",
         )
         .await;
         assert_error(
-            client.post(server.url(&format!("/backend/{unknown}/terminate"))),
+            client
+                .post(server.url(&format!("/backend/{unknown}/terminate")))
+                .json(&json!({})),
             StatusCode::NOT_FOUND,
             "unknown_backend",
         )
@@ -576,10 +610,12 @@ async fn bad_input_unknown_ids_and_no_drone() {
             r#"{"kind": "medium"}"#,
             r#"{"kind": "soft", "now": true}"#,
             "[",
+            "",
         ] {
             assert_error(
                 client
                     .post(server.url(&format!("/backend/{backend}/terminate")))
+                    .header("content-type", "application/json")
                     .body(bad_body),
                 StatusCode::BAD_REQUEST,
                 "invalid_request",
@@ -600,6 +636,201 @@ async fn bad_input_unknown_ids_and_no_drone() {
         .await;
 
         drop(client);
+        server.stop().await;
+    })
+    .await
+}
+
+/// The request guard: what another web page could send (a form's content types, a body
+/// without limit, a foreign Host after DNS rebinding, a foreign Origin) is refused with a
+/// JSON error and changes nothing; the controller's own origin, and a host allowed with
+/// `--allowed-host`, work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_other_pages_could_send_are_refused() {
+    with_db(|db| async move {
+        let drone = drone(&db).await;
+        let server = Server::start(&db).await;
+        let host = server.base["http://".len()..].to_string();
+        let port = host.rsplit(':').next().unwrap().to_string();
+        let client = Client::new();
+        let connect = || client.post(server.url("/connect"));
+        let body = serde_json::to_string(&request("doc-guard")).unwrap();
+        let backends = || count(&db, "backend");
+
+        // JSON text under any other content type, or none: 415, nothing created.
+        for content_type in [
+            Some("text/plain"),
+            Some("application/x-www-form-urlencoded"),
+            Some("multipart/form-data; boundary=x"),
+            Some("application/jsonp"),
+            None,
+        ] {
+            let mut request = connect().body(body.clone());
+            if let Some(content_type) = content_type {
+                request = request.header("content-type", content_type);
+            }
+            assert_error(
+                request,
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+            )
+            .await;
+        }
+        assert_eq!(backends().await, 0);
+
+        // Over the limit: 413, whether the length is declared or the body is chunked.
+        let padded = |size: usize| format!("{body}{}", " ".repeat(size - body.len()));
+        let oversize = padded(controller::MAX_BODY_BYTES + 1);
+        assert_error(
+            connect()
+                .header("content-type", "application/json")
+                .body(oversize.clone()),
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+        )
+        .await;
+        let chunks: Vec<Result<String, std::io::Error>> = oversize
+            .as_bytes()
+            .chunks(16 * 1024)
+            .map(|chunk| Ok(String::from_utf8(chunk.to_vec()).unwrap()))
+            .collect();
+        assert_error(
+            connect()
+                .header("content-type", "application/json")
+                .body(reqwest::Body::wrap_stream(futures_util::stream::iter(
+                    chunks,
+                ))),
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+        )
+        .await;
+        assert_eq!(backends().await, 0);
+
+        // A foreign Host (a rebound DNS name, or another port): 421 for every method.
+        for foreign in ["attacker.example", "attacker.example:80", "127.0.0.1:1"] {
+            assert_error(
+                client.get(server.url("/backends")).header("host", foreign),
+                StatusCode::MISDIRECTED_REQUEST,
+                "unknown_host",
+            )
+            .await;
+            assert_error(
+                connect()
+                    .header("host", foreign)
+                    .json(&request("doc-guard")),
+                StatusCode::MISDIRECTED_REQUEST,
+                "unknown_host",
+            )
+            .await;
+        }
+        assert_eq!(backends().await, 0);
+
+        // A foreign Origin on a POST: 403, nothing created or queued.
+        for foreign in [
+            "http://attacker.example".to_string(),
+            "null".to_string(),
+            format!("https://{host}"),
+            format!("http://localhost:{}", port.parse::<u16>().unwrap() + 1),
+        ] {
+            assert_error(
+                connect()
+                    .header("origin", &foreign)
+                    .json(&request("doc-guard")),
+                StatusCode::FORBIDDEN,
+                "forbidden_origin",
+            )
+            .await;
+        }
+        assert_eq!(backends().await, 0);
+        // GETs are not state-changing: their Origin is not checked.
+        let response = client
+            .get(server.url("/backends"))
+            .header("origin", "http://attacker.example")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+
+        // The controller's own origins, under each of its own Host names, with a body of
+        // exactly the limit: created once, then found.
+        let (status, created) = json_of(
+            connect()
+                .header("host", format!("localhost:{port}"))
+                .header("origin", format!("http://localhost:{port}"))
+                .header("content-type", "application/json; charset=utf-8")
+                .body(padded(controller::MAX_BODY_BYTES)),
+        )
+        .await;
+        assert_eq!(status, StatusCode::CREATED, "{created}");
+        let backend = backend_of(&created);
+        let (status, again) = json_of(
+            connect()
+                .header("origin", format!("http://{host}"))
+                .json(&request("doc-guard")),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{again}");
+        assert_eq!(backend_of(&again), backend);
+        assert_eq!(backends().await, 1);
+
+        // Terminate: without a JSON content type nothing is queued; from a foreign origin
+        // neither; from its own, it is.
+        let terminate = || client.post(server.url(&format!("/backend/{backend}/terminate")));
+        assert_error(
+            terminate(),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+        )
+        .await;
+        assert_error(
+            terminate()
+                .header("origin", "http://attacker.example")
+                .json(&json!({})),
+            StatusCode::FORBIDDEN,
+            "forbidden_origin",
+        )
+        .await;
+        assert!(
+            db.backend_actions()
+                .pending(drone.id, 10)
+                .await
+                .unwrap()
+                .len()
+                == 1
+        );
+        let (status, body) = json_of(
+            terminate()
+                .header("origin", format!("http://127.0.0.1:{port}"))
+                .json(&json!({})),
+        )
+        .await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+        assert_eq!(body["kind"], "soft");
+
+        // `--allowed-host`: a reverse proxy's public name, as Host, and its https origin.
+        let bound = Server::bind().await;
+        let app = controller::router(db.clone(), bound.guard(&["Controller.Example.com"]), None);
+        let proxied = bound.serve(app).await;
+        let (status, body) = json_of(
+            client
+                .post(proxied.url("/connect"))
+                .header("host", "controller.example.com")
+                .header("origin", "https://controller.example.com")
+                .json(&request("doc-guard")),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert_error(
+            client
+                .get(proxied.url("/backends"))
+                .header("host", "controller.example.com:8443"),
+            StatusCode::MISDIRECTED_REQUEST,
+            "unknown_host",
+        )
+        .await;
+
+        drop(client);
+        proxied.stop().await;
         server.stop().await;
     })
     .await
@@ -722,9 +953,14 @@ async fn wait_shown(page: &mut browser::Page, seen: &[&str]) -> String {
 async fn the_page_follows_a_backend_live_in_a_real_browser() {
     with_db(|db| async move {
         let drone = drone(&db).await;
-        let server = Server::start(&db).await;
-        let upstream: std::net::SocketAddr = server.base["http://".len()..].parse().unwrap();
-        let proxy = browser::Proxy::start(upstream).await;
+        // The browser reaches the server through the proxy, under the proxy's address: the
+        // Host (and Origin) it sends, which the server must be told to accept, as a
+        // port-forward would need `--allowed-host`.
+        let bound = Server::bind().await;
+        let proxy = browser::Proxy::start(bound.address).await;
+        let proxy_host = &proxy.base["http://".len()..];
+        let app = controller::router(db.clone(), bound.guard(&[proxy_host]), None);
+        let server = bound.serve(app).await;
         let chromium = browser::Browser::start(&proxy.url("/")).await;
         let mut page = chromium.page(&proxy.url("/")).await;
         let deadline = tokio::time::Instant::now() + STEP_TIMEOUT;
@@ -875,8 +1111,9 @@ async fn metrics_page_counts_a_lifecycle() {
             .await
             .unwrap();
         let drone_task = tokio::spawn(demo.clone().run(db.clone(), Duration::ZERO));
-        let app = controller::router(db.clone()).merge(controller::metrics_router(handle));
-        let server = Server::serve(app).await;
+        let bound = Server::bind().await;
+        let app = controller::router(db.clone(), bound.guard(&[]), Some(handle));
+        let server = bound.serve(app).await;
         let client = Client::new();
         let scrape = || async {
             let response = client.get(server.url("/metrics")).send().await.unwrap();

@@ -2,7 +2,9 @@
 //! backends, terminating them, route lookups. The status routes are in [`super::status`].
 
 use super::error::{backend_id, unknown_backend, ApiError};
+use super::guard::{self, RequestGuard};
 use super::page::page;
+use super::prometheus::metrics_router;
 use super::status::{status, status_stream};
 use axum::body::Bytes;
 use axum::extract::{Path, State};
@@ -10,6 +12,7 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use metrics_exporter_prometheus::PrometheusHandle;
 use plane_db::actions::TerminationRequest;
 use plane_db::backend::RouteInfoResult;
 use plane_db::connect::{ConnectRequest, ConnectResponse};
@@ -20,9 +23,11 @@ use plane_db::types::{
 use plane_db::{ConnectError, PlaneDatabase};
 use serde::{Deserialize, Serialize};
 
-/// The controller's HTTP routes over `db` (see the module documentation).
-pub fn router(db: PlaneDatabase) -> Router {
-    Router::new()
+/// The controller's HTTP routes over `db` (see the module documentation), with `/metrics`
+/// when given a Prometheus handle, every request behind `guard` (Host, Origin, JSON bodies
+/// of bounded size: see [`super::guard`]).
+pub fn router(db: PlaneDatabase, guard: RequestGuard, metrics: Option<PrometheusHandle>) -> Router {
+    let routes = Router::new()
         .route("/", get(page))
         .route("/backends", get(backends))
         .route("/connect", post(connect))
@@ -31,8 +36,15 @@ pub fn router(db: PlaneDatabase) -> Router {
         .route("/backend/{id}/terminate", post(terminate))
         .route("/route/{token}", get(route_by_path))
         .route("/route", get(route_by_header))
+        .with_state(db);
+    let routes = match metrics {
+        Some(handle) => routes.merge(metrics_router(handle)),
+        None => routes,
+    };
+    // The layer goes last so that it covers every route, `/metrics` and the fallback too.
+    routes
         .fallback(|| async { ApiError::not_found("no_such_route", "no such route") })
-        .with_state(db)
+        .layer(axum::middleware::from_fn_with_state(guard, guard::guard))
 }
 
 /// How many backends `GET /backends` lists at most.
@@ -90,7 +102,7 @@ pub struct ConnectBody {
 /// `POST /connect`: gets or creates the backend of a key.
 async fn connect(State(db): State<PlaneDatabase>, body: Bytes) -> Result<Response, ApiError> {
     // Parsed here rather than by axum's `Json`, so that bad input is a 400 with our error
-    // body, and a client that forgets the content type is not refused.
+    // body; the guard has already refused anything but a bounded JSON body.
     let request: ConnectRequest = serde_json::from_slice(&body).map_err(|e| {
         ApiError::bad_request("invalid_request", format!("invalid connect request: {e}"))
     })?;
@@ -138,7 +150,7 @@ fn connect_error(error: ConnectError) -> ApiError {
     }
 }
 
-/// The optional body of `POST /backend/{id}/terminate`.
+/// The body of `POST /backend/{id}/terminate`: `{}` for soft.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct TerminateBody {
@@ -173,20 +185,18 @@ async fn terminate(
     body: Bytes,
 ) -> Result<(StatusCode, Json<TerminateResponse>), ApiError> {
     let id = backend_id(id)?;
-    let kind = if body.iter().all(u8::is_ascii_whitespace) {
-        TerminationKind::Soft
-    } else {
-        serde_json::from_slice::<TerminateBody>(&body)
-            .map_err(|e| {
-                ApiError::bad_request(
-                    "invalid_request",
-                    format!(
-                        r#"invalid terminate request (expected {{"kind": "soft"|"hard"}}): {e}"#
-                    ),
-                )
-            })?
-            .kind
-    };
+    // A JSON body is required (`{}` for soft): every request that changes state carries
+    // one (the guard has checked its content type), so there is one rule to state and test.
+    let kind = serde_json::from_slice::<TerminateBody>(&body)
+        .map_err(|e| {
+            ApiError::bad_request(
+                "invalid_request",
+                format!(
+                    r#"invalid terminate request (expected {{}} or {{"kind": "soft"|"hard"}}): {e}"#
+                ),
+            )
+        })?
+        .kind;
     // Checked first, as in `status_stream`, so an unknown id is `unknown_backend`.
     if db.backend().backend(&id).await?.is_none() {
         return Err(unknown_backend(&id));

@@ -5,6 +5,7 @@
 //! cargo run --example controller                        # throwaway Postgres + a demo drone
 //! DATABASE_URL=postgres://… cargo run --example controller -- --demo-drone
 //! cargo run --example controller -- --listen 127.0.0.1:9000 --cluster plane.example
+//! cargo run --example controller -- --allowed-host 127.0.0.1:9999   # also answer that Host
 //! ```
 //!
 //! It uses the database `DATABASE_URL` names (migrating it), or else a fresh database on a
@@ -24,14 +25,41 @@
 //! | `POST /connect` | a [`ConnectRequest`](plane_db::connect::ConnectRequest) as JSON: get or create the backend of a key; 201 when created |
 //! | `GET /backend/{id}/status` | the backend's current status |
 //! | `GET /backend/{id}/status-stream` | SSE: its status history, then live changes, until `terminated` |
-//! | `POST /backend/{id}/terminate` | queue a termination (`{"kind":"hard"}` for hard; soft without a body) |
+//! | `POST /backend/{id}/terminate` | queue a termination (`{}` for soft, `{"kind":"hard"}` for hard) |
 //! | `GET /route/{token}` or `GET /route` with `Authorization: Bearer …` | the route a proxy needs |
 //! | `GET /metrics` | the library's metrics in Prometheus text format (see METRICS.md) |
 //!
 //! Errors are JSON, `{"error": "<code>", "message": "<what went wrong>"}`, with 400 for bad
 //! input (a spawn config without a cluster included), 404 for an unknown backend or token,
 //! 409 for a key held under another tag or a backend `id` already taken, 503
-//! when no drone can take a backend, and 500 otherwise (details only in the log).
+//! when no drone can take a backend, and 500 otherwise (details only in the log); and from
+//! the request guard (below) 421, 403, 415 and 413.
+//!
+//! # What it checks, and what it does not
+//!
+//! Every request passes [`guard`] first (its documentation says why each check):
+//!
+//! - its `Host` must be one this controller serves: the listen address, `localhost:PORT`,
+//!   `127.0.0.1:PORT`, `[::1]:PORT`, or one given with `--allowed-host`
+//!   (`CONTROLLER_ALLOWED_HOSTS`), else 421 `unknown_host`: a DNS-rebinding page arrives
+//!   with its own name;
+//! - a request that changes state (any method but GET, HEAD, OPTIONS) with an `Origin` must
+//!   come from `http://` one of those hosts, else 403 `forbidden_origin`;
+//! - such a request must carry `Content-Type: application/json` (`{}` when there is nothing to
+//!   say), else 415 `unsupported_media_type`: a cross-site form cannot send that;
+//! - and a body of at most [`guard::MAX_BODY_BYTES`] (256 KiB), else 413 `body_too_large`.
+//!
+//! GET routes (the page, lists, statuses, streams, route lookups) need only the Host check.
+//!
+//! # Authentication
+//!
+//! This example has none: the checks above keep other web pages out, not other programs.
+//! Anything that can reach its port can create and terminate backends, and `/route` hands
+//! out the secret token a proxy passes to its backend. A real controller puts authentication
+//! in front of every route: a reverse proxy that requires client certificates (mTLS) or a
+//! login, or a middleware (an `axum::middleware::from_fn` like [`guard`]) that checks a
+//! bearer token per client, with `/route` reachable by the proxies' credentials only. Behind
+//! a reverse proxy, give its public name with `--allowed-host`.
 //!
 //! # Resuming the status stream
 //!
@@ -55,21 +83,20 @@
 //! curl -N localhost:8080/backend/ba-…/status-stream
 //! curl -N localhost:8080/backend/ba-…/status-stream -H 'Last-Event-ID: 30'
 //! curl -s localhost:8080/route/<token>
-//! curl -s -X POST localhost:8080/backend/ba-…/terminate
+//! curl -s localhost:8080/backend/ba-…/terminate -H 'content-type: application/json' -d '{}'
 //! ```
-//!
-//! This is an example: it has no authentication, and `/route` hands out the secret token a
-//! proxy passes to the backend. A real controller keeps such routes for its proxies.
 //!
 //! # Files
 //!
 //! `main.rs` starts it (database, heartbeats, server); `options.rs` reads the command line;
+//! `guard.rs` checks every request (Host, Origin, JSON bodies of bounded size);
 //! `http.rs` holds the routes, with `status.rs` for the status routes and their stream and
 //! `error.rs` for error answers; `page.rs` serves the live page (`page.html`);
 //! `prometheus.rs` serves `/metrics`; `demo_drone.rs` is the stand-in drone.
 
 mod demo_drone;
 mod error;
+mod guard;
 mod http;
 mod options;
 mod page;
@@ -77,8 +104,9 @@ mod prometheus;
 mod status;
 
 pub use demo_drone::DemoDrone;
+pub use guard::{RequestGuard, MAX_BODY_BYTES};
 pub use http::router;
-pub use prometheus::{metrics_router, prometheus_recorder};
+pub use prometheus::prometheus_recorder;
 
 use error::error_chain;
 use options::{Options, DEFAULT_CLUSTER, USAGE};
@@ -170,13 +198,16 @@ async fn run(options: Options) -> Result<(), BoxError> {
 
     let listener = tokio::net::TcpListener::bind(options.listen).await?;
     let address = listener.local_addr()?;
+    // From the bound address, so that `--listen 127.0.0.1:0` allows the port it got.
+    let guard = RequestGuard::new(address, &options.allowed_hosts);
     print_walkthrough(
         address,
+        &guard,
         demo.as_ref().map(|d| &d.cluster),
         throwaway_url.as_deref(),
     );
 
-    let app = router(db.clone()).merge(metrics_router(metrics_handle));
+    let app = router(db.clone(), guard, Some(metrics_handle));
     let server = axum::serve(listener, app);
     tokio::select! {
         served = server => served?,
@@ -198,12 +229,18 @@ async fn run(options: Options) -> Result<(), BoxError> {
 /// Prints where the controller listens and what to try.
 fn print_walkthrough(
     address: SocketAddr,
+    guard: &RequestGuard,
     demo_cluster: Option<&ClusterName>,
     throwaway_url: Option<&str>,
 ) {
     let base = format!("http://{address}");
     let cluster = demo_cluster.map_or(DEFAULT_CLUSTER.to_string(), ToString::to_string);
     println!("controller listening on {base}");
+    println!(
+        "answering the Host names {} (more with --allowed-host)",
+        guard.hosts().join(", ")
+    );
+    println!("no authentication: anything that can reach this port can use it");
     if demo_cluster.is_none() {
         println!("(no demo drone: connect needs a drone in the requested cluster)");
     }
@@ -216,7 +253,7 @@ try:
   curl -N {base}/backend/<backend_id>/status-stream
   curl -N {base}/backend/<backend_id>/status-stream -H 'Last-Event-ID: 30'
   curl -s {base}/route/<token>
-  curl -s -X POST {base}/backend/<backend_id>/terminate
+  curl -s {base}/backend/<backend_id>/terminate -H 'content-type: application/json' -d '{{}}'
 "#
     );
     let cli_env = throwaway_url.map_or(String::new(), |url| format!("DATABASE_URL={url} "));

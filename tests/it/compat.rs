@@ -1,5 +1,7 @@
 //! Compatibility with Plane 0.5.5: a backend whose name Plane made (no `ba-` prefix) goes
-//! through every path a controller uses.
+//! through every path a controller uses; and two differences COMPATIBILITY.md lists, as
+//! Plane's controller and its clients see them (an unknown backend's status stream, a
+//! termination request for a terminated backend).
 
 use crate::common::*;
 use futures_util::StreamExt;
@@ -10,6 +12,7 @@ use plane_db::types::{
     BackendAction, BackendActionMessage, BackendMetricsMessage, BackendState, BackendStatus,
     KeyConfig, TerminationKind, TerminationReason,
 };
+use std::future::IntoFuture;
 use std::time::Duration;
 
 async fn next<T>(sub: &mut plane_db::events::Subscription<T>) -> plane_db::events::Notification<T>
@@ -215,6 +218,154 @@ async fn a_static_token_routes_to_a_plane_made_name_and_lost_backends_are_marked
             let row = db.backend().backend(name).await.unwrap().expect("stored");
             assert_eq!(row.state.status(), BackendStatus::Terminated, "{name}");
         }
+    })
+    .await
+}
+
+/// What Plane 0.5.5's controller, run on plane-db, answers for the status stream of an
+/// unknown backend: its handler (`handle_backend_status_stream` in
+/// `plane/src/controller/backend_status.rs`) maps every error of `status_stream` to 500
+/// ("Database error"). On Plane's own database layer it got a stream that never yields, and
+/// answered 200 with an SSE response that stays silent forever; plane-db's typed
+/// `Error::NotFound` makes that a 500 at once, not the 404 a controller can give by
+/// matching the error (as the example controller does). COMPATIBILITY.md states this.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unknown_backends_status_stream_is_a_500_from_a_plane_shaped_handler() {
+    use axum::extract::{Path, State};
+    use axum::http::StatusCode;
+    use axum::response::sse::{Event, Sse};
+    use axum::response::IntoResponse;
+
+    /// Plane's handler, reduced to what decides the answer: any error is a 500.
+    async fn plane_status_stream(
+        State(db): State<plane_db::PlaneDatabase>,
+        Path(id): Path<String>,
+    ) -> axum::response::Response {
+        let Ok(id) = plane_db::types::BackendName::try_from(id) else {
+            return StatusCode::BAD_REQUEST.into_response();
+        };
+        match db.backend().status_stream(&id).await {
+            Ok(stream) => {
+                Sse::new(stream.map(|entry| Event::default().json_data(&entry))).into_response()
+            }
+            Err(_) => (StatusCode::INTERNAL_SERVER_ERROR, "Database error").into_response(),
+        }
+    }
+
+    with_db(|db| async move {
+        drone(&db).await;
+        let known = plane_made_name();
+        db.connect(&request_named("plane-stream", &known))
+            .await
+            .unwrap();
+        let unknown = plane_made_name();
+
+        // The library: a typed error at once for the unknown backend.
+        match db.backend().status_stream(&unknown).await {
+            Err(plane_db::Error::NotFound {
+                what: "backend",
+                id,
+            }) => {
+                assert_eq!(id, unknown.as_str())
+            }
+            Err(other) => panic!("expected NotFound, got {other:?}"),
+            Ok(_) => panic!("expected NotFound, got a stream"),
+        }
+
+        // Plane's handler over it, served over HTTP.
+        let app = axum::Router::new()
+            .route(
+                "/backend/{id}/status-stream",
+                axum::routing::get(plane_status_stream),
+            )
+            .with_state(db.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let server = tokio::spawn(axum::serve(listener, app).into_future());
+        let client = reqwest::Client::new();
+        let get = |id: &plane_db::types::BackendName| {
+            client
+                .get(format!("{base}/backend/{id}/status-stream"))
+                .timeout(Duration::from_secs(30))
+                .send()
+        };
+
+        let response = get(&unknown).await.unwrap();
+        assert_eq!(
+            response.status(),
+            reqwest::StatusCode::INTERNAL_SERVER_ERROR
+        );
+        assert_eq!(response.text().await.unwrap(), "Database error");
+
+        // A known backend's stream, through the same handler: 200 and its first status.
+        let mut response = get(&known).await.unwrap();
+        assert_eq!(response.status(), reqwest::StatusCode::OK);
+        let mut text = String::new();
+        while !text.contains("\n\n") {
+            let chunk = tokio::time::timeout(Duration::from_secs(30), response.chunk())
+                .await
+                .expect("the first event")
+                .unwrap()
+                .expect("the stream stays open");
+            text.push_str(std::str::from_utf8(&chunk).unwrap());
+        }
+        assert!(text.contains(r#""status":"scheduled""#), "{text}");
+
+        drop(response);
+        server.abort();
+        let _ = server.await;
+    })
+    .await
+}
+
+/// A termination request for a backend that has terminated queues nothing and answers
+/// `AlreadyTerminated`, where Plane 0.5.5 queued (and sent) another Terminate action, which
+/// the drone then had nothing to do for. Until then, a second request queues a second action
+/// as in Plane (the first may have been lost with a drone's connection). COMPATIBILITY.md
+/// states this.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_termination_request_for_a_terminated_backend_queues_nothing() {
+    with_db(|db| async move {
+        let d = drone(&db).await;
+        let id = plane_made_name();
+        db.connect(&request_named("plane-terminate", &id))
+            .await
+            .unwrap();
+        let lifecycle = lifecycle();
+        for state in &lifecycle[..4] {
+            assert!(db.backend().update_state(&id, state).await.unwrap());
+        }
+        let terminates = || count(&db, "backend_action where action ? 'Terminate'");
+        let emitted = || count(&db, "event where kind = 'backend_action'");
+        let actions_db = db.backend_actions();
+        let request = |kind| actions_db.request_termination(&id, kind, TerminationReason::External);
+
+        // Ready, then terminating: each request is queued, as in Plane.
+        assert!(matches!(
+            request(TerminationKind::Soft).await.unwrap(),
+            TerminationRequest::Requested { drone, .. } if drone == d.id
+        ));
+        assert!(db.backend().update_state(&id, &lifecycle[4]).await.unwrap());
+        assert!(matches!(
+            request(TerminationKind::Hard).await.unwrap(),
+            TerminationRequest::Requested { .. }
+        ));
+        assert_eq!(terminates().await, 2);
+        let (actions, events) = (count(&db, "backend_action").await, emitted().await);
+        assert_eq!(events, 3, "the spawn and both terminations were sent");
+
+        // Terminated: a second (and third) request answers AlreadyTerminated; no action is
+        // stored and none is sent to the drone.
+        assert!(db.backend().update_state(&id, &lifecycle[5]).await.unwrap());
+        for kind in [TerminationKind::Soft, TerminationKind::Hard] {
+            assert_eq!(
+                request(kind).await.unwrap(),
+                TerminationRequest::AlreadyTerminated
+            );
+        }
+        assert_eq!(count(&db, "backend_action").await, actions);
+        assert_eq!(emitted().await, events);
+        assert_eq!(terminates().await, 2);
     })
     .await
 }
