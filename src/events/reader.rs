@@ -203,7 +203,7 @@ async fn read_new_events(
             epoch_bumped = true;
             shared.bump_epoch();
         }
-        let span_rows = rows.first().and_then(|r| r.span_rows).unwrap_or(0);
+        let matched = rows.first().and_then(|r| r.matched).unwrap_or(0);
         let mut count = 0_i64;
         // The delay from commit to dispatch, measured from the event's `created_at` (its
         // transaction's start on the server's clock: the commit time is not recorded) to now.
@@ -242,9 +242,9 @@ async fn read_new_events(
         }
         kinds.flush(m::BUS_EVENTS_READ_TOTAL);
         if p.rest.is_none() {
-            // The statement says how many rows the whole span holds: the page is all of it
-            // unless the row or the byte limit cut it.
-            if count >= span_rows {
+            // The page is the whole span if fewer rows than the limit matched and the byte
+            // limit kept all of them.
+            if matched < batch && count >= matched {
                 break;
             }
             // More than one page: list the rest of the span's ids once.
@@ -311,8 +311,9 @@ struct PageRow {
     key: Option<String>,
     created_at: Option<DateTime<Utc>>,
     data: Option<serde_json::Value>,
-    /// How many rows the read's span holds above `after` (from [`read_page`] only).
-    span_rows: Option<i64>,
+    /// How many rows [`read_page`]'s statement matched before the byte limit cut the page
+    /// (at most the row limit; `None` from [`read_page_by_ids`]).
+    matched: Option<i64>,
 }
 
 impl PageRow {
@@ -351,7 +352,7 @@ async fn read_page(executor: impl PgExecutor<'_>, page: &Page<'_>) -> sqlx::Resu
             e.key as "key?",
             e.created_at as "created_at?",
             e.data as "data?",
-            e.span_rows as "span_rows?"
+            e.matched as "matched?"
         from (
             select
                 coalesce($2::text::pg_snapshot, pg_current_snapshot()) as snap,
@@ -361,15 +362,16 @@ async fn read_page(executor: impl PgExecutor<'_>, page: &Page<'_>) -> sqlx::Resu
                 statement_timestamp() as taken_at
         ) s
         left join lateral (
-            -- The window sorts ids and sizes only (`offset 0` keeps the sizes computed below
-            -- the sort, which would otherwise carry the payloads and spill a large backlog
-            -- to disk); the page's rows are then fetched by primary key.
-            select e.id, e.xid, e.kind, e.key, e.created_at, e.data, w.span_rows
+            -- The page: the first `batch` rows of the span (a top-N sort of ids and sizes),
+            -- cut where their payloads pass `max_bytes` (a window over those rows only),
+            -- then fetched by primary key. `matched` says how many rows the top-N found: the
+            -- read is complete when that is below `batch` and the byte cut kept them all.
+            select e.id, e.xid, e.kind, e.key, e.created_at, e.data, w.matched
             from (
-                select w.id, w.ord, w.span_rows
+                select w.id, w.ord, w.matched
                 from (
                     select id, ord, bytes,
-                           count(*) over () as span_rows,
+                           count(*) over () as matched,
                            sum(bytes) over (order by ord rows unbounded preceding) as running_bytes
                     from (
                         select id, id + 0 as ord, pg_column_size(data) as bytes
@@ -385,12 +387,12 @@ async fn read_page(executor: impl PgExecutor<'_>, page: &Page<'_>) -> sqlx::Resu
                                 and pg_visible_in_snapshot(xid, c.target::pg_snapshot)
                                 and ($5::text is null or xid < $5::text::xid8)
                           )
-                        offset 0
+                        order by id + 0
+                        limit $4
                     ) r
                 ) w
                 where w.running_bytes - w.bytes < $8
                 order by w.ord
-                limit $4
             ) w
             join event e on e.id = w.id
         ) e on true
@@ -466,7 +468,7 @@ async fn read_page_by_ids(pool: &PgPool, target: &str, ids: &[i64]) -> sqlx::Res
             e.key as "key?",
             e.created_at as "created_at?",
             e.data as "data?",
-            null::bigint as "span_rows?"
+            null::bigint as "matched?"
         from (
             select
                 pg_postmaster_start_time() as started,
