@@ -9,9 +9,6 @@ use crate::cleanup::{Cleanup, CleanupConfig, CleanupProgress, CleanupSummary, Cl
 use crate::cluster::ClusterDatabase;
 use crate::config::Config;
 use crate::connect::{ConnectRequest, ConnectResponse, Connector};
-use crate::connection::{
-    listener_options_for, listener_pool, ConnectOptions, Opened, DEFAULT_APPLICATION_NAME,
-};
 use crate::context::Context;
 use crate::controller::ControllerDatabase;
 use crate::drone::DroneDatabase;
@@ -19,6 +16,9 @@ use crate::error::{ConnectError, Result};
 use crate::events::{Event, EventBus, EventSubscription, NotificationPayload, Subscription};
 use crate::keys::KeysDatabase;
 use crate::node::NodeDatabase;
+use crate::open::{
+    listener_options_for, listener_pool, ConnectOptions, Opened, DEFAULT_APPLICATION_NAME,
+};
 use crate::replicas::{Reads, ReplicaPool, ReplicaStatus};
 use crate::status::{DatabaseStatus, StatusReader};
 use crate::types::BackendName;

@@ -37,7 +37,6 @@ mod cleanup;
 pub mod cluster;
 mod config;
 pub mod connect;
-mod connection;
 mod context;
 pub mod controller;
 mod database;
@@ -50,6 +49,7 @@ pub mod limits;
 pub mod metrics;
 mod migrate;
 pub mod node;
+mod open;
 mod plane055;
 pub mod replicas;
 mod serde_seconds;
@@ -62,10 +62,10 @@ pub use cleanup::{
     CleanupConfig, CleanupPhase, CleanupProgress, CleanupReport, CleanupSummary, CleanupTask,
 };
 pub use config::{Config, KeyLeaseConfig, SchedulerConfig, WriteBatchConfig, LONGEST_DURATION};
-pub use connection::{ConnectOptions, PoolerMode};
 pub use database::{connect, connect_and_migrate, PlaneDatabase};
 pub use error::{ConnectError, Error, Result};
 pub use migrate::{migrate, MigrationReport, MIGRATOR};
+pub use open::{ConnectOptions, PoolerMode};
 pub use plane055::PlaneConversionReport;
 pub use replicas::{ReplicaConfig, ReplicaStatus};
 
