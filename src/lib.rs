@@ -5,13 +5,13 @@
 //! backend's lifecycle, turn bearer tokens into routes for proxies, find backends to
 //! terminate, clean up old rows, and stream status changes over LISTEN/NOTIFY.
 //!
-//! Open it with [`connect_and_migrate`] (or [`connect`](fn@connect), or [`ConnectOptions`] to
+//! Open it with [`open_and_migrate`] (or [`open`](fn@open), or [`OpenOptions`] to
 //! size the pool, set timeouts or run behind PgBouncer, or [`PlaneDatabase::new`] on a pool
 //! of your own), then use the facades: [`PlaneDatabase::backend`], [`PlaneDatabase::drone`],
 //! [`PlaneDatabase::node`], [`PlaneDatabase::controller`], [`PlaneDatabase::keys`],
 //! [`PlaneDatabase::backend_actions`], [`PlaneDatabase::acme`], [`PlaneDatabase::cluster`],
 //! and [`PlaneDatabase::connect`] to get or create a backend for a key. A database that
-//! Plane 0.5.5 migrated is converted in place when migrated (see [`migrate`]). Run
+//! Plane 0.5.5 migrated is converted in place when migrated (see [`migrate`](fn@migrate)). Run
 //! [`PlaneDatabase::run_cleanup`] (or [`PlaneDatabase::spawn_cleanup_loop`]) to delete old
 //! rows.
 //!
@@ -62,10 +62,14 @@ pub use cleanup::{
     CleanupConfig, CleanupPhase, CleanupProgress, CleanupReport, CleanupSummary, CleanupTask,
 };
 pub use config::{Config, KeyLeaseConfig, SchedulerConfig, WriteBatchConfig, LONGEST_DURATION};
-pub use database::{connect, connect_and_migrate, PlaneDatabase};
+#[allow(deprecated)]
+pub use database::{connect, connect_and_migrate};
+pub use database::{open, open_and_migrate, PlaneDatabase};
 pub use error::{ConnectError, Error, Result};
 pub use migrate::{migrate, MigrationReport, MIGRATOR};
-pub use open::{ConnectOptions, PoolerMode};
+#[allow(deprecated)]
+pub use open::ConnectOptions;
+pub use open::{OpenOptions, PoolerMode};
 pub use plane055::PlaneConversionReport;
 pub use replicas::{ReplicaConfig, ReplicaStatus};
 
