@@ -33,7 +33,7 @@ async fn main() -> Result<(), Box<dyn Error>> {
             "the DATABASE_URL server"
         }
     );
-    let db = plane_db::connect_and_migrate(&database.url).await?;
+    let db = plane_db::open_and_migrate(&database.url).await?;
 
     // A controller and one drone that registers through it.
     let cluster: ClusterName = "plane.example:9090".parse()?;

@@ -25,7 +25,7 @@ pub struct Config {
     /// backends). On by default.
     pub write_batching: WriteBatchConfig,
     /// How streaming replicas named with
-    /// [`ConnectOptions::replica_url`](crate::ConnectOptions::replica_url) serve reads (lag
+    /// [`OpenOptions::replica_url`](crate::OpenOptions::replica_url) serve reads (lag
     /// bound, probe interval). No effect without replicas.
     pub replicas: ReplicaConfig,
 }
@@ -51,8 +51,8 @@ pub const LONGEST_DURATION: Duration = Duration::from_secs(100 * 365 * 24 * 3600
 
 impl Config {
     /// Refuses a configuration that cannot work: a duration beyond [`LONGEST_DURATION`], a
-    /// scheduler sample size below 1. [`ConnectOptions::connect`](crate::ConnectOptions::connect)
-    /// and [`connect_and_migrate`](crate::ConnectOptions::connect_and_migrate) call it before
+    /// scheduler sample size below 1. [`OpenOptions::open`](crate::OpenOptions::open)
+    /// and [`open_and_migrate`](crate::OpenOptions::open_and_migrate) call it before
     /// they open anything; call it yourself before
     /// [`PlaneDatabase::with_config`](crate::PlaneDatabase::with_config), which cannot fail
     /// (the library does not panic on such values either: deadlines saturate).

@@ -102,7 +102,7 @@ pub struct ConnectResponse {
     pub fencing_token: Option<i64>,
 }
 
-/// What [`PlaneDatabase::try_spawn`](crate::PlaneDatabase::try_spawn) did.
+/// What [`Connector::try_spawn`] did.
 enum Spawn {
     /// It created the backend.
     Spawned(ConnectResponse),
@@ -115,7 +115,7 @@ enum Spawn {
 }
 
 /// The holder of a key, as read.
-struct KeyHolder {
+struct HeldKey {
     identity: BackendIdentity,
     tag: String,
     live: bool,
@@ -343,7 +343,7 @@ impl<'a> Connector<'a> {
         &self,
         key: &KeyConfig,
         request: &ConnectRequest,
-    ) -> Result<Option<KeyHolder>> {
+    ) -> Result<Option<HeldKey>> {
         let token = BearerToken::new_random();
         let secret = SecretToken::new_random();
         let row = sqlx::query!(
@@ -389,7 +389,7 @@ impl<'a> Connector<'a> {
             (None, true) => Some((token, Some(secret))),
             (None, false) => None,
         };
-        Ok(Some(KeyHolder {
+        Ok(Some(HeldKey {
             identity,
             tag: row.tag,
             live: row.live,

@@ -9,9 +9,6 @@ use crate::cleanup::{Cleanup, CleanupConfig, CleanupProgress, CleanupSummary, Cl
 use crate::cluster::ClusterDatabase;
 use crate::config::Config;
 use crate::connect::{ConnectRequest, ConnectResponse, Connector};
-use crate::connection::{
-    listener_options_for, listener_pool, ConnectOptions, Opened, DEFAULT_APPLICATION_NAME,
-};
 use crate::context::Context;
 use crate::controller::ControllerDatabase;
 use crate::drone::DroneDatabase;
@@ -19,6 +16,9 @@ use crate::error::{ConnectError, Result};
 use crate::events::{Event, EventBus, EventSubscription, NotificationPayload, Subscription};
 use crate::keys::KeysDatabase;
 use crate::node::NodeDatabase;
+use crate::open::{
+    listener_options_for, listener_pool, OpenOptions, Opened, DEFAULT_APPLICATION_NAME,
+};
 use crate::replicas::{Reads, ReplicaPool, ReplicaStatus};
 use crate::status::{DatabaseStatus, StatusReader};
 use crate::types::BackendName;
@@ -27,48 +27,75 @@ use sqlx::PgPool;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// Opens a pool on `url` (not migrated) with the default [`ConnectOptions`]: 32 connections,
+/// Opens a pool on `url` (not migrated) with the default [`OpenOptions`]: 32 connections,
 /// `application_name` `plane-db` (the listening connection `plane-db-listener`), a 30 s
-/// `statement_timeout`. See [`connect_and_migrate`], and [`ConnectOptions`] to change them
+/// `statement_timeout`. See [`open_and_migrate`], and [`OpenOptions`] to change them
 /// or to run behind a pooler.
 // The URL is not recorded: it may hold a password.
 #[tracing::instrument(skip_all)]
-pub async fn connect(url: &str) -> Result<PlaneDatabase> {
-    ConnectOptions::new(url)?.connect().await
+pub async fn open(url: &str) -> Result<PlaneDatabase> {
+    OpenOptions::new(url)?.open().await
 }
 
-/// Applies the schema migrations on `url` with the rules of [`migrate`](crate::migrate) (so it also starts
+/// Applies the schema migrations on `url` with the rules of [`migrate`](crate::migrate()) (so it also starts
 /// against a database that a newer build migrated, converts one that Plane 0.5.5 migrated,
-/// and needs no DDL privilege when the schema is up to date), then opens a pool on it, with the default [`ConnectOptions`] (see
-/// [`connect`]).
+/// and needs no DDL privilege when the schema is up to date), then opens a pool on it, with the default [`OpenOptions`] (see
+/// [`open`](fn@open)).
 ///
 /// ```no_run
 /// # async fn example() -> plane_db::Result<()> {
-/// let db = plane_db::connect_and_migrate("postgres://postgres@127.0.0.1/plane").await?;
+/// let db = plane_db::open_and_migrate("postgres://postgres@127.0.0.1/plane").await?;
 /// db.health_check().await?;
 /// # Ok(()) }
 /// ```
 #[tracing::instrument(skip_all)]
-pub async fn connect_and_migrate(url: &str) -> Result<PlaneDatabase> {
-    ConnectOptions::new(url)?.connect_and_migrate().await
+pub async fn open_and_migrate(url: &str) -> Result<PlaneDatabase> {
+    OpenOptions::new(url)?.open_and_migrate().await
 }
 
-impl ConnectOptions {
+/// The old name of [`open`](fn@open) (opening the database); `connect` now only means
+/// [`PlaneDatabase::connect`], getting or creating a backend.
+#[deprecated(since = "0.2.0", note = "renamed to `plane_db::open`")]
+pub async fn connect(url: &str) -> Result<PlaneDatabase> {
+    open(url).await
+}
+
+/// The old name of [`open_and_migrate`].
+#[deprecated(since = "0.2.0", note = "renamed to `plane_db::open_and_migrate`")]
+pub async fn connect_and_migrate(url: &str) -> Result<PlaneDatabase> {
+    open_and_migrate(url).await
+}
+
+impl OpenOptions {
     /// Opens the pool (one connection right away, so that a wrong URL or an unreachable
     /// server fails here) and returns the database; the listening connection opens on the
     /// first subscription. Does not migrate.
     #[tracing::instrument(skip_all)]
-    pub async fn connect(self) -> Result<PlaneDatabase> {
-        Ok(PlaneDatabase::with_opened(self.open().await?))
+    pub async fn open(self) -> Result<PlaneDatabase> {
+        Ok(PlaneDatabase::with_opened(self.open_pools().await?))
     }
 
-    /// Applies the schema migrations with the rules of [`migrate`](crate::migrate) (on a
+    /// Applies the schema migrations with the rules of [`migrate`](crate::migrate()) (on a
     /// connection of their own, without a statement timeout, through the direct URL in
     /// [`PoolerMode::Transaction`](crate::PoolerMode::Transaction); a database that Plane
-    /// 0.5.5 migrated is converted), then [`connect`](Self::connect)s.
+    /// 0.5.5 migrated is converted), then [`open`](Self::open)s.
     #[tracing::instrument(skip_all)]
+    pub async fn open_and_migrate(self) -> Result<PlaneDatabase> {
+        Ok(PlaneDatabase::with_opened(
+            self.migrate_and_open_pools().await?,
+        ))
+    }
+
+    /// The old name of [`open`](Self::open).
+    #[deprecated(since = "0.2.0", note = "renamed to `OpenOptions::open`")]
+    pub async fn connect(self) -> Result<PlaneDatabase> {
+        self.open().await
+    }
+
+    /// The old name of [`open_and_migrate`](Self::open_and_migrate).
+    #[deprecated(since = "0.2.0", note = "renamed to `OpenOptions::open_and_migrate`")]
     pub async fn connect_and_migrate(self) -> Result<PlaneDatabase> {
-        Ok(PlaneDatabase::with_opened(self.migrate_and_open().await?))
+        self.open_and_migrate().await
     }
 }
 
@@ -108,7 +135,7 @@ impl PlaneDatabase {
     /// `listener`, e.g. straight to Postgres while the pool goes through a transaction-mode
     /// pooler (`LISTEN` needs a session of its own). Its `application_name` is
     /// `plane-db-listener` unless `listener` sets one; `idle_session_timeout` is turned off
-    /// on it. [`ConnectOptions`] builds both for you.
+    /// on it. [`OpenOptions`] builds both for you.
     pub fn with_listener(pool: PgPool, listener: PgConnectOptions, config: Config) -> Self {
         let listener = match listener.get_application_name() {
             Some(name) if !name.is_empty() => listener,
@@ -119,7 +146,7 @@ impl PlaneDatabase {
         Self::with_parts(pool, listener, Vec::new(), config)
     }
 
-    /// What [`ConnectOptions`] opened (with replicas, within a Tokio runtime: see
+    /// What [`OpenOptions`] opened (with replicas, within a Tokio runtime: see
     /// [`with_parts`](Self::with_parts)).
     fn with_opened(opened: Opened) -> Self {
         Self::with_parts(opened.pool, opened.listener, opened.replicas, opened.config)
@@ -153,7 +180,7 @@ impl PlaneDatabase {
     }
 
     /// The streaming replicas named with
-    /// [`ConnectOptions::replica_url`](crate::ConnectOptions::replica_url), in that order:
+    /// [`OpenOptions::replica_url`](crate::OpenOptions::replica_url), in that order:
     /// whether reads go to each, its lag, and how many reads it served. Empty without
     /// replicas. See [`replicas`](crate::replicas) for which reads they serve.
     pub fn replicas(&self) -> Vec<ReplicaStatus> {

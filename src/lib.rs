@@ -5,13 +5,13 @@
 //! backend's lifecycle, turn bearer tokens into routes for proxies, find backends to
 //! terminate, clean up old rows, and stream status changes over LISTEN/NOTIFY.
 //!
-//! Open it with [`connect_and_migrate`] (or [`connect`](fn@connect), or [`ConnectOptions`] to
+//! Open it with [`open_and_migrate`] (or [`open`](fn@open), or [`OpenOptions`] to
 //! size the pool, set timeouts or run behind PgBouncer, or [`PlaneDatabase::new`] on a pool
 //! of your own), then use the facades: [`PlaneDatabase::backend`], [`PlaneDatabase::drone`],
 //! [`PlaneDatabase::node`], [`PlaneDatabase::controller`], [`PlaneDatabase::keys`],
 //! [`PlaneDatabase::backend_actions`], [`PlaneDatabase::acme`], [`PlaneDatabase::cluster`],
 //! and [`PlaneDatabase::connect`] to get or create a backend for a key. A database that
-//! Plane 0.5.5 migrated is converted in place when migrated (see [`migrate`]). Run
+//! Plane 0.5.5 migrated is converted in place when migrated (see [`migrate`](fn@migrate)). Run
 //! [`PlaneDatabase::run_cleanup`] (or [`PlaneDatabase::spawn_cleanup_loop`]) to delete old
 //! rows.
 //!
@@ -37,7 +37,6 @@ mod cleanup;
 pub mod cluster;
 mod config;
 pub mod connect;
-mod connection;
 mod context;
 pub mod controller;
 mod database;
@@ -50,6 +49,7 @@ pub mod limits;
 pub mod metrics;
 mod migrate;
 pub mod node;
+mod open;
 mod plane055;
 pub mod replicas;
 mod serde_seconds;
@@ -62,10 +62,14 @@ pub use cleanup::{
     CleanupConfig, CleanupPhase, CleanupProgress, CleanupReport, CleanupSummary, CleanupTask,
 };
 pub use config::{Config, KeyLeaseConfig, SchedulerConfig, WriteBatchConfig, LONGEST_DURATION};
-pub use connection::{ConnectOptions, PoolerMode};
-pub use database::{connect, connect_and_migrate, PlaneDatabase};
+#[allow(deprecated)]
+pub use database::{connect, connect_and_migrate};
+pub use database::{open, open_and_migrate, PlaneDatabase};
 pub use error::{ConnectError, Error, Result};
 pub use migrate::{migrate, MigrationReport, MIGRATOR};
+#[allow(deprecated)]
+pub use open::ConnectOptions;
+pub use open::{OpenOptions, PoolerMode};
 pub use plane055::PlaneConversionReport;
 pub use replicas::{ReplicaConfig, ReplicaStatus};
 

@@ -7,7 +7,7 @@ use sqlx::PgPool;
 
 /// The schema migrations (`migrations/`), embedded at compile time.
 ///
-/// Apply them with [`migrate`] (which [`connect_and_migrate`](crate::connect_and_migrate) calls): it lets a build run
+/// Apply them with [`migrate`] (which [`open_and_migrate`](crate::open_and_migrate) calls): it lets a build run
 /// against a database that a *newer* build has already migrated, which sqlx's own
 /// `MIGRATOR.run(&pool)` refuses ("migration N was previously applied but is missing").
 ///

@@ -1,6 +1,6 @@
 //! In-place conversion of a database that Plane 0.5.5 migrated into plane-db's schema.
 //!
-//! [`migrate`](crate::migrate) recognises such a database by its `_sqlx_migrations` (exactly
+//! [`migrate`](crate::migrate()) recognises such a database by its `_sqlx_migrations` (exactly
 //! Plane 0.5.5's 13 versions, with their checksums) and, under the migration lock, converts
 //! it in one transaction ([`convert`]): Plane's tables are set aside, plane-db's schema is
 //! created (this build's migrations up to [`CONVERSION_TARGET`]; later ones are applied

@@ -2,7 +2,7 @@
 //! lag is measured, and what happens when it is behind or gone.
 //!
 //! A [`PlaneDatabase`](crate::PlaneDatabase) opened with
-//! [`ConnectOptions::replica_url`](crate::ConnectOptions::replica_url) keeps a pool per
+//! [`OpenOptions::replica_url`](crate::OpenOptions::replica_url) keeps a pool per
 //! replica (`application_name` `plane-db-replica`, opened lazily) and a background probe
 //! that measures each replica's lag every [`ReplicaConfig::probe_interval`]. A read that may
 //! go to a replica goes to the next *usable* one in turn (its last probe answered, it is in
@@ -49,7 +49,7 @@
 //! recovery and within the bound. A replica that goes down therefore costs the reads in
 //! flight on it one more round trip (or up to `acquire_timeout`, when a new connection was
 //! needed), then nothing but its share of the reads. A server that is not in recovery (e.g. a promoted replica) is not
-//! used. Replica pools open lazily, so a replica down at start does not fail `connect`.
+//! used. Replica pools open lazily, so a replica down at start does not fail [`OpenOptions::open`](crate::OpenOptions::open).
 
 use crate::error::{Error, Result};
 use crate::metrics;
@@ -61,7 +61,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// How streaming replicas are used for reads (see
-/// [`ConnectOptions::replica_url`](crate::ConnectOptions::replica_url), which names them).
+/// [`OpenOptions::replica_url`](crate::OpenOptions::replica_url), which names them).
 /// Without replicas this has no effect.
 #[derive(Debug, Clone)]
 pub struct ReplicaConfig {
@@ -175,7 +175,7 @@ impl Fallback {
     }
 }
 
-/// A replica's pool as opened by [`ConnectOptions`](crate::ConnectOptions), with its
+/// A replica's pool as opened by [`OpenOptions`](crate::OpenOptions), with its
 /// endpoint for reports.
 pub(crate) struct ReplicaPool {
     pub endpoint: String,

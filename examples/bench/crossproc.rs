@@ -217,7 +217,7 @@ async fn worker_loop(
         Some(Command::Start { url }) => url,
         other => return Err(format!("expected start, got {other:?}").into()),
     };
-    let db = plane_db::connect(&url).await?;
+    let db = plane_db::open(&url).await?;
     let mut subscription = db.subscribe::<BackendState>().await?;
     let events = out.clone();
     tokio::spawn(async move {

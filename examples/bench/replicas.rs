@@ -22,7 +22,7 @@ use plane_db::types::{
     BackendName, BackendState, BearerToken, ClusterName, ControllerName, DroneName, DronePoolName,
     NodeId, NodeKind,
 };
-use plane_db::{Config, ConnectOptions, PlaneDatabase, ReplicaConfig};
+use plane_db::{Config, OpenOptions, PlaneDatabase, ReplicaConfig};
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -43,7 +43,7 @@ impl Pair {
     async fn start() -> R<Self> {
         let primary = tokio::task::spawn_blocking(private_server).await??;
         let database = primary.create_database().await?;
-        plane_db::connect_and_migrate(&database.url)
+        plane_db::open_and_migrate(&database.url)
             .await?
             .pool()
             .close()
@@ -72,7 +72,7 @@ impl Pair {
 
     /// The database, reading from the replica or not.
     async fn open(&self, with_replica: bool, connections: u32) -> R<PlaneDatabase> {
-        let mut options = ConnectOptions::new(&self.primary_url())?
+        let mut options = OpenOptions::new(&self.primary_url())?
             .max_connections(connections)
             .acquire_timeout(Duration::from_secs(60))
             .config(Config {
@@ -82,7 +82,7 @@ impl Pair {
         if with_replica {
             options = options.replica_url(&self.replica_url())?;
         }
-        let db = options.connect().await?;
+        let db = options.open().await?;
         if with_replica {
             let started = Instant::now();
             while !db.replicas().iter().all(|r| r.usable) {

@@ -168,13 +168,13 @@ async fn run(options: Options) -> Result<(), BoxError> {
     let (db, throwaway_url) = match std::env::var("DATABASE_URL") {
         Ok(url) if !url.trim().is_empty() => {
             tracing::info!("using the DATABASE_URL database");
-            (plane_db::connect_and_migrate(url.trim()).await?, None)
+            (plane_db::open_and_migrate(url.trim()).await?, None)
         }
         _ => {
             let database = plane_db::testing::create_database().await?;
             tracing::info!(database = %database.name, "using a throwaway Postgres (no DATABASE_URL)");
             (
-                plane_db::connect_and_migrate(&database.url).await?,
+                plane_db::open_and_migrate(&database.url).await?,
                 Some(database.url.clone()),
             )
         }

@@ -63,7 +63,7 @@ impl BackendDatabase<'_> {
     /// terminating/terminated backend, `Pending` before the backend is ready, `Available`
     /// once it is. Static tokens are looked up on the backend row.
     ///
-    /// With streaming replicas ([`ConnectOptions::replica_url`](crate::ConnectOptions::replica_url)),
+    /// With streaming replicas ([`OpenOptions::replica_url`](crate::OpenOptions::replica_url)),
     /// a usable replica answers; its `NotFound` and `Pending` are asked again on the primary,
     /// so a token just issued by `connect` never reads as not found, and a backend the
     /// primary has ready never reads as pending. An `Available` answer may be as old as the

@@ -58,10 +58,10 @@ async fn durations_beyond_any_clock_are_refused_and_never_panic() {
     with_url(|url| async move {
         let mut config = Config::default();
         config.bus.wake_interval = Duration::MAX;
-        let refused = plane_db::ConnectOptions::new(&url)
+        let refused = plane_db::OpenOptions::new(&url)
             .unwrap()
             .config(config.clone())
-            .connect()
+            .open()
             .await
             .expect_err("Duration::MAX accepted");
         assert!(

@@ -28,7 +28,7 @@ use plane_db::testing::{
     private_server, PgBouncerMode, PgBouncerOptions, TestPgBouncer, TestServer,
 };
 use plane_db::types::{BackendName, BackendState, BackendStatus};
-use plane_db::{ConnectOptions, Error, PlaneDatabase, PoolerMode};
+use plane_db::{Error, OpenOptions, PlaneDatabase, PoolerMode};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{Connection, Executor, PgConnection, PgPool, Row};
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -295,11 +295,11 @@ async fn session_mode_everything_through_pgbouncer() {
     let fixture = Fixture::start(|_| Some(bouncer_options(PgBouncerMode::Session, 40))).await;
     fixture
         .run(|fx| async move {
-            let db = ConnectOptions::new(&fx.bouncer_url())
+            let db = OpenOptions::new(&fx.bouncer_url())
                 .unwrap()
                 .pooler(PoolerMode::Session)
                 .max_connections(WRITERS as u32)
-                .connect()
+                .open()
                 .await
                 .unwrap();
             lifecycle_and_bus(&db, "session_mode").await;
@@ -332,13 +332,13 @@ async fn transaction_mode_pgbouncer_with_plane_db_in_session_mode_and_listener_d
     .await;
     fixture
         .run(|fx| async move {
-            let db = ConnectOptions::new(&fx.bouncer_url())
+            let db = OpenOptions::new(&fx.bouncer_url())
                 .unwrap()
                 .pooler(PoolerMode::Session)
                 .direct_url(&fx.direct_url)
                 .unwrap()
                 .max_connections(WRITERS as u32)
-                .connect()
+                .open()
                 .await
                 .unwrap();
             lifecycle_and_bus(&db, "transaction_mode_db_in_session_mode").await;
@@ -431,13 +431,13 @@ async fn transaction_mode_named_statements_collide_even_without_a_cache() {
             // listener go direct, but the queries collide the same way, with a typed error.
             deallocate_all(&url).await;
             let open = || async {
-                ConnectOptions::new(&url)
+                OpenOptions::new(&url)
                     .unwrap()
                     .pooler(PoolerMode::Transaction)
                     .direct_url(&fx.direct_url)
                     .unwrap()
                     .max_connections(1)
-                    .connect_and_migrate()
+                    .open_and_migrate()
                     .await
                     .unwrap()
             };
@@ -567,13 +567,13 @@ async fn transaction_mode_settings_leak_so_the_library_sets_none() {
             assert_eq!(sqlstate(&error).as_deref(), Some("57014"), "{error}");
 
             // The library in transaction mode sets nothing on the shared server connection.
-            let db = ConnectOptions::new(&url)
+            let db = OpenOptions::new(&url)
                 .unwrap()
                 .pooler(PoolerMode::Transaction)
                 .direct_url(&fx.direct_url)
                 .unwrap()
                 .statement_timeout(Some(Duration::from_secs(30)))
-                .connect()
+                .open()
                 .await
                 .unwrap();
             let shown: String = a.fetch_one("show statement_timeout").await.unwrap().get(0);
@@ -625,7 +625,7 @@ async fn connection_hygiene_direct_and_through_pgbouncer() {
                     )
                     .await
                     .unwrap();
-                let mut options = ConnectOptions::new(&url)
+                let mut options = OpenOptions::new(&url)
                     .unwrap()
                     .pooler(mode)
                     .statement_timeout(Some(Duration::from_millis(300)))
@@ -633,7 +633,7 @@ async fn connection_hygiene_direct_and_through_pgbouncer() {
                 if through_pgbouncer {
                     options = options.application_name(prefix);
                 }
-                let db = options.connect().await.unwrap();
+                let db = options.open().await.unwrap();
                 let mut sub = db.subscribe::<BackendState>().await.unwrap();
                 let listener = format!("{prefix}-listener");
 
@@ -722,24 +722,24 @@ async fn cost_of_pgbouncer_and_of_no_statement_cache() {
     let fixture = Fixture::start(|_| Some(bouncer_options(PgBouncerMode::Session, 20))).await;
     fixture
         .run(|fx| async move {
-            let direct = ConnectOptions::new(&fx.direct_url)
+            let direct = OpenOptions::new(&fx.direct_url)
                 .unwrap()
                 .max_connections(2)
-                .connect()
+                .open()
                 .await
                 .unwrap();
             let no_cache_options: PgConnectOptions = fx.direct_url.parse().unwrap();
             let no_cache =
-                ConnectOptions::from_pg_options(no_cache_options.statement_cache_capacity(0))
+                OpenOptions::from_pg_options(no_cache_options.statement_cache_capacity(0))
                     .max_connections(2)
-                    .connect()
+                    .open()
                     .await
                     .unwrap();
-            let bounced = ConnectOptions::new(&fx.bouncer_url())
+            let bounced = OpenOptions::new(&fx.bouncer_url())
                 .unwrap()
                 .pooler(PoolerMode::Session)
                 .max_connections(2)
-                .connect()
+                .open()
                 .await
                 .unwrap();
             drone(&direct).await;

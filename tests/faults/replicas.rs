@@ -16,7 +16,7 @@ use plane_db::backend::{BackendFilter, RouteInfoResult};
 use plane_db::connect::ConnectResponse;
 use plane_db::testing::{private_server, TestServer};
 use plane_db::types::{BackendName, BackendStatus};
-use plane_db::{Config, ConnectOptions, PlaneDatabase, ReplicaConfig, ReplicaStatus};
+use plane_db::{Config, OpenOptions, PlaneDatabase, ReplicaConfig, ReplicaStatus};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -62,7 +62,7 @@ impl Pair {
 
     /// A database reading from the replica, which is skipped beyond `max_lag`.
     async fn open(&self, max_lag: Duration) -> PlaneDatabase {
-        ConnectOptions::new(&self.primary_url())
+        OpenOptions::new(&self.primary_url())
             .unwrap()
             .replica_url(&self.replica_url())
             .unwrap()
@@ -75,9 +75,9 @@ impl Pair {
                 },
                 ..Config::default()
             })
-            .connect()
+            .open()
             .await
-            .expect("connect with a replica")
+            .expect("open with a replica")
     }
 
     /// A superuser statement on the replica (pausing and resuming replay).
@@ -449,7 +449,7 @@ async fn a_primary_or_a_dead_address_is_never_used_as_a_replica() {
         let port = closed.local_addr().unwrap().port();
         drop(closed);
         let dead = format!("postgres://postgres@127.0.0.1:{port}/nothing");
-        let db = ConnectOptions::new(&url)
+        let db = OpenOptions::new(&url)
             .unwrap()
             .replica_url(&url)
             .unwrap()
@@ -463,9 +463,9 @@ async fn a_primary_or_a_dead_address_is_never_used_as_a_replica() {
                 },
                 ..Config::default()
             })
-            .connect()
+            .open()
             .await
-            .expect("a dead replica does not fail connect");
+            .expect("a dead replica does not fail open");
         drone(&db).await;
         let response = ready_backend(&db, "k").await;
         // Probed a few times.

@@ -60,7 +60,7 @@ where
 
 /// Applies the migrations on `url` with a short-lived pool.
 pub async fn migrate(url: &str) {
-    let db = plane_db::connect_and_migrate(url).await.expect("migrate");
+    let db = plane_db::open_and_migrate(url).await.expect("migrate");
     db.pool().close().await;
 }
 

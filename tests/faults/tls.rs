@@ -104,7 +104,7 @@ async fn verify_full_carries_the_whole_bus() {
 }
 
 async fn bus_scenario(url: String) {
-    // plane_db's own connect, over verify-full.
+    // plane_db's own connections, over verify-full.
     migrate(&url).await;
     let db = open(&url, 40, Config::default()).await;
     let (pool_ssl, tls_version) = encrypted(&db).await;
@@ -337,7 +337,7 @@ async fn every_sslmode_is_honoured_by_the_pool_and_the_listener() {
     let database = server.create_database().await.expect("create a database");
     tokio::time::timeout(SCENARIO_TIMEOUT, async {
         migrate(&database.url).await;
-        let observer = plane_db::connect(&database.url).await.unwrap();
+        let observer = plane_db::open(&database.url).await.unwrap();
         for (i, mode) in modes.iter().enumerate() {
             let application = format!("tls-mode-{i}");
             let root_cert = mode.root_cert.map(|path| path.to_string_lossy());
@@ -351,9 +351,9 @@ async fn every_sslmode_is_honoured_by_the_pool_and_the_listener() {
             let url = server.url(mode.host, &database.name, &params);
             let what = format!("sslmode={} host={} {root_cert:?}", mode.sslmode, mode.host);
 
-            let db = tokio::time::timeout(FAIL_FAST, plane_db::connect(&url))
+            let db = tokio::time::timeout(FAIL_FAST, plane_db::open(&url))
                 .await
-                .unwrap_or_else(|_| panic!("{what}: connect hung"))
+                .unwrap_or_else(|_| panic!("{what}: open hung"))
                 .unwrap_or_else(|error| panic!("{what}: {error}"));
             assert_eq!(encrypted(&db).await.0, mode.encrypted, "{what}: the pool");
             // The bus's listening connection comes from the pool: same options.
@@ -409,11 +409,11 @@ async fn wait_for_listener(observer: &PlaneDatabase, application: &str) -> bool 
     }
 }
 
-/// `plane_db::connect(url)` must fail within [`FAIL_FAST`] with a connection error whose
+/// `plane_db::open(url)` must fail within [`FAIL_FAST`] with a connection error whose
 /// message is one line containing `cause`, keeping its source chain.
 async fn assert_refused(url: &str, cause: &str) -> Duration {
     let started = Instant::now();
-    let error = match tokio::time::timeout(FAIL_FAST, plane_db::connect(url)).await {
+    let error = match tokio::time::timeout(FAIL_FAST, plane_db::open(url)).await {
         Err(_) => panic!("{url}: not refused within {FAIL_FAST:?}"),
         Ok(Ok(_)) => panic!("{url}: connected"),
         Ok(Err(error)) => error,
@@ -505,7 +505,7 @@ async fn tls_modes_against_a_server_without_tls() {
             assert_refused(&url, "server does not support TLS").await;
         }
         // prefer falls back to plain text, silently: why the README advises against it.
-        let db = plane_db::connect(&format!("{base}?sslmode=prefer"))
+        let db = plane_db::open(&format!("{base}?sslmode=prefer"))
             .await
             .unwrap();
         assert!(

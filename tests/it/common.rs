@@ -41,7 +41,7 @@ where
     Fut: Future<Output = ()>,
 {
     let database = create_database().await.expect("create a test database");
-    let pool = plane_db::connect(&database.url)
+    let pool = plane_db::open(&database.url)
         .await
         .expect("connect to the test database")
         .pool()

@@ -536,7 +536,7 @@ fn the_bus_outlives_the_runtime_that_started_it() {
     let first = runtime();
     let (database, db, mut old_sub) = first.block_on(async {
         let database = plane_db::testing::create_database().await.unwrap();
-        let db = plane_db::connect_and_migrate(&database.url).await.unwrap();
+        let db = plane_db::open_and_migrate(&database.url).await.unwrap();
         let sub = db.subscribe::<BackendState>().await.unwrap();
         (database, db, sub)
     });

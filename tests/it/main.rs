@@ -16,6 +16,7 @@ mod keys;
 mod least_privilege;
 mod limits;
 mod nodes;
+mod open;
 mod plane055;
 mod scheduling;
 mod status_stream;

@@ -1,5 +1,5 @@
 //! Moving from Plane 0.5.5: a database that Plane 0.5.5 migrated and wrote to, converted in
-//! place by `connect_and_migrate` (and `plane_db::migrate`, and `plane-db migrate`).
+//! place by `open_and_migrate` (and `plane_db::migrate`, and `plane-db migrate`).
 //!
 //! Plane 0.5.5's migrations come from its published crate, fetched by cargo when the tests
 //! run (nothing of Plane's is copied into this repository); a failure to get them fails the
@@ -818,17 +818,17 @@ async fn a_plane_055_database_is_converted_in_place_and_everything_still_works()
         let fx = write_plane_rows(&plane_pool).await;
         plane_pool.close().await;
 
-        let db = plane_db::connect_and_migrate(&database.url)
+        let db = plane_db::open_and_migrate(&database.url)
             .await
-            .expect("connect_and_migrate converts the Plane database");
+            .expect("open_and_migrate converts the Plane database");
         let pool = db.pool().clone();
         check_converted(&db, &pool, &fx).await;
 
         // Once converted, it is a plane-db database: starting again changes nothing.
         let before = snapshot(&pool).await;
-        let again = plane_db::connect_and_migrate(&database.url)
+        let again = plane_db::open_and_migrate(&database.url)
             .await
-            .expect("a second connect_and_migrate");
+            .expect("a second open_and_migrate");
         let report = plane_db::migrate(&pool).await.expect("migrate again");
         assert!(report.applied.is_empty(), "{report:?}");
         assert_eq!(report.converted_from_plane, None);
@@ -1371,7 +1371,7 @@ async fn controllers_converting_a_plane_database_at_once_convert_it_once() {
         );
         finish(database, &[&plane_pool]).await;
 
-        // Through connect_and_migrate, as controllers start.
+        // Through open_and_migrate, as controllers start.
         let (database, plane_pool) = plane_database(plane_migrations()).await;
         let fx = write_plane_rows(&plane_pool).await;
         let start = Arc::new(tokio::sync::Barrier::new(2));
@@ -1381,7 +1381,7 @@ async fn controllers_converting_a_plane_database_at_once_convert_it_once() {
                 let start = start.clone();
                 tokio::spawn(async move {
                     start.wait().await;
-                    plane_db::connect_and_migrate(&url).await
+                    plane_db::open_and_migrate(&url).await
                 })
             })
             .collect();
@@ -1421,7 +1421,7 @@ async fn an_older_plane_database_is_refused_and_left_alone() {
     tokio::time::timeout(TEST_TIMEOUT, async {
         let older = EditedMigrations::new(12, &[]);
         let (database, pool) = plane_database(&older.dir).await;
-        let error = plane_db::connect_and_migrate(&database.url)
+        let error = plane_db::open_and_migrate(&database.url)
             .await
             .expect_err("an older Plane's database is refused");
         let Error::Schema(SchemaError::PlaneOlder {
@@ -1463,7 +1463,7 @@ async fn a_plane_database_with_unknown_or_edited_migrations_is_refused() {
             )],
         );
         let (database, pool) = plane_database(&newer.dir).await;
-        let error = plane_db::connect_and_migrate(&database.url)
+        let error = plane_db::open_and_migrate(&database.url)
             .await
             .expect_err("refused");
         assert!(
@@ -1516,7 +1516,7 @@ async fn a_conversion_that_fails_changes_nothing() {
             .execute(&pool)
             .await
             .expect("a bad status");
-        let error = plane_db::connect_and_migrate(&database.url)
+        let error = plane_db::open_and_migrate(&database.url)
             .await
             .expect_err("an unknown status is refused");
         assert!(
@@ -1540,7 +1540,7 @@ async fn a_conversion_that_fails_changes_nothing() {
             .execute(&pool)
             .await
             .expect("create a view");
-        let error = plane_db::connect_and_migrate(&database.url)
+        let error = plane_db::open_and_migrate(&database.url)
             .await
             .expect_err("the view stops the conversion");
         assert!(

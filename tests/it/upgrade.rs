@@ -139,9 +139,9 @@ async fn this_build_works_on_a_schema_a_newer_build_migrated() {
     strict.close().await;
 
     // This build starts, twice (a restart), and says what it found.
-    let db = tokio::time::timeout(TEST_TIMEOUT, plane_db::connect_and_migrate(&database.url))
+    let db = tokio::time::timeout(TEST_TIMEOUT, plane_db::open_and_migrate(&database.url))
         .await
-        .expect("connect_and_migrate finishes")
+        .expect("open_and_migrate finishes")
         .expect("this build starts on the newer schema");
     let report = tokio::time::timeout(TEST_TIMEOUT, plane_db::migrate(db.pool()))
         .await
@@ -233,7 +233,7 @@ async fn controllers_migrating_a_fresh_database_at_once_apply_it_once() {
             let start = start.clone();
             tokio::spawn(async move {
                 start.wait().await;
-                plane_db::connect_and_migrate(&url).await
+                plane_db::open_and_migrate(&url).await
             })
         })
         .collect();
@@ -255,7 +255,7 @@ async fn controllers_migrating_a_fresh_database_at_once_apply_it_once() {
         dbs.push(
             tokio::time::timeout(TEST_TIMEOUT, controller)
                 .await
-                .expect("connect_and_migrate finishes")
+                .expect("open_and_migrate finishes")
                 .expect("task")
                 .expect("every controller starts"),
         );
@@ -310,9 +310,9 @@ async fn an_edited_migration_stays_an_error() {
         .await
         .expect("tamper with the checksum");
 
-    let error = tokio::time::timeout(TEST_TIMEOUT, plane_db::connect_and_migrate(&database.url))
+    let error = tokio::time::timeout(TEST_TIMEOUT, plane_db::open_and_migrate(&database.url))
         .await
-        .expect("connect_and_migrate finishes")
+        .expect("open_and_migrate finishes")
         .expect_err("an edited migration is refused");
     match &error {
         Error::Schema(SchemaError::ChecksumMismatch { version, .. }) => {

@@ -53,7 +53,7 @@ pub async fn run() {
         .create_database()
         .await
         .expect("create the test database");
-    let admin = plane_db::connect_and_migrate(&database.url)
+    let admin = plane_db::open_and_migrate(&database.url)
         .await
         .expect("migrate the test database");
     sql::create_app_role(admin.pool(), &database.name, APP_ROLE).await;
@@ -271,7 +271,7 @@ async fn scenario(
     forwarder.switch(replica.port().expect("the replica's port"));
     let promoted_us = worker::now_us();
     let down_ms = switch_started.elapsed().as_millis();
-    let admin = plane_db::connect_and_migrate(&replica.url_for(name))
+    let admin = plane_db::open_and_migrate(&replica.url_for(name))
         .await
         .expect("connect to the new primary");
     // Every event above this one was written on the new primary.

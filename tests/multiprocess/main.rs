@@ -90,7 +90,7 @@ async fn controller_processes_share_one_database() {
     let database = plane_db::testing::create_database()
         .await
         .expect("create a test database");
-    let admin = plane_db::connect_and_migrate(&database.url)
+    let admin = plane_db::open_and_migrate(&database.url)
         .await
         .expect("migrate the test database");
     tokio::time::timeout(SCENARIO_TIMEOUT, scenario(&admin, &database.url))

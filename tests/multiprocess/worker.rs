@@ -13,7 +13,7 @@ use plane_db::types::{
     BackendAddr, BackendName, BackendState, BackendStatus, ClusterName, ControllerName, DroneName,
     DronePoolName, KeyConfig, NodeId, NodeKind, TerminationReason,
 };
-use plane_db::{ConnectOptions, PlaneDatabase};
+use plane_db::{OpenOptions, PlaneDatabase};
 use std::io::{BufRead, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
@@ -77,13 +77,13 @@ struct Inbox {
 }
 
 async fn serve(spec: WorkerSpec) -> Result<(), String> {
-    let db = ConnectOptions::new(&spec.url)
+    let db = OpenOptions::new(&spec.url)
         .map_err(|e| format!("options: {e}"))?
         .application_name(&spec.application_name())
         .max_connections(spec.pool_size)
-        .connect()
+        .open()
         .await
-        .map_err(|e| format!("connect: {e}"))?;
+        .map_err(|e| format!("open: {e}"))?;
     let (controller, drone) = register_drone(&db).await?;
     let heartbeat = tokio::spawn(heartbeat(db.clone(), controller, drone));
 

@@ -1,8 +1,8 @@
-//! How a [`PlaneDatabase`](crate::PlaneDatabase) opens its connections: [`ConnectOptions`] (the URLs, the pool's
+//! How a [`PlaneDatabase`](crate::PlaneDatabase) opens its connections: [`OpenOptions`] (the URLs, the pool's
 //! size and timeouts, the settings every connection gets) and [`PoolerMode`] (what sits
 //! between this process and Postgres).
 //!
-//! A process holds one pool (at most [`ConnectOptions::max_connections`]) and one listening
+//! A process holds one pool (at most [`OpenOptions::max_connections`]) and one listening
 //! connection for the event bus, opened on the first subscription. Each says who it is in
 //! `pg_stat_activity.application_name`: `plane-db` and `plane-db-listener` by default (and
 //! `plane-db-migrate` while migrations run). With streaming replicas, a pool per replica as
@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 /// The application name prefix when the caller sets none (neither with
-/// [`ConnectOptions::application_name`] nor in the URL nor in `PGAPPNAME`).
+/// [`OpenOptions::application_name`] nor in the URL nor in `PGAPPNAME`).
 pub(crate) const DEFAULT_APPLICATION_NAME: &str = "plane-db";
 const LISTENER_SUFFIX: &str = "-listener";
 const MIGRATE_SUFFIX: &str = "-migrate";
@@ -37,7 +37,7 @@ const MAX_APPLICATION_NAME: usize = 63;
 /// | | `Direct` | `Session` | `Transaction` |
 /// |---|---|---|---|
 /// | the bus's `LISTEN` connection | main URL | main URL, or the direct URL if given | the direct URL (required) |
-/// | migrations ([`ConnectOptions::connect_and_migrate`]) | main URL | main URL | the direct URL |
+/// | migrations ([`OpenOptions::open_and_migrate`]) | main URL | main URL | the direct URL |
 /// | `statement_timeout`, `idle_in_transaction_session_timeout` | `SET` on each new connection | `SET` on each new connection | not set: set them on the server (see below) |
 /// | startup parameter `extra_float_digits` | sent (sqlx's default) | not sent | not sent |
 ///
@@ -73,7 +73,7 @@ pub enum PoolerMode {
     Session,
     /// A pooler in transaction mode (PgBouncer `pool_mode = transaction`) that supports
     /// protocol-level prepared statements; see the type's documentation. Needs
-    /// [`ConnectOptions::direct_url`]: `LISTEN` and the migrations' advisory lock need a
+    /// [`OpenOptions::direct_url`]: `LISTEN` and the migrations' advisory lock need a
     /// session of their own.
     Transaction,
 }
@@ -84,24 +84,24 @@ pub enum PoolerMode {
 ///
 /// ```no_run
 /// # async fn example() -> plane_db::Result<()> {
-/// use plane_db::{ConnectOptions, PoolerMode};
+/// use plane_db::{OpenOptions, PoolerMode};
 /// use std::time::Duration;
 ///
 /// // Queries through PgBouncer; the event bus's LISTEN connection and the migrations
 /// // straight to Postgres.
-/// let db = ConnectOptions::new("postgres://plane:secret@pgbouncer:6432/plane")?
+/// let db = OpenOptions::new("postgres://plane:secret@pgbouncer:6432/plane")?
 ///     .pooler(PoolerMode::Transaction)
 ///     .direct_url("postgres://plane:secret@db:5432/plane")?
 ///     .application_name("controller-eu1")
 ///     .max_connections(16)
 ///     .statement_timeout(Some(Duration::from_secs(10)))
-///     .connect_and_migrate()
+///     .open_and_migrate()
 ///     .await?;
 /// db.health_check().await?;
 /// # Ok(()) }
 /// ```
 #[derive(Clone)]
-pub struct ConnectOptions {
+pub struct OpenOptions {
     main: PgConnectOptions,
     direct: Option<PgConnectOptions>,
     replicas: Vec<PgConnectOptions>,
@@ -116,10 +116,15 @@ pub struct ConnectOptions {
     config: Config,
 }
 
-impl fmt::Debug for ConnectOptions {
+/// The old name of [`OpenOptions`] (opening the database); `connect` now only means
+/// [`PlaneDatabase::connect`](crate::PlaneDatabase::connect), getting or creating a backend.
+#[deprecated(since = "0.2.0", note = "renamed to `OpenOptions`")]
+pub type ConnectOptions = OpenOptions;
+
+impl fmt::Debug for OpenOptions {
     // `PgConnectOptions`'s own `Debug` prints the password.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ConnectOptions")
+        f.debug_struct("OpenOptions")
             .field("main", &endpoint(&self.main))
             .field("direct", &self.direct.as_ref().map(endpoint))
             .field(
@@ -142,7 +147,7 @@ impl fmt::Debug for ConnectOptions {
     }
 }
 
-impl ConnectOptions {
+impl OpenOptions {
     /// Options for the database at `url` (`postgres://user:password@host:port/database?…`,
     /// with libpq's parameters such as `sslmode`), with every default below.
     /// [`Error::InvalidArgument`] if it does not parse.
@@ -196,7 +201,7 @@ impl ConnectOptions {
     /// [`ReplicaConfig::acquire_timeout`](crate::ReplicaConfig::acquire_timeout); named after
     /// the application name followed by `-replica`, `plane-db-replica` by default), opened
     /// lazily: a replica that is down when the database is opened does not fail
-    /// [`connect`](Self::connect); reads go to the primary until its probe finds it. None by
+    /// [`open`](Self::open); reads go to the primary until its probe finds it. None by
     /// default.
     pub fn replica_url(self, url: &str) -> Result<Self> {
         Ok(self.replica_pg_options(parse_url("replica_url", url)?))
@@ -293,8 +298,8 @@ impl ConnectOptions {
 
     /// Opens the pool (one connection right away, so that a wrong URL or an unreachable
     /// server fails here) and prepares the listener's pool (connected on first use); what
-    /// [`connect`](Self::connect) wraps into a database.
-    pub(crate) async fn open(self) -> Result<Opened> {
+    /// [`open`](Self::open) wraps into a database.
+    pub(crate) async fn open_pools(self) -> Result<Opened> {
         self.check()?;
         let pool = self
             .pool_options()
@@ -317,12 +322,12 @@ impl ConnectOptions {
         })
     }
 
-    /// Applies the schema migrations (see [`connect_and_migrate`](Self::connect_and_migrate))
-    /// and then [`open`](Self::open)s.
-    pub(crate) async fn migrate_and_open(self) -> Result<Opened> {
+    /// Applies the schema migrations (see [`open_and_migrate`](Self::open_and_migrate))
+    /// and then [`open_pools`](Self::open_pools).
+    pub(crate) async fn migrate_and_open_pools(self) -> Result<Opened> {
         self.check()?;
         self.migrate().await?;
-        self.open().await
+        self.open_pools().await
     }
 
     /// Refuses a configuration that cannot work, before any connection is made.
@@ -586,7 +591,7 @@ fn truncate(text: &str, max: usize) -> &str {
     &text[..end]
 }
 
-/// A pool, the listener's pool and the replicas' pools, opened by [`ConnectOptions`], with
+/// A pool, the listener's pool and the replicas' pools, opened by [`OpenOptions`], with
 /// the configuration.
 pub(crate) struct Opened {
     pub(crate) pool: PgPool,
@@ -622,21 +627,21 @@ mod tests {
 
     #[test]
     fn application_names() {
-        let options = ConnectOptions::new("postgres://u@h/db").unwrap();
+        let options = OpenOptions::new("postgres://u@h/db").unwrap();
         // PGAPPNAME, when the test runner has it, is the caller's choice like the URL's.
         let expected = std::env::var("PGAPPNAME")
             .ok()
             .filter(|n| !n.is_empty())
             .unwrap_or_else(|| "plane-db".to_string());
         assert_eq!(options.application_prefix(), expected);
-        let options = ConnectOptions::new("postgres://u@h/db?application_name=ctl").unwrap();
+        let options = OpenOptions::new("postgres://u@h/db?application_name=ctl").unwrap();
         assert_eq!(options.application_prefix(), "ctl");
         assert_eq!(
             options.application_name("mine").application_prefix(),
             "mine"
         );
         let long = "é".repeat(40);
-        let options = ConnectOptions::new("postgres://u@h/db")
+        let options = OpenOptions::new("postgres://u@h/db")
             .unwrap()
             .application_name(&long);
         let prefix = options.application_prefix();
@@ -647,13 +652,13 @@ mod tests {
     #[test]
     fn bad_urls_and_settings_are_refused() {
         assert!(matches!(
-            ConnectOptions::new("mysql://h/db"),
+            OpenOptions::new("mysql://h/db"),
             Err(Error::InvalidArgument {
                 argument: "url",
                 ..
             })
         ));
-        let options = ConnectOptions::new("postgres://u@h/db").unwrap();
+        let options = OpenOptions::new("postgres://u@h/db").unwrap();
         assert!(matches!(
             options.clone().direct_url("not a url"),
             Err(Error::InvalidArgument {
@@ -687,7 +692,7 @@ mod tests {
 
     #[test]
     fn debug_hides_the_password() {
-        let options = ConnectOptions::new("postgres://u:hunter2@h/db")
+        let options = OpenOptions::new("postgres://u:hunter2@h/db")
             .unwrap()
             .direct_url("postgres://u:hunter3@d/db")
             .unwrap()
@@ -701,7 +706,7 @@ mod tests {
 
     #[tokio::test]
     async fn replica_pools_are_named_and_lazy() {
-        let options = ConnectOptions::new("postgres://u:secret@h/db")
+        let options = OpenOptions::new("postgres://u:secret@h/db")
             .unwrap()
             .application_name("ctl")
             .replica_url("postgres://u:secret@r1/db")
