@@ -301,7 +301,7 @@ impl<'a> Cleanup<'a> {
 
     /// Deletes expired tokens, 1,000 per transaction until none are left. Returns how many
     /// were deleted.
-    #[tracing::instrument(name = "clean_up_tokens", skip(self, progress))]
+    #[tracing::instrument(name = "cleanup_tokens", skip(self, progress))]
     pub(crate) async fn tokens(&self, progress: &mut Progress<'_>) -> Result<u64> {
         const BATCH: i32 = 1000;
         // Through the expiration_time index; SKIP LOCKED lets controllers share the work.

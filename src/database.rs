@@ -333,8 +333,15 @@ impl PlaneDatabase {
 
     /// Deletes expired tokens, 1,000 per transaction until none are left. Returns how many
     /// were deleted.
-    pub async fn clean_up_tokens(&self) -> Result<u64> {
+    pub async fn cleanup_tokens(&self) -> Result<u64> {
         Cleanup::new(&self.inner).tokens(&mut |_| {}).await
+    }
+
+    /// Renamed to [`cleanup_tokens`](Self::cleanup_tokens), like
+    /// [`cleanup_events`](Self::cleanup_events).
+    #[deprecated(since = "0.2.0", note = "renamed to `cleanup_tokens`")]
+    pub async fn clean_up_tokens(&self) -> Result<u64> {
+        self.cleanup_tokens().await
     }
 
     /// Runs [`run_cleanup`](Self::run_cleanup) every `interval` in a background task,

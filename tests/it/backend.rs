@@ -223,8 +223,8 @@ async fn unknown_and_expired_tokens_do_not_route() {
                 .unwrap(),
             RouteInfoResult::NotFound
         );
-        assert_eq!(db.clean_up_tokens().await.unwrap(), 1);
-        assert_eq!(db.clean_up_tokens().await.unwrap(), 0);
+        assert_eq!(db.cleanup_tokens().await.unwrap(), 1);
+        assert_eq!(db.cleanup_tokens().await.unwrap(), 0);
     })
     .await
 }
