@@ -190,13 +190,27 @@ impl PlaneDatabase {
     }
 
     /// Key leases: renew, prevent renewal, remove expired, look up the holder.
-    pub fn keys(&self) -> KeysDatabase<'_> {
+    pub fn key(&self) -> KeysDatabase<'_> {
         KeysDatabase::new(&self.inner)
     }
 
     /// Actions queued for drones: termination requests, pending actions, acknowledgements.
-    pub fn backend_actions(&self) -> BackendActionDatabase<'_> {
+    pub fn backend_action(&self) -> BackendActionDatabase<'_> {
         BackendActionDatabase::new(&self.inner)
+    }
+
+    /// Renamed to [`key`](Self::key): every area accessor is singular, like
+    /// [`backend`](Self::backend) and [`drone`](Self::drone).
+    #[deprecated(since = "0.2.0", note = "renamed to `key()`")]
+    pub fn keys(&self) -> KeysDatabase<'_> {
+        self.key()
+    }
+
+    /// Renamed to [`backend_action`](Self::backend_action): every area accessor is
+    /// singular, like [`backend`](Self::backend) and [`drone`](Self::drone).
+    #[deprecated(since = "0.2.0", note = "renamed to `backend_action()`")]
+    pub fn backend_actions(&self) -> BackendActionDatabase<'_> {
+        self.backend_action()
     }
 
     /// ACME DNS-01 TXT records, leased to one proxy at a time.

@@ -19,7 +19,7 @@ use crate::types::{
 };
 use chrono::{DateTime, Utc};
 
-/// Key leases. Get one from [`PlaneDatabase::keys`](crate::PlaneDatabase::keys).
+/// Key leases. Get one from [`PlaneDatabase::key`](crate::PlaneDatabase::key).
 pub struct KeysDatabase<'a> {
     ctx: &'a Context,
 }

@@ -1073,7 +1073,7 @@ async fn check_converted(db: &PlaneDatabase, pool: &PgPool, fx: &PlaneFixture) {
 
     // The key and its fencing token (Plane's: milliseconds since the epoch).
     let holder = db
-        .keys()
+        .key()
         .lookup(&KeyConfig {
             name: "doc-1".into(),
             ..KeyConfig::default()
@@ -1097,7 +1097,7 @@ async fn check_converted(db: &PlaneDatabase, pool: &PgPool, fx: &PlaneFixture) {
     // Pending actions: the unacknowledged spawn is delivered, decoded; the acknowledged one
     // is not.
     let pending = db
-        .backend_actions()
+        .backend_action()
         .pending(NodeId::from(fx.drone_alpha), 100)
         .await
         .expect("pending actions");
