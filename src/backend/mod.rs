@@ -159,8 +159,8 @@ impl<'a> BackendDatabase<'a> {
 
 impl BackendDatabase<'_> {
     /// The backend, or `None` if there is no such backend.
-    #[tracing::instrument(skip(self), fields(backend = %backend_id))]
-    pub async fn backend(&self, backend_id: &BackendName) -> Result<Option<BackendRow>> {
+    #[tracing::instrument(skip(self), fields(backend = %backend))]
+    pub async fn backend(&self, backend: &BackendName) -> Result<Option<BackendRow>> {
         let row = sqlx::query_as!(
             RawBackendRow,
             r#"
@@ -169,7 +169,7 @@ impl BackendDatabase<'_> {
             from backend
             where id = $1
             "#,
-            backend_id.as_str(),
+            backend.as_str(),
         )
         .fetch_optional(self.ctx.pool())
         .await?;
@@ -230,15 +230,12 @@ impl BackendDatabase<'_> {
         Ok(skip_undecodable(rows.into_iter().map(BackendRow::try_from)))
     }
 
-    /// Backends on drone `drone_id` that have started (not `scheduled`), have not
+    /// Backends on drone `drone` that have started (not `scheduled`), have not
     /// terminated, and have either gone without a keepalive for longer than they may be
     /// idle or passed their expiration time.
-    #[tracing::instrument(skip(self), fields(drone = %drone_id))]
-    pub async fn termination_candidates(
-        &self,
-        drone_id: NodeId,
-    ) -> Result<Vec<TerminationCandidate>> {
-        let rows = termination_candidates_query(drone_id)
+    #[tracing::instrument(skip(self), fields(drone = %drone))]
+    pub async fn termination_candidates(&self, drone: NodeId) -> Result<Vec<TerminationCandidate>> {
+        let rows = termination_candidates_query(drone)
             .fetch_all(self.ctx.pool())
             .await?;
         Ok(skip_undecodable(rows.into_iter().map(|row| {
@@ -300,7 +297,7 @@ pub(crate) struct RawCandidate {
 /// The statement behind [`BackendDatabase::termination_candidates`], built in one place so
 /// that the bench can show the plan of this very statement (`testing::bench`).
 pub(crate) fn termination_candidates_query(
-    drone_id: NodeId,
+    drone: NodeId,
 ) -> Map<'static, Postgres, impl FnMut(PgRow) -> sqlx::Result<RawCandidate> + Send, PgArguments> {
     sqlx::query_as!(
         RawCandidate,
@@ -314,7 +311,7 @@ pub(crate) fn termination_candidates_query(
                or now() > expiration_time)
         order by id
         "#,
-        drone_id.as_i32(),
+        drone.as_i32(),
         BackendStatus::Scheduled.as_int(),
         BackendStatus::Terminated.as_int(),
     )
