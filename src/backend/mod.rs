@@ -26,7 +26,8 @@ pub struct BackendDatabase<'a> {
     ctx: &'a Context,
 }
 
-/// A backend as stored.
+/// A backend as stored. Its own name is [`id`](Self::id); other types refer to a backend
+/// as `backend_id` (the rule is in [`types`](crate::types#ids)).
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct BackendRow {
     /// The backend's name.

@@ -120,7 +120,7 @@ async fn a_plane_made_backend_name_goes_through_every_path() {
             namespace: "ns".into(),
             tag: String::new(),
         };
-        assert_eq!(db.key().lookup(&key).await.unwrap().unwrap().backend, id);
+        assert_eq!(db.key().lookup(&key).await.unwrap().unwrap().backend_id, id);
         assert_eq!(db.backend().state_history(&id).await.unwrap().len(), 5);
         exec(
             &db,

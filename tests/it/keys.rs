@@ -168,7 +168,7 @@ async fn lookup_returns_the_holder_with_its_backend() {
             .await
             .unwrap()
             .expect("held");
-        assert_eq!(holder.backend, response.backend_id);
+        assert_eq!(holder.backend_id, response.backend_id);
         assert_eq!(holder.key, key("looked-up"));
         assert_eq!(Some(holder.fencing_token), response.fencing_token);
         assert_eq!(holder.status, BackendStatus::Scheduled);
@@ -431,7 +431,7 @@ async fn connect_in_the_margin_gets_the_existing_backend_and_after_it_takes_over
             KeyRenewal::NotHeld
         );
         let holder = db.key().lookup(&key("margin")).await.unwrap().unwrap();
-        assert_eq!(holder.backend, second.backend_id);
+        assert_eq!(holder.backend_id, second.backend_id);
         assert_eq!(holder.fencing_token, t2);
     })
     .await
@@ -462,7 +462,7 @@ async fn an_expired_key_nobody_took_is_revived_by_its_holder() {
         );
         let holder = db.key().lookup(&key("lapsed")).await.unwrap().unwrap();
         assert!(holder.is_live());
-        assert_eq!(holder.backend, backend);
+        assert_eq!(holder.backend_id, backend);
         // Revived: a connect for the key now gets the backend instead of replacing it.
         let again = db.connect(&request("lapsed")).await.unwrap();
         assert!(!again.spawned);
@@ -513,12 +513,12 @@ async fn a_revival_and_a_takeover_never_both_succeed() {
                     assert_eq!(Some(acquired.token), first.fencing_token);
                     assert!(!response.spawned, "round {round}: revived and taken over");
                     assert_eq!(response.backend_id, first.backend_id);
-                    assert_eq!(holder.backend, first.backend_id);
+                    assert_eq!(holder.backend_id, first.backend_id);
                 }
                 KeyRenewal::NotHeld => {
                     taken += 1;
                     assert!(response.spawned, "round {round}: neither revived nor taken");
-                    assert_eq!(holder.backend, response.backend_id);
+                    assert_eq!(holder.backend_id, response.backend_id);
                 }
                 KeyRenewal::Prevented => panic!("round {round}: nothing prevented renewal"),
             }

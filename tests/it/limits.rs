@@ -315,7 +315,7 @@ async fn key_lookups_and_revoke_take_inputs_at_their_limits_and_refuse_longer() 
         req.user = Some(text(limits::USER_BYTES));
         let resp = db.connect(&req).await.unwrap();
         let found = db.key().lookup(&key).await.unwrap().expect("held");
-        assert_eq!(found.backend, resp.backend_id);
+        assert_eq!(found.backend_id, resp.backend_id);
         assert_eq!(found.key.name, key.name);
 
         let before = counts(&db).await;

@@ -1081,7 +1081,7 @@ async fn check_converted(db: &PlaneDatabase, pool: &PgPool, fx: &PlaneFixture) {
         .await
         .expect("look the key up")
         .expect("the key is held");
-    assert_eq!(holder.backend.as_str(), "ba-ready");
+    assert_eq!(holder.backend_id.as_str(), "ba-ready");
     assert_eq!(holder.fencing_token, fx.ready_fencing_token);
     assert!(holder.is_live());
     assert!(
