@@ -156,7 +156,7 @@ async fn main() -> Result<(), Box<dyn Error>> {
         "route after termination: {:?}",
         db.backend().route_info_for_token(&connected.token).await?
     );
-    let report = db.backend().cleanup(0, 100).await?;
+    let report = db.backend().cleanup_terminated(Duration::ZERO, 100).await?;
     println!(
         "cleanup: {} backend(s), {} state rows, {} token(s), {} action(s) deleted",
         report.backends, report.states, report.tokens, report.actions

@@ -303,7 +303,7 @@ impl PlaneDatabase {
     }
 
     /// One full cleanup: old terminated backends (as
-    /// [`BackendDatabase::cleanup`] deletes them), events older than
+    /// [`BackendDatabase::cleanup_terminated`] deletes them), events older than
     /// [`CleanupConfig::event_min_age`], then expired tokens, each in batches of one
     /// transaction. The run is recorded for [`status`](Self::status).
     ///

@@ -1289,7 +1289,7 @@ async fn metrics_page_counts_a_lifecycle() {
         drop(all);
         let summary = db
             .run_cleanup(&plane_db::CleanupConfig {
-                backend_min_age_days: 0,
+                backend_min_age: Duration::ZERO,
                 event_min_age: Duration::ZERO,
                 batch_size: 1000,
             })

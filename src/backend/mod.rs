@@ -2,7 +2,7 @@
 //! is split by idea: `lifecycle` (state changes, keepalives, metrics), `routes` (what a
 //! proxy learns from a token), `status_stream` (history then live changes), `lost`
 //! (backends whose drone is gone). Their cleanup lives with the rest of cleanup
-//! ([`BackendDatabase::cleanup`] is a door into it).
+//! ([`BackendDatabase::cleanup_terminated`] is a door into it).
 
 mod lifecycle;
 mod lost;
@@ -20,6 +20,7 @@ use chrono::{DateTime, Utc};
 use sqlx::postgres::{PgArguments, PgRow};
 use sqlx::query::Map;
 use sqlx::{PgPool, Postgres};
+use std::time::Duration;
 
 /// Backend operations. Get one from [`PlaneDatabase::backend`](crate::PlaneDatabase::backend).
 pub struct BackendDatabase<'a> {
@@ -251,13 +252,36 @@ impl BackendDatabase<'_> {
         })))
     }
 
-    /// Deletes backends that terminated more than `min_age_days` days ago, with their
-    /// tokens, actions, state history and expired keys, `batch_size` backends per
-    /// transaction until none are left. A backend whose key has not expired is kept (the
-    /// key still fences it). Returns what was deleted.
-    pub async fn cleanup(&self, min_age_days: i32, batch_size: i32) -> Result<CleanupReport> {
+    /// Deletes backends that terminated longer than `min_age` ago, with their tokens,
+    /// actions, state history and expired keys, `batch_size` backends per transaction until
+    /// none are left. A backend whose key has not expired is kept (the key still fences it).
+    /// Returns what was deleted. A `min_age` beyond about a century counts as a century.
+    pub async fn cleanup_terminated(
+        &self,
+        min_age: Duration,
+        batch_size: i32,
+    ) -> Result<CleanupReport> {
         Cleanup::new(self.ctx)
-            .backends(min_age_days, batch_size, &mut |_| {})
+            .backends(min_age, batch_size, &mut |_| {})
+            .await
+    }
+
+    /// [`cleanup_terminated`](Self::cleanup_terminated) with the age in whole days, as
+    /// Plane 0.5.5's `cleanup(min_age_days)` takes it. A negative `min_age_days` is
+    /// [`Error::InvalidArgument`] (`min_age_days`).
+    #[deprecated(
+        since = "0.2.0",
+        note = "renamed to `cleanup_terminated`, which takes the age as a `Duration`"
+    )]
+    pub async fn cleanup(&self, min_age_days: i32, batch_size: i32) -> Result<CleanupReport> {
+        if min_age_days < 0 {
+            return Err(Error::InvalidArgument {
+                argument: "min_age_days",
+                reason: format!("must not be negative, got {min_age_days}"),
+            });
+        }
+        let days = u64::from(min_age_days.unsigned_abs());
+        self.cleanup_terminated(Duration::from_secs(days * 24 * 3600), batch_size)
             .await
     }
 }
