@@ -123,8 +123,8 @@ async fn main() -> Result<(), Box<dyn Error>> {
     );
 
     // The drone acknowledges its queued spawn action, so it is not delivered again.
-    for action in db.backend_actions().pending(drone, 10).await? {
-        db.backend_actions().ack(&action.action_id, drone).await?;
+    for action in db.backend_action().pending(drone, 10).await? {
+        db.backend_action().ack(&action.action_id, drone).await?;
     }
     let state = db.cluster().state(&cluster).await?;
     for d in &state.drones {
@@ -137,7 +137,7 @@ async fn main() -> Result<(), Box<dyn Error>> {
     // A user stops the backend: a terminate action is queued for its drone, which then
     // reports the termination. Its key is released, and cleanup removes its rows.
     let requested = db
-        .backend_actions()
+        .backend_action()
         .request_termination(&backend, TerminationKind::Soft, TerminationReason::External)
         .await?;
     println!("termination requested: {requested:?}");
@@ -156,7 +156,7 @@ async fn main() -> Result<(), Box<dyn Error>> {
         "route after termination: {:?}",
         db.backend().route_info_for_token(&connected.token).await?
     );
-    let report = db.backend().cleanup(0, 100).await?;
+    let report = db.backend().cleanup_terminated(Duration::ZERO, 100).await?;
     println!(
         "cleanup: {} backend(s), {} state rows, {} token(s), {} action(s) deleted",
         report.backends, report.states, report.tokens, report.actions

@@ -14,7 +14,7 @@ use crate::types::{
     TerminationKind, TerminationReason,
 };
 
-/// Queued drone actions. Get one from [`PlaneDatabase::backend_actions`](crate::PlaneDatabase::backend_actions).
+/// Queued drone actions. Get one from [`PlaneDatabase::backend_action`](crate::PlaneDatabase::backend_action).
 pub struct BackendActionDatabase<'a> {
     ctx: &'a Context,
 }

@@ -14,8 +14,10 @@ use std::time::Duration;
 /// What [`PlaneDatabase::run_cleanup`](crate::PlaneDatabase::run_cleanup) deletes. `CleanupConfig::default()` keeps a week.
 #[derive(Debug, Clone)]
 pub struct CleanupConfig {
-    /// Backends that terminated more than this many days ago are deleted. Defaults to 7.
-    pub backend_min_age_days: i32,
+    /// Backends that terminated longer ago than this are deleted (with everything hanging
+    /// off them; see [`BackendDatabase::cleanup_terminated`](crate::backend::BackendDatabase::cleanup_terminated)).
+    /// Defaults to 7 days. Was `backend_min_age_days: i32` (a number of days) before 0.2.0.
+    pub backend_min_age: Duration,
     /// Events older than this are deleted. Defaults to 7 days. Events are only needed to
     /// resume streams ([`PlaneDatabase::get_events_since`](crate::PlaneDatabase::get_events_since)); live delivery never reads old
     /// ones.
@@ -28,7 +30,7 @@ pub struct CleanupConfig {
 impl Default for CleanupConfig {
     fn default() -> Self {
         Self {
-            backend_min_age_days: 7,
+            backend_min_age: Duration::from_secs(7 * 24 * 3600),
             event_min_age: Duration::from_secs(7 * 24 * 3600),
             batch_size: 1000,
         }
@@ -39,7 +41,7 @@ impl Default for CleanupConfig {
 const CLEANUP_RUNS_KEPT: i64 = 100;
 
 /// What the backends phase of a cleanup deleted (see
-/// [`BackendDatabase::cleanup`](crate::backend::BackendDatabase::cleanup)).
+/// [`BackendDatabase::cleanup_terminated`](crate::backend::BackendDatabase::cleanup_terminated)).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct CleanupReport {
     /// Terminated backends deleted.
@@ -164,7 +166,7 @@ impl<'a> Cleanup<'a> {
     ) -> Result<CleanupSummary> {
         let started = std::time::Instant::now();
         let backends = self
-            .backends(config.backend_min_age_days, config.batch_size, progress)
+            .backends(config.backend_min_age, config.batch_size, progress)
             .await?;
         let events = self
             .events(config.event_min_age, config.batch_size, progress)
@@ -180,22 +182,16 @@ impl<'a> Cleanup<'a> {
         Ok(summary)
     }
 
-    /// Deletes backends that terminated more than `min_age_days` days ago with everything
-    /// hanging off them, `batch_size` backends per transaction; a backend whose key has not
-    /// expired is kept (the key still fences it).
+    /// Deletes backends that terminated longer than `min_age` ago with everything hanging
+    /// off them, `batch_size` backends per transaction; a backend whose key has not expired
+    /// is kept (the key still fences it).
     #[tracing::instrument(name = "cleanup_backends", skip(self, progress))]
     pub(crate) async fn backends(
         &self,
-        min_age_days: i32,
+        min_age: Duration,
         batch_size: i32,
         progress: &mut Progress<'_>,
     ) -> Result<CleanupReport> {
-        if min_age_days < 0 {
-            return Err(Error::InvalidArgument {
-                argument: "min_age_days",
-                reason: format!("must not be negative, got {min_age_days}"),
-            });
-        }
         check_batch_size(batch_size)?;
         let mut report = CleanupReport::default();
         loop {
@@ -205,7 +201,7 @@ impl<'a> Cleanup<'a> {
                 with doomed as (
                     select b.id from backend b
                     where b.last_status_number = $1
-                      and b.last_status_time < now() - make_interval(days => $2)
+                      and b.last_status_time < now() - make_interval(secs => $2)
                       and not exists (
                           select 1 from backend_key k where k.id = b.id and k.expires_at >= now()
                       )
@@ -236,7 +232,7 @@ impl<'a> Cleanup<'a> {
                     (select count(*) from keys) as "keys!"
                 "#,
                 BackendStatus::Terminated.as_int(),
-                min_age_days,
+                interval_secs(min_age),
                 i64::from(batch_size),
             )
             .fetch_one(self.ctx.pool())
@@ -301,7 +297,7 @@ impl<'a> Cleanup<'a> {
 
     /// Deletes expired tokens, 1,000 per transaction until none are left. Returns how many
     /// were deleted.
-    #[tracing::instrument(name = "clean_up_tokens", skip(self, progress))]
+    #[tracing::instrument(name = "cleanup_tokens", skip(self, progress))]
     pub(crate) async fn tokens(&self, progress: &mut Progress<'_>) -> Result<u64> {
         const BATCH: i32 = 1000;
         // Through the expiration_time index; SKIP LOCKED lets controllers share the work.

@@ -217,13 +217,27 @@ impl PlaneDatabase {
     }
 
     /// Key leases: renew, prevent renewal, remove expired, look up the holder.
-    pub fn keys(&self) -> KeysDatabase<'_> {
+    pub fn key(&self) -> KeysDatabase<'_> {
         KeysDatabase::new(&self.inner)
     }
 
     /// Actions queued for drones: termination requests, pending actions, acknowledgements.
-    pub fn backend_actions(&self) -> BackendActionDatabase<'_> {
+    pub fn backend_action(&self) -> BackendActionDatabase<'_> {
         BackendActionDatabase::new(&self.inner)
+    }
+
+    /// Renamed to [`key`](Self::key): every area accessor is singular, like
+    /// [`backend`](Self::backend) and [`drone`](Self::drone).
+    #[deprecated(since = "0.2.0", note = "renamed to `key()`")]
+    pub fn keys(&self) -> KeysDatabase<'_> {
+        self.key()
+    }
+
+    /// Renamed to [`backend_action`](Self::backend_action): every area accessor is
+    /// singular, like [`backend`](Self::backend) and [`drone`](Self::drone).
+    #[deprecated(since = "0.2.0", note = "renamed to `backend_action()`")]
+    pub fn backend_actions(&self) -> BackendActionDatabase<'_> {
+        self.backend_action()
     }
 
     /// ACME DNS-01 TXT records, leased to one proxy at a time.
@@ -316,7 +330,7 @@ impl PlaneDatabase {
     }
 
     /// One full cleanup: old terminated backends (as
-    /// [`BackendDatabase::cleanup`] deletes them), events older than
+    /// [`BackendDatabase::cleanup_terminated`] deletes them), events older than
     /// [`CleanupConfig::event_min_age`], then expired tokens, each in batches of one
     /// transaction. The run is recorded for [`status`](Self::status).
     ///
@@ -360,8 +374,15 @@ impl PlaneDatabase {
 
     /// Deletes expired tokens, 1,000 per transaction until none are left. Returns how many
     /// were deleted.
-    pub async fn clean_up_tokens(&self) -> Result<u64> {
+    pub async fn cleanup_tokens(&self) -> Result<u64> {
         Cleanup::new(&self.inner).tokens(&mut |_| {}).await
+    }
+
+    /// Renamed to [`cleanup_tokens`](Self::cleanup_tokens), like
+    /// [`cleanup_events`](Self::cleanup_events).
+    #[deprecated(since = "0.2.0", note = "renamed to `cleanup_tokens`")]
+    pub async fn clean_up_tokens(&self) -> Result<u64> {
+        self.cleanup_tokens().await
     }
 
     /// Runs [`run_cleanup`](Self::run_cleanup) every `interval` in a background task,

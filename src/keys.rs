@@ -19,7 +19,7 @@ use crate::types::{
 };
 use chrono::{DateTime, Utc};
 
-/// Key leases. Get one from [`PlaneDatabase::keys`](crate::PlaneDatabase::keys).
+/// Key leases. Get one from [`PlaneDatabase::key`](crate::PlaneDatabase::key).
 pub struct KeysDatabase<'a> {
     ctx: &'a Context,
 }
@@ -41,8 +41,9 @@ pub enum KeyRenewal {
 /// A key and the backend holding it, as read by [`KeysDatabase::lookup`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyHolder {
-    /// The backend holding the key.
-    pub backend: BackendName,
+    /// The backend holding the key (named `backend_id`, as every reference to a backend
+    /// from a type other than the backend's own row: see [`types`](crate::types#ids)).
+    pub backend_id: BackendName,
     /// The key (namespace, name, and the tag it was acquired with).
     pub key: KeyConfig,
     /// The fencing token of this acquisition.
@@ -205,7 +206,7 @@ impl<'a> KeysDatabase<'a> {
         let identity =
             BackendIdentity::decode(row.id, row.last_status_number, row.cluster, row.subdomain)?;
         Ok(Some(KeyHolder {
-            backend: identity.id,
+            backend_id: identity.id,
             key: KeyConfig {
                 name: row.key_name,
                 namespace: row.namespace,

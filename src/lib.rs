@@ -8,8 +8,8 @@
 //! Open it with [`open_and_migrate`] (or [`open`](fn@open), or [`OpenOptions`] to
 //! size the pool, set timeouts or run behind PgBouncer, or [`PlaneDatabase::new`] on a pool
 //! of your own), then use the facades: [`PlaneDatabase::backend`], [`PlaneDatabase::drone`],
-//! [`PlaneDatabase::node`], [`PlaneDatabase::controller`], [`PlaneDatabase::keys`],
-//! [`PlaneDatabase::backend_actions`], [`PlaneDatabase::acme`], [`PlaneDatabase::cluster`],
+//! [`PlaneDatabase::node`], [`PlaneDatabase::controller`], [`PlaneDatabase::key`],
+//! [`PlaneDatabase::backend_action`], [`PlaneDatabase::acme`], [`PlaneDatabase::cluster`],
 //! and [`PlaneDatabase::connect`] to get or create a backend for a key. A database that
 //! Plane 0.5.5 migrated is converted in place when migrated (see [`migrate`](fn@migrate)). Run
 //! [`PlaneDatabase::run_cleanup`] (or [`PlaneDatabase::spawn_cleanup_loop`]) to delete old

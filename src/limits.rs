@@ -15,8 +15,8 @@
 //!
 //! | Input | Limit | Where |
 //! |---|---|---|
-//! | key name | [`KEY_NAME_BYTES`] (1,000) | `connect`, `keys().lookup` |
-//! | key namespace | [`KEY_NAMESPACE_BYTES`] (1,000) | `connect`, `keys().lookup` |
+//! | key name | [`KEY_NAME_BYTES`] (1,000) | `connect`, `key().lookup` |
+//! | key namespace | [`KEY_NAMESPACE_BYTES`] (1,000) | `connect`, `key().lookup` |
 //! | key tag | [`KEY_TAG_BYTES`] (512) | `connect` |
 //! | user | [`USER_BYTES`] (512) | `connect`, `revoke` |
 //! | auth (JSON) | [`AUTH_BYTES`] (64 KiB) | `connect` |

@@ -17,6 +17,7 @@
 //! `#[tracing::instrument]` gives its span): a spike of `operation="update_state"` is
 //! followed in the traces by the spans named `update_state`. See [`OPERATIONS`].
 
+use crate::events::CRATE_KINDS;
 use sqlx::PgPool;
 use std::future::Future;
 use std::time::{Duration, Instant};
@@ -225,26 +226,26 @@ pub(crate) fn kind_label(kind: &str) -> &'static str {
 
 /// Per-kind tallies of events, added to a counter once per page rather than once per event.
 #[derive(Default)]
-pub(crate) struct KindTally([u64; 5]);
+pub(crate) struct KindTally([u64; CRATE_KINDS.len() + 1]);
 
 impl KindTally {
-    /// The crate's own event kinds (every `NotificationPayload` it defines), then `other`.
-    const LABELS: [&'static str; 5] = [
-        "backend_state",
-        "backend_action",
-        "backend_metrics",
-        "node_connection",
-        "other",
-    ];
+    /// The crate's own event kinds (every `NotificationPayload` it defines, as listed in
+    /// [`CRATE_KINDS`]), then `other`.
+    const LABELS: [&'static str; CRATE_KINDS.len() + 1] = {
+        let mut labels = ["other"; CRATE_KINDS.len() + 1];
+        let mut i = 0;
+        while i < CRATE_KINDS.len() {
+            labels[i] = CRATE_KINDS[i];
+            i += 1;
+        }
+        labels
+    };
 
     fn index(kind: &str) -> usize {
-        match kind {
-            "backend_state" => 0,
-            "backend_action" => 1,
-            "backend_metrics" => 2,
-            "node_connection" => 3,
-            _ => 4,
-        }
+        CRATE_KINDS
+            .iter()
+            .position(|k| *k == kind)
+            .unwrap_or(CRATE_KINDS.len())
     }
 
     pub(crate) fn add(&mut self, kind: &str) {
@@ -524,14 +525,19 @@ mod tests {
     #[test]
     fn kinds_are_bounded() {
         use crate::events::NotificationPayload;
-        // Every payload type of the crate has its own label.
+        // Every payload type of the crate has its own label (and every kind of the crate's
+        // list: events::event's tests check that the list has every payload type in src/).
         for kind in [
             crate::types::BackendState::kind(),
             crate::types::BackendActionMessage::kind(),
             crate::types::BackendMetricsMessage::kind(),
             crate::node::NodeConnectionStatusChange::kind(),
-        ] {
+        ]
+        .into_iter()
+        .chain(CRATE_KINDS)
+        {
             assert_eq!(kind_label(kind), kind);
+            assert_ne!(kind_label(kind), "other");
         }
         assert_eq!(kind_label("anything a caller emits"), "other");
         let mut tally = KindTally::default();

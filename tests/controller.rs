@@ -325,7 +325,7 @@ async fn status_stream_resumes_exactly_and_ends_at_termination() {
         assert_eq!(body["kind"], "soft");
         assert_eq!(body["drone_id"], json!(drone.id));
         let action_id = body["action_id"].as_str().unwrap();
-        let queued = db.backend_actions().pending(drone.id, 10).await.unwrap();
+        let queued = db.backend_action().pending(drone.id, 10).await.unwrap();
         let action = queued
             .iter()
             .find(|a| a.action_id.as_str() == action_id)
@@ -791,7 +791,7 @@ async fn requests_other_pages_could_send_are_refused() {
         )
         .await;
         assert!(
-            db.backend_actions()
+            db.backend_action()
                 .pending(drone.id, 10)
                 .await
                 .unwrap()
@@ -897,7 +897,7 @@ async fn demo_drone_runs_the_walkthrough() {
         assert_eq!(last.exit_error, Some(true));
         // The drone acknowledged both actions.
         assert!(db
-            .backend_actions()
+            .backend_action()
             .pending(demo.id, 10)
             .await
             .unwrap()
@@ -1006,7 +1006,7 @@ async fn the_page_follows_a_backend_live_in_a_real_browser() {
         .await;
         let deadline = tokio::time::Instant::now() + STEP_TIMEOUT;
         loop {
-            let pending = db.backend_actions().pending(drone.id, 10).await.unwrap();
+            let pending = db.backend_action().pending(drone.id, 10).await.unwrap();
             let asked = pending.iter().any(|m| {
                 m.backend_id == backend && matches!(m.action, BackendAction::Terminate { .. })
             });
@@ -1289,7 +1289,7 @@ async fn metrics_page_counts_a_lifecycle() {
         drop(all);
         let summary = db
             .run_cleanup(&plane_db::CleanupConfig {
-                backend_min_age_days: 0,
+                backend_min_age: Duration::ZERO,
                 event_min_age: Duration::ZERO,
                 batch_size: 1000,
             })

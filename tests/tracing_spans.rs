@@ -139,7 +139,7 @@ async fn operations_run_in_spans_that_carry_their_identifiers() {
                 .unwrap();
             captured.span_with("heartbeat", "drone", &d.id.to_string());
 
-            db.backend_actions()
+            db.backend_action()
                 .request_termination(
                     &response.backend_id,
                     TerminationKind::Soft,

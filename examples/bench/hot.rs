@@ -424,7 +424,11 @@ pub async fn cleanup(bench: &mut Bench) -> R<()> {
     let stop = Arc::new(AtomicBool::new(false));
     let during = writer(stop.clone(), None);
     let t = Instant::now();
-    let report = env.db.backend().cleanup(1, batch).await?;
+    let report = env
+        .db
+        .backend()
+        .cleanup_terminated(Duration::from_secs(24 * 3600), batch)
+        .await?;
     let took = t.elapsed();
     stop.store(true, Ordering::Relaxed);
     let during = during.await??;

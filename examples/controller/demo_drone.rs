@@ -94,14 +94,10 @@ impl DemoDrone {
 
     /// Acknowledges and carries out the actions queued for this drone.
     async fn take_actions(&self, db: &PlaneDatabase, step: Duration) -> plane_db::Result<()> {
-        for message in db.backend_actions().pending(self.id, 100).await? {
+        for message in db.backend_action().pending(self.id, 100).await? {
             // Acknowledged first: an action is carried out once, even if the next round
             // reads the queue before it is done.
-            if !db
-                .backend_actions()
-                .ack(&message.action_id, self.id)
-                .await?
-            {
+            if !db.backend_action().ack(&message.action_id, self.id).await? {
                 continue;
             }
             let backend = message.backend_id;
@@ -122,7 +118,7 @@ impl DemoDrone {
     async fn heartbeat(&self, db: &PlaneDatabase) -> plane_db::Result<()> {
         db.drone().heartbeat(self.id, Utc::now()).await?;
         for backend in db.backend().list_alive_backends_for_drone(self.id).await? {
-            db.keys().renew(&backend.id, Utc::now()).await?;
+            db.key().renew(&backend.id, Utc::now()).await?;
         }
         Ok(())
     }

@@ -202,7 +202,7 @@ async fn terminate(
         return Err(unknown_backend(&id));
     }
     let requested = db
-        .backend_actions()
+        .backend_action()
         .request_termination(&id, kind, TerminationReason::External)
         .await?;
     let (status, result, action_id, drone_id) = match requested {

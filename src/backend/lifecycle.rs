@@ -48,20 +48,20 @@ impl BackendDatabase<'_> {
 
     /// Records that a proxy holds a connection to the backend now. Returns false for an
     /// unknown or terminated backend.
-    #[tracing::instrument(skip(self), fields(backend = %backend_id))]
-    pub async fn update_keepalive(&self, backend_id: &BackendName) -> Result<bool> {
-        let update = self.update_keepalive_inner(backend_id);
+    #[tracing::instrument(skip(self), fields(backend = %backend))]
+    pub async fn update_keepalive(&self, backend: &BackendName) -> Result<bool> {
+        let update = self.update_keepalive_inner(backend);
         metrics::timed(Operation::UpdateKeepalive, self.ctx.pool(), update).await
     }
 
     /// [`update_keepalive`](Self::update_keepalive), without its metrics.
-    async fn update_keepalive_inner(&self, backend_id: &BackendName) -> Result<bool> {
+    async fn update_keepalive_inner(&self, backend: &BackendName) -> Result<bool> {
         let result = sqlx::query!(
             r#"
             update backend set last_keepalive = now()
             where id = $1 and last_status_number < $2
             "#,
-            backend_id.as_str(),
+            backend.as_str(),
             BackendStatus::Terminated.as_int(),
         )
         .execute(&mut *metrics::acquire(Operation::UpdateKeepalive, self.ctx.pool()).await?)

@@ -2,7 +2,7 @@
 //! is split by idea: `lifecycle` (state changes, keepalives, metrics), `routes` (what a
 //! proxy learns from a token), `status_stream` (history then live changes), `lost`
 //! (backends whose drone is gone). Their cleanup lives with the rest of cleanup
-//! ([`BackendDatabase::cleanup`] is a door into it).
+//! ([`BackendDatabase::cleanup_terminated`] is a door into it).
 
 mod lifecycle;
 mod lost;
@@ -20,13 +20,15 @@ use chrono::{DateTime, Utc};
 use sqlx::postgres::{PgArguments, PgRow};
 use sqlx::query::Map;
 use sqlx::{PgPool, Postgres};
+use std::time::Duration;
 
 /// Backend operations. Get one from [`PlaneDatabase::backend`](crate::PlaneDatabase::backend).
 pub struct BackendDatabase<'a> {
     ctx: &'a Context,
 }
 
-/// A backend as stored.
+/// A backend as stored. Its own name is [`id`](Self::id); other types refer to a backend
+/// as `backend_id` (the rule is in [`types`](crate::types#ids)).
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct BackendRow {
     /// The backend's name.
@@ -159,8 +161,8 @@ impl<'a> BackendDatabase<'a> {
 
 impl BackendDatabase<'_> {
     /// The backend, or `None` if there is no such backend.
-    #[tracing::instrument(skip(self), fields(backend = %backend_id))]
-    pub async fn backend(&self, backend_id: &BackendName) -> Result<Option<BackendRow>> {
+    #[tracing::instrument(skip(self), fields(backend = %backend))]
+    pub async fn backend(&self, backend: &BackendName) -> Result<Option<BackendRow>> {
         let row = sqlx::query_as!(
             RawBackendRow,
             r#"
@@ -169,7 +171,7 @@ impl BackendDatabase<'_> {
             from backend
             where id = $1
             "#,
-            backend_id.as_str(),
+            backend.as_str(),
         )
         .fetch_optional(self.ctx.pool())
         .await?;
@@ -230,15 +232,12 @@ impl BackendDatabase<'_> {
         Ok(skip_undecodable(rows.into_iter().map(BackendRow::try_from)))
     }
 
-    /// Backends on drone `drone_id` that have started (not `scheduled`), have not
+    /// Backends on drone `drone` that have started (not `scheduled`), have not
     /// terminated, and have either gone without a keepalive for longer than they may be
     /// idle or passed their expiration time.
-    #[tracing::instrument(skip(self), fields(drone = %drone_id))]
-    pub async fn termination_candidates(
-        &self,
-        drone_id: NodeId,
-    ) -> Result<Vec<TerminationCandidate>> {
-        let rows = termination_candidates_query(drone_id)
+    #[tracing::instrument(skip(self), fields(drone = %drone))]
+    pub async fn termination_candidates(&self, drone: NodeId) -> Result<Vec<TerminationCandidate>> {
+        let rows = termination_candidates_query(drone)
             .fetch_all(self.ctx.pool())
             .await?;
         Ok(skip_undecodable(rows.into_iter().map(|row| {
@@ -253,13 +252,36 @@ impl BackendDatabase<'_> {
         })))
     }
 
-    /// Deletes backends that terminated more than `min_age_days` days ago, with their
-    /// tokens, actions, state history and expired keys, `batch_size` backends per
-    /// transaction until none are left. A backend whose key has not expired is kept (the
-    /// key still fences it). Returns what was deleted.
-    pub async fn cleanup(&self, min_age_days: i32, batch_size: i32) -> Result<CleanupReport> {
+    /// Deletes backends that terminated longer than `min_age` ago, with their tokens,
+    /// actions, state history and expired keys, `batch_size` backends per transaction until
+    /// none are left. A backend whose key has not expired is kept (the key still fences it).
+    /// Returns what was deleted. A `min_age` beyond about a century counts as a century.
+    pub async fn cleanup_terminated(
+        &self,
+        min_age: Duration,
+        batch_size: i32,
+    ) -> Result<CleanupReport> {
         Cleanup::new(self.ctx)
-            .backends(min_age_days, batch_size, &mut |_| {})
+            .backends(min_age, batch_size, &mut |_| {})
+            .await
+    }
+
+    /// [`cleanup_terminated`](Self::cleanup_terminated) with the age in whole days, as
+    /// Plane 0.5.5's `cleanup(min_age_days)` takes it. A negative `min_age_days` is
+    /// [`Error::InvalidArgument`] (`min_age_days`).
+    #[deprecated(
+        since = "0.2.0",
+        note = "renamed to `cleanup_terminated`, which takes the age as a `Duration`"
+    )]
+    pub async fn cleanup(&self, min_age_days: i32, batch_size: i32) -> Result<CleanupReport> {
+        if min_age_days < 0 {
+            return Err(Error::InvalidArgument {
+                argument: "min_age_days",
+                reason: format!("must not be negative, got {min_age_days}"),
+            });
+        }
+        let days = u64::from(min_age_days.unsigned_abs());
+        self.cleanup_terminated(Duration::from_secs(days * 24 * 3600), batch_size)
             .await
     }
 }
@@ -300,7 +322,7 @@ pub(crate) struct RawCandidate {
 /// The statement behind [`BackendDatabase::termination_candidates`], built in one place so
 /// that the bench can show the plan of this very statement (`testing::bench`).
 pub(crate) fn termination_candidates_query(
-    drone_id: NodeId,
+    drone: NodeId,
 ) -> Map<'static, Postgres, impl FnMut(PgRow) -> sqlx::Result<RawCandidate> + Send, PgArguments> {
     sqlx::query_as!(
         RawCandidate,
@@ -314,7 +336,7 @@ pub(crate) fn termination_candidates_query(
                or now() > expiration_time)
         order by id
         "#,
-        drone_id.as_i32(),
+        drone.as_i32(),
         BackendStatus::Scheduled.as_int(),
         BackendStatus::Terminated.as_int(),
     )

@@ -132,6 +132,7 @@ mod write;
 
 pub(crate) use bus::EventBus;
 pub use config::BusConfig;
+pub(crate) use event::CRATE_KINDS;
 pub use event::{Event, EventKey, Notification, NotificationPayload};
 /// The read statement once, for the bench (`testing::bench`).
 #[cfg(feature = "testing")]

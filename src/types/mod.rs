@@ -4,6 +4,19 @@
 //! Everything is re-exported here, so users write `types::BackendName`
 //! rather than naming the submodules. JSON forms are compatible with
 //! Plane 0.5.5.
+//!
+//! # Ids
+//!
+//! One rule names the fields that identify a backend or a node in the crate's public row
+//! and message types: a type that *is* the thing calls its identifier `id`
+//! ([`BackendRow::id`](crate::backend::BackendRow::id), [`NodeInfo::id`](crate::node::NodeInfo::id),
+//! [`DroneInfo::id`](crate::drone::DroneInfo::id));
+//! any other type that refers to it says whose id it is, `backend_id`, `drone_id` or
+//! `node_id` ([`TerminationCandidate::backend_id`](crate::backend::TerminationCandidate::backend_id),
+//! [`KeyHolder::backend_id`](crate::keys::KeyHolder::backend_id),
+//! [`ConnectResponse::backend_id`](crate::connect::ConnectResponse::backend_id), [`BackendActionMessage`]'s `backend_id` and `drone_id`,
+//! [`BackendRow::drone_id`](crate::backend::BackendRow::drone_id)). Parameters are named after the thing, without `_id`
+//! (`backend: &BackendName`, `drone: NodeId`).
 
 mod cluster;
 mod messages;

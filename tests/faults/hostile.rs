@@ -419,7 +419,7 @@ async fn control_plane_inputs(db: &PlaneDatabase, t: &mut Tally, s: &str) {
         namespace: s.to_string(),
         tag: String::new(),
     };
-    let r = db.keys().lookup(&key).await;
+    let r = db.key().lookup(&key).await;
     if let Some(found) = t.outcome("key lookup", s, r) {
         assert!(found.is_none() || s.is_empty(), "key lookup {s:.40?}");
     }

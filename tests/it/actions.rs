@@ -19,7 +19,7 @@ async fn a_termination_request_is_queued_and_emitted_for_the_drone() {
             .unwrap();
 
         let request = db
-            .backend_actions()
+            .backend_action()
             .request_termination(&backend, TerminationKind::Hard, TerminationReason::External)
             .await
             .unwrap();
@@ -41,7 +41,7 @@ async fn a_termination_request_is_queued_and_emitted_for_the_drone() {
         );
 
         // Pending: the spawn first, then the termination, both as the event said.
-        let pending = db.backend_actions().pending(d.id, 10).await.unwrap();
+        let pending = db.backend_action().pending(d.id, 10).await.unwrap();
         assert_eq!(pending.len(), 2);
         assert!(matches!(pending[0].action, BackendAction::Spawn { .. }));
         assert_eq!(pending[1], event.payload);
@@ -51,14 +51,14 @@ async fn a_termination_request_is_queued_and_emitted_for_the_drone() {
             db.backend().update_state(&backend, &state).await.unwrap();
         }
         assert_eq!(
-            db.backend_actions()
+            db.backend_action()
                 .request_termination(&backend, TerminationKind::Soft, TerminationReason::Swept)
                 .await
                 .unwrap(),
             TerminationRequest::AlreadyTerminated
         );
         assert!(matches!(
-            db.backend_actions()
+            db.backend_action()
                 .request_termination(
                     &BackendName::new_random(),
                     TerminationKind::Soft,
@@ -83,21 +83,18 @@ async fn pending_actions_come_in_order_and_again_until_acked() {
         for _ in 0..3 {
             backends.push(spawn(&db).await.backend_id);
         }
-        let pending = db.backend_actions().pending(d.id, 10).await.unwrap();
+        let pending = db.backend_action().pending(d.id, 10).await.unwrap();
         let order: Vec<&BackendName> = pending.iter().map(|a| &a.backend_id).collect();
         assert_eq!(order, backends.iter().collect::<Vec<_>>(), "creation order");
-        assert_eq!(
-            db.backend_actions().pending(d.id, 2).await.unwrap().len(),
-            2
-        );
+        assert_eq!(db.backend_action().pending(d.id, 2).await.unwrap().len(), 2);
         assert!(db
-            .backend_actions()
+            .backend_action()
             .pending(d.id, 0)
             .await
             .unwrap()
             .is_empty());
         assert!(matches!(
-            db.backend_actions().pending(d.id, -1).await,
+            db.backend_action().pending(d.id, -1).await,
             Err(Error::InvalidArgument {
                 argument: "limit",
                 ..
@@ -105,42 +102,42 @@ async fn pending_actions_come_in_order_and_again_until_acked() {
         ));
 
         // Not acked: delivered again on the next request.
-        let again = db.backend_actions().pending(d.id, 10).await.unwrap();
+        let again = db.backend_action().pending(d.id, 10).await.unwrap();
         assert_eq!(again, pending);
 
         // Another drone cannot ack them.
         let other = drone(&db).await;
         assert!(!db
-            .backend_actions()
+            .backend_action()
             .ack(&pending[0].action_id, other.id)
             .await
             .unwrap());
         assert_eq!(
-            db.backend_actions().pending(d.id, 10).await.unwrap().len(),
+            db.backend_action().pending(d.id, 10).await.unwrap().len(),
             3
         );
 
         assert!(db
-            .backend_actions()
+            .backend_action()
             .ack(&pending[0].action_id, d.id)
             .await
             .unwrap());
         assert!(
-            !db.backend_actions()
+            !db.backend_action()
                 .ack(&pending[0].action_id, d.id)
                 .await
                 .unwrap(),
             "already acked"
         );
         assert!(!db
-            .backend_actions()
+            .backend_action()
             .ack(&BackendActionName::new_random(), d.id)
             .await
             .unwrap());
-        let rest = db.backend_actions().pending(d.id, 10).await.unwrap();
+        let rest = db.backend_action().pending(d.id, 10).await.unwrap();
         assert_eq!(rest, pending[1..]);
         assert!(db
-            .backend_actions()
+            .backend_action()
             .pending(NodeId::from(987_654), 10)
             .await
             .unwrap()
@@ -162,7 +159,7 @@ async fn an_undecodable_action_is_skipped() {
         )
         .await;
         assert_eq!(
-            db.backend_actions().pending(d.id, 10).await.unwrap().len(),
+            db.backend_action().pending(d.id, 10).await.unwrap().len(),
             1
         );
     })
@@ -252,7 +249,7 @@ async fn marking_backends_lost_terminates_them_like_update_state() {
             namespace: "ns".into(),
             tag: String::new(),
         };
-        assert_eq!(db.keys().lookup(&key).await.unwrap(), None);
+        assert_eq!(db.key().lookup(&key).await.unwrap(), None);
         // Already terminated: nothing more to mark.
         assert!(db.backend().mark_lost(&[ready]).await.unwrap().is_empty());
     })
@@ -323,7 +320,7 @@ async fn a_termination_request_racing_the_termination_queues_nothing() {
             let db = db.clone();
             let backend = backend.clone();
             async move {
-                db.backend_actions()
+                db.backend_action()
                     .request_termination(
                         &backend,
                         TerminationKind::Soft,

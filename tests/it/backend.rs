@@ -7,6 +7,9 @@ use plane_db::types::{
     TerminationReason,
 };
 use plane_db::Error;
+use std::time::Duration;
+
+const DAY: Duration = Duration::from_secs(24 * 3600);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn update_state_moves_forward_only() {
@@ -223,8 +226,8 @@ async fn unknown_and_expired_tokens_do_not_route() {
                 .unwrap(),
             RouteInfoResult::NotFound
         );
-        assert_eq!(db.clean_up_tokens().await.unwrap(), 1);
-        assert_eq!(db.clean_up_tokens().await.unwrap(), 0);
+        assert_eq!(db.cleanup_tokens().await.unwrap(), 1);
+        assert_eq!(db.cleanup_tokens().await.unwrap(), 0);
     })
     .await
 }
@@ -417,7 +420,14 @@ async fn cleanup_deletes_only_old_terminated_backends() {
         .await
         .unwrap();
 
-        let report = db.backend().cleanup(7, 2).await.unwrap();
+        // Ten days ago is not older than ten and a half days (not whole days only).
+        let none = db
+            .backend()
+            .cleanup_terminated(DAY * 21 / 2, 2)
+            .await
+            .unwrap();
+        assert_eq!(none.backends, 0);
+        let report = db.backend().cleanup_terminated(7 * DAY, 2).await.unwrap();
         assert_eq!(report.backends, 5);
         assert_eq!(report.states, 5 * 7, "scheduled + six transitions each");
         assert_eq!(report.tokens, 5);
@@ -431,18 +441,24 @@ async fn cleanup_deletes_only_old_terminated_backends() {
         for b in [&recent, &alive, &old_with_live_key] {
             assert!(db.backend().backend(b).await.unwrap().is_some(), "{b} kept");
         }
-        let again = db.backend().cleanup(7, 2).await.unwrap();
+        let again = db.backend().cleanup_terminated(7 * DAY, 2).await.unwrap();
         assert_eq!(again.backends, 0);
 
         assert!(matches!(
-            db.backend().cleanup(7, 0).await,
+            db.backend().cleanup_terminated(7 * DAY, 0).await,
             Err(Error::InvalidArgument {
                 argument: "batch_size",
                 ..
             })
         ));
+        // The deprecated form in days forwards, and refuses a negative age.
+        #[allow(deprecated)]
+        let in_days = db.backend().cleanup(7, 2).await.unwrap();
+        assert_eq!(in_days.backends, 0);
+        #[allow(deprecated)]
+        let negative = db.backend().cleanup(-1, 10).await;
         assert!(matches!(
-            db.backend().cleanup(-1, 10).await,
+            negative,
             Err(Error::InvalidArgument {
                 argument: "min_age_days",
                 ..
@@ -471,7 +487,7 @@ async fn cleanup_deletes_expired_keys_of_old_backends() {
             "update backend_key set expires_at = now() - interval '1 day'",
         )
         .await;
-        let report = db.backend().cleanup(7, 100).await.unwrap();
+        let report = db.backend().cleanup_terminated(7 * DAY, 100).await.unwrap();
         assert_eq!((report.backends, report.keys), (1, 1));
     })
     .await

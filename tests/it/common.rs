@@ -216,13 +216,13 @@ pub async fn everyday_work(db: &PlaneDatabase) {
     assert_eq!(again.backend_id, backend);
 
     let pending = db
-        .backend_actions()
+        .backend_action()
         .pending(drone.id, 10)
         .await
         .expect("pending actions");
     assert_eq!(pending.len(), 1, "the spawn action");
     assert!(db
-        .backend_actions()
+        .backend_action()
         .ack(&pending[0].action_id, drone.id)
         .await
         .expect("ack"));

@@ -53,11 +53,11 @@ async fn a_plane_made_backend_name_goes_through_every_path() {
         let spawn = next(&mut actions).await.payload;
         assert_eq!(spawn.backend_id, id);
         assert!(matches!(spawn.action, BackendAction::Spawn { .. }));
-        let pending = db.backend_actions().pending(d.id, 10).await.unwrap();
+        let pending = db.backend_action().pending(d.id, 10).await.unwrap();
         assert_eq!(pending.len(), 1);
         assert_eq!(pending[0].backend_id, id);
         assert!(db
-            .backend_actions()
+            .backend_action()
             .ack(&pending[0].action_id, d.id)
             .await
             .unwrap());
@@ -112,7 +112,7 @@ async fn a_plane_made_backend_name_goes_through_every_path() {
             .unwrap();
         assert_eq!(alive.iter().map(|b| &b.id).collect::<Vec<_>>(), [&id]);
         assert!(matches!(
-            db.keys().renew(&id, chrono::Utc::now()).await.unwrap(),
+            db.key().renew(&id, chrono::Utc::now()).await.unwrap(),
             KeyRenewal::Renewed(_)
         ));
         let key = KeyConfig {
@@ -120,7 +120,7 @@ async fn a_plane_made_backend_name_goes_through_every_path() {
             namespace: "ns".into(),
             tag: String::new(),
         };
-        assert_eq!(db.keys().lookup(&key).await.unwrap().unwrap().backend, id);
+        assert_eq!(db.key().lookup(&key).await.unwrap().unwrap().backend_id, id);
         assert_eq!(db.backend().state_history(&id).await.unwrap().len(), 5);
         exec(
             &db,
@@ -136,7 +136,7 @@ async fn a_plane_made_backend_name_goes_through_every_path() {
 
         // Termination: the request reaches the drone, the states follow.
         match db
-            .backend_actions()
+            .backend_action()
             .request_termination(&id, TerminationKind::Soft, TerminationReason::Swept)
             .await
             .unwrap()
@@ -337,7 +337,7 @@ async fn a_second_termination_request_for_a_terminated_backend_queues_nothing() 
         }
         let terminates = || count(&db, "backend_action where action ? 'Terminate'");
         let emitted = || count(&db, "event where kind = 'backend_action'");
-        let actions_db = db.backend_actions();
+        let actions_db = db.backend_action();
         let request = |kind| actions_db.request_termination(&id, kind, TerminationReason::External);
 
         // Ready, then terminating: each request is queued, as in Plane.

@@ -30,7 +30,7 @@ async fn renew_extends_the_lease_until_renewal_is_prevented() {
         let response = db.connect(&request("renew-me")).await.unwrap();
         let backend = response.backend_id;
         let before = db
-            .keys()
+            .key()
             .lookup(&key("renew-me"))
             .await
             .unwrap()
@@ -38,7 +38,7 @@ async fn renew_extends_the_lease_until_renewal_is_prevented() {
 
         // The drone's clock runs an hour fast: its deadlines are counted on its clock.
         let drone_now = chrono::Utc::now() + chrono::Duration::hours(1);
-        let renewed = match db.keys().renew(&backend, drone_now).await.unwrap() {
+        let renewed = match db.key().renew(&backend, drone_now).await.unwrap() {
             KeyRenewal::Renewed(acquired) => acquired,
             other => panic!("expected a renewal, got {other:?}"),
         };
@@ -61,7 +61,7 @@ async fn renew_extends_the_lease_until_renewal_is_prevented() {
             drone_now + secs(lease.hard_terminate_after)
         );
         let after = db
-            .keys()
+            .key()
             .lookup(&key("renew-me"))
             .await
             .unwrap()
@@ -75,7 +75,7 @@ async fn renew_extends_the_lease_until_renewal_is_prevented() {
         assert!(remaining > secs(lease.expires_after()) - chrono::Duration::seconds(10));
         // A time at the end of the calendar is an error, not a panic.
         assert!(matches!(
-            db.keys()
+            db.key()
                 .renew(&backend, chrono::DateTime::<chrono::Utc>::MAX_UTC)
                 .await,
             Err(Error::InvalidArgument {
@@ -84,17 +84,17 @@ async fn renew_extends_the_lease_until_renewal_is_prevented() {
             })
         ));
 
-        assert!(db.keys().prevent_renew(&backend).await.unwrap());
+        assert!(db.key().prevent_renew(&backend).await.unwrap());
         assert!(
-            !db.keys().prevent_renew(&backend).await.unwrap(),
+            !db.key().prevent_renew(&backend).await.unwrap(),
             "already prevented"
         );
         assert_eq!(
-            db.keys().renew(&backend, chrono::Utc::now()).await.unwrap(),
+            db.key().renew(&backend, chrono::Utc::now()).await.unwrap(),
             KeyRenewal::Prevented
         );
         let unchanged = db
-            .keys()
+            .key()
             .lookup(&key("renew-me"))
             .await
             .unwrap()
@@ -113,11 +113,11 @@ async fn a_missing_key_is_not_renewed() {
         drone(&db).await;
         let unknown = BackendName::new_random();
         assert_eq!(
-            db.keys().renew(&unknown, chrono::Utc::now()).await.unwrap(),
+            db.key().renew(&unknown, chrono::Utc::now()).await.unwrap(),
             KeyRenewal::NotHeld
         );
-        assert!(!db.keys().prevent_renew(&unknown).await.unwrap());
-        assert!(!db.keys().remove_if_expired(&unknown).await.unwrap());
+        assert!(!db.key().prevent_renew(&unknown).await.unwrap());
+        assert!(!db.key().remove_if_expired(&unknown).await.unwrap());
     })
     .await
 }
@@ -127,25 +127,25 @@ async fn a_live_key_is_never_removed() {
     with_db(|db| async move {
         drone(&db).await;
         let backend = db.connect(&request("remove-me")).await.unwrap().backend_id;
-        assert!(!db.keys().remove_if_expired(&backend).await.unwrap());
-        assert!(db.keys().lookup(&key("remove-me")).await.unwrap().is_some());
+        assert!(!db.key().remove_if_expired(&backend).await.unwrap());
+        assert!(db.key().lookup(&key("remove-me")).await.unwrap().is_some());
 
         expire_key(&db, &backend).await;
         let holder = db
-            .keys()
+            .key()
             .lookup(&key("remove-me"))
             .await
             .unwrap()
             .expect("held");
         assert!(!holder.is_live());
-        assert!(db.keys().remove_if_expired(&backend).await.unwrap());
+        assert!(db.key().remove_if_expired(&backend).await.unwrap());
         assert!(
-            !db.keys().remove_if_expired(&backend).await.unwrap(),
+            !db.key().remove_if_expired(&backend).await.unwrap(),
             "already gone"
         );
-        assert_eq!(db.keys().lookup(&key("remove-me")).await.unwrap(), None);
+        assert_eq!(db.key().lookup(&key("remove-me")).await.unwrap(), None);
         assert_eq!(
-            db.keys().renew(&backend, chrono::Utc::now()).await.unwrap(),
+            db.key().renew(&backend, chrono::Utc::now()).await.unwrap(),
             KeyRenewal::NotHeld
         );
     })
@@ -163,12 +163,12 @@ async fn lookup_returns_the_holder_with_its_backend() {
         let response = db.connect(&req).await.unwrap();
 
         let holder = db
-            .keys()
+            .key()
             .lookup(&key("looked-up"))
             .await
             .unwrap()
             .expect("held");
-        assert_eq!(holder.backend, response.backend_id);
+        assert_eq!(holder.backend_id, response.backend_id);
         assert_eq!(holder.key, key("looked-up"));
         assert_eq!(Some(holder.fencing_token), response.fencing_token);
         assert_eq!(holder.status, BackendStatus::Scheduled);
@@ -180,10 +180,10 @@ async fn lookup_returns_the_holder_with_its_backend() {
         // The namespace is part of the key.
         let mut other_namespace = key("looked-up");
         other_namespace.namespace = "elsewhere".into();
-        assert_eq!(db.keys().lookup(&other_namespace).await.unwrap(), None);
+        assert_eq!(db.key().lookup(&other_namespace).await.unwrap(), None);
         // A NUL cannot be stored, so it is refused up front.
         assert!(matches!(
-            db.keys().lookup(&key("nul\0key")).await,
+            db.key().lookup(&key("nul\0key")).await,
             Err(Error::InvalidArgument {
                 argument: "key.name",
                 ..
@@ -207,7 +207,7 @@ async fn the_fencing_token_grows_with_every_acquisition() {
                 .await
                 .unwrap();
         }
-        assert_eq!(db.keys().lookup(&key("fenced")).await.unwrap(), None);
+        assert_eq!(db.key().lookup(&key("fenced")).await.unwrap(), None);
         let second = db.connect(&request("fenced")).await.unwrap();
         assert_ne!(second.backend_id, first.backend_id);
         let t2 = second.fencing_token.expect("token");
@@ -221,14 +221,14 @@ async fn the_fencing_token_grows_with_every_acquisition() {
         assert!(t3 > t2, "{t3} > {t2}");
         // The old holder can no longer renew.
         assert_eq!(
-            db.keys()
+            db.key()
                 .renew(&second.backend_id, chrono::Utc::now())
                 .await
                 .unwrap(),
             KeyRenewal::NotHeld
         );
         assert!(matches!(
-            db.keys().renew(&third.backend_id, chrono::Utc::now()).await.unwrap(),
+            db.key().renew(&third.backend_id, chrono::Utc::now()).await.unwrap(),
             KeyRenewal::Renewed(acquired) if acquired.token == t3
         ));
     })
@@ -246,13 +246,13 @@ async fn spawn_deadlines_follow_the_drones_clock() {
             .await
             .unwrap());
         let backend = db.connect(&request("skewed")).await.unwrap().backend_id;
-        let actions = db.backend_actions().pending(d.id, 10).await.unwrap();
+        let actions = db.backend_action().pending(d.id, 10).await.unwrap();
         let plane_db::types::BackendAction::Spawn { key: acquired, .. } = &actions[0].action else {
             panic!("expected a spawn action");
         };
         assert_eq!(actions[0].backend_id, backend);
         let holder = db
-            .keys()
+            .key()
             .lookup(&key("skewed"))
             .await
             .unwrap()
@@ -284,7 +284,7 @@ async fn a_renewal_racing_prevent_renew_says_prevented() {
         let renewal = tokio::spawn({
             let db = db.clone();
             let backend = backend.clone();
-            async move { db.keys().renew(&backend, chrono::Utc::now()).await }
+            async move { db.key().renew(&backend, chrono::Utc::now()).await }
         });
         tokio::time::sleep(std::time::Duration::from_millis(300)).await;
         assert!(!renewal.is_finished(), "the renewal waits for the row");
@@ -339,7 +339,7 @@ async fn the_key_expires_ten_seconds_after_the_hard_terminate_deadline() {
             .unwrap();
         assert_eq!(expires - scheduled, chrono::Duration::seconds(60));
         // The drone is told to hard-terminate 10 s before the key expires.
-        let actions = db.backend_actions().pending(d.id, 10).await.unwrap();
+        let actions = db.backend_action().pending(d.id, 10).await.unwrap();
         let plane_db::types::BackendAction::Spawn { key: acquired, .. } = &actions[0].action else {
             panic!("expected a spawn action");
         };
@@ -370,19 +370,19 @@ async fn renewal_just_before_and_just_after_expiry_keeps_the_token() {
         // 52 s after scheduling: past the hard-terminate deadline (50 s), within the margin.
         // (Before, the key expired at 50 s: this renewal was refused.)
         age_lease(&db, &backend, 52.0).await;
-        let holder = db.keys().lookup(&key("edge")).await.unwrap().unwrap();
+        let holder = db.key().lookup(&key("edge")).await.unwrap().unwrap();
         assert!(holder.is_live(), "live in the margin");
-        let renewal = db.keys().renew(&backend, chrono::Utc::now()).await.unwrap();
+        let renewal = db.key().renew(&backend, chrono::Utc::now()).await.unwrap();
         assert_eq!(renewed_token(renewal), token);
 
         // Just before expiry (59.5 s) and just after it (60.5 s, nobody took the key).
         for seconds in [59.5, 60.5] {
             age_lease(&db, &backend, seconds).await;
-            let before = db.keys().lookup(&key("edge")).await.unwrap().unwrap();
+            let before = db.key().lookup(&key("edge")).await.unwrap().unwrap();
             assert_eq!(before.is_live(), seconds < 60.0, "at {seconds} s");
-            let renewal = db.keys().renew(&backend, chrono::Utc::now()).await.unwrap();
+            let renewal = db.key().renew(&backend, chrono::Utc::now()).await.unwrap();
             assert_eq!(renewed_token(renewal), token, "at {seconds} s");
-            let after = db.keys().lookup(&key("edge")).await.unwrap().unwrap();
+            let after = db.key().lookup(&key("edge")).await.unwrap().unwrap();
             assert!(after.is_live(), "renewed at {seconds} s");
             let remaining = after.expires_at - after.as_of;
             assert!(
@@ -424,14 +424,14 @@ async fn connect_in_the_margin_gets_the_existing_backend_and_after_it_takes_over
 
         // Taken: the old holder's renewal no longer revives anything.
         assert_eq!(
-            db.keys()
+            db.key()
                 .renew(&first.backend_id, chrono::Utc::now())
                 .await
                 .unwrap(),
             KeyRenewal::NotHeld
         );
-        let holder = db.keys().lookup(&key("margin")).await.unwrap().unwrap();
-        assert_eq!(holder.backend, second.backend_id);
+        let holder = db.key().lookup(&key("margin")).await.unwrap().unwrap();
+        assert_eq!(holder.backend_id, second.backend_id);
         assert_eq!(holder.fencing_token, t2);
     })
     .await
@@ -447,38 +447,38 @@ async fn an_expired_key_nobody_took_is_revived_by_its_holder() {
         expire_key(&db, &backend).await;
         age_lease(&db, &backend, 3600.0).await;
         assert!(!db
-            .keys()
+            .key()
             .lookup(&key("lapsed"))
             .await
             .unwrap()
             .unwrap()
             .is_live());
 
-        let renewal = db.keys().renew(&backend, chrono::Utc::now()).await.unwrap();
+        let renewal = db.key().renew(&backend, chrono::Utc::now()).await.unwrap();
         assert_eq!(
             Some(renewed_token(renewal)),
             first.fencing_token,
             "same token"
         );
-        let holder = db.keys().lookup(&key("lapsed")).await.unwrap().unwrap();
+        let holder = db.key().lookup(&key("lapsed")).await.unwrap().unwrap();
         assert!(holder.is_live());
-        assert_eq!(holder.backend, backend);
+        assert_eq!(holder.backend_id, backend);
         // Revived: a connect for the key now gets the backend instead of replacing it.
         let again = db.connect(&request("lapsed")).await.unwrap();
         assert!(!again.spawned);
         assert_eq!(again.backend_id, backend);
 
         // A prevented renewal stays prevented, expired or not.
-        assert!(db.keys().prevent_renew(&backend).await.unwrap());
+        assert!(db.key().prevent_renew(&backend).await.unwrap());
         age_lease(&db, &backend, 3600.0).await;
         assert_eq!(
-            db.keys().renew(&backend, chrono::Utc::now()).await.unwrap(),
+            db.key().renew(&backend, chrono::Utc::now()).await.unwrap(),
             KeyRenewal::Prevented
         );
         // A removed key is not revived either.
-        assert!(db.keys().remove_if_expired(&backend).await.unwrap());
+        assert!(db.key().remove_if_expired(&backend).await.unwrap());
         assert_eq!(
-            db.keys().renew(&backend, chrono::Utc::now()).await.unwrap(),
+            db.key().renew(&backend, chrono::Utc::now()).await.unwrap(),
             KeyRenewal::NotHeld
         );
     })
@@ -497,7 +497,7 @@ async fn a_revival_and_a_takeover_never_both_succeed() {
             let renew = tokio::spawn({
                 let db = db.clone();
                 let backend = first.backend_id.clone();
-                async move { db.keys().renew(&backend, chrono::Utc::now()).await }
+                async move { db.key().renew(&backend, chrono::Utc::now()).await }
             });
             let connect = tokio::spawn({
                 let db = db.clone();
@@ -506,19 +506,19 @@ async fn a_revival_and_a_takeover_never_both_succeed() {
             });
             let renewal = renew.await.unwrap().unwrap();
             let response = connect.await.unwrap().unwrap();
-            let holder = db.keys().lookup(&key(&name)).await.unwrap().unwrap();
+            let holder = db.key().lookup(&key(&name)).await.unwrap().unwrap();
             match renewal {
                 KeyRenewal::Renewed(acquired) => {
                     revived += 1;
                     assert_eq!(Some(acquired.token), first.fencing_token);
                     assert!(!response.spawned, "round {round}: revived and taken over");
                     assert_eq!(response.backend_id, first.backend_id);
-                    assert_eq!(holder.backend, first.backend_id);
+                    assert_eq!(holder.backend_id, first.backend_id);
                 }
                 KeyRenewal::NotHeld => {
                     taken += 1;
                     assert!(response.spawned, "round {round}: neither revived nor taken");
-                    assert_eq!(holder.backend, response.backend_id);
+                    assert_eq!(holder.backend_id, response.backend_id);
                 }
                 KeyRenewal::Prevented => panic!("round {round}: nothing prevented renewal"),
             }
@@ -537,7 +537,7 @@ async fn the_expiration_margin_is_configurable() {
         with_db_config(config, |db| async move {
             drone(&db).await;
             let first = db.connect(&request("cfg")).await.unwrap();
-            let holder = db.keys().lookup(&key("cfg")).await.unwrap().unwrap();
+            let holder = db.key().lookup(&key("cfg")).await.unwrap().unwrap();
             let lease = (holder.expires_at - holder.as_of).num_milliseconds() as f64 / 1000.0;
             assert!(
                 lease <= 50.0 + margin && lease > 45.0 + margin,

@@ -138,7 +138,7 @@ async fn connect_stores_each_input_at_its_limit_and_refuses_one_byte_more() {
         assert_eq!(user, req.user);
         assert_eq!(auth, Value::Object(req.auth.clone()));
         let pending = db
-            .backend_actions()
+            .backend_action()
             .pending(drone_id(&db).await, 10)
             .await
             .unwrap();
@@ -163,7 +163,7 @@ async fn connect_stores_each_input_at_its_limit_and_refuses_one_byte_more() {
         let first = db.connect(&dense).await.unwrap();
         assert!(first.spawned);
         let found = db
-            .keys()
+            .key()
             .lookup(dense.key.as_ref().unwrap())
             .await
             .unwrap()
@@ -314,8 +314,8 @@ async fn key_lookups_and_revoke_take_inputs_at_their_limits_and_refuse_longer() 
         req.key = Some(key.clone());
         req.user = Some(text(limits::USER_BYTES));
         let resp = db.connect(&req).await.unwrap();
-        let found = db.keys().lookup(&key).await.unwrap().expect("held");
-        assert_eq!(found.backend, resp.backend_id);
+        let found = db.key().lookup(&key).await.unwrap().expect("held");
+        assert_eq!(found.backend_id, resp.backend_id);
         assert_eq!(found.key.name, key.name);
 
         let before = counts(&db).await;
@@ -337,7 +337,7 @@ async fn key_lookups_and_revoke_take_inputs_at_their_limits_and_refuse_longer() 
                 limits::KEY_NAMESPACE_BYTES,
             ),
         ] {
-            let e = db.keys().lookup(&long).await.unwrap_err();
+            let e = db.key().lookup(&long).await.unwrap_err();
             assert_too_large(&e, argument, limit + 1, limit);
         }
         let e = db

@@ -1073,7 +1073,7 @@ async fn check_converted(db: &PlaneDatabase, pool: &PgPool, fx: &PlaneFixture) {
 
     // The key and its fencing token (Plane's: milliseconds since the epoch).
     let holder = db
-        .keys()
+        .key()
         .lookup(&KeyConfig {
             name: "doc-1".into(),
             ..KeyConfig::default()
@@ -1081,7 +1081,7 @@ async fn check_converted(db: &PlaneDatabase, pool: &PgPool, fx: &PlaneFixture) {
         .await
         .expect("look the key up")
         .expect("the key is held");
-    assert_eq!(holder.backend.as_str(), "ba-ready");
+    assert_eq!(holder.backend_id.as_str(), "ba-ready");
     assert_eq!(holder.fencing_token, fx.ready_fencing_token);
     assert!(holder.is_live());
     assert!(
@@ -1097,7 +1097,7 @@ async fn check_converted(db: &PlaneDatabase, pool: &PgPool, fx: &PlaneFixture) {
     // Pending actions: the unacknowledged spawn is delivered, decoded; the acknowledged one
     // is not.
     let pending = db
-        .backend_actions()
+        .backend_action()
         .pending(NodeId::from(fx.drone_alpha), 100)
         .await
         .expect("pending actions");

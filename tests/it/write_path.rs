@@ -53,7 +53,7 @@ async fn no_writing_path_notifies_inside_its_transaction() {
                 .await
                 .unwrap());
         }
-        db.backend_actions()
+        db.backend_action()
             .request_termination(
                 &spawned.backend_id,
                 TerminationKind::Soft,

@@ -10,9 +10,10 @@ use std::time::Duration;
 /// Deletes old terminated backends, old events and expired tokens, showing progress on
 /// stderr and a summary on stdout.
 pub async fn cleanup(db: &PlaneDatabase, out: &Out, args: CleanupArgs) -> Outcome {
+    let min_age = Duration::from_secs(u64::from(args.min_age_days.unsigned_abs()) * 86_400);
     let config = CleanupConfig {
-        backend_min_age_days: args.min_age_days,
-        event_min_age: Duration::from_secs(u64::from(args.min_age_days.unsigned_abs()) * 86_400),
+        backend_min_age: min_age,
+        event_min_age: min_age,
         batch_size: args.batch_size,
     };
     // Progress goes to stderr: rewritten in place on a terminal, one line per phase when

@@ -43,7 +43,7 @@ pub async fn prevent_renew(db: &PlaneDatabase, out: &Out, args: BackendArg) -> O
             id.as_str()
         )));
     }
-    let prevented = db.keys().prevent_renew(&id).await?;
+    let prevented = db.key().prevent_renew(&id).await?;
     let mut stdout = io::stdout().lock();
     if out.json {
         out.json(
