@@ -1,17 +1,19 @@
 //! Tuning for scheduling, keys and tokens, and the event bus ([`Config`]).
 //!
-//! One file per part: `scheduler` ([`SchedulerConfig`]), `keys` ([`KeyLeaseConfig`]),
-//! `write_batching` ([`WriteBatchConfig`]).
+//! One file per part: `bus` ([`BusConfig`], re-exported as `plane_db::events::BusConfig`),
+//! `scheduler` ([`SchedulerConfig`]), `keys` ([`KeyLeaseConfig`]), `write_batching`
+//! ([`WriteBatchConfig`]).
 
+mod bus;
 mod keys;
 mod scheduler;
 mod write_batching;
 
+pub use bus::BusConfig;
 pub use keys::KeyLeaseConfig;
 pub use scheduler::SchedulerConfig;
 pub use write_batching::WriteBatchConfig;
 
-use crate::events::BusConfig;
 use crate::replicas::ReplicaConfig;
 use crate::types::ClusterName;
 use std::time::Duration;
