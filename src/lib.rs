@@ -58,10 +58,10 @@ pub mod status;
 pub mod testing;
 pub mod types;
 
-pub use cleanup::{
-    CleanupConfig, CleanupPhase, CleanupProgress, CleanupReport, CleanupSummary, CleanupTask,
+pub use cleanup::{CleanupPhase, CleanupProgress, CleanupReport, CleanupSummary, CleanupTask};
+pub use config::{
+    CleanupConfig, Config, KeyLeaseConfig, SchedulerConfig, WriteBatchConfig, LONGEST_DURATION,
 };
-pub use config::{Config, KeyLeaseConfig, SchedulerConfig, WriteBatchConfig, LONGEST_DURATION};
 pub use connection::{ConnectOptions, PoolerMode};
 pub use database::{connect, connect_and_migrate, PlaneDatabase};
 pub use error::{ConnectError, Error, Result};

@@ -1,22 +1,26 @@
 //! Tuning for scheduling, keys and tokens, and the event bus ([`Config`]).
 //!
-//! One file per part: `bus` ([`BusConfig`], re-exported as `plane_db::events::BusConfig`),
+//! One file per part: `bus` ([`BusConfig`], also `plane_db::events::BusConfig`),
 //! `scheduler` ([`SchedulerConfig`]), `keys` ([`KeyLeaseConfig`]), `write_batching`
-//! ([`WriteBatchConfig`]).
+//! ([`WriteBatchConfig`]), `replicas` ([`ReplicaConfig`], also
+//! `plane_db::replicas::ReplicaConfig`), and `cleanup` ([`CleanupConfig`], which is not part
+//! of [`Config`]: it is passed to each cleanup run).
 
 mod bus;
+mod cleanup;
 mod keys;
+mod replicas;
 mod scheduler;
 mod write_batching;
 
-pub use bus::BusConfig;
-pub use keys::KeyLeaseConfig;
-pub use scheduler::SchedulerConfig;
-pub use write_batching::WriteBatchConfig;
-
-use crate::replicas::ReplicaConfig;
 use crate::types::ClusterName;
+pub use bus::BusConfig;
+pub use cleanup::CleanupConfig;
+pub use keys::KeyLeaseConfig;
+pub use replicas::ReplicaConfig;
+pub use scheduler::SchedulerConfig;
 use std::time::Duration;
+pub use write_batching::WriteBatchConfig;
 
 /// Tuning for scheduling, keys and tokens, and the event bus. `Config::default()` suits a
 /// controller; each field documents its default.
