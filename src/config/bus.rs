@@ -45,6 +45,17 @@ pub struct BusConfig {
     pub wake_interval: Duration,
 }
 
+impl BusConfig {
+    /// Its durations, named as [`Config::validate`](super::Config::validate) names them.
+    pub(super) fn durations(&self) -> [(&'static str, Duration); 3] {
+        [
+            ("bus.poll_interval", self.poll_interval),
+            ("bus.max_backoff", self.max_backoff),
+            ("bus.wake_interval", self.wake_interval),
+        ]
+    }
+}
+
 impl Default for BusConfig {
     fn default() -> Self {
         Self {

@@ -26,6 +26,16 @@ pub struct KeyLeaseConfig {
 }
 
 impl KeyLeaseConfig {
+    /// Its durations, named as [`Config::validate`](super::Config::validate) names them.
+    pub(super) fn durations(&self) -> [(&'static str, Duration); 4] {
+        [
+            ("key_lease.renew_after", self.renew_after),
+            ("key_lease.soft_terminate_after", self.soft_terminate_after),
+            ("key_lease.hard_terminate_after", self.hard_terminate_after),
+            ("key_lease.expiration_margin", self.expiration_margin),
+        ]
+    }
+
     /// How long after its scheduling or renewal a key expires:
     /// `hard_terminate_after + expiration_margin` (60 s by default).
     pub fn expires_after(&self) -> Duration {

@@ -84,36 +84,15 @@ impl Config {
     /// assert!(error.to_string().contains("bus.wake_interval"));
     /// ```
     pub fn validate(&self) -> crate::Result<()> {
-        let durations = [
-            ("bus.poll_interval", self.bus.poll_interval),
-            ("bus.max_backoff", self.bus.max_backoff),
-            ("bus.wake_interval", self.bus.wake_interval),
-            (
-                "scheduler.drone_heartbeat_timeout",
-                self.scheduler.drone_heartbeat_timeout,
-            ),
-            (
-                "scheduler.controller_heartbeat_timeout",
-                self.scheduler.controller_heartbeat_timeout,
-            ),
-            ("key_lease.renew_after", self.key_lease.renew_after),
-            (
-                "key_lease.soft_terminate_after",
-                self.key_lease.soft_terminate_after,
-            ),
-            (
-                "key_lease.hard_terminate_after",
-                self.key_lease.hard_terminate_after,
-            ),
-            (
-                "key_lease.expiration_margin",
-                self.key_lease.expiration_margin,
-            ),
-            ("token_lifetime", self.token_lifetime),
-            ("replicas.max_lag", self.replicas.max_lag),
-            ("replicas.probe_interval", self.replicas.probe_interval),
-            ("replicas.acquire_timeout", self.replicas.acquire_timeout),
-        ];
+        // Part by part, in the order of the fields; the first one too long is named.
+        let durations = self
+            .bus
+            .durations()
+            .into_iter()
+            .chain(self.scheduler.durations())
+            .chain(self.key_lease.durations())
+            .chain([("token_lifetime", self.token_lifetime)])
+            .chain(self.replicas.durations());
         for (argument, value) in durations {
             if value > LONGEST_DURATION {
                 return Err(crate::Error::InvalidArgument {
@@ -127,5 +106,76 @@ impl Config {
         }
         self.scheduler.checked_sample_size()?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A duration field of a [`Config`].
+    type Field = fn(&mut Config) -> &mut Duration;
+
+    #[test]
+    fn validate_names_each_duration_beyond_the_longest() {
+        let fields: [(&str, Field); 13] = [
+            ("bus.poll_interval", |c| &mut c.bus.poll_interval),
+            ("bus.max_backoff", |c| &mut c.bus.max_backoff),
+            ("bus.wake_interval", |c| &mut c.bus.wake_interval),
+            ("scheduler.drone_heartbeat_timeout", |c| {
+                &mut c.scheduler.drone_heartbeat_timeout
+            }),
+            ("scheduler.controller_heartbeat_timeout", |c| {
+                &mut c.scheduler.controller_heartbeat_timeout
+            }),
+            ("key_lease.renew_after", |c| &mut c.key_lease.renew_after),
+            ("key_lease.soft_terminate_after", |c| {
+                &mut c.key_lease.soft_terminate_after
+            }),
+            ("key_lease.hard_terminate_after", |c| {
+                &mut c.key_lease.hard_terminate_after
+            }),
+            ("key_lease.expiration_margin", |c| {
+                &mut c.key_lease.expiration_margin
+            }),
+            ("token_lifetime", |c| &mut c.token_lifetime),
+            ("replicas.max_lag", |c| &mut c.replicas.max_lag),
+            ("replicas.probe_interval", |c| {
+                &mut c.replicas.probe_interval
+            }),
+            ("replicas.acquire_timeout", |c| {
+                &mut c.replicas.acquire_timeout
+            }),
+        ];
+        for (name, field) in fields {
+            let mut config = Config::default();
+            *field(&mut config) = LONGEST_DURATION;
+            assert!(config.validate().is_ok(), "{name} at the longest");
+            *field(&mut config) = Duration::MAX;
+            match config.validate() {
+                Err(crate::Error::InvalidArgument { argument, .. }) => assert_eq!(argument, name),
+                other => panic!("{name}: {other:?}"),
+            }
+        }
+        // The first field in order is named; the sample size is checked after every duration.
+        let mut config = Config::default();
+        config.scheduler.sample_size = 0;
+        config.replicas.max_lag = Duration::MAX;
+        config.bus.poll_interval = Duration::MAX;
+        match config.validate() {
+            Err(crate::Error::InvalidArgument { argument, .. }) => {
+                assert_eq!(argument, "bus.poll_interval")
+            }
+            other => panic!("{other:?}"),
+        }
+        config = Config::default();
+        config.scheduler.sample_size = 0;
+        config.replicas.max_lag = Duration::MAX;
+        match config.validate() {
+            Err(crate::Error::InvalidArgument { argument, .. }) => {
+                assert_eq!(argument, "replicas.max_lag")
+            }
+            other => panic!("{other:?}"),
+        }
     }
 }

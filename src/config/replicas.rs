@@ -28,6 +28,17 @@ pub struct ReplicaConfig {
     pub acquire_timeout: Duration,
 }
 
+impl ReplicaConfig {
+    /// Its durations, named as [`Config::validate`](super::Config::validate) names them.
+    pub(super) fn durations(&self) -> [(&'static str, Duration); 3] {
+        [
+            ("replicas.max_lag", self.max_lag),
+            ("replicas.probe_interval", self.probe_interval),
+            ("replicas.acquire_timeout", self.acquire_timeout),
+        ]
+    }
+}
+
 impl Default for ReplicaConfig {
     fn default() -> Self {
         Self {

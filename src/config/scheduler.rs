@@ -17,6 +17,20 @@ pub struct SchedulerConfig {
 }
 
 impl SchedulerConfig {
+    /// Its durations, named as [`Config::validate`](super::Config::validate) names them.
+    pub(super) fn durations(&self) -> [(&'static str, Duration); 2] {
+        [
+            (
+                "scheduler.drone_heartbeat_timeout",
+                self.drone_heartbeat_timeout,
+            ),
+            (
+                "scheduler.controller_heartbeat_timeout",
+                self.controller_heartbeat_timeout,
+            ),
+        ]
+    }
+
     /// [`sample_size`](Self::sample_size), if it is at least 1.
     pub(crate) fn checked_sample_size(&self) -> crate::Result<i64> {
         if self.sample_size < 1 {
