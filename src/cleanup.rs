@@ -4,9 +4,10 @@
 
 use crate::config::CleanupConfig;
 use crate::context::Context;
-use crate::error::{check_batch_size, interval_secs, Error, Result};
+use crate::error::{Error, Result};
 use crate::metrics;
 use crate::types::BackendStatus;
+use crate::validate::{check_batch_size, interval_secs};
 use sqlx::postgres::PgQueryResult;
 use std::future::Future;
 use std::sync::Arc;

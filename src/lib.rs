@@ -57,6 +57,7 @@ pub mod status;
 #[cfg(feature = "testing")]
 pub mod testing;
 pub mod types;
+mod validate;
 
 pub use cleanup::{CleanupPhase, CleanupProgress, CleanupReport, CleanupSummary, CleanupTask};
 pub use config::{
