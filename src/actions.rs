@@ -7,12 +7,13 @@
 //! again when it asks next.
 
 use crate::context::Context;
-use crate::error::{check_non_negative, skip_undecodable, to_json, Error, Result};
+use crate::error::{skip_undecodable, to_json, Error, Result};
 use crate::events::{EventWriter, NotificationPayload};
 use crate::types::{
     BackendAction, BackendActionMessage, BackendActionName, BackendName, BackendStatus, NodeId,
     TerminationKind, TerminationReason,
 };
+use crate::validate::check_non_negative;
 
 /// Queued drone actions. Get one from [`PlaneDatabase::backend_action`](crate::PlaneDatabase::backend_action).
 pub struct BackendActionDatabase<'a> {

@@ -5,9 +5,9 @@
 use crate::acme::AcmeDatabase;
 use crate::actions::BackendActionDatabase;
 use crate::backend::BackendDatabase;
-use crate::cleanup::{Cleanup, CleanupConfig, CleanupProgress, CleanupSummary, CleanupTask};
+use crate::cleanup::{Cleanup, CleanupProgress, CleanupSummary, CleanupTask};
 use crate::cluster::ClusterDatabase;
-use crate::config::Config;
+use crate::config::{CleanupConfig, Config};
 use crate::connect::{ConnectRequest, ConnectResponse, Connector};
 use crate::context::Context;
 use crate::controller::ControllerDatabase;

@@ -1,9 +1,10 @@
 //! Drones: registration, heartbeats and picking one for a new backend.
 
 use crate::context::Context;
-use crate::error::{interval_secs, skip_undecodable, Error, Result};
+use crate::error::{skip_undecodable, Error, Result};
 use crate::limits::{self, limit};
 use crate::types::{BackendStatus, ClusterName, ControllerName, DroneName, DronePoolName, NodeId};
+use crate::validate::interval_secs;
 use chrono::{DateTime, Utc};
 use std::time::Duration;
 

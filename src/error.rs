@@ -1,6 +1,11 @@
-//! The crate's error type.
+//! The crate's error types and their conversions. The checks that refuse a caller's input
+//! with [`Error::InvalidArgument`] are in `src/validate.rs` (and, for sizes, in
+//! [`limits`](crate::limits)).
 
 use crate::types::{BackendName, ClusterName, DronePoolName};
+
+/// The checks' old home: `src/group_commit/spawn.rs` still imports them from here.
+pub(crate) use crate::validate::{check_json, check_text, interval_secs};
 
 /// Result alias used throughout the crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -353,63 +358,6 @@ impl From<sqlx::Error> for ConnectError {
     fn from(e: sqlx::Error) -> Self {
         ConnectError::Other(Error::Database(e))
     }
-}
-
-/// Postgres `text` cannot hold a NUL character: refuse one up front with a typed error that
-/// names the argument, instead of a database error after a round trip.
-pub(crate) fn check_text(argument: &'static str, value: &str) -> Result<()> {
-    match value.find('\0') {
-        Some(position) => Err(Error::InvalidArgument {
-            argument,
-            reason: format!("contains a NUL character at byte {position}"),
-        }),
-        None => Ok(()),
-    }
-}
-
-/// [`check_text`] for every string of a JSON value (object keys too): Postgres's `jsonb`
-/// cannot hold a NUL character either (it refuses `\u0000` with SQLSTATE 22P05).
-pub(crate) fn check_json(argument: &'static str, value: &serde_json::Value) -> Result<()> {
-    match value {
-        serde_json::Value::String(s) => check_text(argument, s),
-        serde_json::Value::Array(values) => values.iter().try_for_each(|v| check_json(argument, v)),
-        serde_json::Value::Object(map) => map.iter().try_for_each(|(k, v)| {
-            check_text(argument, k)?;
-            check_json(argument, v)
-        }),
-        _ => Ok(()),
-    }
-}
-
-/// The longest duration handed to Postgres as an interval (about 100 years): longer ones
-/// mean "everything" and would push timestamps out of Postgres's range.
-const MAX_INTERVAL_SECS: f64 = 100.0 * 365.25 * 24.0 * 3600.0;
-
-/// `duration` in seconds for `make_interval(secs => …)`, capped at about 100 years.
-pub(crate) fn interval_secs(duration: std::time::Duration) -> f64 {
-    duration.as_secs_f64().min(MAX_INTERVAL_SECS)
-}
-
-/// A batch size must be at least 1 (a batch of none never finishes).
-pub(crate) fn check_batch_size(batch_size: i32) -> Result<()> {
-    if batch_size < 1 {
-        return Err(Error::InvalidArgument {
-            argument: "batch_size",
-            reason: format!("must be at least 1, got {batch_size}"),
-        });
-    }
-    Ok(())
-}
-
-/// A count such as a limit must not be negative.
-pub(crate) fn check_non_negative(argument: &'static str, value: i64) -> Result<()> {
-    if value < 0 {
-        return Err(Error::InvalidArgument {
-            argument,
-            reason: format!("must not be negative, got {value}"),
-        });
-    }
-    Ok(())
 }
 
 /// Keeps the rows that decoded and logs each one that did not, with its cause, so that one

@@ -11,12 +11,13 @@
 
 use crate::backend::BackendIdentity;
 use crate::context::Context;
-use crate::error::{interval_secs, Error, Result};
+use crate::error::{Error, Result};
 use crate::limits::{self, limit};
 use crate::types::{
     AcquiredKey, BackendName, BackendStatus, BearerToken, ClusterName, KeyConfig, KeyDeadlines,
     Subdomain,
 };
+use crate::validate::interval_secs;
 use chrono::{DateTime, Utc};
 
 /// Key leases. Get one from [`PlaneDatabase::key`](crate::PlaneDatabase::key).

@@ -57,11 +57,12 @@ pub mod status;
 #[cfg(feature = "testing")]
 pub mod testing;
 pub mod types;
+mod validate;
 
-pub use cleanup::{
-    CleanupConfig, CleanupPhase, CleanupProgress, CleanupReport, CleanupSummary, CleanupTask,
+pub use cleanup::{CleanupPhase, CleanupProgress, CleanupReport, CleanupSummary, CleanupTask};
+pub use config::{
+    CleanupConfig, Config, KeyLeaseConfig, SchedulerConfig, WriteBatchConfig, LONGEST_DURATION,
 };
-pub use config::{Config, KeyLeaseConfig, SchedulerConfig, WriteBatchConfig, LONGEST_DURATION};
 #[allow(deprecated)]
 pub use database::{connect, connect_and_migrate};
 pub use database::{open, open_and_migrate, PlaneDatabase};

@@ -157,7 +157,7 @@ pub(crate) fn check_text(argument: &'static str, value: &str, limit: Limit) -> R
     if value.len() > limit.0 {
         return Err(too_large(argument, value.len(), limit));
     }
-    crate::error::check_text(argument, value)
+    crate::validate::check_text(argument, value)
 }
 
 /// Refuses JSON whose compact serialization is over `limit` bytes, or that holds a NUL in
@@ -171,7 +171,7 @@ pub(crate) fn check_json(
     if size > limit.0 {
         return Err(too_large(argument, size, limit));
     }
-    crate::error::check_json(argument, value)
+    crate::validate::check_json(argument, value)
 }
 
 /// [`check_json`] for a JSON object held as a map (the `auth` of a request), without
@@ -186,8 +186,8 @@ pub(crate) fn check_json_object(
         return Err(too_large(argument, size, limit));
     }
     map.iter().try_for_each(|(key, value)| {
-        crate::error::check_text(argument, key)?;
-        crate::error::check_json(argument, value)
+        crate::validate::check_text(argument, key)?;
+        crate::validate::check_json(argument, value)
     })
 }
 

@@ -13,9 +13,10 @@ pub use routes::RouteInfoResult;
 
 use crate::cleanup::{Cleanup, CleanupReport};
 use crate::context::Context;
-use crate::error::{check_non_negative, skip_undecodable, Error, Result};
+use crate::error::{skip_undecodable, Error, Result};
 use crate::replicas::ReadKind;
 use crate::types::{BackendName, BackendState, BackendStatus, ClusterName, NodeId, Subdomain};
+use crate::validate::check_non_negative;
 use chrono::{DateTime, Utc};
 use sqlx::postgres::{PgArguments, PgRow};
 use sqlx::query::Map;

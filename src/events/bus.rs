@@ -1,10 +1,10 @@
 //! The bus: the handle a `PlaneDatabase` keeps, which starts the listener and the reader
 //! and lets this process's writers wake them. The [module docs](super) state its promises.
 
-use super::config::BusConfig;
 use super::listener::{connect_listener, listen_loop, new_wake_id, wake_others_loop};
 use super::reader::{current_cursor, read_loop};
 use super::registry::Shared;
+use crate::config::BusConfig;
 use crate::error::Result;
 use crate::metrics as m;
 use sqlx::PgPool;

@@ -44,7 +44,8 @@
 //! - `subscription`: the [`Subscription`] and [`EventSubscription`] handles and the catch-up
 //!   of a paused one.
 //! - `bus`: the handle a [`PlaneDatabase`](crate::PlaneDatabase) keeps, which starts the
-//!   listener and the reader. `config` and `backoff` hold the knobs and the retry delays.
+//!   listener and the reader. `backoff` holds the retry delays. The knobs, [`BusConfig`],
+//!   live with the rest of the configuration (`src/config/bus.rs`).
 //!
 //! # How events travel
 //! A writer inserts a row into `event` in the same transaction as the change it reports
@@ -121,7 +122,6 @@
 
 mod backoff;
 mod bus;
-mod config;
 mod event;
 mod listener;
 mod reader;
@@ -130,8 +130,8 @@ mod stored;
 mod subscription;
 mod write;
 
+pub use crate::config::BusConfig;
 pub(crate) use bus::EventBus;
-pub use config::BusConfig;
 pub(crate) use event::CRATE_KINDS;
 pub use event::{Event, EventKey, Notification, NotificationPayload};
 /// The read statement once, for the bench (`testing::bench`).

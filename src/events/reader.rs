@@ -4,9 +4,9 @@
 //! [module docs](super) say what this guarantees and why it works.
 
 use super::backoff::Backoff;
-use super::config::BusConfig;
 use super::event::Event;
 use super::registry::{ReadSpan, Shared};
+use crate::config::BusConfig;
 use crate::error::Result;
 use crate::metrics as m;
 use chrono::{DateTime, Utc};

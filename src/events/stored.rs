@@ -2,7 +2,8 @@
 //! transaction visibility).
 
 use super::event::Event;
-use crate::error::{check_non_negative, Result};
+use crate::error::Result;
+use crate::validate::check_non_negative;
 use sqlx::PgPool;
 
 /// The id of the newest stored event, `None` if there are none.

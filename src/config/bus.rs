@@ -1,4 +1,4 @@
-//! The bus's tuning knobs.
+//! The event bus's tuning knobs ([`Config::bus`](super::Config::bus)).
 
 use std::time::Duration;
 
@@ -12,7 +12,7 @@ pub struct BusConfig {
     /// How many undelivered events one subscription may hold. Beyond it the subscription is
     /// paused (nothing more is queued for it); once its consumer has read what it holds, it
     /// reads the stored events it did not get from the `event` table, a page at a time, and
-    /// goes on live (see [the promises](super#promises)). Memory is used only for events
+    /// goes on live (see [the promises](crate::events#promises)). Memory is used only for events
     /// actually queued. Defaults to 10,000; 0 counts as 1.
     pub max_pending_per_subscription: usize,
     /// How many rows one read of the `event` table fetches at most; a larger backlog is read
@@ -34,7 +34,7 @@ pub struct BusConfig {
     /// commit-time notification lock out of the writers' commits, which otherwise serialises
     /// concurrent writers. When false, every writing transaction notifies from the `event`
     /// trigger (one NOTIFY per commit). Either way this changes latency and throughput only
-    /// (see [the promises](super#promises)).
+    /// (see [the promises](crate::events#promises)).
     pub coalesce_wakeups: bool,
     /// With [`coalesce_wakeups`](Self::coalesce_wakeups), the shortest time between two
     /// wake-ups this process sends to others: commits in between share the next one. Defaults
@@ -43,6 +43,17 @@ pub struct BusConfig {
     /// and adds at most about that much to the delivery latency seen by other processes
     /// (this process's own bus is woken at each commit, without waiting).
     pub wake_interval: Duration,
+}
+
+impl BusConfig {
+    /// Its durations, named as [`Config::validate`](super::Config::validate) names them.
+    pub(super) fn durations(&self) -> [(&'static str, Duration); 3] {
+        [
+            ("bus.poll_interval", self.poll_interval),
+            ("bus.max_backoff", self.max_backoff),
+            ("bus.wake_interval", self.wake_interval),
+        ]
+    }
 }
 
 impl Default for BusConfig {

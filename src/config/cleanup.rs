@@ -1,0 +1,31 @@
+//! What cleanup deletes ([`CleanupConfig`], passed to
+//! [`PlaneDatabase::run_cleanup`](crate::PlaneDatabase::run_cleanup)); cleanup itself is in
+//! `src/cleanup.rs`.
+
+use std::time::Duration;
+
+/// What [`PlaneDatabase::run_cleanup`](crate::PlaneDatabase::run_cleanup) deletes. `CleanupConfig::default()` keeps a week.
+#[derive(Debug, Clone)]
+pub struct CleanupConfig {
+    /// Backends that terminated longer ago than this are deleted (with everything hanging
+    /// off them; see [`BackendDatabase::cleanup_terminated`](crate::backend::BackendDatabase::cleanup_terminated)).
+    /// Defaults to 7 days. Was `backend_min_age_days: i32` (a number of days) before 0.2.0.
+    pub backend_min_age: Duration,
+    /// Events older than this are deleted. Defaults to 7 days. Events are only needed to
+    /// resume streams ([`PlaneDatabase::get_events_since`](crate::PlaneDatabase::get_events_since)); live delivery never reads old
+    /// ones.
+    pub event_min_age: Duration,
+    /// Rows per transaction (backends, events). Defaults to 1,000: each batch holds its
+    /// locks briefly, at the cost of one round trip per batch.
+    pub batch_size: i32,
+}
+
+impl Default for CleanupConfig {
+    fn default() -> Self {
+        Self {
+            backend_min_age: Duration::from_secs(7 * 24 * 3600),
+            event_min_age: Duration::from_secs(7 * 24 * 3600),
+            batch_size: 1000,
+        }
+    }
+}
