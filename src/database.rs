@@ -152,6 +152,12 @@ impl PlaneDatabase {
         self.inner.config()
     }
 
+    /// The shared state, for the test hooks that run the crate's statements directly.
+    #[cfg(feature = "testing")]
+    pub(crate) fn context(&self) -> &Context {
+        &self.inner
+    }
+
     /// The streaming replicas named with
     /// [`ConnectOptions::replica_url`](crate::ConnectOptions::replica_url), in that order:
     /// whether reads go to each, its lag, and how many reads it served. Empty without
