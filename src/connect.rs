@@ -7,8 +7,8 @@ use crate::events::EventWriter;
 use crate::group_commit::spawn::{NewBackend, SpawnOutcome};
 use crate::limits::{self, limit};
 use crate::types::{
-    BackendName, BackendStatus, BearerToken, ClusterName, DroneName, DronePoolName, KeyConfig,
-    SecretToken, Subdomain,
+    BackendActionName, BackendName, BackendStatus, BearerToken, ClusterName, DroneName,
+    DronePoolName, KeyConfig, SecretToken, Subdomain,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -266,30 +266,21 @@ impl<'a> Connector<'a> {
     ) -> Result<Spawn> {
         self.ctx.config().scheduler.checked_sample_size()?;
         let backend_id = spawn.id.clone().unwrap_or_else(BackendName::new_random);
-        let (token, secret_token, token_digest) = if spawn.use_static_token {
-            (BearerToken::new_random_static(), None, None)
+        let (token, secret_token) = if spawn.use_static_token {
+            (BearerToken::new_random_static(), None)
         } else {
-            let token = BearerToken::new_random();
-            let digest = token.digest();
-            (token, Some(SecretToken::new_random()), Some(digest))
+            (BearerToken::new_random(), Some(SecretToken::new_random()))
         };
-        let mut item = NewBackend::new(
+        let item = NewBackend::for_request(
             backend_id.clone(),
-            key.clone(),
-            cluster.clone(),
-            spawn.pool.clone(),
-            spawn.executable.clone(),
-            token_digest,
-            request.user.clone(),
-            Value::Object(request.auth.clone()),
+            key,
+            cluster,
+            spawn,
+            request,
+            &token,
+            secret_token.as_ref(),
+            BackendActionName::new_random(),
         )?;
-        item.lifetime_limit_seconds = spawn.lifetime_limit_seconds.map(f64::from);
-        item.max_idle_seconds = spawn.max_idle_seconds;
-        item.static_token = spawn.use_static_token.then(|| token.as_str().to_string());
-        item.subdomain = spawn.subdomain.as_ref().map(|s| s.as_str().to_string());
-        if let Some(secret) = &secret_token {
-            item.secret_token = secret.as_str().to_string();
-        }
 
         let (fencing_token, drone_id, drone_name) = match self.ctx.spawner().write(item).await {
             Ok(SpawnOutcome::Created {

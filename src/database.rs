@@ -179,6 +179,12 @@ impl PlaneDatabase {
         self.inner.config()
     }
 
+    /// The shared state, for the test hooks that run the crate's statements directly.
+    #[cfg(feature = "testing")]
+    pub(crate) fn context(&self) -> &Context {
+        &self.inner
+    }
+
     /// The streaming replicas named with
     /// [`OpenOptions::replica_url`](crate::OpenOptions::replica_url), in that order:
     /// whether reads go to each, its lag, and how many reads it served. Empty without

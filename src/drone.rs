@@ -227,7 +227,7 @@ impl<'a> DroneDatabase<'a> {
         let config = &self.ctx.config().scheduler;
         let sample_size = config.checked_sample_size()?;
         // `connect`'s spawn statements pick the same way, inside the statement (the same
-        // conditions; tests/it/scheduling.rs checks both).
+        // conditions; tests/it/scheduling.rs checks all three against the same drones).
         let row = sqlx::query!(
             r#"
             with sample as (

@@ -167,6 +167,12 @@ impl<S: Statements> GroupCommit<S> {
         }
     }
 
+    /// The statements it writes with (for the test hooks that run them directly).
+    #[cfg(feature = "testing")]
+    pub(crate) fn statements(&self) -> &S {
+        &self.shared.statements
+    }
+
     /// Writes `item`, alone or in a batch, and returns what its statement said of it.
     pub(crate) async fn write(&self, item: S::Item) -> Result<S::Output, sqlx::Error> {
         if !self.enabled {

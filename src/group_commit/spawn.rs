@@ -9,16 +9,25 @@
 //! so that it is planned with the statement: a database function holding it was planned
 //! again on every call and halved the pick rate (measured), and its default row estimate
 //! made Postgres JIT-compile the spawn statement (about 320 ms a call).
-//! `tests/it/scheduling.rs` checks the rules on both paths.
+//! `tests/it/scheduling.rs` checks the rules of all three (`pick_for_spawn`, the lone and the
+//! batch statement) against the same drones.
+//!
+//! Two statements, one write: the lone one is about twice the batch one's rate for a call
+//! alone (measured, see `spawn_one`), so both stay. What keeps them one write: every item is
+//! built by [`NewBackend::for_request`] (one struct literal, no field left to a default), both
+//! statements take the item apart field by field without `..` (a new field does not build
+//! until both name it), and `tests/it/batch_statements.rs` runs the same calls alone, in one
+//! batch and in batches of one, in three databases, and compares every column of every row.
 
 use super::Statements;
 use crate::config::{KeyLeaseConfig, SchedulerConfig};
+use crate::connect::{ConnectRequest, SpawnConfig};
 use crate::error::{check_json, check_text, interval_secs, Result};
 use crate::events::{EventBatch, NotificationPayload};
 use crate::metrics::Operation;
 use crate::types::{
-    BackendActionMessage, BackendActionName, BackendName, BackendState, BackendStatus, ClusterName,
-    DronePoolName, KeyConfig,
+    BackendActionMessage, BackendActionName, BackendName, BackendState, BackendStatus, BearerToken,
+    ClusterName, DronePoolName, KeyConfig, SecretToken,
 };
 use serde_json::Value;
 use sqlx::PgConnection;
@@ -26,23 +35,23 @@ use std::time::Duration;
 
 /// A backend to create, as the statement takes it.
 pub(crate) struct NewBackend {
-    pub(crate) backend_id: BackendName,
-    pub(crate) key: KeyConfig,
-    pub(crate) cluster: ClusterName,
+    backend_id: BackendName,
+    key: KeyConfig,
+    cluster: ClusterName,
     /// The drone pool to pick a drone from.
-    pub(crate) pool: DronePoolName,
-    pub(crate) lifetime_limit_seconds: Option<f64>,
-    pub(crate) max_idle_seconds: Option<i32>,
-    pub(crate) static_token: Option<String>,
-    pub(crate) subdomain: Option<String>,
-    pub(crate) executable: Value,
-    pub(crate) action_id: BackendActionName,
+    pool: DronePoolName,
+    lifetime_limit_seconds: Option<f64>,
+    max_idle_seconds: Option<i32>,
+    static_token: Option<String>,
+    subdomain: Option<String>,
+    executable: Value,
+    action_id: BackendActionName,
     /// The digest of the caller's bearer token; none for a static token.
-    pub(crate) token_digest: Option<Vec<u8>>,
-    pub(crate) user: Option<String>,
-    pub(crate) auth: Value,
+    token_digest: Option<Vec<u8>>,
+    user: Option<String>,
+    auth: Value,
     /// The secret sent with the token's requests (empty for a static token).
-    pub(crate) secret_token: String,
+    secret_token: String,
     /// `namespace`, a NUL, `key name`: the key row this item locks.
     lock_key: String,
     /// Exactly one event, the backend's `scheduled` state, whose payload is also the row's
@@ -51,55 +60,59 @@ pub(crate) struct NewBackend {
 }
 
 impl NewBackend {
-    /// A backend without limits, static token or subdomain (the caller sets those fields).
+    /// The item `connect` writes for a new backend of `request`: named `backend_id`, under
+    /// `key`, in `cluster`, with the caller's `token` (a static one is stored as it is, any
+    /// other as its digest, with `secret_token`) and its spawn action named `action_id`.
+    /// Every field is set here, in one struct literal, so that a new field cannot be
+    /// forgotten: the same function builds the items of `connect` and of the tests that
+    /// compare the lone and the batch statements (`plane_db::testing::statements`).
     #[allow(clippy::too_many_arguments)]
-    pub(crate) fn new(
+    pub(crate) fn for_request(
         backend_id: BackendName,
-        key: KeyConfig,
-        cluster: ClusterName,
-        pool: DronePoolName,
-        executable: Value,
-        token_digest: Option<Vec<u8>>,
-        user: Option<String>,
-        auth: Value,
+        key: &KeyConfig,
+        cluster: &ClusterName,
+        spawn: &SpawnConfig,
+        request: &ConnectRequest,
+        token: &BearerToken,
+        secret_token: Option<&SecretToken>,
+        action_id: BackendActionName,
     ) -> Result<Self> {
+        let user = request.user.clone();
+        let auth = Value::Object(request.auth.clone());
         // Postgres refuses a NUL in text or jsonb, and refusing it here gives the call the
         // same typed error alone or batched, before a batch it would make the server
         // refuse (and so be written again item by item).
         check_text("key.name", &key.name)?;
         check_text("key.namespace", &key.namespace)?;
         check_text("key.tag", &key.tag)?;
-        check_text("spawn_config.pool", pool.as_str())?;
+        check_text("spawn_config.pool", spawn.pool.as_str())?;
         if let Some(user) = &user {
             check_text("user", user)?;
         }
         check_json("auth", &auth)?;
-        check_json("spawn_config.executable", &executable)?;
+        check_json("spawn_config.executable", &spawn.executable)?;
         let events = EventBatch::one(&backend_id, &BackendState::Scheduled)?;
         let lock_key = format!("{}\u{0}{}", key.namespace, key.name);
         Ok(Self {
             backend_id,
-            key,
-            cluster,
-            pool,
-            lifetime_limit_seconds: None,
-            max_idle_seconds: None,
-            static_token: None,
-            subdomain: None,
-            executable,
-            action_id: BackendActionName::new_random(),
-            token_digest,
+            key: key.clone(),
+            cluster: cluster.clone(),
+            pool: spawn.pool.clone(),
+            lifetime_limit_seconds: spawn.lifetime_limit_seconds.map(f64::from),
+            max_idle_seconds: spawn.max_idle_seconds,
+            static_token: spawn.use_static_token.then(|| token.as_str().to_string()),
+            subdomain: spawn.subdomain.as_ref().map(|s| s.as_str().to_string()),
+            executable: spawn.executable.clone(),
+            action_id,
+            token_digest: (!spawn.use_static_token).then(|| token.digest()),
             user,
             auth,
-            secret_token: String::new(),
+            secret_token: secret_token
+                .map(|s| s.as_str().to_string())
+                .unwrap_or_default(),
             lock_key,
             events,
         })
-    }
-
-    /// The `scheduled` state as JSON: the payload of its one event.
-    fn state(&self) -> Option<&Value> {
-        self.events.payloads().first()
     }
 }
 
@@ -180,13 +193,35 @@ impl Spawns {
     /// One backend, in a statement without arrays. (Running the batch statement with one
     /// item instead, to keep one statement rather than two, was measured: one caller fell
     /// from about 1,165 to 516–563 connects/s, 0.62x–0.68x the seed's sequence.)
-    async fn spawn_one(
+    pub(crate) async fn spawn_one(
         &self,
         conn: &mut PgConnection,
         item: &NewBackend,
     ) -> std::result::Result<SpawnOutcome, sqlx::Error> {
         let lease = &self.lease;
         let scheduler = &self.scheduler;
+        // Every field, by name and without `..`: a field added to `NewBackend` does not
+        // build until both statements (this one and `spawn_many`) name it, and one named
+        // and not bound is an unused variable (denied in CI). `tests/it/batch_statements.rs`
+        // then compares the rows both statements write.
+        let NewBackend {
+            backend_id,
+            key,
+            cluster,
+            pool,
+            lifetime_limit_seconds,
+            max_idle_seconds,
+            static_token,
+            subdomain,
+            executable,
+            action_id,
+            token_digest,
+            user,
+            auth,
+            secret_token,
+            lock_key: _,
+            events,
+        } = item;
         // The spawn action is assembled in SQL because the drone, the fencing token and the
         // deadlines are only known inside the statement; its shape is BackendActionMessage's.
         let row = sqlx::query!(
@@ -303,39 +338,40 @@ impl Spawns {
             from picked p
             left join (select a.fencing_token from acquired a, emitted) w on true
             "#,
-            item.backend_id.as_str(),
-            item.key.namespace,
-            item.key.name,
-            item.key.tag,
+            backend_id.as_str(),
+            key.namespace,
+            key.name,
+            key.tag,
             interval_secs(lease.expires_after()),
-            item.cluster.as_str(),
-            item.pool.as_str(),
+            cluster.as_str(),
+            pool.as_str(),
             scheduler.drone_heartbeat_timeout.as_secs_f64(),
             scheduler.controller_heartbeat_timeout.as_secs_f64(),
             scheduler.sample_size,
             BackendStatus::Terminated.as_int(),
             BackendStatus::Scheduled.to_string(),
             BackendStatus::Scheduled.as_int(),
-            item.state(),
-            item.lifetime_limit_seconds,
-            item.max_idle_seconds,
-            item.static_token,
-            item.subdomain,
-            item.executable,
+            // The `scheduled` state: the payload of the item's one event.
+            events.payloads().first(),
+            *lifetime_limit_seconds,
+            *max_idle_seconds,
+            *static_token,
+            *subdomain,
+            *executable,
             lease.renew_after.as_secs_f64(),
             lease.soft_terminate_after.as_secs_f64(),
             interval_secs(lease.hard_terminate_after),
-            item.action_id.as_str(),
-            item.events.kinds() as &[&str],
-            item.events.keys(),
-            item.events.payloads(),
+            action_id.as_str(),
+            events.kinds() as &[&str],
+            events.keys(),
+            events.payloads(),
             BackendActionMessage::kind(),
             self.wake,
-            item.token_digest,
+            *token_digest,
             self.token_lifetime.as_secs_f64(),
-            item.user,
-            item.auth,
-            item.secret_token,
+            *user,
+            *auth,
+            *secret_token,
         )
         .fetch_optional(&mut *conn)
         .await?;
@@ -352,7 +388,7 @@ impl Spawns {
     /// order given (`n`, 1-based); the keys are acquired, and everything else written, in
     /// that order. The drones are picked for the batch as a whole (see the statement), so
     /// that its items spread as if picked one after the other.
-    async fn spawn_many(
+    pub(crate) async fn spawn_many(
         &self,
         conn: &mut PgConnection,
         items: &[&NewBackend],
@@ -377,23 +413,42 @@ impl Spawns {
         let mut auths = Vec::with_capacity(items.len());
         let mut secrets = Vec::with_capacity(items.len());
         for item in items {
-            ids.push(item.backend_id.as_str());
-            namespaces.push(item.key.namespace.as_str());
-            key_names.push(item.key.name.as_str());
-            tags.push(item.key.tag.as_str());
-            clusters.push(item.cluster.as_str());
-            pools.push(item.pool.as_str());
-            lifetimes.push(item.lifetime_limit_seconds);
-            max_idles.push(item.max_idle_seconds);
-            static_tokens.push(item.static_token.as_deref());
-            subdomains.push(item.subdomain.as_deref());
-            executables.push(item.executable.clone());
-            action_ids.push(item.action_id.as_str());
-            digests.push(item.token_digest.as_deref());
-            users.push(item.user.as_deref());
-            auths.push(item.auth.clone());
-            secrets.push(item.secret_token.as_str());
-            events.extend(&item.events);
+            // Every field by name, as in `spawn_one` (see there).
+            let NewBackend {
+                backend_id,
+                key,
+                cluster,
+                pool,
+                lifetime_limit_seconds,
+                max_idle_seconds,
+                static_token,
+                subdomain,
+                executable,
+                action_id,
+                token_digest,
+                user,
+                auth,
+                secret_token,
+                lock_key: _,
+                events: item_events,
+            } = item;
+            ids.push(backend_id.as_str());
+            namespaces.push(key.namespace.as_str());
+            key_names.push(key.name.as_str());
+            tags.push(key.tag.as_str());
+            clusters.push(cluster.as_str());
+            pools.push(pool.as_str());
+            lifetimes.push(*lifetime_limit_seconds);
+            max_idles.push(*max_idle_seconds);
+            static_tokens.push(static_token.as_deref());
+            subdomains.push(subdomain.as_deref());
+            executables.push(executable.clone());
+            action_ids.push(action_id.as_str());
+            digests.push(token_digest.as_deref());
+            users.push(user.as_deref());
+            auths.push(auth.clone());
+            secrets.push(secret_token.as_str());
+            events.extend(item_events);
         }
         // One `scheduled` event per item, in the items' order: its payload is also the
         // backend row's `state` and its first history row. The spawn actions' events are

@@ -36,7 +36,9 @@
 // - `process`, `wire`, `host`, `url`: running programs, probing a server with std only, the
 //   machine (binaries, users, temporary directories), URLs;
 // - `error`: `HarnessError`;
-// - `bench` (hidden): the library's own statements, run where the bench measures them.
+// - `bench` (hidden): the library's own statements, run where the bench measures them;
+// - `statements` (hidden): group commit's lone and batch statements, run directly, for the
+//   tests that compare the rows they write.
 
 #[doc(hidden)]
 pub mod bench;
@@ -47,6 +49,8 @@ mod pgbouncer;
 mod process;
 mod reaper;
 mod replica;
+#[doc(hidden)]
+pub mod statements;
 mod test_server;
 mod tls;
 mod url;

@@ -4,6 +4,7 @@
 mod acme;
 mod actions;
 mod backend;
+mod batch_statements;
 mod cleanup;
 mod cli;
 mod common;
