@@ -4,9 +4,6 @@
 
 use crate::types::{BackendName, ClusterName, DronePoolName};
 
-/// The checks' old home: `src/group_commit/spawn.rs` still imports them from here.
-pub(crate) use crate::validate::{check_json, check_text, interval_secs};
-
 /// Result alias used throughout the crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 

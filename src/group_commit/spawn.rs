@@ -22,13 +22,14 @@
 use super::Statements;
 use crate::config::{KeyLeaseConfig, SchedulerConfig};
 use crate::connect::{ConnectRequest, SpawnConfig};
-use crate::error::{check_json, check_text, interval_secs, Result};
+use crate::error::Result;
 use crate::events::{EventBatch, NotificationPayload};
 use crate::metrics::Operation;
 use crate::types::{
     BackendActionMessage, BackendActionName, BackendName, BackendState, BackendStatus, BearerToken,
     ClusterName, DronePoolName, KeyConfig, SecretToken,
 };
+use crate::validate::{check_json, check_text, interval_secs};
 use serde_json::Value;
 use sqlx::PgConnection;
 use std::time::Duration;

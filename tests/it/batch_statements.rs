@@ -31,7 +31,7 @@ const WAYS: [Written; 3] = [Written::Alone, Written::OneBatch, Written::BatchesO
 /// A fresh, migrated database of its own (the comparison needs one per way of writing).
 async fn fresh() -> (PlaneDatabase, TestDatabase) {
     let database = create_database().await.expect("create a test database");
-    let pool = plane_db::connect(&database.url)
+    let pool = plane_db::open(&database.url)
         .await
         .expect("connect to the test database")
         .pool()
