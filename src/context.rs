@@ -4,10 +4,10 @@
 //! The areas (`backend`, `drone`, `connect`, `cleanup`…) borrow a [`Context`]; none of them
 //! sees the [`PlaneDatabase`](crate::PlaneDatabase) facade, which owns one and hands it out.
 
+use crate::backend::state_write::StateChanges;
 use crate::config::Config;
+use crate::connect::spawn::Spawns;
 use crate::events::EventBus;
-use crate::group_commit::spawn::Spawns;
-use crate::group_commit::state::StateChanges;
 use crate::group_commit::GroupCommit;
 use crate::replicas::{ProbeTask, Reads};
 use sqlx::PgPool;

@@ -1,9 +1,9 @@
 //! A backend's state changes as its drone reports them, proxies' keepalives, and live metrics.
 
 use super::BackendDatabase;
+use crate::backend::state_write::StateChange;
 use crate::error::Result;
 use crate::events::{emit_ephemeral, EventWriter};
-use crate::group_commit::state::StateChange;
 use crate::metrics::{self, Operation};
 use crate::types::{BackendMetricsMessage, BackendName, BackendState, BackendStatus};
 

@@ -7,6 +7,7 @@
 mod lifecycle;
 mod lost;
 mod routes;
+pub(crate) mod state_write;
 mod status_stream;
 
 pub use routes::RouteInfoResult;

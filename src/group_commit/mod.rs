@@ -2,7 +2,9 @@
 //! `connect`'s new backends) are written in one statement and one transaction per batch.
 //!
 //! [`GroupCommit`] is the machinery, the same for both; what a batch writes is a
-//! [`Statements`] implementation: [`state::StateChanges`] and [`spawn::Spawns`].
+//! [`Statements`] implementation, kept next to its area: `update_state`'s in
+//! `src/backend/state_write.rs` ([`StateChanges`](crate::backend::state_write::StateChanges)) and
+//! `connect`'s in `src/connect/spawn.rs` ([`Spawns`](crate::connect::spawn::Spawns)).
 //!
 //! # How a batch forms
 //! A call that finds nothing waiting and fewer than [`WriteBatchConfig::max_alone`] calls
@@ -55,9 +57,6 @@
 //!   When the connection fails with an unknown outcome (the commit may or may not have
 //!   happened), every caller of the batch gets an error, as a lone call would: nothing is
 //!   written twice and nothing reported as written is lost.
-
-pub(crate) mod spawn;
-pub(crate) mod state;
 
 use crate::config::WriteBatchConfig;
 use crate::metrics::{self, Operation};

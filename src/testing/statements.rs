@@ -8,10 +8,10 @@
 //! from the backend's name instead, so that two databases given the same calls hold the same
 //! rows.
 
+use crate::backend::state_write::{self, StateChange};
+use crate::connect::spawn::NewBackend;
 use crate::connect::ConnectRequest;
 use crate::error::{Error, Result};
-use crate::group_commit::spawn::NewBackend;
-use crate::group_commit::state::{self, StateChange};
 use crate::types::{BackendActionName, BackendName, BackendState, BearerToken, SecretToken};
 use crate::PlaneDatabase;
 
@@ -125,16 +125,18 @@ pub async fn update_state(
     match written {
         Written::Alone => {
             for item in &items {
-                applied.push(Some(state::write_single(&mut conn, item, wake).await?));
+                applied.push(Some(
+                    state_write::write_single(&mut conn, item, wake).await?,
+                ));
             }
         }
         Written::OneBatch => {
             let all: Vec<&StateChange> = items.iter().collect();
-            applied = state::write_statement(&mut conn, &all, wake).await?;
+            applied = state_write::write_statement(&mut conn, &all, wake).await?;
         }
         Written::BatchesOfOne => {
             for item in &items {
-                applied.extend(state::write_statement(&mut conn, &[item], wake).await?);
+                applied.extend(state_write::write_statement(&mut conn, &[item], wake).await?);
             }
         }
     }

@@ -1,8 +1,8 @@
 //! `update_state`'s statements for group commit: a state change, alone or many at once.
 
-use super::Statements;
 use crate::error::Result;
 use crate::events::EventBatch;
+use crate::group_commit::Statements;
 use crate::metrics::Operation;
 use crate::types::{BackendName, BackendState, BackendStatus};
 use sqlx::PgConnection;

@@ -19,11 +19,11 @@
 //! until both name it), and `tests/it/batch_statements.rs` runs the same calls alone, in one
 //! batch and in batches of one, in three databases, and compares every column of every row.
 
-use super::Statements;
 use crate::config::{KeyLeaseConfig, SchedulerConfig};
 use crate::connect::{ConnectRequest, SpawnConfig};
 use crate::error::Result;
 use crate::events::{EventBatch, NotificationPayload};
+use crate::group_commit::Statements;
 use crate::metrics::Operation;
 use crate::types::{
     BackendActionMessage, BackendActionName, BackendName, BackendState, BackendStatus, BearerToken,

@@ -1,10 +1,12 @@
 //! `connect`: get or create the backend for a key, and hand out a token to reach it.
 
+pub(crate) mod spawn;
+
 use crate::backend::BackendIdentity;
+use crate::connect::spawn::{NewBackend, SpawnOutcome};
 use crate::context::Context;
 use crate::error::{ConnectError, Error, Result};
 use crate::events::EventWriter;
-use crate::group_commit::spawn::{NewBackend, SpawnOutcome};
 use crate::limits::{self, limit};
 use crate::types::{
     BackendActionName, BackendName, BackendStatus, BearerToken, ClusterName, DroneName,
