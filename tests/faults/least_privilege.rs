@@ -154,14 +154,7 @@ async fn scenario(server: Arc<plane_db::testing::TestServer>, url: String) {
     let (lost_before, dup_before, lag_before) = settle(&got, &expected).await;
 
     // Fault 1: a clean restart.
-    let s = server.clone();
-    tokio::task::spawn_blocking(move || {
-        s.stop()?;
-        s.start()
-    })
-    .await
-    .unwrap()
-    .unwrap();
+    restart_server(&server).await;
     let mut expected = Vec::new();
     loop {
         // The pool reconnects by itself; retry until it answers.

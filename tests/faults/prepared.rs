@@ -68,35 +68,11 @@ async fn scenario(server: Arc<plane_db::testing::TestServer>, url: String) {
     }
     assert_eq!(delivered.len(), BEFORE, "before the restart");
 
-    let s = server.clone();
-    tokio::task::spawn_blocking(move || {
-        s.stop()?;
-        s.start()
-    })
-    .await
-    .unwrap()
-    .expect("restart the server");
+    restart_server(&server).await;
 
     let mut after: HashMap<String, u32> = HashMap::new();
     for i in 0..AFTER {
-        let key = format!("after-{i}").parse().unwrap();
-        // The pool's connections died with the server: retry until it answers.
-        let mut tries = 0;
-        loop {
-            let written = async {
-                let mut conn = writer.pool().acquire().await?;
-                emit(&mut conn, Some(&key), &BackendState::Loading).await
-            }
-            .await;
-            match written {
-                Ok(_) => break,
-                Err(error) => {
-                    tries += 1;
-                    assert!(tries < 100, "writing after the restart: {error}");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            }
-        }
+        emit_retrying(&writer, &format!("after-{i}")).await;
     }
     let deadline = Instant::now() + Duration::from_secs(20);
     while after.len() < AFTER && Instant::now() < deadline {

@@ -9,8 +9,7 @@
 //! endpoint moved to a restored copy).
 
 use crate::support::*;
-use plane_db::events::{emit, Lagged};
-use plane_db::types::BackendState;
+use plane_db::events::Lagged;
 use plane_db::Config;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -58,27 +57,7 @@ async fn write_and_collect(
     prefix: &str,
 ) -> (HashMap<String, u32>, u64) {
     for i in 0..NEW {
-        let mut tries = 0;
-        loop {
-            let written = async {
-                let mut conn = writer.pool().acquire().await?;
-                emit(
-                    &mut conn,
-                    Some(&format!("{prefix}-{i}").parse().unwrap()),
-                    &BackendState::Loading,
-                )
-                .await
-            }
-            .await;
-            match written {
-                Ok(_) => break,
-                Err(error) => {
-                    tries += 1;
-                    assert!(tries < 100, "writing: {error}");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            }
-        }
+        emit_retrying(writer, &format!("{prefix}-{i}")).await;
     }
     let mut delivered: HashMap<String, u32> = HashMap::new();
     let mut lagged = 0;
@@ -110,14 +89,7 @@ async fn scenario(server: Arc<plane_db::testing::TestServer>, url: String) {
     // 2. While the bus runs, the rows of another cluster appear and the server restarts
     //    (the endpoint moved to a restored copy).
     insert_foreign(&writer, "copied").await;
-    let s = server.clone();
-    tokio::task::spawn_blocking(move || {
-        s.stop()?;
-        s.start()
-    })
-    .await
-    .unwrap()
-    .expect("restart the server");
+    restart_server(&server).await;
     burn_past_foreign(&writer).await;
     let (second, lagged_second) = write_and_collect(&writer, &mut rx, "after").await;
 

@@ -220,3 +220,34 @@ pub async fn next_xid<'e>(executor: impl sqlx::PgExecutor<'e>) -> i64 {
         .await
         .expect("a transaction id")
 }
+
+/// Stops a private server (fast shutdown) and starts it again, off the runtime's threads:
+/// a clean restart, with a new start time and the same data.
+pub async fn restart_server(server: &Arc<TestServer>) {
+    let s = server.clone();
+    tokio::task::spawn_blocking(move || {
+        s.stop()?;
+        s.start()
+    })
+    .await
+    .unwrap()
+    .expect("restart the server");
+}
+
+/// Emits one `BackendState::Loading` event under `key` on a connection of its own, retrying
+/// until the server answers (its pool's connections may have died with a restart).
+pub async fn emit_retrying(db: &PlaneDatabase, key: &str) {
+    let key = key.parse().expect("a valid key");
+    for _ in 0..100 {
+        let written = async {
+            let mut conn = db.pool().acquire().await?;
+            plane_db::events::emit(&mut conn, Some(&key), &BackendState::Loading).await
+        }
+        .await;
+        if written.is_ok() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the server did not take the event {key} within 100 tries");
+}
