@@ -47,6 +47,7 @@ impl Browser {
         let profile =
             std::env::temp_dir().join(format!("plane-db-page-test-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&profile);
+        let _ = std::fs::create_dir_all(&profile);
         let mut child = Command::new(binary)
             .args([
                 "--headless=new",
@@ -61,6 +62,9 @@ impl Browser {
             ])
             .arg(format!("--user-data-dir={}", profile.display()))
             .arg(url)
+            // Chromium also makes folders of its own in the temporary directory
+            // (`org.chromium.Chromium.*`): inside the profile, they go when it goes.
+            .env("TMPDIR", &profile)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
