@@ -226,26 +226,22 @@ impl<'a> DroneDatabase<'a> {
         limits::check_text("pool", pool.as_str(), limit!(DRONE_POOL_BYTES))?;
         let config = &self.ctx.config().scheduler;
         let sample_size = config.checked_sample_size()?;
-        // `connect`'s spawn statements pick the same way, inside the statement (the same
-        // conditions; tests/it/scheduling.rs checks all three against the same drones).
+        // `connect`'s spawn statements pick the same way, inside the statement, from the same
+        // view (`plane_schedulable_drone`: the eligibility rules, written once);
+        // tests/it/scheduling.rs checks all three against the same drones.
         let row = sqlx::query!(
             r#"
             with sample as (
-                select d.id, n.name
-                from drone d
-                join node n on n.id = d.id
-                join controller c on c.id = n.controller
-                where n.cluster = $1
+                select d.id, d.name
+                from plane_schedulable_drone d
+                where d.cluster = $1
                   and d.pool = $2
-                  and d.ready
-                  and not d.draining
-                  and d.last_heartbeat > now() - make_interval(secs => $3)
-                  and c.is_online
-                  and c.last_heartbeat > now() - make_interval(secs => $4)
+                  and d.drone_heartbeat > now() - make_interval(secs => $3)
+                  and d.controller_heartbeat > now() - make_interval(secs => $4)
                 order by random()
                 limit $5
             )
-            select s.id, s.name
+            select s.id as "id!", s.name as "name!"
             from sample s
             order by (
                 select count(*) from backend b

@@ -229,18 +229,13 @@ impl Spawns {
             r#"
             -- plane-db: connect, new backend
             with sample as (
-                -- The pick, as in `pick_for_spawn`.
-                select d.id, n.name
-                from drone d
-                join node n on n.id = d.id
-                join controller c on c.id = n.controller
-                where n.cluster = $6
+                -- The pick, as in `pick_for_spawn`, from the same view.
+                select d.id, d.name
+                from plane_schedulable_drone d
+                where d.cluster = $6
                   and d.pool = $7
-                  and d.ready
-                  and not d.draining
-                  and d.last_heartbeat > now() - make_interval(secs => $8)
-                  and c.is_online
-                  and c.last_heartbeat > now() - make_interval(secs => $9)
+                  and d.drone_heartbeat > now() - make_interval(secs => $8)
+                  and d.controller_heartbeat > now() - make_interval(secs => $9)
                 order by random()
                 limit $10
             ),
@@ -501,20 +496,15 @@ impl Spawns {
                 select g.cluster, g.pool, s.id, s.name, s.load
                 from groups g
                 cross join lateral (
-                    select d.id, n.name, (
+                    select d.id, d.name, (
                         select count(*) from backend b
                         where b.drone_id = d.id and b.last_status_number < $22
                     ) as load
-                    from drone d
-                    join node n on n.id = d.id
-                    join controller c on c.id = n.controller
-                    where n.cluster = g.cluster
+                    from plane_schedulable_drone d
+                    where d.cluster = g.cluster
                       and d.pool = g.pool
-                      and d.ready
-                      and not d.draining
-                      and d.last_heartbeat > now() - make_interval(secs => $19)
-                      and c.is_online
-                      and c.last_heartbeat > now() - make_interval(secs => $20)
+                      and d.drone_heartbeat > now() - make_interval(secs => $19)
+                      and d.controller_heartbeat > now() - make_interval(secs => $20)
                     order by random()
                     limit least($21::bigint, 1000) * g.items
                 ) s
