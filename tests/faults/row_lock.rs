@@ -11,6 +11,7 @@
 
 use crate::common::drone;
 use crate::common::request;
+use crate::common::wait_for_lock_waiters;
 use crate::support::*;
 use plane_db::types::{BackendName, BackendStatus};
 use plane_db::{Config, PlaneDatabase};
@@ -18,23 +19,6 @@ use std::time::{Duration, Instant};
 
 const HOLD: Duration = Duration::from_secs(8);
 const WRITERS: usize = 32;
-
-/// Waits until `n` statements of this database wait for a lock.
-async fn blocked(db: &PlaneDatabase, n: i64) {
-    loop {
-        let waiting: i64 = sqlx::query_scalar(
-            "select count(*) from pg_stat_activity
-             where datname = current_database() and wait_event_type = 'Lock'",
-        )
-        .fetch_one(db.pool())
-        .await
-        .unwrap();
-        if waiting >= n {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-}
 
 /// Moves each backend through its life, one task per backend, all at once; returns every
 /// call's latency.
@@ -120,7 +104,7 @@ async fn a_locked_backend_row_holds_back_only_its_own_write() {
             let state = state_for(BackendStatus::Loading);
             tokio::spawn(async move { db.backend().update_state(&lone, &state).await })
         };
-        blocked(&db, 1).await;
+        wait_for_lock_waiters(&db, 1).await;
         let a_started = Instant::now();
         let a_call = {
             let db = db.clone();
@@ -132,7 +116,7 @@ async fn a_locked_backend_row_holds_back_only_its_own_write() {
             })
         };
         // A's change waits for its lock (in the batch before the fix, alone since).
-        blocked(&db, 2).await;
+        wait_for_lock_waiters(&db, 2).await;
         let released_at = {
             let release = async move {
                 tokio::time::sleep(Duration::from_millis(100)).await;

@@ -367,3 +367,21 @@ pub async fn bus_delivers_each_event_once(db: &PlaneDatabase, writers: usize) {
             .collect();
     assert_eq!(received, stored, "exactly the stored events, by id");
 }
+
+/// Waits until `n` statements of `db`'s database wait for a lock (a test that holds a row
+/// locked knows then that the calls it started are queued behind it).
+pub async fn wait_for_lock_waiters(db: &PlaneDatabase, n: i64) {
+    loop {
+        let waiting: i64 = sqlx::query_scalar(
+            "select count(*) from pg_stat_activity
+             where datname = current_database() and wait_event_type = 'Lock'",
+        )
+        .fetch_one(db.pool())
+        .await
+        .unwrap();
+        if waiting >= n {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}

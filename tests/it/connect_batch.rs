@@ -62,23 +62,6 @@ async fn held_keys(
     (keys, txn)
 }
 
-/// Waits until `n` statements of this database wait for a lock.
-async fn blocked(db: &PlaneDatabase, n: i64) {
-    loop {
-        let waiting: i64 = sqlx::query_scalar(
-            "select count(*) from pg_stat_activity
-             where datname = current_database() and wait_event_type = 'Lock'",
-        )
-        .fetch_one(db.pool())
-        .await
-        .unwrap();
-        if waiting >= n {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-}
-
 /// Runs the two held calls, then `requests` once both are blocked, and releases them after
 /// [`HOLD`]. Returns the held calls' responses (with their keys) and the answers to
 /// `requests`, in order.
@@ -93,11 +76,11 @@ async fn in_one_batch(
     let held = [request(&keys[0]), request(&keys[1])];
     let first = db.connect(&held[0]);
     let second = async {
-        blocked(db, 1).await;
+        wait_for_lock_waiters(db, 1).await;
         db.connect(&held[1]).await
     };
     let rest = async {
-        blocked(db, 2).await;
+        wait_for_lock_waiters(db, 2).await;
         let calls = join_all(requests.iter().map(|r| db.connect(r)));
         let release = async move {
             tokio::time::sleep(HOLD).await;
@@ -456,7 +439,7 @@ async fn a_locked_key_holds_back_only_its_own_connect() {
         let lone = db.connect(&lone_request);
         let stuck_request = request(&keys[1]);
         let rest = async {
-            blocked(db, 1).await;
+            wait_for_lock_waiters(db, 1).await;
             let started = std::time::Instant::now();
             let stuck = async {
                 let r = db.connect(&stuck_request).await;
