@@ -9,6 +9,7 @@ use crate::config::Config;
 use crate::connect::spawn::Spawns;
 use crate::events::EventBus;
 use crate::group_commit::GroupCommit;
+use crate::hosts::HostWatch;
 use crate::replicas::{ProbeTask, Reads};
 use sqlx::PgPool;
 
@@ -23,6 +24,8 @@ pub(crate) struct Context {
     reads: Reads,
     /// Stops the replicas' probe with the last clone.
     _probe: ProbeTask,
+    /// Stops the watch of multi-host URLs with the last clone.
+    _hosts: HostWatch,
 }
 
 impl Context {
@@ -53,7 +56,15 @@ impl Context {
             spawner,
             reads,
             _probe: probe,
+            _hosts: HostWatch::default(),
         }
+    }
+
+    /// Keeps the tasks that watch multi-host URLs (see [`HostWatch`]) until the last clone
+    /// goes.
+    pub(crate) fn watching(mut self, hosts: HostWatch) -> Self {
+        self._hosts = hosts;
+        self
     }
 
     /// The pool every statement runs on.

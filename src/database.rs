@@ -142,14 +142,28 @@ impl PlaneDatabase {
             _ => listener.application_name(&format!("{DEFAULT_APPLICATION_NAME}-listener")),
         };
         let acquire_timeout = pool.options().get_acquire_timeout();
-        let listener = listener_pool(listener, String::new(), acquire_timeout);
+        let listener = listener_pool(listener, String::new(), acquire_timeout, None);
         Self::with_parts(pool, listener, Vec::new(), config)
     }
 
     /// What [`OpenOptions`] opened (with replicas, within a Tokio runtime: see
     /// [`with_parts`](Self::with_parts)).
     fn with_opened(opened: Opened) -> Self {
-        Self::with_parts(opened.pool, opened.listener, opened.replicas, opened.config)
+        let bus = EventBus::new(
+            opened.pool.clone(),
+            opened.listener,
+            opened.config.bus.clone(),
+        )
+        .following(opened.listener_moves);
+        let reads = Reads::new(
+            opened.pool.clone(),
+            opened.replicas,
+            opened.config.replicas.clone(),
+        );
+        let context = Context::new(opened.pool, opened.config, bus, reads).watching(opened.hosts);
+        Self {
+            inner: Arc::new(context),
+        }
     }
 
     /// `listener`: a pool of one connection (see [`listener_pool`]); `replicas`: a pool per

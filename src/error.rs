@@ -70,6 +70,12 @@ pub enum Error {
         id: String,
     },
 
+    /// No host of a URL that lists several (or gives `target_session_attrs`) could be
+    /// reached and fitted: the message names each host tried and why it was refused (see
+    /// [`hosts`](crate::hosts)).
+    #[error(transparent)]
+    NoSuitableHost(#[from] crate::hosts::NoSuitableHost),
+
     /// The caller passed a value the operation cannot accept.
     #[error("invalid argument {argument}: {reason}")]
     InvalidArgument {

@@ -44,6 +44,7 @@ pub mod drone;
 pub mod error;
 pub mod events;
 mod group_commit;
+pub mod hosts;
 pub mod keys;
 pub mod limits;
 pub mod metrics;

@@ -81,6 +81,11 @@ pub const CLEANUP_ROWS_DELETED_TOTAL: &str = "plane_db_cleanup_rows_deleted_tota
 /// How long a cleanup run took, in seconds, by `outcome` (`ok`, `error`).
 pub const CLEANUP_DURATION_SECONDS: &str = "plane_db_cleanup_duration_seconds";
 
+/// Times a pool moved to another host of its URL, by `url` (`main`, `direct`, `replica N`).
+pub const HOST_MOVES_TOTAL: &str = "plane_db_host_moves_total";
+/// Searches of a URL's hosts that found none fitting, by `url`.
+pub const HOST_SEARCH_FAILURES_TOTAL: &str = "plane_db_host_search_failures_total";
+
 /// Calls written per statement by group commit (1 for a call written alone), by
 /// `operation` (`update_state`, `connect`).
 pub const WRITE_BATCH_CALLS: &str = "plane_db_write_batch_calls";
@@ -193,6 +198,10 @@ pub const ALL: &[MetricInfo] = &[
         "How far a replica's replay position was behind the primary's WAL write position at its last probe."),
     info(REPLICA_USABLE, Gauge, &["replica"], Some(Unit::Count),
         "1 while reads go to a replica; 0 while it is skipped (probe failed, read failed, not in recovery, lag beyond ReplicaConfig::max_lag)."),
+    info(HOST_MOVES_TOTAL, Counter, &["url"], Some(Unit::Count),
+        "Times the pools of a URL listing several hosts moved to another host (a failover, a host that stopped answering or fitting target_session_attrs), by url: main, direct, replica N."),
+    info(HOST_SEARCH_FAILURES_TOTAL, Counter, &["url"], Some(Unit::Count),
+        "Searches of a URL's hosts that found none reachable and fitting target_session_attrs; the pool keeps trying."),
     info(WRITE_BATCH_CALLS, Histogram, &["operation"], Some(Unit::Count),
         "Calls written together by group commit, per batch (1 for a call written alone): update_state, connect."),
     info(WRITE_BATCHES_SPLIT_TOTAL, Counter, &["operation"], Some(Unit::Count),
@@ -474,7 +483,7 @@ mod tests {
                 );
             }
         }
-        assert_eq!(seen.len(), 29);
+        assert_eq!(seen.len(), 31);
     }
 
     /// Every `plane_db_…` name in `text`, less the suffixes Prometheus adds to histograms.

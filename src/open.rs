@@ -10,6 +10,7 @@
 
 use crate::config::Config;
 use crate::error::{Error, Result};
+use crate::hosts::{parse_url, HostSet, HostWatch, ParsedUrl, PoolHosts};
 use crate::migrate::migrate_on;
 use crate::replicas::ReplicaPool;
 use futures_util::future::BoxFuture;
@@ -18,6 +19,7 @@ use sqlx::{Connection, Executor, PgConnection, PgPool};
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::sync::watch;
 
 /// The application name prefix when the caller sets none (neither with
 /// [`OpenOptions::application_name`] nor in the URL nor in `PGAPPNAME`).
@@ -102,9 +104,10 @@ pub enum PoolerMode {
 /// ```
 #[derive(Clone)]
 pub struct OpenOptions {
-    main: PgConnectOptions,
-    direct: Option<PgConnectOptions>,
-    replicas: Vec<PgConnectOptions>,
+    main: ParsedUrl,
+    direct: Option<ParsedUrl>,
+    replicas: Vec<ParsedUrl>,
+    host_check_interval: Duration,
     pooler: PoolerMode,
     application_name: Option<String>,
     max_connections: u32,
@@ -125,12 +128,13 @@ impl fmt::Debug for OpenOptions {
     // `PgConnectOptions`'s own `Debug` prints the password.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("OpenOptions")
-            .field("main", &endpoint(&self.main))
-            .field("direct", &self.direct.as_ref().map(endpoint))
+            .field("main", &described(&self.main))
+            .field("direct", &self.direct.as_ref().map(described))
             .field(
                 "replicas",
-                &self.replicas.iter().map(endpoint).collect::<Vec<_>>(),
+                &self.replicas.iter().map(described).collect::<Vec<_>>(),
             )
+            .field("host_check_interval", &self.host_check_interval)
             .field("pooler", &self.pooler)
             .field("application_name", &self.application_prefix())
             .field("max_connections", &self.max_connections)
@@ -151,17 +155,28 @@ impl OpenOptions {
     /// Options for the database at `url` (`postgres://user:password@host:port/database?…`,
     /// with libpq's parameters such as `sslmode`), with every default below.
     /// [`Error::InvalidArgument`] if it does not parse.
+    ///
+    /// The URL may list several hosts and say which fits, as libpq's do
+    /// (`postgres://u:p@db1:5432,db2:5432/plane?target_session_attrs=read-write`): the
+    /// pool then stays on a host that fits, moving when it fails over. The
+    /// [`hosts`](crate::hosts) module says how; so does every other URL here.
     pub fn new(url: &str) -> Result<Self> {
-        Ok(Self::from_pg_options(parse_url("url", url)?))
+        let mut options = Self::from_pg_options(PgConnectOptions::new_without_pgpass());
+        options.main = parse_url("url", url)?;
+        Ok(options)
     }
 
     /// Options for a database described by sqlx's options (for settings a URL cannot
     /// carry), with every default below.
     pub fn from_pg_options(options: PgConnectOptions) -> Self {
         Self {
-            main: options,
+            main: ParsedUrl {
+                options,
+                hosts: None,
+            },
             direct: None,
             replicas: Vec::new(),
+            host_check_interval: Duration::from_secs(1),
             pooler: PoolerMode::Direct,
             application_name: None,
             max_connections: 32,
@@ -179,13 +194,17 @@ impl OpenOptions {
     /// the migrations. Required with [`PoolerMode::Transaction`]; with
     /// [`PoolerMode::Session`] it moves the listening connection off the pooler. None by
     /// default (everything uses the main URL).
-    pub fn direct_url(self, url: &str) -> Result<Self> {
-        Ok(self.direct_pg_options(parse_url("direct_url", url)?))
+    pub fn direct_url(mut self, url: &str) -> Result<Self> {
+        self.direct = Some(parse_url("direct_url", url)?);
+        Ok(self)
     }
 
     /// [`direct_url`](Self::direct_url), given as sqlx's options.
     pub fn direct_pg_options(mut self, options: PgConnectOptions) -> Self {
-        self.direct = Some(options);
+        self.direct = Some(ParsedUrl {
+            options,
+            hosts: None,
+        });
         self
     }
 
@@ -203,13 +222,27 @@ impl OpenOptions {
     /// lazily: a replica that is down when the database is opened does not fail
     /// [`open`](Self::open); reads go to the primary until its probe finds it. None by
     /// default.
-    pub fn replica_url(self, url: &str) -> Result<Self> {
-        Ok(self.replica_pg_options(parse_url("replica_url", url)?))
+    pub fn replica_url(mut self, url: &str) -> Result<Self> {
+        self.replicas.push(parse_url("replica_url", url)?);
+        Ok(self)
     }
 
     /// [`replica_url`](Self::replica_url), given as sqlx's options.
     pub fn replica_pg_options(mut self, options: PgConnectOptions) -> Self {
-        self.replicas.push(options);
+        self.replicas.push(ParsedUrl {
+            options,
+            hosts: None,
+        });
+        self
+    }
+
+    /// How often the host in use is checked, for each URL that lists several hosts (or
+    /// gives `target_session_attrs`), on a connection of its own: the longest a pool keeps
+    /// using a host after it failed or stopped fitting, before a search for another begins
+    /// (new connections are checked as they open, whatever this is). Defaults to 1 s: a
+    /// one-row query per second, against HA engines that take seconds to fail over.
+    pub fn host_check_interval(mut self, interval: Duration) -> Self {
+        self.host_check_interval = interval;
         self
     }
 
@@ -301,12 +334,61 @@ impl OpenOptions {
     /// [`open`](Self::open) wraps into a database.
     pub(crate) async fn open_pools(self) -> Result<Opened> {
         self.check()?;
-        let pool = self
-            .pool_options()
-            .connect_with(self.main_options())
-            .await?;
-        let listener = self.listener_pool(&pool);
-        let replicas = self.replica_pools();
+        let mut watch = HostWatch::default();
+        let main_options = self.main_options();
+        // With several hosts, the search runs first, so that no host fitting fails here
+        // with every host's reason.
+        let (main_set, found) = match &self.main.hosts {
+            Some(list) => {
+                let (conn, index) = crate::hosts::connect_fitting(list, &main_options).await?;
+                let set = HostSet::new(list.clone(), "main".to_string(), index);
+                (Some(set), Some(conn))
+            }
+            None => (None, None),
+        };
+        let main_hosts = main_set.as_ref().map(|set| PoolHosts {
+            set: set.clone(),
+            base: main_options.clone(),
+        });
+        let pool = hooked(
+            self.pool_options(),
+            self.pool_settings(),
+            main_hosts.as_ref(),
+        )
+        .connect_with(
+            main_hosts
+                .as_ref()
+                .map_or(main_options.clone(), PoolHosts::options),
+        )
+        .await?;
+        let (listener, listener_hosts) = self.listener_pool(main_set.as_ref());
+        let listener_moves = listener_hosts.as_ref().map(|hosts| hosts.set.moves());
+        let mut main_pools = vec![(pool.clone(), main_options.clone())];
+        match listener_hosts {
+            Some(hosts)
+                if main_set
+                    .as_ref()
+                    .is_some_and(|set| Arc::ptr_eq(set, &hosts.set)) =>
+            {
+                main_pools.push((listener.clone(), hosts.base));
+            }
+            Some(hosts) => {
+                let monitor = hosts.base.clone();
+                let pools = vec![(listener.clone(), hosts.base)];
+                watch.watch(hosts.set, pools, monitor, None, self.host_check_interval);
+            }
+            None => {}
+        }
+        if let Some(set) = main_set {
+            watch.watch(
+                set,
+                main_pools,
+                main_options,
+                found,
+                self.host_check_interval,
+            );
+        }
+        let replicas = self.replica_pools(&mut watch);
         let mut config = self.config;
         if self.pooler == PoolerMode::Transaction {
             // Group commit's lock timeout is a session setting of the batch writer's
@@ -319,6 +401,8 @@ impl OpenOptions {
             listener,
             replicas,
             config,
+            hosts: watch,
+            listener_moves,
         })
     }
 
@@ -356,7 +440,7 @@ impl OpenOptions {
         let name = self
             .application_name
             .as_deref()
-            .or(self.main.get_application_name())
+            .or(self.main.options.get_application_name())
             .filter(|name| !name.is_empty())
             .unwrap_or(DEFAULT_APPLICATION_NAME);
         truncate(name, MAX_APPLICATION_NAME - LISTENER_SUFFIX.len()).to_string()
@@ -369,6 +453,7 @@ impl OpenOptions {
     fn main_options(&self) -> PgConnectOptions {
         let options = self
             .main
+            .options
             .clone()
             .application_name(&self.application_prefix());
         if self.through_pooler() {
@@ -381,17 +466,22 @@ impl OpenOptions {
     }
 
     /// Where the connections that need a session of their own go.
-    fn session_target(&self) -> &PgConnectOptions {
+    fn session_target(&self) -> &ParsedUrl {
         self.direct.as_ref().unwrap_or(&self.main)
     }
 
+    /// The pool's size and timeouts, without hooks (see [`hooked`]).
     fn pool_options(&self) -> PgPoolOptions {
-        let options = PgPoolOptions::new()
+        PgPoolOptions::new()
             .max_connections(self.max_connections)
             .acquire_timeout(self.acquire_timeout)
             .idle_timeout(self.idle_timeout)
-            .max_lifetime(self.max_lifetime);
-        let settings = match self.pooler {
+            .max_lifetime(self.max_lifetime)
+    }
+
+    /// What runs on each new connection of the pool.
+    fn pool_settings(&self) -> String {
+        match self.pooler {
             // A SET would stay on the pooler's server connection, for other clients.
             PoolerMode::Transaction => String::new(),
             PoolerMode::Direct | PoolerMode::Session => session_settings(&[
@@ -401,39 +491,67 @@ impl OpenOptions {
                     self.idle_in_transaction_session_timeout,
                 ),
             ]),
-        };
-        with_settings(options, settings)
+        }
     }
 
-    /// A pool per replica, like the main pool but opened lazily, named `…-replica`.
-    fn replica_pools(&self) -> Vec<ReplicaPool> {
+    /// A pool per replica, like the main pool but opened lazily, named `…-replica`. A
+    /// replica URL with several hosts gets a watch of its own in `watch` (started here, so
+    /// within a Tokio runtime).
+    fn replica_pools(&self, watch: &mut HostWatch) -> Vec<ReplicaPool> {
         let name = format!("{}{REPLICA_SUFFIX}", self.application_prefix());
         self.replicas
             .iter()
-            .map(|options| {
-                let options = options.clone().application_name(&name);
+            .enumerate()
+            .map(|(index, url)| {
+                let options = url.options.clone().application_name(&name);
                 let options = if self.through_pooler() {
                     options.extra_float_digits(None)
                 } else {
                     options
                 };
+                let hosts = url.hosts.clone().map(|list| PoolHosts {
+                    set: HostSet::new(list, format!("replica {}", index + 1), 0),
+                    base: options.clone(),
+                });
+                let pool = hooked(
+                    self.pool_options()
+                        .acquire_timeout(self.config.replicas.acquire_timeout),
+                    self.pool_settings(),
+                    hosts.as_ref(),
+                )
+                .connect_lazy_with(hosts.as_ref().map_or(options.clone(), PoolHosts::options));
+                if let Some(hosts) = hosts {
+                    let pools = vec![(pool.clone(), hosts.base.clone())];
+                    watch.watch(hosts.set, pools, hosts.base, None, self.host_check_interval);
+                }
                 ReplicaPool {
-                    endpoint: endpoint(&options),
-                    pool: self
-                        .pool_options()
-                        .acquire_timeout(self.config.replicas.acquire_timeout)
-                        .connect_lazy_with(options),
+                    endpoint: described(url),
+                    pool,
                 }
             })
             .collect()
     }
 
-    fn listener_pool(&self, pool: &PgPool) -> PgPool {
-        let options = self
-            .session_target()
+    /// The listener's pool, and its hosts when its URL lists several: those of `main_set`
+    /// when it connects through the main URL.
+    fn listener_pool(&self, main_set: Option<&Arc<HostSet>>) -> (PgPool, Option<PoolHosts>) {
+        let target = self.session_target();
+        let options = target
+            .options
             .clone()
             .application_name(&format!("{}{LISTENER_SUFFIX}", self.application_prefix()))
             .extra_float_digits(None);
+        let set = match (&self.direct, main_set) {
+            (None, Some(set)) => Some(set.clone()),
+            _ => target
+                .hosts
+                .clone()
+                .map(|list| HostSet::new(list, "direct".to_string(), 0)),
+        };
+        let hosts = set.map(|set| PoolHosts {
+            set,
+            base: options.clone(),
+        });
         // The same timeouts as the pool (harmless: the connection only runs LISTEN and is
         // never inside a transaction), and no idle-session timeout, which would end it.
         let settings = session_settings(&[
@@ -443,16 +561,21 @@ impl OpenOptions {
                 self.idle_in_transaction_session_timeout,
             ),
         ]);
-        listener_pool(options, settings, pool.options().get_acquire_timeout())
+        let pool = listener_pool(options, settings, self.acquire_timeout, hosts.as_ref());
+        (pool, hosts)
     }
 
     async fn migrate(&self) -> Result<()> {
-        let options = self
-            .session_target()
+        let target = self.session_target();
+        let options = target
+            .options
             .clone()
             .application_name(&format!("{}{MIGRATE_SUFFIX}", self.application_prefix()))
             .extra_float_digits(None);
-        let mut conn = PgConnection::connect_with(&options).await?;
+        let mut conn = match &target.hosts {
+            Some(list) => crate::hosts::connect_fitting(list, &options).await?.0,
+            None => PgConnection::connect_with(&options).await?,
+        };
         // A migration may rewrite a table or build an index: no statement timeout (a role
         // default included) may cut it short.
         let settings = session_settings(&[
@@ -483,22 +606,21 @@ fn endpoint(options: &PgConnectOptions) -> String {
     )
 }
 
-fn parse_url(argument: &'static str, url: &str) -> Result<PgConnectOptions> {
-    let scheme = url.split_once("://").map(|(scheme, _)| scheme);
-    if !scheme
-        .is_some_and(|s| s.eq_ignore_ascii_case("postgres") || s.eq_ignore_ascii_case("postgresql"))
-    {
-        return Err(Error::InvalidArgument {
-            argument,
-            reason: "must be a postgres:// or postgresql:// URL".to_string(),
-        });
+/// [`endpoint`], with every host when the URL lists several (`user@h1:p1,h2:p2/database`).
+fn described(url: &ParsedUrl) -> String {
+    let options = &url.options;
+    match &url.hosts {
+        None => endpoint(options),
+        Some(list) => format!(
+            "{}@{}/{}",
+            options.get_username(),
+            (0..list.hosts.len())
+                .map(|index| list.describe(index))
+                .collect::<Vec<_>>()
+                .join(","),
+            options.get_database().unwrap_or("")
+        ),
     }
-    url.parse()
-        .map_err(|error: sqlx::Error| Error::InvalidArgument {
-            argument,
-            // sqlx's message names what is wrong, not the URL (which may hold a password).
-            reason: error.to_string(),
-        })
 }
 
 /// `SET name = value;` for each setting given, value in milliseconds (a non-zero duration
@@ -522,12 +644,17 @@ fn millis(duration: Duration) -> u64 {
     ms.clamp(1, i32::MAX as u128) as u64
 }
 
-/// Runs `settings` (if any) on every new connection of the pool.
-fn with_settings(options: PgPoolOptions, settings: String) -> PgPoolOptions {
+/// Runs `settings` (if any) on every new connection of the pool; with `hosts`, checks the
+/// connection's host first and retires connections to a host left behind (see
+/// [`PoolHosts::hook`]).
+fn hooked(options: PgPoolOptions, settings: String, hosts: Option<&PoolHosts>) -> PgPoolOptions {
+    let settings: Arc<str> = settings.into();
+    if let Some(hosts) = hosts {
+        return hosts.hook(options, settings);
+    }
     if settings.is_empty() {
         return options;
     }
-    let settings: Arc<str> = settings.into();
     options.after_connect(move |conn, _| apply_settings(conn, settings.clone()))
 }
 
@@ -550,6 +677,7 @@ pub(crate) fn listener_pool(
     options: PgConnectOptions,
     settings: String,
     acquire_timeout: Duration,
+    hosts: Option<&PoolHosts>,
 ) -> PgPool {
     let settings = format!(
         "{settings}SELECT set_config(name, '0', false) FROM pg_settings \
@@ -561,7 +689,8 @@ pub(crate) fn listener_pool(
         .idle_timeout(None)
         .max_lifetime(None)
         .acquire_timeout(acquire_timeout);
-    with_settings(pool_options, settings).connect_lazy_with(options)
+    let options = hosts.map_or(options, PoolHosts::options);
+    hooked(pool_options, settings, hosts).connect_lazy_with(options)
 }
 
 /// The listening connection's options for a pool built by the caller: the pool's, named
@@ -598,6 +727,10 @@ pub(crate) struct Opened {
     pub(crate) listener: PgPool,
     pub(crate) replicas: Vec<ReplicaPool>,
     pub(crate) config: Config,
+    /// The tasks that keep multi-host pools on a fitting host.
+    pub(crate) hosts: HostWatch,
+    /// Changes when the listener's pool moves to another host.
+    pub(crate) listener_moves: Option<watch::Receiver<u64>>,
 }
 
 #[cfg(test)]
@@ -713,7 +846,7 @@ mod tests {
             .unwrap()
             .replica_url("postgres://u:secret@r2:5433/db")
             .unwrap();
-        let replicas = options.replica_pools();
+        let replicas = options.replica_pools(&mut HostWatch::default());
         let endpoints: Vec<&str> = replicas.iter().map(|r| r.endpoint.as_str()).collect();
         assert_eq!(endpoints, ["u@r1:5432/db", "u@r2:5433/db"]);
         for replica in &replicas {

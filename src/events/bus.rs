@@ -10,6 +10,7 @@ use crate::metrics as m;
 use sqlx::PgPool;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 /// The handle a `PlaneDatabase` keeps. Starting is lazy (on the first subscription) so that
@@ -27,6 +28,9 @@ pub(crate) struct EventBus {
     tasks: tokio::sync::Mutex<Option<Tasks>>,
     /// Whether the waker task runs (set by whoever starts it, cleared when it ends).
     waker_running: Arc<AtomicBool>,
+    /// Changes when the listener's pool moves to another host of a multi-host URL: the
+    /// listening connection, held outside the pool, is then replaced.
+    listener_moves: Option<watch::Receiver<u64>>,
 }
 
 /// The bus's long-running tasks.
@@ -87,7 +91,15 @@ impl EventBus {
             config,
             tasks: tokio::sync::Mutex::new(None),
             waker_running: Arc::new(AtomicBool::new(false)),
+            listener_moves: None,
         }
+    }
+
+    /// Has the listening connection replaced whenever `moves` changes (its pool moved to
+    /// another host); `None` leaves it as it is.
+    pub(crate) fn following(mut self, moves: Option<watch::Receiver<u64>>) -> Self {
+        self.listener_moves = moves;
+        self
     }
 
     /// What a writer of this process sets `plane.event_wake` to in a transaction that
@@ -157,9 +169,14 @@ impl EventBus {
                 self.listener.clone(),
                 self.config.max_backoff,
             );
+            let mut moves = self.listener_moves.clone();
+            if let Some(moves) = moves.as_mut() {
+                // Only moves from now on: this listener was just connected.
+                moves.mark_unchanged();
+            }
             async move {
                 let _guard = guard;
-                listen_loop(shared, pool, listener, max_backoff).await;
+                listen_loop(shared, pool, listener, max_backoff, moves).await;
             }
         });
         let guard = TaskGuard {

@@ -12,6 +12,7 @@ use sqlx::postgres::PgListener;
 use sqlx::PgPool;
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::sync::watch;
 
 /// Opens the listening connection from its own pool (the bus's `listener`).
 pub(super) async fn connect_listener(pool: &PgPool) -> Result<PgListener> {
@@ -35,6 +36,7 @@ pub(super) async fn listen_loop(
     pool: PgPool,
     mut listener: PgListener,
     max_backoff: Duration,
+    mut moves: Option<watch::Receiver<u64>>,
 ) {
     let mut backoff = Backoff::new(max_backoff);
     loop {
@@ -42,6 +44,14 @@ pub(super) async fn listen_loop(
             let received = tokio::select! {
                 r = listener.try_recv() => r,
                 _ = shared.closed() => return,
+                _ = moved(&mut moves) => {
+                    // The old host may still answer (a demoted primary, as a standby) but
+                    // no longer sees the commits: listen on the new one.
+                    tracing::info!(
+                        "event bus: the listener's pool moved to another host; reconnecting"
+                    );
+                    break;
+                }
             };
             match received {
                 Ok(Some(notification)) => {
@@ -82,6 +92,16 @@ pub(super) async fn listen_loop(
         metrics::counter!(m::BUS_LISTENER_RECONNECTS_TOTAL).increment(1);
         shared.wake.notify_one();
     }
+}
+
+/// Returns when `moves` changes; never without one (or once its sender is gone).
+async fn moved(moves: &mut Option<watch::Receiver<u64>>) {
+    if let Some(receiver) = moves {
+        if receiver.changed().await.is_ok() {
+            return;
+        }
+    }
+    std::future::pending().await
 }
 
 /// A random identifier for this bus's own wake-ups (not a secret; it only lets the bus

@@ -23,6 +23,7 @@ mod failover;
 mod hostile;
 mod least_privilege;
 mod listener_kill;
+mod multihost;
 mod open_transaction;
 mod pooler;
 mod prepared;
