@@ -1,0 +1,739 @@
+//! plane-db under automatic failover (issue 22, items 3 and 4): a Patroni cluster of three
+//! nodes, the library's controllers on it through HAProxy or through a multi-host URL.
+//!
+//! Load: 16 writers in one controller take backends through their whole lives (`connect`,
+//! then seven `update_state`s), each call bounded by a client timeout (as a request handler
+//! would be) and retried; 4 subscriber controllers, each with a bus of its own, receive
+//! every event; a proxy controller looks up routes of ready backends on the replicas.
+//! Faults, each followed by the old primary's return as a streaming replica (Patroni
+//! rejoins it, with `pg_rewind` where needed): the primary's postmaster SIGKILLed, the
+//! primary's node paused (SIGSTOP of Patroni and Postgres, as a hung machine; resumed once
+//! another node leads), and a planned `patronictl switchover`.
+//!
+//! Checked at the end, on the final primary: every write a caller was told had committed is
+//! there (with synchronous replication); every subscriber received every event of the
+//! `event` table once (none lost, none twice); the route lookups never gave a ready
+//! backend's route wrongly; the library holds no connection but replica reads on a node
+//! that is not the primary. Measured per fault: seconds from the fault to Patroni's
+//! promotion, to the first acknowledged write that began after the fault, and to the first
+//! event of such a write delivered to all four subscribers.
+
+use crate::common::{cluster, request};
+use plane_db::backend::RouteInfoResult;
+use plane_db::testing::{PatroniOptions, TestPatroniCluster};
+use plane_db::types::{
+    BackendAddr, BackendState, BackendStatus, BearerToken, ControllerName,
+    DroneName, DronePoolName, NodeId, NodeKind, TerminationKind, TerminationReason,
+};
+use plane_db::{OpenOptions, PlaneDatabase};
+use std::collections::HashSet;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+/// How the controllers reach the cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Client {
+    /// HAProxy's primary and replica ports (routing by Patroni's REST checks).
+    HaProxy,
+    /// Every node listed in one URL, `target_session_attrs=read-write` for the primary and
+    /// `prefer-standby` for the replica reads.
+    MultiHost,
+}
+
+/// What happens to the primary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// SIGKILL of its postmaster.
+    Kill,
+    /// SIGSTOP of its Patroni and Postgres; SIGCONT once another node leads.
+    Pause,
+    /// `patronictl switchover`.
+    Switchover,
+}
+
+const WRITERS: usize = 16;
+const SUBSCRIBERS: usize = 4;
+/// The bound on one call of a writer: a call stuck on a hung node is given up and retried.
+const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+/// Steady load before each fault, and after the last one.
+const STEADY: Duration = Duration::from_secs(3);
+/// Longest wait for a new leader, and for the old one to be streaming again.
+const PATRONI_WAIT: Duration = Duration::from_secs(90);
+const DATABASE: &str = "plane";
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(f).await.expect("a blocking task")
+}
+
+/// One acknowledged write: the backend, the status written, when its first attempt began
+/// and when it was acknowledged.
+#[derive(Debug, Clone)]
+struct Ack {
+    backend: String,
+    status: BackendStatus,
+    began: Instant,
+    acked: Instant,
+}
+
+/// What each subscriber received: event id, key, status, when.
+type Received = Arc<Mutex<Vec<(i64, String, Option<String>, Instant)>>>;
+
+/// The figures of one fault.
+#[derive(Debug)]
+pub struct FaultFigures {
+    pub fault: Fault,
+    /// Patroni's promotion, from the fault (None for a switchover that Patroni did not
+    /// record).
+    pub promoted: Option<Duration>,
+    pub first_write: Duration,
+    pub first_event: Duration,
+    /// Route lookups that failed (an error) from the fault until the first write.
+    pub route_errors: u64,
+}
+
+/// The figures of one run.
+#[derive(Debug)]
+pub struct RunFigures {
+    pub faults: Vec<FaultFigures>,
+    pub acked: usize,
+    pub acked_lost: usize,
+    pub events_stored: usize,
+    pub events_lost: usize,
+    pub events_twice: usize,
+    /// Events delivered whose rows the final primary does not have (asynchronous
+    /// replication: committed on a primary, then lost with it).
+    pub delivered_not_stored: usize,
+    pub lagged_reports: u64,
+    pub write_errors: u64,
+    pub route_lookups: u64,
+    pub route_errors: u64,
+    pub route_wrong: u64,
+}
+
+/// Runs the load against a fresh cluster through `faults`, and checks and measures it.
+pub async fn run(client: Client, synchronous: bool, faults: &[Fault]) -> RunFigures {
+    let options = PatroniOptions::new(synchronous);
+    let cluster = match blocking(move || TestPatroniCluster::start(&options)).await {
+        Ok(cluster) => Arc::new(cluster),
+        Err(error) => panic!("could not start a Patroni cluster: {error}"),
+    };
+    let c = cluster.clone();
+    blocking(move || c.create_database(DATABASE))
+        .await
+        .expect("create the database");
+    let (url, replica_url) = match client {
+        Client::HaProxy => (
+            cluster.primary_url(DATABASE),
+            cluster.replicas_url(DATABASE),
+        ),
+        Client::MultiHost => {
+            let url = cluster.multi_host_url(DATABASE);
+            (
+                format!("{url}?target_session_attrs=read-write&connect_timeout=2"),
+                format!("{url}?target_session_attrs=prefer-standby&connect_timeout=2"),
+            )
+        }
+    };
+    plane_db::open_and_migrate(&url)
+        .await
+        .expect("migrate")
+        .pool()
+        .close()
+        .await;
+
+    let writers_db = OpenOptions::new(&url)
+        .unwrap()
+        .max_connections(24)
+        .acquire_timeout(Duration::from_secs(4))
+        .open()
+        .await
+        .expect("open the writers' controller");
+    let (controller, drone) = register_drone(&writers_db).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let heartbeats = tokio::spawn(heartbeat(
+        writers_db.clone(),
+        controller,
+        drone,
+        stop.clone(),
+    ));
+
+    let mut subscribers = Vec::new();
+    let mut received: Vec<Received> = Vec::new();
+    let lagged = Arc::new(AtomicU64::new(0));
+    for _ in 0..SUBSCRIBERS {
+        let db = OpenOptions::new(&url)
+            .unwrap()
+            .max_connections(2)
+            .open()
+            .await
+            .expect("open a subscriber's controller");
+        let mut subscription = db.subscribe_all_events().await.expect("subscribe");
+        let got: Received = Arc::default();
+        received.push(got.clone());
+        let lagged = lagged.clone();
+        subscribers.push(tokio::spawn(async move {
+            let _db = db;
+            while let Some(next) = subscription.next().await {
+                match next {
+                    Ok(event) => {
+                        let status = event
+                            .payload
+                            .get("status")
+                            .and_then(|s| s.as_str())
+                            .map(str::to_string);
+                        got.lock().unwrap().push((
+                            event.id,
+                            event.key.clone().unwrap_or_default(),
+                            status,
+                            Instant::now(),
+                        ));
+                    }
+                    Err(_) => {
+                        lagged.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        }));
+    }
+
+    let proxy_db = OpenOptions::new(&url)
+        .unwrap()
+        .replica_url(&replica_url)
+        .unwrap()
+        .max_connections(4)
+        .open()
+        .await
+        .expect("open the proxy's controller");
+    let routes: Arc<Mutex<Vec<BearerToken>>> = Arc::default();
+    routes
+        .lock()
+        .unwrap()
+        .push(ready_backend(&writers_db, "route-0").await);
+    let route_counts = Arc::new(RouteCounts::default());
+    let proxy = tokio::spawn(look_up_routes(
+        proxy_db.clone(),
+        routes.clone(),
+        route_counts.clone(),
+        stop.clone(),
+    ));
+
+    let acks: Arc<Mutex<Vec<Ack>>> = Arc::default();
+    let write_errors = Arc::new(AtomicU64::new(0));
+    let writers: Vec<_> = (0..WRITERS)
+        .map(|i| {
+            tokio::spawn(writer(
+                writers_db.clone(),
+                format!("w{i}"),
+                acks.clone(),
+                write_errors.clone(),
+                stop.clone(),
+            ))
+        })
+        .collect();
+
+    let mut figures = Vec::new();
+    for (round, fault) in faults.iter().enumerate() {
+        tokio::time::sleep(STEADY).await;
+        let c = cluster.clone();
+        let old = blocking(move || c.leader())
+            .await
+            .expect("ask Patroni")
+            .expect("a leader");
+        let timeline = {
+            let c = cluster.clone();
+            blocking(move || c.timeline()).await.expect("the timeline")
+        };
+        let route_errors_before = route_counts.errors.load(Ordering::Relaxed);
+        let (at, at_system) = (Instant::now(), SystemTime::now());
+        let c = cluster.clone();
+        let fault = *fault;
+        blocking(move || match fault {
+            Fault::Kill => c.kill_postmaster(old).map(|_| ()),
+            Fault::Pause => c.pause(old),
+            Fault::Switchover => c.switchover().map(|_| ()),
+        })
+        .await
+        .expect("the fault");
+        let c = cluster.clone();
+        let (new, _) = blocking(move || c.wait_for_new_leader(old, PATRONI_WAIT))
+            .await
+            .unwrap_or_else(|error| panic!("round {round}: no new leader: {error}"));
+        if fault == Fault::Pause {
+            let c = cluster.clone();
+            blocking(move || c.resume(old)).await.expect("resume");
+        }
+        let c = cluster.clone();
+        let promoted = blocking(move || c.promoted_at(timeline + 1, Duration::from_secs(10)))
+            .await
+            .ok()
+            .and_then(|t| t.duration_since(at_system).ok());
+        // A backend made ready on the new primary, whose route the proxy must find.
+        routes
+            .lock()
+            .unwrap()
+            .push(ready_backend(&writers_db, &format!("route-{}", round + 1)).await);
+        let first_write = wait_first_write(&acks, at).await;
+        let first_event = wait_first_event(&acks, &received, at).await;
+        let route_errors = route_counts.errors.load(Ordering::Relaxed) - route_errors_before;
+        let c = cluster.clone();
+        blocking(move || c.wait_for_streaming_replica(old, PATRONI_WAIT))
+            .await
+            .unwrap_or_else(|error| panic!("round {round}: the old primary did not rejoin: {error}"));
+        println!(
+            "round {round}: {fault:?} of node {old}, node {new} leads; promoted after {promoted:?}, \
+             first write after {first_write:?}, first event after {first_event:?}"
+        );
+        figures.push(FaultFigures {
+            fault,
+            promoted,
+            first_write,
+            first_event,
+            route_errors,
+        });
+    }
+    tokio::time::sleep(STEADY).await;
+
+    // The old primaries are back as replicas: none holds a connection of the library but
+    // replica reads (checked while the load still runs).
+    let c = cluster.clone();
+    let leader = blocking(move || c.leader())
+        .await
+        .expect("ask Patroni")
+        .expect("a leader");
+    for node in 0..cluster.node_count() {
+        if node == leader {
+            continue;
+        }
+        let names = library_connections(&cluster.node_url(node, "postgres")).await;
+        assert!(
+            names
+                .iter()
+                .all(|name| name == "plane-db-replica"),
+            "node {node} (a replica) holds connections of the library: {names:?}"
+        );
+    }
+
+    stop.store(true, Ordering::Relaxed);
+    for writer in writers {
+        writer.await.expect("a writer");
+    }
+    proxy.await.expect("the proxy");
+    heartbeats.await.expect("the heartbeats");
+
+    // Every event stored on the final primary, and every acknowledged write.
+    let primary = sqlx::PgPool::connect(&cluster.node_url(leader, DATABASE))
+        .await
+        .expect("the final primary");
+    let stored: Vec<i64> = sqlx::query_scalar("select id from event order by id")
+        .fetch_all(&primary)
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while received
+        .iter()
+        .any(|got| got.lock().unwrap().len() < stored.len())
+        && Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let stored_set: HashSet<i64> = stored.iter().copied().collect();
+    let (mut events_lost, mut events_twice, mut delivered_not_stored) = (0, 0, 0);
+    for got in &received {
+        let got = got.lock().unwrap();
+        let mut seen = HashSet::new();
+        for (id, ..) in got.iter() {
+            if !seen.insert(*id) {
+                events_twice += 1;
+            } else if !stored_set.contains(id) {
+                delivered_not_stored += 1;
+            }
+        }
+        events_lost += stored_set.difference(&seen).count();
+    }
+    let states: Vec<(String, String)> =
+        sqlx::query_as("select backend_id, state->>'status' from backend_state")
+            .fetch_all(&primary)
+            .await
+            .unwrap();
+    let states: HashSet<(String, String)> = states.into_iter().collect();
+    let acks = acks.lock().unwrap().clone();
+    let acked_lost = acks
+        .iter()
+        .filter(|ack| !states.contains(&(ack.backend.clone(), status_name(ack.status))))
+        .count();
+    primary.close().await;
+    for subscriber in subscribers {
+        subscriber.abort();
+    }
+    RunFigures {
+        faults: figures,
+        acked: acks.len(),
+        acked_lost,
+        events_stored: stored.len(),
+        events_lost,
+        events_twice,
+        delivered_not_stored,
+        lagged_reports: lagged.load(Ordering::Relaxed),
+        write_errors: write_errors.load(Ordering::Relaxed),
+        route_lookups: route_counts.lookups.load(Ordering::Relaxed),
+        route_errors: route_counts.errors.load(Ordering::Relaxed),
+        route_wrong: route_counts.wrong.load(Ordering::Relaxed),
+    }
+}
+
+/// The `application_name`s of the library's connections on a node.
+async fn library_connections(url: &str) -> Vec<String> {
+    let pool = sqlx::PgPool::connect(url).await.expect("reach the node");
+    let names: Vec<String> = sqlx::query_scalar(
+        "select application_name from pg_stat_activity \
+         where application_name like 'plane-db%' and pid <> pg_backend_pid()",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    pool.close().await;
+    names
+}
+
+/// Waits for the first acknowledged write that began after `fault`; how long after.
+async fn wait_first_write(acks: &Mutex<Vec<Ack>>, fault: Instant) -> Duration {
+    let deadline = Instant::now() + PATRONI_WAIT;
+    loop {
+        let first = acks
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|ack| ack.began > fault)
+            .map(|ack| ack.acked)
+            .min();
+        if let Some(first) = first {
+            return first - fault;
+        }
+        assert!(Instant::now() < deadline, "no write was acknowledged after the fault");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Waits until every subscriber has received an event of a write that began after
+/// `fault`; how long after the fault the last of them got its first.
+async fn wait_first_event(
+    acks: &Mutex<Vec<Ack>>,
+    received: &[Received],
+    fault: Instant,
+) -> Duration {
+    let deadline = Instant::now() + PATRONI_WAIT;
+    loop {
+        let after: HashSet<(String, String)> = acks
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|ack| ack.began > fault)
+            .map(|ack| (ack.backend.clone(), status_name(ack.status)))
+            .collect();
+        let firsts: Vec<Option<Instant>> = received
+            .iter()
+            .map(|got| {
+                got.lock()
+                    .unwrap()
+                    .iter()
+                    .filter(|(_, key, status, _)| {
+                        status
+                            .as_ref()
+                            .is_some_and(|s| after.contains(&(key.clone(), s.clone())))
+                    })
+                    .map(|(.., at)| *at)
+                    .min()
+            })
+            .collect();
+        if firsts.iter().all(Option::is_some) {
+            return firsts.into_iter().flatten().max().unwrap_or(fault) - fault;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not every subscriber received an event written after the fault"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Creates backends under its own keys and takes each through its whole life, each call
+/// bounded by [`CALL_TIMEOUT`] and retried until it succeeds.
+async fn writer(
+    db: PlaneDatabase,
+    prefix: String,
+    acks: Arc<Mutex<Vec<Ack>>>,
+    errors: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+) {
+    let mut n = 0;
+    while !stop.load(Ordering::Relaxed) {
+        let key = format!("{prefix}-{n}");
+        n += 1;
+        let began = Instant::now();
+        let response = loop {
+            match tokio::time::timeout(CALL_TIMEOUT, db.connect(&request(&key))).await {
+                Ok(Ok(response)) => break Some(response),
+                _ => {
+                    errors.fetch_add(1, Ordering::Relaxed);
+                    if stop.load(Ordering::Relaxed) {
+                        break None;
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        };
+        let Some(response) = response else { return };
+        let backend = response.backend_id;
+        acks.lock().unwrap().push(Ack {
+            backend: backend.to_string(),
+            status: BackendStatus::Scheduled,
+            began,
+            acked: Instant::now(),
+        });
+        for status in &BackendStatus::ALL[1..] {
+            let state = state_for(*status);
+            let began = Instant::now();
+            let mut failed = false;
+            loop {
+                let update = db.backend().update_state(&backend, &state);
+                match tokio::time::timeout(CALL_TIMEOUT, update).await {
+                    // After a failed attempt, a refusal means that attempt had committed.
+                    Ok(Ok(accepted)) if accepted || failed => {
+                        acks.lock().unwrap().push(Ack {
+                            backend: backend.to_string(),
+                            status: *status,
+                            began,
+                            acked: Instant::now(),
+                        });
+                        break;
+                    }
+                    Ok(Ok(_)) => panic!("{backend}: {status:?} refused on its first attempt"),
+                    _ => {
+                        failed = true;
+                        errors.fetch_add(1, Ordering::Relaxed);
+                        if stop.load(Ordering::Relaxed) {
+                            return;
+                        }
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[derive(Default)]
+struct RouteCounts {
+    lookups: AtomicU64,
+    errors: AtomicU64,
+    wrong: AtomicU64,
+}
+
+/// Looks up the routes of ready backends in turn, every 10 ms: each must be found
+/// available (an error counts apart from a wrong answer).
+async fn look_up_routes(
+    db: PlaneDatabase,
+    routes: Arc<Mutex<Vec<BearerToken>>>,
+    counts: Arc<RouteCounts>,
+    stop: Arc<AtomicBool>,
+) {
+    let mut i = 0;
+    while !stop.load(Ordering::Relaxed) {
+        let token = {
+            let routes = routes.lock().unwrap();
+            routes[i % routes.len()].clone()
+        };
+        i += 1;
+        counts.lookups.fetch_add(1, Ordering::Relaxed);
+        let lookup = db.backend().route_info_for_token(&token);
+        match tokio::time::timeout(CALL_TIMEOUT, lookup).await {
+            Ok(Ok(RouteInfoResult::Available(_))) => {}
+            Ok(Ok(other)) => {
+                counts.wrong.fetch_add(1, Ordering::Relaxed);
+                eprintln!("route lookup: expected available, got {other:?}");
+            }
+            _ => {
+                counts.errors.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A backend created under `key` and made ready (retrying through a failover); its token.
+async fn ready_backend(db: &PlaneDatabase, key: &str) -> BearerToken {
+    let deadline = Instant::now() + PATRONI_WAIT;
+    let response = loop {
+        match tokio::time::timeout(CALL_TIMEOUT, db.connect(&request(key))).await {
+            Ok(Ok(response)) => break response,
+            other => {
+                assert!(Instant::now() < deadline, "connect {key}: {other:?}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
+    for status in [
+        BackendStatus::Loading,
+        BackendStatus::Starting,
+        BackendStatus::Waiting,
+        BackendStatus::Ready,
+    ] {
+        let mut failed = false;
+        loop {
+            let update = db
+                .backend()
+                .update_state(&response.backend_id, &state_for(status));
+            match tokio::time::timeout(CALL_TIMEOUT, update).await {
+                Ok(Ok(accepted)) if accepted || failed => break,
+                other => {
+                    failed = true;
+                    assert!(Instant::now() < deadline, "{key}: {status:?}: {other:?}");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        }
+    }
+    response.token
+}
+
+/// A valid state for each status.
+fn state_for(status: BackendStatus) -> BackendState {
+    let address = BackendAddr(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 8080));
+    let reason = TerminationReason::Swept;
+    match status {
+        BackendStatus::Scheduled => BackendState::Scheduled,
+        BackendStatus::Loading => BackendState::Loading,
+        BackendStatus::Starting => BackendState::Starting,
+        BackendStatus::Waiting => BackendState::Waiting { address },
+        BackendStatus::Ready => BackendState::Ready { address },
+        BackendStatus::Terminating => BackendState::Terminating {
+            last_status: BackendStatus::Ready,
+            termination: TerminationKind::Soft,
+            reason,
+        },
+        BackendStatus::HardTerminating => BackendState::HardTerminating {
+            last_status: BackendStatus::Ready,
+            reason,
+        },
+        BackendStatus::Terminated => BackendState::Terminated {
+            last_status: BackendStatus::Ready,
+            termination: Some(TerminationKind::Hard),
+            reason: Some(reason),
+            exit_code: Some(0),
+        },
+    }
+}
+
+/// A controller online and a ready drone connected to it, in the tests' cluster.
+async fn register_drone(db: &PlaneDatabase) -> (ControllerName, NodeId) {
+    let controller = ControllerName::new_random();
+    db.controller()
+        .heartbeat(&controller, true, "0.1.0", "ha")
+        .await
+        .expect("controller heartbeat");
+    let name = DroneName::new_random();
+    let cluster = cluster();
+    let id = db
+        .node()
+        .register(&plane_db::node::NodeRegistration {
+            controller: &controller,
+            kind: NodeKind::Drone,
+            name: name.as_str(),
+            cluster: Some(&cluster),
+            plane_version: "0.1.0",
+            plane_hash: "ha",
+            ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
+        })
+        .await
+        .expect("register node")
+        .id;
+    db.drone()
+        .register(id, true, &DronePoolName::default())
+        .await
+        .expect("register drone");
+    (controller, id)
+}
+
+/// Keeps the controller and its drone eligible through failovers (errors are expected
+/// while there is no primary).
+async fn heartbeat(db: PlaneDatabase, controller: ControllerName, drone: NodeId, stop: Arc<AtomicBool>) {
+    while !stop.load(Ordering::Relaxed) {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let _ = tokio::time::timeout(
+            CALL_TIMEOUT,
+            db.controller().heartbeat(&controller, true, "0.1.0", "ha"),
+        )
+        .await;
+        let _ = tokio::time::timeout(
+            CALL_TIMEOUT,
+            db.drone().heartbeat(drone, chrono::Utc::now()),
+        )
+        .await;
+    }
+}
+
+/// p50 and max of `values`, in seconds.
+pub fn p50_max(mut values: Vec<Duration>) -> String {
+    values.sort();
+    match (values.get(values.len() / 2), values.last()) {
+        (Some(p50), Some(max)) => format!("{:.1}/{:.1}", p50.as_secs_f64(), max.as_secs_f64()),
+        _ => "-".to_string(),
+    }
+}
+
+/// Prints a run's figures as one `FIGURES` line.
+pub fn print(name: &str, run: &RunFigures) {
+    let pick = |f: fn(&FaultFigures) -> Option<Duration>| {
+        p50_max(run.faults.iter().filter_map(f).collect())
+    };
+    println!(
+        "FIGURES {name}: faults={} acked={} acked_lost={} events={} events_lost={} \
+         events_twice={} delivered_not_stored={} lagged_reports={} write_retries={} \
+         promoted_s={} first_write_s={} first_event_s={} route_lookups={} route_errors={} \
+         route_wrong={}",
+        run.faults.len(),
+        run.acked,
+        run.acked_lost,
+        run.events_stored,
+        run.events_lost,
+        run.events_twice,
+        run.delivered_not_stored,
+        run.lagged_reports,
+        run.write_errors,
+        pick(|f| f.promoted),
+        pick(|f| Some(f.first_write)),
+        pick(|f| Some(f.first_event)),
+        run.route_lookups,
+        run.route_errors,
+        run.route_wrong,
+    );
+    for f in &run.faults {
+        println!(
+            "  {:?}: promoted {:?}, first write {:.1} s, first event {:.1} s, route errors {}",
+            f.fault,
+            f.promoted.map(|d| format!("{:.1} s", d.as_secs_f64())),
+            f.first_write.as_secs_f64(),
+            f.first_event.as_secs_f64(),
+            f.route_errors
+        );
+    }
+}
+
+/// The number of failovers of each kind a run makes: `PLANE_HA_FAILOVERS` (10 for the
+/// figures in RELIABILITY.md), 1 by default.
+pub fn failovers() -> usize {
+    std::env::var("PLANE_HA_FAILOVERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1)
+}
+
+/// A status as events and state rows spell it (`"ready"`…).
+fn status_name(status: BackendStatus) -> String {
+    match serde_json::to_value(status) {
+        Ok(serde_json::Value::String(name)) => name,
+        other => panic!("a status serializes to a string, not {other:?}"),
+    }
+}
