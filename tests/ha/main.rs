@@ -13,6 +13,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
+mod killed;
+
 use plane_db::testing::{PatroniOptions, TestPatroniCluster};
 use sqlx::{Connection, PgConnection};
 
