@@ -113,6 +113,31 @@ pub enum HarnessError {
         /// The last lines of its log.
         log_tail: String,
     },
+    /// A program of the Patroni test cluster ([`TestPatroniCluster`]) is not installed.
+    ///
+    /// [`TestPatroniCluster`]: crate::testing::TestPatroniCluster
+    #[error(
+        "no `{program}` binary found (looked on PATH and in {looked_in}): install it \
+         (e.g. `apt-get install {package}`) to run the tests of a Patroni cluster"
+    )]
+    NoClusterComponent {
+        /// The missing program.
+        program: &'static str,
+        /// The directories searched besides `PATH`.
+        looked_in: &'static str,
+        /// The Debian package that has it.
+        package: &'static str,
+    },
+    /// The Patroni test cluster did not start, or did not do what was asked of it in time.
+    #[error("the Patroni test cluster{what}{log_tails}")]
+    PatroniCluster {
+        /// What went wrong, worded to follow "the Patroni test cluster" (it starts with a
+        /// space or with `'s`).
+        what: String,
+        /// The last lines of the logs that say why (each under a heading with its path),
+        /// empty when none helps.
+        log_tails: String,
+    },
     /// The operating system's random number generator failed.
     #[error("could not get random bytes: {0}")]
     Random(String),

@@ -46,6 +46,14 @@ pub(super) fn find_pgbouncer() -> Option<PathBuf> {
         .map(|dir| dir.join("pgbouncer"))
 }
 
+/// The executable `name`: on `PATH`, else in one of `dirs`.
+pub(super) fn find_program(name: &str, dirs: &[&str]) -> Option<PathBuf> {
+    let has_it = |dir: &Path| is_executable(&dir.join(name));
+    find_on_path(has_it)
+        .or_else(|| dirs.iter().map(PathBuf::from).find(|dir| has_it(dir)))
+        .map(|dir| dir.join(name))
+}
+
 /// The first absolute directory on `PATH` that `wanted` accepts.
 fn find_on_path(wanted: impl Fn(&Path) -> bool) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;

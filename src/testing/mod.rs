@@ -21,7 +21,8 @@
 //!
 //! Tests that stop, restart, replicate or put a pooler in front of a server use one of
 //! their own: [`private_server`] (with [`TestServer::replica`] and [`TestServer::pgbouncer`])
-//! and [`private_tls_server`].
+//! and [`private_tls_server`]. Failover tests against a real high-availability set-up start
+//! a [`TestPatroniCluster`] (etcd, PostgreSQL nodes managed by Patroni, HAProxy).
 //!
 //! This module is only compiled with the `testing` cargo feature and only works on Unix.
 
@@ -32,6 +33,7 @@
 // - `embedded`: the throwaway server process, and the one way to build one (used for the
 //   process-wide server, private ones, replicas and the TLS server);
 // - `replica`, `tls`, `pgbouncer`: what some tests put around a private server;
+// - `patroni`: a Patroni cluster of its own (etcd, nodes, HAProxy) for the failover tests;
 // - `reaper`: the process that cleans up after a test process that died;
 // - `process`, `wire`, `host`, `url`: running programs, probing a server with std only, the
 //   machine (binaries, users, temporary directories), URLs;
@@ -45,6 +47,7 @@ pub mod bench;
 mod embedded;
 mod error;
 mod host;
+mod patroni;
 mod pgbouncer;
 mod process;
 mod reaper;
@@ -59,6 +62,7 @@ mod wire;
 use std::sync::OnceLock;
 
 pub use error::HarnessError;
+pub use patroni::{PatroniOptions, TestPatroniCluster, TimelineSwitch};
 pub use pgbouncer::{PgBouncerMode, PgBouncerOptions, TestPgBouncer};
 pub use test_server::TestServer;
 pub use tls::{private_tls_server, TlsTestServer};

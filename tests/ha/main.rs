@@ -1,0 +1,206 @@
+//! The high-availability suite: the library against a real Patroni cluster (etcd, three
+//! PostgreSQL nodes managed by Patroni, HAProxy in front), started per test by
+//! `plane_db::testing::TestPatroniCluster`.
+//!
+//! A binary of its own: each cluster takes several seconds and most of a core while it
+//! fails over, so these tests neither slow down nor disturb the others. They need the
+//! `patroni`, `etcd-server` and `haproxy` packages and fail, naming the package, if one is
+//! missing. Each test prints one `FIGURES` line; see them with
+//! `cargo test --test ha -- --nocapture`.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+mod killed;
+
+use plane_db::testing::{PatroniOptions, TestPatroniCluster};
+use sqlx::{Connection, PgConnection};
+
+/// How long a client waits for one connection attempt or one statement: a node that died
+/// or hangs must not stall the writer.
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Rows acknowledged by the writer: each key with when its INSERT returned.
+type Acknowledged = Arc<Mutex<Vec<(String, Instant)>>>;
+
+/// Inserts rows with keys of its own (`{prefix}-{n}`) through `url` one after another
+/// until `stop` is set, on one connection that it opens again after any error, and records
+/// every acknowledged key.
+async fn writer(url: String, prefix: String, stop: Arc<AtomicBool>, acknowledged: Acknowledged) {
+    let mut connection: Option<PgConnection> = None;
+    let mut n = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        if connection.is_none() {
+            match tokio::time::timeout(CLIENT_TIMEOUT, PgConnection::connect(&url)).await {
+                Ok(Ok(opened)) => connection = Some(opened),
+                _ => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            }
+        }
+        let key = format!("{prefix}-{n}");
+        n += 1;
+        let insert = sqlx::query("insert into ha_rows (key) values ($1)")
+            .bind(&key)
+            .execute(connection.as_mut().expect("opened above"));
+        match tokio::time::timeout(CLIENT_TIMEOUT, insert).await {
+            Ok(Ok(_)) => acknowledged.lock().unwrap().push((key, Instant::now())),
+            // Connection refused or cut, a read-only primary that is still being promoted
+            // (SQLSTATE 25006), a timeout: all mean "try again on a new connection".
+            _ => connection = None,
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// A prefix no other run uses, so that keys are the client's own and never repeat.
+fn run_prefix() -> String {
+    let nanos = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!("{}-{nanos}", std::process::id())
+}
+
+fn seconds(duration: Duration) -> String {
+    format!("{:.2}", duration.as_secs_f64())
+}
+
+/// Starts a synchronous cluster, writes through HAProxy, kills the primary's postmaster,
+/// and checks that Patroni promotes the sync standby, that writes go on through HAProxy,
+/// that the old primary comes back as a streaming standby and that no acknowledged row was
+/// lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn harness_starts_fails_over_and_rejoins() {
+    let started = Instant::now();
+    let cluster =
+        tokio::task::block_in_place(|| TestPatroniCluster::start(&PatroniOptions::new(true)))
+            .unwrap();
+    let start_time = started.elapsed();
+    let old = cluster.leader().unwrap().expect("a leader after start");
+    let sync = cluster
+        .sync_standby()
+        .unwrap()
+        .expect("a sync standby after start");
+    assert_ne!(old, sync);
+    let timeline_before = cluster.timeline().unwrap();
+
+    let url = cluster.create_database("ha_rows").unwrap();
+    let mut setup = PgConnection::connect(&url).await.unwrap();
+    sqlx::query("create table ha_rows (key text primary key)")
+        .execute(&mut setup)
+        .await
+        .unwrap();
+    setup.close().await.unwrap();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let acknowledged: Acknowledged = Arc::default();
+    let writing = tokio::spawn(writer(
+        url.clone(),
+        run_prefix(),
+        stop.clone(),
+        acknowledged.clone(),
+    ));
+    // Rows written before the fault.
+    while acknowledged.lock().unwrap().len() < 100 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let fault_clock = SystemTime::now();
+    let fault = Instant::now();
+    cluster.kill_postmaster(old).unwrap();
+    let (new, elected) =
+        tokio::task::block_in_place(|| cluster.wait_for_new_leader(old, Duration::from_secs(30)))
+            .unwrap();
+    assert_eq!(
+        new,
+        sync,
+        "Patroni promoted {} rather than the sync standby {}",
+        cluster.node_name(new),
+        cluster.node_name(sync)
+    );
+
+    // Writes through HAProxy go on after the failover.
+    let resumed = loop {
+        let after_fault = acknowledged
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|(_, at)| *at > elected)
+            .map(|(_, at)| *at);
+        if let Some(at) = after_fault {
+            break at;
+        }
+        assert!(
+            fault.elapsed() < Duration::from_secs(30),
+            "no write succeeded through HAProxy after the failover{}",
+            cluster.log_tails()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+
+    let rejoined = tokio::task::block_in_place(|| {
+        cluster.wait_for_streaming_replica(old, Duration::from_secs(30))
+    })
+    .unwrap();
+    stop.store(true, Ordering::Relaxed);
+    writing.await.unwrap();
+
+    let timeline_after = cluster.timeline().unwrap();
+    assert!(timeline_after > timeline_before, "{timeline_after}");
+    let promoted_at = tokio::task::block_in_place(|| {
+        cluster.promoted_at(timeline_after, Duration::from_secs(10))
+    })
+    .unwrap();
+    let patroni_promotion = promoted_at.duration_since(fault_clock).unwrap_or_default();
+
+    // Every acknowledged row is on the new primary.
+    let acknowledged: Vec<String> = acknowledged
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(key, _)| key.clone())
+        .collect();
+    let mut check = PgConnection::connect(&cluster.node_url(new, "ha_rows"))
+        .await
+        .unwrap();
+    let stored: Vec<String> = sqlx::query_scalar("select key from ha_rows")
+        .fetch_all(&mut check)
+        .await
+        .unwrap();
+    check.close().await.unwrap();
+    let stored: HashSet<String> = stored.into_iter().collect();
+    let lost: Vec<&String> = acknowledged
+        .iter()
+        .filter(|key| !stored.contains(*key))
+        .collect();
+    assert!(
+        lost.is_empty(),
+        "{} of {} acknowledged rows are not on the new primary, e.g. {:?}",
+        lost.len(),
+        acknowledged.len(),
+        &lost[..lost.len().min(5)]
+    );
+
+    let root = cluster.root().to_owned();
+    let teardown = Instant::now();
+    drop(cluster);
+    let teardown = teardown.elapsed();
+    assert!(!root.exists(), "{} was not removed", root.display());
+
+    println!(
+        "FIGURES ha failover: start {} s; after SIGKILL of the primary's postmaster: Patroni \
+         promoted after {} s, new leader seen {} s, writes through HAProxy resumed {} s, old \
+         primary streaming again {} s; {} rows acknowledged, 0 lost; teardown {} s",
+        seconds(start_time),
+        seconds(patroni_promotion),
+        seconds(elected - fault),
+        seconds(resumed - fault),
+        seconds(rejoined - fault),
+        acknowledged.len(),
+        seconds(teardown),
+    );
+}
