@@ -13,6 +13,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
+#[allow(dead_code)]
+#[path = "../it/common.rs"]
+mod common;
+mod failover;
 mod killed;
 
 use plane_db::testing::{PatroniOptions, TestPatroniCluster};
