@@ -5,13 +5,16 @@
 use crate::config::CleanupConfig;
 use crate::context::Context;
 use crate::error::{Error, Result};
+use crate::leader::{
+    holder_for_this_process, wait_leading, LeaderElection, Leadership, CLEANUP_LEASE,
+};
 use crate::metrics;
 use crate::types::BackendStatus;
 use crate::validate::{check_batch_size, interval_secs};
-use sqlx::postgres::PgQueryResult;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::sync::watch;
 
 /// How many completed cleanup runs `cleanup_run` keeps.
 const CLEANUP_RUNS_KEPT: i64 = 100;
@@ -88,17 +91,40 @@ pub struct CleanupProgress {
     pub batches: u64,
 }
 
-/// A running [`PlaneDatabase::spawn_cleanup_loop`](crate::PlaneDatabase::spawn_cleanup_loop). Dropping it (or calling
-/// [`stop`](Self::stop)) stops the loop.
+/// A running [`PlaneDatabase::spawn_cleanup_loop`](crate::PlaneDatabase::spawn_cleanup_loop):
+/// the loop and its election for the [`CLEANUP_LEASE`]. Dropping it (or calling
+/// [`stop`](Self::stop)) stops the loop; [`shutdown`](Self::shutdown) also hands the lease
+/// on at once.
 #[derive(Debug)]
 pub struct CleanupTask {
     handle: tokio::task::JoinHandle<()>,
+    election: Option<LeaderElection>,
 }
 
 impl CleanupTask {
     /// Stops the loop (a cleanup in progress is abandoned between statements; every batch
-    /// is its own transaction, so nothing is left half done).
+    /// is its own transaction, so nothing is left half done). If it led, it resigns in the
+    /// background when a runtime is there to run it, else its lease expires.
     pub fn stop(self) {}
+
+    /// Stops the loop and, if it led, resigns, so that another controller takes cleanup over
+    /// at once instead of after the lease expires. A batch already sent finishes first.
+    pub async fn shutdown(mut self) {
+        self.handle.abort();
+        if let Some(election) = self.election.take() {
+            election.resign().await;
+        }
+    }
+
+    /// The term under which this loop leads cleanup right now, if it does.
+    pub fn leader_term(&self) -> Option<i64> {
+        self.election.as_ref().and_then(LeaderElection::term)
+    }
+
+    /// The loop's holder name in the [`CLEANUP_LEASE`] (as `plane-db status` shows it).
+    pub fn holder(&self) -> &str {
+        self.election.as_ref().map_or("", LeaderElection::holder)
+    }
 }
 
 impl Drop for CleanupTask {
@@ -107,10 +133,39 @@ impl Drop for CleanupTask {
     }
 }
 
+/// The term a cleanup's batches are fenced with: each batch runs only if this process still
+/// leads under `term` by its own clock, and its statement deletes only if the lease row still
+/// carries `term` and has not expired (locked `FOR SHARE` in the same statement).
+#[derive(Clone)]
+pub(crate) struct Fence {
+    pub(crate) lease: String,
+    pub(crate) term: i64,
+    /// The election's view; `None` to check in the database only (the tests' stale terms).
+    pub(crate) state: Option<watch::Receiver<Leadership>>,
+}
+
+impl Fence {
+    fn refused(&self) -> Error {
+        Error::NotLeader {
+            lease: self.lease.clone(),
+            term: self.term,
+        }
+    }
+
+    /// Before a batch: does this process still lead under the term?
+    fn check_locally(&self) -> Result<()> {
+        match &self.state {
+            Some(state) if state.borrow().term_now() != Some(self.term) => Err(self.refused()),
+            _ => Ok(()),
+        }
+    }
+}
+
 /// Every cleanup statement, on a context. Every phase reports a [`CleanupProgress`] after each
 /// batch; the public entry points are on [`PlaneDatabase`](crate::PlaneDatabase).
 pub(crate) struct Cleanup<'a> {
     ctx: &'a Context,
+    fence: Option<Fence>,
 }
 
 /// Where progress reports go.
@@ -118,7 +173,36 @@ pub(crate) type Progress<'p> = dyn FnMut(CleanupProgress) + Send + 'p;
 
 impl<'a> Cleanup<'a> {
     pub(crate) fn new(ctx: &'a Context) -> Self {
-        Self { ctx }
+        Self { ctx, fence: None }
+    }
+
+    /// Cleanup whose every batch is fenced by `fence` ([`Error::NotLeader`] once it fails).
+    pub(crate) fn fenced(ctx: &'a Context, fence: Fence) -> Self {
+        Self {
+            ctx,
+            fence: Some(fence),
+        }
+    }
+
+    /// The fence's term and lease as the statements take them (`None`: unfenced).
+    fn fence_params(&self) -> (Option<i64>, &str) {
+        match &self.fence {
+            Some(fence) => (Some(fence.term), fence.lease.as_str()),
+            None => (None, ""),
+        }
+    }
+
+    /// Before each batch: refuses if this process no longer leads under the fence's term.
+    fn check_fence(&self) -> Result<()> {
+        self.fence.as_ref().map_or(Ok(()), Fence::check_locally)
+    }
+
+    /// After each batch: the statement's own check of the term.
+    fn fence_held(&self, held: bool) -> Result<()> {
+        match &self.fence {
+            Some(fence) if !held => Err(fence.refused()),
+            _ => Ok(()),
+        }
     }
 
     /// One full cleanup: old terminated backends, old events, then expired tokens; records
@@ -170,13 +254,27 @@ impl<'a> Cleanup<'a> {
     ) -> Result<CleanupReport> {
         check_batch_size(batch_size)?;
         let mut report = CleanupReport::default();
+        let (term, lease) = self.fence_params();
         loop {
+            self.check_fence()?;
             // One transaction per batch; SKIP LOCKED lets two controllers share the work.
+            // `fence`: with a term, nothing is deleted unless the lease row still carries it;
+            // the row stays locked until the commit, so no takeover commits in between.
             let row = sqlx::query!(
                 r#"
-                with doomed as (
+                with fence as (
+                    select 1 from leader_lease
+                    where $4::bigint is not null and name = $5 and term = $4
+                      and expires_at > clock_timestamp()
+                    for share
+                ),
+                allowed as (
+                    select $4::bigint is null or exists (select 1 from fence) as ok
+                ),
+                doomed as (
                     select b.id from backend b
-                    where b.last_status_number = $1
+                    where (select ok from allowed)
+                      and b.last_status_number = $1
                       and b.last_status_time < now() - make_interval(secs => $2)
                       and not exists (
                           select 1 from backend_key k where k.id = b.id and k.expires_at >= now()
@@ -201,6 +299,7 @@ impl<'a> Cleanup<'a> {
                     delete from backend where id in (select id from doomed) returning 1
                 )
                 select
+                    (select ok from allowed) as "allowed!",
                     (select count(*) from backends) as "backends!",
                     (select count(*) from states) as "states!",
                     (select count(*) from tokens) as "tokens!",
@@ -210,9 +309,12 @@ impl<'a> Cleanup<'a> {
                 BackendStatus::Terminated.as_int(),
                 interval_secs(min_age),
                 i64::from(batch_size),
+                term,
+                lease,
             )
             .fetch_one(self.ctx.pool())
             .await?;
+            self.fence_held(row.allowed)?;
             let batch = CleanupReport {
                 backends: count(row.backends),
                 states: count(row.states),
@@ -252,22 +354,50 @@ impl<'a> Cleanup<'a> {
         check_batch_size(batch_size)?;
         // Oldest first through the created_at index; SKIP LOCKED lets two controllers clean
         // up at once without waiting on each other.
-        delete_in_batches(CleanupPhase::Events, "event", batch_size, progress, || {
-            sqlx::query!(
-                r#"
-                delete from event where id in (
-                    select id from event
-                    where created_at < now() - make_interval(secs => $1)
-                    order by created_at
-                    limit $2
-                    for update skip locked
+        // The fence as in `backends`.
+        let (term, lease) = self.fence_params();
+        delete_in_batches(
+            self,
+            CleanupPhase::Events,
+            "event",
+            batch_size,
+            progress,
+            || async move {
+                let row = sqlx::query!(
+                    r#"
+                with fence as (
+                    select 1 from leader_lease
+                    where $3::bigint is not null and name = $4 and term = $3
+                      and expires_at > clock_timestamp()
+                    for share
+                ),
+                allowed as (
+                    select $3::bigint is null or exists (select 1 from fence) as ok
+                ),
+                deleted as (
+                    delete from event where id in (
+                        select id from event
+                        where (select ok from allowed)
+                          and created_at < now() - make_interval(secs => $1)
+                        order by created_at
+                        limit $2
+                        for update skip locked
+                    )
+                    returning 1
                 )
+                select (select ok from allowed) as "allowed!",
+                       (select count(*) from deleted) as "deleted!"
                 "#,
-                interval_secs(min_age),
-                i64::from(batch_size),
-            )
-            .execute(self.ctx.pool())
-        })
+                    interval_secs(min_age),
+                    i64::from(batch_size),
+                    term,
+                    lease,
+                )
+                .fetch_one(self.ctx.pool())
+                .await?;
+                Ok((row.allowed, count(row.deleted)))
+            },
+        )
         .await
     }
 
@@ -277,20 +407,47 @@ impl<'a> Cleanup<'a> {
     pub(crate) async fn tokens(&self, progress: &mut Progress<'_>) -> Result<u64> {
         const BATCH: i32 = 1000;
         // Through the expiration_time index; SKIP LOCKED lets controllers share the work.
-        delete_in_batches(CleanupPhase::Tokens, "token", BATCH, progress, || {
-            sqlx::query!(
-                r#"
-                delete from token where token_digest in (
-                    select token_digest from token
-                    where expiration_time <= now()
-                    limit $1
-                    for update skip locked
+        // The fence as in `backends`.
+        let (term, lease) = self.fence_params();
+        delete_in_batches(
+            self,
+            CleanupPhase::Tokens,
+            "token",
+            BATCH,
+            progress,
+            || async move {
+                let row = sqlx::query!(
+                    r#"
+                with fence as (
+                    select 1 from leader_lease
+                    where $2::bigint is not null and name = $3 and term = $2
+                      and expires_at > clock_timestamp()
+                    for share
+                ),
+                allowed as (
+                    select $2::bigint is null or exists (select 1 from fence) as ok
+                ),
+                deleted as (
+                    delete from token where token_digest in (
+                        select token_digest from token
+                        where (select ok from allowed) and expiration_time <= now()
+                        limit $1
+                        for update skip locked
+                    )
+                    returning 1
                 )
+                select (select ok from allowed) as "allowed!",
+                       (select count(*) from deleted) as "deleted!"
                 "#,
-                i64::from(BATCH),
-            )
-            .execute(self.ctx.pool())
-        })
+                    i64::from(BATCH),
+                    term,
+                    lease,
+                )
+                .fetch_one(self.ctx.pool())
+                .await?;
+                Ok((row.allowed, count(row.deleted)))
+            },
+        )
         .await
     }
 
@@ -321,6 +478,8 @@ impl<'a> Cleanup<'a> {
 
     /// [`PlaneDatabase::spawn_cleanup_loop`](crate::PlaneDatabase::spawn_cleanup_loop): the
     /// task holds the context (so the pool and the bus) until the [`CleanupTask`] is dropped.
+    /// It runs cleanup only while its election leads the [`CLEANUP_LEASE`], every batch
+    /// fenced with the term.
     pub(crate) fn spawn_loop(
         ctx: Arc<Context>,
         interval: Duration,
@@ -332,20 +491,77 @@ impl<'a> Cleanup<'a> {
                 reason: "must be greater than zero".to_string(),
             });
         }
-        let offset = random_offset(interval);
+        let election = LeaderElection::spawn(
+            ctx.pool().clone(),
+            ctx.bus().listener_options(),
+            CLEANUP_LEASE,
+            holder_for_this_process(),
+            ctx.config().leader.clone(),
+        )?;
+        let mut state = election.watch();
         let handle = tokio::spawn(async move {
-            tokio::time::sleep(offset).await;
             loop {
-                if let Err(error) = Cleanup::new(&ctx).run(&config, &mut |_| {}).await {
-                    tracing::warn!(
+                let term = wait_leading(&mut state).await;
+                // The fleet keeps one schedule: a new leader waits for what is left of the
+                // interval since the last recorded run (by whichever controller).
+                let wait = match Cleanup::new(&ctx).until_due(interval).await {
+                    Ok(wait) => wait,
+                    Err(error) => {
+                        tracing::warn!(
+                            error = &error as &dyn std::error::Error,
+                            "cannot read the last cleanup run"
+                        );
+                        interval
+                    }
+                };
+                tokio::time::sleep(wait).await;
+                if state.borrow().term_now() != Some(term) {
+                    continue;
+                }
+                let fence = Fence {
+                    lease: CLEANUP_LEASE.to_string(),
+                    term,
+                    state: Some(state.clone()),
+                };
+                match Cleanup::fenced(&ctx, fence).run(&config, &mut |_| {}).await {
+                    Ok(_) => {}
+                    Err(Error::NotLeader { term, .. }) => {
+                        tracing::info!(term, "cleanup stopped: no longer the leader");
+                    }
+                    Err(error) => tracing::warn!(
                         error = &error as &dyn std::error::Error,
                         "cleanup failed; retrying at the next interval"
-                    );
+                    ),
                 }
                 tokio::time::sleep(interval).await;
             }
         });
-        Ok(CleanupTask { handle })
+        Ok(CleanupTask {
+            handle,
+            election: Some(election),
+        })
+    }
+
+    /// How long until the next cleanup is due: `interval` after the last recorded run, zero
+    /// if none was recorded within it.
+    async fn until_due(&self, interval: Duration) -> Result<Duration> {
+        let row = sqlx::query!(
+            r#"
+            select extract(epoch from greatest(
+                       make_interval(secs => $1) - (now() - max(finished_at)), interval '0'
+                   ))::float8 as "wait"
+            from cleanup_run
+            "#,
+            interval_secs(interval),
+        )
+        .fetch_one(self.ctx.pool())
+        .await?;
+        Ok(row
+            .wait
+            .filter(|s| s.is_finite() && *s > 0.0)
+            .and_then(|s| Duration::try_from_secs_f64(s).ok())
+            .unwrap_or(Duration::ZERO)
+            .min(interval))
     }
 }
 
@@ -365,9 +581,11 @@ fn count(n: i64) -> u64 {
 }
 
 /// Runs `delete`, a statement that deletes at most `batch` rows of `table` in its own
-/// transaction, until it deletes fewer; returns how many rows went in all. Reports progress
-/// for `phase` after each batch.
+/// transaction and says whether its fence held and how many it deleted, until it deletes
+/// fewer; returns how many rows went in all. Reports progress for `phase` after each batch.
+/// Checks `cleanup`'s fence before and after each batch.
 async fn delete_in_batches<F, Fut>(
+    cleanup: &Cleanup<'_>,
     phase: CleanupPhase,
     table: &'static str,
     batch: i32,
@@ -376,12 +594,14 @@ async fn delete_in_batches<F, Fut>(
 ) -> Result<u64>
 where
     F: FnMut() -> Fut,
-    Fut: Future<Output = sqlx::Result<PgQueryResult>>,
+    Fut: Future<Output = Result<(bool, u64)>>,
 {
     let mut deleted = 0;
     let mut batches = 0;
     loop {
-        let affected = delete().await?.rows_affected();
+        cleanup.check_fence()?;
+        let (held, affected) = delete().await?;
+        cleanup.fence_held(held)?;
         metrics::cleanup_deleted(table, affected);
         deleted += affected;
         batches += 1;
@@ -393,30 +613,5 @@ where
         if affected < batch as u64 {
             return Ok(deleted);
         }
-    }
-}
-
-/// A uniformly random delay in `[0, interval)`. Falls back to no delay if the OS random
-/// source fails: a missing offset only makes controllers more likely to coincide.
-fn random_offset(interval: Duration) -> Duration {
-    let mut bytes = [0u8; 8];
-    if getrandom::fill(&mut bytes).is_err() {
-        return Duration::ZERO;
-    }
-    let fraction = (u64::from_le_bytes(bytes) >> 11) as f64 / (1u64 << 53) as f64;
-    interval.mul_f64(fraction)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn random_offsets_fall_within_the_interval_and_vary() {
-        let interval = Duration::from_secs(60);
-        let offsets: Vec<Duration> = (0..64).map(|_| random_offset(interval)).collect();
-        assert!(offsets.iter().all(|o| *o < interval));
-        let first = offsets[0];
-        assert!(offsets.iter().any(|o| *o != first), "offsets should vary");
     }
 }

@@ -5,7 +5,7 @@
 use crate::acme::AcmeDatabase;
 use crate::actions::BackendActionDatabase;
 use crate::backend::BackendDatabase;
-use crate::cleanup::{Cleanup, CleanupProgress, CleanupSummary, CleanupTask};
+use crate::cleanup::{Cleanup, CleanupProgress, CleanupSummary, CleanupTask, Fence};
 use crate::cluster::ClusterDatabase;
 use crate::config::{CleanupConfig, Config};
 use crate::connect::{ConnectRequest, ConnectResponse, Connector};
@@ -15,6 +15,7 @@ use crate::drone::DroneDatabase;
 use crate::error::{ConnectError, Result};
 use crate::events::{Event, EventBus, EventSubscription, NotificationPayload, Subscription};
 use crate::keys::KeysDatabase;
+use crate::leader::{holder_for_this_process, LeaderElection, LeaderInfo, LeaseDatabase};
 use crate::node::NodeDatabase;
 use crate::open::{
     listener_options_for, listener_pool, OpenOptions, Opened, DEFAULT_APPLICATION_NAME,
@@ -265,6 +266,42 @@ impl PlaneDatabase {
         AcmeDatabase::new(&self.inner)
     }
 
+    /// Leader leases: acquire, renew, resign, and who leads (see [`leader`](crate::leader)).
+    /// [`spawn_leader_election`](Self::spawn_leader_election) runs these for you.
+    pub fn leader_lease(&self) -> LeaseDatabase<'_> {
+        LeaseDatabase::new(&self.inner)
+    }
+
+    /// Who holds lease `lease` (e.g. [`CLEANUP_LEASE`](crate::leader::CLEANUP_LEASE)), since
+    /// when and until when; `None` if it was never taken. An expired lease is returned too,
+    /// with [`LeaderInfo::active`] false: nobody leads.
+    ///
+    /// ```no_run
+    /// # async fn example(db: plane_db::PlaneDatabase) -> plane_db::Result<()> {
+    /// if let Some(leader) = db.leader(plane_db::leader::CLEANUP_LEASE).await? {
+    ///     println!("{} leads cleanup since {} (term {})", leader.holder, leader.elected_at, leader.term);
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn leader(&self, lease: &str) -> Result<Option<LeaderInfo>> {
+        self.leader_lease().leader(lease).await
+    }
+
+    /// Starts an election for lease `lease` with [`Config::leader`](crate::Config::leader):
+    /// a background task takes the lease when it is free, renews it while it holds it, and
+    /// resigns when the returned [`LeaderElection`] is resigned or dropped. The holder is
+    /// named after this host and process (`host:pid:random`). Must be called within a Tokio
+    /// runtime. The configuration is checked first ([`LeaderConfig::validate`](crate::LeaderConfig::validate)).
+    pub fn spawn_leader_election(&self, lease: &str) -> Result<LeaderElection> {
+        LeaderElection::spawn(
+            self.pool().clone(),
+            self.inner.bus().listener_options(),
+            lease,
+            holder_for_this_process(),
+            self.config().leader.clone(),
+        )
+    }
+
     /// Cluster overviews: connected drones and proxies.
     pub fn cluster(&self) -> ClusterDatabase<'_> {
         ClusterDatabase::new(&self.inner)
@@ -384,6 +421,28 @@ impl PlaneDatabase {
         Cleanup::new(&self.inner).run(config, &mut progress).await
     }
 
+    /// [`run_cleanup`](Self::run_cleanup) as the leader of lease `lease` under `term` (from
+    /// a [`LeaderElection`]): every batch deletes only if the lease still carries `term` and
+    /// has not expired, checked in the batch's own statement, which holds the lease row
+    /// until it commits so that no takeover commits in between. Once the check fails the run
+    /// stops with [`Error::NotLeader`](crate::Error::NotLeader); batches already committed
+    /// stay.
+    pub async fn run_cleanup_fenced(
+        &self,
+        config: &CleanupConfig,
+        lease: &str,
+        term: i64,
+    ) -> Result<CleanupSummary> {
+        let fence = Fence {
+            lease: lease.to_string(),
+            term,
+            state: None,
+        };
+        Cleanup::fenced(&self.inner, fence)
+            .run(config, &mut |_| {})
+            .await
+    }
+
     /// Deletes events older than `min_age`, `batch_size` per transaction until none are
     /// left. Returns how many were deleted.
     pub async fn cleanup_events(&self, min_age: Duration, batch_size: i32) -> Result<u64> {
@@ -405,14 +464,20 @@ impl PlaneDatabase {
         self.cleanup_tokens().await
     }
 
-    /// Runs [`run_cleanup`](Self::run_cleanup) every `interval` in a background task,
-    /// starting after a random delay within the first interval so that several controllers
-    /// started together do not all clean up at the same moment. A failed run is logged and
-    /// retried at the next interval. The task keeps this database's pool and bus alive and
-    /// stops when the returned [`CleanupTask`] is dropped. Must be called within a Tokio
-    /// runtime.
+    /// Runs [`run_cleanup`](Self::run_cleanup) every `interval` in a background task, on one
+    /// controller of the fleet only: the task takes part in the election for the
+    /// [`CLEANUP_LEASE`](crate::leader::CLEANUP_LEASE) (with [`Config::leader`](crate::Config::leader))
+    /// and cleans up only while it leads, every batch fenced with its term
+    /// ([`run_cleanup_fenced`](Self::run_cleanup_fenced)); the others wait and take over when
+    /// the leader resigns or its lease expires. A new leader keeps the fleet's schedule: its
+    /// first run comes `interval` after the last recorded run (at once if there was none
+    /// within it). A failed run is logged and retried at the next interval. The task keeps
+    /// this database's pool and bus alive and stops when the returned [`CleanupTask`] is
+    /// dropped ([`CleanupTask::shutdown`] also hands the lease on at once). Must be called
+    /// within a Tokio runtime, on a database migrated by this version (the lease's table).
     ///
-    /// An `interval` of zero is [`Error::InvalidArgument`](crate::Error::InvalidArgument).
+    /// An `interval` of zero, or an invalid [`Config::leader`](crate::Config::leader), is
+    /// [`Error::InvalidArgument`](crate::Error::InvalidArgument).
     pub fn spawn_cleanup_loop(
         &self,
         interval: Duration,

@@ -84,6 +84,17 @@ pub enum Error {
         /// What is wrong with it.
         reason: String,
     },
+
+    /// Work fenced by a leader lease's term was refused because that term no longer holds
+    /// the lease (another controller took it over, or it expired): nothing was written. See
+    /// [`leader`](crate::leader).
+    #[error("not the leader: lease {lease:?} is no longer held under term {term}")]
+    NotLeader {
+        /// The lease's name.
+        lease: String,
+        /// The term the work was fenced with.
+        term: i64,
+    },
 }
 
 /// How the database's applied migrations contradict this build's (see

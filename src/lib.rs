@@ -46,6 +46,7 @@ pub mod events;
 mod group_commit;
 pub mod hosts;
 pub mod keys;
+pub mod leader;
 pub mod limits;
 pub mod metrics;
 mod migrate;
@@ -62,7 +63,8 @@ mod validate;
 
 pub use cleanup::{CleanupPhase, CleanupProgress, CleanupReport, CleanupSummary, CleanupTask};
 pub use config::{
-    CleanupConfig, Config, KeyLeaseConfig, SchedulerConfig, WriteBatchConfig, LONGEST_DURATION,
+    CleanupConfig, Config, KeyLeaseConfig, LeaderConfig, SchedulerConfig, WriteBatchConfig,
+    LONGEST_DURATION,
 };
 #[allow(deprecated)]
 pub use database::{connect, connect_and_migrate};

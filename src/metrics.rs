@@ -80,6 +80,14 @@ pub const REPLICA_USABLE: &str = "plane_db_replica_usable";
 pub const CLEANUP_ROWS_DELETED_TOTAL: &str = "plane_db_cleanup_rows_deleted_total";
 /// How long a cleanup run took, in seconds, by `outcome` (`ok`, `error`).
 pub const CLEANUP_DURATION_SECONDS: &str = "plane_db_cleanup_duration_seconds";
+/// 1 while this process leads a lease, 0 otherwise, by `lease`.
+pub const LEADER: &str = "plane_db_leader";
+/// When this process became the leader of a lease (Unix time, seconds; 0 while it does not
+/// lead), by `lease`.
+pub const LEADER_ELECTED_TIMESTAMP_SECONDS: &str = "plane_db_leader_elected_timestamp_seconds";
+/// Changes of this process's leadership, by `lease` and `change` (`elected`, `lost`,
+/// `resigned`).
+pub const LEADER_CHANGES_TOTAL: &str = "plane_db_leader_changes_total";
 
 /// Times a pool moved to another host of its URL, by `url` (`main`, `direct`, `replica N`).
 pub const HOST_MOVES_TOTAL: &str = "plane_db_host_moves_total";
@@ -210,6 +218,12 @@ pub const ALL: &[MetricInfo] = &[
         "Rows deleted by cleanup, by table."),
     info(CLEANUP_DURATION_SECONDS, Histogram, &["outcome"], Some(Unit::Seconds),
         "Duration of one cleanup run (run_cleanup), by outcome: ok, error."),
+    info(LEADER, Gauge, &["lease"], Some(Unit::Count),
+        "1 while this process holds the lease (leads the fleet's periodic work of that name, e.g. maintenance: cleanup), 0 otherwise."),
+    info(LEADER_ELECTED_TIMESTAMP_SECONDS, Gauge, &["lease"], Some(Unit::Seconds),
+        "When this process was elected leader of the lease (Unix time); 0 while it does not lead."),
+    info(LEADER_CHANGES_TOTAL, Counter, &["lease", "change"], Some(Unit::Count),
+        "Changes of this process's leadership of the lease: elected, lost (a renewal failed, came late or found another term), resigned."),
 ];
 
 /// Describes every metric (unit and help text) to the installed recorder. Call it once after
@@ -450,6 +464,24 @@ pub(crate) fn cleanup_deleted(table: &'static str, rows: u64) {
     }
 }
 
+/// Sets the leadership gauges of `lease`: `Some(when elected)` while this process leads.
+pub(crate) fn set_leader(lease: &str, elected_at: Option<chrono::DateTime<chrono::Utc>>) {
+    let lease = lease.to_string();
+    metrics::gauge!(LEADER, "lease" => lease.clone()).set(if elected_at.is_some() {
+        1.0
+    } else {
+        0.0
+    });
+    let at = elected_at.map_or(0.0, |at| at.timestamp_micros() as f64 / 1e6);
+    metrics::gauge!(LEADER_ELECTED_TIMESTAMP_SECONDS, "lease" => lease).set(at);
+}
+
+/// Counts a change of this process's leadership of `lease`.
+pub(crate) fn leader_changed(lease: &str, change: &'static str) {
+    metrics::counter!(LEADER_CHANGES_TOTAL, "lease" => lease.to_string(), "change" => change)
+        .increment(1);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -483,7 +515,7 @@ mod tests {
                 );
             }
         }
-        assert_eq!(seen.len(), 31);
+        assert_eq!(seen.len(), 34);
     }
 
     /// Every `plane_db_…` name in `text`, less the suffixes Prometheus adds to histograms.

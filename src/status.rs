@@ -6,6 +6,7 @@ use crate::context::Context;
 use crate::controller::ControllerDatabase;
 use crate::controller::ControllerInfo;
 use crate::error::{Error, Result};
+use crate::leader::LeaderInfo;
 use crate::types::{BackendStatus, ClusterName, DronePoolName};
 use chrono::{DateTime, Utc};
 
@@ -34,6 +35,10 @@ pub struct DatabaseStatus {
     /// The last completed cleanup run, `None` if none was recorded (cleanup never ran to
     /// completion since the schema records runs).
     pub last_cleanup: Option<CleanupRun>,
+    /// Every leader lease by name (the cleanup loop's is
+    /// [`CLEANUP_LEASE`](crate::leader::CLEANUP_LEASE)): who holds it, under which term,
+    /// since when; an expired one ([`LeaderInfo::active`] false) names the last holder.
+    pub leaders: Vec<LeaderInfo>,
 }
 
 /// A completed cleanup run, as recorded by
@@ -186,7 +191,8 @@ impl<'a> StatusReader<'a> {
     ///
     /// A handful of small statements on the pool: counting backends reads the `backend`
     /// table once (an index-only scan of `backend_status_time_idx` when visibility allows);
-    /// the other parts read catalogues and indexes only, and the last row of `cleanup_run`.
+    /// the other parts read catalogues and indexes only, the last row of `cleanup_run`, and
+    /// `leader_lease` (a row per lease).
     #[tracing::instrument(skip(self))]
     pub(crate) async fn status(&self) -> Result<DatabaseStatus> {
         let controllers = ControllerDatabase::new(self.ctx)
@@ -337,8 +343,10 @@ impl<'a> StatusReader<'a> {
         )
         .fetch_optional(self.ctx.pool())
         .await?;
+        let leaders = crate::leader::leaders(self.ctx.pool()).await?;
         Ok(DatabaseStatus {
             last_cleanup,
+            leaders,
             as_of: events.as_of,
             controllers,
             drones,

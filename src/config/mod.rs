@@ -2,13 +2,14 @@
 //!
 //! One file per part: `bus` ([`BusConfig`], also `plane_db::events::BusConfig`),
 //! `scheduler` ([`SchedulerConfig`]), `keys` ([`KeyLeaseConfig`]), `write_batching`
-//! ([`WriteBatchConfig`]), `replicas` ([`ReplicaConfig`], also
+//! ([`WriteBatchConfig`]), `leader` ([`LeaderConfig`]), `replicas` ([`ReplicaConfig`], also
 //! `plane_db::replicas::ReplicaConfig`), and `cleanup` ([`CleanupConfig`], which is not part
 //! of [`Config`]: it is passed to each cleanup run).
 
 mod bus;
 mod cleanup;
 mod keys;
+mod leader;
 mod replicas;
 mod scheduler;
 mod write_batching;
@@ -17,6 +18,7 @@ use crate::types::ClusterName;
 pub use bus::BusConfig;
 pub use cleanup::CleanupConfig;
 pub use keys::KeyLeaseConfig;
+pub use leader::LeaderConfig;
 pub use replicas::ReplicaConfig;
 pub use scheduler::SchedulerConfig;
 use std::time::Duration;
@@ -45,6 +47,11 @@ pub struct Config {
     /// [`OpenOptions::replica_url`](crate::OpenOptions::replica_url) serve reads (lag
     /// bound, probe interval). No effect without replicas.
     pub replicas: ReplicaConfig,
+    /// The leader lease that elects one controller of the fleet to run cleanup
+    /// ([`PlaneDatabase::spawn_cleanup_loop`](crate::PlaneDatabase::spawn_cleanup_loop)) and
+    /// any other [`LeaderElection`](crate::leader::LeaderElection): a 30 s lease renewed
+    /// every 10 s by default.
+    pub leader: LeaderConfig,
 }
 
 impl Default for Config {
@@ -57,6 +64,7 @@ impl Default for Config {
             default_cluster: None,
             write_batching: WriteBatchConfig::default(),
             replicas: ReplicaConfig::default(),
+            leader: LeaderConfig::default(),
         }
     }
 }
@@ -68,7 +76,8 @@ pub const LONGEST_DURATION: Duration = Duration::from_secs(100 * 365 * 24 * 3600
 
 impl Config {
     /// Refuses a configuration that cannot work: a duration beyond [`LONGEST_DURATION`], a
-    /// scheduler sample size below 1. [`OpenOptions::open`](crate::OpenOptions::open)
+    /// scheduler sample size below 1, a leader lease that could not be kept
+    /// ([`LeaderConfig::validate`]). [`OpenOptions::open`](crate::OpenOptions::open)
     /// and [`open_and_migrate`](crate::OpenOptions::open_and_migrate) call it before
     /// they open anything; call it yourself before
     /// [`PlaneDatabase::with_config`](crate::PlaneDatabase::with_config), which cannot fail
@@ -92,7 +101,8 @@ impl Config {
             .chain(self.scheduler.durations())
             .chain(self.key_lease.durations())
             .chain([("token_lifetime", self.token_lifetime)])
-            .chain(self.replicas.durations());
+            .chain(self.replicas.durations())
+            .chain(self.leader.durations());
         for (argument, value) in durations {
             if value > LONGEST_DURATION {
                 return Err(crate::Error::InvalidArgument {
@@ -105,6 +115,7 @@ impl Config {
             }
         }
         self.scheduler.checked_sample_size()?;
+        self.leader.validate()?;
         Ok(())
     }
 }
@@ -118,7 +129,7 @@ mod tests {
 
     #[test]
     fn validate_names_each_duration_beyond_the_longest() {
-        let fields: [(&str, Field); 13] = [
+        let fields: [(&str, Field); 17] = [
             ("bus.poll_interval", |c| &mut c.bus.poll_interval),
             ("bus.max_backoff", |c| &mut c.bus.max_backoff),
             ("bus.wake_interval", |c| &mut c.bus.wake_interval),
@@ -146,11 +157,19 @@ mod tests {
             ("replicas.acquire_timeout", |c| {
                 &mut c.replicas.acquire_timeout
             }),
+            ("leader.lease_duration", |c| &mut c.leader.lease_duration),
+            ("leader.renew_interval", |c| &mut c.leader.renew_interval),
+            ("leader.retry_interval", |c| &mut c.leader.retry_interval),
+            ("leader.safety_margin", |c| &mut c.leader.safety_margin),
         ];
         for (name, field) in fields {
             let mut config = Config::default();
             *field(&mut config) = LONGEST_DURATION;
-            assert!(config.validate().is_ok(), "{name} at the longest");
+            // A leader's renewal or margin as long as the lease itself is refused for that
+            // (leader_config_refuses_a_lease_it_cannot_keep), not for its length.
+            if !name.starts_with("leader.") || name == "leader.lease_duration" {
+                assert!(config.validate().is_ok(), "{name} at the longest");
+            }
             *field(&mut config) = Duration::MAX;
             match config.validate() {
                 Err(crate::Error::InvalidArgument { argument, .. }) => assert_eq!(argument, name),
@@ -177,5 +196,30 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn leader_config_refuses_a_lease_it_cannot_keep() {
+        let name = |config: &Config| match config.validate() {
+            Err(crate::Error::InvalidArgument { argument, .. }) => argument,
+            other => panic!("{other:?}"),
+        };
+        let mut config = Config::default();
+        config.leader.lease_duration = Duration::ZERO;
+        assert_eq!(name(&config), "leader.lease_duration");
+        config.leader = LeaderConfig::default();
+        config.leader.retry_interval = Duration::ZERO;
+        assert_eq!(name(&config), "leader.retry_interval");
+        config.leader = LeaderConfig::default();
+        config.leader.safety_margin = config.leader.lease_duration;
+        assert_eq!(name(&config), "leader.safety_margin");
+        config.leader = LeaderConfig::default();
+        // 28 s usable of 30: a renewal every 28 s would come too late.
+        config.leader.renew_interval = Duration::from_secs(28);
+        assert_eq!(name(&config), "leader.renew_interval");
+        config.leader.renew_interval = Duration::from_secs(27);
+        assert!(config.validate().is_ok());
+        let short = LeaderConfig::with_lease(Duration::from_millis(300));
+        assert!(short.validate().is_ok(), "{short:?}");
     }
 }

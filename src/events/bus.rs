@@ -102,6 +102,12 @@ impl EventBus {
         self
     }
 
+    /// The listening connection's options (a copy, for the host its pool uses now), for
+    /// other connections that only LISTEN, such as a leader election's.
+    pub(crate) fn listener_options(&self) -> sqlx::postgres::PgConnectOptions {
+        self.listener.connect_options().as_ref().clone()
+    }
+
     /// What a writer of this process sets `plane.event_wake` to in a transaction that
     /// inserts events: `deferred` (the `event` trigger stays silent, and the writer calls
     /// [`committed`](Self::committed) after the commit) or `notify` (the trigger notifies).

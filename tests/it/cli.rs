@@ -1215,3 +1215,51 @@ async fn cleanup_runs_are_recorded_and_pruned() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_shows_who_leads_and_since_when() {
+    with_db_url(Config::default(), |db, url| async move {
+        let text = stdout(&run(&url, &["status"]));
+        assert!(
+            text.contains("\nLEADERS\nnone (no lease taken yet)\n"),
+            "{text}"
+        );
+        let leases = db.leader_lease();
+        let term = match leases
+            .acquire(
+                "maintenance",
+                "host-a:42:00ff",
+                std::time::Duration::from_secs(30),
+            )
+            .await
+            .unwrap()
+        {
+            plane_db::leader::Acquired::Elected { term } => term,
+            other => panic!("{other:?}"),
+        };
+        let json = run_json(&url, &["status"]);
+        let leader = &json["leaders"][0];
+        assert_eq!(leader["lease"], "maintenance", "{json:#}");
+        assert_eq!(leader["holder"], "host-a:42:00ff", "{json:#}");
+        assert_eq!(leader["term"], term, "{json:#}");
+        assert_eq!(leader["active"], true, "{json:#}");
+        assert!(leader["elected_at"].is_string(), "{json:#}");
+        let text = stdout(&run(&url, &["status"]));
+        let line = text
+            .lines()
+            .skip_while(|l| *l != "LEADERS")
+            .nth(2)
+            .unwrap_or_else(|| panic!("{text}"));
+        let words: Vec<&str> = line.split_whitespace().collect();
+        assert_eq!(words[..3], ["maintenance", "host-a:42:00ff", "1"], "{text}");
+        assert!(line.contains("ago)"), "since when: {line}");
+        // Resigned: nobody leads; the last holder is named.
+        assert!(leases
+            .resign("maintenance", term, "host-a:42:00ff")
+            .await
+            .unwrap());
+        let text = stdout(&run(&url, &["status"]));
+        assert!(text.contains("none (last: host-a:42:00ff)"), "{text}");
+    })
+    .await;
+}

@@ -14,6 +14,7 @@ mod connect_batch;
 mod events;
 mod group_commit;
 mod keys;
+mod leader;
 mod least_privilege;
 mod limits;
 mod nodes;

@@ -44,7 +44,8 @@ pub enum Command {
     /// 0.5.5 migrated, in place).
     Migrate,
     /// One screen: controllers online, drones, backends by status, the open transaction
-    /// holding back the event bus, the event table's size and oldest event, last cleanup.
+    /// holding back the event bus, the event table's size and oldest event, who leads
+    /// (the cleanup lease and any other), last cleanup.
     Status,
     /// List backends, newest states included (terminated ones until cleaned up).
     Backends(BackendsArgs),

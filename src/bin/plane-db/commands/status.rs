@@ -8,7 +8,7 @@ use plane_db::PlaneDatabase;
 use std::io::{self, Write};
 
 /// Prints controllers online, drones, backends by status, the open transaction holding
-/// back the event bus, the event table and the last cleanup.
+/// back the event bus, the event table, who leads each lease and the last cleanup.
 pub async fn status(db: &PlaneDatabase, out: &Out) -> Outcome {
     let status = db.status().await?;
     let mut stdout = io::stdout().lock();
@@ -135,6 +135,31 @@ fn print(stdout: &mut impl Write, out: &Out, status: &DatabaseStatus) -> io::Res
         ),
     ]);
     table.print(stdout, out.color)?;
+
+    writeln!(stdout, "\n{}", heading("LEADERS"))?;
+    if status.leaders.is_empty() {
+        writeln!(stdout, "none (no lease taken yet)")?;
+    } else {
+        let mut table = Table::new(&["LEASE", "HOLDER", "TERM", "SINCE", "EXPIRES"]);
+        for l in &status.leaders {
+            table.row(vec![
+                Cell::new(&l.lease),
+                if l.active {
+                    Cell::toned(&l.holder, Tone::Good)
+                } else {
+                    Cell::toned(format!("none (last: {})", l.holder), Tone::Bad)
+                },
+                Cell::new(l.term.to_string()),
+                Cell::new(format!(
+                    "{} ({})",
+                    time(l.elected_at),
+                    age(l.elected_at, now)
+                )),
+                Cell::new(age(l.expires_at, now)),
+            ]);
+        }
+        table.print(stdout, out.color)?;
+    }
 
     writeln!(
         stdout,
