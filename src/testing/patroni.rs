@@ -39,6 +39,10 @@ const CLUSTER_READY_TIMEOUT: Duration = Duration::from_secs(90);
 const START_ATTEMPTS: usize = 3;
 /// How often the waits look again.
 const POLL: Duration = Duration::from_millis(50);
+/// How many times [`TestPatroniCluster::switchover`] asks, and how long it waits each time
+/// for the leader to change.
+const SWITCHOVER_ATTEMPTS: usize = 5;
+const SWITCHOVER_WAIT: Duration = Duration::from_secs(8);
 /// How long teardown waits for the postmasters and etcd before SIGKILL.
 const TEARDOWN_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -783,32 +787,49 @@ impl TestPatroniCluster {
 
     /// A planned switchover away from the current leader:
     /// `patronictl switchover --force --leader <leader>` (Patroni picks the candidate: the
-    /// sync standby in synchronous mode). patronictl returns once the switch is done.
-    /// Returns the old leader.
+    /// sync standby in synchronous mode). Returns the old leader once another node holds
+    /// the leader key, asking again while Patroni refuses.
     pub fn switchover(&self) -> Result<usize, HarnessError> {
         let leader = self
             .leader()?
             .ok_or_else(|| self.plain_error(" has no leader to switch over from".to_owned()))?;
-        let mut command = Command::new(&self.programs.patronictl);
-        command
-            .arg("-c")
-            .arg(&self.nodes[leader].config)
-            .args([
-                "switchover",
-                "--force",
-                "--leader",
-                &self.nodes[leader].name,
-            ])
-            .current_dir(&self.root)
-            .stdin(Stdio::null());
-        process::run(
-            &mut command,
-            HarnessError::io(format!(
-                "could not run {}",
-                self.programs.patronictl.display()
-            )),
-        )?;
-        Ok(leader)
+        // patronictl exits 0 when Patroni refuses (e.g. `503, Switchover failed` while a
+        // rejoined node is not yet the sync standby): ask again until the leader changes.
+        let mut said = Vec::new();
+        for _ in 0..SWITCHOVER_ATTEMPTS {
+            let mut command = Command::new(&self.programs.patronictl);
+            command
+                .arg("-c")
+                .arg(&self.nodes[leader].config)
+                .args([
+                    "switchover",
+                    "--force",
+                    "--leader",
+                    &self.nodes[leader].name,
+                ])
+                .current_dir(&self.root)
+                .stdin(Stdio::null());
+            let output = process::run(
+                &mut command,
+                HarnessError::io(format!(
+                    "could not run {}",
+                    self.programs.patronictl.display()
+                )),
+            )?;
+            let deadline = Instant::now() + SWITCHOVER_WAIT;
+            while Instant::now() < deadline {
+                if matches!(self.leader(), Ok(Some(now)) if now != leader) {
+                    return Ok(leader);
+                }
+                std::thread::sleep(POLL);
+            }
+            said.push(output.trim().to_string());
+        }
+        Err(self.plain_error(format!(
+            " did not switch over from {} after {SWITCHOVER_ATTEMPTS} requests; patronictl said: {}",
+            self.nodes[leader].name,
+            said.join(" | ")
+        )))
     }
 }
 

@@ -91,6 +91,11 @@ pub struct FaultFigures {
     pub promoted: Option<Duration>,
     pub first_write: Duration,
     pub first_event: Duration,
+    /// The longest time without an acknowledged write, from the fault until the old
+    /// primary streams again.
+    pub write_gap: Duration,
+    /// The same for deliveries, at the subscriber that waited longest.
+    pub event_gap: Duration,
     /// Route lookups that failed (an error) from the fault until the first write.
     pub route_errors: u64,
 }
@@ -237,6 +242,7 @@ pub async fn run(client: Client, synchronous: bool, faults: &[Fault]) -> RunFigu
         .collect();
 
     let mut figures = Vec::new();
+    let mut fault_times = Vec::new();
     for (round, fault) in faults.iter().enumerate() {
         tokio::time::sleep(STEADY).await;
         let c = cluster.clone();
@@ -250,6 +256,7 @@ pub async fn run(client: Client, synchronous: bool, faults: &[Fault]) -> RunFigu
         };
         let route_errors_before = route_counts.errors.load(Ordering::Relaxed);
         let (at, at_system) = (Instant::now(), SystemTime::now());
+        fault_times.push(at_system);
         let c = cluster.clone();
         let fault = *fault;
         blocking(move || match fault {
@@ -259,6 +266,13 @@ pub async fn run(client: Client, synchronous: bool, faults: &[Fault]) -> RunFigu
         })
         .await
         .expect("the fault");
+        // A write that began between `at` and the signal could still reach the old primary:
+        // the first write after a kill or a pause counts from the signal. A switchover
+        // counts from the command, and is measured by the longest gap in writes.
+        let from = match fault {
+            Fault::Switchover => at,
+            Fault::Kill | Fault::Pause => Instant::now(),
+        };
         let c = cluster.clone();
         let (new, _) = blocking(move || c.wait_for_new_leader(old, PATRONI_WAIT))
             .await
@@ -277,8 +291,8 @@ pub async fn run(client: Client, synchronous: bool, faults: &[Fault]) -> RunFigu
             .lock()
             .unwrap()
             .push(ready_backend(&writers_db, &format!("route-{}", round + 1)).await);
-        let first_write = wait_first_write(&acks, at).await;
-        let first_event = wait_first_event(&acks, &received, at).await;
+        let first_write = wait_first_write(&acks, from).await;
+        let first_event = wait_first_event(&acks, &received, from).await;
         let route_errors = route_counts.errors.load(Ordering::Relaxed) - route_errors_before;
         let c = cluster.clone();
         blocking(move || c.wait_for_streaming_replica(old, PATRONI_WAIT))
@@ -286,15 +300,27 @@ pub async fn run(client: Client, synchronous: bool, faults: &[Fault]) -> RunFigu
             .unwrap_or_else(|error| {
                 panic!("round {round}: the old primary did not rejoin: {error}")
             });
+        let write_gap = longest_gap(
+            acks.lock().unwrap().iter().map(|ack| ack.acked).collect(),
+            at,
+        );
+        let event_gap = received
+            .iter()
+            .map(|got| longest_gap(got.lock().unwrap().iter().map(|r| r.3).collect(), at))
+            .max()
+            .unwrap_or_default();
         println!(
             "round {round}: {fault:?} of node {old}, node {new} leads; promoted after {promoted:?}, \
-             first write after {first_write:?}, first event after {first_event:?}"
+             first write after {first_write:?}, first event after {first_event:?}, \
+             longest gap in writes {write_gap:?}, in deliveries {event_gap:?}"
         );
         figures.push(FaultFigures {
             fault,
             promoted,
             first_write,
             first_event,
+            write_gap,
+            event_gap,
             route_errors,
         });
     }
@@ -343,17 +369,39 @@ pub async fn run(client: Client, synchronous: bool, faults: &[Fault]) -> RunFigu
     }
     let stored_set: HashSet<i64> = stored.iter().copied().collect();
     let (mut events_lost, mut events_twice, mut delivered_not_stored) = (0, 0, 0);
-    for got in &received {
-        let got = got.lock().unwrap();
+    for (subscriber, got) in received.iter().enumerate() {
+        let got = got.lock().unwrap().clone();
         let mut seen = HashSet::new();
         for (id, ..) in got.iter() {
             if !seen.insert(*id) {
                 events_twice += 1;
+                eprintln!("subscriber {subscriber}: event {id} delivered twice");
             } else if !stored_set.contains(id) {
                 delivered_not_stored += 1;
             }
         }
-        events_lost += stored_set.difference(&seen).count();
+        let mut missing: Vec<i64> = stored_set.difference(&seen).copied().collect();
+        missing.sort();
+        events_lost += missing.len();
+        for id in missing.iter().take(20) {
+            let row: (String, String, chrono::DateTime<chrono::Utc>) = sqlx::query_as(
+                "select coalesce(key, ''), xid::text, created_at from event where id = $1",
+            )
+            .bind(id)
+            .fetch_one(&primary)
+            .await
+            .unwrap();
+            eprintln!(
+                "subscriber {subscriber}: event {id} not delivered (key {}, xid {}, created {})",
+                row.0, row.1, row.2
+            );
+        }
+    }
+    for (round, at) in fault_times.iter().enumerate() {
+        eprintln!(
+            "round {round}: fault at {}",
+            chrono::DateTime::<chrono::Utc>::from(*at)
+        );
     }
     let states: Vec<(String, String)> =
         sqlx::query_as("select backend_id, state->>'status' from backend_state")
@@ -398,6 +446,19 @@ async fn library_connections(url: &str) -> Vec<String> {
     .unwrap();
     pool.close().await;
     names
+}
+
+/// The longest interval between `from` and the last of `times` that holds none of them.
+fn longest_gap(mut times: Vec<Instant>, from: Instant) -> Duration {
+    times.retain(|t| *t >= from);
+    times.sort();
+    let mut previous = from;
+    let mut longest = Duration::ZERO;
+    for t in times {
+        longest = longest.max(t - previous);
+        previous = t;
+    }
+    longest
 }
 
 /// Waits for the first acknowledged write that began after `fault`; how long after.
@@ -708,7 +769,8 @@ pub fn print(name: &str, run: &RunFigures) {
     println!(
         "FIGURES {name}: faults={} acked={} acked_lost={} events={} events_lost={} \
          events_twice={} delivered_not_stored={} lagged_reports={} write_retries={} \
-         promoted_s={} first_write_s={} first_event_s={} route_lookups={} route_errors={} \
+         promoted_s={} first_write_s={} first_event_s={} write_gap_s={} event_gap_s={} \
+         route_lookups={} route_errors={} \
          route_wrong={}",
         run.faults.len(),
         run.acked,
@@ -722,17 +784,22 @@ pub fn print(name: &str, run: &RunFigures) {
         pick(|f| f.promoted),
         pick(|f| Some(f.first_write)),
         pick(|f| Some(f.first_event)),
+        pick(|f| Some(f.write_gap)),
+        pick(|f| Some(f.event_gap)),
         run.route_lookups,
         run.route_errors,
         run.route_wrong,
     );
     for f in &run.faults {
         println!(
-            "  {:?}: promoted {:?}, first write {:.1} s, first event {:.1} s, route errors {}",
+            "  {:?}: promoted {:?}, first write {:.1} s, first event {:.1} s, longest gaps {:.1} s \
+             (writes) {:.1} s (deliveries), route errors {}",
             f.fault,
             f.promoted.map(|d| format!("{:.1} s", d.as_secs_f64())),
             f.first_write.as_secs_f64(),
             f.first_event.as_secs_f64(),
+            f.write_gap.as_secs_f64(),
+            f.event_gap.as_secs_f64(),
             f.route_errors
         );
     }
