@@ -98,8 +98,7 @@ async fn an_older_schema_is_partitioned_in_place_while_writers_run() {
                 let db = db.clone();
                 let stop = stop.clone();
                 tokio::spawn(async move {
-                    let mut written = 0;
-                    for state in lifecycle().iter().take(5).cycle() {
+                    for (written, state) in lifecycle().iter().take(5).cycle().enumerate() {
                         if stop.load(Ordering::Relaxed) {
                             break;
                         }
@@ -112,7 +111,6 @@ async fn an_older_schema_is_partitioned_in_place_while_writers_run() {
                         db.connect(&request(&format!("during-{}", written)))
                             .await
                             .expect("connect during the migration");
-                        written += 1;
                         tokio::time::sleep(Duration::from_millis(2)).await;
                     }
                 })
@@ -181,4 +179,96 @@ async fn an_older_schema_is_partitioned_in_place_while_writers_run() {
     drop(db);
     pool.close().await;
     database.drop_database().await.expect("drop the database");
+}
+
+/// The sequence's last value moves to `last`.
+async fn set_last(db: &PlaneDatabase, sequence: &str, last: i64) {
+    exec(db, &format!("select setval('{sequence}', {last})")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cleanup_keeps_partitions_ahead_and_drops_whole_old_ones() {
+    with_db(|db| async move {
+        let config = plane_db::CleanupConfig {
+            partition_rows: 100,
+            partitions_ahead: 2,
+            ..plane_db::CleanupConfig::default()
+        };
+        // A live backend (its history in the first backend_state partition) and old events.
+        drone(&db).await;
+        let live = spawn(&db).await.backend_id;
+        let old = spawn(&db).await.backend_id;
+        for state in lifecycle() {
+            db.backend().update_state(&old, &state).await.unwrap();
+        }
+        exec(
+            &db,
+            &format!(
+                "update backend set last_status_time = now() - interval '30 days' where id = '{old}'"
+            ),
+        )
+        .await;
+        exec(&db, "update event set created_at = now() - interval '30 days'").await;
+        let old_events = count(&db, "event").await;
+
+        // Writes have used up the first three partitions but the open-ended one.
+        set_last(&db, "event_id_seq", 3_999_990).await;
+        set_last(&db, "backend_state_id_seq", 1_999_999).await;
+        exec(&db, "insert into event (kind, data) values ('recent', '{}')").await;
+        let summary = db.run_cleanup(&config).await.unwrap();
+        // Two partitions of 100 ids and a new open-ended one above each sequence... only the
+        // event sequence needed them.
+        assert_eq!(summary.partitions.partitions_created, 3, "{summary:?}");
+        let parts: Vec<String> = partitions(db.pool(), "event")
+            .await
+            .into_iter()
+            .map(|(_, bound)| bound)
+            .collect();
+        assert_eq!(
+            parts,
+            [
+                "FOR VALUES FROM ('3000000') TO ('4000000')",
+                "FOR VALUES FROM ('4000000') TO ('4000100')",
+                "FOR VALUES FROM ('4000100') TO ('4000200')",
+                "FOR VALUES FROM ('4000200') TO (MAXVALUE)",
+            ],
+            "the first partition (old events) and the empty one after it went"
+        );
+        assert_eq!(summary.partitions.event_partitions_dropped, 2);
+        assert_eq!(summary.events as i64, old_events);
+        assert_eq!(count(&db, "event").await, 1, "the recent event stays");
+        // The old backend went with its history (row by row, with the backend); the live
+        // backend's history keeps the first backend_state partition.
+        assert_eq!(summary.backends.backends, 1);
+        assert_eq!(summary.backends.states, 7);
+        assert_eq!(summary.partitions.state_partitions_dropped, 0);
+        assert_eq!(summary.partitions.state_partitions_kept, 1);
+        assert_eq!(
+            count(&db, &format!("backend_state where backend_id = '{live}'")).await,
+            1,
+            "the live backend's history is whole"
+        );
+
+        // Once the live backend is gone too, its partition goes.
+        for state in lifecycle() {
+            db.backend().update_state(&live, &state).await.unwrap();
+        }
+        exec(
+            &db,
+            "update backend set last_status_time = now() - interval '30 days'",
+        )
+        .await;
+        let summary = db.run_cleanup(&config).await.unwrap();
+        assert_eq!(summary.backends.backends, 1);
+        assert_eq!(summary.partitions.state_partitions_dropped, 1, "{summary:?}");
+        assert_eq!(summary.partitions.state_partitions_kept, 0);
+
+        // A write beyond every partition created ahead (nothing maintained them) still
+        // lands, in the open-ended partition; maintenance then leaves it alone.
+        set_last(&db, "event_id_seq", 5_000_000).await;
+        exec(&db, "insert into event (kind, data) values ('far', '{}')").await;
+        assert_eq!(db.maintain_partitions(&config).await.unwrap(), 0);
+        assert_eq!(count(&db, "event_p4000200").await, 1);
+    })
+    .await
 }
