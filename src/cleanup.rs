@@ -1,6 +1,8 @@
-//! Periodic cleanup: old terminated backends (with everything hanging off them), old events
-//! and expired tokens, each in bounded batches (one transaction each), so that cleanup never
-//! holds locks for long or bloats one transaction.
+//! Periodic cleanup: partitions created ahead of the history sequences, old terminated
+//! backends (with everything hanging off them) in bounded batches (one transaction each),
+//! whole partitions of old events and emptied state partitions dropped
+//! ([`crate::partition`]), and expired tokens in batches, so that cleanup never holds locks
+//! for long or bloats one transaction.
 
 use crate::config::CleanupConfig;
 use crate::context::Context;
@@ -9,6 +11,7 @@ use crate::leader::{
     holder_for_this_process, wait_leading, LeaderElection, Leadership, CLEANUP_LEASE,
 };
 use crate::metrics;
+use crate::partition::{History, PartitionReport, Partitions};
 use crate::types::BackendStatus;
 use crate::validate::{check_batch_size, interval_secs};
 use std::future::Future;
@@ -49,8 +52,12 @@ pub struct CleanupSummary {
     /// Serialized inline: `backends`, `backend_states`, `backend_tokens`, …
     #[serde(flatten)]
     pub backends: CleanupReport,
-    /// Old events.
+    /// Old events: in [`run_cleanup`](crate::PlaneDatabase::run_cleanup), the events of the
+    /// `event` partitions it dropped.
     pub events: u64,
+    /// What partition maintenance and retention did. Serialized inline.
+    #[serde(flatten)]
+    pub partitions: PartitionReport,
     /// Expired tokens (of backends not deleted above).
     /// Serialized as `expired_tokens`.
     #[serde(rename = "expired_tokens")]
@@ -225,21 +232,80 @@ impl<'a> Cleanup<'a> {
         progress: &mut Progress<'_>,
     ) -> Result<CleanupSummary> {
         let started = std::time::Instant::now();
+        let mut partitions = PartitionReport::default();
+        self.check_fence()?;
+        self.fence_still_held().await?;
+        partitions.partitions_created = Partitions::new(self.ctx).ensure_ahead(config).await?;
         let backends = self
             .backends(config.backend_min_age, config.batch_size, progress)
             .await?;
-        let events = self
-            .events(config.event_min_age, config.batch_size, progress)
+        self.drop_partitions(config, &mut partitions, progress)
             .await?;
         let tokens = self.tokens(progress).await?;
         let summary = CleanupSummary {
             backends,
-            events,
+            events: partitions.events_dropped,
+            partitions,
             tokens,
         };
         self.record_run(&summary, started.elapsed()).await?;
         tracing::info!(?summary, "cleanup finished");
         Ok(summary)
+    }
+
+    /// Retention by partitions: detaches and drops the `event` partitions whose newest event
+    /// is older than `config.event_min_age` and the emptied `backend_state` partitions (see
+    /// [`crate::partition`]), checking the fence before each. Reports progress as
+    /// [`CleanupPhase::Events`] (events dropped so far, partitions dropped so far).
+    async fn drop_partitions(
+        &self,
+        config: &CleanupConfig,
+        report: &mut PartitionReport,
+        progress: &mut Progress<'_>,
+    ) -> Result<()> {
+        let partitions = Partitions::new(self.ctx);
+        let (retired, kept) = partitions.retired(config.event_min_age).await?;
+        report.state_partitions_kept = kept;
+        for (table, name, rows) in retired {
+            self.check_fence()?;
+            self.fence_still_held().await?;
+            partitions.drop_partition(table, &name).await?;
+            match table {
+                History::Event => {
+                    report.event_partitions_dropped += 1;
+                    report.events_dropped += rows;
+                    metrics::cleanup_deleted("event", rows);
+                }
+                History::BackendState => report.state_partitions_dropped += 1,
+            }
+            progress(CleanupProgress {
+                phase: CleanupPhase::Events,
+                deleted: report.events_dropped,
+                batches: report.event_partitions_dropped + report.state_partitions_dropped,
+            });
+        }
+        Ok(())
+    }
+
+    /// For DDL, which cannot check the lease in its own statement: whether the lease still
+    /// carries the fence's term right now (a takeover between this check and the DDL that
+    /// follows would at worst run the same idempotent step twice).
+    async fn fence_still_held(&self) -> Result<()> {
+        let (term, lease) = self.fence_params();
+        let Some(term) = term else { return Ok(()) };
+        let held = sqlx::query_scalar!(
+            r#"
+            select exists (
+                select 1 from leader_lease
+                where name = $1 and term = $2 and expires_at > clock_timestamp()
+            ) as "held!"
+            "#,
+            lease,
+            term,
+        )
+        .fetch_one(self.ctx.pool())
+        .await?;
+        self.fence_held(held)
     }
 
     /// Deletes backends that terminated longer than `min_age` ago with everything hanging

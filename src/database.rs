@@ -443,8 +443,18 @@ impl PlaneDatabase {
             .await
     }
 
+    /// Creates partitions of `event` and `backend_state` ahead of their sequences, keeping
+    /// `config.partitions_ahead` empty ones of `config.partition_rows` ids above each (see
+    /// [`crate::partition`]); [`run_cleanup`](Self::run_cleanup) does this first. Returns how
+    /// many it created. Needs the privileges of the tables' owner (DDL).
+    pub async fn maintain_partitions(&self, config: &CleanupConfig) -> Result<u64> {
+        crate::partition::Partitions::new(&self.inner)
+            .ensure_ahead(config)
+            .await
+    }
+
     /// Deletes events older than `min_age`, `batch_size` per transaction until none are
-    /// left. Returns how many were deleted.
+    /// left, row by row (whatever their partition). Returns how many were deleted.
     pub async fn cleanup_events(&self, min_age: Duration, batch_size: i32) -> Result<u64> {
         Cleanup::new(&self.inner)
             .events(min_age, batch_size, &mut |_| {})

@@ -52,6 +52,7 @@ pub mod metrics;
 mod migrate;
 pub mod node;
 mod open;
+pub mod partition;
 mod plane055;
 pub mod replicas;
 mod serde_seconds;

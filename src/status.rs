@@ -164,9 +164,11 @@ impl OpenTransaction {
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct EventTableStatus {
     /// Postgres's estimate of its row count (`pg_class.reltuples`, or the statistics
-    /// collector's live-row count before the first `ANALYZE`); `None` when neither knows.
+    /// collector's live-row count before the first `ANALYZE`, summed over its partitions);
+    /// `None` when neither knows.
     pub rows_estimate: Option<i64>,
-    /// Its size on disk with indexes and TOAST (`pg_total_relation_size`).
+    /// Its size on disk with indexes and TOAST (`pg_total_relation_size`, summed over its
+    /// partitions).
     pub bytes: i64,
     /// The id of the oldest event (by creation time), if any.
     pub oldest_id: Option<i64>,
@@ -318,16 +320,24 @@ impl<'a> StatusReader<'a> {
 
         let events = sqlx::query!(
             r#"
-            select coalesce(nullif(c.reltuples, -1)::bigint, s.n_live_tup) as rows_estimate,
-                   pg_total_relation_size(c.oid) as "bytes!",
+            -- Summed over the table's partitions (the table itself, before it was
+            -- partitioned: pg_partition_tree lists a plain table as its own leaf).
+            with parts as (
+                select coalesce(nullif(c.reltuples, -1)::bigint, s.n_live_tup) as rows_estimate,
+                       pg_total_relation_size(c.oid) as bytes
+                from pg_partition_tree('event') t
+                join pg_class c on c.oid = t.relid
+                left join pg_stat_all_tables s on s.relid = c.oid
+                where t.isleaf
+            )
+            select (select sum(rows_estimate)::bigint from parts) as rows_estimate,
+                   (select coalesce(sum(bytes), 0)::bigint from parts) as "bytes!",
                    o.id as "oldest_id?", o.created_at as "oldest_at?",
                    now() as "as_of!"
-            from pg_class c
-            left join pg_stat_all_tables s on s.relid = c.oid
+            from (select 1) one
             left join lateral (
                 select id, created_at from event order by created_at, id limit 1
             ) o on true
-            where c.oid = 'event'::regclass
             "#
         )
         .fetch_one(self.ctx.pool())

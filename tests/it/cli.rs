@@ -711,6 +711,7 @@ async fn cleanup_reports_progress_and_a_summary() {
             "update event set created_at = now() - interval '30 days'",
         )
         .await;
+        crate::common::fill_first_event_partition(&db).await;
 
         let output = run(
             &url,

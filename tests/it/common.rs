@@ -187,6 +187,19 @@ pub async fn exec(db: &PlaneDatabase, sql: &str) {
     sqlx::query(sql).execute(db.pool()).await.expect(sql);
 }
 
+/// Hands out every id of the first `event` partition (the sequence moves to its last id),
+/// so that cleanup may retire it: `run_cleanup` drops whole partitions, never the one the
+/// sequence is still in.
+pub async fn fill_first_event_partition(db: &PlaneDatabase) {
+    exec(
+        db,
+        r"select setval('event_id_seq',
+                 (regexp_match(pg_get_expr(relpartbound, oid), 'TO \(''(\d+)''\)'))[1]::bigint - 1)
+          from pg_class where relname = 'event_p0'",
+    )
+    .await;
+}
+
 /// The number of rows in `table`.
 pub async fn count(db: &PlaneDatabase, table: &str) -> i64 {
     sqlx::query_scalar(&format!("select count(*) from {table}"))

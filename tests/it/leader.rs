@@ -202,6 +202,7 @@ async fn fenced_cleanup_under_a_stale_term_deletes_nothing() {
         assert_eq!(count(&db, "event").await, 5, "nothing deleted");
         assert_eq!(count(&db, "cleanup_run").await, 0, "no run recorded");
         // The current term cleans up.
+        fill_first_event_partition(&db).await;
         let summary = db
             .run_cleanup_fenced(&config, CLEANUP_LEASE, new)
             .await
@@ -283,6 +284,7 @@ async fn one_cleanup_loop_of_two_leads_and_hands_over_on_shutdown() {
              select 'test', null, '{}', now() - interval '1 hour' from generate_series(1, 3)",
         )
         .await;
+        fill_first_event_partition(&db).await;
         while count(&db, "event").await > 0 {
             assert!(Instant::now() < deadline, "the leader never cleaned up");
             tokio::time::sleep(Duration::from_millis(20)).await;

@@ -19,6 +19,7 @@ mod least_privilege;
 mod limits;
 mod nodes;
 mod open;
+mod partitions;
 mod plane055;
 mod scheduling;
 mod status_stream;

@@ -1,0 +1,396 @@
+//! Partitioned history: `event` and `backend_state` are partitioned by ranges of `id`
+//! (migration `20261206030000_partitioned_history`). This module keeps partitions ahead of
+//! the sequences and retires old ones whole, detaching them (`DETACH PARTITION …
+//! CONCURRENTLY`) and dropping them, so that retention deletes no rows of these tables.
+//!
+//! Nothing here runs on a write path: writers only ever insert into the partitioned table,
+//! and its last partition is open ended (`[B, MAXVALUE)`), so an insert always finds a
+//! partition even when nothing maintains them (older builds, a stopped cleaner). No DEFAULT
+//! partition: with one, Postgres refuses `DETACH … CONCURRENTLY`, and retiring a partition
+//! would need an exclusive lock on the whole table, which stalls every writer.
+//!
+//! Creating partitions ahead moves the open-ended partition up while it is still empty:
+//! detach it concurrently, drop it, then in one transaction attach new, empty partitions
+//! `[B, B + size)`, … and a new open-ended one above them (`ATTACH` takes only SHARE UPDATE
+//! EXCLUSIVE on the table, which no reader or writer conflicts with, and an empty table needs
+//! no scan). While it is detached, an id at or above `B` would find no partition; it is done
+//! only while at least one whole partition lies between the sequence and `B`.
+//!
+//! Retention (see RELIABILITY.md, "Retention by partitions"):
+//! - an `event` partition goes once every id in its range has been handed out and its newest
+//!   row is older than the horizon (`CleanupConfig::event_min_age`): no event inside the
+//!   retention window is lost, and an event older than the horizon stays until the rest of its
+//!   partition is old too;
+//! - a `backend_state` partition goes once every id in its range has been handed out and it
+//!   holds no row. A backend's history rows are deleted only with the backend itself (the
+//!   backends phase of cleanup, at least `backend_min_age` after it terminated), so a backend
+//!   that lives for months keeps its whole history, and the partitions that hold it stay.
+
+use crate::config::CleanupConfig;
+use crate::context::Context;
+use crate::error::{Error, Result};
+use std::time::Duration;
+
+/// What one round of partition maintenance and retention did (part of
+/// [`CleanupSummary`](crate::CleanupSummary)).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct PartitionReport {
+    /// Partitions created ahead of the sequences (both tables).
+    pub partitions_created: u64,
+    /// `event` partitions detached and dropped.
+    pub event_partitions_dropped: u64,
+    /// Events in them.
+    pub events_dropped: u64,
+    /// Empty `backend_state` partitions detached and dropped.
+    pub state_partitions_dropped: u64,
+    /// `backend_state` partitions past the sequence that still hold rows of backends that
+    /// exist (kept).
+    pub state_partitions_kept: u64,
+}
+
+/// A history table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum History {
+    Event,
+    BackendState,
+}
+
+impl History {
+    const ALL: [History; 2] = [History::Event, History::BackendState];
+
+    fn table(self) -> &'static str {
+        match self {
+            History::Event => "event",
+            History::BackendState => "backend_state",
+        }
+    }
+
+    fn sequence(self) -> &'static str {
+        match self {
+            History::Event => "event_id_seq",
+            History::BackendState => "backend_state_id_seq",
+        }
+    }
+}
+
+/// One partition: its name and bounds (`None`: MINVALUE below, MAXVALUE above).
+#[derive(Debug, Clone)]
+struct Partition {
+    name: String,
+    lower: Option<i64>,
+    upper: Option<i64>,
+    detach_pending: bool,
+}
+
+impl Partition {
+    fn is_tail(&self) -> bool {
+        self.upper.is_none()
+    }
+}
+
+/// Parses one bound as `pg_get_expr` prints it: `'2000000'`, `MINVALUE` or `MAXVALUE`.
+fn bound(text: &str) -> Option<i64> {
+    text.trim().trim_matches('\'').parse().ok()
+}
+
+/// The partition statements, on a context; the caller checks its fence between steps.
+pub(crate) struct Partitions<'a> {
+    ctx: &'a Context,
+}
+
+impl<'a> Partitions<'a> {
+    pub(crate) fn new(ctx: &'a Context) -> Self {
+        Self { ctx }
+    }
+
+    /// Whether `table` is partitioned (a database migrated by this build always is).
+    async fn is_partitioned(&self, table: History) -> Result<bool> {
+        let kind = sqlx::query_scalar!(
+            r#"select relkind::text as "kind!" from pg_class where oid = $1::text::regclass"#,
+            table.table()
+        )
+        .fetch_one(self.ctx.pool())
+        .await?;
+        Ok(kind == "p")
+    }
+
+    async fn list(&self, table: History) -> Result<Vec<Partition>> {
+        let rows = sqlx::query!(
+            r#"
+            select c.relname::text as "name!",
+                   i.inhdetachpending as "pending!",
+                   regexp_match(pg_get_expr(c.relpartbound, c.oid),
+                                'FROM \(([^)]*)\) TO \(([^)]*)\)') as bounds
+            from pg_inherits i
+            join pg_class c on c.oid = i.inhrelid
+            where i.inhparent = $1::text::regclass
+            "#,
+            table.table()
+        )
+        .fetch_all(self.ctx.pool())
+        .await?;
+        let mut parts: Vec<Partition> = rows
+            .into_iter()
+            .map(|row| {
+                let bounds = row.bounds.unwrap_or_default();
+                Partition {
+                    name: row.name,
+                    lower: bounds.first().and_then(|b| bound(b)),
+                    upper: bounds.get(1).and_then(|b| bound(b)),
+                    detach_pending: row.pending,
+                }
+            })
+            .collect();
+        parts.sort_by_key(|p| (p.lower.is_some(), p.lower));
+        Ok(parts)
+    }
+
+    /// The largest id the sequence has handed out (0 before the first).
+    async fn last_id(&self, table: History) -> Result<i64> {
+        let last = sqlx::query_scalar!(
+            "select pg_sequence_last_value($1::text::regclass)",
+            table.sequence()
+        )
+        .fetch_one(self.ctx.pool())
+        .await?;
+        Ok(last.unwrap_or(0))
+    }
+
+    /// Finishes a `DETACH … CONCURRENTLY` that was cut short (the process died between its
+    /// two transactions) and drops the partition: it was being retired, or it was an empty
+    /// open-ended one being moved up.
+    async fn finish_pending(&self, table: History, parts: &[Partition]) -> Result<()> {
+        for part in parts.iter().filter(|p| p.detach_pending) {
+            ddl(
+                self.ctx,
+                &format!(
+                    "alter table {} detach partition {} finalize",
+                    table.table(),
+                    quote(&part.name)
+                ),
+            )
+            .await?;
+            ddl(self.ctx, &format!("drop table {}", quote(&part.name))).await?;
+        }
+        Ok(())
+    }
+
+    /// Keeps at least `config.partitions_ahead` empty partitions of `config.partition_rows`
+    /// ids above each sequence, and an open-ended one above them. Returns how many it
+    /// created.
+    pub(crate) async fn ensure_ahead(&self, config: &CleanupConfig) -> Result<u64> {
+        check(config)?;
+        let mut created = 0;
+        for table in History::ALL {
+            if self.is_partitioned(table).await? {
+                created += self.ensure_ahead_of(table, config).await?;
+            }
+        }
+        Ok(created)
+    }
+
+    async fn ensure_ahead_of(&self, table: History, config: &CleanupConfig) -> Result<u64> {
+        let mut parts = self.list(table).await?;
+        if parts.iter().any(|p| p.detach_pending) {
+            self.finish_pending(table, &parts).await?;
+            parts = self.list(table).await?;
+        }
+        let last = self.last_id(table).await?;
+        let ahead = parts
+            .iter()
+            .filter(|p| !p.is_tail() && p.lower.is_some_and(|lower| lower > last))
+            .count();
+        let wanted = usize::try_from(config.partitions_ahead).unwrap_or(usize::MAX);
+        let tail = parts.iter().find(|p| p.is_tail());
+        if ahead >= wanted && tail.is_some() {
+            return Ok(0);
+        }
+        let t = table.table();
+        // Where new partitions start: the open-ended partition's lower bound, or (if there
+        // is none) above every partition.
+        let highest = parts.iter().filter_map(|p| p.upper).max();
+        let start = match tail {
+            Some(tail) => {
+                let lower = tail.lower.unwrap_or(i64::MIN);
+                let empty = sqlx::query_scalar::<_, bool>(&format!(
+                    "select not exists (select 1 from {})",
+                    quote(&tail.name)
+                ))
+                .fetch_one(self.ctx.pool())
+                .await?;
+                if !empty || lower <= last {
+                    // Writes reached it before it could be moved up (nothing maintained the
+                    // partitions for a long time): they go on landing there and never fail,
+                    // but it cannot be split without an exclusive lock; say so.
+                    tracing::warn!(
+                        table = t,
+                        partition = tail.name,
+                        "the open-ended partition is in use; no partition created ahead"
+                    );
+                    return Ok(0);
+                }
+                ddl(
+                    self.ctx,
+                    &format!(
+                        "alter table {t} detach partition {} concurrently",
+                        quote(&tail.name)
+                    ),
+                )
+                .await?;
+                ddl(self.ctx, &format!("drop table {}", quote(&tail.name))).await?;
+                lower
+            }
+            None => highest.unwrap_or(0).max(last.saturating_add(1)),
+        };
+        let count = wanted.saturating_sub(ahead).max(1);
+        let mut tx = self.ctx.pool().begin().await?;
+        let mut lower = start;
+        for _ in 0..count {
+            let upper = lower.saturating_add(config.partition_rows);
+            attach(&mut tx, t, lower, Some(upper)).await?;
+            lower = upper;
+        }
+        attach(&mut tx, t, lower, None).await?;
+        tx.commit().await?;
+        tracing::info!(
+            table = t,
+            from = start,
+            to = lower,
+            "created partitions ahead"
+        );
+        Ok(count as u64 + 1)
+    }
+
+    /// The `event` partitions whose ids were all handed out and whose newest row is older
+    /// than `min_age`, and the empty `backend_state` partitions whose ids were all handed out:
+    /// `(table, partition, rows)`, oldest first, plus how many `backend_state` partitions past
+    /// the sequence still hold rows.
+    pub(crate) async fn retired(
+        &self,
+        event_min_age: Duration,
+    ) -> Result<(Vec<(History, String, u64)>, u64)> {
+        let mut retired = Vec::new();
+        let mut kept = 0;
+        for table in History::ALL {
+            if !self.is_partitioned(table).await? {
+                continue;
+            }
+            let last = self.last_id(table).await?;
+            for part in self.list(table).await? {
+                if part.detach_pending || part.upper.is_none_or(|upper| upper > last + 1) {
+                    continue;
+                }
+                let name = quote(&part.name);
+                match table {
+                    History::Event => {
+                        // The newest row through the partition's created_at index.
+                        let old = sqlx::query_scalar::<_, bool>(&format!(
+                            "select coalesce(max(created_at) < now() - make_interval(secs => $1), true) from {name}"
+                        ))
+                        .bind(crate::validate::interval_secs(event_min_age))
+                        .fetch_one(self.ctx.pool())
+                        .await?;
+                        if old {
+                            let rows = sqlx::query_scalar::<_, i64>(&format!(
+                                "select count(*) from {name}"
+                            ))
+                            .fetch_one(self.ctx.pool())
+                            .await?;
+                            retired.push((table, part.name, u64::try_from(rows).unwrap_or(0)));
+                        }
+                    }
+                    History::BackendState => {
+                        let empty = sqlx::query_scalar::<_, bool>(&format!(
+                            "select not exists (select 1 from {name})"
+                        ))
+                        .fetch_one(self.ctx.pool())
+                        .await?;
+                        if empty {
+                            retired.push((table, part.name, 0));
+                        } else {
+                            kept += 1;
+                        }
+                    }
+                }
+            }
+        }
+        Ok((retired, kept))
+    }
+
+    /// Detaches `partition` of `table` concurrently and drops it.
+    pub(crate) async fn drop_partition(&self, table: History, partition: &str) -> Result<()> {
+        let t = table.table();
+        ddl(
+            self.ctx,
+            &format!(
+                "alter table {t} detach partition {} concurrently",
+                quote(partition)
+            ),
+        )
+        .await?;
+        ddl(self.ctx, &format!("drop table {}", quote(partition))).await?;
+        tracing::info!(table = t, partition, "dropped a partition");
+        Ok(())
+    }
+}
+
+/// Creates `{table}_p{lower}` as an empty table like `table` and attaches it for
+/// `[lower, upper)` (`upper` `None`: MAXVALUE). Attaching builds its indexes and clones the
+/// table's triggers and foreign keys; the table is empty, so both are instant.
+async fn attach(
+    tx: &mut sqlx::PgTransaction<'_>,
+    table: &str,
+    lower: i64,
+    upper: Option<i64>,
+) -> Result<()> {
+    let name = quote(&format!("{table}_p{lower}"));
+    let upper = upper.map_or_else(|| "maxvalue".to_string(), |u| u.to_string());
+    let create =
+        format!("create table {name} (like {table} including defaults including constraints)");
+    sqlx::query(&create).execute(&mut **tx).await?;
+    let attach = format!(
+        "alter table {table} attach partition {name} for values from ({lower}) to ({upper})"
+    );
+    sqlx::query(&attach).execute(&mut **tx).await?;
+    Ok(())
+}
+
+/// Runs one DDL statement on its own, outside any transaction block (as `DETACH …
+/// CONCURRENTLY` must).
+async fn ddl(ctx: &Context, sql: &str) -> Result<()> {
+    // One Parse/Bind/Execute/Sync: an implicit transaction of its own, which is what
+    // `DETACH … CONCURRENTLY` requires.
+    sqlx::query(sql)
+        .persistent(false)
+        .execute(ctx.pool())
+        .await?;
+    Ok(())
+}
+
+/// A partition name as an identifier. Names are made here from a table name and a number,
+/// or read from the catalog; quoting keeps either safe.
+fn quote(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+fn check(config: &CleanupConfig) -> Result<()> {
+    if config.partition_rows <= 0 {
+        return Err(Error::InvalidArgument {
+            argument: "partition_rows",
+            reason: "must be greater than zero".to_string(),
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::bound;
+
+    #[test]
+    fn bounds_parse_as_postgres_prints_them() {
+        assert_eq!(bound("'2000000'"), Some(2_000_000));
+        assert_eq!(bound("MINVALUE"), None);
+        assert_eq!(bound("MAXVALUE"), None);
+    }
+}
