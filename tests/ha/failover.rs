@@ -159,12 +159,6 @@ pub async fn run(client: Client, synchronous: bool, faults: &[Fault]) -> RunFigu
         .expect("open the writers' controller");
     let (controller, drone) = register_drone(&writers_db).await;
     let stop = Arc::new(AtomicBool::new(false));
-    let heartbeats = tokio::spawn(heartbeat(
-        writers_db.clone(),
-        controller,
-        drone,
-        stop.clone(),
-    ));
 
     let mut subscribers = Vec::new();
     let mut received: Vec<Received> = Vec::new();
@@ -206,6 +200,19 @@ pub async fn run(client: Client, synchronous: bool, faults: &[Fault]) -> RunFigu
         }));
     }
 
+    // Nothing writes yet: every event above this id was committed after every subscriber
+    // was live, and each must be delivered (those before are not promised).
+    let live_from: i64 = sqlx::query_scalar("select coalesce(max(id), 0) from event")
+        .fetch_one(writers_db.pool())
+        .await
+        .unwrap();
+    let heartbeats = tokio::spawn(heartbeat(
+        writers_db.clone(),
+        controller,
+        drone,
+        stop.clone(),
+    ));
+
     let proxy_db = OpenOptions::new(&url)
         .unwrap()
         .replica_url(&replica_url)
@@ -215,10 +222,8 @@ pub async fn run(client: Client, synchronous: bool, faults: &[Fault]) -> RunFigu
         .await
         .expect("open the proxy's controller");
     let routes: Arc<Mutex<Vec<BearerToken>>> = Arc::default();
-    routes
-        .lock()
-        .unwrap()
-        .push(ready_backend(&writers_db, "route-0").await);
+    let first_route = ready_backend(&writers_db, "route-0").await;
+    routes.lock().unwrap().push(first_route);
     let route_counts = Arc::new(RouteCounts::default());
     let proxy = tokio::spawn(look_up_routes(
         proxy_db.clone(),
@@ -287,10 +292,8 @@ pub async fn run(client: Client, synchronous: bool, faults: &[Fault]) -> RunFigu
             .ok()
             .and_then(|t| t.duration_since(at_system).ok());
         // A backend made ready on the new primary, whose route the proxy must find.
-        routes
-            .lock()
-            .unwrap()
-            .push(ready_backend(&writers_db, &format!("route-{}", round + 1)).await);
+        let route = ready_backend(&writers_db, &format!("route-{}", round + 1)).await;
+        routes.lock().unwrap().push(route);
         let first_write = wait_first_write(&acks, from).await;
         let first_event = wait_first_event(&acks, &received, from).await;
         let route_errors = route_counts.errors.load(Ordering::Relaxed) - route_errors_before;
@@ -355,15 +358,16 @@ pub async fn run(client: Client, synchronous: bool, faults: &[Fault]) -> RunFigu
     let primary = sqlx::PgPool::connect(&cluster.node_url(leader, DATABASE))
         .await
         .expect("the final primary");
-    let stored: Vec<i64> = sqlx::query_scalar("select id from event order by id")
+    let stored: Vec<i64> = sqlx::query_scalar("select id from event where id > $1 order by id")
+        .bind(live_from)
         .fetch_all(&primary)
         .await
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(60);
-    while received
-        .iter()
-        .any(|got| got.lock().unwrap().len() < stored.len())
-        && Instant::now() < deadline
+    while received.iter().any(|got| {
+        let got = got.lock().unwrap();
+        got.iter().filter(|(id, ..)| *id > live_from).count() < stored.len()
+    }) && Instant::now() < deadline
     {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -372,7 +376,7 @@ pub async fn run(client: Client, synchronous: bool, faults: &[Fault]) -> RunFigu
     for (subscriber, got) in received.iter().enumerate() {
         let got = got.lock().unwrap().clone();
         let mut seen = HashSet::new();
-        for (id, ..) in got.iter() {
+        for (id, ..) in got.iter().filter(|(id, ..)| *id > live_from) {
             if !seen.insert(*id) {
                 events_twice += 1;
                 eprintln!("subscriber {subscriber}: event {id} delivered twice");

@@ -94,6 +94,7 @@ fn a_killed_test_process_leaves_no_cluster_behind() {
     if std::env::var_os(OWNER_ENV).is_some() {
         return;
     }
+    let _one = crate::failover::ONE_CLUSTER_AT_A_TIME.blocking_lock();
     let report = std::env::temp_dir().join(format!("plane-db-ha-owner-{}", std::process::id()));
     let _ = fs::remove_file(&report);
     let mut child = Command::new(std::env::current_exe().unwrap())

@@ -79,6 +79,7 @@ fn seconds(duration: Duration) -> String {
 /// lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn harness_starts_fails_over_and_rejoins() {
+    let _one = failover::ONE_CLUSTER_AT_A_TIME.lock().await;
     let started = Instant::now();
     let cluster =
         tokio::task::block_in_place(|| TestPatroniCluster::start(&PatroniOptions::new(true)))
@@ -215,6 +216,7 @@ async fn harness_starts_fails_over_and_rejoins() {
 /// acknowledged row may be lost on the way.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn harness_switches_over_and_survives_a_hung_primary() {
+    let _one = failover::ONE_CLUSTER_AT_A_TIME.lock().await;
     let cluster =
         tokio::task::block_in_place(|| TestPatroniCluster::start(&PatroniOptions::new(true)))
             .unwrap();
