@@ -39,6 +39,26 @@ pub struct DatabaseStatus {
     /// [`CLEANUP_LEASE`](crate::leader::CLEANUP_LEASE)): who holds it, under which term,
     /// since when; an expired one ([`LeaderInfo::active`] false) names the last holder.
     pub leaders: Vec<LeaderInfo>,
+    /// The server that answered: after a failover, a different address, a later start and
+    /// (through a multi-host URL) the host the pool moved to.
+    pub server: ServerInfo,
+}
+
+/// The server that answered a [`DatabaseStatus`].
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ServerInfo {
+    /// Its address and port as the server sees them (`inet_server_addr()`,
+    /// `inet_server_port()`); `None` over a Unix socket.
+    pub address: Option<String>,
+    /// Its port (see `address`).
+    pub port: Option<i32>,
+    /// Whether it is a standby (`pg_is_in_recovery()`): a status read through a URL that
+    /// reached a standby.
+    pub in_recovery: bool,
+    /// When its postmaster started: a restart or a failover shows as a later time.
+    pub started_at: DateTime<Utc>,
+    /// `server_version`.
+    pub version: String,
 }
 
 /// A completed cleanup run, as recorded by
@@ -354,9 +374,22 @@ impl<'a> StatusReader<'a> {
         .fetch_optional(self.ctx.pool())
         .await?;
         let leaders = crate::leader::leaders(self.ctx.pool()).await?;
+        let server = sqlx::query_as!(
+            ServerInfo,
+            r#"
+            select host(inet_server_addr()) as address,
+                   inet_server_port() as port,
+                   pg_is_in_recovery() as "in_recovery!",
+                   pg_postmaster_start_time() as "started_at!",
+                   current_setting('server_version') as "version!"
+            "#
+        )
+        .fetch_one(self.ctx.pool())
+        .await?;
         Ok(DatabaseStatus {
             last_cleanup,
             leaders,
+            server,
             as_of: events.as_of,
             controllers,
             drones,

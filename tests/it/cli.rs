@@ -1122,6 +1122,14 @@ async fn status_names_the_open_transaction_and_counts_what_exists() {
         assert!(events["bytes"].as_i64().unwrap() > 0, "{status:#}");
         assert!(events["rows_estimate"].as_i64().is_some(), "{status:#}");
         assert_eq!(status["last_cleanup"], Value::Null, "no cleanup has run");
+        // The server that answered: the primary, on the test server's port.
+        let server = &status["server"];
+        assert_eq!(server["in_recovery"], false, "{status:#}");
+        assert!(server["started_at"].is_string(), "{status:#}");
+        assert!(
+            server["version"].as_str().is_some_and(|v| !v.is_empty()),
+            "{status:#}"
+        );
 
         // The table, piped: sections in order, no colour codes, the writer's pid and name.
         let text = run(&url, &["status"]);
@@ -1130,7 +1138,9 @@ async fn status_names_the_open_transaction_and_counts_what_exists() {
         assert!(!text.contains('\x1b'), "{text}");
         let mut at = 0;
         for heading in [
-            "CONTROLLERS ONLINE: 2\n",
+            "SERVER: ",
+            "the primary, PostgreSQL ",
+            "\nCONTROLLERS ONLINE: 2\n",
             "\nDRONES: 2\n",
             "\nBACKENDS: 3\n",
             "\nOLDEST OPEN TRANSACTION\n",

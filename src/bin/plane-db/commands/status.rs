@@ -37,6 +37,25 @@ fn print(stdout: &mut impl Write, out: &Out, status: &DatabaseStatus) -> io::Res
     let now = status.as_of;
     let heading = |text: &str| Tone::Bold.paint(text, out.color);
 
+    let server = &status.server;
+    let role = if server.in_recovery {
+        Tone::Bad.paint("a standby (in recovery): writes fail here", out.color)
+    } else {
+        "the primary".to_string()
+    };
+    let address = match (&server.address, server.port) {
+        (Some(address), Some(port)) => format!("{address}:{port}"),
+        _ => "a local socket".to_string(),
+    };
+    writeln!(
+        stdout,
+        "{} {address}, {role}, PostgreSQL {}, up since {} ({})\n",
+        heading("SERVER:"),
+        server.version,
+        time(server.started_at),
+        age(server.started_at, now)
+    )?;
+
     writeln!(
         stdout,
         "{}",
