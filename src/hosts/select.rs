@@ -34,8 +34,9 @@ pub(super) async fn within<T>(
     }
 }
 
-/// The order of one search: as listed, or shuffled with `load_balance_hosts=random`.
-fn order(list: &HostList) -> Vec<usize> {
+/// The order of one search: as listed, or shuffled with `load_balance_hosts=random`; host
+/// `first`, if given, before the others.
+fn order(list: &HostList, first: Option<usize>) -> Vec<usize> {
     let mut order: Vec<usize> = (0..list.hosts.len()).collect();
     if list.load_balance == LoadBalanceHosts::Random {
         // Fisher-Yates; the order only spreads processes over hosts, so a failing random
@@ -44,6 +45,10 @@ fn order(list: &HostList) -> Vec<usize> {
             let j = getrandom::u64().unwrap_or(0) as usize % (i + 1);
             order.swap(i, j);
         }
+    }
+    if let Some(first) = first.filter(|first| *first < order.len()) {
+        order.retain(|index| *index != first);
+        order.insert(0, first);
     }
     order
 }
@@ -55,13 +60,24 @@ pub(crate) async fn connect_fitting(
     list: &HostList,
     base: &PgConnectOptions,
 ) -> Result<(PgConnection, usize), NoSuitableHost> {
+    connect_fitting_from(list, base, None).await
+}
+
+/// [`connect_fitting`], trying host `first` (if given) before the others: a pool whose
+/// monitoring connection was lost stays on its host if that still fits, rather than moving
+/// to whichever fitting host is listed first.
+pub(crate) async fn connect_fitting_from(
+    list: &HostList,
+    base: &PgConnectOptions,
+    first: Option<usize>,
+) -> Result<(PgConnection, usize), NoSuitableHost> {
     let wanted = match list.target {
         TargetSessionAttrs::PreferStandby => TargetSessionAttrs::Standby,
         target => target,
     };
     let mut attempts = Vec::new();
     let mut fallback: Option<(PgConnection, usize)> = None;
-    for index in order(list) {
+    for index in order(list, first) {
         let options = list.options_for(base, index);
         let host = list.describe(index);
         let attempt = within(list.connect_timeout, async {
@@ -104,4 +120,41 @@ pub(crate) async fn connect_fitting(
         target: list.target,
         attempts,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hosts::DEFAULT_CONNECT_TIMEOUT;
+
+    fn list(n: usize, load_balance: LoadBalanceHosts) -> HostList {
+        HostList {
+            hosts: (0..n).map(|i| (Some(format!("h{i}")), None)).collect(),
+            target: TargetSessionAttrs::ReadWrite,
+            load_balance,
+            connect_timeout: Some(DEFAULT_CONNECT_TIMEOUT),
+        }
+    }
+
+    #[test]
+    fn searches_go_in_order_with_the_kept_host_first() {
+        let hosts = list(4, LoadBalanceHosts::Disable);
+        assert_eq!(order(&hosts, None), [0, 1, 2, 3]);
+        assert_eq!(order(&hosts, Some(2)), [2, 0, 1, 3]);
+        assert_eq!(
+            order(&hosts, Some(9)),
+            [0, 1, 2, 3],
+            "an index out of range is ignored"
+        );
+        // Random: every host once, in orders that differ between searches.
+        let hosts = list(6, LoadBalanceHosts::Random);
+        let orders: std::collections::HashSet<Vec<usize>> =
+            (0..50).map(|_| order(&hosts, None)).collect();
+        assert!(orders.len() > 1, "50 searches in one order");
+        for mut o in orders {
+            o.sort();
+            assert_eq!(o, [0, 1, 2, 3, 4, 5]);
+        }
+        assert_eq!(order(&hosts, Some(4))[0], 4);
+    }
 }

@@ -1,7 +1,7 @@
 //! Keeping a pool on a host that fits: the check of each new connection, the retirement of
 //! connections to a host left behind, and the task that watches the chosen host.
 
-use super::select::{connect_fitting, server_state, within};
+use super::select::{connect_fitting, connect_fitting_from, server_state, within};
 use super::{HostList, DEFAULT_CONNECT_TIMEOUT};
 use crate::metrics as m;
 use futures_util::future::BoxFuture;
@@ -226,15 +226,23 @@ async fn watch_loop(
             applied = Some(chosen);
         }
         let mut unfit = false;
+        // Whether the chosen host may be tried first by the search: not when it did not
+        // answer in time (a hung host would cost the search its whole timeout) or did not fit.
+        let mut retry_chosen = true;
         let healthy = match monitor.as_mut() {
             Some((conn, index)) if *index == chosen => {
                 match within(set.check_timeout(), server_state(conn)).await {
                     Some(Ok(state)) if set.list.target.accepts(state) => true,
                     Some(Ok(_)) => {
                         unfit = true;
+                        retry_chosen = false;
                         false
                     }
-                    _ => false,
+                    Some(Err(_)) => false,
+                    None => {
+                        retry_chosen = false;
+                        false
+                    }
                 }
             }
             _ => false,
@@ -244,7 +252,8 @@ async fn watch_loop(
                 // Closing politely could hang on a host that stopped answering.
                 drop(conn);
             }
-            match connect_fitting(&set.list, &monitor_options).await {
+            let first = retry_chosen.then_some(chosen);
+            match connect_fitting_from(&set.list, &monitor_options, first).await {
                 Ok((conn, index)) => {
                     monitor = Some((conn, index));
                     if index != set.chosen() {
