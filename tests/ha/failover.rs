@@ -258,6 +258,13 @@ pub async fn run(client: Client, synchronous: bool, faults: &[Fault]) -> RunFigu
     let mut figures = Vec::new();
     let mut fault_times = Vec::new();
     for (round, fault) in faults.iter().enumerate() {
+        // Every standby streaming and, in synchronous mode, a sync standby chosen: a fault
+        // right after the last one's rejoin finds no candidate, and Patroni restarts the
+        // primary in place instead of failing over (correctly: none is in sync).
+        let c = cluster.clone();
+        blocking(move || c.wait_until_ready(PATRONI_WAIT))
+            .await
+            .unwrap_or_else(|error| panic!("round {round}: the cluster is not ready: {error}"));
         tokio::time::sleep(STEADY).await;
         let c = cluster.clone();
         let old = blocking(move || c.leader())
