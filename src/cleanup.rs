@@ -11,7 +11,7 @@ use crate::leader::{
     holder_for_this_process, wait_leading, LeaderElection, Leadership, CLEANUP_LEASE,
 };
 use crate::metrics;
-use crate::partition::{History, PartitionReport, Partitions};
+use crate::partition::{lacks_privilege, History, PartitionReport, Partitions};
 use crate::types::BackendStatus;
 use crate::validate::{check_batch_size, interval_secs};
 use std::future::Future;
@@ -235,16 +235,41 @@ impl<'a> Cleanup<'a> {
         let mut partitions = PartitionReport::default();
         self.check_fence()?;
         self.fence_still_held().await?;
-        partitions.partitions_created = Partitions::new(self.ctx).ensure_ahead(config).await?;
+        match Partitions::new(self.ctx).ensure_ahead(config).await {
+            Ok(created) => partitions.partitions_created = created,
+            Err(error) if lacks_privilege(&error) => partitions.ddl_refused = true,
+            Err(error) => return Err(error),
+        }
         let backends = self
             .backends(config.backend_min_age, config.batch_size, progress)
             .await?;
-        self.drop_partitions(config, &mut partitions, progress)
-            .await?;
+        if !partitions.ddl_refused {
+            match self
+                .drop_partitions(config, &mut partitions, progress)
+                .await
+            {
+                Ok(()) => {}
+                Err(error) if lacks_privilege(&error) => partitions.ddl_refused = true,
+                Err(error) => return Err(error),
+            }
+        }
+        // A role that may not drop partitions (the least-privilege application role) still
+        // keeps the event table bounded: old events go row by row, as before partitioning.
+        let mut events = partitions.events_dropped;
+        if partitions.ddl_refused {
+            tracing::warn!(
+                "cleanup: this role may not create or drop partitions (it does not own the \
+                 history tables); old events are deleted row by row instead. Run cleanup as \
+                 the tables' owner now and then to keep partitions ahead and drop old ones"
+            );
+            events += self
+                .events(config.event_min_age, config.batch_size, progress)
+                .await?;
+        }
         let tokens = self.tokens(progress).await?;
         let summary = CleanupSummary {
             backends,
-            events: partitions.events_dropped,
+            events,
             partitions,
             tokens,
         };

@@ -46,6 +46,21 @@ pub struct PartitionReport {
     /// `backend_state` partitions past the sequence that still hold rows of backends that
     /// exist (kept).
     pub state_partitions_kept: u64,
+    /// The role may not change the partitions (it does not own the tables: the
+    /// application role of `docs/least-privilege.sql`): nothing was created or dropped, and
+    /// old events were deleted row by row instead, as before partitioning. Run cleanup (or
+    /// [`maintain_partitions`](crate::PlaneDatabase::maintain_partitions)) as the tables'
+    /// owner now and then to keep partitions ahead and drop old ones.
+    pub ddl_refused: bool,
+}
+
+/// Whether `error` is Postgres refusing DDL to a role that does not own the table
+/// (`insufficient_privilege`, SQLSTATE 42501, e.g. `must be owner of table event`).
+pub(crate) fn lacks_privilege(error: &Error) -> bool {
+    match error {
+        Error::Database(sqlx::Error::Database(db)) => db.code().as_deref() == Some("42501"),
+        _ => false,
+    }
 }
 
 /// A history table.

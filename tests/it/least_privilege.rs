@@ -161,6 +161,7 @@ async fn a_controller_works_as_the_application_role() {
             (event.id, event.key.as_deref()),
             (Some(id), Some("own-transaction"))
         );
+        cleanup_without_ddl_rights(&db, &migrator_pool).await;
     })
     .await
     .expect("test timed out");
@@ -183,4 +184,47 @@ async fn a_controller_works_as_the_application_role() {
         .drop_database()
         .await
         .expect("drop the test database");
+}
+
+/// Cleanup as the application role when a partition is due to be dropped: the role may not
+/// (it does not own the tables), so cleanup says so and deletes the old events row by row
+/// instead of failing, and writes go on.
+async fn cleanup_without_ddl_rights(db: &PlaneDatabase, migrator: &PgPool) {
+    // As the owner: every id of the first event partition handed out, and every event so
+    // far a month old, so that the first partition is due to be dropped.
+    sqlx::raw_sql(
+        r"select setval('event_id_seq',
+                 (regexp_match(pg_get_expr(relpartbound, oid), 'TO \(''(\d+)''\)'))[1]::bigint - 1)
+          from pg_class where relname = 'event_p0';
+          update event set created_at = now() - interval '30 days';",
+    )
+    .execute(migrator)
+    .await
+    .expect("age the first partition");
+    let old: i64 = sqlx::query_scalar("select count(*) from event")
+        .fetch_one(migrator)
+        .await
+        .unwrap();
+    assert!(old > 0);
+    let summary = db
+        .run_cleanup(&plane_db::CleanupConfig::default())
+        .await
+        .expect("cleanup as the application role");
+    assert!(summary.partitions.ddl_refused, "{summary:?}");
+    assert_eq!(summary.partitions.event_partitions_dropped, 0);
+    assert_eq!(summary.events, old as u64, "{summary:?}");
+    let left: i64 = sqlx::query_scalar("select count(*) from event")
+        .fetch_one(migrator)
+        .await
+        .unwrap();
+    assert_eq!(left, 0);
+    // Writes go on, into the next partition.
+    let mut conn = db.pool().acquire().await.unwrap();
+    plane_db::events::emit(
+        &mut conn,
+        Some(&"after".parse().unwrap()),
+        &BackendState::Loading,
+    )
+    .await
+    .expect("an event after cleanup");
 }
