@@ -62,6 +62,9 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 const STEADY: Duration = Duration::from_secs(3);
 /// Longest wait for a new leader, and for the old one to be streaming again.
 const PATRONI_WAIT: Duration = Duration::from_secs(90);
+/// Longest wait for the old primary to stream again: after `pg_rewind` it replays the WAL
+/// written since it diverged, which under this load and on a busy machine took over 90 s.
+const REJOIN_WAIT: Duration = Duration::from_secs(300);
 const DATABASE: &str = "plane";
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
@@ -314,7 +317,7 @@ pub async fn run(client: Client, synchronous: bool, faults: &[Fault]) -> RunFigu
         let first_event = wait_first_event(&acks, &received, from).await;
         let route_errors = route_counts.errors.load(Ordering::Relaxed) - route_errors_before;
         let c = cluster.clone();
-        blocking(move || c.wait_for_streaming_replica(old, PATRONI_WAIT))
+        blocking(move || c.wait_for_streaming_replica(old, REJOIN_WAIT))
             .await
             .unwrap_or_else(|error| {
                 panic!("round {round}: the old primary did not rejoin: {error}")
