@@ -18,17 +18,14 @@
 //! promotion, to the first acknowledged write that began after the fault, and to the first
 //! event of such a write delivered to all four subscribers.
 
-use crate::common::{cluster, request};
+use crate::common::{drone, request};
+use crate::support::state_for;
 use chrono::{DateTime, Utc};
 use plane_db::backend::RouteInfoResult;
 use plane_db::testing::{PatroniOptions, TestPatroniCluster};
-use plane_db::types::{
-    BackendAddr, BackendState, BackendStatus, BearerToken, ControllerName, DroneName,
-    DronePoolName, NodeId, NodeKind, TerminationKind, TerminationReason,
-};
+use plane_db::types::{BackendStatus, BearerToken, ControllerName, NodeId};
 use plane_db::{OpenOptions, PlaneDatabase};
 use std::collections::HashSet;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -166,7 +163,8 @@ pub async fn run(client: Client, synchronous: bool, faults: &[Fault]) -> RunFigu
         .open()
         .await
         .expect("open the writers' controller");
-    let (controller, drone) = register_drone(&writers_db).await;
+    let drone = drone(&writers_db).await;
+    let (controller, drone) = (drone.controller, drone.id);
     let stop = Arc::new(AtomicBool::new(false));
 
     let mut subscribers = Vec::new();
@@ -701,64 +699,6 @@ async fn ready_backend(db: &PlaneDatabase, key: &str) -> BearerToken {
         }
     }
     response.token
-}
-
-/// A valid state for each status.
-fn state_for(status: BackendStatus) -> BackendState {
-    let address = BackendAddr(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 8080));
-    let reason = TerminationReason::Swept;
-    match status {
-        BackendStatus::Scheduled => BackendState::Scheduled,
-        BackendStatus::Loading => BackendState::Loading,
-        BackendStatus::Starting => BackendState::Starting,
-        BackendStatus::Waiting => BackendState::Waiting { address },
-        BackendStatus::Ready => BackendState::Ready { address },
-        BackendStatus::Terminating => BackendState::Terminating {
-            last_status: BackendStatus::Ready,
-            termination: TerminationKind::Soft,
-            reason,
-        },
-        BackendStatus::HardTerminating => BackendState::HardTerminating {
-            last_status: BackendStatus::Ready,
-            reason,
-        },
-        BackendStatus::Terminated => BackendState::Terminated {
-            last_status: BackendStatus::Ready,
-            termination: Some(TerminationKind::Hard),
-            reason: Some(reason),
-            exit_code: Some(0),
-        },
-    }
-}
-
-/// A controller online and a ready drone connected to it, in the tests' cluster.
-async fn register_drone(db: &PlaneDatabase) -> (ControllerName, NodeId) {
-    let controller = ControllerName::new_random();
-    db.controller()
-        .heartbeat(&controller, true, "0.1.0", "ha")
-        .await
-        .expect("controller heartbeat");
-    let name = DroneName::new_random();
-    let cluster = cluster();
-    let id = db
-        .node()
-        .register(&plane_db::node::NodeRegistration {
-            controller: &controller,
-            kind: NodeKind::Drone,
-            name: name.as_str(),
-            cluster: Some(&cluster),
-            plane_version: "0.1.0",
-            plane_hash: "ha",
-            ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
-        })
-        .await
-        .expect("register node")
-        .id;
-    db.drone()
-        .register(id, true, &DronePoolName::default())
-        .await
-        .expect("register drone");
-    (controller, id)
 }
 
 /// Keeps the controller and its drone eligible through failovers (errors are expected

@@ -18,6 +18,9 @@ use std::time::{Duration, Instant, SystemTime};
 mod common;
 mod failover;
 mod killed;
+#[allow(dead_code)]
+#[path = "../faults/support.rs"]
+mod support;
 
 use plane_db::testing::{PatroniOptions, TestPatroniCluster};
 use sqlx::{Connection, PgConnection};
