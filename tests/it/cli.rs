@@ -762,6 +762,44 @@ async fn connection_and_usage_errors_are_one_line() {
     assert!(stderr(&output).to_lowercase().contains("refused"));
     let output = run("not a url", &["backends"]);
     assert_fails(&output, 2, "invalid database URL");
+    // Several hosts, none fitting: each host named with its reason, on one line.
+    let output = run(
+        "postgres://postgres@127.0.0.1:1,127.0.0.1:2/none?target_session_attrs=read-write",
+        &["backends"],
+    );
+    assert_fails(&output, 1, "no host fits target_session_attrs=read-write");
+    let text = stderr(&output);
+    assert!(
+        text.contains("127.0.0.1:1: ") && text.contains("127.0.0.1:2: "),
+        "{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_multi_host_url_reaches_the_host_that_fits() {
+    with_db_url(Config::default(), |_db, url| async move {
+        // A host where nothing listens first, then the test server, which is writable.
+        let dead = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let (head, rest) = url.split_once('@').unwrap();
+        let (host, path) = rest.split_once('/').unwrap();
+        let separator = if path.contains('?') { '&' } else { '?' };
+        let multi = format!(
+            "{head}@127.0.0.1:{dead},{host}/{path}{separator}target_session_attrs=read-write"
+        );
+        let output = run(&multi, &["status"]);
+        assert!(output.status.success(), "{}", stderr(&output));
+        let text = stdout(&output);
+        let port = host.rsplit(':').next().unwrap();
+        assert!(
+            text.starts_with("SERVER: ") && text.lines().next().unwrap().contains(port),
+            "{text}"
+        );
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -115,27 +115,30 @@ async fn run(cli: Cli) -> Outcome {
 }
 
 /// Opens a small pool: the CLI runs one statement at a time (two while following, for the
-/// listener). The URL is never echoed, since it may hold a password.
+/// listener). The URL is never echoed, since it may hold a password. It may list several
+/// hosts with `target_session_attrs`, as the library's URLs may (`plane_db::hosts`).
 async fn open(url: &str, config: plane_db::Config) -> Result<PlaneDatabase, Failure> {
-    use sqlx::postgres::{PgConnectOptions, PgConnection, PgPoolOptions};
-    use sqlx::Connection;
-    let options: PgConnectOptions = url
-        .parse()
-        .map_err(|e| Failure::Usage(format!("invalid database URL: {}", one_line(&e))))?;
-    // One connection up front, because a pool retries until its timeout and then reports
-    // only that it timed out; this says why (refused, bad password, no such database).
-    let cannot_connect = |e: sqlx::Error| {
-        Failure::Other(format!("cannot connect to the database: {}", one_line(&e)))
-    };
-    PgConnection::connect_with(&options)
-        .await
-        .map_err(cannot_connect)?
-        .close()
-        .await
-        .map_err(cannot_connect)?;
-    let pool = PgPoolOptions::new()
+    let options = plane_db::OpenOptions::new(url)
+        .map_err(|e| Failure::Usage(format!("invalid database URL: {}", one_line(&e))))?
+        .application_name("plane-db-cli")
         .max_connections(2)
         .acquire_timeout(Duration::from_secs(10))
-        .connect_lazy_with(options);
-    Ok(PlaneDatabase::with_config(pool, config))
+        .config(config);
+    let cannot_connect = |e: &dyn std::error::Error| {
+        Failure::Other(format!("cannot connect to the database: {}", one_line(e)))
+    };
+    // One connection up front, because a pool retries a refused connection until its
+    // timeout and then reports only that it timed out; this says why (refused, bad
+    // password, no such database). A URL with several hosts needs none: opening searches
+    // them and names each host and why it was refused.
+    if let Ok(single) = url.parse::<sqlx::postgres::PgConnectOptions>() {
+        use sqlx::Connection;
+        sqlx::PgConnection::connect_with(&single)
+            .await
+            .map_err(|e| cannot_connect(&e))?
+            .close()
+            .await
+            .map_err(|e| cannot_connect(&e))?;
+    }
+    options.open().await.map_err(|e| cannot_connect(&e))
 }
