@@ -768,6 +768,27 @@ impl TestPatroniCluster {
         Ok(())
     }
 
+    /// Rebuilds node `node` from the leader (`patronictl reinit --force`: its data
+    /// directory is removed and copied afresh with `pg_basebackup`), for a former primary
+    /// that does not come back as a standby by itself. Does not wait.
+    pub fn reinit(&self, node: usize) -> Result<(), HarnessError> {
+        let mut command = Command::new(&self.programs.patronictl);
+        command
+            .arg("-c")
+            .arg(&self.nodes[node].config)
+            .args(["reinit", SCOPE, &self.nodes[node].name, "--force"])
+            .current_dir(&self.root)
+            .stdin(Stdio::null());
+        process::run(
+            &mut command,
+            HarnessError::io(format!(
+                "could not run {}",
+                self.programs.patronictl.display()
+            )),
+        )?;
+        Ok(())
+    }
+
     /// Starts node `node`'s Patroni again (after [`kill_patroni`](Self::kill_patroni)),
     /// with the same configuration; it takes over the running PostgreSQL, or starts it.
     /// Does not wait; restarting a Patroni that runs does nothing.

@@ -59,9 +59,10 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 const STEADY: Duration = Duration::from_secs(3);
 /// Longest wait for a new leader, and for the old one to be streaming again.
 const PATRONI_WAIT: Duration = Duration::from_secs(90);
-/// Longest wait for the old primary to stream again: after `pg_rewind` it replays the WAL
-/// written since it diverged, which under this load and on a busy machine took over 90 s.
-const REJOIN_WAIT: Duration = Duration::from_secs(300);
+/// Longest wait for the old primary to stream again by itself (after `pg_rewind` it
+/// replays what was written since it diverged), and again after a rebuild.
+const REJOIN_WAIT: Duration = Duration::from_secs(120);
+const REBUILD_WAIT: Duration = Duration::from_secs(300);
 const DATABASE: &str = "plane";
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
@@ -99,6 +100,9 @@ pub struct FaultFigures {
     pub write_gap: Duration,
     /// The same for deliveries, at the subscriber that waited longest.
     pub event_gap: Duration,
+    /// From the fault until the old primary streamed again by itself (`None`: it had to
+    /// be rebuilt).
+    pub rejoin: Option<Duration>,
     /// Route lookups that failed (an error) from the fault until the first write.
     pub route_errors: u64,
 }
@@ -123,6 +127,8 @@ pub struct RunFigures {
     pub route_lookups: u64,
     pub route_errors: u64,
     pub route_wrong: u64,
+    /// Old primaries that did not stream again by themselves and were rebuilt.
+    pub reinits: usize,
 }
 
 /// Runs the load against a fresh cluster through `faults`, and checks and measures it.
@@ -258,6 +264,7 @@ pub async fn run(client: Client, synchronous: bool, faults: &[Fault]) -> RunFigu
 
     let mut figures = Vec::new();
     let mut fault_times = Vec::new();
+    let mut reinits = 0;
     for (round, fault) in faults.iter().enumerate() {
         // Every standby streaming and, in synchronous mode, a sync standby chosen: a fault
         // right after the last one's rejoin finds no candidate, and Patroni restarts the
@@ -278,6 +285,7 @@ pub async fn run(client: Client, synchronous: bool, faults: &[Fault]) -> RunFigu
         };
         let route_errors_before = route_counts.errors.load(Ordering::Relaxed);
         let (at, at_system) = (Instant::now(), SystemTime::now());
+        let at_fault = at;
         fault_times.push(at_system);
         let c = cluster.clone();
         let fault = *fault;
@@ -314,12 +322,28 @@ pub async fn run(client: Client, synchronous: bool, faults: &[Fault]) -> RunFigu
         let first_write = wait_first_write(&acks, from).await;
         let first_event = wait_first_event(&acks, &received, from).await;
         let route_errors = route_counts.errors.load(Ordering::Relaxed) - route_errors_before;
+        // The old primary back as a standby: by itself (Patroni rewinds it where needed),
+        // or, when it stays in recovery without streaming, rebuilt (`patronictl reinit`),
+        // counted.
         let c = cluster.clone();
-        blocking(move || c.wait_for_streaming_replica(old, REJOIN_WAIT))
-            .await
-            .unwrap_or_else(|error| {
-                panic!("round {round}: the old primary did not rejoin: {error}")
-            });
+        let rejoined = blocking(move || c.wait_for_streaming_replica(old, REJOIN_WAIT)).await;
+        let rejoin = match rejoined {
+            Ok(at) => Some(at - at_fault),
+            Err(error) => {
+                eprintln!("round {round}: the old primary did not stream again by itself: {error}");
+                reinits += 1;
+                let c = cluster.clone();
+                blocking(move || {
+                    c.reinit(old)?;
+                    c.wait_for_streaming_replica(old, REBUILD_WAIT)
+                })
+                .await
+                .unwrap_or_else(|error| {
+                    panic!("round {round}: the old primary did not rejoin after reinit: {error}")
+                });
+                None
+            }
+        };
         let write_gap = longest_gap(
             acks.lock().unwrap().iter().map(|ack| ack.acked).collect(),
             at,
@@ -342,6 +366,7 @@ pub async fn run(client: Client, synchronous: bool, faults: &[Fault]) -> RunFigu
             write_gap,
             event_gap,
             route_errors,
+            rejoin,
         });
     }
     tokio::time::sleep(STEADY).await;
@@ -454,6 +479,7 @@ pub async fn run(client: Client, synchronous: bool, faults: &[Fault]) -> RunFigu
         route_lookups: route_counts.lookups.load(Ordering::Relaxed),
         route_errors: route_counts.errors.load(Ordering::Relaxed),
         route_wrong: route_counts.wrong.load(Ordering::Relaxed),
+        reinits,
     }
 }
 
@@ -742,7 +768,7 @@ pub fn print(name: &str, run: &RunFigures) {
         "FIGURES {name}: faults={} acked={} acked_lost={} events={} events_lost={} \
          events_twice={} delivered_not_stored={} lagged_reports={} write_retries={} refused={} \
          promoted_s={} first_write_s={} first_event_s={} write_gap_s={} event_gap_s={} \
-         route_lookups={} route_errors={} \
+         rejoin_s={} reinits={} route_lookups={} route_errors={} \
          route_wrong={}",
         run.faults.len(),
         run.acked,
@@ -759,6 +785,8 @@ pub fn print(name: &str, run: &RunFigures) {
         pick(|f| Some(f.first_event)),
         pick(|f| Some(f.write_gap)),
         pick(|f| Some(f.event_gap)),
+        pick(|f| f.rejoin),
+        run.reinits,
         run.route_lookups,
         run.route_errors,
         run.route_wrong,
@@ -766,14 +794,15 @@ pub fn print(name: &str, run: &RunFigures) {
     for f in &run.faults {
         println!(
             "  {:?}: promoted {:?}, first write {:.1} s, first event {:.1} s, longest gaps {:.1} s \
-             (writes) {:.1} s (deliveries), route errors {}",
+             (writes) {:.1} s (deliveries), route errors {}, rejoined {:?}",
             f.fault,
             f.promoted.map(|d| format!("{:.1} s", d.as_secs_f64())),
             f.first_write.as_secs_f64(),
             f.first_event.as_secs_f64(),
             f.write_gap.as_secs_f64(),
             f.event_gap.as_secs_f64(),
-            f.route_errors
+            f.route_errors,
+            f.rejoin.map(|d| format!("{:.1} s", d.as_secs_f64())),
         );
     }
 }
