@@ -270,9 +270,22 @@ pub async fn run(client: Client, synchronous: bool, faults: &[Fault]) -> RunFigu
         // right after the last one's rejoin finds no candidate, and Patroni restarts the
         // primary in place instead of failing over (correctly: none is in sync).
         let c = cluster.clone();
-        blocking(move || c.wait_until_ready(PATRONI_WAIT))
-            .await
-            .unwrap_or_else(|error| panic!("round {round}: the cluster is not ready: {error}"));
+        let ready = blocking(move || c.wait_until_ready(PATRONI_WAIT)).await;
+        if let Err(error) = ready {
+            // A standby that stays in recovery without streaming (seen after many pauses
+            // under load) is rebuilt, and counted, as an old primary would be.
+            eprintln!("round {round}: the cluster is not ready: {error}");
+            let c = cluster.clone();
+            reinits += blocking(move || rebuild_stuck_standbys(&c))
+                .await
+                .unwrap_or_else(|error| panic!("round {round}: rebuilding failed: {error}"));
+            let c = cluster.clone();
+            blocking(move || c.wait_until_ready(PATRONI_WAIT))
+                .await
+                .unwrap_or_else(|error| {
+                    panic!("round {round}: the cluster is not ready after rebuilding: {error}")
+                });
+        }
         tokio::time::sleep(STEADY).await;
         let c = cluster.clone();
         let old = blocking(move || c.leader())
@@ -481,6 +494,28 @@ pub async fn run(client: Client, synchronous: bool, faults: &[Fault]) -> RunFigu
         route_wrong: route_counts.wrong.load(Ordering::Relaxed),
         reinits,
     }
+}
+
+/// Rebuilds (`patronictl reinit`) every standby that does not stream from the leader, and
+/// waits until each streams; how many it rebuilt.
+fn rebuild_stuck_standbys(
+    cluster: &TestPatroniCluster,
+) -> Result<usize, plane_db::testing::HarnessError> {
+    let leader = cluster.leader()?;
+    let mut rebuilt = 0;
+    for node in 0..cluster.node_count() {
+        if Some(node) == leader
+            || cluster
+                .wait_for_streaming_replica(node, Duration::from_secs(1))
+                .is_ok()
+        {
+            continue;
+        }
+        cluster.reinit(node)?;
+        cluster.wait_for_streaming_replica(node, REBUILD_WAIT)?;
+        rebuilt += 1;
+    }
+    Ok(rebuilt)
 }
 
 /// The `application_name`s of the library's connections on a node.
