@@ -4,7 +4,9 @@
 
 use crate::backend::{alive_for_drone_query, termination_candidates_query};
 use crate::error::Result;
+use crate::partition::{History, Partitions};
 use crate::types::NodeId;
+use crate::PlaneDatabase;
 use sqlx::postgres::PgPoolOptions;
 use sqlx::{Execute, PgConnection, PgPool, Postgres};
 
@@ -162,4 +164,31 @@ async fn explain_prepared(
         .execute(&mut *conn)
         .await?;
     Ok(plan)
+}
+
+/// A partitioned history table, for [`drop_history_partition`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HistoryTable {
+    /// `event`.
+    Event,
+    /// `backend_state`.
+    BackendState,
+}
+
+/// Detaches partition `partition` of `table` (`DETACH PARTITION … CONCURRENTLY`) and drops
+/// it, with the statements retention runs in
+/// [`PlaneDatabase::run_cleanup`](crate::PlaneDatabase::run_cleanup), without choosing which
+/// partition: the bench times one drop of a partition it filled.
+pub async fn drop_history_partition(
+    db: &PlaneDatabase,
+    table: HistoryTable,
+    partition: &str,
+) -> Result<()> {
+    let table = match table {
+        HistoryTable::Event => History::Event,
+        HistoryTable::BackendState => History::BackendState,
+    };
+    Partitions::new(db.context())
+        .drop_partition(table, partition)
+        .await
 }
