@@ -128,6 +128,17 @@ async fn round(size: &mut Size, k: usize, seed: &mut u64, keep: bool) -> R<()> {
     };
     let env = &size.env;
     let mut took = [Duration::ZERO; OPS.len()];
+    // Keep the controller and the drones alive (loading the largest size takes minutes),
+    // outside what is timed.
+    if k % 20 == 0 {
+        env.db
+            .controller()
+            .heartbeat(&env.controller, true, "bench", "bench")
+            .await?;
+        for (id, _) in &env.drones {
+            env.db.drone().heartbeat(*id, chrono::Utc::now()).await?;
+        }
+    }
 
     // update_state: the writer's next transition.
     let (i, s) = size.writer;

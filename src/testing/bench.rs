@@ -9,6 +9,7 @@ use crate::types::NodeId;
 use crate::PlaneDatabase;
 use sqlx::postgres::PgPoolOptions;
 use sqlx::{Execute, PgConnection, PgPool, Postgres};
+use std::time::{Duration, Instant};
 
 /// One read of the event bus's read statement on `conn`: the events committed after the
 /// snapshot `prev` (Postgres's text form, as `pg_current_snapshot()::text` gives it), at most
@@ -176,19 +177,24 @@ pub enum HistoryTable {
 }
 
 /// Detaches partition `partition` of `table` (`DETACH PARTITION … CONCURRENTLY`) and drops
-/// it, with the statements retention runs in
+/// it, with the two steps retention runs in
 /// [`PlaneDatabase::run_cleanup`](crate::PlaneDatabase::run_cleanup), without choosing which
-/// partition: the bench times one drop of a partition it filled.
+/// partition: the bench times one drop of a partition it filled. Returns how long each step
+/// took (detach, drop).
 pub async fn drop_history_partition(
     db: &PlaneDatabase,
     table: HistoryTable,
     partition: &str,
-) -> Result<()> {
+) -> Result<(Duration, Duration)> {
     let table = match table {
         HistoryTable::Event => History::Event,
         HistoryTable::BackendState => History::BackendState,
     };
-    Partitions::new(db.context())
-        .drop_partition(table, partition)
-        .await
+    let partitions = Partitions::new(db.context());
+    let t = Instant::now();
+    partitions.detach_partition(table, partition).await?;
+    let detach = t.elapsed();
+    let t = Instant::now();
+    partitions.drop_detached(table, partition).await?;
+    Ok((detach, t.elapsed()))
 }
