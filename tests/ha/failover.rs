@@ -215,10 +215,8 @@ pub async fn run(client: Client, synchronous: bool, faults: &[Fault]) -> RunFigu
         .await
         .expect("open the proxy's controller");
     let routes: Arc<Mutex<Vec<BearerToken>>> = Arc::default();
-    routes
-        .lock()
-        .unwrap()
-        .push(ready_backend(&writers_db, "route-0").await);
+    let first_route = ready_backend(&writers_db, "route-0").await;
+    routes.lock().unwrap().push(first_route);
     let route_counts = Arc::new(RouteCounts::default());
     let proxy = tokio::spawn(look_up_routes(
         proxy_db.clone(),
@@ -287,10 +285,8 @@ pub async fn run(client: Client, synchronous: bool, faults: &[Fault]) -> RunFigu
             .ok()
             .and_then(|t| t.duration_since(at_system).ok());
         // A backend made ready on the new primary, whose route the proxy must find.
-        routes
-            .lock()
-            .unwrap()
-            .push(ready_backend(&writers_db, &format!("route-{}", round + 1)).await);
+        let route = ready_backend(&writers_db, &format!("route-{}", round + 1)).await;
+        routes.lock().unwrap().push(route);
         let first_write = wait_first_write(&acks, from).await;
         let first_event = wait_first_event(&acks, &received, from).await;
         let route_errors = route_counts.errors.load(Ordering::Relaxed) - route_errors_before;
