@@ -308,6 +308,81 @@ pub async fn growth(bench: &mut Bench) -> R<()> {
             );
         }
     }
+    // The bus read's statement under the settings its plan depends on, at the smallest and
+    // the largest size: each variant on a connection of its own that set them before its
+    // first use (a cached plan keeps the settings it was planned with), interleaved.
+    const VARIANTS: [(&str, &[&str]); 3] = [
+        ("default settings", &[]),
+        ("jit = off", &["set jit = off"]),
+        (
+            "jit = off, max_parallel_workers_per_gather = 0",
+            &["set jit = off", "set max_parallel_workers_per_gather = 0"],
+        ),
+    ];
+    let diag_calls = bench.pick(100, 10);
+    let mut diag = vec![vec![Vec::new(); VARIANTS.len()]; 2];
+    for (d, s) in [0, last].into_iter().enumerate() {
+        let size = &loaded[s];
+        let mut conns = Vec::new();
+        for (_, settings) in VARIANTS {
+            let mut conn = size.env.pool.acquire().await?;
+            for setting in settings {
+                sqlx::query(setting).execute(&mut *conn).await?;
+            }
+            conns.push(conn);
+        }
+        for k in 0..(diag_calls + 10) {
+            for (v, conn) in conns.iter_mut().enumerate() {
+                let prev: String = sqlx::query_scalar("select pg_current_snapshot()::text")
+                    .fetch_one(&size.env.pool)
+                    .await?;
+                let id: i64 = sqlx::query_scalar(
+                    "insert into event (kind, key, data) values ('bench', 'growth', '{}') returning id",
+                )
+                .fetch_one(&size.env.pool)
+                .await?;
+                let t = Instant::now();
+                let ids = hooks::bus_read(conn, &prev, 1000).await?;
+                let took = t.elapsed();
+                if ids != [id] {
+                    return Err(format!("bus read returned {ids:?}, expected [{id}]").into());
+                }
+                if k >= 10 {
+                    diag[d][v].push(took);
+                }
+            }
+        }
+        for (conn, (_, settings)) in conns.into_iter().zip(VARIANTS) {
+            if settings.is_empty() {
+                drop(conn);
+            } else {
+                // Settings of its own: not returned to the pool.
+                conn.detach();
+            }
+        }
+    }
+    for (v, (name, _)) in VARIANTS.iter().enumerate() {
+        for d in &mut diag {
+            d[v].sort();
+        }
+        let (a50, a99) = (pct(&diag[1][v], 0.5), pct(&diag[1][v], 0.99));
+        let (b50, b99) = (pct(&diag[0][v], 0.5), pct(&diag[0][v], 0.99));
+        bench.row(
+            format!(
+                "  bus read of one new event, {name} ({diag_calls} calls), N = {}",
+                sz(sizes[last])
+            ),
+            format!("{:.3} / {:.3} ms", ms_f(a50), ms_f(a99)),
+            format!("same at N = {}", sz(sizes[0])),
+            format!("{:.3} / {:.3} ms", ms_f(b50), ms_f(b99)),
+            format!(
+                "{} / {}",
+                ratio(a50.as_secs_f64(), b50.as_secs_f64()),
+                ratio(a99.as_secs_f64(), b99.as_secs_f64())
+            ),
+            Check::None,
+        );
+    }
     // The compact table for BENCHMARKS.md.
     let mut table = String::from("\n| Operation |");
     for &n in &sizes {
@@ -373,7 +448,20 @@ pub async fn growth(bench: &mut Bench) -> R<()> {
                     let (plan, _) =
                         hooks::explain_bus_read_page(&size.env.pool, mode, &prev, &target, 0, 1000)
                             .await?;
-                    println!("     {mode:?} plan:");
+                    let top = &plan[0];
+                    println!(
+                        "     {mode:?} plan: planning {} ms, execution {} ms, JIT: {}",
+                        top["Planning Time"],
+                        top["Execution Time"],
+                        if top["JIT"].is_null() {
+                            "none".to_string()
+                        } else {
+                            format!(
+                                "{} functions, {} ms",
+                                top["JIT"]["Functions"], top["JIT"]["Timing"]["Total"]
+                            )
+                        }
+                    );
                     plan_lines(&plan[0]["Plan"], 3, &mut |line| println!("{line}"));
                 }
             }
