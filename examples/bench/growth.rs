@@ -519,10 +519,13 @@ fn ms_f(d: Duration) -> f64 {
 }
 
 /// Two panels, p50 and p99, each operation's time at every size divided by its time at the
-/// smallest, against the size on a log scale; a dashed line at the 1.5x target.
+/// smallest, against the size, both axes on a log scale; a dashed line at the 1.5x target.
 fn svg(sizes: &[i64], p50: &[Vec<Duration>], p99: &[Vec<Duration>]) -> String {
     const COLORS: [&str; 7] = [
         "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#7f7f7f",
+    ];
+    const TICKS: [f64; 14] = [
+        0.25, 0.5, 1.0, 1.5, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 10000.0,
     ];
     let (pw, ph) = (420.0, 300.0);
     let (left, top) = (60.0, 40.0);
@@ -530,12 +533,13 @@ fn svg(sizes: &[i64], p50: &[Vec<Duration>], p99: &[Vec<Duration>]) -> String {
     let width = left + 2.0 * pw + gap + 30.0;
     let height = top + ph + 60.0 + 18.0 * OPS.len() as f64 + 20.0;
     let rel = |d: &[Duration], s: usize| d[s].as_secs_f64() / d[0].as_secs_f64().max(1e-9);
-    let ymax = p50
-        .iter()
-        .chain(p99)
-        .flat_map(|d| (0..sizes.len()).map(move |s| rel(d, s)))
-        .fold(2.0_f64, f64::max)
-        .ceil();
+    let all = || {
+        p50.iter()
+            .chain(p99)
+            .flat_map(|d| (0..sizes.len()).map(move |s| rel(d, s)))
+    };
+    let ymax = all().fold(4.0_f64, f64::max).log10();
+    let ymin = all().fold(0.25_f64, f64::min).max(1e-3).log10();
     let lx = |n: i64| (n as f64).log10();
     let (x0, x1) = (
         lx(sizes[0]),
@@ -550,30 +554,30 @@ fn svg(sizes: &[i64], p50: &[Vec<Duration>], p99: &[Vec<Duration>]) -> String {
     for (panel, (title, data)) in [("p50", p50), ("p99", p99)].into_iter().enumerate() {
         let ox = left + panel as f64 * (pw + gap);
         let px = |n: i64| ox + (lx(n) - x0) / (x1 - x0) * pw;
-        let py = |r: f64| top + ph - r / ymax * ph;
+        let py = |r: f64| top + ph - (r.max(1e-3).log10() - ymin) / (ymax - ymin) * ph;
         let _ = writeln!(
             out,
-            r#"<text x="{}" y="{}" text-anchor="middle" font-weight="bold">{title} at N rows of history / {title} at N = {}</text>"#,
+            r#"<text x="{}" y="{}" text-anchor="middle" font-weight="bold">{title} at N / {title} at N = 10^{} (log scale)</text>"#,
             ox + pw / 2.0,
             top - 15.0,
-            sizes[0]
+            lx(sizes[0]).round()
         );
         let _ = writeln!(
             out,
             r#"<rect x="{ox}" y="{top}" width="{pw}" height="{ph}" fill="none" stroke="black"/>"#
         );
-        // Y grid: every 0.5x.
-        let mut r = 0.0;
-        while r <= ymax + 1e-9 {
+        for r in TICKS
+            .into_iter()
+            .filter(|r| r.log10() >= ymin - 1e-9 && r.log10() <= ymax + 1e-9)
+        {
             let y = py(r);
             let _ = writeln!(
                 out,
-                r##"<line x1="{ox}" y1="{y}" x2="{}" y2="{y}" stroke="#ddd"/><text x="{}" y="{}" text-anchor="end">{r:.1}x</text>"##,
+                r##"<line x1="{ox}" y1="{y}" x2="{}" y2="{y}" stroke="#ddd"/><text x="{}" y="{}" text-anchor="end">{r}x</text>"##,
                 ox + pw,
                 ox - 5.0,
                 y + 4.0
             );
-            r += 0.5;
         }
         let y = py(1.5);
         let _ = writeln!(
