@@ -1,7 +1,7 @@
 //! plane-db benchmarks: every figure beside a baseline measured in the same run.
 //!
 //! ```text
-//! cargo run --release --example bench            # the full run (about 3 minutes here)
+//! cargo run --release --example bench            # the full run (about 13 minutes here)
 //! cargo run --release --example bench -- --quick # small sizes, under a minute, no speed verdicts
 //! cargo run --release --example bench -- --only writers,connect
 //! cargo run --release --example bench -- --only crossproc  # delivery into another process
