@@ -334,17 +334,29 @@ impl<'a> Partitions<'a> {
 
     /// Detaches `partition` of `table` concurrently and drops it.
     pub(crate) async fn drop_partition(&self, table: History, partition: &str) -> Result<()> {
-        let t = table.table();
+        self.detach_partition(table, partition).await?;
+        self.drop_detached(table, partition).await
+    }
+
+    /// The first step of [`drop_partition`](Self::drop_partition): `DETACH PARTITION …
+    /// CONCURRENTLY`.
+    pub(crate) async fn detach_partition(&self, table: History, partition: &str) -> Result<()> {
         ddl(
             self.ctx,
             &format!(
-                "alter table {t} detach partition {} concurrently",
+                "alter table {} detach partition {} concurrently",
+                table.table(),
                 quote(partition)
             ),
         )
-        .await?;
+        .await
+    }
+
+    /// The second step of [`drop_partition`](Self::drop_partition): `DROP TABLE` of the
+    /// detached partition.
+    pub(crate) async fn drop_detached(&self, table: History, partition: &str) -> Result<()> {
         ddl(self.ctx, &format!("drop table {}", quote(partition))).await?;
-        tracing::info!(table = t, partition, "dropped a partition");
+        tracing::info!(table = table.table(), partition, "dropped a partition");
         Ok(())
     }
 }

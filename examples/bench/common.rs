@@ -28,6 +28,9 @@ pub struct Row {
 /// Collects the table; prints each row as it is measured.
 pub struct Bench {
     pub quick: bool,
+    /// The largest history size of the `growth` section, as a power of ten (`--growth-max`;
+    /// 6 unless asked; `--quick` ignores it).
+    pub growth_max: u32,
     rows: Vec<Row>,
     /// Correctness checks that failed ([`Check::Always`]): the run fails at the end.
     failed: Vec<String>,
@@ -49,6 +52,7 @@ impl Bench {
     pub fn new(quick: bool) -> Self {
         Self {
             quick,
+            growth_max: 6,
             rows: Vec::new(),
             failed: Vec::new(),
         }
@@ -148,6 +152,22 @@ impl Env {
 
     pub async fn with_config(drones: usize, config: Config) -> R<Self> {
         let database = plane_db::testing::create_database().await?;
+        Self::in_database(database, drones, config).await
+    }
+
+    /// As [`with_config`](Self::with_config), in a fresh database on `server` rather than
+    /// the process-wide one (e.g. a durable server of the section's own). [`finish`](Self::finish)
+    /// leaves that database to the server: dropping the server deletes it.
+    pub async fn on_server(
+        server: &plane_db::testing::TestServer,
+        drones: usize,
+        config: Config,
+    ) -> R<Self> {
+        let database = server.create_database().await?;
+        Self::in_database(database, drones, config).await
+    }
+
+    async fn in_database(database: TestDatabase, drones: usize, config: Config) -> R<Self> {
         let pool = PgPoolOptions::new()
             .max_connections(48)
             .acquire_timeout(Duration::from_secs(60))
@@ -229,6 +249,15 @@ pub struct BulkBackends<'a> {
 
 impl BulkBackends<'_> {
     pub async fn insert(&self, env: &Env) -> R<()> {
+        self.insert_with(env, true).await
+    }
+
+    /// As [`insert`](Self::insert), without the history row: the caller writes the history.
+    pub async fn insert_without_history(&self, env: &Env) -> R<()> {
+        self.insert_with(env, false).await
+    }
+
+    async fn insert_with(&self, env: &Env, history: bool) -> R<()> {
         let status = self.state.status();
         let state = serde_json::to_value(&self.state)?;
         sqlx::query(
@@ -253,19 +282,21 @@ impl BulkBackends<'_> {
         .bind(self.n)
         .execute(&env.pool)
         .await?;
-        sqlx::query(
-            r#"
-            insert into backend_state (backend_id, state, created_at)
-            select $1 || i, $2, now() - make_interval(secs => $3)
-            from generate_series(1, $4::bigint) i
-            "#,
-        )
-        .bind(self.prefix)
-        .bind(&state)
-        .bind(self.age_secs)
-        .bind(self.n)
-        .execute(&env.pool)
-        .await?;
+        if history {
+            sqlx::query(
+                r#"
+                insert into backend_state (backend_id, state, created_at)
+                select $1 || i, $2, now() - make_interval(secs => $3)
+                from generate_series(1, $4::bigint) i
+                "#,
+            )
+            .bind(self.prefix)
+            .bind(&state)
+            .bind(self.age_secs)
+            .bind(self.n)
+            .execute(&env.pool)
+            .await?;
+        }
         if let Some(expires) = self.key_expires_in_secs {
             sqlx::query(
                 r#"

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 /// Inserts `n` tokens `{prefix}{i}` for backends `{backend_prefix}{i}`, storing their
 /// SHA-256 digests as the library does.
-async fn insert_tokens(
+pub async fn insert_tokens(
     env: &Env,
     prefix: &str,
     backend_prefix: &str,

@@ -1,10 +1,12 @@
 //! plane-db benchmarks: every figure beside a baseline measured in the same run.
 //!
 //! ```text
-//! cargo run --release --example bench            # the full run (about 3 minutes here)
+//! cargo run --release --example bench            # the full run (about 13 minutes here)
 //! cargo run --release --example bench -- --quick # small sizes, under a minute, no speed verdicts
 //! cargo run --release --example bench -- --only writers,connect
 //! cargo run --release --example bench -- --only crossproc  # delivery into another process
+//! cargo run --release --example bench -- --only retention  # retention by partitions
+//! cargo run --release --example bench -- --only growth --growth-max 7  # cost curves to 10^7
 //! ```
 //!
 //! Runs on the server `DATABASE_URL` names, or else on a throwaway Postgres started from the
@@ -30,9 +32,11 @@ mod common;
 mod connect;
 mod crossproc;
 mod delivered;
+mod growth;
 mod hot;
 mod memory;
 mod replicas;
+mod retention;
 mod streams;
 mod writers;
 
@@ -51,6 +55,8 @@ const SECTIONS: &[&str] = &[
     "crossproc",
     "hot",
     "cleanup",
+    "retention",
+    "growth",
     "replicas",
 ];
 
@@ -83,8 +89,21 @@ fn main() -> R<()> {
             }
         }
     }
+    let growth_max: Option<u32> = args
+        .iter()
+        .position(|a| a == "--growth-max")
+        .map(|pos| {
+            args.get(pos + 1)
+                .and_then(|e| e.parse().ok())
+                .filter(|e| (4..=8).contains(e))
+                .ok_or("--growth-max takes a power of ten from 4 to 8")
+        })
+        .transpose()?;
     if args.iter().any(|a| a == "--help" || a == "-h") {
-        println!("usage: bench [--quick] [--only {}]", SECTIONS.join(","));
+        println!(
+            "usage: bench [--quick] [--only {}] [--growth-max 4..8]",
+            SECTIONS.join(",")
+        );
         return Ok(());
     }
 
@@ -94,6 +113,9 @@ fn main() -> R<()> {
     runtime.block_on(async move {
         let server = plane_db::testing::server()?;
         let mut bench = Bench::new(quick);
+        if let Some(max) = growth_max {
+            bench.growth_max = max;
+        }
         println!(
             "plane-db bench ({} mode) on {}; {} CPUs",
             if quick { "quick" } else { "full" },
@@ -124,6 +146,8 @@ fn main() -> R<()> {
                 "crossproc" => crossproc::crossproc(&mut bench).await?,
                 "hot" => hot::hot_queries(&mut bench).await?,
                 "cleanup" => hot::cleanup(&mut bench).await?,
+                "retention" => retention::retention(&mut bench).await?,
+                "growth" => growth::growth(&mut bench).await?,
                 "replicas" => replicas::replicas(&mut bench).await?,
                 _ => unreachable!("checked above"),
             }

@@ -4,9 +4,12 @@
 
 use crate::backend::{alive_for_drone_query, termination_candidates_query};
 use crate::error::Result;
+use crate::partition::{History, Partitions};
 use crate::types::NodeId;
+use crate::PlaneDatabase;
 use sqlx::postgres::PgPoolOptions;
 use sqlx::{Execute, PgConnection, PgPool, Postgres};
+use std::time::{Duration, Instant};
 
 /// One read of the event bus's read statement on `conn`: the events committed after the
 /// snapshot `prev` (Postgres's text form, as `pg_current_snapshot()::text` gives it), at most
@@ -162,4 +165,36 @@ async fn explain_prepared(
         .execute(&mut *conn)
         .await?;
     Ok(plan)
+}
+
+/// A partitioned history table, for [`drop_history_partition`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HistoryTable {
+    /// `event`.
+    Event,
+    /// `backend_state`.
+    BackendState,
+}
+
+/// Detaches partition `partition` of `table` (`DETACH PARTITION … CONCURRENTLY`) and drops
+/// it, with the two steps retention runs in
+/// [`PlaneDatabase::run_cleanup`](crate::PlaneDatabase::run_cleanup), without choosing which
+/// partition: the bench times one drop of a partition it filled. Returns how long each step
+/// took (detach, drop).
+pub async fn drop_history_partition(
+    db: &PlaneDatabase,
+    table: HistoryTable,
+    partition: &str,
+) -> Result<(Duration, Duration)> {
+    let table = match table {
+        HistoryTable::Event => History::Event,
+        HistoryTable::BackendState => History::BackendState,
+    };
+    let partitions = Partitions::new(db.context());
+    let t = Instant::now();
+    partitions.detach_partition(table, partition).await?;
+    let detach = t.elapsed();
+    let t = Instant::now();
+    partitions.drop_detached(table, partition).await?;
+    Ok((detach, t.elapsed()))
 }
