@@ -40,7 +40,7 @@ const MAX_APPLICATION_NAME: usize = 63;
 /// |---|---|---|---|
 /// | the bus's `LISTEN` connection | main URL | main URL, or the direct URL if given | the direct URL (required) |
 /// | migrations ([`OpenOptions::open_and_migrate`]) | main URL | main URL | the direct URL |
-/// | `statement_timeout`, `idle_in_transaction_session_timeout` | `SET` on each new connection | `SET` on each new connection | not set: set them on the server (see below) |
+/// | `statement_timeout`, `idle_in_transaction_session_timeout`, `jit = off` | `SET` on each new connection | `SET` on each new connection | not set: set them on the server (see below) |
 /// | startup parameter `extra_float_digits` | sent (sqlx's default) | not sent | not sent |
 ///
 /// **`Transaction` needs a pooler that supports protocol-level prepared statements**, such
@@ -59,7 +59,8 @@ const MAX_APPLICATION_NAME: usize = 63;
 /// In transaction mode a `SET` would stay on the server connection and apply to whichever
 /// client gets it next, so the library sets nothing; give plane-db's role its defaults on
 /// the server instead, e.g. `ALTER ROLE plane SET statement_timeout = '30s'` and
-/// `ALTER ROLE plane SET idle_in_transaction_session_timeout = '60s'` (they apply to every
+/// `ALTER ROLE plane SET idle_in_transaction_session_timeout = '60s'` and
+/// `ALTER ROLE plane SET jit = off` (they apply to every
 /// new session of that role, direct or through the pooler). `application_name` is a startup
 /// parameter that PgBouncer tracks per client, so it is right in every mode.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -484,13 +485,22 @@ impl OpenOptions {
         match self.pooler {
             // A SET would stay on the pooler's server connection, for other clients.
             PoolerMode::Transaction => String::new(),
-            PoolerMode::Direct | PoolerMode::Session => session_settings(&[
-                ("statement_timeout", self.statement_timeout),
-                (
-                    "idle_in_transaction_session_timeout",
-                    self.idle_in_transaction_session_timeout,
-                ),
-            ]),
+            PoolerMode::Direct | PoolerMode::Session => {
+                let mut settings = session_settings(&[
+                    ("statement_timeout", self.statement_timeout),
+                    (
+                        "idle_in_transaction_session_timeout",
+                        self.idle_in_transaction_session_timeout,
+                    ),
+                ]);
+                // The library's statements read a handful of rows each. Once the history
+                // tables reach millions of rows, the planner's cost estimates pass the JIT
+                // thresholds and compiling takes most of a statement's time (the bench's
+                // `growth` section: the bus's read of one new event at 10^7 history rows took
+                // 61 ms with JIT, 46 ms of them compiling, and 1.6 ms without).
+                settings.push_str("SET jit = off;");
+                settings
+            }
         }
     }
 

@@ -22,6 +22,11 @@ async fn open_and_migrate_then_open() {
             .expect("open_and_migrate");
         migrated.health_check().await.expect("health");
         assert_eq!(application_name(&migrated).await, "plane-db");
+        let jit: String = sqlx::query_scalar("select current_setting('jit')")
+            .fetch_one(migrated.pool())
+            .await
+            .expect("jit");
+        assert_eq!(jit, "off", "the library's connections run without JIT");
         migrated.pool().close().await;
 
         let opened = plane_db::open(&database.url).await.expect("open");
@@ -59,6 +64,11 @@ async fn the_old_names_still_open_the_database() {
             .expect("connect_and_migrate");
         migrated.health_check().await.expect("health");
         assert_eq!(application_name(&migrated).await, "plane-db");
+        let jit: String = sqlx::query_scalar("select current_setting('jit')")
+            .fetch_one(migrated.pool())
+            .await
+            .expect("jit");
+        assert_eq!(jit, "off", "the library's connections run without JIT");
         migrated.pool().close().await;
 
         let opened = plane_db::connect(&database.url).await.expect("connect");
