@@ -8,14 +8,18 @@
 //!    its old term.
 //! 3. The next leader shuts down (resigns): another must take over at once.
 //!
-//! Meanwhile old events are fed in, so every leader's cleanup batches delete rows. A
-//! statement trigger on `event` records every deleting batch: the deleting process (its
+//! Meanwhile expired tokens are fed in, so every leader's cleanup batches delete rows. A
+//! statement trigger on `token` records every deleting batch: the deleting process (its
 //! `application_name`) and the lease's term and holder as the batch saw it. The checks:
 //! every batch was run by the holder of the term it ran under, terms never go back in
 //! time order (no batch of an old term after a batch of a newer one), and the leadership
 //! the processes themselves report (sampled every 10 ms) never overlaps between two of them.
 //! Prints the measured takeover times on a `FIGURES` line
 //! (`cargo test --test leader_failover -- --nocapture`).
+
+#[allow(dead_code)]
+#[path = "it/common.rs"]
+mod common;
 
 use plane_db::leader::CLEANUP_LEASE;
 use plane_db::{CleanupConfig, Config, LeaderConfig, OpenOptions};
@@ -262,7 +266,7 @@ async fn one_leader_cleans_up_across_kill_pause_and_resignation() {
         .await
         .expect("migrate");
     let pool = admin.pool().clone();
-    // Every deleting batch on `event`: who ran it, and the lease as it saw it.
+    // Every deleting batch on `token`: who ran it, and the lease as it saw it.
     for sql in [
         "create table cleanup_batch_log (
              id bigserial primary key, app text not null, term bigint, holder text,
@@ -277,18 +281,33 @@ async fn one_leader_cleans_up_across_kill_pause_and_resignation() {
              where exists (select 1 from gone);
              return null;
          end $$",
-        "create trigger event_cleanup_log after delete on event
+        "create trigger token_cleanup_log after delete on token
          referencing old table as gone for each statement execute function log_cleanup_batch()",
     ] {
         sqlx::query(sql).execute(&pool).await.expect(sql);
     }
-    // Old events, fed in all along, so that every leader's batches delete something.
+    // Expired tokens, fed in all along, so that every leader's batches delete something.
+    // (Tokens, because cleanup deletes them row by row, in batches; old events go with
+    // their partitions.) They belong to one backend on one drone.
+    let drone = common::drone(&admin).await;
+    sqlx::query(
+        "insert into backend (id, cluster, last_status, last_status_number, last_status_time,
+                              state, drone_id, last_keepalive)
+         values ('ba-leader-test', 'plane.test', 'scheduled', 1, now(),
+                 '{\"status\": \"scheduled\"}', $1, now())",
+    )
+    .bind(drone.id.as_i32())
+    .execute(&pool)
+    .await
+    .expect("a backend for the tokens");
     let feeder_pool = pool.clone();
     let feeder = tokio::spawn(async move {
         loop {
             let _ = sqlx::query(
-                "insert into event (kind, key, data, created_at)
-                 select 'old', null, '{}', now() - interval '1 day' from generate_series(1, 30)",
+                "insert into token (token_digest, backend_id, expiration_time, auth, secret_token)
+                 select decode(md5(random()::text || clock_timestamp()::text || g::text), 'hex'),
+                        'ba-leader-test', now() - interval '1 day', '{}', ''
+                 from generate_series(1, 30) g",
             )
             .execute(&feeder_pool)
             .await;
@@ -379,7 +398,7 @@ async fn one_leader_cleans_up_across_kill_pause_and_resignation() {
         match pid_of_app.get(app) {
             Some(pid) if *pid == holder_pid(holder) => {}
             _ => failures.push(format!(
-                "{app} deleted {deleted} events under term {term}, held by {holder}"
+                "{app} deleted {deleted} tokens under term {term}, held by {holder}"
             )),
         }
         if *term < highest {
