@@ -80,6 +80,30 @@ fn seconds(duration: Duration) -> String {
 /// and checks that Patroni promotes the sync standby, that writes go on through HAProxy,
 /// that the old primary comes back as a streaming standby and that no acknowledged row was
 /// lost.
+/// The acknowledged keys that the server at `url` does not have, and how many were
+/// acknowledged.
+async fn lost_rows(acknowledged: &Acknowledged, url: &str) -> (Vec<String>, usize) {
+    let acknowledged: Vec<String> = acknowledged
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(key, _)| key.clone())
+        .collect();
+    let mut check = PgConnection::connect(url).await.unwrap();
+    let stored: Vec<String> = sqlx::query_scalar("select key from ha_rows")
+        .fetch_all(&mut check)
+        .await
+        .unwrap();
+    check.close().await.unwrap();
+    let stored: HashSet<String> = stored.into_iter().collect();
+    let total = acknowledged.len();
+    let lost = acknowledged
+        .into_iter()
+        .filter(|key| !stored.contains(key))
+        .collect();
+    (lost, total)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn harness_starts_fails_over_and_rejoins() {
     let _one = failover::ONE_CLUSTER_AT_A_TIME.lock().await;
@@ -166,30 +190,11 @@ async fn harness_starts_fails_over_and_rejoins() {
     let patroni_promotion = promoted_at.duration_since(fault_clock).unwrap_or_default();
 
     // Every acknowledged row is on the new primary.
-    let acknowledged: Vec<String> = acknowledged
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|(key, _)| key.clone())
-        .collect();
-    let mut check = PgConnection::connect(&cluster.node_url(new, "ha_rows"))
-        .await
-        .unwrap();
-    let stored: Vec<String> = sqlx::query_scalar("select key from ha_rows")
-        .fetch_all(&mut check)
-        .await
-        .unwrap();
-    check.close().await.unwrap();
-    let stored: HashSet<String> = stored.into_iter().collect();
-    let lost: Vec<&String> = acknowledged
-        .iter()
-        .filter(|key| !stored.contains(*key))
-        .collect();
+    let (lost, total) = lost_rows(&acknowledged, &cluster.node_url(new, "ha_rows")).await;
     assert!(
         lost.is_empty(),
-        "{} of {} acknowledged rows are not on the new primary, e.g. {:?}",
+        "{} of {total} acknowledged rows are not on the new primary, e.g. {:?}",
         lost.len(),
-        acknowledged.len(),
         &lost[..lost.len().min(5)]
     );
 
@@ -208,7 +213,7 @@ async fn harness_starts_fails_over_and_rejoins() {
         seconds(elected - fault),
         seconds(resumed - fault),
         seconds(rejoined - fault),
-        acknowledged.len(),
+        total,
         seconds(teardown),
     );
 }
@@ -313,26 +318,12 @@ async fn harness_switches_over_and_survives_a_hung_primary() {
 
     stop.store(true, Ordering::Relaxed);
     writing.await.unwrap();
-    let acknowledged: Vec<String> = acknowledged
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|(key, _)| key.clone())
-        .collect();
-    let mut check = PgConnection::connect(&cluster.node_url(leader, "ha_rows"))
-        .await
-        .unwrap();
-    let stored: Vec<String> = sqlx::query_scalar("select key from ha_rows")
-        .fetch_all(&mut check)
-        .await
-        .unwrap();
-    check.close().await.unwrap();
-    let stored: HashSet<String> = stored.into_iter().collect();
-    let lost = acknowledged
-        .iter()
-        .filter(|key| !stored.contains(*key))
-        .count();
-    assert_eq!(lost, 0, "of {} acknowledged rows", acknowledged.len());
+    let (lost, total) = lost_rows(&acknowledged, &cluster.node_url(leader, "ha_rows")).await;
+    assert!(
+        lost.is_empty(),
+        "{} of {total} acknowledged rows lost",
+        lost.len()
+    );
 
     println!(
         "FIGURES ha switchover and hung primary: switchover {} s; after SIGSTOP of the \
@@ -342,6 +333,6 @@ async fn harness_switches_over_and_survives_a_hung_primary() {
         seconds(promoted_at.duration_since(fault_clock).unwrap_or_default()),
         seconds(elected - fault),
         seconds(rejoined - fault),
-        acknowledged.len(),
+        total,
     );
 }
