@@ -9,16 +9,11 @@ use std::process::{Child, Command, Stdio};
 
 use super::HarnessError;
 
-/// The reaper's shell script: waits until the test process (`$1`) is gone, then stops the
-/// process `$5` (a pid, or a file whose first line is one) if it still runs with `$3` on
-/// its command line (signal `$4`, then SIGKILL after 10 s), and removes `$2`.
-const REAPER_SCRIPT: &str = r#"# plane-db test server reaper
-owner=$1
-dir=$2
-marker=$3
-signal=$4
-target=$5
-alive() {
+/// The reapers' shell function `alive PID`: whether the process runs (a zombie does not),
+/// written once for both scripts.
+macro_rules! alive_function {
+    () => {
+        r#"alive() {
     kill -0 "$1" 2>/dev/null || return 1
     if [ -r "/proc/$1/stat" ]; then
         state=$(sed -e 's/^.*) //' -e 's/ .*$//' "/proc/$1/stat" 2>/dev/null)
@@ -26,7 +21,23 @@ alive() {
     fi
     return 0
 }
-ours() {
+"#
+    };
+}
+
+/// The reaper's shell script: waits until the test process (`$1`) is gone, then stops the
+/// process `$5` (a pid, or a file whose first line is one) if it still runs with `$3` on
+/// its command line (signal `$4`, then SIGKILL after 10 s), and removes `$2`.
+const REAPER_SCRIPT: &str = concat!(
+    r#"# plane-db test server reaper
+owner=$1
+dir=$2
+marker=$3
+signal=$4
+target=$5
+"#,
+    alive_function!(),
+    r#"ours() {
     [ -r "/proc/$1/cmdline" ] || return 0
     tr '\000' '\n' < "/proc/$1/cmdline" | grep -qxF -- "$marker"
 }
@@ -46,7 +57,8 @@ if [ -n "$pid" ] && alive "$pid" && ours "$pid"; then
     if alive "$pid"; then kill -KILL "$pid" 2>/dev/null; sleep 1; fi
 fi
 rm -rf "$dir"
-"#;
+"#
+);
 
 /// The reaper's shell script for a Patroni cluster: waits until the test process (`$1`) is
 /// gone, then, for each further argument `SIGNAL=PIDFILE` in order, sends `SIGNAL` to the
@@ -54,19 +66,14 @@ rm -rf "$dir"
 /// directory `$2` in its command line, and SIGCONT to it and its children (a paused node
 /// must wake up to act on the signal and to end its children). After 10 s whatever of them
 /// is left gets SIGKILL; then `$2` is removed.
-const CLUSTER_REAPER_SCRIPT: &str = r#"# plane-db test cluster reaper
+const CLUSTER_REAPER_SCRIPT: &str = concat!(
+    r#"# plane-db test cluster reaper
 owner=$1
 dir=$2
 shift 2
-alive() {
-    kill -0 "$1" 2>/dev/null || return 1
-    if [ -r "/proc/$1/stat" ]; then
-        state=$(sed -e 's/^.*) //' -e 's/ .*$//' "/proc/$1/stat" 2>/dev/null)
-        [ "$state" != Z ] || return 1
-    fi
-    return 0
-}
-ours() {
+"#,
+    alive_function!(),
+    r#"ours() {
     [ -r "/proc/$1/cmdline" ] || return 0
     tr '\000' '\n' < "/proc/$1/cmdline" | grep -qF -- "$dir"
 }
@@ -106,7 +113,8 @@ while [ -n "$pids" ] && [ "$i" -lt 100 ]; do
 done
 if [ -n "$pids" ]; then kill -KILL $pids 2>/dev/null; sleep 1; fi
 rm -rf "$dir"
-"#;
+"#
+);
 
 /// A running reaper. Dropping it ends the reaper (the owner of the files it was to remove
 /// cleans them up itself); a reaper that is never dropped, like the process-wide server's,
