@@ -236,7 +236,10 @@ impl<'a> Cleanup<'a> {
         self.check_fence()?;
         self.fence_still_held().await?;
         match Partitions::new(self.ctx).ensure_ahead(config).await {
-            Ok(created) => partitions.partitions_created = created,
+            Ok(ahead) => {
+                partitions.partitions_created = ahead.created;
+                partitions.tails_split = ahead.split;
+            }
             Err(error) if lacks_privilege(&error) => partitions.ddl_refused = true,
             Err(error) => return Err(error),
         }

@@ -445,12 +445,16 @@ impl PlaneDatabase {
 
     /// Creates partitions of `event` and `backend_state` ahead of their sequences, keeping
     /// `config.partitions_ahead` empty ones of `config.partition_rows` ids above each (see
-    /// [`crate::partition`]); [`run_cleanup`](Self::run_cleanup) does this first. Returns how
-    /// many it created. Needs the privileges of the tables' owner (DDL).
+    /// [`crate::partition`]); [`run_cleanup`](Self::run_cleanup) does this first. An
+    /// open-ended partition that writes already reached (nothing maintained the partitions
+    /// for a while) is split first: given an upper bound above the sequence, without moving
+    /// its rows. Returns how many partitions it created. Needs the privileges of the tables'
+    /// owner (DDL).
     pub async fn maintain_partitions(&self, config: &CleanupConfig) -> Result<u64> {
-        crate::partition::Partitions::new(&self.inner)
+        Ok(crate::partition::Partitions::new(&self.inner)
             .ensure_ahead(config)
-            .await
+            .await?
+            .created)
     }
 
     /// Deletes events older than `min_age`, `batch_size` per transaction until none are

@@ -16,6 +16,10 @@
 //! no scan). While it is detached, an id at or above `B` would find no partition; it is done
 //! only while at least one whole partition lies between the sequence and `B`.
 //!
+//! If writes reached the open-ended partition first (nothing maintained the partitions for
+//! a while), it is split instead: given an upper bound above the sequence, after a CHECK
+//! proved that its rows fit, and new partitions go above it (`Partitions::split_tail`).
+//!
 //! Retention (see RELIABILITY.md, "Retention by partitions"):
 //! - an `event` partition goes once every id in its range has been handed out and its newest
 //!   row is older than the horizon (`CleanupConfig::event_min_age`): no event inside the
@@ -37,6 +41,10 @@ use std::time::Duration;
 pub struct PartitionReport {
     /// Partitions created ahead of the sequences (both tables).
     pub partitions_created: u64,
+    /// Open-ended partitions that writes had reached (nothing maintained the partitions for
+    /// a while), given an upper bound above the sequence so that retention can drop them
+    /// once their rows are old; their rows stay where they are.
+    pub tails_split: u64,
     /// `event` partitions detached and dropped.
     pub event_partitions_dropped: u64,
     /// Events in them.
@@ -95,6 +103,17 @@ struct Partition {
     lower: Option<i64>,
     upper: Option<i64>,
     detach_pending: bool,
+    /// It carries the CHECK of a split that has not finished (see `Partitions::split_tail`).
+    split_check: bool,
+}
+
+/// What keeping partitions ahead did to one or both tables.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Ahead {
+    /// Partitions created.
+    pub(crate) created: u64,
+    /// Open-ended partitions split (given an upper bound) because writes had reached them.
+    pub(crate) split: u64,
 }
 
 impl Partition {
@@ -134,6 +153,9 @@ impl<'a> Partitions<'a> {
             r#"
             select c.relname::text as "name!",
                    i.inhdetachpending as "pending!",
+                   exists (select 1 from pg_constraint k
+                           where k.conrelid = c.oid and k.conname = 'plane_split_bound')
+                       as "split_check!",
                    regexp_match(pg_get_expr(c.relpartbound, c.oid),
                                 'FROM \(([^)]*)\) TO \(([^)]*)\)') as bounds
             from pg_inherits i
@@ -153,6 +175,7 @@ impl<'a> Partitions<'a> {
                     lower: bounds.first().and_then(|b| bound(b)),
                     upper: bounds.get(1).and_then(|b| bound(b)),
                     detach_pending: row.pending,
+                    split_check: row.split_check,
                 }
             })
             .collect();
@@ -193,18 +216,20 @@ impl<'a> Partitions<'a> {
     /// Keeps at least `config.partitions_ahead` empty partitions of `config.partition_rows`
     /// ids above each sequence, and an open-ended one above them. Returns how many it
     /// created.
-    pub(crate) async fn ensure_ahead(&self, config: &CleanupConfig) -> Result<u64> {
+    pub(crate) async fn ensure_ahead(&self, config: &CleanupConfig) -> Result<Ahead> {
         check(config)?;
-        let mut created = 0;
+        let mut done = Ahead::default();
         for table in History::ALL {
             if self.is_partitioned(table).await? {
-                created += self.ensure_ahead_of(table, config).await?;
+                let ahead = self.ensure_ahead_of(table, config).await?;
+                done.created += ahead.created;
+                done.split += ahead.split;
             }
         }
-        Ok(created)
+        Ok(done)
     }
 
-    async fn ensure_ahead_of(&self, table: History, config: &CleanupConfig) -> Result<u64> {
+    async fn ensure_ahead_of(&self, table: History, config: &CleanupConfig) -> Result<Ahead> {
         let mut parts = self.list(table).await?;
         if parts.iter().any(|p| p.detach_pending) {
             self.finish_pending(table, &parts).await?;
@@ -217,8 +242,9 @@ impl<'a> Partitions<'a> {
             .count();
         let wanted = usize::try_from(config.partitions_ahead).unwrap_or(usize::MAX);
         let tail = parts.iter().find(|p| p.is_tail());
-        if ahead >= wanted && tail.is_some() {
-            return Ok(0);
+        let leftover_check = tail.is_some_and(|tail| tail.split_check);
+        if ahead >= wanted && tail.is_some() && !leftover_check {
+            return Ok(Ahead::default());
         }
         let t = table.table();
         // Where new partitions start: the open-ended partition's lower bound, or (if there
@@ -235,14 +261,23 @@ impl<'a> Partitions<'a> {
                 .await?;
                 if !empty || lower <= last {
                     // Writes reached it before it could be moved up (nothing maintained the
-                    // partitions for a long time): they go on landing there and never fail,
-                    // but it cannot be split without an exclusive lock; say so.
-                    tracing::warn!(
-                        table = t,
-                        partition = tail.name,
-                        "the open-ended partition is in use; no partition created ahead"
-                    );
-                    return Ok(0);
+                    // partitions for a while): give it an upper bound instead.
+                    return self.split_tail(table, tail, last, config, wanted).await;
+                }
+                if leftover_check {
+                    // A split died half way, and no write reached the partition since: its
+                    // CHECK only has to go (or an id past its bound would fail).
+                    locked(
+                        self.ctx,
+                        &[format!(
+                            "alter table {} drop constraint if exists {SPLIT_BOUND}",
+                            quote(&tail.name)
+                        )],
+                    )
+                    .await?;
+                    if ahead >= wanted {
+                        return Ok(Ahead::default());
+                    }
                 }
                 ddl(
                     self.ctx,
@@ -258,22 +293,136 @@ impl<'a> Partitions<'a> {
             None => highest.unwrap_or(0).max(last.saturating_add(1)),
         };
         let count = wanted.saturating_sub(ahead).max(1);
-        let mut tx = self.ctx.pool().begin().await?;
+        let mut steps = Vec::new();
         let mut lower = start;
         for _ in 0..count {
             let upper = lower.saturating_add(config.partition_rows);
-            attach(&mut tx, t, lower, Some(upper)).await?;
+            steps.extend(attach_steps(t, lower, Some(upper)));
             lower = upper;
         }
-        attach(&mut tx, t, lower, None).await?;
-        tx.commit().await?;
+        steps.extend(attach_steps(t, lower, None));
+        locked(self.ctx, &steps).await?;
+        let created = count as u64 + 1;
         tracing::info!(
             table = t,
             from = start,
             to = lower,
             "created partitions ahead"
         );
-        Ok(count as u64 + 1)
+        Ok(Ahead { created, split: 0 })
+    }
+
+    /// Gives the open-ended partition `tail`, which writes reached before it could be moved
+    /// up, the upper bound `M = last + 1 + room` (room: `partitions_ahead` partitions of
+    /// `partition_rows` ids, at least one), and attaches `wanted` empty partitions and a new
+    /// open-ended one above `M`. No row moves and no scan runs under an exclusive lock:
+    ///
+    /// 1. `CHECK (id >= lower AND id < M) NOT VALID` on `tail` (catalog only);
+    /// 2. `VALIDATE` it: one scan of `tail` under SHARE UPDATE EXCLUSIVE, which no reader
+    ///    or writer conflicts with;
+    /// 3. in one transaction: detach `tail`, attach it again for `[lower, M)` (the valid
+    ///    CHECK proves its rows fit, so no scan), drop the CHECK, attach the new partitions.
+    ///    Detaching takes ACCESS EXCLUSIVE on the table for the length of a catalog
+    ///    transaction.
+    ///
+    /// Steps 1 and 3 wait at most 50 ms per try for their locks, so writers queue behind
+    /// them at most that long. Between steps 1 and 3 an insert with an id at or above `M`
+    /// would fail: `room` ids must not be handed out during the scan. If they were, step 3
+    /// refuses, the CHECK is dropped and [`Error::PartitionSplit`] says so. A CHECK left by a
+    /// split that died half way is replaced by the next one.
+    async fn split_tail(
+        &self,
+        table: History,
+        tail: &Partition,
+        last: i64,
+        config: &CleanupConfig,
+        wanted: usize,
+    ) -> Result<Ahead> {
+        let t = table.table();
+        let name = quote(&tail.name);
+        let room = config
+            .partition_rows
+            .saturating_mul(i64::from(config.partitions_ahead.max(1)));
+        let upper = last.saturating_add(1).saturating_add(room);
+        let (lower_sql, check) = match tail.lower {
+            Some(lower) => (lower.to_string(), format!("id >= {lower} and id < {upper}")),
+            None => ("minvalue".to_string(), format!("id < {upper}")),
+        };
+        tracing::warn!(
+            table = t,
+            partition = tail.name,
+            upper,
+            "writes reached the open-ended partition: splitting it (nothing maintained the \
+             partitions for a while)"
+        );
+        let drop_check = format!("alter table {name} drop constraint if exists {SPLIT_BOUND}");
+        locked(
+            self.ctx,
+            &[
+                drop_check.clone(),
+                format!(
+                    "alter table {name} add constraint {SPLIT_BOUND} check ({check}) not valid"
+                ),
+            ],
+        )
+        .await?;
+        let mut steps = vec![
+            format!("alter table {t} detach partition {name}"),
+            // No insert into the table runs now (ACCESS EXCLUSIVE), and an insert takes its id
+            // only once it holds its lock: the sequence stays where it is until the commit.
+            format!(
+                "do $$ begin if pg_sequence_last_value('{sequence}') >= {upper} then \
+                 raise exception 'plane-db: splitting partition % of {t}: the sequence \
+                 reached % while the partition was checked, past the bound {upper}; \
+                 inserts above the bound failed meanwhile (raise partition_rows or \
+                 partitions_ahead)', {literal}, pg_sequence_last_value('{sequence}'); \
+                 end if; end $$",
+                sequence = table.sequence(),
+                literal = literal(&tail.name),
+            ),
+            format!("alter table {t} attach partition {name} for values from ({lower_sql}) to ({upper})"),
+            // The bound does its work now (and this transaction holds the lock already).
+            drop_check.clone(),
+        ];
+        let mut lower = upper;
+        let count = wanted.max(1);
+        for _ in 0..count {
+            let next = lower.saturating_add(config.partition_rows);
+            steps.extend(attach_steps(t, lower, Some(next)));
+            lower = next;
+        }
+        steps.extend(attach_steps(t, lower, None));
+        let validated = ddl(
+            self.ctx,
+            &format!("alter table {name} validate constraint {SPLIT_BOUND}"),
+        )
+        .await;
+        let split = match validated {
+            Ok(()) => locked(self.ctx, &steps).await,
+            Err(error) => Err(error),
+        };
+        if let Err(error) = split {
+            // Without its CHECK, the open-ended partition takes any id again.
+            if let Err(drop_error) = locked(self.ctx, &[drop_check]).await {
+                tracing::error!(
+                    table = t,
+                    partition = tail.name,
+                    error = %drop_error,
+                    "could not drop the split's CHECK; the next cleanup replaces it"
+                );
+            }
+            return Err(error);
+        }
+        tracing::info!(
+            table = t,
+            partition = tail.name,
+            upper,
+            "split the open-ended partition"
+        );
+        Ok(Ahead {
+            created: count as u64 + 1,
+            split: 1,
+        })
     }
 
     /// The `event` partitions whose ids were all handed out and whose newest row is older
@@ -361,25 +510,18 @@ impl<'a> Partitions<'a> {
     }
 }
 
-/// Creates `{table}_p{lower}` as an empty table like `table` and attaches it for
-/// `[lower, upper)` (`upper` `None`: MAXVALUE). Attaching builds its indexes and clones the
-/// table's triggers and foreign keys; the table is empty, so both are instant.
-async fn attach(
-    tx: &mut sqlx::PgTransaction<'_>,
-    table: &str,
-    lower: i64,
-    upper: Option<i64>,
-) -> Result<()> {
+/// The statements that create `{table}_p{lower}` as an empty table like `table` and attach
+/// it for `[lower, upper)` (`upper` `None`: MAXVALUE). Attaching builds its indexes and clones
+/// the table's triggers and foreign keys; the table is empty, so both are instant.
+fn attach_steps(table: &str, lower: i64, upper: Option<i64>) -> [String; 2] {
     let name = quote(&format!("{table}_p{lower}"));
     let upper = upper.map_or_else(|| "maxvalue".to_string(), |u| u.to_string());
-    let create =
-        format!("create table {name} (like {table} including defaults including constraints)");
-    sqlx::query(&create).execute(&mut **tx).await?;
-    let attach = format!(
-        "alter table {table} attach partition {name} for values from ({lower}) to ({upper})"
-    );
-    sqlx::query(&attach).execute(&mut **tx).await?;
-    Ok(())
+    [
+        format!("create table {name} (like {table} including defaults including constraints)"),
+        format!(
+            "alter table {table} attach partition {name} for values from ({lower}) to ({upper})"
+        ),
+    ]
 }
 
 /// Runs one DDL statement on its own, outside any transaction block (as `DETACH …
@@ -392,6 +534,58 @@ async fn ddl(ctx: &Context, sql: &str) -> Result<()> {
         .execute(ctx.pool())
         .await?;
     Ok(())
+}
+
+/// The CHECK a split puts on the open-ended partition (see `Partitions::split_tail`).
+const SPLIT_BOUND: &str = "plane_split_bound";
+
+/// How long one try of a [`locked`] transaction waits for its locks, and how many tries it
+/// makes (with a 20 ms pause between them) before it gives up.
+const LOCK_TRY: &str = "50ms";
+const LOCK_TRIES: u32 = 200;
+
+/// Runs `statements` in one transaction whose every lock waits at most [`LOCK_TRY`], trying
+/// again while a lock was not granted: DDL that needs an exclusive lock then holds writers up
+/// for at most that long (a queued exclusive lock blocks everyone behind it), and never
+/// deadlocks with a writer that holds one table and wants another.
+async fn locked(ctx: &Context, statements: &[String]) -> Result<()> {
+    let mut tries = 0;
+    loop {
+        let mut tx = ctx.pool().begin().await?;
+        run(&mut tx, &format!("set local lock_timeout = '{LOCK_TRY}'")).await?;
+        let mut outcome = Ok(());
+        for sql in statements {
+            outcome = run(&mut tx, sql).await;
+            if outcome.is_err() {
+                break;
+            }
+        }
+        match outcome {
+            Ok(()) => return Ok(tx.commit().await?),
+            Err(Error::Database(sqlx::Error::Database(db)))
+                if db.code().as_deref() == Some("55P03") && tries + 1 < LOCK_TRIES =>
+            {
+                tries += 1;
+                drop(tx);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(error) => return Err(error),
+        }
+    }
+}
+
+/// One statement in a transaction.
+async fn run(tx: &mut sqlx::PgTransaction<'_>, sql: &str) -> Result<()> {
+    sqlx::query(sql)
+        .persistent(false)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+/// A name as a string literal.
+fn literal(text: &str) -> String {
+    format!("'{}'", text.replace('\'', "''"))
 }
 
 /// A partition name as an identifier. Names are made here from a table name and a number,

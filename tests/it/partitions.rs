@@ -264,11 +264,228 @@ async fn cleanup_keeps_partitions_ahead_and_drops_whole_old_ones() {
         assert_eq!(summary.partitions.state_partitions_kept, 0);
 
         // A write beyond every partition created ahead (nothing maintained them) still
-        // lands, in the open-ended partition; maintenance then leaves it alone.
+        // lands, in the open-ended partition; maintenance then gives that partition an upper
+        // bound (room for two partitions above the sequence) and creates new ones above it.
         set_last(&db, "event_id_seq", 5_000_000).await;
         exec(&db, "insert into event (kind, data) values ('far', '{}')").await;
-        assert_eq!(db.maintain_partitions(&config).await.unwrap(), 0);
+        assert_eq!(db.maintain_partitions(&config).await.unwrap(), 3);
         assert_eq!(count(&db, "event_p4000200").await, 1);
+        let bounds = partitions(db.pool(), "event").await;
+        assert!(
+            bounds.contains(&(
+                "event_p4000200".to_string(),
+                "FOR VALUES FROM ('4000200') TO ('5000202')".to_string()
+            )),
+            "{bounds:?}"
+        );
+    })
+    .await
+}
+
+/// The bounds of partition `name` of `table`, as Postgres prints them.
+async fn bounds_of(db: &PlaneDatabase, table: &str, name: &str) -> String {
+    partitions(db.pool(), table)
+        .await
+        .into_iter()
+        .find(|(partition, _)| partition == name)
+        .map(|(_, bounds)| bounds)
+        .unwrap_or_else(|| panic!("{table} has no partition {name}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_filled_open_ended_partition_is_split_while_writers_run_then_dropped_when_old() {
+    with_db(|db| async move {
+        // Room for 200,000 ids above the sequence: far more than the writer below inserts
+        // while the split runs.
+        let config = plane_db::CleanupConfig {
+            partition_rows: 100_000,
+            partitions_ahead: 2,
+            event_min_age: Duration::from_secs(24 * 3600),
+            ..plane_db::CleanupConfig::default()
+        };
+        // Nothing maintained the partitions: old events and a live backend's history are in
+        // the open-ended partitions of a fresh database ([4M, MAXVALUE) for both tables).
+        set_last(&db, "event_id_seq", 3_999_999).await;
+        set_last(&db, "backend_state_id_seq", 3_999_999).await;
+        drone(&db).await;
+        let live = spawn(&db).await.backend_id;
+        exec(
+            &db,
+            "insert into event (kind, data, created_at)
+             select 'history', '{}', now() - interval '30 days' from generate_series(1, 20000)",
+        )
+        .await;
+        let in_tail = count(&db, "event_p4000000").await;
+        assert!(
+            in_tail > 20_000,
+            "the old events are in the open-ended partition"
+        );
+        assert_eq!(count(&db, "backend_state_p4000000").await, 1);
+
+        // A writer inserts events, one transaction each, through the whole split.
+        let stop = Arc::new(AtomicBool::new(false));
+        let writer = {
+            let db = db.clone();
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let mut written = 0_u64;
+                while !stop.load(Ordering::Relaxed) {
+                    sqlx::query("insert into event (kind, data) values ('during', '{}')")
+                        .execute(db.pool())
+                        .await
+                        .expect("an insert during the split");
+                    written += 1;
+                }
+                written
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let summary = db.run_cleanup(&config).await.expect("cleanup splits");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        stop.store(true, Ordering::Relaxed);
+        let written = writer.await.expect("the writer");
+        assert!(written > 0);
+        assert_eq!(summary.partitions.tails_split, 2, "{summary:?}");
+        assert_eq!(summary.partitions.partitions_created, 6, "{summary:?}");
+        // (The empty partitions below it went: their ids were all handed out.)
+        assert_eq!(summary.partitions.events_dropped, 0, "{summary:?}");
+
+        // The old open-ended partitions now end above their sequences, with nothing moved;
+        // every event written is there, and the split's CHECK is gone.
+        let event_bounds = bounds_of(&db, "event", "event_p4000000").await;
+        let upper: i64 = event_bounds
+            .trim_start_matches("FOR VALUES FROM ('4000000') TO ('")
+            .trim_end_matches("')")
+            .parse()
+            .unwrap_or_else(|_| panic!("an upper bound: {event_bounds}"));
+        let last: i64 = sqlx::query_scalar("select last_value from event_id_seq")
+            .fetch_one(db.pool())
+            .await
+            .unwrap();
+        assert!(
+            upper > last && upper <= last + 200_001,
+            "{upper} against {last}"
+        );
+        assert_eq!(
+            count(&db, "event").await,
+            20_000 + i64::try_from(written).unwrap() + (in_tail - 20_000),
+            "no event lost or moved out"
+        );
+        let tails: Vec<String> = partitions(db.pool(), "event")
+            .await
+            .into_iter()
+            .map(|(_, bounds)| bounds)
+            .filter(|bounds| bounds.ends_with("TO (MAXVALUE)"))
+            .collect();
+        assert_eq!(
+            tails,
+            [format!(
+                "FOR VALUES FROM ('{}') TO (MAXVALUE)",
+                upper + 200_000
+            )]
+        );
+        let state_bounds = bounds_of(&db, "backend_state", "backend_state_p4000000").await;
+        assert!(
+            state_bounds.starts_with("FOR VALUES FROM ('4000000') TO ('"),
+            "{state_bounds}"
+        );
+        assert!(!state_bounds.contains("MAXVALUE"), "{state_bounds}");
+        exec(&db, "insert into event (kind, data) values ('after', '{}')").await;
+        assert_eq!(
+            count(&db, "event where kind = 'after' and id >= 4000000").await,
+            1
+        );
+
+        // Retention drops the split partition once its ids are all handed out and its newest
+        // event is old; the live backend's history keeps its state partition.
+        exec(
+            &db,
+            "update event set created_at = now() - interval '30 days'",
+        )
+        .await;
+        set_last(&db, "event_id_seq", upper + 10).await;
+        set_last(&db, "backend_state_id_seq", upper + 10).await;
+        exec(
+            &db,
+            "insert into event (kind, data) values ('recent', '{}')",
+        )
+        .await;
+        let summary = db.run_cleanup(&config).await.expect("cleanup drops");
+        assert_eq!(summary.partitions.tails_split, 0, "{summary:?}");
+        assert!(
+            summary.partitions.event_partitions_dropped >= 1,
+            "{summary:?}"
+        );
+        assert!(
+            partitions(db.pool(), "event")
+                .await
+                .iter()
+                .all(|(name, _)| name != "event_p4000000"),
+            "the split partition was dropped"
+        );
+        assert_eq!(count(&db, "event").await, 1, "only the recent event stays");
+        assert_eq!(
+            count(&db, &format!("backend_state where backend_id = '{live}'")).await,
+            1,
+            "the live backend's history is whole"
+        );
+        assert!(summary.partitions.state_partitions_kept >= 1, "{summary:?}");
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_split_that_died_half_way_leaves_no_bound_behind() {
+    with_db(|db| async move {
+        let config = plane_db::CleanupConfig {
+            partition_rows: 100,
+            partitions_ahead: 2,
+            ..plane_db::CleanupConfig::default()
+        };
+        let split_checks = || async {
+            sqlx::query_scalar::<_, i64>(
+                "select count(*) from pg_constraint where conname = 'plane_split_bound'",
+            )
+            .fetch_one(db.pool())
+            .await
+            .unwrap()
+        };
+        // A split's first step (the CHECK) ran on the empty open-ended partition, then the
+        // process died. Maintenance finds the CHECK and drops it, then moves the partition up.
+        exec(
+            &db,
+            "alter table event_p4000000 add constraint plane_split_bound
+             check (id >= 4000000 and id < 4000010) not valid",
+        )
+        .await;
+        set_last(&db, "event_id_seq", 3_999_990).await;
+        db.maintain_partitions(&config).await.expect("maintenance");
+        assert_eq!(split_checks().await, 0);
+        set_last(&db, "event_id_seq", 4_000_020).await;
+        exec(&db, "insert into event (kind, data) values ('lands', '{}')").await;
+
+        // The same after writes reached the partition: the next cleanup finishes a split.
+        exec(
+            &db,
+            "alter table event_p4000200 add constraint plane_split_bound
+             check (id >= 4000200 and id < 4000300) not valid",
+        )
+        .await;
+        set_last(&db, "event_id_seq", 4_000_250).await;
+        exec(&db, "insert into event (kind, data) values ('lands', '{}')").await;
+        set_last(&db, "event_id_seq", 4_000_299).await;
+        let refused = sqlx::query("insert into event (kind, data) values ('refused', '{}')")
+            .execute(db.pool())
+            .await;
+        assert!(refused.is_err(), "the CHECK is in force: {refused:?}");
+        let summary = db.run_cleanup(&config).await.expect("cleanup");
+        assert_eq!(summary.partitions.tails_split, 1, "{summary:?}");
+        assert_eq!(split_checks().await, 0);
+        let bounds = bounds_of(&db, "event", "event_p4000200").await;
+        assert_eq!(bounds, "FOR VALUES FROM ('4000200') TO ('4000501')");
+        set_last(&db, "event_id_seq", 4_000_900).await;
+        exec(&db, "insert into event (kind, data) values ('lands', '{}')").await;
+        assert_eq!(count(&db, "event where kind = 'lands'").await, 3);
     })
     .await
 }
