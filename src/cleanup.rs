@@ -173,6 +173,8 @@ impl Fence {
 pub(crate) struct Cleanup<'a> {
     ctx: &'a Context,
     fence: Option<Fence>,
+    /// [`CleanupConfig::busy_share`]: 1.0 runs batches back to back.
+    busy_share: f64,
 }
 
 /// Where progress reports go.
@@ -180,7 +182,11 @@ pub(crate) type Progress<'p> = dyn FnMut(CleanupProgress) + Send + 'p;
 
 impl<'a> Cleanup<'a> {
     pub(crate) fn new(ctx: &'a Context) -> Self {
-        Self { ctx, fence: None }
+        Self {
+            ctx,
+            fence: None,
+            busy_share: 1.0,
+        }
     }
 
     /// Cleanup whose every batch is fenced by `fence` ([`Error::NotLeader`] once it fails).
@@ -188,6 +194,16 @@ impl<'a> Cleanup<'a> {
         Self {
             ctx,
             fence: Some(fence),
+            busy_share: 1.0,
+        }
+    }
+
+    /// After a batch or a partition step that took `took`: waits so that statements take at
+    /// most `busy_share` of the wall time (see [`CleanupConfig::busy_share`]).
+    async fn pace(&self, took: Duration) {
+        if self.busy_share < 1.0 {
+            let wait = took.as_secs_f64() * (1.0 - self.busy_share) / self.busy_share;
+            tokio::time::sleep(Duration::from_secs_f64(wait.min(60.0))).await;
         }
     }
 
@@ -220,8 +236,14 @@ impl<'a> Cleanup<'a> {
         config: &CleanupConfig,
         progress: &mut Progress<'_>,
     ) -> Result<CleanupSummary> {
+        check_busy_share(config.busy_share)?;
+        let paced = Cleanup {
+            ctx: self.ctx,
+            fence: self.fence.clone(),
+            busy_share: config.busy_share,
+        };
         let started = std::time::Instant::now();
-        let result = self.run_phases(config, progress).await;
+        let result = paced.run_phases(config, progress).await;
         metrics::cleanup_run(started.elapsed(), result.is_ok());
         result
     }
@@ -297,7 +319,9 @@ impl<'a> Cleanup<'a> {
         for (table, name, rows) in retired {
             self.check_fence()?;
             self.fence_still_held().await?;
+            let step = std::time::Instant::now();
             partitions.drop_partition(table, &name).await?;
+            self.pace(step.elapsed()).await;
             match table {
                 History::Event => {
                     report.event_partitions_dropped += 1;
@@ -351,6 +375,7 @@ impl<'a> Cleanup<'a> {
         let (term, lease) = self.fence_params();
         loop {
             self.check_fence()?;
+            let step = std::time::Instant::now();
             // One transaction per batch; SKIP LOCKED lets two controllers share the work.
             // `fence`: with a term, nothing is deleted unless the lease row still carries it;
             // the row stays locked until the commit, so no takeover commits in between.
@@ -432,6 +457,7 @@ impl<'a> Cleanup<'a> {
             if row.backends < i64::from(batch_size) {
                 break;
             }
+            self.pace(step.elapsed()).await;
         }
         Ok(report)
     }
@@ -694,6 +720,7 @@ where
     let mut batches = 0;
     loop {
         cleanup.check_fence()?;
+        let step = std::time::Instant::now();
         let (held, affected) = delete().await?;
         cleanup.fence_held(held)?;
         metrics::cleanup_deleted(table, affected);
@@ -707,5 +734,18 @@ where
         if affected < batch as u64 {
             return Ok(deleted);
         }
+        cleanup.pace(step.elapsed()).await;
+    }
+}
+
+/// [`CleanupConfig::busy_share`] must be in `(0, 1]`.
+fn check_busy_share(share: f64) -> Result<()> {
+    if share > 0.0 && share <= 1.0 {
+        Ok(())
+    } else {
+        Err(Error::InvalidArgument {
+            argument: "busy_share",
+            reason: format!("must be greater than 0 and at most 1, not {share}"),
+        })
     }
 }

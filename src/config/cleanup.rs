@@ -28,6 +28,13 @@ pub struct CleanupConfig {
     pub partition_rows: i64,
     /// How many empty partitions cleanup keeps ahead of each sequence. Defaults to 2.
     pub partitions_ahead: u32,
+    /// The largest share of wall time cleanup spends running its statements: after each
+    /// batch or partition drop that took `t`, it waits `t × (1 − busy_share) / busy_share`
+    /// (at most a minute) before the next. Defaults to 1.0: batches back to back. Below 1,
+    /// writers meet cleanup's work on the server (CPU, WAL) only that share of the time, and
+    /// a cleanup with a backlog takes `1 / busy_share` times as long; a share too small for
+    /// the rate at which backends terminate lets the backlog grow. Must be in `(0, 1]`.
+    pub busy_share: f64,
 }
 
 impl Default for CleanupConfig {
@@ -38,6 +45,7 @@ impl Default for CleanupConfig {
             batch_size: 1000,
             partition_rows: 1_000_000,
             partitions_ahead: 2,
+            busy_share: 1.0,
         }
     }
 }

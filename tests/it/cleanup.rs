@@ -203,3 +203,68 @@ async fn latest_event_id_is_the_newest_stored() {
     })
     .await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paced_cleanup_waits_between_batches_and_still_deletes_everything() {
+    use plane_db::CleanupPhase;
+    with_db(|db| async move {
+        drone(&db).await;
+        for _ in 0..3 {
+            let backend = spawn(&db).await.backend_id;
+            for state in lifecycle() {
+                db.backend().update_state(&backend, &state).await.unwrap();
+            }
+        }
+        exec(
+            &db,
+            "update backend set last_status_time = now() - interval '30 days'",
+        )
+        .await;
+        // A share of 1/1000: after a batch that took t, it waits 999 t. Every batch is a
+        // round trip to the server, well over 50 µs, so every wait is over 50 ms.
+        let config = CleanupConfig {
+            batch_size: 1,
+            busy_share: 0.001,
+            ..CleanupConfig::default()
+        };
+        let mut reports = Vec::new();
+        let summary = db
+            .run_cleanup_with_progress(&config, |p| {
+                if p.phase == CleanupPhase::Backends {
+                    reports.push(std::time::Instant::now());
+                }
+            })
+            .await
+            .unwrap();
+        assert_eq!(summary.backends.backends, 3);
+        assert_eq!(count(&db, "backend").await, 0);
+        // Three full batches and the empty one that ends the phase: a wait before each of
+        // the last three.
+        assert_eq!(reports.len(), 4);
+        for pair in reports.windows(2) {
+            let gap = pair[1] - pair[0];
+            assert!(gap >= Duration::from_millis(50), "{gap:?} between batches");
+        }
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_share_outside_zero_to_one_is_refused() {
+    with_db(|db| async move {
+        for share in [0.0, -0.5, 1.5, f64::NAN] {
+            let config = CleanupConfig {
+                busy_share: share,
+                ..CleanupConfig::default()
+            };
+            match db.run_cleanup(&config).await {
+                Err(plane_db::Error::InvalidArgument { argument, .. }) => {
+                    assert_eq!(argument, "busy_share")
+                }
+                other => panic!("busy_share {share}: {other:?}"),
+            }
+        }
+        assert_eq!(count(&db, "cleanup_run").await, 0, "nothing ran");
+    })
+    .await
+}

@@ -158,4 +158,9 @@ pub struct CleanupArgs {
     /// Rows per transaction.
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(i32).range(1..))]
     pub batch_size: i32,
+    /// The largest share of the time cleanup keeps the server busy, in (0, 1]: after each
+    /// batch it waits so that writers meet its work only that share of the time (0.1: ten
+    /// times as long, nine tenths of the time out of the way).
+    #[arg(long, default_value_t = 1.0)]
+    pub busy_share: f64,
 }

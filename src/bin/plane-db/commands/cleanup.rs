@@ -15,6 +15,7 @@ pub async fn cleanup(db: &PlaneDatabase, out: &Out, args: CleanupArgs) -> Outcom
         backend_min_age: min_age,
         event_min_age: min_age,
         batch_size: args.batch_size,
+        busy_share: args.busy_share,
         ..CleanupConfig::default()
     };
     // Progress goes to stderr: rewritten in place on a terminal, one line per phase when
