@@ -267,7 +267,23 @@ pub async fn retention(bench: &mut Bench) -> R<()> {
         ("throwaway server", None),
         ("durable server (fsync on)", Some(&durable)),
     ] {
-        writers_during_retention(bench, label, server).await?;
+        writers_during_retention(bench, label, server, Backlog::Full).await?;
+    }
+    // The same on a smaller backlog, paced: how the writer's tail follows
+    // CleanupConfig::busy_share (1.0 is the unpaced run again, on this backlog).
+    let shares: &[f64] = if bench.quick {
+        &[0.1]
+    } else {
+        &[1.0, 0.1, 0.01]
+    };
+    for &share in shares {
+        writers_during_retention(
+            bench,
+            "durable server (fsync on)",
+            Some(&durable),
+            Backlog::Paced(share),
+        )
+        .await?;
     }
     for (label, server) in [
         ("throwaway server", None),
@@ -494,15 +510,28 @@ enum WriterTarget {
     Busy,
 }
 
+/// What [`writers_during_retention`] loads for cleanup, and how cleanup runs.
+#[derive(Clone, Copy)]
+enum Backlog {
+    /// 100,000 old backends and 3 event partitions of 500,000 events; cleanup unpaced.
+    Full,
+    /// 8,000 old backends and 3 event partitions of 100,000 events (about a second of
+    /// cleanup's work here), cleanup paced with this `busy_share`.
+    Paced(f64),
+}
+
 /// (a): old events in whole partitions, old terminated backends whose history fills other
 /// partitions; one writer idle, beside a burner, then during `run_cleanup`.
 async fn writers_during_retention(
     bench: &mut Bench,
     label: &str,
     server: Option<&TestServer>,
+    backlog: Backlog,
 ) -> R<()> {
-    let rows: i64 = bench.pick(500_000, 5_000);
-    let old: i64 = bench.pick(100_000, 1_000);
+    let (rows, old, busy_share): (i64, i64, f64) = match backlog {
+        Backlog::Full => (bench.pick(500_000, 5_000), bench.pick(100_000, 1_000), 1.0),
+        Backlog::Paced(share) => (bench.pick(100_000, 5_000), bench.pick(8_000, 500), share),
+    };
     let event_partitions = 3;
     let writer_backends: i64 = bench.pick(40_000, 2_000);
     let live: i64 = bench.pick(10_000, 500);
@@ -510,6 +539,7 @@ async fn writers_during_retention(
     let config = CleanupConfig {
         partition_rows: rows,
         partitions_ahead: 4,
+        busy_share,
         ..CleanupConfig::default()
     };
     let env = env_on(server).await?;
@@ -552,8 +582,12 @@ async fn writers_during_retention(
     let history = s.backends.states;
     let deleted_rows =
         s.backends.backends + history + s.backends.tokens + s.backends.actions + s.backends.keys;
+    let paced = match backlog {
+        Backlog::Full => String::new(),
+        Backlog::Paced(share) => format!("paced with busy_share {share}, "),
+    };
     bench.heading(&format!(
-        "retention on the {label}: run_cleanup dropping {} event partitions of {} old events ({} events) and {} emptied backend_state partitions, after deleting {} old backends row by row ({} rows: {} history, tokens, actions, keys); one writer",
+        "retention on the {label}, {paced}run_cleanup dropping {} event partitions of {} old events ({} events) and {} emptied backend_state partitions, after deleting {} old backends row by row ({} rows: {} history, tokens, actions, keys); one writer",
         s.partitions.event_partitions_dropped,
         count(u64::try_from(rows)?),
         count(s.partitions.events_dropped),
