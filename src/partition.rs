@@ -343,7 +343,12 @@ impl<'a> Partitions<'a> {
         let room = config
             .partition_rows
             .saturating_mul(i64::from(config.partitions_ahead.max(1)));
-        let upper = last.saturating_add(1).saturating_add(room);
+        // Above the sequence, and above the partition's own start if rows with explicit ids
+        // put it in use before the sequence got there.
+        let upper = last
+            .max(tail.lower.unwrap_or(i64::MIN))
+            .saturating_add(1)
+            .saturating_add(room);
         let (lower_sql, check) = match tail.lower {
             Some(lower) => (lower.to_string(), format!("id >= {lower} and id < {upper}")),
             None => ("minvalue".to_string(), format!("id < {upper}")),

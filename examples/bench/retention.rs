@@ -762,12 +762,13 @@ async fn first_run(bench: &mut Bench) -> R<()> {
     );
     bench.row(
         format!(
-            "  dropped: {} event partitions ({} events), {} backend_state partitions; deleted {} backends, {} history rows",
+            "  dropped: {} event partitions ({} events), {} backend_state partitions; deleted {} backends, {} history rows; open-ended partitions split: {} (their old rows go once the split partition is wholly old)",
             s.partitions.event_partitions_dropped,
             count(s.partitions.events_dropped),
             s.partitions.state_partitions_dropped,
             count(s.backends.backends),
-            count(s.backends.states)
+            count(s.backends.states),
+            s.partitions.tails_split
         ),
         "",
         "left: events, history rows",
