@@ -313,7 +313,8 @@ impl<'a> Partitions<'a> {
     }
 
     /// Gives the open-ended partition `tail`, which writes reached before it could be moved
-    /// up, the upper bound `M = last + 1 + room` (room: `partitions_ahead` partitions of
+    /// up, the upper bound `M = last + 1 + room` (`last`: the sequence, or the partition's
+    /// start if that is higher; room: `partitions_ahead` partitions of
     /// `partition_rows` ids, at least one), and attaches `wanted` empty partitions and a new
     /// open-ended one above `M`. No row moves and no scan runs under an exclusive lock:
     ///
@@ -328,8 +329,9 @@ impl<'a> Partitions<'a> {
     /// Steps 1 and 3 wait at most 50 ms per try for their locks, so writers queue behind
     /// them at most that long. Between steps 1 and 3 an insert with an id at or above `M`
     /// would fail: `room` ids must not be handed out during the scan. If they were, step 3
-    /// refuses, the CHECK is dropped and [`Error::PartitionSplit`] says so. A CHECK left by a
-    /// split that died half way is replaced by the next one.
+    /// refuses with an error that says so, and the CHECK is dropped. A CHECK left by a split
+    /// that died half way is replaced by the next one (or dropped, if no write reached the
+    /// partition).
     async fn split_tail(
         &self,
         table: History,
