@@ -270,7 +270,8 @@ pub async fn retention(bench: &mut Bench) -> R<()> {
         writers_during_retention(bench, label, server, Backlog::Full).await?;
     }
     // The same on a smaller backlog, paced: how the writer's tail follows
-    // CleanupConfig::busy_share (1.0 is the unpaced run again, on this backlog).
+    // CleanupConfig::busy_share (1.0 is the unpaced run again, on this backlog). A share of
+    // 0.005 takes about 100 s here.
     let shares: &[f64] = if bench.quick {
         &[0.1]
     } else {
@@ -515,8 +516,8 @@ enum WriterTarget {
 enum Backlog {
     /// 100,000 old backends and 3 event partitions of 500,000 events; cleanup unpaced.
     Full,
-    /// 8,000 old backends and 3 event partitions of 100,000 events (about a second of
-    /// cleanup's work here), cleanup paced with this `busy_share`.
+    /// 2,000 old backends (batches of 250) and 3 event partitions of 50,000 events (about
+    /// half a second of cleanup's work here), cleanup paced with this `busy_share`.
     Paced(f64),
 }
 
@@ -528,9 +529,19 @@ async fn writers_during_retention(
     server: Option<&TestServer>,
     backlog: Backlog,
 ) -> R<()> {
-    let (rows, old, busy_share): (i64, i64, f64) = match backlog {
-        Backlog::Full => (bench.pick(500_000, 5_000), bench.pick(100_000, 1_000), 1.0),
-        Backlog::Paced(share) => (bench.pick(100_000, 5_000), bench.pick(8_000, 500), share),
+    let (rows, old, batch_size, busy_share): (i64, i64, i32, f64) = match backlog {
+        Backlog::Full => (
+            bench.pick(500_000, 5_000),
+            bench.pick(100_000, 1_000),
+            1000,
+            1.0,
+        ),
+        Backlog::Paced(share) => (
+            bench.pick(50_000, 5_000),
+            bench.pick(2_000, 500),
+            250,
+            share,
+        ),
     };
     let event_partitions = 3;
     let writer_backends: i64 = bench.pick(40_000, 2_000);
@@ -539,6 +550,7 @@ async fn writers_during_retention(
     let config = CleanupConfig {
         partition_rows: rows,
         partitions_ahead: 4,
+        batch_size,
         busy_share,
         ..CleanupConfig::default()
     };
