@@ -36,7 +36,7 @@
 #      N's `plane-db status` and `backends` still answer;
 #   6. prints a summary; exits 1 if anything unexpected failed.
 #
-# Environment: BINARY_N_REV (default c31404b); BINARY_N_WORKTREE=dir to build N in (and
+# Environment: BINARY_N_SUITE=0 skips step 4 (to try step 5 alone); BINARY_N_REV (default c31404b); BINARY_N_WORKTREE=dir to build N in (and
 # keep) an existing worktree at that commit instead of a temporary one; BINARY_N_ROUNDS
 # (default 6) and BINARY_N_BACKENDS (per round, default 8) for step 5.
 set -euo pipefail
@@ -159,15 +159,20 @@ EOF
 
 say "this build migrates template1 of the throwaway server"
 "$cur" --database-url "$base/template1" migrate
-kinds=$(sql "$base/template1" -c "select string_agg(relname || '=' || relkind, ' ' order by relname) from pg_class where relname in ('event', 'backend_state', 'leader_lease') and relnamespace = 'public'::regnamespace")
+kinds=$(sql "$base/template1" -c "select string_agg(relname || '=' || relkind::text, ' ' order by relname) from pg_class where relname in ('event', 'backend_state', 'leader_lease') and relnamespace = 'public'::regnamespace")
 echo "template1: $kinds"
 [ "$kinds" = "backend_state=p event=p leader_lease=r" ] || problem "template1 is not the new schema: $kinds"
 
 say "binary N's test suite (cargo test --no-fail-fast at ${BN_REV:0:7}), every database the new schema"
 suite_started=$(date +%s)
 suite_log=$work/suite.log
-(cd "$old" && PATH=$work/pgbin:$PATH cargo test --no-fail-fast 2>&1) | tee "$suite_log" |
-    grep -E '^(test result|     Running|   Doc-tests)|FAILED|panicked' || true
+if [ "${BINARY_N_SUITE:-1}" = 0 ]; then
+    echo "skipped (BINARY_N_SUITE=0)"
+    : >"$suite_log"
+else
+    (cd "$old" && PATH=$work/pgbin:$PATH cargo test --no-fail-fast 2>&1) | tee "$suite_log" |
+        grep -E '^(test result|     Running|   Doc-tests)|FAILED|panicked' || true
+fi
 suite_seconds=$(($(date +%s) - suite_started))
 # One line per test: `target name outcome`.
 awk '
@@ -189,7 +194,8 @@ awk '
     }
     END { print "#runs\t" runs "\t" results }
 ' "$suite_log" >"$work/tests.tsv"
-read -r _ runs results < <(grep '^#runs' "$work/tests.tsv")
+read -r _ runs results < <(grep '^#runs' "$work/tests.tsv" | tr '\t' ' ')
+runs=${runs:-0} results=${results:-0}
 grep -v '^#runs' "$work/tests.tsv" >"$work/outcomes.tsv" || true
 passed=$(awk -F'\t' '$3 == "ok"' "$work/outcomes.tsv" | wc -l)
 failed=$(awk -F'\t' '$3 == "FAILED"' "$work/outcomes.tsv" | wc -l)
@@ -231,7 +237,14 @@ partitions() {
 }
 echo "event partitions before: $(partitions event)"
 echo "backend_state partitions before: $(partitions backend_state)"
-parts_before=$( (partitions event; partitions backend_state) | tr ' ' '\n' | sed 's/\[.*//' | sort)
+partition_names() {
+    sql "$db" -c "select t.relid::text || ' ' || coalesce(pg_get_expr(c.relpartbound, c.oid), '')
+                  from pg_partition_tree('event') t join pg_class c on c.oid = t.relid where t.isleaf
+                  union all
+                  select t.relid::text || ' ' || coalesce(pg_get_expr(c.relpartbound, c.oid), '')
+                  from pg_partition_tree('backend_state') t join pg_class c on c.oid = t.relid where t.isleaf" | sort
+}
+parts_before=$(partition_names)
 
 port=$((40000 + RANDOM % 20000))
 DATABASE_URL=$db RUST_LOG=${RUST_LOG:-info} "$old_controller" --listen "127.0.0.1:$port" --demo-drone \
@@ -303,12 +316,15 @@ for round in $(seq "$rounds"); do
         code=$(curl -s -o /dev/null -w '%{http_code}' -H 'content-type: application/json' -d '{}' "$url/backend/$id/terminate")
         [ "$code" = 202 ] || { http_errors=$((http_errors + 1)); problem "round $round: terminate $id answered $code"; }
     done
+    # Terminated: its status stream says so (the cleanup running with a minimum age of 0
+    # deletes a terminated backend at once, so its status URL may already answer 404).
     for id in "${ids[@]}"; do
-        if msg=$(wait_status "$id" terminated 30); then backends_ok=$((backends_ok + 1)); else problem "round $round: $msg"; fi
-    done
-    wait_streams=0
-    for id in "${ids[@]}"; do
-        for _ in $(seq 50); do grep -q '"terminated"' "$fleet/stream-$id" 2>/dev/null && break; sleep 0.1; done
+        for _ in $(seq 300); do grep -q '"terminated"' "$fleet/stream-$id" 2>/dev/null && break; sleep 0.1; done
+        if grep -q '"terminated"' "$fleet/stream-$id"; then
+            backends_ok=$((backends_ok + 1))
+        else
+            problem "round $round: backend $id not terminated after 30 s"
+        fi
         statuses=$(grep '^data:' "$fleet/stream-$id" | sed 's/^data: *//' | jq -r '.status' | tr '\n' ' ')
         if [ "$statuses" = "scheduled loading starting waiting ready terminating terminated " ]; then
             streams_ok=$((streams_ok + 1))
@@ -319,14 +335,14 @@ for round in $(seq "$rounds"); do
     sleep 1 # the follower reads what the round wrote
     # With the cleaner held off: what the table holds now, then the sequences a partition
     # ahead (as a million writes would), so the next cleanups move and drop partitions.
-    flock "$fleet/cleaner.lock" sql "$db" -c "select id from event" >>"$fleet/snapshot_ids"
-    flock "$fleet/cleaner.lock" sql "$db" -c "select setval('event_id_seq', nextval('event_id_seq') + 1000000),
+    flock "$fleet/cleaner.lock" psql -X -v ON_ERROR_STOP=1 -Atq "$db" -c "select id from event" >>"$fleet/snapshot_ids"
+    flock "$fleet/cleaner.lock" psql -X -v ON_ERROR_STOP=1 -Atq "$db" -c "select setval('event_id_seq', nextval('event_id_seq') + 1000000),
                                                     setval('backend_state_id_seq', nextval('backend_state_id_seq') + 1000000)" >/dev/null
     echo "round $round: ${#ids[@]} backends; event partitions: $(partitions event)"
     sleep 2 # a few cleanups run
 done
 sleep 2
-flock "$fleet/cleaner.lock" sql "$db" -c "select id from event" >>"$fleet/snapshot_ids"
+flock "$fleet/cleaner.lock" psql -X -v ON_ERROR_STOP=1 -Atq "$db" -c "select id from event" >>"$fleet/snapshot_ids"
 old_status_rc=0
 DATABASE_URL=$db "$old_cli" status >"$fleet/status.out" 2>&1 || old_status_rc=$?
 old_backends_rc=0
@@ -352,7 +368,7 @@ sum() { jq -s "map($1 // 0) | add // 0" "$fleet/cleanup.jsonl"; }
 created=$(sum .partitions_created)
 event_dropped=$(sum .event_partitions_dropped)
 state_dropped=$(sum .state_partitions_dropped)
-parts_after=$( (partitions event; partitions backend_state) | tr ' ' '\n' | sed 's/\[.*//' | sort)
+parts_after=$(partition_names)
 gone=$(comm -23 <(echo "$parts_before") <(echo "$parts_after") | wc -l)
 new=$(comm -13 <(echo "$parts_before") <(echo "$parts_after") | wc -l)
 [ "$gone" -gt 0 ] || problem "no partition was dropped while binary N wrote"
@@ -368,10 +384,10 @@ echo "binary N's test suite, $runs test binaries, ${suite_seconds} s: $passed pa
 echo "  servers N's harness started itself, their template1 migrated by this build: $private_servers"
 echo "  expected differences (tests of N asserting what the new schema changes):"
 while IFS='|' read -r key reason; do echo "    - $key: $reason"; done <<<"$EXPECTED"
-for item in "${not_failing[@]}"; do echo "  note: expected difference did not fail this time: $item"; done
+[ "${BINARY_N_SUITE:-1}" = 0 ] || for item in "${not_failing[@]}"; do echo "  note: expected difference did not fail this time: $item"; done
 echo "mixed fleet, ${mixed_seconds} s: $backends_ok / $expected_backends backends through their lives by N's controller ($routes_ok routed, $http_errors HTTP errors); $streams_ok / $expected_backends N status streams complete and in order"
-echo "  N's event follower: $delivered delivered, $duplicated twice, $missing of $written seen in the table missed"
-echo "  this build's cleanup: $cleanups runs; partitions created $created, event partitions dropped $event_dropped, backend_state partitions dropped $state_dropped (partitions gone $gone, new $new)"
+echo "  N's event follower: $delivered delivered (highest id $(tail -1 "$fleet/delivered_ids")), $duplicated twice, $missing of $written seen in the table missed"
+echo "  this build's cleanup: $cleanups runs; partitions created $created, event partitions dropped $event_dropped, backend_state partitions dropped $state_dropped (partitions, by name and bounds: $gone gone, $new new)"
 echo "  N's plane-db status / backends: exit $old_status_rc / $old_backends_rc; N's controller errors logged: $controller_errors"
 echo "total: $(($(date +%s) - BN_STARTED)) s"
 if [ ${#problems[@]} -eq 0 ]; then
