@@ -129,6 +129,7 @@ EOF
 fi
 
 # ---- inside: DATABASE_URL names a throwaway server ----
+export LC_ALL=C # sort and comm agree
 repo=$BN_REPO old=$BN_OLD work=$BN_WORK cur=$BN_CURRENT_CLI
 old_cli=$old/target/debug/plane-db
 old_controller=$old/target/debug/examples/controller
@@ -354,8 +355,8 @@ trap - EXIT
 expected_backends=$((rounds * per_round))
 [ "$backends_ok" = "$expected_backends" ] || problem "backends through their lives: $backends_ok / $expected_backends"
 
-jq -r .id "$fleet/events.jsonl" | sort -n >"$fleet/delivered_ids"
-sort -n -u "$fleet/snapshot_ids" >"$fleet/written_ids"
+jq -r .id "$fleet/events.jsonl" | sort >"$fleet/delivered_ids"
+sort -u "$fleet/snapshot_ids" >"$fleet/written_ids"
 delivered=$(wc -l <"$fleet/delivered_ids")
 duplicated=$(uniq -d "$fleet/delivered_ids" | wc -l)
 written=$(wc -l <"$fleet/written_ids")
@@ -386,7 +387,7 @@ echo "  expected differences (tests of N asserting what the new schema changes):
 while IFS='|' read -r key reason; do echo "    - $key: $reason"; done <<<"$EXPECTED"
 [ "${BINARY_N_SUITE:-1}" = 0 ] || for item in "${not_failing[@]}"; do echo "  note: expected difference did not fail this time: $item"; done
 echo "mixed fleet, ${mixed_seconds} s: $backends_ok / $expected_backends backends through their lives by N's controller ($routes_ok routed, $http_errors HTTP errors); $streams_ok / $expected_backends N status streams complete and in order"
-echo "  N's event follower: $delivered delivered (highest id $(tail -1 "$fleet/delivered_ids")), $duplicated twice, $missing of $written seen in the table missed"
+echo "  N's event follower: $delivered delivered (highest id $(sort -n "$fleet/delivered_ids" | tail -1)), $duplicated twice, $missing of $written seen in the table missed"
 echo "  this build's cleanup: $cleanups runs; partitions created $created, event partitions dropped $event_dropped, backend_state partitions dropped $state_dropped (partitions, by name and bounds: $gone gone, $new new)"
 echo "  N's plane-db status / backends: exit $old_status_rc / $old_backends_rc; N's controller errors logged: $controller_errors"
 echo "total: $(($(date +%s) - BN_STARTED)) s"
