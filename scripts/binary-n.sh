@@ -124,12 +124,19 @@ EOF
     chmod 755 "$work/pgbin" "$work/pgbin/initdb"
 
     export BN_REPO=$repo BN_OLD=$old BN_WORK=$work BN_CURRENT_CLI=$current_cli BN_REV=$rev BN_STARTED=$started
-    "$repo/.ci/with-throwaway-postgres.sh" bash "$0" __inside
-    exit $?
+    # The throwaway server takes a random port; if it could not start (port taken), again.
+    for attempt in 1 2 3; do
+        rc=0
+        "$repo/.ci/with-throwaway-postgres.sh" bash "$0" __inside || rc=$?
+        [ -e "$work/inside" ] && exit $rc
+        echo "the throwaway server did not start (attempt $attempt)" >&2
+    done
+    exit 1
 fi
 
 # ---- inside: DATABASE_URL names a throwaway server ----
 export LC_ALL=C # sort and comm agree
+touch "$BN_WORK/inside"
 repo=$BN_REPO old=$BN_OLD work=$BN_WORK cur=$BN_CURRENT_CLI
 old_cli=$old/target/debug/plane-db
 old_controller=$old/target/debug/examples/controller
