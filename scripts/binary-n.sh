@@ -402,6 +402,9 @@ if [ ${#problems[@]} -eq 0 ]; then
     echo "PASS"
     exit 0
 fi
+kept=$(mktemp -d /tmp/binary-n-logs.XXXXXX)
+cp -a "$suite_log" "$work/initdb.log" "$fleet" "$kept/" 2>/dev/null || true
+echo "logs kept in $kept (binary N's test output: $kept/suite.log)"
 echo "FAIL: ${#problems[@]} problem(s):"
 for p in "${problems[@]}"; do echo "  - $p"; done
 exit 1
