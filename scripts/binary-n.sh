@@ -258,7 +258,7 @@ port=$((40000 + RANDOM % 20000))
 DATABASE_URL=$db RUST_LOG=${RUST_LOG:-info} "$old_controller" --listen "127.0.0.1:$port" --demo-drone \
     --cluster plane.example >"$fleet/controller.log" 2>&1 &
 controller_pid=$!
-DATABASE_URL=$db "$old_cli" events --follow --json >"$fleet/events.jsonl" 2>"$fleet/events.err" &
+DATABASE_URL=$db "$old_cli" events --follow --since 0 --json >"$fleet/events.jsonl" 2>"$fleet/events.err" &
 follower_pid=$!
 touch "$fleet/cleaner.lock"
 (
