@@ -8,11 +8,16 @@ use plane_db::types::{
 };
 use plane_db::{Config, PlaneDatabase};
 use sqlx::postgres::PgPoolOptions;
-use sqlx::PgPool;
+use sqlx::{Executor, PgPool};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 pub type R<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
+
+/// What runs on each new connection of the bench's pools: the settings the pools the library
+/// opens (`plane_db::open`) run on theirs. A pool handed to `PlaneDatabase::with_config`, as
+/// here, is used as it is, so the bench applies them itself.
+pub const POOL_SETTINGS: &str = "SET jit = off; SET max_parallel_workers_per_gather = 0;";
 
 /// One line of the result table.
 pub struct Row {
@@ -31,6 +36,10 @@ pub struct Bench {
     /// The largest history size of the `growth` section, as a power of ten (`--growth-max`;
     /// 6 unless asked; `--quick` ignores it).
     pub growth_max: u32,
+    /// The `growth` section leaves its databases for inspection instead of dropping them
+    /// (`--growth-keep`; meant for a `DATABASE_URL` server, as a throwaway one goes when the
+    /// run ends).
+    pub growth_keep: bool,
     rows: Vec<Row>,
     /// Correctness checks that failed ([`Check::Always`]): the run fails at the end.
     failed: Vec<String>,
@@ -53,6 +62,7 @@ impl Bench {
         Self {
             quick,
             growth_max: 6,
+            growth_keep: false,
             rows: Vec::new(),
             failed: Vec::new(),
         }
@@ -171,6 +181,12 @@ impl Env {
         let pool = PgPoolOptions::new()
             .max_connections(48)
             .acquire_timeout(Duration::from_secs(60))
+            .after_connect(|conn, _| {
+                Box::pin(async move {
+                    conn.execute(POOL_SETTINGS).await?;
+                    Ok(())
+                })
+            })
             .connect(&database.url)
             .await?;
         plane_db::MIGRATOR.run(&pool).await?;

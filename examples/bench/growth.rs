@@ -12,10 +12,15 @@ use plane_db::connect::{ConnectRequest, SpawnConfig};
 use plane_db::testing::bench as hooks;
 use plane_db::types::{BackendName, BackendState, BearerToken, DronePoolName, KeyConfig};
 use plane_db::CleanupConfig;
+use plane_db::{Config, PlaneDatabase};
 use sqlx::pool::PoolConnection;
-use sqlx::Postgres;
-use std::fmt::Write as _;
+use sqlx::postgres::PgPoolOptions;
+use sqlx::{Executor, PgConnection, Postgres};
+use std::fmt::{self, Write as _};
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
+use tracing::subscriber::Interest;
+use tracing_subscriber::layer::Context;
 
 /// The operations measured, in the order of the table and the plot.
 const OPS: [&str; 7] = [
@@ -49,6 +54,8 @@ struct Size {
     bus: PoolConnection<Postgres>,
     writer: (i64, usize),
     samples: Vec<Vec<Duration>>,
+    /// The calls of the settled rounds (see [`SETTLE`]).
+    settled: Vec<Vec<Duration>>,
 }
 
 async fn load(n: i64, writers: i64) -> R<Size> {
@@ -115,19 +122,145 @@ async fn load(n: i64, writers: i64) -> R<Size> {
         bus,
         writer: (1, 0),
         samples: vec![Vec::new(); OPS.len()],
+        settled: vec![Vec::new(); OPS.len()],
     })
 }
 
-/// One call of each operation on `size`; records the durations if `keep`.
-async fn round(size: &mut Size, k: usize, seed: &mut u64, keep: bool) -> R<()> {
-    let mut next = || {
-        *seed ^= *seed << 13;
-        *seed ^= *seed >> 7;
-        *seed ^= *seed << 17;
-        *seed
-    };
+/// What the calls of a size change as they go: the writer's next transition, the keys of
+/// `connect`, the random picks.
+struct Cursor<'a> {
+    writer: &'a mut (i64, usize),
+    chunks: &'a [i64],
+    seed: &'a mut u64,
+    k: usize,
+}
+
+impl Cursor<'_> {
+    fn next(&mut self) -> u64 {
+        *self.seed ^= *self.seed << 13;
+        *self.seed ^= *self.seed >> 7;
+        *self.seed ^= *self.seed << 17;
+        *self.seed
+    }
+}
+
+/// One call of operation `op` (an index into [`OPS`]) through `db`, the bus read on `bus`;
+/// returns how long it took. `env`'s pool (never `db`'s) prepares what is not measured.
+async fn call(
+    op: usize,
+    env: &Env,
+    db: &PlaneDatabase,
+    bus: &mut PgConnection,
+    cur: &mut Cursor<'_>,
+) -> R<Duration> {
+    let t;
+    match op {
+        // update_state: the writer's next transition.
+        0 => {
+            let (i, s) = *cur.writer;
+            let name = BackendName::try_from(format!("ba-wr-{i}"))?;
+            let states = lifecycle();
+            t = Instant::now();
+            db.backend().update_state(&name, &states[s]).await?;
+            *cur.writer = if s + 1 == states.len() {
+                (i + 1, 0)
+            } else {
+                (i, s + 1)
+            };
+        }
+        // connect: a new backend for a new key.
+        1 => {
+            let request = ConnectRequest {
+                key: Some(KeyConfig {
+                    name: format!("gk-{}", cur.k),
+                    ..KeyConfig::default()
+                }),
+                spawn_config: Some(SpawnConfig {
+                    id: None,
+                    cluster: Some(env.cluster.clone()),
+                    pool: DronePoolName::default(),
+                    executable: serde_json::json!({ "image": "bench" }),
+                    lifetime_limit_seconds: None,
+                    max_idle_seconds: Some(300),
+                    use_static_token: false,
+                    subdomain: None,
+                }),
+                user: Some("bench".into()),
+                auth: serde_json::Map::new(),
+            };
+            t = Instant::now();
+            let response = db.connect(&request).await?;
+            if !response.spawned {
+                return Err("connect did not spawn".into());
+            }
+        }
+        // Route lookup of a live token.
+        2 => {
+            let token = BearerToken::from(format!("rt-{}", cur.next() % 50 + 1));
+            t = Instant::now();
+            let route = db.backend().route_info_for_token(&token).await?;
+            if !matches!(route, RouteInfoResult::Available(_)) {
+                return Err(format!("route lookup gave {route:?}").into());
+            }
+        }
+        // A status stream of a terminated backend with history: its history, then the end.
+        3 => {
+            let chunk = (cur.next() % cur.chunks.len() as u64) as usize;
+            let backend = (cur.next() % cur.chunks[chunk] as u64) as i64 + 1;
+            let name = BackendName::try_from(format!("ba-h{chunk}-{backend}"))?;
+            t = Instant::now();
+            let stream = db.backend().status_stream(&name).await?;
+            let entries: Vec<_> = stream.collect().await;
+            if entries.len() != HISTORY_PER_BACKEND as usize {
+                return Err(
+                    format!("status stream of {name} gave {} entries", entries.len()).into(),
+                );
+            }
+        }
+        // The bus's read of one new event (its own statement, on a connection of its own).
+        4 => {
+            let prev: String = sqlx::query_scalar("select pg_current_snapshot()::text")
+                .fetch_one(&env.pool)
+                .await?;
+            let id: i64 = sqlx::query_scalar(
+                "insert into event (kind, key, data) values ('bench', 'growth', '{}') returning id",
+            )
+            .fetch_one(&env.pool)
+            .await?;
+            t = Instant::now();
+            let ids = hooks::bus_read(bus, &prev, 1000).await?;
+            if ids != [id] {
+                return Err(format!("bus read returned {ids:?}, expected [{id}]").into());
+            }
+        }
+        5 => {
+            t = Instant::now();
+            let candidates = db.backend().termination_candidates(env.drones[0].0).await?;
+            if candidates.len() != 50 {
+                return Err(format!("expected 50 candidates, got {}", candidates.len()).into());
+            }
+        }
+        _ => {
+            t = Instant::now();
+            let summary = db.run_cleanup(&CleanupConfig::default()).await?;
+            if summary.backends.backends != 0 || summary.events != 0 {
+                return Err(format!("cleanup found something due: {summary:?}").into());
+            }
+        }
+    }
+    Ok(t.elapsed())
+}
+
+/// The pause before each call of the settled rounds: time for what the previous call set off
+/// in the background to finish (the library's event bus reads each event written, on the
+/// same pool, as soon as it is notified), so that a call does not share the machine with it.
+const SETTLE: Duration = Duration::from_millis(10);
+
+/// One call of each operation on `size`, in the order of [`OPS`]; records the durations if
+/// `keep`, in `size.settled` rather than `size.samples` if `settle` (each call then after a
+/// pause of [`SETTLE`]).
+async fn round(size: &mut Size, k: usize, seed: &mut u64, keep: bool, settle: bool) -> R<()> {
     let env = &size.env;
-    let mut took = [Duration::ZERO; OPS.len()];
     // Keep the controller and the drones alive (loading the largest size takes minutes),
     // outside what is timed.
     if k % 20 == 0 {
@@ -139,104 +272,21 @@ async fn round(size: &mut Size, k: usize, seed: &mut u64, keep: bool) -> R<()> {
             env.db.drone().heartbeat(*id, chrono::Utc::now()).await?;
         }
     }
-
-    // update_state: the writer's next transition.
-    let (i, s) = size.writer;
-    let name = BackendName::try_from(format!("ba-wr-{i}"))?;
-    let states = lifecycle();
-    let t = Instant::now();
-    env.db.backend().update_state(&name, &states[s]).await?;
-    took[0] = t.elapsed();
-    size.writer = if s + 1 == states.len() {
-        (i + 1, 0)
-    } else {
-        (i, s + 1)
+    let mut cur = Cursor {
+        writer: &mut size.writer,
+        chunks: &size.chunks,
+        seed,
+        k,
     };
-
-    // connect: a new backend for a new key.
-    let request = ConnectRequest {
-        key: Some(KeyConfig {
-            name: format!("gk-{k}"),
-            ..KeyConfig::default()
-        }),
-        spawn_config: Some(SpawnConfig {
-            id: None,
-            cluster: Some(env.cluster.clone()),
-            pool: DronePoolName::default(),
-            executable: serde_json::json!({ "image": "bench" }),
-            lifetime_limit_seconds: None,
-            max_idle_seconds: Some(300),
-            use_static_token: false,
-            subdomain: None,
-        }),
-        user: Some("bench".into()),
-        auth: serde_json::Map::new(),
-    };
-    let t = Instant::now();
-    let response = env.db.connect(&request).await?;
-    took[1] = t.elapsed();
-    if !response.spawned {
-        return Err("connect did not spawn".into());
-    }
-
-    // Route lookup of a live token.
-    let token = BearerToken::from(format!("rt-{}", next() % 50 + 1));
-    let t = Instant::now();
-    let route = env.db.backend().route_info_for_token(&token).await?;
-    took[2] = t.elapsed();
-    if !matches!(route, RouteInfoResult::Available(_)) {
-        return Err(format!("route lookup gave {route:?}").into());
-    }
-
-    // A status stream of a terminated backend with history: its history, then the end.
-    let chunk = (next() % size.chunks.len() as u64) as usize;
-    let backend = (next() % size.chunks[chunk] as u64) as i64 + 1;
-    let name = BackendName::try_from(format!("ba-h{chunk}-{backend}"))?;
-    let t = Instant::now();
-    let stream = env.db.backend().status_stream(&name).await?;
-    let entries: Vec<_> = stream.collect().await;
-    took[3] = t.elapsed();
-    if entries.len() != HISTORY_PER_BACKEND as usize {
-        return Err(format!("status stream of {name} gave {} entries", entries.len()).into());
-    }
-
-    // The bus's read of one new event (its own statement, on a connection of its own).
-    let prev: String = sqlx::query_scalar("select pg_current_snapshot()::text")
-        .fetch_one(&env.pool)
-        .await?;
-    let id: i64 = sqlx::query_scalar(
-        "insert into event (kind, key, data) values ('bench', 'growth', '{}') returning id",
-    )
-    .fetch_one(&env.pool)
-    .await?;
-    let t = Instant::now();
-    let ids = hooks::bus_read(&mut size.bus, &prev, 1000).await?;
-    took[4] = t.elapsed();
-    if ids != [id] {
-        return Err(format!("bus read returned {ids:?}, expected [{id}]").into());
-    }
-
-    let t = Instant::now();
-    let candidates = env
-        .db
-        .backend()
-        .termination_candidates(env.drones[0].0)
-        .await?;
-    took[5] = t.elapsed();
-    if candidates.len() != 50 {
-        return Err(format!("expected 50 candidates, got {}", candidates.len()).into());
-    }
-
-    let t = Instant::now();
-    let summary = env.db.run_cleanup(&CleanupConfig::default()).await?;
-    took[6] = t.elapsed();
-    if summary.backends.backends != 0 || summary.events != 0 {
-        return Err(format!("cleanup found something due: {summary:?}").into());
-    }
-
-    if keep {
-        for (op, d) in took.into_iter().enumerate() {
-            size.samples[op].push(d);
+    for op in 0..OPS.len() {
+        if settle {
+            tokio::time::sleep(SETTLE).await;
+        }
+        let took = call(op, env, &env.db, &mut size.bus, &mut cur).await?;
+        match (keep, settle) {
+            (true, false) => size.samples[op].push(took),
+            (true, true) => size.settled[op].push(took),
+            _ => {}
         }
     }
     Ok(())
@@ -252,10 +302,11 @@ pub async fn growth(bench: &mut Bench) -> R<()> {
     };
     let rounds = bench.pick(300, 20);
     let warm = bench.pick(30, 5);
+    let settled = bench.pick(100, 10);
     let mut loaded = Vec::new();
     for &n in &sizes {
         let t = Instant::now();
-        loaded.push(load(n, (rounds + warm) as i64 / 6 + 2).await?);
+        loaded.push(load(n, (rounds + warm + settled + EXPLAIN_RUNS) as i64 / 6 + 2).await?);
         println!(
             "   loaded {} rows in each history table in {:.1} s",
             count(n as u64),
@@ -265,7 +316,14 @@ pub async fn growth(bench: &mut Bench) -> R<()> {
     let mut seed = 0x2545_f491_4f6c_dd1d_u64;
     for k in 0..(rounds + warm) {
         for size in &mut loaded {
-            round(size, k, &mut seed, k >= warm).await?;
+            round(size, k, &mut seed, k >= warm, false).await?;
+        }
+    }
+    // The same calls, each after a pause (see `SETTLE`): what the calls cost when nothing the
+    // previous one set off still runs.
+    for k in 0..settled {
+        for size in &mut loaded {
+            round(size, 2_000_000 + k, &mut seed, true, true).await?;
         }
     }
     // p50 and p99 per operation per size.
@@ -308,15 +366,45 @@ pub async fn growth(bench: &mut Bench) -> R<()> {
             );
         }
     }
+    for (op, name) in OPS.iter().enumerate() {
+        let [a, b] = [0, last].map(|s| {
+            let mut d = loaded[s].settled[op].clone();
+            d.sort();
+            (pct(&d, 0.5), pct(&d, 0.99))
+        });
+        bench.row(
+            format!(
+                "  {name}, each call after {} ms idle ({settled} calls), N = {}",
+                SETTLE.as_millis(),
+                sz(sizes[last])
+            ),
+            format!("{:.3} / {:.3} ms", ms_f(b.0), ms_f(b.1)),
+            format!("same at N = {}", sz(sizes[0])),
+            format!("{:.3} / {:.3} ms", ms_f(a.0), ms_f(a.1)),
+            format!(
+                "{} / {}",
+                ratio(b.0.as_secs_f64(), a.0.as_secs_f64()),
+                ratio(b.1.as_secs_f64(), a.1.as_secs_f64())
+            ),
+            Check::None,
+        );
+    }
     // The bus read's statement under the settings its plan depends on, at the smallest and
-    // the largest size: each variant on a connection of its own that set them before its
-    // first use (a cached plan keeps the settings it was planned with), interleaved.
+    // the largest size: each variant on a connection of its own (from the pool, so with the
+    // library's settings unless it resets them) that set them before its first use (a cached
+    // plan keeps the settings it was planned with), interleaved.
     const VARIANTS: [(&str, &[&str]); 3] = [
-        ("default settings", &[]),
-        ("jit = off", &["set jit = off"]),
         (
-            "jit = off, max_parallel_workers_per_gather = 0",
-            &["set jit = off", "set max_parallel_workers_per_gather = 0"],
+            "Postgres's defaults (jit, parallel workers)",
+            &["reset jit", "reset max_parallel_workers_per_gather"],
+        ),
+        (
+            "jit = off, parallel workers as by default",
+            &["reset max_parallel_workers_per_gather"],
+        ),
+        (
+            "the library's settings (jit = off, max_parallel_workers_per_gather = 0)",
+            &[],
         ),
     ];
     let diag_calls = bench.pick(100, 10);
@@ -417,57 +505,12 @@ pub async fn growth(bench: &mut Bench) -> R<()> {
         )?;
     }
     println!("{table}");
-    // Plans of the operations that grew past the target, where the library has a hook.
-    for (op, name) in OPS.iter().enumerate() {
-        let r50 = p50[op][last].as_secs_f64() / p50[op][0].as_secs_f64();
-        if !is_hot(op) || r50 <= 1.5 {
-            continue;
-        }
-        let size = &loaded[last];
-        println!("   {name} is {r50:.2}x at N = {}:", sz(size.n));
-        match op {
-            5 => {
-                for line in
-                    hooks::explain_termination_candidates(&size.env.pool, size.env.drones[0].0)
-                        .await?
-                {
-                    println!("     {line}");
-                }
-            }
-            4 => {
-                let prev: String = sqlx::query_scalar("select pg_current_snapshot()::text")
-                    .fetch_one(&size.env.pool)
-                    .await?;
-                sqlx::query("insert into event (kind, key, data) values ('bench', 'growth', '{}')")
-                    .execute(&size.env.pool)
-                    .await?;
-                let target: String = sqlx::query_scalar("select pg_current_snapshot()::text")
-                    .fetch_one(&size.env.pool)
-                    .await?;
-                for mode in [hooks::PlanMode::Custom, hooks::PlanMode::Generic] {
-                    let (plan, _) =
-                        hooks::explain_bus_read_page(&size.env.pool, mode, &prev, &target, 0, 1000)
-                            .await?;
-                    let top = &plan[0];
-                    println!(
-                        "     {mode:?} plan: planning {} ms, execution {} ms, JIT: {}",
-                        top["Planning Time"],
-                        top["Execution Time"],
-                        if top["JIT"].is_null() {
-                            "none".to_string()
-                        } else {
-                            format!(
-                                "{} functions, {} ms",
-                                top["JIT"]["Functions"], top["JIT"]["Timing"]["Total"]
-                            )
-                        }
-                    );
-                    plan_lines(&plan[0]["Plan"], 3, &mut |line| println!("{line}"));
-                }
-            }
-            _ => println!("     (no plan hook for this call; see BENCHMARKS.md)"),
-        }
+    // The plans of what each operation runs, at the smallest and the largest size.
+    let mut captured = Vec::new();
+    for s in [0, last] {
+        captured.push(explain_size(&mut loaded[s], &mut seed).await?);
     }
+    report_plans(bench, &sizes, &captured)?;
     let path = if bench.quick {
         concat!(env!("CARGO_MANIFEST_DIR"), "/target/growth-quick.svg")
     } else {
@@ -477,13 +520,316 @@ pub async fn growth(bench: &mut Bench) -> R<()> {
     println!("   plot written to {path}");
     for size in loaded {
         drop(size.bus);
-        size.env.finish().await?;
+        if bench.growth_keep {
+            println!(
+                "   kept database {} (N = {})",
+                size.env.database.name,
+                sz(size.n)
+            );
+            size.env.pool.close().await;
+        } else {
+            size.env.finish().await?;
+        }
+    }
+    Ok(())
+}
+
+/// Runs of each operation when its plans are captured, the last one's kept: enough for each
+/// statement to run more than five times on the explain pool's one connection, after which
+/// Postgres may keep a generic plan for a prepared statement, as on the measured pool's
+/// connections after hundreds of calls.
+const EXPLAIN_RUNS: usize = 14;
+
+/// Where `auto_explain` sends its plans: as notices to the client (`auto_explain.log_level`),
+/// which sqlx reports as `tracing` events of this target.
+const NOTICE_TARGET: &str = "sqlx::postgres::notice";
+
+/// The notices received while capturing (`Some`).
+static CAPTURE: Mutex<Option<Vec<String>>> = Mutex::new(None);
+
+/// Collects the notices of [`NOTICE_TARGET`] into [`CAPTURE`]; every other callsite is
+/// disabled once and for all (`Interest::never`), so the library's own spans and events
+/// cost what they cost without a subscriber.
+struct NoticeCapture;
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for NoticeCapture {
+    fn register_callsite(&self, metadata: &'static tracing::Metadata<'static>) -> Interest {
+        if metadata.target() == NOTICE_TARGET {
+            Interest::always()
+        } else {
+            Interest::never()
+        }
+    }
+
+    fn enabled(&self, metadata: &tracing::Metadata<'_>, _: Context<'_, S>) -> bool {
+        metadata.target() == NOTICE_TARGET
+    }
+
+    fn on_event(&self, event: &tracing::Event<'_>, _: Context<'_, S>) {
+        struct Message(String);
+        impl tracing::field::Visit for Message {
+            fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+                if field.name() == "message" {
+                    self.0 = value.to_string();
+                }
+            }
+            fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn fmt::Debug) {
+                if field.name() == "message" && self.0.is_empty() {
+                    self.0 = format!("{value:?}");
+                }
+            }
+        }
+        let mut message = Message(String::new());
+        event.record(&mut message);
+        if let Ok(mut capture) = CAPTURE.lock() {
+            if let Some(notices) = capture.as_mut() {
+                notices.push(message.0);
+            }
+        }
+    }
+}
+
+fn capture(on: bool) -> Vec<String> {
+    match CAPTURE.lock() {
+        Ok(mut capture) if on => capture.replace(Vec::new()).unwrap_or_default(),
+        Ok(mut capture) => capture.take().unwrap_or_default(),
+        Err(_) => Vec::new(),
+    }
+}
+
+/// One statement the library ran, as `auto_explain` reported it.
+struct Explained {
+    /// The statement's `-- plane-db:` comment line, or the start of its text.
+    label: String,
+    /// Execution time (`auto_explain`'s duration: planning not included).
+    ms: f64,
+    /// Shared buffers the execution touched (found in shared buffers, read in).
+    hit: f64,
+    read: f64,
+    /// The query text, then one line per plan node (and trigger).
+    text: Vec<String>,
+}
+
+/// Every statement each operation runs (in [`OPS`] order) at `size`: `EXPLAIN (ANALYZE,
+/// BUFFERS)` through `auto_explain`, loaded on the connections of a pool of the explain's
+/// own, so that the plans are those of the library's statements as it runs them (prepared,
+/// with its arguments), each operation called through a `PlaneDatabase` of its own on that
+/// pool (its event bus stops with it, so no bus read of one lands in another's plans).
+async fn explain_size(size: &mut Size, seed: &mut u64) -> R<Vec<Vec<Explained>>> {
+    static SUBSCRIBER: OnceLock<bool> = OnceLock::new();
+    let installed = *SUBSCRIBER.get_or_init(|| {
+        use tracing_subscriber::layer::SubscriberExt;
+        tracing::subscriber::set_global_default(
+            tracing_subscriber::registry::Registry::default().with(NoticeCapture),
+        )
+        .is_ok()
+    });
+    if !installed {
+        return Err("another tracing subscriber is installed: cannot capture plans".into());
+    }
+    let options = || {
+        PgPoolOptions::new().after_connect(|conn, _| {
+            Box::pin(async move {
+                conn.execute(POOL_SETTINGS).await?;
+                conn.execute(
+                    "LOAD 'auto_explain';
+                     SET auto_explain.log_min_duration = 0;
+                     SET auto_explain.log_analyze = on;
+                     SET auto_explain.log_buffers = on;
+                     SET auto_explain.log_timing = on;
+                     SET auto_explain.log_triggers = on;
+                     SET auto_explain.log_format = json;
+                     SET auto_explain.log_level = notice;",
+                )
+                .await?;
+                Ok(())
+            })
+        })
+    };
+    let url = size.env.database.url.clone();
+    let pool = options().max_connections(1).connect(&url).await?;
+    let mut bus = options()
+        .max_connections(1)
+        .connect(&url)
+        .await?
+        .acquire()
+        .await?;
+    let mut out = Vec::new();
+    for op in 0..OPS.len() {
+        let db = PlaneDatabase::with_config(pool.clone(), Config::default());
+        let mut notices = Vec::new();
+        for r in 0..EXPLAIN_RUNS {
+            let last = r + 1 == EXPLAIN_RUNS;
+            capture(last);
+            let mut cur = Cursor {
+                writer: &mut size.writer,
+                chunks: &size.chunks,
+                seed: &mut *seed,
+                k: 1_000_000 + r,
+            };
+            let result = call(op, &size.env, &db, &mut bus, &mut cur).await;
+            if last {
+                notices = capture(false);
+            }
+            result?;
+        }
+        drop(db);
+        let mut statements = Vec::new();
+        for notice in notices {
+            statements.push(parse_notice(&notice)?);
+        }
+        out.push(statements);
+    }
+    drop(bus);
+    pool.close().await;
+    Ok(out)
+}
+
+/// An `auto_explain` notice: `duration: 0.123 ms  plan:` and the plan as JSON.
+fn parse_notice(notice: &str) -> R<Explained> {
+    let Some((head, json)) = notice.split_once("plan:") else {
+        return Ok(Explained {
+            label: format!("(notice) {notice}"),
+            ms: 0.0,
+            hit: 0.0,
+            read: 0.0,
+            text: vec![notice.to_string()],
+        });
+    };
+    let ms = head
+        .trim()
+        .trim_start_matches("duration:")
+        .trim()
+        .trim_end_matches("ms")
+        .trim()
+        .parse()
+        .unwrap_or(0.0);
+    let v: serde_json::Value = serde_json::from_str(json.trim())?;
+    let query = v["Query Text"].as_str().unwrap_or("");
+    let flat = query.split_whitespace().collect::<Vec<_>>().join(" ");
+    let label = match query
+        .lines()
+        .map(str::trim)
+        .find(|l| l.starts_with("-- plane-db:"))
+    {
+        Some(line) => line.trim_start_matches("-- ").to_string(),
+        None => flat.chars().take(70).collect(),
+    };
+    let plan = &v["Plan"];
+    let n = |k: &str| plan[k].as_f64().unwrap_or(0.0);
+    let mut text = vec![format!("-- {ms:.3} ms: {flat}")];
+    plan_lines(plan, 1, &mut |line| text.push(line));
+    for t in v["Triggers"].as_array().into_iter().flatten() {
+        text.push(format!(
+            "  trigger {} on {}: {} calls, {:.3} ms",
+            t["Trigger Name"].as_str().unwrap_or(""),
+            t["Relation"].as_str().unwrap_or(""),
+            t["Calls"],
+            t["Time"].as_f64().unwrap_or(0.0)
+        ));
+    }
+    Ok(Explained {
+        label,
+        ms,
+        hit: n("Shared Hit Blocks"),
+        read: n("Shared Read Blocks"),
+        text,
+    })
+}
+
+/// Writes every plan to `target/growth-plans.txt`, prints a line per operation and per
+/// statement (buffers and execution time at the smallest and the largest size), and adds a
+/// row per operation to the table.
+fn report_plans(bench: &mut Bench, sizes: &[i64], captured: &[Vec<Vec<Explained>>]) -> R<()> {
+    let sz = |n: i64| format!("10^{}", (n as f64).log10().round());
+    let measured = [sizes[0], sizes[sizes.len() - 1]];
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/target/growth-plans.txt");
+    let mut file = String::from(
+        "EXPLAIN (ANALYZE, BUFFERS) of every statement each operation ran (auto_explain; the \
+         last of the operation's calls), per size. buf = shared buffers hit + read.\n",
+    );
+    let total = |st: &[Explained]| {
+        (
+            st.iter().map(|s| s.hit + s.read).sum::<f64>(),
+            st.iter().map(|s| s.read).sum::<f64>(),
+            st.iter().map(|s| s.ms).sum::<f64>(),
+        )
+    };
+    for (s, per_op) in captured.iter().enumerate() {
+        for (op, statements) in per_op.iter().enumerate() {
+            let (buf, read, ms) = total(statements);
+            writeln!(
+                file,
+                "\n== {}, N = {}: {} statements, {buf} buffers ({read} read), {ms:.3} ms executing",
+                OPS[op],
+                sz(measured[s]),
+                statements.len()
+            )?;
+            for st in statements {
+                for line in &st.text {
+                    writeln!(file, "{line}")?;
+                }
+            }
+        }
+    }
+    std::fs::write(path, file)?;
+    println!("   plans (auto_explain: execution only, planning not included) written to {path}");
+    let [small, large] = captured else {
+        return Ok(());
+    };
+    for (op, name) in OPS.iter().enumerate() {
+        let (a, b) = (&small[op], &large[op]);
+        let ((ba, ra, ma), (bb, rb, mb)) = (total(a), total(b));
+        println!(
+            "   {name}: {} → {} statements, {ba} → {bb} buffers ({ra} → {rb} read), {ma:.3} → {mb:.3} ms executing",
+            a.len(),
+            b.len()
+        );
+        if a.len() == b.len() {
+            for (x, y) in a.iter().zip(b) {
+                println!(
+                    "     {}: {} → {} buf, {:.3} → {:.3} ms",
+                    x.label,
+                    x.hit + x.read,
+                    y.hit + y.read,
+                    x.ms,
+                    y.ms
+                );
+            }
+        } else {
+            for (st, n) in a
+                .iter()
+                .map(|x| (x, measured[0]))
+                .chain(b.iter().map(|y| (y, measured[1])))
+            {
+                println!(
+                    "     N = {}: {}: {} buf, {:.3} ms",
+                    sz(n),
+                    st.label,
+                    st.hit + st.read,
+                    st.ms
+                );
+            }
+        }
+        bench.row(
+            format!(
+                "  plan of {name}: shared buffers of its statements ({}), N = {}",
+                b.len(),
+                sz(measured[1])
+            ),
+            format!("{bb}"),
+            format!("same at N = {}", sz(measured[0])),
+            format!("{ba}"),
+            ratio(bb, ba),
+            Check::None,
+        );
     }
     Ok(())
 }
 
 /// One line per node of an `EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON)` plan: node type,
-/// relation or index, actual rows and loops, shared buffers.
+/// index and relation, actual rows and loops, shared buffers (hit + read), time, index
+/// condition, filter, heap fetches, and the buffers read in if any.
 fn plan_lines(node: &serde_json::Value, depth: usize, out: &mut dyn FnMut(String)) {
     let s = |k: &str| node[k].as_str().unwrap_or("").to_string();
     let n = |k: &str| node[k].as_f64().unwrap_or(0.0);
@@ -503,8 +849,17 @@ fn plan_lines(node: &serde_json::Value, depth: usize, out: &mut dyn FnMut(String
         n("Actual Total Time")
     )
     .ok();
+    if !s("Index Cond").is_empty() {
+        write!(line, " cond: {}", s("Index Cond")).ok();
+    }
     if !s("Filter").is_empty() {
         write!(line, " filter: {}", s("Filter")).ok();
+    }
+    if n("Heap Fetches") > 0.0 {
+        write!(line, " heap fetches: {}", n("Heap Fetches")).ok();
+    }
+    if n("Shared Read Blocks") > 0.0 {
+        write!(line, " ({} read)", n("Shared Read Blocks")).ok();
     }
     out(line);
     if let Some(children) = node["Plans"].as_array() {

@@ -7,6 +7,7 @@
 //! cargo run --release --example bench -- --only crossproc  # delivery into another process
 //! cargo run --release --example bench -- --only retention  # retention by partitions
 //! cargo run --release --example bench -- --only growth --growth-max 7  # cost curves to 10^7
+//! DATABASE_URL=… cargo run --release --example bench -- --only growth --growth-keep  # keeps its databases
 //! ```
 //!
 //! Runs on the server `DATABASE_URL` names, or else on a throwaway Postgres started from the
@@ -101,7 +102,7 @@ fn main() -> R<()> {
         .transpose()?;
     if args.iter().any(|a| a == "--help" || a == "-h") {
         println!(
-            "usage: bench [--quick] [--only {}] [--growth-max 4..8]",
+            "usage: bench [--quick] [--only {}] [--growth-max 4..8] [--growth-keep]",
             SECTIONS.join(",")
         );
         return Ok(());
@@ -116,6 +117,7 @@ fn main() -> R<()> {
         if let Some(max) = growth_max {
             bench.growth_max = max;
         }
+        bench.growth_keep = args.iter().any(|a| a == "--growth-keep");
         println!(
             "plane-db bench ({} mode) on {}; {} CPUs",
             if quick { "quick" } else { "full" },

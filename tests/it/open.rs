@@ -13,6 +13,14 @@ async fn application_name(db: &plane_db::PlaneDatabase) -> String {
         .expect("application_name")
 }
 
+/// `max_parallel_workers_per_gather` of the connection running this query.
+async fn parallel_workers(db: &plane_db::PlaneDatabase) -> String {
+    sqlx::query_scalar("select current_setting('max_parallel_workers_per_gather')")
+        .fetch_one(db.pool())
+        .await
+        .expect("max_parallel_workers_per_gather")
+}
+
 #[tokio::test]
 async fn open_and_migrate_then_open() {
     let database = create_database().await.expect("create a test database");
@@ -27,6 +35,11 @@ async fn open_and_migrate_then_open() {
             .await
             .expect("jit");
         assert_eq!(jit, "off", "the library's connections run without JIT");
+        assert_eq!(
+            parallel_workers(&migrated).await,
+            "0",
+            "the library's statements get no parallel workers"
+        );
         migrated.pool().close().await;
 
         let opened = plane_db::open(&database.url).await.expect("open");
@@ -69,6 +82,11 @@ async fn the_old_names_still_open_the_database() {
             .await
             .expect("jit");
         assert_eq!(jit, "off", "the library's connections run without JIT");
+        assert_eq!(
+            parallel_workers(&migrated).await,
+            "0",
+            "the library's statements get no parallel workers"
+        );
         migrated.pool().close().await;
 
         let opened = plane_db::connect(&database.url).await.expect("connect");
