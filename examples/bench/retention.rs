@@ -271,7 +271,7 @@ pub async fn retention(bench: &mut Bench) -> R<()> {
     }
     // The same on a smaller backlog, paced: how the writer's tail follows
     // CleanupConfig::busy_share (1.0 is the unpaced run again, on this backlog). A share of
-    // 0.005 takes about 100 s here.
+    // 0.01 takes about 30 s here.
     let shares: &[f64] = if bench.quick {
         &[0.1]
     } else {

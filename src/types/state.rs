@@ -63,7 +63,7 @@ impl BackendStatus {
     /// The integer form of the status (as stored), increasing along the
     /// lifecycle, with gaps left for future statuses: 10, 20, 30, 40, 50, 60,
     /// 65, 70. This is the single source of truth for status ordering.
-    pub fn as_int(self) -> i32 {
+    pub const fn as_int(self) -> i32 {
         match self {
             BackendStatus::Scheduled => 10,
             BackendStatus::Loading => 20,
