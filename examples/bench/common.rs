@@ -146,6 +146,23 @@ impl Bench {
 }
 
 /// A fresh, migrated database with one online controller and `drones` ready drones.
+impl Env {
+    /// The spawn configuration every bench's `connect` uses: this env's cluster, the default
+    /// pool, a five-minute idle allowance.
+    pub fn spawn_config(&self) -> plane_db::connect::SpawnConfig {
+        plane_db::connect::SpawnConfig {
+            id: None,
+            cluster: Some(self.cluster.clone()),
+            pool: DronePoolName::default(),
+            executable: serde_json::json!({ "image": "bench" }),
+            lifetime_limit_seconds: None,
+            max_idle_seconds: Some(300),
+            use_static_token: false,
+            subdomain: None,
+        }
+    }
+}
+
 pub struct Env {
     pub database: TestDatabase,
     pub pool: PgPool,

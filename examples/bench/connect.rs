@@ -2,7 +2,7 @@
 
 use crate::common::*;
 use crate::writers::{interleaved, seed_emit, seed_listener, unbatched_db};
-use plane_db::connect::{ConnectRequest, SpawnConfig};
+use plane_db::connect::ConnectRequest;
 use plane_db::types::{
     BackendActionName, BackendName, BackendState, BearerToken, ClusterName, DronePoolName,
     KeyConfig, SecretToken,
@@ -169,16 +169,7 @@ async fn run_connect(
     for (id, _) in &env.drones {
         env.db.drone().heartbeat(*id, chrono::Utc::now()).await?;
     }
-    let spawn = SpawnConfig {
-        id: None,
-        cluster: Some(env.cluster.clone()),
-        pool: DronePoolName::default(),
-        executable: serde_json::json!({ "image": "bench" }),
-        lifetime_limit_seconds: None,
-        max_idle_seconds: Some(300),
-        use_static_token: false,
-        subdomain: None,
-    };
+    let spawn = env.spawn_config();
     let start = Instant::now();
     let deadline = start + duration;
     let mut tasks = Vec::new();

@@ -8,9 +8,9 @@ use crate::hot::insert_tokens;
 use crate::retention::{insert_events, insert_old_backends};
 use futures_util::StreamExt;
 use plane_db::backend::RouteInfoResult;
-use plane_db::connect::{ConnectRequest, SpawnConfig};
+use plane_db::connect::ConnectRequest;
 use plane_db::testing::bench as hooks;
-use plane_db::types::{BackendName, BackendState, BearerToken, DronePoolName, KeyConfig};
+use plane_db::types::{BackendName, BackendState, BearerToken, KeyConfig};
 use plane_db::CleanupConfig;
 use plane_db::{Config, PlaneDatabase};
 use sqlx::pool::PoolConnection;
@@ -175,16 +175,7 @@ async fn call(
                     name: format!("gk-{}", cur.k),
                     ..KeyConfig::default()
                 }),
-                spawn_config: Some(SpawnConfig {
-                    id: None,
-                    cluster: Some(env.cluster.clone()),
-                    pool: DronePoolName::default(),
-                    executable: serde_json::json!({ "image": "bench" }),
-                    lifetime_limit_seconds: None,
-                    max_idle_seconds: Some(300),
-                    use_static_token: false,
-                    subdomain: None,
-                }),
+                spawn_config: Some(env.spawn_config()),
                 user: Some("bench".into()),
                 auth: serde_json::Map::new(),
             };

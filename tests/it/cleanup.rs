@@ -1,7 +1,7 @@
 //! Old events in batches, `run_cleanup`, and the cleanup loop.
 
 use crate::common::*;
-use plane_db::{CleanupConfig, Error};
+use plane_db::{CleanupConfig, Error, PlaneDatabase};
 use std::time::Duration;
 
 const DAY: Duration = Duration::from_secs(24 * 3600);
@@ -128,22 +128,27 @@ async fn the_cleanup_loop_runs_until_dropped() {
     .await
 }
 
+/// A drone and `n` backends taken through their whole lifecycle, terminated 30 days ago.
+async fn old_terminated_backends(db: &PlaneDatabase, n: usize) {
+    drone(db).await;
+    for _ in 0..n {
+        let backend = spawn(db).await.backend_id;
+        for state in lifecycle() {
+            db.backend().update_state(&backend, &state).await.unwrap();
+        }
+    }
+    exec(
+        db,
+        "update backend set last_status_time = now() - interval '30 days'",
+    )
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cleanup_reports_progress_after_every_batch() {
     use plane_db::{CleanupPhase, CleanupProgress};
     with_db(|db| async move {
-        drone(&db).await;
-        for _ in 0..5 {
-            let backend = spawn(&db).await.backend_id;
-            for state in lifecycle() {
-                db.backend().update_state(&backend, &state).await.unwrap();
-            }
-        }
-        exec(
-            &db,
-            "update backend set last_status_time = now() - interval '30 days'",
-        )
-        .await;
+        old_terminated_backends(&db, 5).await;
         exec(
             &db,
             "update event set created_at = now() - interval '30 days'",
@@ -208,18 +213,7 @@ async fn latest_event_id_is_the_newest_stored() {
 async fn a_paced_cleanup_waits_between_batches_and_still_deletes_everything() {
     use plane_db::CleanupPhase;
     with_db(|db| async move {
-        drone(&db).await;
-        for _ in 0..3 {
-            let backend = spawn(&db).await.backend_id;
-            for state in lifecycle() {
-                db.backend().update_state(&backend, &state).await.unwrap();
-            }
-        }
-        exec(
-            &db,
-            "update backend set last_status_time = now() - interval '30 days'",
-        )
-        .await;
+        old_terminated_backends(&db, 3).await;
         // A share of 1/1000: after a batch that took t, it waits 999 t. Every batch is a
         // round trip to the server, well over 50 µs, so every wait is over 50 ms.
         let config = CleanupConfig {
