@@ -6,6 +6,7 @@
 //! cargo run --release --example bench -- --only writers,connect
 //! cargo run --release --example bench -- --only crossproc  # delivery into another process
 //! cargo run --release --example bench -- --only retention  # retention by partitions
+//! cargo run --release --example bench -- --only first-run  # first cleanup of 10M rows, both servers
 //! cargo run --release --example bench -- --only growth --growth-max 7  # cost curves to 10^7
 //! DATABASE_URL=… cargo run --release --example bench -- --only growth --growth-keep  # keeps its databases
 //! ```
@@ -57,6 +58,7 @@ const SECTIONS: &[&str] = &[
     "hot",
     "cleanup",
     "retention",
+    "first-run",
     "growth",
     "replicas",
 ];
@@ -149,6 +151,7 @@ fn main() -> R<()> {
                 "hot" => hot::hot_queries(&mut bench).await?,
                 "cleanup" => hot::cleanup(&mut bench).await?,
                 "retention" => retention::retention(&mut bench).await?,
+                "first-run" => retention::first_runs(&mut bench).await?,
                 "growth" => growth::growth(&mut bench).await?,
                 "replicas" => replicas::replicas(&mut bench).await?,
                 _ => unreachable!("checked above"),

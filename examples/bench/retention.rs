@@ -1,8 +1,8 @@
 //! Retention by partitions (issue 23 item 4): a writer's `update_state` tail while
 //! `run_cleanup` drops history partitions and deletes the remaining rows, on the throwaway
 //! server and on a durable one; one partition of old events detached and dropped against
-//! deleting the same number of events row by row; and (outside `--quick`) the first cleanup
-//! of a database that was never cleaned, 10M history rows.
+//! deleting the same number of events row by row; and (section `first-run`, outside
+//! `--quick`) the first cleanup of a database that was never cleaned, 10M history rows.
 
 use crate::common::*;
 use crate::hot::insert_tokens;
@@ -293,9 +293,20 @@ pub async fn retention(bench: &mut Bench) -> R<()> {
         partition_drop(bench, label, server).await?;
     }
     drop(durable);
-    if !bench.quick {
-        first_run(bench).await?;
+    Ok(())
+}
+
+/// Section `first-run` (outside `--quick`): (c) on the throwaway server, then on a durable
+/// one.
+pub async fn first_runs(bench: &mut Bench) -> R<()> {
+    if bench.quick {
+        println!("   (skipped in --quick: 10M rows)");
+        return Ok(());
     }
+    first_run(bench, "throwaway server", None).await?;
+    let durable = tokio::task::spawn_blocking(plane_db::testing::private_durable_server).await??;
+    first_run(bench, "durable server (fsync on)", Some(&durable)).await?;
+    drop(durable);
     Ok(())
 }
 
@@ -721,11 +732,11 @@ async fn partition_drop(bench: &mut Bench, label: &str, server: Option<&TestServ
 /// (c): the first `run_cleanup` of a database that was never cleaned and whose partitions
 /// were never maintained: 5M old events and 714,286 old terminated backends with 7 history
 /// rows each (10M history rows), written through the sequences as a fleet would have.
-async fn first_run(bench: &mut Bench) -> R<()> {
+async fn first_run(bench: &mut Bench, label: &str, server: Option<&TestServer>) -> R<()> {
     let events: i64 = 5_000_000;
     let backends: i64 = 714_286;
     let writer_backends: i64 = 200_000;
-    let env = Env::new(1).await?;
+    let env = env_on(server).await?;
     age_setup_events(&env).await?;
     let t = Instant::now();
     insert_events(&env.pool, events, 10.0 * 86_400.0).await?;
@@ -755,7 +766,7 @@ async fn first_run(bench: &mut Bench) -> R<()> {
             .fetch_one(&env.pool)
             .await?;
     bench.heading(&format!(
-        "first retention run on a database never cleaned: {} history rows ({} events, {} history rows of {} old terminated backends), default CleanupConfig, partitions never maintained; one writer",
+        "first retention run on the {label}, a database never cleaned: {} history rows ({} events, {} history rows of {} old terminated backends), default CleanupConfig, partitions never maintained; one writer",
         count(history as u64),
         count(events as u64),
         count(7 * backends as u64),
@@ -788,6 +799,14 @@ async fn first_run(bench: &mut Bench) -> R<()> {
         "",
         Check::None,
     );
-    writer_rows(bench, &m, WriterTarget::Busy);
+    writer_rows(
+        bench,
+        &m,
+        if server.is_some() {
+            WriterTarget::Idle
+        } else {
+            WriterTarget::Busy
+        },
+    );
     env.finish().await
 }
