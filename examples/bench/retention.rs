@@ -522,6 +522,17 @@ enum WriterTarget {
     Busy,
 }
 
+impl WriterTarget {
+    /// The target for a run on `server` (`None`: the throwaway server).
+    fn on(server: Option<&TestServer>) -> Self {
+        if server.is_some() {
+            WriterTarget::Idle
+        } else {
+            WriterTarget::Busy
+        }
+    }
+}
+
 /// What [`writers_during_retention`] loads for cleanup, and how cleanup runs.
 #[derive(Clone, Copy)]
 enum Backlog {
@@ -627,15 +638,7 @@ async fn writers_during_retention(
         "",
         Check::None,
     );
-    writer_rows(
-        bench,
-        &m,
-        if server.is_some() {
-            WriterTarget::Idle
-        } else {
-            WriterTarget::Busy
-        },
-    );
+    writer_rows(bench, &m, WriterTarget::on(server));
     env.finish().await
 }
 
@@ -799,14 +802,6 @@ async fn first_run(bench: &mut Bench, label: &str, server: Option<&TestServer>) 
         "",
         Check::None,
     );
-    writer_rows(
-        bench,
-        &m,
-        if server.is_some() {
-            WriterTarget::Idle
-        } else {
-            WriterTarget::Busy
-        },
-    );
+    writer_rows(bench, &m, WriterTarget::on(server));
     env.finish().await
 }

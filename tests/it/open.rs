@@ -14,11 +14,25 @@ async fn application_name(db: &plane_db::PlaneDatabase) -> String {
 }
 
 /// `max_parallel_workers_per_gather` of the connection running this query.
-async fn parallel_workers(db: &plane_db::PlaneDatabase) -> String {
-    sqlx::query_scalar("select current_setting('max_parallel_workers_per_gather')")
-        .fetch_one(db.pool())
-        .await
-        .expect("max_parallel_workers_per_gather")
+/// The settings every connection of the library runs with: no JIT, no parallel workers.
+async fn assert_session_settings(db: &plane_db::PlaneDatabase) {
+    let setting = |name: &'static str| async move {
+        sqlx::query_scalar::<_, String>("select current_setting($1)")
+            .bind(name)
+            .fetch_one(db.pool())
+            .await
+            .expect(name)
+    };
+    assert_eq!(
+        setting("jit").await,
+        "off",
+        "the library's connections run without JIT"
+    );
+    assert_eq!(
+        setting("max_parallel_workers_per_gather").await,
+        "0",
+        "the library's statements get no parallel workers"
+    );
 }
 
 #[tokio::test]
@@ -30,16 +44,7 @@ async fn open_and_migrate_then_open() {
             .expect("open_and_migrate");
         migrated.health_check().await.expect("health");
         assert_eq!(application_name(&migrated).await, "plane-db");
-        let jit: String = sqlx::query_scalar("select current_setting('jit')")
-            .fetch_one(migrated.pool())
-            .await
-            .expect("jit");
-        assert_eq!(jit, "off", "the library's connections run without JIT");
-        assert_eq!(
-            parallel_workers(&migrated).await,
-            "0",
-            "the library's statements get no parallel workers"
-        );
+        assert_session_settings(&migrated).await;
         migrated.pool().close().await;
 
         let opened = plane_db::open(&database.url).await.expect("open");
@@ -77,16 +82,7 @@ async fn the_old_names_still_open_the_database() {
             .expect("connect_and_migrate");
         migrated.health_check().await.expect("health");
         assert_eq!(application_name(&migrated).await, "plane-db");
-        let jit: String = sqlx::query_scalar("select current_setting('jit')")
-            .fetch_one(migrated.pool())
-            .await
-            .expect("jit");
-        assert_eq!(jit, "off", "the library's connections run without JIT");
-        assert_eq!(
-            parallel_workers(&migrated).await,
-            "0",
-            "the library's statements get no parallel workers"
-        );
+        assert_session_settings(&migrated).await;
         migrated.pool().close().await;
 
         let opened = plane_db::connect(&database.url).await.expect("connect");
