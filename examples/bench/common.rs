@@ -147,6 +147,19 @@ impl Bench {
 
 /// A fresh, migrated database with one online controller and `drones` ready drones.
 impl Env {
+    /// A heartbeat of the controller and of every drone, so that the scheduler keeps
+    /// picking them during a long run.
+    pub async fn heartbeat_all(&self) -> R<()> {
+        self.db
+            .controller()
+            .heartbeat(&self.controller, true, "bench", "bench")
+            .await?;
+        for (id, _) in &self.drones {
+            self.db.drone().heartbeat(*id, chrono::Utc::now()).await?;
+        }
+        Ok(())
+    }
+
     /// The spawn configuration every bench's `connect` uses: this env's cluster, the default
     /// pool, a five-minute idle allowance.
     pub fn spawn_config(&self) -> plane_db::connect::SpawnConfig {

@@ -162,13 +162,7 @@ async fn run_connect(
     sqlx::query("update backend set last_status_number = 70, last_status = 'terminated'")
         .execute(&env.pool)
         .await?;
-    env.db
-        .controller()
-        .heartbeat(&env.controller, true, "bench", "bench")
-        .await?;
-    for (id, _) in &env.drones {
-        env.db.drone().heartbeat(*id, chrono::Utc::now()).await?;
-    }
+    env.heartbeat_all().await?;
     let spawn = env.spawn_config();
     let start = Instant::now();
     let deadline = start + duration;

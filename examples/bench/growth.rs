@@ -255,13 +255,7 @@ async fn round(size: &mut Size, k: usize, seed: &mut u64, keep: bool, settle: bo
     // Keep the controller and the drones alive (loading the largest size takes minutes),
     // outside what is timed.
     if k % 20 == 0 {
-        env.db
-            .controller()
-            .heartbeat(&env.controller, true, "bench", "bench")
-            .await?;
-        for (id, _) in &env.drones {
-            env.db.drone().heartbeat(*id, chrono::Utc::now()).await?;
-        }
+        env.heartbeat_all().await?;
     }
     let mut cur = Cursor {
         writer: &mut size.writer,
